@@ -1,0 +1,11 @@
+//! Attestors and selectors for Continuity.
+//!
+//! - [`selector`]: the `type:value` selectors entries are written with (SPIRE's spelling),
+//!   validated per type so a typo is caught at `entry create`, not at attestation time.
+//! - [`join_token`]: the join-token node attestor's shared pieces (the agent ID it yields).
+#![forbid(unsafe_code)]
+
+pub mod join_token;
+pub mod selector;
+
+pub use selector::{Selector, SelectorError};

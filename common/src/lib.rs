@@ -1,0 +1,24 @@
+//! Code shared by the Continuity agent and server.
+//!
+//! - [`spiffe_id`]: parsed, validated SPIFFE IDs and trust domains.
+//! - [`duration`]: "1h"/"5m" durations as config and CLI accept them.
+//! - [`der`]: the few DER encodings the key code needs (ECDSA signature forms, RSA public keys).
+//! - [`jwk`]: JWKs from SubjectPublicKeyInfo, and the SPIFFE bundle document.
+//! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a trust bundle.
+//! - [`clock`]: time as a parameter, so rotation and expiry are testable without sleeping.
+//! - [`logging`]: `log_level` / `log_format` set-up.
+#![forbid(unsafe_code)]
+
+pub mod clock;
+pub mod der;
+pub mod duration;
+pub mod grpc;
+pub mod http;
+pub mod jwk;
+pub mod logging;
+pub mod spiffe_id;
+pub mod tls;
+pub mod x509;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -1,0 +1,40 @@
+//! Protocol definitions for Continuity, generated at build time by protox + tonic-prost-build.
+//!
+//! - [`workload`]: the SPIFFE Workload API, byte-compatible with every SPIFFE client.
+//! - [`types`], [`agent`], [`admin`]: Continuity's own `continuity.*.v1` APIs.
+#![forbid(unsafe_code)]
+#![allow(missing_docs, clippy::all)]
+
+/// The SPIFFE Workload API (the proto has no package, so prost names the file `_`).
+pub mod workload {
+    tonic::include_proto!("_");
+}
+
+/// Continuity's own packages, nested as their proto package names are.
+pub mod continuity {
+    /// `continuity.types.v1`
+    pub mod types {
+        pub mod v1 {
+            tonic::include_proto!("continuity.types.v1");
+        }
+    }
+    /// `continuity.agent.v1`
+    pub mod agent {
+        pub mod v1 {
+            tonic::include_proto!("continuity.agent.v1");
+        }
+    }
+    /// `continuity.admin.v1`
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("continuity.admin.v1");
+        }
+    }
+}
+
+/// Types shared by the agent and admin APIs.
+pub use continuity::types::v1 as types;
+/// The agent ↔ server API.
+pub use continuity::agent::v1 as agent;
+/// The admin API on the server's Unix socket.
+pub use continuity::admin::v1 as admin;

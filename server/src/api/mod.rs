@@ -1,0 +1,96 @@
+//! The server's gRPC APIs: [`agent`] (TLS, for agents) and [`admin`] (Unix socket, for operators),
+//! plus the TLS plumbing in [`tls`]. Domain errors become `tonic::Status` only here.
+
+pub mod admin;
+pub mod agent;
+pub mod tls;
+
+use continuity_proto::types;
+use tonic::Status;
+
+use crate::ca::{Bundle, CaError};
+use crate::datastore::{AgentRecord, Entry};
+use crate::registry::RegistryError;
+
+/// The wire form of a bundle.
+pub fn bundle_to_proto(b: &Bundle) -> types::Bundle {
+    types::Bundle {
+        trust_domain: b.trust_domain.name().to_string(),
+        x509_authorities: b.x509_authorities.clone(),
+        jwt_authorities: b
+            .jwt_authorities
+            .iter()
+            .map(|k| types::JwtKey {
+                public_key: k.public_key.clone(),
+                key_id: k.key_id.clone(),
+                expires_at: k.expires_at,
+            })
+            .collect(),
+        refresh_hint: b.refresh_hint,
+        sequence_number: b.sequence,
+    }
+}
+
+/// The wire form of an entry.
+pub fn entry_to_proto(e: &Entry) -> types::Entry {
+    types::Entry {
+        id: e.id.clone(),
+        spiffe_id: e.spiffe_id.clone(),
+        parent_id: e.parent_id.clone(),
+        selectors: e
+            .selectors
+            .iter()
+            .map(|s| types::Selector {
+                r#type: s.kind.clone(),
+                value: s.value.clone(),
+            })
+            .collect(),
+        x509_svid_ttl: e.x509_svid_ttl,
+        jwt_svid_ttl: e.jwt_svid_ttl,
+        dns_names: e.dns_names.clone(),
+        hint: e.hint.clone(),
+        admin: e.admin,
+        engine: e.engine.clone().unwrap_or_default(),
+        federates_with: e.federates_with.clone(),
+        revision: e.revision,
+        created_at: e.created_at,
+    }
+}
+
+/// The wire form of an agent.
+pub fn agent_to_proto(a: &AgentRecord) -> types::Agent {
+    types::Agent {
+        spiffe_id: a.spiffe_id.clone(),
+        attestation_type: a.attestation_type.clone(),
+        serial_number: a.serial.clone(),
+        expires_at: a.expires_at,
+        banned: a.banned,
+        alias: a.alias.clone().unwrap_or_default(),
+        created_at: a.created_at,
+        last_seen: a.last_seen,
+        selectors: vec![],
+    }
+}
+
+/// Maps registry errors to gRPC statuses.
+pub fn registry_status(e: RegistryError) -> Status {
+    match e {
+        RegistryError::Duplicate(_) => Status::already_exists(e.to_string()),
+        RegistryError::NotFound(_) => Status::not_found(e.to_string()),
+        RegistryError::Store(_) => {
+            tracing::error!(error = %e, "datastore failure");
+            Status::unavailable(e.to_string())
+        }
+    }
+}
+
+/// Maps CA errors to gRPC statuses.
+pub fn ca_status(e: CaError) -> Status {
+    match e {
+        CaError::Csr(_) => Status::invalid_argument(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "CA failure");
+            Status::internal(other.to_string())
+        }
+    }
+}

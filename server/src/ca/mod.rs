@@ -1,0 +1,422 @@
+//! The certificate authority: X.509 CA and JWT signing keys, their scheduled rotation, the bundle.
+//!
+//! Keys follow SPIRE's schedule: the next key is *prepared* (published in the bundle) at 1/2 of
+//! the active key's lifetime and *activated* at 5/6; a retired key's public part stays in the
+//! bundle until it expires, so everything it signed keeps verifying. Every bundle change bumps
+//! the sequence number. Time comes from a [`Clock`], so tests drive the schedule.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use continuity_common::{Clock, TrustDomain};
+use rcgen::Issuer;
+use tokio::sync::watch;
+
+pub mod profile;
+
+use crate::datastore::{CaKeyRecord, CaKeyState, DataStore, KeyPurpose, StoreError};
+use crate::keys::{KeyError, KeyHandle, KeyManager, KeyType, RcgenKey};
+
+/// CA failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The key manager failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The datastore failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A certificate could not be built.
+    #[error("certificate profile: {0}")]
+    Profile(String),
+    /// A CSR was malformed or its signature did not verify.
+    #[error("{0}")]
+    Csr(String),
+    /// rcgen refused to sign.
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// What the CA needs from the config.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// X.509 CA key type.
+    pub x509_key_type: KeyType,
+    /// JWT signing key type (ES256 → ec-p256).
+    pub jwt_key_type: KeyType,
+    /// Lifetime of each CA / JWT key.
+    pub ttl: Duration,
+    /// `iss` claim of JWT-SVIDs.
+    pub jwt_issuer: Option<String>,
+}
+
+/// A JWT signing key as published in the bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtAuthority {
+    /// `kid`.
+    pub key_id: String,
+    /// SubjectPublicKeyInfo, DER.
+    pub public_key: Vec<u8>,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+/// The trust bundle: every CA certificate and JWT key still needed to verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Root CA certificates, DER, oldest first.
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// JWT keys, oldest first.
+    pub jwt_authorities: Vec<JwtAuthority>,
+    /// Bumped on every change.
+    pub sequence: u64,
+    /// How often relying parties should refresh, seconds.
+    pub refresh_hint: i64,
+}
+
+impl Bundle {
+    /// The SPIFFE bundle document (JWKS with x509-svid and jwt-svid keys).
+    pub fn to_spiffe_json(&self) -> Result<serde_json::Value, continuity_common::jwk::JwkError> {
+        let jwt: Vec<_> = self
+            .jwt_authorities
+            .iter()
+            .map(|k| continuity_common::jwk::JwtAuthority {
+                key_id: &k.key_id,
+                public_key: &k.public_key,
+            })
+            .collect();
+        continuity_common::jwk::spiffe_bundle(&self.x509_authorities, &jwt, self.sequence, self.refresh_hint)
+    }
+}
+
+/// An X509-SVID fresh from the CA.
+#[derive(Debug, Clone)]
+pub struct SignedSvid {
+    /// Leaf certificate, DER (the CA is a root, so the chain is the leaf alone).
+    pub cert_der: Vec<u8>,
+    /// Leaf NotAfter, Unix seconds.
+    pub expires_at: i64,
+}
+
+type CaIssuer = Issuer<'static, RcgenKey>;
+
+struct X509Signer {
+    record: CaKeyRecord,
+    issuer: CaIssuer,
+}
+
+struct JwtSigner {
+    record: CaKeyRecord,
+    key: Arc<dyn KeyHandle>,
+}
+
+/// What signs right now, plus the bundle; replaced as a whole on rotation.
+struct Snapshot {
+    x509: Arc<X509Signer>,
+    jwt: Arc<JwtSigner>,
+    bundle: Arc<Bundle>,
+}
+
+/// The trust domain's certificate authority.
+pub struct CaManager {
+    cfg: CaConfig,
+    keys: Arc<dyn KeyManager>,
+    store: Arc<dyn DataStore>,
+    clock: Arc<dyn Clock>,
+    current: RwLock<Option<Arc<Snapshot>>>,
+    rotate_lock: tokio::sync::Mutex<()>,
+    bundle_tx: watch::Sender<Arc<Bundle>>,
+}
+
+impl std::fmt::Debug for CaManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaManager").field("cfg", &self.cfg).finish_non_exhaustive()
+    }
+}
+
+fn random_id(prefix: &str, now: i64) -> String {
+    let mut b = [0u8; 6];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    format!("{prefix}-{now}-{}", hex::encode(b))
+}
+
+impl CaManager {
+    /// Loads the CA state from the datastore and key manager, creating or rotating keys as the
+    /// schedule requires. After this returns the CA can sign.
+    pub async fn start(
+        cfg: CaConfig,
+        keys: Arc<dyn KeyManager>,
+        store: Arc<dyn DataStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, CaError> {
+        let empty = Arc::new(Bundle {
+            trust_domain: cfg.trust_domain.clone(),
+            x509_authorities: vec![],
+            jwt_authorities: vec![],
+            sequence: 0,
+            refresh_hint: 0,
+        });
+        let (bundle_tx, _) = watch::channel(empty);
+        let ca = Arc::new(Self {
+            cfg,
+            keys,
+            store,
+            clock,
+            current: RwLock::new(None),
+            rotate_lock: tokio::sync::Mutex::new(()),
+            bundle_tx,
+        });
+        ca.rotate().await?;
+        Ok(ca)
+    }
+
+    /// Advances the rotation schedule to the clock's now; returns true if the bundle changed.
+    pub async fn rotate(&self) -> Result<bool, CaError> {
+        let _guard = self.rotate_lock.lock().await;
+        let now = self.clock.unix();
+        let mut records = self.store.list_ca_keys().await?;
+        let mut changed = false;
+        for purpose in [KeyPurpose::X509, KeyPurpose::Jwt] {
+            changed |= self.rotate_purpose(purpose, now, &mut records).await?;
+        }
+        for r in records.iter().filter(|r| r.state == CaKeyState::Retired && r.not_after <= now) {
+            tracing::info!(key_id = %r.key_id, "expired authority dropped from the bundle");
+            self.store.delete_ca_key(&r.key_id).await?;
+            changed = true;
+        }
+        records.retain(|r| !(r.state == CaKeyState::Retired && r.not_after <= now));
+        let first_load = self.snapshot_opt().is_none();
+        if changed || first_load {
+            let sequence = if changed {
+                self.store.next_bundle_sequence().await?
+            } else {
+                self.store.bundle_sequence().await?
+            };
+            let snap = self.build_snapshot(&records, sequence).await?;
+            let bundle = snap.bundle.clone();
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(snap));
+            self.bundle_tx.send_replace(bundle);
+        }
+        Ok(changed)
+    }
+
+    async fn rotate_purpose(&self, purpose: KeyPurpose, now: i64, records: &mut Vec<CaKeyRecord>) -> Result<bool, CaError> {
+        let mut changed = false;
+        // A signing key whose private part is gone (memory key manager restarted, token wiped)
+        // cannot sign again: retire it, keeping its public part in the bundle until expiry.
+        for r in records.iter_mut().filter(|r| r.purpose == purpose && r.state != CaKeyState::Retired) {
+            if r.not_after <= now || self.keys.get(&r.key_id).await?.is_none() {
+                tracing::warn!(key_id = %r.key_id, "authority expired or its private key is unavailable; retiring it");
+                r.state = CaKeyState::Retired;
+                self.store.put_ca_key(r).await?;
+                changed = true;
+            }
+        }
+        let active = records.iter().position(|r| r.purpose == purpose && r.state == CaKeyState::Active);
+        let prepared = records.iter().position(|r| r.purpose == purpose && r.state == CaKeyState::Prepared);
+        match (active, prepared) {
+            (None, Some(p)) => {
+                self.set_state(&mut records[p], CaKeyState::Active).await?;
+                changed = true;
+            }
+            (None, None) => {
+                let r = self.generate(purpose, now, CaKeyState::Active).await?;
+                records.push(r);
+                changed = true;
+            }
+            (Some(a), p) => {
+                let (nb, na) = (records[a].not_before, records[a].not_after);
+                let life = na - nb;
+                if p.is_none() && now >= nb + life / 2 {
+                    let r = self.generate(purpose, now, CaKeyState::Prepared).await?;
+                    tracing::info!(key_id = %r.key_id, ?purpose, "next authority prepared");
+                    records.push(r);
+                    changed = true;
+                } else if let Some(p) = p.filter(|_| now >= nb + life * 5 / 6) {
+                    self.set_state(&mut records[p], CaKeyState::Active).await?;
+                    self.set_state(&mut records[a], CaKeyState::Retired).await?;
+                    // The retired private key never signs again.
+                    self.keys.delete(&records[a].key_id).await?;
+                    tracing::info!(key_id = %records[p].key_id, ?purpose, "authority activated");
+                    changed = true;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn set_state(&self, r: &mut CaKeyRecord, state: CaKeyState) -> Result<(), CaError> {
+        r.state = state;
+        self.store.put_ca_key(r).await?;
+        Ok(())
+    }
+
+    async fn generate(&self, purpose: KeyPurpose, now: i64, state: CaKeyState) -> Result<CaKeyRecord, CaError> {
+        let ttl = self.cfg.ttl.as_secs() as i64;
+        let (prefix, key_type) = match purpose {
+            KeyPurpose::X509 => ("x509-ca", self.cfg.x509_key_type),
+            KeyPurpose::Jwt => ("jwt", self.cfg.jwt_key_type),
+        };
+        let key_id = random_id(prefix, now);
+        let key = self.keys.generate(&key_id, key_type).await?;
+        let (cert_der, kid) = match purpose {
+            KeyPurpose::X509 => {
+                let params = profile::ca_params(self.cfg.trust_domain.name(), now, now + ttl)?;
+                let signer = RcgenKey(key.clone());
+                let cert = tokio::task::spawn_blocking(move || params.self_signed(&signer))
+                    .await
+                    .map_err(|e| CaError::Sign(e.to_string()))?
+                    .map_err(|e| CaError::Sign(e.to_string()))?;
+                (cert.der().to_vec(), String::new())
+            }
+            KeyPurpose::Jwt => {
+                let mut b = [0u8; 16];
+                let _ = aws_lc_rs::rand::fill(&mut b);
+                (Vec::new(), base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b))
+            }
+        };
+        let record = CaKeyRecord {
+            key_id,
+            purpose,
+            state,
+            key_type: key_type.as_str().into(),
+            cert_der,
+            public_key: key.spki_der(),
+            kid,
+            not_before: now,
+            not_after: now + ttl,
+        };
+        self.store.put_ca_key(&record).await?;
+        Ok(record)
+    }
+
+    async fn build_snapshot(&self, records: &[CaKeyRecord], sequence: u64) -> Result<Snapshot, CaError> {
+        let mut x509 = None;
+        let mut jwt = None;
+        for r in records.iter().filter(|r| r.state == CaKeyState::Active) {
+            let key = self
+                .keys
+                .get(&r.key_id)
+                .await?
+                .ok_or_else(|| KeyError::Storage(format!("active key {} vanished from the key manager", r.key_id)))?;
+            match r.purpose {
+                KeyPurpose::X509 => {
+                    let issuer = Issuer::from_ca_cert_der(&r.cert_der.clone().into(), RcgenKey(key))
+                        .map_err(|e| CaError::Profile(e.to_string()))?;
+                    x509 = Some(Arc::new(X509Signer { record: r.clone(), issuer }));
+                }
+                KeyPurpose::Jwt => jwt = Some(Arc::new(JwtSigner { record: r.clone(), key })),
+            }
+        }
+        let (Some(x509), Some(jwt)) = (x509, jwt) else {
+            return Err(CaError::Profile("no active X.509 or JWT authority after rotation".into()));
+        };
+        let mut sorted: Vec<&CaKeyRecord> = records.iter().collect();
+        sorted.sort_by_key(|r| r.not_before);
+        let bundle = Bundle {
+            trust_domain: self.cfg.trust_domain.clone(),
+            x509_authorities: sorted
+                .iter()
+                .filter(|r| r.purpose == KeyPurpose::X509)
+                .map(|r| r.cert_der.clone())
+                .collect(),
+            jwt_authorities: sorted
+                .iter()
+                .filter(|r| r.purpose == KeyPurpose::Jwt)
+                .map(|r| JwtAuthority {
+                    key_id: r.kid.clone(),
+                    public_key: r.public_key.clone(),
+                    expires_at: r.not_after,
+                })
+                .collect(),
+            sequence,
+            refresh_hint: (self.cfg.ttl.as_secs() as i64 / 10).clamp(5, 300),
+        };
+        Ok(Snapshot {
+            x509,
+            jwt,
+            bundle: Arc::new(bundle),
+        })
+    }
+
+    fn snapshot_opt(&self) -> Option<Arc<Snapshot>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn snapshot(&self) -> Result<Arc<Snapshot>, CaError> {
+        self.snapshot_opt()
+            .ok_or_else(|| CaError::Profile("the CA has not started".into()))
+    }
+
+    /// The current bundle.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle_tx.borrow().clone()
+    }
+
+    /// Notified on every bundle change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Bundle>> {
+        self.bundle_tx.subscribe()
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
+    }
+
+    /// The key id of the active X.509 CA (changes on activation).
+    pub fn active_x509_key_id(&self) -> Option<String> {
+        self.snapshot_opt().map(|s| s.x509.record.key_id.clone())
+    }
+
+    /// Signs an X509-SVID for `spiffe_id` over `spki_der`. Blocking (the key may be in an HSM).
+    pub fn sign_x509_svid(&self, spiffe_id: &str, spki_der: &[u8], ttl: Duration, dns_names: &[String]) -> Result<SignedSvid, CaError> {
+        let snap = self.snapshot()?;
+        let now = self.clock.unix();
+        let not_after = (now + ttl.as_secs() as i64).min(snap.x509.record.not_after);
+        let params = profile::svid_params(spiffe_id, dns_names, now - 10, not_after)?;
+        let public = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| CaError::Csr(format!("unsupported public key: {e}")))?;
+        let cert = params
+            .signed_by(&public, &snap.x509.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        Ok(SignedSvid {
+            cert_der: cert.der().to_vec(),
+            expires_at: not_after,
+        })
+    }
+
+    /// Signs an X509-SVID from a CSR (only its public key is used). Blocking.
+    pub fn sign_x509_svid_from_csr(&self, spiffe_id: &str, csr_der: &[u8], ttl: Duration, dns_names: &[String]) -> Result<SignedSvid, CaError> {
+        let spki = profile::csr_public_key(csr_der)?;
+        self.sign_x509_svid(spiffe_id, &spki, ttl, dns_names)
+    }
+
+    /// Signs a JWT-SVID; returns (token, expires_at). Blocking.
+    pub fn sign_jwt_svid(&self, spiffe_id: &str, audience: &[String], ttl: Duration) -> Result<(String, i64), CaError> {
+        let snap = self.snapshot()?;
+        let now = self.clock.unix();
+        let ttl = ttl.min(Duration::from_secs((snap.jwt.record.not_after - now).max(1) as u64));
+        profile::sign_jwt(
+            snap.jwt.key.as_ref(),
+            &snap.jwt.record.kid,
+            spiffe_id,
+            audience,
+            now,
+            ttl,
+            self.cfg.jwt_issuer.as_deref(),
+        )
+    }
+
+    /// How long until the next scheduled rotation step is due (for the rotator's sleep).
+    pub fn next_check_in(&self) -> Duration {
+        let secs = (self.cfg.ttl.as_secs() / 60).clamp(1, 30);
+        Duration::from_secs(secs)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,477 @@
+//! The `continuity-server` command line: `run`, `healthcheck`, and the admin commands that talk
+//! to a running server over its admin socket.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use continuity_proto::admin::agent_admin_client::AgentAdminClient;
+use continuity_proto::admin::bundle_admin_client::BundleAdminClient;
+use continuity_proto::admin::entry_admin_client::EntryAdminClient;
+use continuity_proto::admin::token_admin_client::TokenAdminClient;
+use continuity_proto::admin::*;
+use continuity_proto::types;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::config::DEFAULT_ADMIN_SOCKET;
+
+/// The Continuity server: the trust domain's authority.
+#[derive(Debug, Parser)]
+#[command(name = "continuity-server", version, about)]
+pub struct Cli {
+    /// Admin socket of the running server.
+    #[arg(long, global = true, default_value = DEFAULT_ADMIN_SOCKET)]
+    pub socket: PathBuf,
+    /// Output format of show/list commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable.
+    Text,
+    /// JSON.
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Run {
+        /// Path to server.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check that a running server answers on its admin socket.
+    Healthcheck,
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Generate a single-use join token.
+    Generate {
+        /// Node alias: entries parented to this ID reach the agent that uses the token.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Lifetime (seconds or "10m"); default 10m, at most 1h.
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+/// Fields of an entry.
+#[derive(Debug, Args)]
+pub struct EntryFields {
+    /// The SPIFFE ID the workload receives.
+    #[arg(long)]
+    pub spiffe_id: String,
+    /// The agent (or node alias) ID.
+    #[arg(long)]
+    pub parent_id: String,
+    /// TYPE:VALUE, repeatable; all must match.
+    #[arg(long = "selector", required = true)]
+    pub selectors: Vec<String>,
+    /// X509-SVID TTL (seconds or "1h"); server default when absent.
+    #[arg(long)]
+    pub x509_svid_ttl: Option<String>,
+    /// JWT-SVID TTL (seconds or "5m"); server default when absent.
+    #[arg(long)]
+    pub jwt_svid_ttl: Option<String>,
+    /// DNS SAN, repeatable.
+    #[arg(long = "dns-name")]
+    pub dns_names: Vec<String>,
+    /// Hint for workloads holding several SVIDs.
+    #[arg(long, default_value = "")]
+    pub hint: String,
+    /// Grant admin rights.
+    #[arg(long)]
+    pub admin: bool,
+    /// Bind the entry to an Engine.
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// Trust domains to federate with, repeatable.
+    #[arg(long = "federates-with")]
+    pub federates_with: Vec<String>,
+}
+
+/// `entry` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum EntryCommand {
+    /// Create an entry.
+    Create(EntryFields),
+    /// Show entries (all, or filtered).
+    Show {
+        /// One entry by id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Filter by SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Filter by parent ID.
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Filter by selector (entries having all of them).
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
+    },
+    /// Replace an entry's fields.
+    Update {
+        /// The entry to update.
+        #[arg(long)]
+        id: String,
+        /// New fields.
+        #[command(flatten)]
+        fields: EntryFields,
+    },
+    /// Delete an entry.
+    Delete {
+        /// The entry to delete.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+/// `bundle` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Print the trust bundle.
+    Show {
+        /// pem: CA certificates; spiffe: the SPIFFE bundle document (JWKS).
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+}
+
+/// Bundle formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BundleFormat {
+    /// Concatenated PEM certificates.
+    Pem,
+    /// SPIFFE bundle JSON.
+    Spiffe,
+}
+
+/// `agent` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// List attested agents.
+    List,
+    /// Show one agent.
+    Show {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Remove an agent; it must attest again to return.
+    Evict {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Ban an agent: refuse its calls and its re-attestation.
+    Ban {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+}
+
+/// CLI failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The server is not reachable on its socket.
+    #[error("cannot reach the server on {socket}: {source} (is it running? is --socket right?)")]
+    Connect {
+        /// The socket tried.
+        socket: PathBuf,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The server refused the request.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// An argument was malformed.
+    #[error("{0}")]
+    Argument(String),
+}
+
+fn seconds(flag: &str, v: &Option<String>) -> Result<i64, CliError> {
+    match v {
+        None => Ok(0),
+        Some(s) => continuity_common::duration::parse(s)
+            .map(|d| d.as_secs() as i64)
+            .map_err(|e| CliError::Argument(format!("{flag}: {e}"))),
+    }
+}
+
+fn selector(s: &str) -> Result<types::Selector, CliError> {
+    let (t, v) = s
+        .split_once(':')
+        .ok_or_else(|| CliError::Argument(format!("--selector {s:?} must be TYPE:VALUE, e.g. unix:uid:1000")))?;
+    Ok(types::Selector {
+        r#type: t.into(),
+        value: v.into(),
+    })
+}
+
+fn entry_from(id: String, f: EntryFields) -> Result<types::Entry, CliError> {
+    Ok(types::Entry {
+        id,
+        spiffe_id: f.spiffe_id,
+        parent_id: f.parent_id,
+        selectors: f.selectors.iter().map(|s| selector(s)).collect::<Result<_, _>>()?,
+        x509_svid_ttl: seconds("--x509-svid-ttl", &f.x509_svid_ttl)? as i32,
+        jwt_svid_ttl: seconds("--jwt-svid-ttl", &f.jwt_svid_ttl)? as i32,
+        dns_names: f.dns_names,
+        hint: f.hint,
+        admin: f.admin,
+        engine: f.engine.unwrap_or_default(),
+        federates_with: f.federates_with,
+        revision: 0,
+        created_at: 0,
+    })
+}
+
+/// JSON form of an entry.
+pub fn entry_json(e: &types::Entry) -> Value {
+    json!({
+        "id": e.id,
+        "spiffe_id": e.spiffe_id,
+        "parent_id": e.parent_id,
+        "selectors": e.selectors.iter().map(|s| json!({"type": s.r#type, "value": s.value})).collect::<Vec<_>>(),
+        "x509_svid_ttl": e.x509_svid_ttl,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "dns_names": e.dns_names,
+        "hint": e.hint,
+        "admin": e.admin,
+        "engine": e.engine,
+        "federates_with": e.federates_with,
+        "revision": e.revision,
+        "created_at": e.created_at,
+    })
+}
+
+fn entry_text(e: &types::Entry) -> String {
+    let ttl = |t: i32| if t == 0 { "default".to_string() } else { format!("{t}s") };
+    let mut s = format!(
+        "Entry ID         : {}\nSPIFFE ID        : {}\nParent ID        : {}\nRevision         : {}\nX509-SVID TTL    : {}\nJWT-SVID TTL     : {}\n",
+        e.id, e.spiffe_id, e.parent_id, e.revision, ttl(e.x509_svid_ttl), ttl(e.jwt_svid_ttl)
+    );
+    for sel in &e.selectors {
+        s.push_str(&format!("Selector         : {}:{}\n", sel.r#type, sel.value));
+    }
+    for d in &e.dns_names {
+        s.push_str(&format!("DNS name         : {d}\n"));
+    }
+    if !e.hint.is_empty() {
+        s.push_str(&format!("Hint             : {}\n", e.hint));
+    }
+    if e.admin {
+        s.push_str("Admin            : true\n");
+    }
+    s
+}
+
+/// JSON form of an agent.
+pub fn agent_json(a: &types::Agent) -> Value {
+    json!({
+        "spiffe_id": a.spiffe_id,
+        "attestation_type": a.attestation_type,
+        "serial_number": a.serial_number,
+        "expires_at": a.expires_at,
+        "banned": a.banned,
+        "alias": a.alias,
+        "created_at": a.created_at,
+        "last_seen": a.last_seen,
+    })
+}
+
+fn agent_text(a: &types::Agent) -> String {
+    format!(
+        "SPIFFE ID        : {}\nAttestation type : {}\nSVID serial      : {}\nSVID expires at  : {}\nBanned           : {}\n{}",
+        a.spiffe_id,
+        a.attestation_type,
+        a.serial_number,
+        a.expires_at,
+        a.banned,
+        if a.alias.is_empty() { String::new() } else { format!("Alias            : {}\n", a.alias) }
+    )
+}
+
+fn print_entries(out: Output, entries: &[types::Entry]) {
+    match out {
+        Output::Json => println!("{}", json!({ "entries": entries.iter().map(entry_json).collect::<Vec<_>>() })),
+        Output::Text => {
+            println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+            for e in entries {
+                println!("{}", entry_text(e));
+            }
+        }
+    }
+}
+
+fn print_entry(out: Output, e: &types::Entry) {
+    match out {
+        Output::Json => println!("{}", entry_json(e)),
+        Output::Text => println!("{}", entry_text(e)),
+    }
+}
+
+async fn channel(cli: &Cli) -> Result<Channel, CliError> {
+    continuity_common::grpc::uds_channel(&cli.socket)
+        .await
+        .map_err(|source| CliError::Connect { socket: cli.socket.clone(), source })
+}
+
+/// Runs an admin command (everything but `run`).
+pub async fn admin(cli: Cli) -> Result<(), CliError> {
+    let ch = channel(&cli).await?;
+    let out = cli.output;
+    match cli.command {
+        Command::Run { .. } => unreachable_run(),
+        Command::Healthcheck => {
+            let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
+            let r = c
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await?
+                .into_inner();
+            if r.status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                return Err(CliError::Status(tonic::Status::unavailable("server is not serving")));
+            }
+            println!("Server is healthy.");
+        }
+        Command::Token(TokenCommand::Generate { spiffe_id, ttl }) => {
+            let r = TokenAdminClient::new(ch)
+                .generate_token(GenerateTokenRequest {
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    ttl: seconds("--ttl", &ttl)?,
+                })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => println!("{}", json!({"token": r.token, "expires_at": r.expires_at})),
+                Output::Text => println!("Token: {}", r.token),
+            }
+        }
+        Command::Entry(cmd) => entry(ch, out, cmd).await?,
+        Command::Bundle(BundleCommand::Show { format }) => {
+            let b = BundleAdminClient::new(ch).get_bundle(GetBundleRequest {}).await?.into_inner();
+            match format {
+                BundleFormat::Pem => {
+                    for c in &b.x509_authorities {
+                        print!("{}", continuity_common::x509::pem_encode("CERTIFICATE", c));
+                    }
+                }
+                BundleFormat::Spiffe => {
+                    let jwt: Vec<_> = b
+                        .jwt_authorities
+                        .iter()
+                        .map(|k| continuity_common::jwk::JwtAuthority { key_id: &k.key_id, public_key: &k.public_key })
+                        .collect();
+                    let doc = continuity_common::jwk::spiffe_bundle(&b.x509_authorities, &jwt, b.sequence_number, b.refresh_hint)
+                        .map_err(|e| CliError::Argument(e.to_string()))?;
+                    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+                }
+            }
+        }
+        Command::Agent(cmd) => {
+            let mut c = AgentAdminClient::new(ch);
+            match cmd {
+                AgentCommand::List => {
+                    let agents = c.list_agents(ListAgentsRequest {}).await?.into_inner().agents;
+                    match out {
+                        Output::Json => println!("{}", json!({"agents": agents.iter().map(agent_json).collect::<Vec<_>>()})),
+                        Output::Text => {
+                            println!("Found {} attested agent{}", agents.len(), if agents.len() == 1 { "" } else { "s" });
+                            for a in &agents {
+                                println!("{}", agent_text(a));
+                            }
+                        }
+                    }
+                }
+                AgentCommand::Show { spiffe_id } => {
+                    let a = c.get_agent(GetAgentRequest { spiffe_id }).await?.into_inner();
+                    match out {
+                        Output::Json => println!("{}", agent_json(&a)),
+                        Output::Text => println!("{}", agent_text(&a)),
+                    }
+                }
+                AgentCommand::Evict { spiffe_id } => {
+                    c.evict_agent(EvictAgentRequest { spiffe_id: spiffe_id.clone() }).await?;
+                    println!("Agent {spiffe_id} evicted.");
+                }
+                AgentCommand::Ban { spiffe_id } => {
+                    c.ban_agent(BanAgentRequest { spiffe_id: spiffe_id.clone() }).await?;
+                    println!("Agent {spiffe_id} banned.");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unreachable_run() {
+    // `run` is dispatched by main before an admin channel is opened.
+}
+
+async fn entry(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliError> {
+    let mut c = EntryAdminClient::new(ch);
+    match cmd {
+        EntryCommand::Create(f) => {
+            let e = c
+                .create_entry(CreateEntryRequest { entry: Some(entry_from(String::new(), f)?) })
+                .await?
+                .into_inner();
+            print_entry(out, &e);
+        }
+        EntryCommand::Show { id: Some(id), .. } => {
+            let e = c.get_entry(GetEntryRequest { id }).await?.into_inner();
+            print_entries(out, &[e]);
+        }
+        EntryCommand::Show { id: None, spiffe_id, parent_id, selectors } => {
+            let r = c
+                .list_entries(ListEntriesRequest {
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    parent_id: parent_id.unwrap_or_default(),
+                    selectors: selectors.iter().map(|s| selector(s)).collect::<Result<_, _>>()?,
+                })
+                .await?
+                .into_inner();
+            print_entries(out, &r.entries);
+        }
+        EntryCommand::Update { id, fields } => {
+            let e = c
+                .update_entry(UpdateEntryRequest { entry: Some(entry_from(id, fields)?) })
+                .await?
+                .into_inner();
+            print_entry(out, &e);
+        }
+        EntryCommand::Delete { id } => {
+            c.delete_entry(DeleteEntryRequest { id: id.clone() }).await?;
+            match out {
+                Output::Json => println!("{}", json!({"deleted": id})),
+                Output::Text => println!("Deleted entry {id}"),
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! server.toml: the file schema (serde, unknown keys refused) and the typed [`Config`] built from it once at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use continuity_common::TrustDomain;
+use continuity_common::logging::LogFormat;
+use serde::Deserialize;
+
+use crate::keys::KeyType;
+
+/// What is wrong with a configuration; every message names the key to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given with --config.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had an unknown key.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The path given with --config.
+        path: PathBuf,
+        /// The parser's message (names the key and the line).
+        message: String,
+    },
+    /// A key has a value that cannot be used.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The dotted key, e.g. `key_manager.module`.
+        key: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The file schema of server.toml, exactly as written by operators.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The trust domain this server is the authority for.
+    pub trust_domain: Option<String>,
+    /// Where the server keeps its state.
+    pub data_dir: Option<PathBuf>,
+    /// Agent-facing gRPC over TLS.
+    pub bind_address: Option<String>,
+    /// The admin API's Unix socket.
+    pub admin_socket: Option<PathBuf>,
+    /// ec-p256 | ec-p384 | rsa-2048 | rsa-4096.
+    pub ca_key_type: Option<String>,
+    /// CA lifetime.
+    pub ca_ttl: Option<String>,
+    /// Default X509-SVID lifetime.
+    pub default_x509_svid_ttl: Option<String>,
+    /// Default JWT-SVID lifetime.
+    pub default_jwt_svid_ttl: Option<String>,
+    /// `iss` claim of JWT-SVIDs (omitted when empty).
+    pub jwt_issuer: Option<String>,
+    /// trace | debug | info | warn | error.
+    pub log_level: Option<String>,
+    /// text | json.
+    pub log_format: Option<LogFormat>,
+    /// `[datastore]`.
+    pub datastore: Option<FileDatastore>,
+    /// `[key_manager]`.
+    pub key_manager: Option<FileKeyManager>,
+    /// `[health]`.
+    pub health: Option<FileListener>,
+    /// `[metrics]`.
+    pub metrics: Option<FileListener>,
+}
+
+/// `[datastore]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDatastore {
+    /// `sqlite://...` or `postgres://...`.
+    pub url: Option<String>,
+}
+
+/// `[key_manager]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKeyManager {
+    /// memory | disk | pkcs11.
+    pub kind: Option<String>,
+    /// PKCS#11 module path.
+    pub module: Option<PathBuf>,
+    /// PKCS#11 token label.
+    pub token_label: Option<String>,
+    /// Environment variable holding the user PIN.
+    pub pin_env: Option<String>,
+    /// File holding the user PIN.
+    pub pin_file: Option<PathBuf>,
+    /// Present only to refuse it with a helpful message: PINs never live in the config.
+    pub pin: Option<toml::Value>,
+}
+
+/// `[health]` / `[metrics]` tables.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    /// host:port to listen on.
+    pub bind_address: Option<String>,
+}
+
+/// Where the user PIN of a PKCS#11 token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    /// An environment variable.
+    Env(String),
+    /// A file (trailing newline ignored).
+    File(PathBuf),
+}
+
+/// The key manager chosen by `[key_manager] kind`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyManagerConfig {
+    /// Keys in memory only; lost at restart.
+    Memory,
+    /// PKCS#8 key files (0600) under `data_dir/keys`.
+    Disk {
+        /// The key directory.
+        dir: PathBuf,
+    },
+    /// Keys generated and used inside a PKCS#11 token.
+    Pkcs11 {
+        /// The module (.so) path.
+        module: PathBuf,
+        /// The token's label.
+        token_label: String,
+        /// Where the PIN comes from.
+        pin: PinSource,
+    },
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Agent API listener.
+    pub bind_address: SocketAddr,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// CA key type.
+    pub ca_key_type: KeyType,
+    /// CA lifetime.
+    pub ca_ttl: Duration,
+    /// Default X509-SVID lifetime.
+    pub default_x509_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime.
+    pub default_jwt_svid_ttl: Duration,
+    /// `iss` for JWT-SVIDs.
+    pub jwt_issuer: Option<String>,
+    /// Datastore URL.
+    pub datastore_url: String,
+    /// Key manager.
+    pub key_manager: KeyManagerConfig,
+    /// Health listener.
+    pub health_address: Option<SocketAddr>,
+    /// Metrics listener.
+    pub metrics_address: Option<SocketAddr>,
+    /// Log level.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// The default admin socket path.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/continuity-server/private/admin.sock";
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text (`path` only labels errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        Self::from_file(file)
+    }
+
+    /// Turns the file schema into the typed config.
+    pub fn from_file(f: FileConfig) -> Result<Self, ConfigError> {
+        let trust_domain = TrustDomain::new(
+            f.trust_domain
+                .as_deref()
+                .ok_or_else(|| invalid("trust_domain", "is required (e.g. \"example.org\")"))?,
+        )
+        .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        let data_dir = f
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/continuity/server"));
+        let bind_address = socket_addr(f.bind_address.as_deref().unwrap_or("0.0.0.0:8081"), "bind_address")?;
+        let ca_key_type = f
+            .ca_key_type
+            .as_deref()
+            .unwrap_or("ec-p256")
+            .parse::<KeyType>()
+            .map_err(|e| invalid("ca_key_type", e))?;
+        let ca_ttl = duration(f.ca_ttl.as_deref(), "24h", "ca_ttl")?;
+        let x509 = duration(f.default_x509_svid_ttl.as_deref(), "1h", "default_x509_svid_ttl")?;
+        let jwt = duration(f.default_jwt_svid_ttl.as_deref(), "5m", "default_jwt_svid_ttl")?;
+        if ca_ttl < Duration::from_secs(60) {
+            return Err(invalid("ca_ttl", "must be at least 1m"));
+        }
+        for (key, d) in [("default_x509_svid_ttl", x509), ("default_jwt_svid_ttl", jwt)] {
+            if d.is_zero() || d >= ca_ttl {
+                return Err(invalid(key, format!("must be positive and shorter than ca_ttl ({})", continuity_common::duration::format(ca_ttl))));
+            }
+        }
+        let log_level = f.log_level.unwrap_or_else(|| "info".into());
+        continuity_common::logging::check_level(&log_level).map_err(|m| invalid("log_level", m))?;
+        let datastore_url = match f.datastore.and_then(|d| d.url) {
+            Some(u) if u.starts_with("sqlite://") || u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
+            Some(u) => return Err(invalid("datastore.url", format!("{u:?} is neither sqlite://... nor postgres://..."))),
+            None => format!("sqlite://{}?mode=rwc", data_dir.join("datastore.sqlite3").display()),
+        };
+        let key_manager = key_manager(f.key_manager.unwrap_or_default(), &data_dir)?;
+        let listener = |l: Option<FileListener>, key| -> Result<Option<SocketAddr>, ConfigError> {
+            l.and_then(|l| l.bind_address).map(|a| socket_addr(&a, key)).transpose()
+        };
+        Ok(Self {
+            trust_domain,
+            bind_address,
+            admin_socket: f.admin_socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            ca_key_type,
+            ca_ttl,
+            default_x509_svid_ttl: x509,
+            default_jwt_svid_ttl: jwt,
+            jwt_issuer: f.jwt_issuer.filter(|s| !s.is_empty()),
+            datastore_url,
+            key_manager,
+            health_address: listener(f.health, "health.bind_address")?,
+            metrics_address: listener(f.metrics, "metrics.bind_address")?,
+            log_level,
+            log_format: f.log_format.unwrap_or_default(),
+            data_dir,
+        })
+    }
+}
+
+fn socket_addr(s: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not host:port (e.g. \"127.0.0.1:8081\")")))
+}
+
+fn duration(v: Option<&str>, default: &str, key: &'static str) -> Result<Duration, ConfigError> {
+    continuity_common::duration::parse(v.unwrap_or(default)).map_err(|m| invalid(key, m))
+}
+
+fn key_manager(k: FileKeyManager, data_dir: &Path) -> Result<KeyManagerConfig, ConfigError> {
+    if k.pin.is_some() {
+        return Err(invalid(
+            "key_manager.pin",
+            "a PIN is never read from the config file; set pin_env or pin_file instead",
+        ));
+    }
+    let kind = k.kind.as_deref().unwrap_or("disk");
+    let pkcs11_only = k.module.is_some() || k.token_label.is_some() || k.pin_env.is_some() || k.pin_file.is_some();
+    match kind {
+        "memory" | "disk" if pkcs11_only => Err(invalid(
+            "key_manager.kind",
+            format!("module/token_label/pin_env/pin_file only apply to kind = \"pkcs11\", not {kind:?}"),
+        )),
+        "memory" => Ok(KeyManagerConfig::Memory),
+        "disk" => Ok(KeyManagerConfig::Disk {
+            dir: data_dir.join("keys"),
+        }),
+        "pkcs11" => {
+            let module = k
+                .module
+                .ok_or_else(|| invalid("key_manager.module", "is required with kind = \"pkcs11\" (e.g. /usr/lib/softhsm/libsofthsm2.so)"))?;
+            let token_label = k
+                .token_label
+                .ok_or_else(|| invalid("key_manager.token_label", "is required with kind = \"pkcs11\""))?;
+            let pin = match (k.pin_env, k.pin_file) {
+                (Some(e), None) => PinSource::Env(e),
+                (None, Some(f)) => PinSource::File(f),
+                (Some(_), Some(_)) => return Err(invalid("key_manager.pin_env", "set pin_env or pin_file, not both")),
+                (None, None) => return Err(invalid("key_manager.pin_env", "pin_env or pin_file is required with kind = \"pkcs11\"")),
+            };
+            Ok(KeyManagerConfig::Pkcs11 { module, token_label, pin })
+        }
+        other => Err(invalid(
+            "key_manager.kind",
+            format!("{other:?} is not one of \"memory\", \"disk\", \"pkcs11\""),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("server.toml"))
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"").unwrap();
+        assert_eq!(c.ca_ttl, Duration::from_secs(86400));
+        assert_eq!(c.key_manager, KeyManagerConfig::Disk { dir: "/tmp/x/keys".into() });
+        assert!(c.datastore_url.starts_with("sqlite:///tmp/x/datastore.sqlite3"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("trust_domain = \"example.org\"\nca_tll = \"1h\"").unwrap_err().to_string();
+        assert!(e.contains("ca_tll"), "{e}");
+        let e = parse("trust_domain = \"example.org\"\nca_ttl = \"soon\"").unwrap_err().to_string();
+        assert!(e.contains("`ca_ttl`"), "{e}");
+        let e = parse("trust_domain = \"Bad Domain\"").unwrap_err().to_string();
+        assert!(e.contains("`trust_domain`"), "{e}");
+        let e = parse("trust_domain = \"e.org\"\n[key_manager]\nkind = \"pkcs11\"\nmodule = \"/x.so\"\ntoken_label = \"t\"\npin = \"1234\"").unwrap_err().to_string();
+        assert!(e.contains("`key_manager.pin`"), "{e}");
+        let e = parse("trust_domain = \"e.org\"\nca_key_type = \"dsa\"").unwrap_err().to_string();
+        assert!(e.contains("`ca_key_type`"), "{e}");
+    }
+}

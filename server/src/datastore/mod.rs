@@ -1,0 +1,199 @@
+//! Persistence: entries, join tokens, attested agents, CA key metadata and bundle sequence.
+//!
+//! One trait, [`DataStore`]; [`SqlDataStore`] implements it over sqlx's `Any` driver so the same
+//! SQL serves SQLite (the embedded default) and PostgreSQL. Reads on hot paths never come here:
+//! the server keeps an in-memory index updated by its own writes (see `registry`).
+
+use async_trait::async_trait;
+use continuity_attestors::Selector;
+
+mod sql;
+
+pub use sql::SqlDataStore;
+
+/// Datastore failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or a statement failed.
+    #[error("datastore: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A row that should exist does not.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A stored value could not be decoded (corruption or a newer schema).
+    #[error("datastore holds an invalid value: {0}")]
+    Corrupt(String),
+    /// A schema migration failed.
+    #[error("schema migration {version} failed: {source}")]
+    Migration {
+        /// The migration that failed.
+        version: i64,
+        /// The database error.
+        source: sqlx::Error,
+    },
+}
+
+/// A registration entry as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Stable id.
+    pub id: String,
+    /// The SPIFFE ID workloads matching this entry receive.
+    pub spiffe_id: String,
+    /// The agent (or node alias) this entry is for.
+    pub parent_id: String,
+    /// All must match the workload.
+    pub selectors: Vec<Selector>,
+    /// X509-SVID TTL in seconds; 0 = server default.
+    pub x509_svid_ttl: i32,
+    /// JWT-SVID TTL in seconds; 0 = server default.
+    pub jwt_svid_ttl: i32,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Hint passed to workloads.
+    pub hint: String,
+    /// Whether the workload gets admin rights.
+    pub admin: bool,
+    /// Engine the entry is bound to, if any.
+    pub engine: Option<String>,
+    /// Trust domains the workload federates with.
+    pub federates_with: Vec<String>,
+    /// Revision at which the entry last changed.
+    pub revision: i64,
+    /// Creation time, Unix seconds.
+    pub created_at: i64,
+}
+
+/// A join token as stored: only a hash of the secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// SHA-256 of the token value, hex.
+    pub token_hash: String,
+    /// Public id used in the agent ID.
+    pub id: String,
+    /// Optional node alias SPIFFE ID.
+    pub alias: Option<String>,
+    /// Expiry, Unix seconds.
+    pub expires_at: i64,
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: String,
+    /// Node attestor type.
+    pub attestation_type: String,
+    /// Serial of the current agent SVID (hex).
+    pub serial: String,
+    /// Serial of the previous agent SVID, accepted until the agent reconnects.
+    pub previous_serial: String,
+    /// Expiry of the current agent SVID.
+    pub expires_at: i64,
+    /// Banned agents are refused and cannot re-attest.
+    pub banned: bool,
+    /// Node alias from the join token.
+    pub alias: Option<String>,
+    /// First attestation.
+    pub created_at: i64,
+    /// Last authenticated call that changed state.
+    pub last_seen: i64,
+}
+
+/// What a CA key is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyPurpose {
+    /// Signs X509-SVIDs.
+    X509,
+    /// Signs JWT-SVIDs.
+    Jwt,
+}
+
+/// Where a CA key is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CaKeyState {
+    /// Published in the bundle, not yet signing.
+    Prepared,
+    /// Signing.
+    Active,
+    /// No longer signing; public part kept in the bundle until it expires.
+    Retired,
+}
+
+/// Metadata of a CA or JWT key (the private part lives in the key manager).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaKeyRecord {
+    /// Key manager id.
+    pub key_id: String,
+    /// X509 or JWT.
+    pub purpose: KeyPurpose,
+    /// Lifecycle state.
+    pub state: CaKeyState,
+    /// Key type spelling (ec-p256, ...).
+    pub key_type: String,
+    /// Self-signed CA certificate (X509 keys), DER.
+    pub cert_der: Vec<u8>,
+    /// SubjectPublicKeyInfo, DER.
+    pub public_key: Vec<u8>,
+    /// JWT `kid` (JWT keys).
+    pub kid: String,
+    /// Validity start, Unix seconds.
+    pub not_before: i64,
+    /// Validity end, Unix seconds.
+    pub not_after: i64,
+}
+
+/// An entry deletion (or move to another parent), kept so incremental syncs can report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tombstone {
+    /// The removed entry.
+    pub entry_id: String,
+    /// The parent it was removed from.
+    pub parent_id: String,
+    /// Revision of the removal.
+    pub revision: i64,
+}
+
+/// The persistence interface of the server.
+#[async_trait]
+pub trait DataStore: Send + Sync + std::fmt::Debug {
+    /// Inserts an entry; assigns its revision. Returns the stored entry.
+    async fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
+    /// Replaces an entry; assigns a new revision; records a tombstone if the parent changed.
+    async fn update_entry(&self, entry: Entry) -> Result<(Entry, Option<Tombstone>), StoreError>;
+    /// Deletes an entry, recording a tombstone.
+    async fn delete_entry(&self, id: &str) -> Result<(Entry, Tombstone), StoreError>;
+    /// Every entry.
+    async fn list_entries(&self) -> Result<Vec<Entry>, StoreError>;
+    /// Every tombstone.
+    async fn list_tombstones(&self) -> Result<Vec<Tombstone>, StoreError>;
+    /// The current entry revision.
+    async fn entry_revision(&self) -> Result<i64, StoreError>;
+
+    /// Stores a new join token.
+    async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError>;
+    /// Atomically removes and returns the token with this hash (at most one caller gets it).
+    async fn take_join_token(&self, token_hash: &str) -> Result<Option<JoinToken>, StoreError>;
+    /// Removes tokens that expired before `now`.
+    async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Inserts or replaces an agent.
+    async fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
+    /// Deletes an agent; false if it did not exist.
+    async fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError>;
+    /// Every agent.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Inserts or replaces CA key metadata.
+    async fn put_ca_key(&self, key: &CaKeyRecord) -> Result<(), StoreError>;
+    /// Deletes CA key metadata.
+    async fn delete_ca_key(&self, key_id: &str) -> Result<(), StoreError>;
+    /// Every CA key record.
+    async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError>;
+    /// Increments and returns the bundle sequence number.
+    async fn next_bundle_sequence(&self) -> Result<u64, StoreError>;
+    /// The current bundle sequence number.
+    async fn bundle_sequence(&self) -> Result<u64, StoreError>;
+    /// Cheap liveness query.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,482 @@
+//! [`DataStore`] over sqlx's `Any` driver: SQLite (default) and PostgreSQL share every query.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::{AgentRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose, StoreError, Tombstone};
+
+/// Schema migrations, in order; `{BLOB}` becomes the dialect's binary type.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE entries (
+        id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL, x509_svid_ttl BIGINT NOT NULL, jwt_svid_ttl BIGINT NOT NULL,
+        dns_names TEXT NOT NULL, hint TEXT NOT NULL, admin BIGINT NOT NULL, engine TEXT,
+        federates_with TEXT NOT NULL, revision BIGINT NOT NULL, created_at BIGINT NOT NULL);
+    CREATE INDEX entries_parent ON entries (parent_id);
+    CREATE TABLE entry_tombstones (entry_id TEXT NOT NULL, parent_id TEXT NOT NULL, revision BIGINT NOT NULL);
+    CREATE TABLE join_tokens (token_hash TEXT PRIMARY KEY, id TEXT NOT NULL, alias TEXT, expires_at BIGINT NOT NULL);
+    CREATE TABLE agents (
+        spiffe_id TEXT PRIMARY KEY, attestation_type TEXT NOT NULL, serial TEXT NOT NULL,
+        previous_serial TEXT NOT NULL, expires_at BIGINT NOT NULL, banned BIGINT NOT NULL,
+        alias TEXT, created_at BIGINT NOT NULL, last_seen BIGINT NOT NULL);
+    CREATE TABLE ca_keys (
+        key_id TEXT PRIMARY KEY, purpose TEXT NOT NULL, state TEXT NOT NULL, key_type TEXT NOT NULL,
+        cert_der {BLOB} NOT NULL, public_key {BLOB} NOT NULL, kid TEXT NOT NULL,
+        not_before BIGINT NOT NULL, not_after BIGINT NOT NULL);
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO meta (name, value) VALUES ('entry_revision', 0);
+    INSERT INTO meta (name, value) VALUES ('bundle_sequence', 0)",
+)];
+
+/// SQL datastore (SQLite or PostgreSQL, chosen by the URL).
+#[derive(Debug, Clone)]
+pub struct SqlDataStore {
+    pool: AnyPool,
+}
+
+impl SqlDataStore {
+    /// Connects (creating the SQLite file and its directory as needed) and migrates the schema.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        if sqlite {
+            if let Some(dir) = sqlite_path(url).as_deref().and_then(Path::parent) {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
+            }
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 16 })
+            .connect(url)
+            .await?;
+        if sqlite {
+            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+        }
+        let store = Self { pool };
+        store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self, blob: &str) -> Result<(), StoreError> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+            .execute(&self.pool)
+            .await?;
+        for (version, sql) in MIGRATIONS {
+            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                .bind(*version)
+                .fetch_optional(&self.pool)
+                .await?;
+            if done.is_some() {
+                continue;
+            }
+            let wrap = |source| StoreError::Migration { version: *version, source };
+            let mut tx = self.pool.begin().await.map_err(wrap)?;
+            for stmt in sql.replace("{BLOB}", blob).split(';').filter(|s| !s.trim().is_empty()) {
+                sqlx::query(stmt).execute(&mut *tx).await.map_err(wrap)?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(*version)
+                .bind(continuity_common::clock::unix_seconds(std::time::SystemTime::now()))
+                .execute(&mut *tx)
+                .await
+                .map_err(wrap)?;
+            tx.commit().await.map_err(wrap)?;
+            tracing::info!(version, "datastore schema migrated");
+        }
+        Ok(())
+    }
+}
+
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| path.into())
+}
+
+fn json_list<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<Vec<T>, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+fn entry_from_row(r: &AnyRow) -> Result<Entry, StoreError> {
+    Ok(Entry {
+        id: r.try_get("id")?,
+        spiffe_id: r.try_get("spiffe_id")?,
+        parent_id: r.try_get("parent_id")?,
+        selectors: json_list(&r.try_get::<String, _>("selectors")?, "entry selectors")?,
+        x509_svid_ttl: r.try_get::<i64, _>("x509_svid_ttl")? as i32,
+        jwt_svid_ttl: r.try_get::<i64, _>("jwt_svid_ttl")? as i32,
+        dns_names: json_list(&r.try_get::<String, _>("dns_names")?, "entry dns_names")?,
+        hint: r.try_get("hint")?,
+        admin: r.try_get::<i64, _>("admin")? != 0,
+        engine: r.try_get("engine")?,
+        federates_with: json_list(&r.try_get::<String, _>("federates_with")?, "entry federates_with")?,
+        revision: r.try_get("revision")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn agent_from_row(r: &AnyRow) -> Result<AgentRecord, StoreError> {
+    Ok(AgentRecord {
+        spiffe_id: r.try_get("spiffe_id")?,
+        attestation_type: r.try_get("attestation_type")?,
+        serial: r.try_get("serial")?,
+        previous_serial: r.try_get("previous_serial")?,
+        expires_at: r.try_get("expires_at")?,
+        banned: r.try_get::<i64, _>("banned")? != 0,
+        alias: r.try_get("alias")?,
+        created_at: r.try_get("created_at")?,
+        last_seen: r.try_get("last_seen")?,
+    })
+}
+
+fn ca_key_from_row(r: &AnyRow) -> Result<CaKeyRecord, StoreError> {
+    let purpose = match r.try_get::<String, _>("purpose")?.as_str() {
+        "x509" => KeyPurpose::X509,
+        "jwt" => KeyPurpose::Jwt,
+        other => return Err(StoreError::Corrupt(format!("CA key purpose {other:?}"))),
+    };
+    let state = match r.try_get::<String, _>("state")?.as_str() {
+        "prepared" => CaKeyState::Prepared,
+        "active" => CaKeyState::Active,
+        "retired" => CaKeyState::Retired,
+        other => return Err(StoreError::Corrupt(format!("CA key state {other:?}"))),
+    };
+    Ok(CaKeyRecord {
+        key_id: r.try_get("key_id")?,
+        purpose,
+        state,
+        key_type: r.try_get("key_type")?,
+        cert_der: r.try_get("cert_der")?,
+        public_key: r.try_get("public_key")?,
+        kid: r.try_get("kid")?,
+        not_before: r.try_get("not_before")?,
+        not_after: r.try_get("not_after")?,
+    })
+}
+
+const ENTRY_UPSERT: &str = "INSERT INTO entries (id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl,
+    dns_names, hint, admin, engine, federates_with, revision, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+    ON CONFLICT (id) DO UPDATE SET spiffe_id = $2, parent_id = $3, selectors = $4, x509_svid_ttl = $5,
+    jwt_svid_ttl = $6, dns_names = $7, hint = $8, admin = $9, engine = $10, federates_with = $11, revision = $12";
+
+impl SqlDataStore {
+    async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, name: &str) -> Result<i64, StoreError> {
+        let v: i64 = sqlx::query_scalar("UPDATE meta SET value = value + 1 WHERE name = $1 RETURNING value")
+            .bind(name)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(v)
+    }
+
+    async fn write_entry(tx: &mut sqlx::Transaction<'_, sqlx::Any>, e: &Entry) -> Result<(), StoreError> {
+        sqlx::query(ENTRY_UPSERT)
+            .bind(&e.id)
+            .bind(&e.spiffe_id)
+            .bind(&e.parent_id)
+            .bind(to_json(&e.selectors))
+            .bind(e.x509_svid_ttl as i64)
+            .bind(e.jwt_svid_ttl as i64)
+            .bind(to_json(&e.dns_names))
+            .bind(&e.hint)
+            .bind(e.admin as i64)
+            .bind(e.engine.clone())
+            .bind(to_json(&e.federates_with))
+            .bind(e.revision)
+            .bind(e.created_at)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn tombstone(tx: &mut sqlx::Transaction<'_, sqlx::Any>, t: &Tombstone) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO entry_tombstones (entry_id, parent_id, revision) VALUES ($1, $2, $3)")
+            .bind(&t.entry_id)
+            .bind(&t.parent_id)
+            .bind(t.revision)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_entry_tx(tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: &str) -> Result<Entry, StoreError> {
+        let row = sqlx::query("SELECT * FROM entries WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("entry {id}")))?;
+        entry_from_row(&row)
+    }
+
+    async fn meta(&self, name: &str) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT value FROM meta WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}
+
+#[async_trait]
+impl DataStore for SqlDataStore {
+    async fn create_entry(&self, mut entry: Entry) -> Result<Entry, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        entry.revision = Self::bump(&mut tx, "entry_revision").await?;
+        Self::write_entry(&mut tx, &entry).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    async fn update_entry(&self, mut entry: Entry) -> Result<(Entry, Option<Tombstone>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let old = Self::get_entry_tx(&mut tx, &entry.id).await?;
+        entry.revision = Self::bump(&mut tx, "entry_revision").await?;
+        entry.created_at = old.created_at;
+        let moved = (old.parent_id != entry.parent_id).then(|| Tombstone {
+            entry_id: old.id.clone(),
+            parent_id: old.parent_id.clone(),
+            revision: entry.revision,
+        });
+        if let Some(t) = &moved {
+            Self::tombstone(&mut tx, t).await?;
+        }
+        Self::write_entry(&mut tx, &entry).await?;
+        tx.commit().await?;
+        Ok((entry, moved))
+    }
+
+    async fn delete_entry(&self, id: &str) -> Result<(Entry, Tombstone), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let old = Self::get_entry_tx(&mut tx, id).await?;
+        let revision = Self::bump(&mut tx, "entry_revision").await?;
+        sqlx::query("DELETE FROM entries WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let t = Tombstone {
+            entry_id: old.id.clone(),
+            parent_id: old.parent_id.clone(),
+            revision,
+        };
+        Self::tombstone(&mut tx, &t).await?;
+        tx.commit().await?;
+        Ok((old, t))
+    }
+
+    async fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM entries ORDER BY revision").fetch_all(&self.pool).await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    async fn list_tombstones(&self) -> Result<Vec<Tombstone>, StoreError> {
+        let rows = sqlx::query("SELECT entry_id, parent_id, revision FROM entry_tombstones ORDER BY revision")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Tombstone {
+                    entry_id: r.try_get("entry_id")?,
+                    parent_id: r.try_get("parent_id")?,
+                    revision: r.try_get("revision")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn entry_revision(&self) -> Result<i64, StoreError> {
+        self.meta("entry_revision").await
+    }
+
+    async fn create_join_token(&self, t: JoinToken) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO join_tokens (token_hash, id, alias, expires_at) VALUES ($1, $2, $3, $4)")
+            .bind(&t.token_hash)
+            .bind(&t.id)
+            .bind(t.alias.clone())
+            .bind(t.expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn take_join_token(&self, token_hash: &str) -> Result<Option<JoinToken>, StoreError> {
+        // One statement: the database guarantees a single winner among concurrent callers.
+        let row = sqlx::query("DELETE FROM join_tokens WHERE token_hash = $1 RETURNING token_hash, id, alias, expires_at")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(JoinToken {
+                token_hash: r.try_get("token_hash")?,
+                id: r.try_get("id")?,
+                alias: r.try_get("alias")?,
+                expires_at: r.try_get("expires_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM join_tokens WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn put_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = $2, serial = $3, previous_serial = $4,
+             expires_at = $5, banned = $6, alias = $7, last_seen = $9",
+        )
+        .bind(&a.spiffe_id)
+        .bind(&a.attestation_type)
+        .bind(&a.serial)
+        .bind(&a.previous_serial)
+        .bind(a.expires_at)
+        .bind(a.banned as i64)
+        .bind(a.alias.clone())
+        .bind(a.created_at)
+        .bind(a.last_seen)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+            .bind(spiffe_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM agents ORDER BY spiffe_id").fetch_all(&self.pool).await?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn put_ca_key(&self, k: &CaKeyRecord) -> Result<(), StoreError> {
+        let purpose = match k.purpose {
+            KeyPurpose::X509 => "x509",
+            KeyPurpose::Jwt => "jwt",
+        };
+        let state = match k.state {
+            CaKeyState::Prepared => "prepared",
+            CaKeyState::Active => "active",
+            CaKeyState::Retired => "retired",
+        };
+        sqlx::query(
+            "INSERT INTO ca_keys (key_id, purpose, state, key_type, cert_der, public_key, kid, not_before, not_after)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (key_id) DO UPDATE SET state = $3",
+        )
+        .bind(&k.key_id)
+        .bind(purpose)
+        .bind(state)
+        .bind(&k.key_type)
+        .bind(k.cert_der.clone())
+        .bind(k.public_key.clone())
+        .bind(&k.kid)
+        .bind(k.not_before)
+        .bind(k.not_after)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_ca_key(&self, key_id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM ca_keys WHERE key_id = $1").bind(key_id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM ca_keys ORDER BY not_before").fetch_all(&self.pool).await?;
+        rows.iter().map(ca_key_from_row).collect()
+    }
+
+    async fn next_bundle_sequence(&self) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let v = Self::bump(&mut tx, "bundle_sequence").await?;
+        tx.commit().await?;
+        Ok(v as u64)
+    }
+
+    async fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        Ok(self.meta("bundle_sequence").await? as u64)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (SqlDataStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("continuity-ds-{}-{}", std::process::id(), rand_suffix()));
+        let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
+        (SqlDataStore::connect(&url).await.unwrap(), dir)
+    }
+
+    fn rand_suffix() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    }
+
+    fn entry(id: &str, parent: &str) -> Entry {
+        Entry {
+            id: id.into(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            parent_id: parent.into(),
+            selectors: vec![continuity_attestors::Selector::raw("unix", "uid:1000")],
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: vec![],
+            hint: String::new(),
+            admin: false,
+            engine: None,
+            federates_with: vec![],
+            revision: 0,
+            created_at: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_revisions_and_tombstones() {
+        let (s, dir) = store().await;
+        let a = s.create_entry(entry("a", "spiffe://example.org/p1")).await.unwrap();
+        let b = s.create_entry(entry("b", "spiffe://example.org/p1")).await.unwrap();
+        assert!(b.revision > a.revision);
+        let mut moved = b.clone();
+        moved.parent_id = "spiffe://example.org/p2".into();
+        let (_, t) = s.update_entry(moved).await.unwrap();
+        assert_eq!(t.unwrap().parent_id, "spiffe://example.org/p1");
+        let (_, t) = s.delete_entry("a").await.unwrap();
+        assert_eq!(t.entry_id, "a");
+        assert_eq!(s.list_entries().await.unwrap().len(), 1);
+        assert_eq!(s.list_tombstones().await.unwrap().len(), 2);
+        assert!(matches!(s.delete_entry("a").await, Err(StoreError::NotFound(_))));
+        // Reopening migrates nothing twice and keeps the data.
+        let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
+        let s2 = SqlDataStore::connect(&url).await.unwrap();
+        assert_eq!(s2.entry_revision().await.unwrap(), 4);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn join_token_taken_once() {
+        let (s, dir) = store().await;
+        let t = JoinToken { token_hash: "h".into(), id: "i".into(), alias: None, expires_at: 10 };
+        s.create_join_token(t.clone()).await.unwrap();
+        assert_eq!(s.take_join_token("h").await.unwrap(), Some(t));
+        assert_eq!(s.take_join_token("h").await.unwrap(), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

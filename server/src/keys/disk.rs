@@ -1,0 +1,163 @@
+//! The `disk` key manager: one PKCS#8 file per key, mode 0600, in a 0700 directory,
+//! written atomically (temp file + fsync + rename) so a crash never leaves half a key.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use super::software::SoftwareKey;
+use super::{KeyError, KeyHandle, KeyManager, KeyType};
+
+/// Keys as files under a directory; they survive restarts.
+#[derive(Debug)]
+pub struct DiskKeyManager {
+    dir: PathBuf,
+    cache: Mutex<HashMap<String, Arc<SoftwareKey>>>,
+}
+
+fn storage(what: &str, path: &Path, e: std::io::Error) -> KeyError {
+    KeyError::Storage(format!("{what} {}: {e}", path.display()))
+}
+
+impl DiskKeyManager {
+    /// Opens (creating with 0700 if needed) the key directory.
+    pub fn open(dir: &Path) -> Result<Self, KeyError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| storage("cannot create key directory", dir, e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| storage("cannot restrict key directory", dir, e))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cache: Mutex::default(),
+        })
+    }
+
+    fn path(&self, id: &str) -> Result<PathBuf, KeyError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) || id.starts_with('.') {
+            return Err(KeyError::Storage(format!("invalid key id {id:?}")));
+        }
+        Ok(self.dir.join(format!("{id}.key")))
+    }
+
+    fn write(&self, key: &SoftwareKey) -> Result<(), KeyError> {
+        let path = self.path(key.id())?;
+        let tmp = path.with_extension("key.tmp");
+        let body = format!(
+            "{}\n{}\n",
+            key.key_type().as_str(),
+            STANDARD.encode(key.pkcs8())
+        );
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| storage("cannot write key file", &tmp, e))?;
+        f.write_all(body.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| storage("cannot write key file", &tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| storage("cannot install key file", &path, e))?;
+        Ok(())
+    }
+
+    fn read(&self, id: &str) -> Result<Option<SoftwareKey>, KeyError> {
+        let path = self.path(id)?;
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(storage("cannot read key file", &path, e)),
+        };
+        let mut lines = text.lines();
+        let (Some(kt), Some(b64)) = (lines.next(), lines.next()) else {
+            return Err(KeyError::Storage(format!("key file {} is malformed", path.display())));
+        };
+        let key_type: KeyType = kt.parse().map_err(KeyError::Storage)?;
+        let pkcs8 = STANDARD
+            .decode(b64.trim())
+            .map_err(|e| KeyError::Storage(format!("key file {} is malformed: {e}", path.display())))?;
+        SoftwareKey::from_pkcs8(id, key_type, pkcs8).map(Some)
+    }
+}
+
+#[async_trait]
+impl KeyManager for DiskKeyManager {
+    fn kind(&self) -> &'static str {
+        "disk"
+    }
+
+    async fn generate(&self, id: &str, key_type: KeyType) -> Result<Arc<dyn KeyHandle>, KeyError> {
+        let id_owned = id.to_string();
+        let key = tokio::task::spawn_blocking(move || SoftwareKey::generate(&id_owned, key_type))
+            .await
+            .map_err(|e| KeyError::Storage(e.to_string()))??;
+        self.write(&key)?;
+        let key = Arc::new(key);
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), key.clone());
+        Ok(key)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Arc<dyn KeyHandle>>, KeyError> {
+        if let Some(k) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Ok(Some(k.clone()));
+        }
+        let Some(key) = self.read(id)? else {
+            return Ok(None);
+        };
+        let key = Arc::new(key);
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), key.clone());
+        Ok(Some(key))
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), KeyError> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        let path = self.path(id)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(storage("cannot delete key file", &path, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keys_survive_reopen_with_0600_files() {
+        let dir = tempfile_dir();
+        let km = DiskKeyManager::open(&dir).unwrap();
+        let k = km.generate("ca-1", KeyType::EcP256).await.unwrap();
+        let mode = fs::metadata(dir.join("ca-1.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let km2 = DiskKeyManager::open(&dir).unwrap();
+        let k2 = km2.get("ca-1").await.unwrap().unwrap();
+        assert_eq!(k.public_key_raw(), k2.public_key_raw());
+        km2.delete("ca-1").await.unwrap();
+        assert!(km2.get("ca-1").await.unwrap().is_none());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("continuity-disk-km-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+}

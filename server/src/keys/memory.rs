@@ -1,0 +1,45 @@
+//! The `memory` key manager: keys live only as long as the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use super::software::SoftwareKey;
+use super::{KeyError, KeyHandle, KeyManager, KeyType};
+
+/// Keys in process memory; a restart starts a new CA.
+#[derive(Debug, Default)]
+pub struct MemoryKeyManager {
+    keys: Mutex<HashMap<String, Arc<SoftwareKey>>>,
+}
+
+#[async_trait]
+impl KeyManager for MemoryKeyManager {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn generate(&self, id: &str, key_type: KeyType) -> Result<Arc<dyn KeyHandle>, KeyError> {
+        let id_owned = id.to_string();
+        let key = tokio::task::spawn_blocking(move || SoftwareKey::generate(&id_owned, key_type))
+            .await
+            .map_err(|e| KeyError::Storage(e.to_string()))??;
+        let key = Arc::new(key);
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), key.clone());
+        Ok(key)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Arc<dyn KeyHandle>>, KeyError> {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(keys.get(id).map(|k| k.clone() as Arc<dyn KeyHandle>))
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), KeyError> {
+        self.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        Ok(())
+    }
+}

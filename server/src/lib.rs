@@ -1,0 +1,22 @@
+//! The Continuity server: the trust domain's authority.
+//!
+//! It attests agents, signs short-lived SVIDs with a CA whose keys live in a key manager
+//! (memory, disk or PKCS#11), keeps registration entries, and serves two gRPC APIs: the
+//! agent API over TLS 1.3 and the admin API on a private Unix socket.
+//!
+//! Modules, top-down: [`config`] → [`server`] (wiring) → [`api`] (edges) → [`registry`]
+//! (in-memory index) / [`ca`] (authority) → [`datastore`] / [`keys`] (persistence).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod datastore;
+pub mod keys;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+
+pub use config::Config;
+pub use server::run;

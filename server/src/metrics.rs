@@ -1,0 +1,48 @@
+//! Prometheus counters served at `[metrics] bind_address` (`/metrics`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The server's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Successful node attestations.
+    pub attestations_ok: AtomicU64,
+    /// Refused node attestations.
+    pub attestations_failed: AtomicU64,
+    /// X509-SVIDs signed for workloads.
+    pub x509_svids_signed: AtomicU64,
+    /// JWT-SVIDs signed.
+    pub jwt_svids_signed: AtomicU64,
+    /// Admin API calls.
+    pub admin_calls: AtomicU64,
+}
+
+impl Metrics {
+    /// Adds one.
+    pub fn inc(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let rows = [
+            ("continuity_server_attestations_total{result=\"ok\"}", &self.attestations_ok),
+            ("continuity_server_attestations_total{result=\"refused\"}", &self.attestations_failed),
+            ("continuity_server_x509_svids_signed_total", &self.x509_svids_signed),
+            ("continuity_server_jwt_svids_signed_total", &self.jwt_svids_signed),
+            ("continuity_server_admin_calls_total", &self.admin_calls),
+        ];
+        let mut out = String::from(
+            "# TYPE continuity_server_attestations_total counter\n# TYPE continuity_server_x509_svids_signed_total counter\n# TYPE continuity_server_jwt_svids_signed_total counter\n# TYPE continuity_server_admin_calls_total counter\n",
+        );
+        for (name, c) in rows {
+            out.push_str(&format!("{name} {}\n", c.load(Ordering::Relaxed)));
+        }
+        out
+    }
+}

@@ -1,0 +1,254 @@
+//! Wiring: datastore, key manager, CA, registry, the two gRPC listeners, health and metrics.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use continuity_common::tls::TrustRoots;
+use continuity_common::{Clock, SystemClock};
+use continuity_proto::admin::agent_admin_server::AgentAdminServer;
+use continuity_proto::admin::bundle_admin_server::BundleAdminServer;
+use continuity_proto::admin::entry_admin_server::EntryAdminServer;
+use continuity_proto::admin::token_admin_server::TokenAdminServer;
+use continuity_proto::agent::agent_api_server::AgentApiServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+use crate::api::admin::AdminService;
+use crate::api::agent::AgentService;
+use crate::api::tls::{self, ServerIdentity};
+use crate::ca::{CaConfig, CaManager};
+use crate::config::Config;
+use crate::datastore::{DataStore, SqlDataStore};
+use crate::keys::{self, KeyType};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A filesystem path could not be prepared.
+    #[error("{0}")]
+    Path(String),
+    /// The datastore could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::datastore::StoreError),
+    /// The key manager could not be opened.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    /// The CA could not start.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
+    /// The registry could not load.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A listener could not bind.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// Which listener.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+fn private_dir(dir: &Path, key: &str) -> Result<(), RunError> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| RunError::Path(format!("{key}: cannot create {}: {e}", dir.display())))?;
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| RunError::Path(format!("{key}: {}: {e}", dir.display())))?;
+    if meta.mode() & 0o077 != 0 {
+        if meta.uid() == own_uid() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| RunError::Path(format!("{key}: cannot restrict {}: {e}", dir.display())))?;
+        } else {
+            return Err(RunError::Path(format!(
+                "{key}: directory {} is accessible by other users and not ours to restrict; use a private (0700) directory",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The uid this process runs as (read from /proc, no unsafe needed).
+pub fn own_uid() -> u32 {
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
+}
+
+async fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| RunError::Path(format!("admin_socket: {} has no directory", path.display())))?;
+    private_dir(dir, "admin_socket")?;
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(RunError::Path(format!(
+                "admin_socket: {} is in use: another server is running",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| RunError::Path(format!("admin_socket: cannot remove stale {}: {e}", path.display())))?;
+    }
+    UnixListener::bind(path).map_err(|source| RunError::Bind {
+        what: format!("admin_socket {}", path.display()),
+        source,
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    private_dir(&cfg.data_dir, "data_dir")?;
+    let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&cfg.datastore_url).await?);
+    let key_manager = keys::from_config(&cfg.key_manager)?;
+    let ca = CaManager::start(
+        CaConfig {
+            trust_domain: cfg.trust_domain.clone(),
+            x509_key_type: cfg.ca_key_type,
+            jwt_key_type: KeyType::EcP256,
+            ttl: cfg.ca_ttl,
+            jwt_issuer: cfg.jwt_issuer.clone(),
+        },
+        key_manager.clone(),
+        store.clone(),
+        clock.clone(),
+    )
+    .await?;
+    let registry = Arc::new(Registry::load(store.clone(), clock.clone()).await?);
+    let metrics = Arc::new(Metrics::default());
+
+    // CA rotation and join-token pruning.
+    {
+        let (ca, store, clock) = (ca.clone(), store.clone(), clock.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ca.next_check_in()).await;
+                if let Err(e) = ca.rotate().await {
+                    tracing::error!(error = %e, "CA rotation failed; will retry");
+                }
+                if let Err(e) = store.prune_join_tokens(clock.unix()).await {
+                    tracing::warn!(error = %e, "pruning expired join tokens failed");
+                }
+            }
+        });
+    }
+
+    let roots = TrustRoots::default();
+    let identity = ServerIdentity::start(ca.clone(), roots.clone(), cfg.default_x509_svid_ttl).await?;
+    let acceptor = identity.acceptor(roots)?;
+    let tcp = TcpListener::bind(cfg.bind_address).await.map_err(|source| RunError::Bind {
+        what: format!("bind_address {}", cfg.bind_address),
+        source,
+    })?;
+    let agent_service = AgentService {
+        trust_domain: cfg.trust_domain.clone(),
+        ca: ca.clone(),
+        registry: registry.clone(),
+        store: store.clone(),
+        clock: clock.clone(),
+        x509_ttl: cfg.default_x509_svid_ttl,
+        jwt_ttl: cfg.default_jwt_svid_ttl,
+        metrics: metrics.clone(),
+    };
+    let admin = AdminService {
+        trust_domain: cfg.trust_domain.clone(),
+        registry,
+        ca: ca.clone(),
+        store: store.clone(),
+        clock,
+        metrics: metrics.clone(),
+        owner_uid: own_uid(),
+    };
+    let uds = bind_admin_socket(&cfg.admin_socket).await?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+
+    if let Some(addr) = cfg.health_address {
+        let store = store.clone();
+        continuity_common::http::serve(addr, move |path| {
+            let store = store.clone();
+            async move {
+                match path.as_str() {
+                    "/live" => (200, "text/plain", "live\n".into()),
+                    "/ready" => match store.ping().await {
+                        Ok(()) => (200, "text/plain", "ready\n".into()),
+                        Err(e) => (503, "text/plain", format!("datastore unavailable: {e}\n")),
+                    },
+                    _ => (404, "text/plain", "not found\n".into()),
+                }
+            }
+        })
+        .await
+        .map_err(|source| RunError::Bind { what: format!("health.bind_address {addr}"), source })?;
+    }
+    if let Some(addr) = cfg.metrics_address {
+        let metrics = metrics.clone();
+        continuity_common::http::serve(addr, move |path| {
+            let body = metrics.render();
+            async move {
+                match path.as_str() {
+                    "/metrics" => (200, "text/plain; version=0.0.4", body),
+                    _ => (404, "text/plain", "not found\n".into()),
+                }
+            }
+        })
+        .await
+        .map_err(|source| RunError::Bind { what: format!("metrics.bind_address {addr}"), source })?;
+    }
+
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        bind_address = %cfg.bind_address,
+        admin_socket = %cfg.admin_socket.display(),
+        key_manager = key_manager.kind(),
+        "server ready"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let agent_api = Server::builder()
+        .add_service(AgentApiServer::new(agent_service))
+        .serve_with_incoming_shutdown(tls::incoming(tcp, acceptor), wait(stop_rx.clone()));
+    let admin_api = Server::builder()
+        .add_service(health_service)
+        .add_service(EntryAdminServer::new(admin.clone()))
+        .add_service(TokenAdminServer::new(admin.clone()))
+        .add_service(AgentAdminServer::new(admin.clone()))
+        .add_service(BundleAdminServer::new(admin))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), wait(stop_rx));
+    let signal = async {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    a?;
+    b?;
+    Ok(())
+}
