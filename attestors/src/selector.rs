@@ -23,7 +23,9 @@ pub enum SelectorError {
 }
 
 /// A selector: `kind` is the attestor type (`unix`, `k8s`, ...), `value` the rest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Selector {
     /// The attestor type, e.g. `unix`.
     #[serde(rename = "type")]
@@ -60,7 +62,10 @@ impl Selector {
         if self.value.is_empty() {
             return Err(bad("the value is empty"));
         }
-        let (key, rest) = self.value.split_once(':').unwrap_or((self.value.as_str(), ""));
+        let (key, rest) = self
+            .value
+            .split_once(':')
+            .unwrap_or((self.value.as_str(), ""));
         match self.kind.as_str() {
             "unix" => match key {
                 "uid" | "gid" | "supplementary_gid" => rest
@@ -70,9 +75,13 @@ impl Selector {
                 "user" | "group" if !rest.is_empty() => Ok(()),
                 "path" if rest.starts_with('/') => Ok(()),
                 "path" => Err(bad("unix:path takes an absolute path")),
-                "sha256" if rest.len() == 64 && rest.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(()),
+                "sha256" if rest.len() == 64 && rest.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    Ok(())
+                }
                 "sha256" => Err(bad("unix:sha256 takes 64 hex digits")),
-                _ => Err(bad("unix selectors are uid, gid, user, group, supplementary_gid, path, sha256")),
+                _ => Err(bad(
+                    "unix selectors are uid, gid, user, group, supplementary_gid, path, sha256",
+                )),
             },
             "k8s" => match key {
                 "ns" | "sa" | "pod-uid" | "pod-name" | "pod-image" | "container-name"
@@ -81,7 +90,11 @@ impl Selector {
                 {
                     Ok(())
                 }
-                "pod-label" | "pod-owner" | "pod-owner-uid" if rest.contains(':') || key != "pod-label" => Ok(()),
+                "pod-label" | "pod-owner" | "pod-owner-uid"
+                    if rest.contains(':') || key != "pod-label" =>
+                {
+                    Ok(())
+                }
                 "pod-label" => Err(bad("k8s:pod-label takes KEY:VALUE")),
                 _ => Err(bad(
                     "k8s selectors are ns, sa, pod-uid, pod-name, pod-label:K:V, pod-image, container-name, container-image, node-name",
@@ -123,8 +136,14 @@ mod tests {
 
     #[test]
     fn rejects_typos_with_reasons() {
-        assert!(matches!("unix".parse::<Selector>(), Err(SelectorError::Syntax(_))));
-        assert!(matches!("unx:uid:1".parse::<Selector>(), Err(SelectorError::UnknownType(_))));
+        assert!(matches!(
+            "unix".parse::<Selector>(),
+            Err(SelectorError::Syntax(_))
+        ));
+        assert!(matches!(
+            "unx:uid:1".parse::<Selector>(),
+            Err(SelectorError::UnknownType(_))
+        ));
         assert!("unix:uid:abc".parse::<Selector>().is_err());
         assert!("unix:path:relative".parse::<Selector>().is_err());
         assert!("k8s:pod-label:nolabel".parse::<Selector>().is_err());

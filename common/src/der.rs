@@ -55,7 +55,9 @@ pub fn read_tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), DerError> {
         if n == 0 || n > 4 || rest.len() < n {
             return Err(DerError("bad length"));
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         (len, &rest[n..])
     };
     if rest.len() < len {
@@ -66,7 +68,7 @@ pub fn read_tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), DerError> {
 
 /// Converts a fixed-width ECDSA signature (r‖s) to ASN.1 DER `SEQUENCE { r, s }`.
 pub fn ecdsa_fixed_to_der(sig: &[u8]) -> Result<Vec<u8>, DerError> {
-    if sig.is_empty() || sig.len() % 2 != 0 {
+    if sig.is_empty() || !sig.len().is_multiple_of(2) {
         return Err(DerError("ECDSA r||s must have even, non-zero length"));
     }
     let (r, s) = sig.split_at(sig.len() / 2);

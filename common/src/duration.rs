@@ -11,8 +11,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"5m\", \"1h\", \"7d\""))
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid duration {s:?} ({e}); write e.g. \"30s\", \"5m\", \"1h\", \"7d\"")
+    })
 }
 
 /// Formats a duration compactly ("1h", "5m 30s").

@@ -49,14 +49,31 @@ pub fn from_spki(spki_der: &[u8]) -> Result<Map<String, Value>, JwkError> {
             }
             m.insert("kty".into(), "EC".into());
             m.insert("crv".into(), crv.into());
-            m.insert("x".into(), URL_SAFE_NO_PAD.encode(&data[1..1 + width]).into());
-            m.insert("y".into(), URL_SAFE_NO_PAD.encode(&data[1 + width..]).into());
+            m.insert(
+                "x".into(),
+                URL_SAFE_NO_PAD.encode(&data[1..1 + width]).into(),
+            );
+            m.insert(
+                "y".into(),
+                URL_SAFE_NO_PAD.encode(&data[1 + width..]).into(),
+            );
         }
         PublicKey::RSA(rsa) => {
-            let strip = |b: &[u8]| b.iter().skip_while(|x| **x == 0).copied().collect::<Vec<u8>>();
+            let strip = |b: &[u8]| {
+                b.iter()
+                    .skip_while(|x| **x == 0)
+                    .copied()
+                    .collect::<Vec<u8>>()
+            };
             m.insert("kty".into(), "RSA".into());
-            m.insert("n".into(), URL_SAFE_NO_PAD.encode(strip(rsa.modulus)).into());
-            m.insert("e".into(), URL_SAFE_NO_PAD.encode(strip(rsa.exponent)).into());
+            m.insert(
+                "n".into(),
+                URL_SAFE_NO_PAD.encode(strip(rsa.modulus)).into(),
+            );
+            m.insert(
+                "e".into(),
+                URL_SAFE_NO_PAD.encode(strip(rsa.exponent)).into(),
+            );
         }
         _ => return Err(JwkError::Unsupported),
     }
@@ -100,10 +117,10 @@ pub fn spiffe_bundle(
         jwk.insert("x5c".into(), json!([STANDARD.encode(cert)]));
         keys.push(Value::Object(jwk));
     }
-    if let Value::Object(mut jwt) = jwt_jwks(jwt_authorities)? {
-        if let Some(Value::Array(list)) = jwt.remove("keys") {
-            keys.extend(list);
-        }
+    if let Value::Object(mut jwt) = jwt_jwks(jwt_authorities)?
+        && let Some(Value::Array(list)) = jwt.remove("keys")
+    {
+        keys.extend(list);
     }
     Ok(json!({
         "keys": keys,

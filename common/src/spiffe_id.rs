@@ -10,10 +10,14 @@ pub enum SpiffeIdError {
     #[error("{0:?} is not a SPIFFE ID: it must start with \"spiffe://\"")]
     Scheme(String),
     /// The trust domain part is empty or has characters outside [a-z0-9.-_].
-    #[error("{0:?}: the trust domain must be non-empty and use only lowercase letters, digits, '.', '-' and '_'")]
+    #[error(
+        "{0:?}: the trust domain must be non-empty and use only lowercase letters, digits, '.', '-' and '_'"
+    )]
     TrustDomain(String),
     /// The path has an empty, "." or ".." segment, a trailing slash, or a bad character.
-    #[error("{0:?}: path segments must be non-empty, not '.' or '..', and use only letters, digits, '.', '-' and '_'")]
+    #[error(
+        "{0:?}: path segments must be non-empty, not '.' or '..', and use only letters, digits, '.', '-' and '_'"
+    )]
     Path(String),
     /// Query, fragment, port or user info are present.
     #[error("{0:?}: a SPIFFE ID has no query, fragment, port or user info")]

@@ -109,15 +109,18 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        self.roots
-            .verify_chain(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        self.roots.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
         let id = crate::x509::spiffe_id_of(end_entity)
             .map_err(|e| Error::InvalidCertificate(CertificateError::Other(other(e))))?;
         if id != self.expected {
-            return Err(Error::InvalidCertificate(CertificateError::Other(other(format!(
-                "server presented {id}, expected {}",
-                self.expected
-            )))));
+            return Err(Error::InvalidCertificate(CertificateError::Other(other(
+                format!("server presented {id}, expected {}", self.expected),
+            ))));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -177,8 +180,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.roots
-            .verify_chain(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        self.roots.verify_chain(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -214,7 +221,10 @@ fn other(msg: String) -> rustls::OtherError {
 pub fn client_config(
     roots: TrustRoots,
     server_id: SpiffeId,
-    client: Option<(Vec<CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>)>,
+    client: Option<(
+        Vec<CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
 ) -> Result<rustls::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)

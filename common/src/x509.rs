@@ -27,7 +27,10 @@ pub fn pem_decode_all(label: &str, text: &str) -> Result<Vec<Vec<u8>>, String> {
         let stop = after
             .find(&end)
             .ok_or_else(|| format!("unterminated PEM block {label}"))?;
-        let body: String = after[..stop].chars().filter(|c| !c.is_whitespace()).collect();
+        let body: String = after[..stop]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect();
         out.push(
             STANDARD
                 .decode(body)
@@ -40,8 +43,8 @@ pub fn pem_decode_all(label: &str, text: &str) -> Result<Vec<Vec<u8>>, String> {
 
 /// The URI SANs of a DER certificate.
 pub fn uri_sans(cert_der: &[u8]) -> Result<Vec<String>, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("bad certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("bad certificate: {e}"))?;
     let mut out = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -65,15 +68,15 @@ pub fn spiffe_id_of(cert_der: &[u8]) -> Result<crate::SpiffeId, String> {
 
 /// The certificate's NotAfter in Unix seconds.
 pub fn not_after(cert_der: &[u8]) -> Result<i64, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("bad certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("bad certificate: {e}"))?;
     Ok(cert.validity().not_after.timestamp())
 }
 
 /// The certificate's serial number as lowercase hex.
 pub fn serial_hex(cert_der: &[u8]) -> Result<String, String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("bad certificate: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("bad certificate: {e}"))?;
     Ok(cert
         .raw_serial()
         .iter()

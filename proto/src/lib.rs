@@ -32,9 +32,9 @@ pub mod continuity {
     }
 }
 
-/// Types shared by the agent and admin APIs.
-pub use continuity::types::v1 as types;
-/// The agent ↔ server API.
-pub use continuity::agent::v1 as agent;
 /// The admin API on the server's Unix socket.
 pub use continuity::admin::v1 as admin;
+/// The agent ↔ server API.
+pub use continuity::agent::v1 as agent;
+/// Types shared by the agent and admin APIs.
+pub use continuity::types::v1 as types;

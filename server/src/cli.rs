@@ -207,11 +207,17 @@ pub enum CliError {
         source: tonic::transport::Error,
     },
     /// The server refused the request.
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(Box<tonic::Status>),
     /// An argument was malformed.
     #[error("{0}")]
     Argument(String),
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(Box::new(s))
+    }
 }
 
 fn seconds(flag: &str, v: &Option<String>) -> Result<i64, CliError> {
@@ -224,9 +230,11 @@ fn seconds(flag: &str, v: &Option<String>) -> Result<i64, CliError> {
 }
 
 fn selector(s: &str) -> Result<types::Selector, CliError> {
-    let (t, v) = s
-        .split_once(':')
-        .ok_or_else(|| CliError::Argument(format!("--selector {s:?} must be TYPE:VALUE, e.g. unix:uid:1000")))?;
+    let (t, v) = s.split_once(':').ok_or_else(|| {
+        CliError::Argument(format!(
+            "--selector {s:?} must be TYPE:VALUE, e.g. unix:uid:1000"
+        ))
+    })?;
     Ok(types::Selector {
         r#type: t.into(),
         value: v.into(),
@@ -238,7 +246,11 @@ fn entry_from(id: String, f: EntryFields) -> Result<types::Entry, CliError> {
         id,
         spiffe_id: f.spiffe_id,
         parent_id: f.parent_id,
-        selectors: f.selectors.iter().map(|s| selector(s)).collect::<Result<_, _>>()?,
+        selectors: f
+            .selectors
+            .iter()
+            .map(|s| selector(s))
+            .collect::<Result<_, _>>()?,
         x509_svid_ttl: seconds("--x509-svid-ttl", &f.x509_svid_ttl)? as i32,
         jwt_svid_ttl: seconds("--jwt-svid-ttl", &f.jwt_svid_ttl)? as i32,
         dns_names: f.dns_names,
@@ -271,13 +283,27 @@ pub fn entry_json(e: &types::Entry) -> Value {
 }
 
 fn entry_text(e: &types::Entry) -> String {
-    let ttl = |t: i32| if t == 0 { "default".to_string() } else { format!("{t}s") };
+    let ttl = |t: i32| {
+        if t == 0 {
+            "default".to_string()
+        } else {
+            format!("{t}s")
+        }
+    };
     let mut s = format!(
         "Entry ID         : {}\nSPIFFE ID        : {}\nParent ID        : {}\nRevision         : {}\nX509-SVID TTL    : {}\nJWT-SVID TTL     : {}\n",
-        e.id, e.spiffe_id, e.parent_id, e.revision, ttl(e.x509_svid_ttl), ttl(e.jwt_svid_ttl)
+        e.id,
+        e.spiffe_id,
+        e.parent_id,
+        e.revision,
+        ttl(e.x509_svid_ttl),
+        ttl(e.jwt_svid_ttl)
     );
     for sel in &e.selectors {
-        s.push_str(&format!("Selector         : {}:{}\n", sel.r#type, sel.value));
+        s.push_str(&format!(
+            "Selector         : {}:{}\n",
+            sel.r#type, sel.value
+        ));
     }
     for d in &e.dns_names {
         s.push_str(&format!("DNS name         : {d}\n"));
@@ -313,15 +339,26 @@ fn agent_text(a: &types::Agent) -> String {
         a.serial_number,
         a.expires_at,
         a.banned,
-        if a.alias.is_empty() { String::new() } else { format!("Alias            : {}\n", a.alias) }
+        if a.alias.is_empty() {
+            String::new()
+        } else {
+            format!("Alias            : {}\n", a.alias)
+        }
     )
 }
 
 fn print_entries(out: Output, entries: &[types::Entry]) {
     match out {
-        Output::Json => println!("{}", json!({ "entries": entries.iter().map(entry_json).collect::<Vec<_>>() })),
+        Output::Json => println!(
+            "{}",
+            json!({ "entries": entries.iter().map(entry_json).collect::<Vec<_>>() })
+        ),
         Output::Text => {
-            println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+            println!(
+                "Found {} entr{}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            );
             for e in entries {
                 println!("{}", entry_text(e));
             }
@@ -339,7 +376,10 @@ fn print_entry(out: Output, e: &types::Entry) {
 async fn channel(cli: &Cli) -> Result<Channel, CliError> {
     continuity_common::grpc::uds_channel(&cli.socket)
         .await
-        .map_err(|source| CliError::Connect { socket: cli.socket.clone(), source })
+        .map_err(|source| CliError::Connect {
+            socket: cli.socket.clone(),
+            source,
+        })
 }
 
 /// Runs an admin command (everything but `run`).
@@ -351,11 +391,13 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
         Command::Healthcheck => {
             let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
             let r = c
-                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await?
                 .into_inner();
             if r.status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
-                return Err(CliError::Status(tonic::Status::unavailable("server is not serving")));
+                return Err(tonic::Status::unavailable("server is not serving").into());
             }
             println!("Server is healthy.");
         }
@@ -368,13 +410,18 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             match out {
-                Output::Json => println!("{}", json!({"token": r.token, "expires_at": r.expires_at})),
+                Output::Json => {
+                    println!("{}", json!({"token": r.token, "expires_at": r.expires_at}))
+                }
                 Output::Text => println!("Token: {}", r.token),
             }
         }
         Command::Entry(cmd) => entry(ch, out, cmd).await?,
         Command::Bundle(BundleCommand::Show { format }) => {
-            let b = BundleAdminClient::new(ch).get_bundle(GetBundleRequest {}).await?.into_inner();
+            let b = BundleAdminClient::new(ch)
+                .get_bundle(GetBundleRequest {})
+                .await?
+                .into_inner();
             match format {
                 BundleFormat::Pem => {
                     for c in &b.x509_authorities {
@@ -385,10 +432,18 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
                     let jwt: Vec<_> = b
                         .jwt_authorities
                         .iter()
-                        .map(|k| continuity_common::jwk::JwtAuthority { key_id: &k.key_id, public_key: &k.public_key })
+                        .map(|k| continuity_common::jwk::JwtAuthority {
+                            key_id: &k.key_id,
+                            public_key: &k.public_key,
+                        })
                         .collect();
-                    let doc = continuity_common::jwk::spiffe_bundle(&b.x509_authorities, &jwt, b.sequence_number, b.refresh_hint)
-                        .map_err(|e| CliError::Argument(e.to_string()))?;
+                    let doc = continuity_common::jwk::spiffe_bundle(
+                        &b.x509_authorities,
+                        &jwt,
+                        b.sequence_number,
+                        b.refresh_hint,
+                    )
+                    .map_err(|e| CliError::Argument(e.to_string()))?;
                     println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
                 }
             }
@@ -397,11 +452,22 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
             let mut c = AgentAdminClient::new(ch);
             match cmd {
                 AgentCommand::List => {
-                    let agents = c.list_agents(ListAgentsRequest {}).await?.into_inner().agents;
+                    let agents = c
+                        .list_agents(ListAgentsRequest {})
+                        .await?
+                        .into_inner()
+                        .agents;
                     match out {
-                        Output::Json => println!("{}", json!({"agents": agents.iter().map(agent_json).collect::<Vec<_>>()})),
+                        Output::Json => println!(
+                            "{}",
+                            json!({"agents": agents.iter().map(agent_json).collect::<Vec<_>>()})
+                        ),
                         Output::Text => {
-                            println!("Found {} attested agent{}", agents.len(), if agents.len() == 1 { "" } else { "s" });
+                            println!(
+                                "Found {} attested agent{}",
+                                agents.len(),
+                                if agents.len() == 1 { "" } else { "s" }
+                            );
                             for a in &agents {
                                 println!("{}", agent_text(a));
                             }
@@ -409,18 +475,27 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
                     }
                 }
                 AgentCommand::Show { spiffe_id } => {
-                    let a = c.get_agent(GetAgentRequest { spiffe_id }).await?.into_inner();
+                    let a = c
+                        .get_agent(GetAgentRequest { spiffe_id })
+                        .await?
+                        .into_inner();
                     match out {
                         Output::Json => println!("{}", agent_json(&a)),
                         Output::Text => println!("{}", agent_text(&a)),
                     }
                 }
                 AgentCommand::Evict { spiffe_id } => {
-                    c.evict_agent(EvictAgentRequest { spiffe_id: spiffe_id.clone() }).await?;
+                    c.evict_agent(EvictAgentRequest {
+                        spiffe_id: spiffe_id.clone(),
+                    })
+                    .await?;
                     println!("Agent {spiffe_id} evicted.");
                 }
                 AgentCommand::Ban { spiffe_id } => {
-                    c.ban_agent(BanAgentRequest { spiffe_id: spiffe_id.clone() }).await?;
+                    c.ban_agent(BanAgentRequest {
+                        spiffe_id: spiffe_id.clone(),
+                    })
+                    .await?;
                     println!("Agent {spiffe_id} banned.");
                 }
             }
@@ -438,7 +513,9 @@ async fn entry(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliErr
     match cmd {
         EntryCommand::Create(f) => {
             let e = c
-                .create_entry(CreateEntryRequest { entry: Some(entry_from(String::new(), f)?) })
+                .create_entry(CreateEntryRequest {
+                    entry: Some(entry_from(String::new(), f)?),
+                })
                 .await?
                 .into_inner();
             print_entry(out, &e);
@@ -447,12 +524,20 @@ async fn entry(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliErr
             let e = c.get_entry(GetEntryRequest { id }).await?.into_inner();
             print_entries(out, &[e]);
         }
-        EntryCommand::Show { id: None, spiffe_id, parent_id, selectors } => {
+        EntryCommand::Show {
+            id: None,
+            spiffe_id,
+            parent_id,
+            selectors,
+        } => {
             let r = c
                 .list_entries(ListEntriesRequest {
                     spiffe_id: spiffe_id.unwrap_or_default(),
                     parent_id: parent_id.unwrap_or_default(),
-                    selectors: selectors.iter().map(|s| selector(s)).collect::<Result<_, _>>()?,
+                    selectors: selectors
+                        .iter()
+                        .map(|s| selector(s))
+                        .collect::<Result<_, _>>()?,
                 })
                 .await?
                 .into_inner();
@@ -460,13 +545,16 @@ async fn entry(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliErr
         }
         EntryCommand::Update { id, fields } => {
             let e = c
-                .update_entry(UpdateEntryRequest { entry: Some(entry_from(id, fields)?) })
+                .update_entry(UpdateEntryRequest {
+                    entry: Some(entry_from(id, fields)?),
+                })
                 .await?
                 .into_inner();
             print_entry(out, &e);
         }
         EntryCommand::Delete { id } => {
-            c.delete_entry(DeleteEntryRequest { id: id.clone() }).await?;
+            c.delete_entry(DeleteEntryRequest { id: id.clone() })
+                .await?;
             match out {
                 Output::Json => println!("{}", json!({"deleted": id})),
                 Output::Text => println!("Deleted entry {id}"),

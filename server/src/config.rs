@@ -214,7 +214,10 @@ impl Config {
         let data_dir = f
             .data_dir
             .unwrap_or_else(|| PathBuf::from("/var/lib/continuity/server"));
-        let bind_address = socket_addr(f.bind_address.as_deref().unwrap_or("0.0.0.0:8081"), "bind_address")?;
+        let bind_address = socket_addr(
+            f.bind_address.as_deref().unwrap_or("0.0.0.0:8081"),
+            "bind_address",
+        )?;
         let ca_key_type = f
             .ca_key_type
             .as_deref()
@@ -222,31 +225,66 @@ impl Config {
             .parse::<KeyType>()
             .map_err(|e| invalid("ca_key_type", e))?;
         let ca_ttl = duration(f.ca_ttl.as_deref(), "24h", "ca_ttl")?;
-        let x509 = duration(f.default_x509_svid_ttl.as_deref(), "1h", "default_x509_svid_ttl")?;
-        let jwt = duration(f.default_jwt_svid_ttl.as_deref(), "5m", "default_jwt_svid_ttl")?;
+        let x509 = duration(
+            f.default_x509_svid_ttl.as_deref(),
+            "1h",
+            "default_x509_svid_ttl",
+        )?;
+        let jwt = duration(
+            f.default_jwt_svid_ttl.as_deref(),
+            "5m",
+            "default_jwt_svid_ttl",
+        )?;
         if ca_ttl < Duration::from_secs(60) {
             return Err(invalid("ca_ttl", "must be at least 1m"));
         }
-        for (key, d) in [("default_x509_svid_ttl", x509), ("default_jwt_svid_ttl", jwt)] {
+        for (key, d) in [
+            ("default_x509_svid_ttl", x509),
+            ("default_jwt_svid_ttl", jwt),
+        ] {
             if d.is_zero() || d >= ca_ttl {
-                return Err(invalid(key, format!("must be positive and shorter than ca_ttl ({})", continuity_common::duration::format(ca_ttl))));
+                return Err(invalid(
+                    key,
+                    format!(
+                        "must be positive and shorter than ca_ttl ({})",
+                        continuity_common::duration::format(ca_ttl)
+                    ),
+                ));
             }
         }
         let log_level = f.log_level.unwrap_or_else(|| "info".into());
         continuity_common::logging::check_level(&log_level).map_err(|m| invalid("log_level", m))?;
         let datastore_url = match f.datastore.and_then(|d| d.url) {
-            Some(u) if u.starts_with("sqlite://") || u.starts_with("postgres://") || u.starts_with("postgresql://") => u,
-            Some(u) => return Err(invalid("datastore.url", format!("{u:?} is neither sqlite://... nor postgres://..."))),
-            None => format!("sqlite://{}?mode=rwc", data_dir.join("datastore.sqlite3").display()),
+            Some(u)
+                if u.starts_with("sqlite://")
+                    || u.starts_with("postgres://")
+                    || u.starts_with("postgresql://") =>
+            {
+                u
+            }
+            Some(u) => {
+                return Err(invalid(
+                    "datastore.url",
+                    format!("{u:?} is neither sqlite://... nor postgres://..."),
+                ));
+            }
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                data_dir.join("datastore.sqlite3").display()
+            ),
         };
         let key_manager = key_manager(f.key_manager.unwrap_or_default(), &data_dir)?;
         let listener = |l: Option<FileListener>, key| -> Result<Option<SocketAddr>, ConfigError> {
-            l.and_then(|l| l.bind_address).map(|a| socket_addr(&a, key)).transpose()
+            l.and_then(|l| l.bind_address)
+                .map(|a| socket_addr(&a, key))
+                .transpose()
         };
         Ok(Self {
             trust_domain,
             bind_address,
-            admin_socket: f.admin_socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
+            admin_socket: f
+                .admin_socket
+                .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
             ca_key_type,
             ca_ttl,
             default_x509_svid_ttl: x509,
@@ -264,8 +302,12 @@ impl Config {
 }
 
 fn socket_addr(s: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {
-    s.parse()
-        .map_err(|_| invalid(key, format!("{s:?} is not host:port (e.g. \"127.0.0.1:8081\")")))
+    s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not host:port (e.g. \"127.0.0.1:8081\")"),
+        )
+    })
 }
 
 fn duration(v: Option<&str>, default: &str, key: &'static str) -> Result<Duration, ConfigError> {
@@ -280,30 +322,55 @@ fn key_manager(k: FileKeyManager, data_dir: &Path) -> Result<KeyManagerConfig, C
         ));
     }
     let kind = k.kind.as_deref().unwrap_or("disk");
-    let pkcs11_only = k.module.is_some() || k.token_label.is_some() || k.pin_env.is_some() || k.pin_file.is_some();
+    let pkcs11_only = k.module.is_some()
+        || k.token_label.is_some()
+        || k.pin_env.is_some()
+        || k.pin_file.is_some();
     match kind {
         "memory" | "disk" if pkcs11_only => Err(invalid(
             "key_manager.kind",
-            format!("module/token_label/pin_env/pin_file only apply to kind = \"pkcs11\", not {kind:?}"),
+            format!(
+                "module/token_label/pin_env/pin_file only apply to kind = \"pkcs11\", not {kind:?}"
+            ),
         )),
         "memory" => Ok(KeyManagerConfig::Memory),
         "disk" => Ok(KeyManagerConfig::Disk {
             dir: data_dir.join("keys"),
         }),
         "pkcs11" => {
-            let module = k
-                .module
-                .ok_or_else(|| invalid("key_manager.module", "is required with kind = \"pkcs11\" (e.g. /usr/lib/softhsm/libsofthsm2.so)"))?;
-            let token_label = k
-                .token_label
-                .ok_or_else(|| invalid("key_manager.token_label", "is required with kind = \"pkcs11\""))?;
+            let module = k.module.ok_or_else(|| {
+                invalid(
+                    "key_manager.module",
+                    "is required with kind = \"pkcs11\" (e.g. /usr/lib/softhsm/libsofthsm2.so)",
+                )
+            })?;
+            let token_label = k.token_label.ok_or_else(|| {
+                invalid(
+                    "key_manager.token_label",
+                    "is required with kind = \"pkcs11\"",
+                )
+            })?;
             let pin = match (k.pin_env, k.pin_file) {
                 (Some(e), None) => PinSource::Env(e),
                 (None, Some(f)) => PinSource::File(f),
-                (Some(_), Some(_)) => return Err(invalid("key_manager.pin_env", "set pin_env or pin_file, not both")),
-                (None, None) => return Err(invalid("key_manager.pin_env", "pin_env or pin_file is required with kind = \"pkcs11\"")),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "key_manager.pin_env",
+                        "set pin_env or pin_file, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        "key_manager.pin_env",
+                        "pin_env or pin_file is required with kind = \"pkcs11\"",
+                    ));
+                }
             };
-            Ok(KeyManagerConfig::Pkcs11 { module, token_label, pin })
+            Ok(KeyManagerConfig::Pkcs11 {
+                module,
+                token_label,
+                pin,
+            })
         }
         other => Err(invalid(
             "key_manager.kind",
@@ -324,21 +391,51 @@ mod tests {
     fn defaults_apply() {
         let c = parse("trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"").unwrap();
         assert_eq!(c.ca_ttl, Duration::from_secs(86400));
-        assert_eq!(c.key_manager, KeyManagerConfig::Disk { dir: "/tmp/x/keys".into() });
-        assert!(c.datastore_url.starts_with("sqlite:///tmp/x/datastore.sqlite3"));
+        assert_eq!(
+            c.key_manager,
+            KeyManagerConfig::Disk {
+                dir: "/tmp/x/keys".into()
+            }
+        );
+        assert!(
+            c.datastore_url
+                .starts_with("sqlite:///tmp/x/datastore.sqlite3")
+        );
+    }
+
+    #[test]
+    fn full_example_documents_every_key_and_parses() {
+        let text = include_str!("../../deploy/server.full.toml");
+        parse(text).unwrap();
+        for key in [
+            "trust_domain", "data_dir", "bind_address", "admin_socket", "ca_key_type", "ca_ttl",
+            "default_x509_svid_ttl", "default_jwt_svid_ttl", "jwt_issuer", "log_level", "log_format",
+            "[datastore]", "url", "[key_manager]", "kind", "module", "token_label", "pin_env", "pin_file",
+            "[health]", "[metrics]",
+        ] {
+            assert!(text.contains(key), "deploy/server.full.toml does not document {key}");
+        }
     }
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse("trust_domain = \"example.org\"\nca_tll = \"1h\"").unwrap_err().to_string();
+        let e = parse("trust_domain = \"example.org\"\nca_tll = \"1h\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ca_tll"), "{e}");
-        let e = parse("trust_domain = \"example.org\"\nca_ttl = \"soon\"").unwrap_err().to_string();
+        let e = parse("trust_domain = \"example.org\"\nca_ttl = \"soon\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`ca_ttl`"), "{e}");
-        let e = parse("trust_domain = \"Bad Domain\"").unwrap_err().to_string();
+        let e = parse("trust_domain = \"Bad Domain\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`trust_domain`"), "{e}");
         let e = parse("trust_domain = \"e.org\"\n[key_manager]\nkind = \"pkcs11\"\nmodule = \"/x.so\"\ntoken_label = \"t\"\npin = \"1234\"").unwrap_err().to_string();
         assert!(e.contains("`key_manager.pin`"), "{e}");
-        let e = parse("trust_domain = \"e.org\"\nca_key_type = \"dsa\"").unwrap_err().to_string();
+        let e = parse("trust_domain = \"e.org\"\nca_key_type = \"dsa\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`ca_key_type`"), "{e}");
     }
 }

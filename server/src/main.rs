@@ -2,12 +2,15 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use continuity_server::cli::{self, Cli, Command};
 use continuity_server::Config;
+use continuity_server::cli::{self, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: cannot start the async runtime: {e}");

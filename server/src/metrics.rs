@@ -31,10 +31,22 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let rows = [
-            ("continuity_server_attestations_total{result=\"ok\"}", &self.attestations_ok),
-            ("continuity_server_attestations_total{result=\"refused\"}", &self.attestations_failed),
-            ("continuity_server_x509_svids_signed_total", &self.x509_svids_signed),
-            ("continuity_server_jwt_svids_signed_total", &self.jwt_svids_signed),
+            (
+                "continuity_server_attestations_total{result=\"ok\"}",
+                &self.attestations_ok,
+            ),
+            (
+                "continuity_server_attestations_total{result=\"refused\"}",
+                &self.attestations_failed,
+            ),
+            (
+                "continuity_server_x509_svids_signed_total",
+                &self.x509_svids_signed,
+            ),
+            (
+                "continuity_server_jwt_svids_signed_total",
+                &self.jwt_svids_signed,
+            ),
             ("continuity_server_admin_calls_total", &self.admin_calls),
         ];
         let mut out = String::from(

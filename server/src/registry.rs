@@ -35,7 +35,10 @@ struct Index {
 impl Index {
     fn insert(&mut self, e: Entry) {
         self.revision = self.revision.max(e.revision);
-        self.by_parent.entry(e.parent_id.clone()).or_default().insert(e.id.clone());
+        self.by_parent
+            .entry(e.parent_id.clone())
+            .or_default()
+            .insert(e.id.clone());
         self.entries.insert(e.id.clone(), Arc::new(e));
     }
 
@@ -90,12 +93,22 @@ pub fn new_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 impl Registry {
     /// Loads entries, tombstones and agents from the datastore.
-    pub async fn load(store: Arc<dyn DataStore>, clock: Arc<dyn Clock>) -> Result<Self, RegistryError> {
+    pub async fn load(
+        store: Arc<dyn DataStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, RegistryError> {
         let mut index = Index::default();
         for e in store.list_entries().await? {
             index.insert(e);
@@ -194,7 +207,13 @@ impl Registry {
 
     /// Every entry matching the filter closure, ordered by SPIFFE ID then id.
     pub fn entries(&self, filter: impl Fn(&Entry) -> bool) -> Vec<Arc<Entry>> {
-        let mut out: Vec<_> = self.read().entries.values().filter(|e| filter(e)).cloned().collect();
+        let mut out: Vec<_> = self
+            .read()
+            .entries
+            .values()
+            .filter(|e| filter(e))
+            .cloned()
+            .collect();
         out.sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
         out
     }
@@ -211,7 +230,9 @@ impl Registry {
     /// The entry `id` if `agent` may obtain SVIDs for it.
     pub fn authorized_entry(&self, agent: &AgentRecord, id: &str) -> Option<Arc<Entry>> {
         let e = self.entry(id)?;
-        Self::parents(agent).contains(&e.parent_id.as_str()).then_some(e)
+        Self::parents(agent)
+            .contains(&e.parent_id.as_str())
+            .then_some(e)
     }
 
     /// Entries authorized for `agent` that changed after `since` (everything when `since` is 0).

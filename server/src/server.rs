@@ -68,11 +68,13 @@ fn private_dir(dir: &Path, key: &str) -> Result<(), RunError> {
             .map_err(|e| RunError::Path(format!("{key}: cannot create {}: {e}", dir.display())))?;
         return Ok(());
     }
-    let meta = std::fs::metadata(dir).map_err(|e| RunError::Path(format!("{key}: {}: {e}", dir.display())))?;
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| RunError::Path(format!("{key}: {}: {e}", dir.display())))?;
     if meta.mode() & 0o077 != 0 {
         if meta.uid() == own_uid() {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| RunError::Path(format!("{key}: cannot restrict {}: {e}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+                RunError::Path(format!("{key}: cannot restrict {}: {e}", dir.display()))
+            })?;
         } else {
             return Err(RunError::Path(format!(
                 "{key}: directory {} is accessible by other users and not ours to restrict; use a private (0700) directory",
@@ -85,13 +87,15 @@ fn private_dir(dir: &Path, key: &str) -> Result<(), RunError> {
 
 /// The uid this process runs as (read from /proc, no unsafe needed).
 pub fn own_uid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(u32::MAX)
 }
 
 async fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| RunError::Path(format!("admin_socket: {} has no directory", path.display())))?;
+    let dir = path.parent().ok_or_else(|| {
+        RunError::Path(format!("admin_socket: {} has no directory", path.display()))
+    })?;
     private_dir(dir, "admin_socket")?;
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -100,7 +104,12 @@ async fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
                 path.display()
             )));
         }
-        std::fs::remove_file(path).map_err(|e| RunError::Path(format!("admin_socket: cannot remove stale {}: {e}", path.display())))?;
+        std::fs::remove_file(path).map_err(|e| {
+            RunError::Path(format!(
+                "admin_socket: cannot remove stale {}: {e}",
+                path.display()
+            ))
+        })?;
     }
     UnixListener::bind(path).map_err(|source| RunError::Bind {
         what: format!("admin_socket {}", path.display()),
@@ -159,12 +168,15 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     }
 
     let roots = TrustRoots::default();
-    let identity = ServerIdentity::start(ca.clone(), roots.clone(), cfg.default_x509_svid_ttl).await?;
+    let identity =
+        ServerIdentity::start(ca.clone(), roots.clone(), cfg.default_x509_svid_ttl).await?;
     let acceptor = identity.acceptor(roots)?;
-    let tcp = TcpListener::bind(cfg.bind_address).await.map_err(|source| RunError::Bind {
-        what: format!("bind_address {}", cfg.bind_address),
-        source,
-    })?;
+    let tcp = TcpListener::bind(cfg.bind_address)
+        .await
+        .map_err(|source| RunError::Bind {
+            what: format!("bind_address {}", cfg.bind_address),
+            source,
+        })?;
     let agent_service = AgentService {
         trust_domain: cfg.trust_domain.clone(),
         ca: ca.clone(),
@@ -186,7 +198,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     };
     let uds = bind_admin_socket(&cfg.admin_socket).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 
     if let Some(addr) = cfg.health_address {
         let store = store.clone();
@@ -204,7 +218,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         })
         .await
-        .map_err(|source| RunError::Bind { what: format!("health.bind_address {addr}"), source })?;
+        .map_err(|source| RunError::Bind {
+            what: format!("health.bind_address {addr}"),
+            source,
+        })?;
     }
     if let Some(addr) = cfg.metrics_address {
         let metrics = metrics.clone();
@@ -218,7 +235,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             }
         })
         .await
-        .map_err(|source| RunError::Bind { what: format!("metrics.bind_address {addr}"), source })?;
+        .map_err(|source| RunError::Bind {
+            what: format!("metrics.bind_address {addr}"),
+            source,
+        })?;
     }
 
     tracing::info!(

@@ -1,1 +1,43 @@
-//! Integration tests live in `tests/`; this library holds nothing.
+//! Test harness: starts the real binaries on temporary directories and ports, makes throwaway
+//! SoftHSM2 tokens, and speaks the agent protocol as a hand-built client.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+pub mod agent_client;
+pub mod server;
+pub mod softhsm;
+
+use std::path::PathBuf;
+
+/// Directory holding the workspace's built binaries (target/debug or target/release).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CONTINUITY_BIN_DIR") {
+        return d.into();
+    }
+    // target/<profile>/deps/<test-binary> → target/<profile>
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary; panics with the command to build it if missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first (scripts/test does this)",
+        p.display()
+    );
+    p
+}
+
+/// A TCP port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

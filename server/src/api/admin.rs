@@ -53,7 +53,11 @@ impl AdminService {
             .get::<UdsConnectInfo>()
             .and_then(|c| c.peer_cred)
             .map(|c| c.uid())
-            .ok_or_else(|| Status::permission_denied("admin calls are accepted only over the admin Unix socket"))?;
+            .ok_or_else(|| {
+                Status::permission_denied(
+                    "admin calls are accepted only over the admin Unix socket",
+                )
+            })?;
         if uid != self.owner_uid && uid != 0 {
             return Err(Status::permission_denied(format!(
                 "uid {uid} may not use the admin API (only uid {} or root)",
@@ -64,7 +68,8 @@ impl AdminService {
     }
 
     fn id_in_domain(&self, field: &str, value: &str) -> Result<SpiffeId, Status> {
-        let id = SpiffeId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+        let id =
+            SpiffeId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
         if id.trust_domain() != self.trust_domain {
             return Err(Status::invalid_argument(format!(
                 "{field}: {id} is not in trust domain {}",
@@ -78,7 +83,9 @@ impl AdminService {
     fn validate(&self, e: types::Entry) -> Result<Entry, Status> {
         let spiffe_id = self.id_in_domain("spiffe_id", &e.spiffe_id)?;
         if spiffe_id.path().is_empty() {
-            return Err(Status::invalid_argument("spiffe_id: a workload ID needs a path"));
+            return Err(Status::invalid_argument(
+                "spiffe_id: a workload ID needs a path",
+            ));
         }
         if spiffe_id.path().starts_with("/continuity/") {
             return Err(Status::invalid_argument(format!(
@@ -87,12 +94,17 @@ impl AdminService {
         }
         let parent_id = self.id_in_domain("parent_id", &e.parent_id)?;
         if e.selectors.is_empty() {
-            return Err(Status::invalid_argument("at least one selector is required (e.g. unix:uid:1000)"));
+            return Err(Status::invalid_argument(
+                "at least one selector is required (e.g. unix:uid:1000)",
+            ));
         }
         let selectors = e
             .selectors
             .iter()
-            .map(|s| Selector::new(&s.r#type, &s.value).map_err(|err| Status::invalid_argument(err.to_string())))
+            .map(|s| {
+                Selector::new(&s.r#type, &s.value)
+                    .map_err(|err| Status::invalid_argument(err.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if e.x509_svid_ttl < 0 || e.jwt_svid_ttl < 0 {
             return Err(Status::invalid_argument("SVID TTLs must not be negative"));
@@ -109,11 +121,14 @@ impl AdminService {
                             && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
                 });
             if !ok {
-                return Err(Status::invalid_argument(format!("dns_name {d:?} is not a valid DNS name")));
+                return Err(Status::invalid_argument(format!(
+                    "dns_name {d:?} is not a valid DNS name"
+                )));
             }
         }
         for td in &e.federates_with {
-            TrustDomain::new(td).map_err(|err| Status::invalid_argument(format!("federates_with: {err}")))?;
+            TrustDomain::new(td)
+                .map_err(|err| Status::invalid_argument(format!("federates_with: {err}")))?;
         }
         if !e.engine.is_empty() {
             return Err(Status::not_found(format!(
@@ -141,16 +156,29 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl EntryAdmin for AdminService {
-    async fn create_entry(&self, req: Request<CreateEntryRequest>) -> Result<Response<types::Entry>, Status> {
+    async fn create_entry(
+        &self,
+        req: Request<CreateEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
         self.authorize(&req)?;
-        let e = req.into_inner().entry.ok_or_else(|| Status::invalid_argument("entry is missing"))?;
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is missing"))?;
         let entry = self.validate(e)?;
-        let stored = self.registry.create_entry(entry).await.map_err(registry_status)?;
+        let stored = self
+            .registry
+            .create_entry(entry)
+            .await
+            .map_err(registry_status)?;
         tracing::info!(entry = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
-    async fn get_entry(&self, req: Request<GetEntryRequest>) -> Result<Response<types::Entry>, Status> {
+    async fn get_entry(
+        &self,
+        req: Request<GetEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
         self.authorize(&req)?;
         let id = &req.get_ref().id;
         let e = self
@@ -160,7 +188,10 @@ impl EntryAdmin for AdminService {
         Ok(Response::new(entry_to_proto(&e)))
     }
 
-    async fn list_entries(&self, req: Request<ListEntriesRequest>) -> Result<Response<ListEntriesResponse>, Status> {
+    async fn list_entries(
+        &self,
+        req: Request<ListEntriesRequest>,
+    ) -> Result<Response<ListEntriesResponse>, Status> {
         self.authorize(&req)?;
         let f = req.into_inner();
         let selectors: Vec<Selector> = f
@@ -178,22 +209,38 @@ impl EntryAdmin for AdminService {
         }))
     }
 
-    async fn update_entry(&self, req: Request<UpdateEntryRequest>) -> Result<Response<types::Entry>, Status> {
+    async fn update_entry(
+        &self,
+        req: Request<UpdateEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
         self.authorize(&req)?;
-        let e = req.into_inner().entry.ok_or_else(|| Status::invalid_argument("entry is missing"))?;
+        let e = req
+            .into_inner()
+            .entry
+            .ok_or_else(|| Status::invalid_argument("entry is missing"))?;
         if e.id.is_empty() {
             return Err(Status::invalid_argument("entry id is required to update"));
         }
         let entry = self.validate(e)?;
-        let stored = self.registry.update_entry(entry).await.map_err(registry_status)?;
+        let stored = self
+            .registry
+            .update_entry(entry)
+            .await
+            .map_err(registry_status)?;
         tracing::info!(entry = %stored.id, "entry updated");
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
-    async fn delete_entry(&self, req: Request<DeleteEntryRequest>) -> Result<Response<DeleteEntryResponse>, Status> {
+    async fn delete_entry(
+        &self,
+        req: Request<DeleteEntryRequest>,
+    ) -> Result<Response<DeleteEntryResponse>, Status> {
         self.authorize(&req)?;
         let id = req.into_inner().id;
-        self.registry.delete_entry(&id).await.map_err(registry_status)?;
+        self.registry
+            .delete_entry(&id)
+            .await
+            .map_err(registry_status)?;
         tracing::info!(entry = %id, "entry deleted");
         Ok(Response::new(DeleteEntryResponse {}))
     }
@@ -201,7 +248,10 @@ impl EntryAdmin for AdminService {
 
 #[tonic::async_trait]
 impl TokenAdmin for AdminService {
-    async fn generate_token(&self, req: Request<GenerateTokenRequest>) -> Result<Response<GenerateTokenResponse>, Status> {
+    async fn generate_token(
+        &self,
+        req: Request<GenerateTokenRequest>,
+    ) -> Result<Response<GenerateTokenResponse>, Status> {
         self.authorize(&req)?;
         let r = req.into_inner();
         let ttl = match r.ttl {
@@ -238,14 +288,20 @@ impl TokenAdmin for AdminService {
 
 #[tonic::async_trait]
 impl AgentAdmin for AdminService {
-    async fn list_agents(&self, req: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
         self.authorize(&req)?;
         Ok(Response::new(ListAgentsResponse {
             agents: self.registry.agents().iter().map(agent_to_proto).collect(),
         }))
     }
 
-    async fn get_agent(&self, req: Request<GetAgentRequest>) -> Result<Response<types::Agent>, Status> {
+    async fn get_agent(
+        &self,
+        req: Request<GetAgentRequest>,
+    ) -> Result<Response<types::Agent>, Status> {
         self.authorize(&req)?;
         let id = &req.get_ref().spiffe_id;
         let a = self
@@ -255,18 +311,30 @@ impl AgentAdmin for AdminService {
         Ok(Response::new(agent_to_proto(&a)))
     }
 
-    async fn evict_agent(&self, req: Request<EvictAgentRequest>) -> Result<Response<EvictAgentResponse>, Status> {
+    async fn evict_agent(
+        &self,
+        req: Request<EvictAgentRequest>,
+    ) -> Result<Response<EvictAgentResponse>, Status> {
         self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
-        self.registry.evict_agent(&id).await.map_err(registry_status)?;
+        self.registry
+            .evict_agent(&id)
+            .await
+            .map_err(registry_status)?;
         tracing::info!(agent = %id, "agent evicted");
         Ok(Response::new(EvictAgentResponse {}))
     }
 
-    async fn ban_agent(&self, req: Request<BanAgentRequest>) -> Result<Response<BanAgentResponse>, Status> {
+    async fn ban_agent(
+        &self,
+        req: Request<BanAgentRequest>,
+    ) -> Result<Response<BanAgentResponse>, Status> {
         self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
-        self.registry.ban_agent(&id).await.map_err(registry_status)?;
+        self.registry
+            .ban_agent(&id)
+            .await
+            .map_err(registry_status)?;
         tracing::info!(agent = %id, "agent banned");
         Ok(Response::new(BanAgentResponse {}))
     }
@@ -274,7 +342,10 @@ impl AgentAdmin for AdminService {
 
 #[tonic::async_trait]
 impl BundleAdmin for AdminService {
-    async fn get_bundle(&self, req: Request<GetBundleRequest>) -> Result<Response<types::Bundle>, Status> {
+    async fn get_bundle(
+        &self,
+        req: Request<GetBundleRequest>,
+    ) -> Result<Response<types::Bundle>, Status> {
         self.authorize(&req)?;
         Ok(Response::new(bundle_to_proto(&self.ca.bundle())))
     }

@@ -52,7 +52,10 @@ pub struct AgentService {
 
 /// SHA-256 of a join token, hex: the only form in which tokens are stored.
 pub fn token_hash(token: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 fn x509_svid(spiffe_id: &str, svid: crate::ca::SignedSvid) -> types::X509svid {
@@ -70,32 +73,46 @@ impl AgentService {
             .extensions()
             .get::<PeerCerts>()
             .and_then(|p| p.0.first().cloned())
-            .ok_or_else(|| Status::unauthenticated("this call needs an agent SVID; attest first"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated("this call needs an agent SVID; attest first")
+            })?;
         let id = continuity_common::x509::spiffe_id_of(&leaf)
             .map_err(|e| Status::unauthenticated(format!("agent SVID: {e}")))?;
         if id.trust_domain() != self.trust_domain || !id.path().starts_with("/continuity/agent/") {
-            return Err(Status::permission_denied(format!("{id} is not an agent of this trust domain")));
+            return Err(Status::permission_denied(format!(
+                "{id} is not an agent of this trust domain"
+            )));
         }
         // A long-lived connection can outlive the certificate it was opened with.
-        let not_after = continuity_common::x509::not_after(&leaf).map_err(Status::unauthenticated)?;
+        let not_after =
+            continuity_common::x509::not_after(&leaf).map_err(Status::unauthenticated)?;
         if not_after <= self.clock.unix() {
-            return Err(Status::unauthenticated("agent SVID has expired; reconnect with a renewed SVID"));
+            return Err(Status::unauthenticated(
+                "agent SVID has expired; reconnect with a renewed SVID",
+            ));
         }
-        let agent = self
-            .registry
-            .agent(id.as_str())
-            .ok_or_else(|| Status::permission_denied(format!("agent {id} is not attested (evicted?); attest again")))?;
+        let agent = self.registry.agent(id.as_str()).ok_or_else(|| {
+            Status::permission_denied(format!(
+                "agent {id} is not attested (evicted?); attest again"
+            ))
+        })?;
         if agent.banned {
             return Err(Status::permission_denied(format!("agent {id} is banned")));
         }
         let serial = continuity_common::x509::serial_hex(&leaf).map_err(Status::unauthenticated)?;
         if serial != agent.serial && serial != agent.previous_serial {
-            return Err(Status::permission_denied(format!("agent {id} presented an SVID that is no longer current")));
+            return Err(Status::permission_denied(format!(
+                "agent {id} presented an SVID that is no longer current"
+            )));
         }
         Ok(agent)
     }
 
-    async fn sign_agent_svid(&self, agent_id: &str, csr: Vec<u8>) -> Result<crate::ca::SignedSvid, Status> {
+    async fn sign_agent_svid(
+        &self,
+        agent_id: &str,
+        csr: Vec<u8>,
+    ) -> Result<crate::ca::SignedSvid, Status> {
         let (ca, id, ttl) = (self.ca.clone(), agent_id.to_string(), self.x509_ttl);
         tokio::task::spawn_blocking(move || ca.sign_x509_svid_from_csr(&id, &csr, ttl, &[]))
             .await
@@ -103,8 +120,13 @@ impl AgentService {
             .map_err(ca_status)
     }
 
-    async fn attest_join_token(&self, token: &[u8], csr: Vec<u8>) -> Result<AttestAgentResponse, Status> {
-        let token = std::str::from_utf8(token).map_err(|_| Status::invalid_argument("join token is not UTF-8"))?;
+    async fn attest_join_token(
+        &self,
+        token: &[u8],
+        csr: Vec<u8>,
+    ) -> Result<AttestAgentResponse, Status> {
+        let token = std::str::from_utf8(token)
+            .map_err(|_| Status::invalid_argument("join token is not UTF-8"))?;
         // Validate the CSR before consuming the token, so a malformed request does not burn it.
         crate::ca::profile::csr_public_key(&csr).map_err(ca_status)?;
         let record = self
@@ -112,7 +134,9 @@ impl AgentService {
             .take_join_token(&token_hash(token))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?
-            .ok_or_else(|| Status::permission_denied("join token does not exist or has already been used"))?;
+            .ok_or_else(|| {
+                Status::permission_denied("join token does not exist or has already been used")
+            })?;
         let now = self.clock.unix();
         if record.expires_at < now {
             return Err(Status::permission_denied(format!(
@@ -124,11 +148,18 @@ impl AgentService {
             .trust_domain
             .id(&join_token::agent_path(&record.id))
             .map_err(|e| Status::internal(e.to_string()))?;
-        if self.registry.agent(agent_id.as_str()).is_some_and(|a| a.banned) {
-            return Err(Status::permission_denied(format!("agent {agent_id} is banned")));
+        if self
+            .registry
+            .agent(agent_id.as_str())
+            .is_some_and(|a| a.banned)
+        {
+            return Err(Status::permission_denied(format!(
+                "agent {agent_id} is banned"
+            )));
         }
         let svid = self.sign_agent_svid(agent_id.as_str(), csr).await?;
-        let serial = continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
+        let serial =
+            continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
         self.registry
             .put_agent(AgentRecord {
                 spiffe_id: agent_id.to_string(),
@@ -145,39 +176,61 @@ impl AgentService {
             .map_err(registry_status)?;
         tracing::info!(agent = %agent_id, "agent attested with a join token");
         Ok(AttestAgentResponse {
-            step: Some(attest_agent_response::Step::Result(attest_agent_response::Result {
-                svid: Some(x509_svid(agent_id.as_str(), svid)),
-                bundle: Some(bundle_to_proto(&self.ca.bundle())),
-            })),
+            step: Some(attest_agent_response::Step::Result(
+                attest_agent_response::Result {
+                    svid: Some(x509_svid(agent_id.as_str(), svid)),
+                    bundle: Some(bundle_to_proto(&self.ca.bundle())),
+                },
+            )),
         })
     }
 
-    fn sign_batch(&self, agent: &AgentRecord, params: Vec<continuity_proto::agent::NewX509svidParams>) -> Vec<BatchNewX509svidResult> {
+    fn sign_batch(
+        &self,
+        agent: &AgentRecord,
+        params: Vec<continuity_proto::agent::NewX509svidParams>,
+    ) -> Vec<BatchNewX509svidResult> {
         params
             .into_iter()
             .map(|p| {
                 let fail = |code: tonic::Code, message: String| BatchNewX509svidResult {
                     entry_id: p.entry_id.clone(),
-                    status: Some(continuity_proto::agent::Status { code: code as i32, message }),
+                    status: Some(continuity_proto::agent::Status {
+                        code: code as i32,
+                        message,
+                    }),
                     svid: None,
                 };
                 let Some(entry) = self.registry.authorized_entry(agent, &p.entry_id) else {
                     return fail(
                         tonic::Code::PermissionDenied,
-                        format!("entry {} is not authorized for agent {}", p.entry_id, agent.spiffe_id),
+                        format!(
+                            "entry {} is not authorized for agent {}",
+                            p.entry_id, agent.spiffe_id
+                        ),
                     );
                 };
                 let ttl = match entry.x509_svid_ttl {
                     t if t > 0 => Duration::from_secs(t as u64),
                     _ => self.x509_ttl,
                 };
-                match self.ca.sign_x509_svid_from_csr(&entry.spiffe_id, &p.csr, ttl, &entry.dns_names) {
+                match self.ca.sign_x509_svid_from_csr(
+                    &entry.spiffe_id,
+                    &p.csr,
+                    ttl,
+                    &entry.dns_names,
+                ) {
                     Ok(svid) => BatchNewX509svidResult {
                         entry_id: p.entry_id.clone(),
-                        status: Some(continuity_proto::agent::Status { code: 0, message: String::new() }),
+                        status: Some(continuity_proto::agent::Status {
+                            code: 0,
+                            message: String::new(),
+                        }),
                         svid: Some(x509_svid(&entry.spiffe_id, svid)),
                     },
-                    Err(e @ crate::ca::CaError::Csr(_)) => fail(tonic::Code::InvalidArgument, e.to_string()),
+                    Err(e @ crate::ca::CaError::Csr(_)) => {
+                        fail(tonic::Code::InvalidArgument, e.to_string())
+                    }
                     Err(e) => fail(tonic::Code::Internal, e.to_string()),
                 }
             })
@@ -191,14 +244,18 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl AgentApi for AgentService {
     type AttestAgentStream = ResponseStream<AttestAgentResponse>;
 
-    async fn attest_agent(&self, req: Request<Streaming<AttestAgentRequest>>) -> Result<Response<Self::AttestAgentStream>, Status> {
+    async fn attest_agent(
+        &self,
+        req: Request<Streaming<AttestAgentRequest>>,
+    ) -> Result<Response<Self::AttestAgentStream>, Status> {
         let mut stream = req.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("AttestAgent needs a first message with params"))?;
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("AttestAgent needs a first message with params")
+        })?;
         let Some(attest_agent_request::Step::Params(params)) = first.step else {
-            return Err(Status::invalid_argument("the first AttestAgent message must carry params"));
+            return Err(Status::invalid_argument(
+                "the first AttestAgent message must carry params",
+            ));
         };
         let data = params
             .data
@@ -220,21 +277,33 @@ impl AgentApi for AgentService {
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(msg)))))
     }
 
-    async fn renew_agent(&self, req: Request<RenewAgentRequest>) -> Result<Response<RenewAgentResponse>, Status> {
+    async fn renew_agent(
+        &self,
+        req: Request<RenewAgentRequest>,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
         let mut agent = self.authenticate(&req)?;
-        let svid = self.sign_agent_svid(&agent.spiffe_id, req.into_inner().csr).await?;
+        let svid = self
+            .sign_agent_svid(&agent.spiffe_id, req.into_inner().csr)
+            .await?;
         agent.previous_serial = std::mem::take(&mut agent.serial);
-        agent.serial = continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
+        agent.serial =
+            continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
         agent.expires_at = svid.expires_at;
         agent.last_seen = self.clock.unix();
         let id = agent.spiffe_id.clone();
-        self.registry.put_agent(agent).await.map_err(registry_status)?;
+        self.registry
+            .put_agent(agent)
+            .await
+            .map_err(registry_status)?;
         Ok(Response::new(RenewAgentResponse {
             svid: Some(x509_svid(&id, svid)),
         }))
     }
 
-    async fn sync_authorized_entries(&self, req: Request<SyncAuthorizedEntriesRequest>) -> Result<Response<SyncAuthorizedEntriesResponse>, Status> {
+    async fn sync_authorized_entries(
+        &self,
+        req: Request<SyncAuthorizedEntriesRequest>,
+    ) -> Result<Response<SyncAuthorizedEntriesResponse>, Status> {
         let agent = self.authenticate(&req)?;
         let r = self.registry.sync(&agent, req.get_ref().since_revision);
         Ok(Response::new(SyncAuthorizedEntriesResponse {
@@ -245,7 +314,10 @@ impl AgentApi for AgentService {
         }))
     }
 
-    async fn batch_new_x509svid(&self, req: Request<BatchNewX509svidRequest>) -> Result<Response<BatchNewX509svidResponse>, Status> {
+    async fn batch_new_x509svid(
+        &self,
+        req: Request<BatchNewX509svidRequest>,
+    ) -> Result<Response<BatchNewX509svidResponse>, Status> {
         let agent = self.authenticate(&req)?;
         let params = req.into_inner().params;
         if params.len() > MAX_BATCH {
@@ -255,7 +327,10 @@ impl AgentApi for AgentService {
             )));
         }
         // Signing may touch an HSM and is CPU-bound: split the batch across blocking threads.
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(params.len().div_ceil(16)).max(1);
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(params.len().div_ceil(16))
+            .max(1);
         let chunk = params.len().div_ceil(workers).max(1);
         let mut tasks = Vec::with_capacity(workers);
         let mut params = params.into_iter();
@@ -265,7 +340,9 @@ impl AgentApi for AgentService {
                 break;
             }
             let (me, agent) = (self.clone(), agent.clone());
-            tasks.push(tokio::task::spawn_blocking(move || me.sign_batch(&agent, part)));
+            tasks.push(tokio::task::spawn_blocking(move || {
+                me.sign_batch(&agent, part)
+            }));
         }
         let mut results = Vec::new();
         for t in tasks {
@@ -276,24 +353,36 @@ impl AgentApi for AgentService {
         Ok(Response::new(BatchNewX509svidResponse { results }))
     }
 
-    async fn new_jwtsvid(&self, req: Request<NewJwtsvidRequest>) -> Result<Response<NewJwtsvidResponse>, Status> {
+    async fn new_jwtsvid(
+        &self,
+        req: Request<NewJwtsvidRequest>,
+    ) -> Result<Response<NewJwtsvidResponse>, Status> {
         let agent = self.authenticate(&req)?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(|a| a.is_empty()) {
-            return Err(Status::invalid_argument("at least one non-empty audience is required"));
+            return Err(Status::invalid_argument(
+                "at least one non-empty audience is required",
+            ));
         }
-        let entry = self.registry.authorized_entry(&agent, &r.entry_id).ok_or_else(|| {
-            Status::permission_denied(format!("entry {} is not authorized for agent {}", r.entry_id, agent.spiffe_id))
-        })?;
+        let entry = self
+            .registry
+            .authorized_entry(&agent, &r.entry_id)
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "entry {} is not authorized for agent {}",
+                    r.entry_id, agent.spiffe_id
+                ))
+            })?;
         let ttl = match entry.jwt_svid_ttl {
             t if t > 0 => Duration::from_secs(t as u64),
             _ => self.jwt_ttl,
         };
         let (ca, sub, aud) = (self.ca.clone(), entry.spiffe_id.clone(), r.audience);
-        let (token, expires_at) = tokio::task::spawn_blocking(move || ca.sign_jwt_svid(&sub, &aud, ttl))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(ca_status)?;
+        let (token, expires_at) =
+            tokio::task::spawn_blocking(move || ca.sign_jwt_svid(&sub, &aud, ttl))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(ca_status)?;
         self.metrics.inc(&self.metrics.jwt_svids_signed);
         Ok(Response::new(NewJwtsvidResponse {
             spiffe_id: entry.spiffe_id.clone(),
@@ -303,7 +392,10 @@ impl AgentApi for AgentService {
         }))
     }
 
-    async fn fetch_bundle(&self, req: Request<FetchBundleRequest>) -> Result<Response<FetchBundleResponse>, Status> {
+    async fn fetch_bundle(
+        &self,
+        req: Request<FetchBundleRequest>,
+    ) -> Result<Response<FetchBundleResponse>, Status> {
         self.authenticate(&req)?;
         Ok(Response::new(FetchBundleResponse {
             bundle: Some(bundle_to_proto(&self.ca.bundle())),

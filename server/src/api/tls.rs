@@ -34,13 +34,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -49,7 +57,11 @@ impl AsyncWrite for TlsConn {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -59,7 +71,10 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow client never
 /// holds up the accept loop); yields finished connections.
-pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+pub fn incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(128);
     tokio::spawn(async move {
         loop {
@@ -82,7 +97,9 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> tokio_stream::w
                             .peer_certificates()
                             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                             .unwrap_or_default();
-                        let _ = conn_tx.send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs))))).await;
+                        let _ = conn_tx
+                            .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)))))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -104,7 +121,12 @@ pub struct ServerIdentity {
 
 impl ResolvesServerCert for ServerIdentity {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 }
 
@@ -123,7 +145,9 @@ fn issue(ca: &CaManager, ttl: Duration) -> Result<(Arc<CertifiedKey>, i64), TlsE
     let kp = rcgen::KeyPair::generate().map_err(|e| TlsError::Issue(e.to_string()))?;
     let id = format!("spiffe://{}/continuity/server", ca.trust_domain().name());
     let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
-    let svid = ca.sign_x509_svid(&id, &spki, ttl, &[]).map_err(|e| TlsError::Issue(e.to_string()))?;
+    let svid = ca
+        .sign_x509_svid(&id, &spki, ttl, &[])
+        .map_err(|e| TlsError::Issue(e.to_string()))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(kp.serialize_der()));
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signing = provider.key_provider.load_private_key(key)?;
@@ -134,12 +158,18 @@ fn issue(ca: &CaManager, ttl: Duration) -> Result<(Arc<CertifiedKey>, i64), TlsE
 impl ServerIdentity {
     /// Issues the first server SVID and keeps it fresh: renewed at half-life and whenever the
     /// active CA changes. Also keeps `roots` equal to the bundle's X.509 authorities.
-    pub async fn start(ca: Arc<CaManager>, roots: TrustRoots, ttl: Duration) -> Result<Arc<Self>, TlsError> {
+    pub async fn start(
+        ca: Arc<CaManager>,
+        roots: TrustRoots,
+        ttl: Duration,
+    ) -> Result<Arc<Self>, TlsError> {
         let ca2 = ca.clone();
         let (ck, mut expires) = tokio::task::spawn_blocking(move || issue(&ca2, ttl))
             .await
             .map_err(|e| TlsError::Issue(e.to_string()))??;
-        let me = Arc::new(Self { current: RwLock::new(ck) });
+        let me = Arc::new(Self {
+            current: RwLock::new(ck),
+        });
         roots.replace(ca.bundle().x509_authorities.clone());
         let weak = Arc::downgrade(&me);
         let mut bundle_rx = ca.subscribe();

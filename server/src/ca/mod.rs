@@ -89,7 +89,12 @@ impl Bundle {
                 public_key: &k.public_key,
             })
             .collect();
-        continuity_common::jwk::spiffe_bundle(&self.x509_authorities, &jwt, self.sequence, self.refresh_hint)
+        continuity_common::jwk::spiffe_bundle(
+            &self.x509_authorities,
+            &jwt,
+            self.sequence,
+            self.refresh_hint,
+        )
     }
 }
 
@@ -134,7 +139,9 @@ pub struct CaManager {
 
 impl std::fmt::Debug for CaManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaManager").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("CaManager")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -183,7 +190,10 @@ impl CaManager {
         for purpose in [KeyPurpose::X509, KeyPurpose::Jwt] {
             changed |= self.rotate_purpose(purpose, now, &mut records).await?;
         }
-        for r in records.iter().filter(|r| r.state == CaKeyState::Retired && r.not_after <= now) {
+        for r in records
+            .iter()
+            .filter(|r| r.state == CaKeyState::Retired && r.not_after <= now)
+        {
             tracing::info!(key_id = %r.key_id, "expired authority dropped from the bundle");
             self.store.delete_ca_key(&r.key_id).await?;
             changed = true;
@@ -204,11 +214,19 @@ impl CaManager {
         Ok(changed)
     }
 
-    async fn rotate_purpose(&self, purpose: KeyPurpose, now: i64, records: &mut Vec<CaKeyRecord>) -> Result<bool, CaError> {
+    async fn rotate_purpose(
+        &self,
+        purpose: KeyPurpose,
+        now: i64,
+        records: &mut Vec<CaKeyRecord>,
+    ) -> Result<bool, CaError> {
         let mut changed = false;
         // A signing key whose private part is gone (memory key manager restarted, token wiped)
         // cannot sign again: retire it, keeping its public part in the bundle until expiry.
-        for r in records.iter_mut().filter(|r| r.purpose == purpose && r.state != CaKeyState::Retired) {
+        for r in records
+            .iter_mut()
+            .filter(|r| r.purpose == purpose && r.state != CaKeyState::Retired)
+        {
             if r.not_after <= now || self.keys.get(&r.key_id).await?.is_none() {
                 tracing::warn!(key_id = %r.key_id, "authority expired or its private key is unavailable; retiring it");
                 r.state = CaKeyState::Retired;
@@ -216,8 +234,12 @@ impl CaManager {
                 changed = true;
             }
         }
-        let active = records.iter().position(|r| r.purpose == purpose && r.state == CaKeyState::Active);
-        let prepared = records.iter().position(|r| r.purpose == purpose && r.state == CaKeyState::Prepared);
+        let active = records
+            .iter()
+            .position(|r| r.purpose == purpose && r.state == CaKeyState::Active);
+        let prepared = records
+            .iter()
+            .position(|r| r.purpose == purpose && r.state == CaKeyState::Prepared);
         match (active, prepared) {
             (None, Some(p)) => {
                 self.set_state(&mut records[p], CaKeyState::Active).await?;
@@ -255,7 +277,12 @@ impl CaManager {
         Ok(())
     }
 
-    async fn generate(&self, purpose: KeyPurpose, now: i64, state: CaKeyState) -> Result<CaKeyRecord, CaError> {
+    async fn generate(
+        &self,
+        purpose: KeyPurpose,
+        now: i64,
+        state: CaKeyState,
+    ) -> Result<CaKeyRecord, CaError> {
         let ttl = self.cfg.ttl.as_secs() as i64;
         let (prefix, key_type) = match purpose {
             KeyPurpose::X509 => ("x509-ca", self.cfg.x509_key_type),
@@ -276,7 +303,10 @@ impl CaManager {
             KeyPurpose::Jwt => {
                 let mut b = [0u8; 16];
                 let _ = aws_lc_rs::rand::fill(&mut b);
-                (Vec::new(), base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b))
+                (
+                    Vec::new(),
+                    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b),
+                )
             }
         };
         let record = CaKeyRecord {
@@ -294,26 +324,42 @@ impl CaManager {
         Ok(record)
     }
 
-    async fn build_snapshot(&self, records: &[CaKeyRecord], sequence: u64) -> Result<Snapshot, CaError> {
+    async fn build_snapshot(
+        &self,
+        records: &[CaKeyRecord],
+        sequence: u64,
+    ) -> Result<Snapshot, CaError> {
         let mut x509 = None;
         let mut jwt = None;
         for r in records.iter().filter(|r| r.state == CaKeyState::Active) {
-            let key = self
-                .keys
-                .get(&r.key_id)
-                .await?
-                .ok_or_else(|| KeyError::Storage(format!("active key {} vanished from the key manager", r.key_id)))?;
+            let key = self.keys.get(&r.key_id).await?.ok_or_else(|| {
+                KeyError::Storage(format!(
+                    "active key {} vanished from the key manager",
+                    r.key_id
+                ))
+            })?;
             match r.purpose {
                 KeyPurpose::X509 => {
-                    let issuer = Issuer::from_ca_cert_der(&r.cert_der.clone().into(), RcgenKey(key))
-                        .map_err(|e| CaError::Profile(e.to_string()))?;
-                    x509 = Some(Arc::new(X509Signer { record: r.clone(), issuer }));
+                    let issuer =
+                        Issuer::from_ca_cert_der(&r.cert_der.clone().into(), RcgenKey(key))
+                            .map_err(|e| CaError::Profile(e.to_string()))?;
+                    x509 = Some(Arc::new(X509Signer {
+                        record: r.clone(),
+                        issuer,
+                    }));
                 }
-                KeyPurpose::Jwt => jwt = Some(Arc::new(JwtSigner { record: r.clone(), key })),
+                KeyPurpose::Jwt => {
+                    jwt = Some(Arc::new(JwtSigner {
+                        record: r.clone(),
+                        key,
+                    }))
+                }
             }
         }
         let (Some(x509), Some(jwt)) = (x509, jwt) else {
-            return Err(CaError::Profile("no active X.509 or JWT authority after rotation".into()));
+            return Err(CaError::Profile(
+                "no active X.509 or JWT authority after rotation".into(),
+            ));
         };
         let mut sorted: Vec<&CaKeyRecord> = records.iter().collect();
         sorted.sort_by_key(|r| r.not_before);
@@ -344,7 +390,10 @@ impl CaManager {
     }
 
     fn snapshot_opt(&self) -> Option<Arc<Snapshot>> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn snapshot(&self) -> Result<Arc<Snapshot>, CaError> {
@@ -373,7 +422,13 @@ impl CaManager {
     }
 
     /// Signs an X509-SVID for `spiffe_id` over `spki_der`. Blocking (the key may be in an HSM).
-    pub fn sign_x509_svid(&self, spiffe_id: &str, spki_der: &[u8], ttl: Duration, dns_names: &[String]) -> Result<SignedSvid, CaError> {
+    pub fn sign_x509_svid(
+        &self,
+        spiffe_id: &str,
+        spki_der: &[u8],
+        ttl: Duration,
+        dns_names: &[String],
+    ) -> Result<SignedSvid, CaError> {
         let snap = self.snapshot()?;
         let now = self.clock.unix();
         let not_after = (now + ttl.as_secs() as i64).min(snap.x509.record.not_after);
@@ -390,16 +445,29 @@ impl CaManager {
     }
 
     /// Signs an X509-SVID from a CSR (only its public key is used). Blocking.
-    pub fn sign_x509_svid_from_csr(&self, spiffe_id: &str, csr_der: &[u8], ttl: Duration, dns_names: &[String]) -> Result<SignedSvid, CaError> {
+    pub fn sign_x509_svid_from_csr(
+        &self,
+        spiffe_id: &str,
+        csr_der: &[u8],
+        ttl: Duration,
+        dns_names: &[String],
+    ) -> Result<SignedSvid, CaError> {
         let spki = profile::csr_public_key(csr_der)?;
         self.sign_x509_svid(spiffe_id, &spki, ttl, dns_names)
     }
 
     /// Signs a JWT-SVID; returns (token, expires_at). Blocking.
-    pub fn sign_jwt_svid(&self, spiffe_id: &str, audience: &[String], ttl: Duration) -> Result<(String, i64), CaError> {
+    pub fn sign_jwt_svid(
+        &self,
+        spiffe_id: &str,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<(String, i64), CaError> {
         let snap = self.snapshot()?;
         let now = self.clock.unix();
-        let ttl = ttl.min(Duration::from_secs((snap.jwt.record.not_after - now).max(1) as u64));
+        let ttl = ttl.min(Duration::from_secs(
+            (snap.jwt.record.not_after - now).max(1) as u64,
+        ));
         profile::sign_jwt(
             snap.jwt.key.as_ref(),
             &snap.jwt.record.kid,

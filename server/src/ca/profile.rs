@@ -28,7 +28,11 @@ fn at(unix: i64) -> Result<OffsetDateTime, CaError> {
 }
 
 /// Parameters of a self-signed trust-domain root CA.
-pub fn ca_params(trust_domain: &str, not_before: i64, not_after: i64) -> Result<CertificateParams, CaError> {
+pub fn ca_params(
+    trust_domain: &str,
+    not_before: i64,
+    not_after: i64,
+) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Continuity");
@@ -36,7 +40,10 @@ pub fn ca_params(trust_domain: &str, not_before: i64, not_after: i64) -> Result<
     // A distinct subject per CA (as SPIRE does with serialNumber), so roots in one bundle
     // never share a name and path builders need not rely on key identifiers alone.
     let serial = random_serial();
-    dn.push(DnType::CustomDnType(vec![2, 5, 4, 5]), hex::encode(serial.to_bytes()));
+    dn.push(
+        DnType::CustomDnType(vec![2, 5, 4, 5]),
+        hex::encode(serial.to_bytes()),
+    );
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
@@ -56,12 +63,18 @@ pub fn ca_params(trust_domain: &str, not_before: i64, not_after: i64) -> Result<
 }
 
 /// Parameters of an X509-SVID leaf: one URI SAN, cA false, critical key usage, server+client EKU.
-pub fn svid_params(spiffe_id: &str, dns_names: &[String], not_before: i64, not_after: i64) -> Result<CertificateParams, CaError> {
+pub fn svid_params(
+    spiffe_id: &str,
+    dns_names: &[String],
+    not_before: i64,
+    not_after: i64,
+) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
     // rcgen's default subject (CN "rcgen self signed cert") must not leak into SVIDs.
     p.distinguished_name = DistinguishedName::new();
     if let Some(first) = dns_names.first() {
-        p.distinguished_name.push(DnType::CommonName, first.as_str());
+        p.distinguished_name
+            .push(DnType::CommonName, first.as_str());
     }
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![
@@ -69,7 +82,10 @@ pub fn svid_params(spiffe_id: &str, dns_names: &[String], not_before: i64, not_a
         KeyUsagePurpose::KeyEncipherment,
         KeyUsagePurpose::KeyAgreement,
     ];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let uri = spiffe_id
         .to_string()
         .try_into()
@@ -111,7 +127,8 @@ pub fn sign_jwt(
 ) -> Result<(String, i64), CaError> {
     let exp = issued_at + ttl.as_secs() as i64;
     let header = serde_json::json!({ "alg": key.key_type().jws_alg(), "kid": kid, "typ": "JWT" });
-    let mut claims = serde_json::json!({ "sub": sub, "aud": audience, "exp": exp, "iat": issued_at });
+    let mut claims =
+        serde_json::json!({ "sub": sub, "aud": audience, "exp": exp, "iat": issued_at });
     if let Some(iss) = issuer {
         claims["iss"] = iss.into();
     }
@@ -122,8 +139,12 @@ pub fn sign_jwt(
     );
     let sig = key.sign(signing_input.as_bytes())?;
     let sig = match key.key_type().ecdsa_width() {
-        Some(w) => continuity_common::der::ecdsa_der_to_fixed(&sig, w).map_err(|e| CaError::Profile(e.to_string()))?,
+        Some(w) => continuity_common::der::ecdsa_der_to_fixed(&sig, w)
+            .map_err(|e| CaError::Profile(e.to_string()))?,
         None => sig,
     };
-    Ok((format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)), exp))
+    Ok((
+        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)),
+        exp,
+    ))
 }

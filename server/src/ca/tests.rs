@@ -17,11 +17,17 @@ async fn ca(clock: Arc<ManualClock>) -> (Arc<CaManager>, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!(
         "continuity-ca-{}-{}",
         std::process::id(),
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos()
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     ));
-    let store = SqlDataStore::connect(&format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display()))
-        .await
-        .unwrap();
+    let store = SqlDataStore::connect(&format!(
+        "sqlite://{}?mode=rwc",
+        dir.join("ds.sqlite3").display()
+    ))
+    .await
+    .unwrap();
     let cfg = CaConfig {
         trust_domain: TrustDomain::new("example.org").unwrap(),
         x509_key_type: KeyType::EcP256,
@@ -29,9 +35,14 @@ async fn ca(clock: Arc<ManualClock>) -> (Arc<CaManager>, std::path::PathBuf) {
         ttl: Duration::from_secs(24 * HOUR),
         jwt_issuer: None,
     };
-    let ca = CaManager::start(cfg, Arc::new(MemoryKeyManager::default()), Arc::new(store), clock)
-        .await
-        .unwrap();
+    let ca = CaManager::start(
+        cfg,
+        Arc::new(MemoryKeyManager::default()),
+        Arc::new(store),
+        clock,
+    )
+    .await
+    .unwrap();
     (ca, dir)
 }
 
@@ -58,7 +69,12 @@ async fn scheduled_rotation_prepare_activate_drop() {
     assert_eq!(b0.jwt_authorities.len(), 1);
     let first_ca = ca.active_x509_key_id().unwrap();
     let svid_before = ca
-        .sign_x509_svid("spiffe://example.org/w", &leaf_key_spki(), Duration::from_secs(HOUR), &[])
+        .sign_x509_svid(
+            "spiffe://example.org/w",
+            &leaf_key_spki(),
+            Duration::from_secs(HOUR),
+            &[],
+        )
         .unwrap();
 
     // Before half-life nothing happens.
@@ -79,15 +95,34 @@ async fn scheduled_rotation_prepare_activate_drop() {
     assert!(ca.rotate().await.unwrap());
     let b2 = ca.bundle();
     assert_ne!(ca.active_x509_key_id().unwrap(), first_ca);
-    assert_eq!(b2.x509_authorities.len(), 2, "old CA stays while its SVIDs may be valid");
+    assert_eq!(
+        b2.x509_authorities.len(),
+        2,
+        "old CA stays while its SVIDs may be valid"
+    );
     let svid_after = ca
-        .sign_x509_svid("spiffe://example.org/w", &leaf_key_spki(), Duration::from_secs(HOUR), &[])
+        .sign_x509_svid(
+            "spiffe://example.org/w",
+            &leaf_key_spki(),
+            Duration::from_secs(HOUR),
+            &[],
+        )
         .unwrap();
-    assert!(verifies_against(&b2, &svid_before.cert_der), "SVID from the old CA verifies during the overlap");
-    assert!(verifies_against(&b2, &svid_after.cert_der), "SVID from the new CA verifies");
+    assert!(
+        verifies_against(&b2, &svid_before.cert_der),
+        "SVID from the old CA verifies during the overlap"
+    );
+    assert!(
+        verifies_against(&b2, &svid_after.cert_der),
+        "SVID from the new CA verifies"
+    );
     let (_, old_leaf) = parse_x509_certificate(&svid_before.cert_der).unwrap();
     let (_, new_leaf) = parse_x509_certificate(&svid_after.cert_der).unwrap();
-    assert_ne!(old_leaf.issuer().to_string(), new_leaf.issuer().to_string(), "signed by different CAs");
+    assert_ne!(
+        old_leaf.issuer().to_string(),
+        new_leaf.issuer().to_string(),
+        "signed by different CAs"
+    );
 
     // The old CA's lifetime ends: it leaves the bundle.
     clock.advance(Duration::from_secs(4 * HOUR));
@@ -95,8 +130,14 @@ async fn scheduled_rotation_prepare_activate_drop() {
     let b3 = ca.bundle();
     // (The new authority reaches its own half-life at the same moment, so its successor may
     // already be prepared: count what is gone, not what is left.)
-    assert!(!b3.x509_authorities.contains(&b0.x509_authorities[0]), "old CA dropped");
-    assert!(!b3.jwt_authorities.contains(&b0.jwt_authorities[0]), "old JWT key dropped");
+    assert!(
+        !b3.x509_authorities.contains(&b0.x509_authorities[0]),
+        "old CA dropped"
+    );
+    assert!(
+        !b3.jwt_authorities.contains(&b0.jwt_authorities[0]),
+        "old JWT key dropped"
+    );
     assert!(!verifies_against(&b3, &svid_before.cert_der));
     assert!(verifies_against(&b3, &svid_after.cert_der));
     assert!(b3.sequence > b2.sequence);
@@ -109,7 +150,12 @@ async fn svid_profile_and_ttl_cap() {
     let (ca, dir) = ca(clock).await;
     // Asking for more than the CA has left is capped at the CA's NotAfter.
     let svid = ca
-        .sign_x509_svid("spiffe://example.org/w", &leaf_key_spki(), Duration::from_secs(48 * HOUR), &["web.example.org".into()])
+        .sign_x509_svid(
+            "spiffe://example.org/w",
+            &leaf_key_spki(),
+            Duration::from_secs(48 * HOUR),
+            &["web.example.org".into()],
+        )
         .unwrap();
     let (_, cert) = parse_x509_certificate(&svid.cert_der).unwrap();
     let bundle = ca.bundle();
@@ -122,9 +168,25 @@ async fn svid_profile_and_ttl_cap() {
     assert!(eku.server_auth && eku.client_auth);
     let uris = continuity_common::x509::uri_sans(&svid.cert_der).unwrap();
     assert_eq!(uris, vec!["spiffe://example.org/w".to_string()]);
-    assert_eq!(cert.subject().iter_common_name().next().unwrap().as_str().unwrap(), "web.example.org");
-    assert!(cert.get_extension_unique(&oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER).unwrap().is_some());
-    assert!(cert.get_extension_unique(&oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER).unwrap().is_some());
+    assert_eq!(
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap(),
+        "web.example.org"
+    );
+    assert!(
+        cert.get_extension_unique(&oid_registry::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER)
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        cert.get_extension_unique(&oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER)
+            .unwrap()
+            .is_some()
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -133,17 +195,26 @@ async fn jwt_svid_is_compact_jws_with_kid() {
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
     let (ca, dir) = ca(clock).await;
     let (token, exp) = ca
-        .sign_jwt_svid("spiffe://example.org/w", &["aud1".into()], Duration::from_secs(300))
+        .sign_jwt_svid(
+            "spiffe://example.org/w",
+            &["aud1".into()],
+            Duration::from_secs(300),
+        )
         .unwrap();
     let parts: Vec<_> = token.split('.').collect();
     assert_eq!(parts.len(), 3);
     use base64::Engine;
     let header: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[0]).unwrap(),
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[0])
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(header["alg"], "ES256");
-    assert_eq!(header["kid"], ca.bundle().jwt_authorities[0].key_id.as_str());
+    assert_eq!(
+        header["kid"],
+        ca.bundle().jwt_authorities[0].key_id.as_str()
+    );
     // Verify the signature with the bundle's public key.
     let spki = &ca.bundle().jwt_authorities[0].public_key;
     let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).unwrap();
@@ -151,8 +222,11 @@ async fn jwt_svid_is_compact_jws_with_kid() {
         &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
         parsed.subject_public_key.data.to_vec(),
     );
-    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[2]).unwrap();
-    key.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig).unwrap();
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[2])
+        .unwrap();
+    key.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .unwrap();
     assert!(exp > 0);
     let _ = std::fs::remove_dir_all(dir);
 }

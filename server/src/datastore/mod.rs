@@ -23,6 +23,9 @@ pub enum StoreError {
     /// A stored value could not be decoded (corruption or a newer schema).
     #[error("datastore holds an invalid value: {0}")]
     Corrupt(String),
+    /// The database's directory could not be prepared.
+    #[error("datastore: {0}")]
+    Io(String),
     /// A schema migration failed.
     #[error("schema migration {version} failed: {source}")]
     Migration {

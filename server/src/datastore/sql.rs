@@ -6,7 +6,10 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{AgentRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose, StoreError, Tombstone};
+use super::{
+    AgentRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose, StoreError,
+    Tombstone,
+};
 
 /// Schema migrations, in order; `{BLOB}` becomes the dialect's binary type.
 const MIGRATIONS: &[(i64, &str)] = &[(
@@ -43,17 +46,18 @@ impl SqlDataStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
-        if sqlite {
-            if let Some(dir) = sqlite_path(url).as_deref().and_then(Path::parent) {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", dir.display())))?;
-            }
+        if sqlite && let Some(dir) = sqlite_path(url).as_deref().and_then(Path::parent) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
         }
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 16 })
             .connect(url)
             .await?;
         if sqlite {
-            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
         }
         let store = Self { pool };
         store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
@@ -65,21 +69,31 @@ impl SqlDataStore {
             .execute(&self.pool)
             .await?;
         for (version, sql) in MIGRATIONS {
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
-                .bind(*version)
-                .fetch_optional(&self.pool)
-                .await?;
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(*version)
+                    .fetch_optional(&self.pool)
+                    .await?;
             if done.is_some() {
                 continue;
             }
-            let wrap = |source| StoreError::Migration { version: *version, source };
+            let wrap = |source| StoreError::Migration {
+                version: *version,
+                source,
+            };
             let mut tx = self.pool.begin().await.map_err(wrap)?;
-            for stmt in sql.replace("{BLOB}", blob).split(';').filter(|s| !s.trim().is_empty()) {
+            for stmt in sql
+                .replace("{BLOB}", blob)
+                .split(';')
+                .filter(|s| !s.trim().is_empty())
+            {
                 sqlx::query(stmt).execute(&mut *tx).await.map_err(wrap)?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(*version)
-                .bind(continuity_common::clock::unix_seconds(std::time::SystemTime::now()))
+                .bind(continuity_common::clock::unix_seconds(
+                    std::time::SystemTime::now(),
+                ))
                 .execute(&mut *tx)
                 .await
                 .map_err(wrap)?;
@@ -91,7 +105,9 @@ impl SqlDataStore {
 }
 
 fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| path.into())
 }
@@ -116,7 +132,10 @@ fn entry_from_row(r: &AnyRow) -> Result<Entry, StoreError> {
         hint: r.try_get("hint")?,
         admin: r.try_get::<i64, _>("admin")? != 0,
         engine: r.try_get("engine")?,
-        federates_with: json_list(&r.try_get::<String, _>("federates_with")?, "entry federates_with")?,
+        federates_with: json_list(
+            &r.try_get::<String, _>("federates_with")?,
+            "entry federates_with",
+        )?,
         revision: r.try_get("revision")?,
         created_at: r.try_get("created_at")?,
     })
@@ -168,15 +187,22 @@ const ENTRY_UPSERT: &str = "INSERT INTO entries (id, spiffe_id, parent_id, selec
     jwt_svid_ttl = $6, dns_names = $7, hint = $8, admin = $9, engine = $10, federates_with = $11, revision = $12";
 
 impl SqlDataStore {
-    async fn bump(tx: &mut sqlx::Transaction<'_, sqlx::Any>, name: &str) -> Result<i64, StoreError> {
-        let v: i64 = sqlx::query_scalar("UPDATE meta SET value = value + 1 WHERE name = $1 RETURNING value")
-            .bind(name)
-            .fetch_one(&mut **tx)
-            .await?;
+    async fn bump(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        name: &str,
+    ) -> Result<i64, StoreError> {
+        let v: i64 =
+            sqlx::query_scalar("UPDATE meta SET value = value + 1 WHERE name = $1 RETURNING value")
+                .bind(name)
+                .fetch_one(&mut **tx)
+                .await?;
         Ok(v)
     }
 
-    async fn write_entry(tx: &mut sqlx::Transaction<'_, sqlx::Any>, e: &Entry) -> Result<(), StoreError> {
+    async fn write_entry(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        e: &Entry,
+    ) -> Result<(), StoreError> {
         sqlx::query(ENTRY_UPSERT)
             .bind(&e.id)
             .bind(&e.spiffe_id)
@@ -196,17 +222,25 @@ impl SqlDataStore {
         Ok(())
     }
 
-    async fn tombstone(tx: &mut sqlx::Transaction<'_, sqlx::Any>, t: &Tombstone) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO entry_tombstones (entry_id, parent_id, revision) VALUES ($1, $2, $3)")
-            .bind(&t.entry_id)
-            .bind(&t.parent_id)
-            .bind(t.revision)
-            .execute(&mut **tx)
-            .await?;
+    async fn tombstone(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        t: &Tombstone,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO entry_tombstones (entry_id, parent_id, revision) VALUES ($1, $2, $3)",
+        )
+        .bind(&t.entry_id)
+        .bind(&t.parent_id)
+        .bind(t.revision)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
-    async fn get_entry_tx(tx: &mut sqlx::Transaction<'_, sqlx::Any>, id: &str) -> Result<Entry, StoreError> {
+    async fn get_entry_tx(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        id: &str,
+    ) -> Result<Entry, StoreError> {
         let row = sqlx::query("SELECT * FROM entries WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut **tx)
@@ -233,7 +267,10 @@ impl DataStore for SqlDataStore {
         Ok(entry)
     }
 
-    async fn update_entry(&self, mut entry: Entry) -> Result<(Entry, Option<Tombstone>), StoreError> {
+    async fn update_entry(
+        &self,
+        mut entry: Entry,
+    ) -> Result<(Entry, Option<Tombstone>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let old = Self::get_entry_tx(&mut tx, &entry.id).await?;
         entry.revision = Self::bump(&mut tx, "entry_revision").await?;
@@ -255,7 +292,10 @@ impl DataStore for SqlDataStore {
         let mut tx = self.pool.begin().await?;
         let old = Self::get_entry_tx(&mut tx, id).await?;
         let revision = Self::bump(&mut tx, "entry_revision").await?;
-        sqlx::query("DELETE FROM entries WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM entries WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         let t = Tombstone {
             entry_id: old.id.clone(),
             parent_id: old.parent_id.clone(),
@@ -267,14 +307,18 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM entries ORDER BY revision").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM entries ORDER BY revision")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(entry_from_row).collect()
     }
 
     async fn list_tombstones(&self) -> Result<Vec<Tombstone>, StoreError> {
-        let rows = sqlx::query("SELECT entry_id, parent_id, revision FROM entry_tombstones ORDER BY revision")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT entry_id, parent_id, revision FROM entry_tombstones ORDER BY revision",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(Tombstone {
@@ -291,13 +335,15 @@ impl DataStore for SqlDataStore {
     }
 
     async fn create_join_token(&self, t: JoinToken) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO join_tokens (token_hash, id, alias, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(&t.token_hash)
-            .bind(&t.id)
-            .bind(t.alias.clone())
-            .bind(t.expires_at)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, id, alias, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&t.token_hash)
+        .bind(&t.id)
+        .bind(t.alias.clone())
+        .bind(t.expires_at)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -356,7 +402,9 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM agents ORDER BY spiffe_id").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM agents ORDER BY spiffe_id")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(agent_from_row).collect()
     }
 
@@ -390,12 +438,17 @@ impl DataStore for SqlDataStore {
     }
 
     async fn delete_ca_key(&self, key_id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM ca_keys WHERE key_id = $1").bind(key_id).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM ca_keys WHERE key_id = $1")
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn list_ca_keys(&self) -> Result<Vec<CaKeyRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM ca_keys ORDER BY not_before").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM ca_keys ORDER BY not_before")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(ca_key_from_row).collect()
     }
 
@@ -421,13 +474,20 @@ mod tests {
     use super::*;
 
     async fn store() -> (SqlDataStore, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("continuity-ds-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "continuity-ds-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
         (SqlDataStore::connect(&url).await.unwrap(), dir)
     }
 
     fn rand_suffix() -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
     }
 
     fn entry(id: &str, parent: &str) -> Entry {
@@ -451,8 +511,14 @@ mod tests {
     #[tokio::test]
     async fn entries_revisions_and_tombstones() {
         let (s, dir) = store().await;
-        let a = s.create_entry(entry("a", "spiffe://example.org/p1")).await.unwrap();
-        let b = s.create_entry(entry("b", "spiffe://example.org/p1")).await.unwrap();
+        let a = s
+            .create_entry(entry("a", "spiffe://example.org/p1"))
+            .await
+            .unwrap();
+        let b = s
+            .create_entry(entry("b", "spiffe://example.org/p1"))
+            .await
+            .unwrap();
         assert!(b.revision > a.revision);
         let mut moved = b.clone();
         moved.parent_id = "spiffe://example.org/p2".into();
@@ -462,7 +528,10 @@ mod tests {
         assert_eq!(t.entry_id, "a");
         assert_eq!(s.list_entries().await.unwrap().len(), 1);
         assert_eq!(s.list_tombstones().await.unwrap().len(), 2);
-        assert!(matches!(s.delete_entry("a").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.delete_entry("a").await,
+            Err(StoreError::NotFound(_))
+        ));
         // Reopening migrates nothing twice and keeps the data.
         let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
         let s2 = SqlDataStore::connect(&url).await.unwrap();
@@ -473,7 +542,12 @@ mod tests {
     #[tokio::test]
     async fn join_token_taken_once() {
         let (s, dir) = store().await;
-        let t = JoinToken { token_hash: "h".into(), id: "i".into(), alias: None, expires_at: 10 };
+        let t = JoinToken {
+            token_hash: "h".into(),
+            id: "i".into(),
+            alias: None,
+            expires_at: 10,
+        };
         s.create_join_token(t.clone()).await.unwrap();
         assert_eq!(s.take_join_token("h").await.unwrap(), Some(t));
         assert_eq!(s.take_join_token("h").await.unwrap(), None);

@@ -43,7 +43,12 @@ impl DiskKeyManager {
     }
 
     fn path(&self, id: &str) -> Result<PathBuf, KeyError> {
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) || id.starts_with('.') {
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || id.starts_with('.')
+        {
             return Err(KeyError::Storage(format!("invalid key id {id:?}")));
         }
         Ok(self.dir.join(format!("{id}.key")))
@@ -80,12 +85,15 @@ impl DiskKeyManager {
         };
         let mut lines = text.lines();
         let (Some(kt), Some(b64)) = (lines.next(), lines.next()) else {
-            return Err(KeyError::Storage(format!("key file {} is malformed", path.display())));
+            return Err(KeyError::Storage(format!(
+                "key file {} is malformed",
+                path.display()
+            )));
         };
         let key_type: KeyType = kt.parse().map_err(KeyError::Storage)?;
-        let pkcs8 = STANDARD
-            .decode(b64.trim())
-            .map_err(|e| KeyError::Storage(format!("key file {} is malformed: {e}", path.display())))?;
+        let pkcs8 = STANDARD.decode(b64.trim()).map_err(|e| {
+            KeyError::Storage(format!("key file {} is malformed: {e}", path.display()))
+        })?;
         SoftwareKey::from_pkcs8(id, key_type, pkcs8).map(Some)
     }
 }
@@ -126,7 +134,10 @@ impl KeyManager for DiskKeyManager {
     }
 
     async fn delete(&self, id: &str) -> Result<(), KeyError> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         let path = self.path(id)?;
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -145,7 +156,10 @@ mod tests {
         let dir = tempfile_dir();
         let km = DiskKeyManager::open(&dir).unwrap();
         let k = km.generate("ca-1", KeyType::EcP256).await.unwrap();
-        let mode = fs::metadata(dir.join("ca-1.key")).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.join("ca-1.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let km2 = DiskKeyManager::open(&dir).unwrap();
         let k2 = km2.get("ca-1").await.unwrap().unwrap();

@@ -39,7 +39,10 @@ impl KeyManager for MemoryKeyManager {
     }
 
     async fn delete(&self, id: &str) -> Result<(), KeyError> {
-        self.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
         Ok(())
     }
 }

@@ -35,27 +35,46 @@ struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("slot", &self.slot).finish_non_exhaustive()
+        f.debug_struct("Token")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
     }
 }
 
 impl Token {
     /// Runs `f` with a pooled (or newly opened) logged-in session.
-    fn with_session<T>(&self, f: impl FnOnce(&Session) -> Result<T, KeyError>) -> Result<T, KeyError> {
+    fn with_session<T>(
+        &self,
+        f: impl FnOnce(&Session) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let session = match pooled {
             Some(s) => s,
-            None => self.ctx.open_rw_session(self.slot).map_err(ck("open session"))?,
+            None => self
+                .ctx
+                .open_rw_session(self.slot)
+                .map_err(ck("open session"))?,
         };
         let out = f(&session);
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).push(session);
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(session);
         out
     }
 
-    fn find(&self, s: &Session, id: &str, class: ObjectClass) -> Result<Option<ObjectHandle>, KeyError> {
+    fn find(
+        &self,
+        s: &Session,
+        id: &str,
+        class: ObjectClass,
+    ) -> Result<Option<ObjectHandle>, KeyError> {
         let label = format!("{LABEL_PREFIX}{id}");
         let found = s
-            .find_objects(&[Attribute::Class(class), Attribute::Label(label.into_bytes())])
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::Label(label.into_bytes()),
+            ])
             .map_err(ck("find object"))?;
         Ok(found.into_iter().next())
     }
@@ -71,8 +90,9 @@ impl Pkcs11KeyManager {
     /// Loads the module, finds the token by label and logs in with the PIN.
     pub fn open(module: &Path, token_label: &str, pin: &PinSource) -> Result<Self, KeyError> {
         let pin = read_pin(pin)?;
-        let ctx = Pkcs11::new(module)
-            .map_err(|e| KeyError::Pkcs11(format!("cannot load module {}: {e}", module.display())))?;
+        let ctx = Pkcs11::new(module).map_err(|e| {
+            KeyError::Pkcs11(format!("cannot load module {}: {e}", module.display()))
+        })?;
         ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
             .map_err(ck("initialize"))?;
         let mut slot = None;
@@ -84,12 +104,19 @@ impl Pkcs11KeyManager {
             }
         }
         let slot = slot.ok_or_else(|| {
-            KeyError::Pkcs11(format!("no token labelled {token_label:?} in module {}", module.display()))
+            KeyError::Pkcs11(format!(
+                "no token labelled {token_label:?} in module {}",
+                module.display()
+            ))
         })?;
         let session = ctx.open_rw_session(slot).map_err(ck("open session"))?;
         match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(e) => return Err(KeyError::Pkcs11(format!("login to token {token_label:?} failed: {e}"))),
+            Err(e) => {
+                return Err(KeyError::Pkcs11(format!(
+                    "login to token {token_label:?} failed: {e}"
+                )));
+            }
         }
         tracing::info!(token = token_label, module = %module.display(), "PKCS#11 token opened");
         Ok(Self {
@@ -101,7 +128,11 @@ impl Pkcs11KeyManager {
         })
     }
 
-    fn generate_blocking(token: &Arc<Token>, id: &str, key_type: KeyType) -> Result<Pkcs11Key, KeyError> {
+    fn generate_blocking(
+        token: &Arc<Token>,
+        id: &str,
+        key_type: KeyType,
+    ) -> Result<Pkcs11Key, KeyError> {
         let label = format!("{LABEL_PREFIX}{id}").into_bytes();
         let common_private = vec![
             Attribute::Token(true),
@@ -121,12 +152,20 @@ impl Pkcs11KeyManager {
         ];
         let mechanism = match key_type {
             KeyType::EcP256 | KeyType::EcP384 => {
-                let params = if key_type == KeyType::EcP256 { P256_PARAMS } else { P384_PARAMS };
+                let params = if key_type == KeyType::EcP256 {
+                    P256_PARAMS
+                } else {
+                    P384_PARAMS
+                };
                 public.push(Attribute::EcParams(params.to_vec()));
                 Mechanism::EccKeyPairGen
             }
             KeyType::Rsa2048 | KeyType::Rsa4096 => {
-                let bits = if key_type == KeyType::Rsa2048 { 2048 } else { 4096 };
+                let bits = if key_type == KeyType::Rsa2048 {
+                    2048
+                } else {
+                    4096
+                };
                 public.push(Attribute::ModulusBits(bits.into()));
                 public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
                 Mechanism::RsaPkcsKeyPairGen
@@ -156,10 +195,19 @@ impl Pkcs11KeyManager {
                 return Ok(None);
             };
             let Some(pubh) = token.find(s, id, ObjectClass::PUBLIC_KEY)? else {
-                return Err(KeyError::Pkcs11(format!("key {id} has no public key object in the token")));
+                return Err(KeyError::Pkcs11(format!(
+                    "key {id} has no public key object in the token"
+                )));
             };
             let attrs = s
-                .get_attributes(privh, &[AttributeType::KeyType, AttributeType::Modulus, AttributeType::EcParams])
+                .get_attributes(
+                    privh,
+                    &[
+                        AttributeType::KeyType,
+                        AttributeType::Modulus,
+                        AttributeType::EcParams,
+                    ],
+                )
                 .map_err(ck("read key attributes"))?;
             let mut key_type = None;
             for a in &attrs {
@@ -171,7 +219,8 @@ impl Pkcs11KeyManager {
                     _ => {}
                 }
             }
-            let key_type = key_type.ok_or_else(|| KeyError::Pkcs11(format!("key {id} has an unsupported type")))?;
+            let key_type = key_type
+                .ok_or_else(|| KeyError::Pkcs11(format!("key {id} has an unsupported type")))?;
             let public = public_key_raw(s, pubh, key_type)?;
             Ok(Some(Pkcs11Key {
                 id: id.into(),
@@ -186,18 +235,28 @@ impl Pkcs11KeyManager {
 
 fn read_pin(pin: &PinSource) -> Result<String, KeyError> {
     match pin {
-        PinSource::Env(var) => std::env::var(var)
-            .map_err(|_| KeyError::Pkcs11(format!("environment variable {var} (key_manager.pin_env) is not set"))),
+        PinSource::Env(var) => std::env::var(var).map_err(|_| {
+            KeyError::Pkcs11(format!(
+                "environment variable {var} (key_manager.pin_env) is not set"
+            ))
+        }),
         PinSource::File(path) => std::fs::read_to_string(path)
             .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-            .map_err(|e| KeyError::Pkcs11(format!("cannot read key_manager.pin_file {}: {e}", path.display()))),
+            .map_err(|e| {
+                KeyError::Pkcs11(format!(
+                    "cannot read key_manager.pin_file {}: {e}",
+                    path.display()
+                ))
+            }),
     }
 }
 
 fn public_key_raw(s: &Session, pubh: ObjectHandle, key_type: KeyType) -> Result<Vec<u8>, KeyError> {
     match key_type {
         KeyType::EcP256 | KeyType::EcP384 => {
-            let attrs = s.get_attributes(pubh, &[AttributeType::EcPoint]).map_err(ck("read EC point"))?;
+            let attrs = s
+                .get_attributes(pubh, &[AttributeType::EcPoint])
+                .map_err(ck("read EC point"))?;
             match attrs.first() {
                 Some(Attribute::EcPoint(p)) => continuity_common::der::unwrap_ec_point(p)
                     .map_err(|e| KeyError::Pkcs11(e.to_string())),
@@ -206,7 +265,10 @@ fn public_key_raw(s: &Session, pubh: ObjectHandle, key_type: KeyType) -> Result<
         }
         KeyType::Rsa2048 | KeyType::Rsa4096 => {
             let attrs = s
-                .get_attributes(pubh, &[AttributeType::Modulus, AttributeType::PublicExponent])
+                .get_attributes(
+                    pubh,
+                    &[AttributeType::Modulus, AttributeType::PublicExponent],
+                )
                 .map_err(ck("read RSA public key"))?;
             let (mut n, mut e) = (None, None);
             for a in attrs {
@@ -218,7 +280,9 @@ fn public_key_raw(s: &Session, pubh: ObjectHandle, key_type: KeyType) -> Result<
             }
             match (n, e) {
                 (Some(n), Some(e)) => Ok(continuity_common::der::rsa_public_key(&n, &e)),
-                _ => Err(KeyError::Pkcs11("token returned an incomplete RSA public key".into())),
+                _ => Err(KeyError::Pkcs11(
+                    "token returned an incomplete RSA public key".into(),
+                )),
             }
         }
     }
@@ -232,9 +296,10 @@ impl KeyManager for Pkcs11KeyManager {
 
     async fn generate(&self, id: &str, key_type: KeyType) -> Result<Arc<dyn KeyHandle>, KeyError> {
         let (token, id) = (self.token.clone(), id.to_string());
-        let key = tokio::task::spawn_blocking(move || Self::generate_blocking(&token, &id, key_type))
-            .await
-            .map_err(|e| KeyError::Pkcs11(e.to_string()))??;
+        let key =
+            tokio::task::spawn_blocking(move || Self::generate_blocking(&token, &id, key_type))
+                .await
+                .map_err(|e| KeyError::Pkcs11(e.to_string()))??;
         Ok(Arc::new(key))
     }
 
@@ -308,13 +373,17 @@ impl KeyHandle for Pkcs11Key {
                     &aws_lc_rs::digest::SHA384
                 };
                 let digest = aws_lc_rs::digest::digest(alg, msg);
-                let fixed = s.sign(&Mechanism::Ecdsa, self.private, digest.as_ref()).map_err(err)?;
+                let fixed = s
+                    .sign(&Mechanism::Ecdsa, self.private, digest.as_ref())
+                    .map_err(err)?;
                 continuity_common::der::ecdsa_fixed_to_der(&fixed).map_err(|e| KeyError::Sign {
                     id: self.id.clone(),
                     reason: e.to_string(),
                 })
             }
-            KeyType::Rsa2048 | KeyType::Rsa4096 => s.sign(&Mechanism::Sha256RsaPkcs, self.private, msg).map_err(err),
+            KeyType::Rsa2048 | KeyType::Rsa4096 => s
+                .sign(&Mechanism::Sha256RsaPkcs, self.private, msg)
+                .map_err(err),
         })
     }
 }

@@ -45,15 +45,24 @@ impl SoftwareKey {
             reason,
         };
         let pkcs8 = match key_type {
-            KeyType::EcP256 | KeyType::EcP384 => EcdsaKeyPair::generate_pkcs8(ec_alg(key_type), &SystemRandom::new())
-                .map_err(|e| err(e.to_string()))?
-                .as_ref()
-                .to_vec(),
+            KeyType::EcP256 | KeyType::EcP384 => {
+                EcdsaKeyPair::generate_pkcs8(ec_alg(key_type), &SystemRandom::new())
+                    .map_err(|e| err(e.to_string()))?
+                    .as_ref()
+                    .to_vec()
+            }
             KeyType::Rsa2048 | KeyType::Rsa4096 => {
                 use aws_lc_rs::encoding::AsDer;
-                let size = if key_type == KeyType::Rsa2048 { KeySize::Rsa2048 } else { KeySize::Rsa4096 };
+                let size = if key_type == KeyType::Rsa2048 {
+                    KeySize::Rsa2048
+                } else {
+                    KeySize::Rsa4096
+                };
                 let kp = RsaKeyPair::generate(size).map_err(|e| err(e.to_string()))?;
-                kp.as_der().map_err(|e| err(e.to_string()))?.as_ref().to_vec()
+                kp.as_der()
+                    .map_err(|e| err(e.to_string()))?
+                    .as_ref()
+                    .to_vec()
             }
         };
         Self::from_pkcs8(id, key_type, pkcs8)
@@ -61,10 +70,15 @@ impl SoftwareKey {
 
     /// Loads a key from its PKCS#8 encoding.
     pub fn from_pkcs8(id: &str, key_type: KeyType, pkcs8: Vec<u8>) -> Result<Self, KeyError> {
-        let bad = |e: String| KeyError::Storage(format!("key {id} is not a valid {key_type} PKCS#8 key: {e}"));
+        let bad = |e: String| {
+            KeyError::Storage(format!(
+                "key {id} is not a valid {key_type} PKCS#8 key: {e}"
+            ))
+        };
         let (inner, public) = match key_type {
             KeyType::EcP256 | KeyType::EcP384 => {
-                let kp = EcdsaKeyPair::from_pkcs8(ec_alg(key_type), &pkcs8).map_err(|e| bad(e.to_string()))?;
+                let kp = EcdsaKeyPair::from_pkcs8(ec_alg(key_type), &pkcs8)
+                    .map_err(|e| bad(e.to_string()))?;
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::Ec(kp), public)
             }
