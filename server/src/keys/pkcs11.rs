@@ -28,7 +28,8 @@ fn ck(context: &str) -> impl Fn(CkError) -> KeyError + '_ {
 
 /// The token, its login and a pool of sessions; shared by every key handle.
 struct Token {
-    ctx: Pkcs11,
+    /// Always Some until drop, which finalizes the module.
+    ctx: Option<Pkcs11>,
     slot: Slot,
     pool: Mutex<Vec<Session>>,
 }
@@ -41,7 +42,23 @@ impl std::fmt::Debug for Token {
     }
 }
 
+impl Drop for Token {
+    fn drop(&mut self) {
+        // Sessions close first; then the library is finalized, as PKCS#11 asks of every application.
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(ctx) = self.ctx.take()
+            && let Err(e) = ctx.finalize()
+        {
+            tracing::warn!(error = %e, "PKCS#11 finalize failed");
+        }
+    }
+}
+
 impl Token {
+    fn ctx(&self) -> Result<&Pkcs11, KeyError> {
+        self.ctx.as_ref().ok_or_else(|| KeyError::Pkcs11("module already finalized".into()))
+    }
+
     /// Runs `f` with a pooled (or newly opened) logged-in session.
     fn with_session<T>(
         &self,
@@ -50,9 +67,7 @@ impl Token {
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let session = match pooled {
             Some(s) => s,
-            None => self
-                .ctx
-                .open_rw_session(self.slot)
+            None => self.ctx()?.open_rw_session(self.slot)
                 .map_err(ck("open session"))?,
         };
         let out = f(&session);
@@ -121,7 +136,7 @@ impl Pkcs11KeyManager {
         tracing::info!(token = token_label, module = %module.display(), "PKCS#11 token opened");
         Ok(Self {
             token: Arc::new(Token {
-                ctx,
+                ctx: Some(ctx),
                 slot,
                 pool: Mutex::new(vec![session]),
             }),
