@@ -1,5 +1,20 @@
-//! The Continuity node agent (attests workloads, serves the SPIFFE Workload API).
+//! The Continuity node agent: attests the workloads on its node and serves them the SPIFFE
+//! Workload API over a Unix socket, from a cache it keeps in step with the server — and keeps
+//! serving from when the server is down.
 //!
-//! Not built yet: the agent arrives with its own issue. This crate exists so the workspace
-//! layout of DESIGN.md §1 is in place from the start.
+//! Modules, top-down: [`config`] → [`agent`] (wiring) → [`endpoints`] (Workload API) /
+//! [`manager`] (sync, cache, rotation) → [`client`] (server API) / [`storage`] (data_dir) /
+//! [`attestor`] (workload attestation).
 #![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod attestor;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod endpoints;
+pub mod manager;
+pub mod storage;
+
+pub use agent::run;
+pub use config::Config;

@@ -2,10 +2,12 @@
 //!
 //! - [`selector`]: the `type:value` selectors entries are written with (SPIRE's spelling),
 //!   validated per type so a typo is caught at `entry create`, not at attestation time.
+//! - [`unix`]: the Unix workload attestor (uid, gid, user, group, supplementary gids, path, sha256).
 //! - [`join_token`]: the join-token node attestor's shared pieces (the agent ID it yields).
 #![forbid(unsafe_code)]
 
 pub mod join_token;
+pub mod unix;
 pub mod selector;
 
 pub use selector::{Selector, SelectorError};

@@ -15,6 +15,7 @@ pub mod duration;
 pub mod grpc;
 pub mod http;
 pub mod jwk;
+pub mod jwt;
 pub mod logging;
 pub mod spiffe_id;
 pub mod tls;

@@ -1,0 +1,170 @@
+//! Wiring: state from `data_dir` (or a fresh attestation), the cache manager, the Workload API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use continuity_common::tls::TrustRoots;
+use continuity_common::{Clock, SystemClock};
+
+use crate::attestor::Attestors;
+use crate::client::{ClientError, ServerClient};
+use crate::config::{Bootstrap, Config};
+use crate::endpoints;
+use crate::endpoints::workload::WorkloadHandler;
+use crate::manager::Manager;
+use crate::manager::cache::PersistedState;
+use crate::storage::{Storage, StorageError};
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// data_dir state could not be used.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The server refused attestation (or could not be set up).
+    #[error("attestation failed: {0}")]
+    Attest(ClientError),
+    /// First start without a join token.
+    #[error("this agent has not attested yet: give it a join token (join_token in agent.toml, or --join-token)")]
+    NoJoinToken,
+    /// The trust bundle file could not be read.
+    #[error("trust_bundle_path {path}: {reason}")]
+    TrustBundle {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The Workload API socket could not be bound.
+    #[error("socket_path {path}: {source}")]
+    Socket {
+        /// The socket.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A listener failed.
+    #[error("{0}")]
+    Listener(String),
+}
+
+async fn attest(cfg: &Config, client: &ServerClient, token: &str) -> Result<PersistedState, RunError> {
+    let insecure = match &cfg.bootstrap {
+        Bootstrap::TrustBundle(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| RunError::TrustBundle { path: p.display().to_string(), reason: e.to_string() })?;
+            let roots = continuity_common::x509::pem_decode_all("CERTIFICATE", &text)
+                .map_err(|e| RunError::TrustBundle { path: p.display().to_string(), reason: e })?;
+            if roots.is_empty() {
+                return Err(RunError::TrustBundle { path: p.display().to_string(), reason: "no CERTIFICATE blocks".into() });
+            }
+            client.roots().replace(roots);
+            false
+        }
+        Bootstrap::Insecure => {
+            tracing::warn!("insecure_bootstrap: the server is not authenticated for this first attestation");
+            true
+        }
+    };
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match client.attest_join_token(token, insecure).await {
+            Ok(a) => {
+                tracing::info!(agent = %a.agent_id, "attested to the server");
+                return Ok(PersistedState {
+                    agent_id: a.agent_id,
+                    agent_svid: Some(a.svid),
+                    bundle: a.bundle,
+                    ..Default::default()
+                });
+            }
+            // The server refused: retrying will not help.
+            Err(e) if e.status().is_some() => return Err(RunError::Attest(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the server to attest; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let storage = Storage::open(&cfg.data_dir)?;
+    let client = Arc::new(
+        ServerClient::new(cfg.server_address.clone(), &cfg.trust_domain, TrustRoots::default()).map_err(RunError::Attest)?,
+    );
+    let state = match storage.load()? {
+        Some(s) if s.agent_svid.is_some() => {
+            tracing::info!(agent = %s.agent_id, entries = s.entries.len(), "resuming from persisted state");
+            s
+        }
+        _ => {
+            let token = join_token.or(cfg.join_token.clone()).ok_or(RunError::NoJoinToken)?;
+            let s = attest(&cfg, &client, &token).await?;
+            storage.save(&s)?;
+            s
+        }
+    };
+    let manager = Manager::new(client, storage, clock.clone(), cfg.sync_interval, state);
+    let listener = endpoints::bind(&cfg.socket_path)
+        .await
+        .map_err(|source| RunError::Socket { path: cfg.socket_path.display().to_string(), source })?;
+    tokio::spawn(manager.clone().run());
+
+    if let Some(addr) = cfg.health_address {
+        let m = manager.clone();
+        continuity_common::http::serve(addr, move |path| {
+            let ready = !m.snapshot().bundle.x509.is_empty();
+            async move {
+                match path.as_str() {
+                    "/live" => (200, "text/plain", "live\n".into()),
+                    "/ready" if ready => (200, "text/plain", "ready\n".into()),
+                    "/ready" => (503, "text/plain", "no bundle yet\n".into()),
+                    _ => (404, "text/plain", "not found\n".into()),
+                }
+            }
+        })
+        .await
+        .map_err(|e| RunError::Listener(format!("health.bind_address {addr}: {e}")))?;
+    }
+    if let Some(addr) = cfg.metrics_address {
+        let m = manager.clone();
+        continuity_common::http::serve(addr, move |path| {
+            let snap = m.snapshot();
+            let body = format!(
+                "# TYPE continuity_agent_cached_svids gauge\ncontinuity_agent_cached_svids {}\n# TYPE continuity_agent_server_connected gauge\ncontinuity_agent_server_connected {}\n# TYPE continuity_agent_bundle_sequence gauge\ncontinuity_agent_bundle_sequence {}\n",
+                snap.identities.len(),
+                m.connected() as u8,
+                snap.bundle.sequence
+            );
+            async move {
+                match path.as_str() {
+                    "/metrics" => (200, "text/plain; version=0.0.4", body),
+                    _ => (404, "text/plain", "not found\n".into()),
+                }
+            }
+        })
+        .await
+        .map_err(|e| RunError::Listener(format!("metrics.bind_address {addr}: {e}")))?;
+    }
+
+    let handler = WorkloadHandler::new(manager, Attestors::new(cfg.unix.clone()), clock);
+    tracing::info!(socket = %cfg.socket_path.display(), "Workload API ready");
+    let result = endpoints::serve(listener, handler, shutdown_signal()).await;
+    let _ = std::fs::remove_file(&cfg.socket_path);
+    result.map_err(|e| RunError::Listener(e.to_string()))
+}

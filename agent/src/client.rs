@@ -1,0 +1,192 @@
+//! The agent's link to the server: TLS 1.3, the server authenticated by its SPIFFE ID against
+//! the bundle, the agent by its agent SVID. One channel, replaced when the agent SVID renews.
+
+use std::sync::Arc;
+
+use continuity_common::tls::TrustRoots;
+use continuity_common::{SpiffeId, TrustDomain};
+use continuity_proto::agent::agent_api_client::AgentApiClient;
+use continuity_proto::agent::{AttestAgentRequest, AttestationData, attest_agent_request, attest_agent_response};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tonic::transport::Channel;
+
+use crate::manager::cache::{BundleState, Svid};
+
+/// Failures talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection could not be made.
+    #[error("cannot connect to the server at {addr}: {source}")]
+    Connect {
+        /// Server address.
+        addr: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+    /// The server refused or failed a call.
+    #[error("server: {:?}: {}", .0.code(), .0.message())]
+    Status(Box<tonic::Status>),
+    /// TLS configuration failed.
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The server answered with something unusable.
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(Box::new(s))
+    }
+}
+
+impl ClientError {
+    /// The gRPC status, if the server answered.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            Self::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Accepts any server certificate. Used only for `insecure_bootstrap`'s first attestation.
+#[derive(Debug)]
+struct InsecureAcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for InsecureAcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The server API client.
+#[derive(Debug)]
+pub struct ServerClient {
+    addr: String,
+    server_id: SpiffeId,
+    roots: TrustRoots,
+    conn: tokio::sync::Mutex<Option<(String, AgentApiClient<Channel>)>>,
+}
+
+/// The result of a node attestation.
+#[derive(Debug)]
+pub struct Attested {
+    /// The agent's SPIFFE ID.
+    pub agent_id: String,
+    /// Agent SVID.
+    pub svid: Svid,
+    /// The bundle.
+    pub bundle: BundleState,
+}
+
+impl ServerClient {
+    /// A client for the server at `addr` in `trust_domain`, trusting `roots`.
+    pub fn new(addr: String, trust_domain: &TrustDomain, roots: TrustRoots) -> Result<Self, ClientError> {
+        let server_id = trust_domain
+            .id("/continuity/server")
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Self { addr, server_id, roots, conn: tokio::sync::Mutex::new(None) })
+    }
+
+    /// The roots used to authenticate the server (replace them when the bundle changes).
+    pub fn roots(&self) -> &TrustRoots {
+        &self.roots
+    }
+
+    async fn channel(&self, cfg: rustls::ClientConfig) -> Result<Channel, ClientError> {
+        continuity_common::grpc::tls_channel(self.addr.clone(), Arc::new(cfg))
+            .await
+            .map_err(|source| ClientError::Connect { addr: self.addr.clone(), source })
+    }
+
+    /// An authenticated client for the given agent SVID (reused while the SVID is the same).
+    pub async fn api(&self, svid: &Svid) -> Result<AgentApiClient<Channel>, ClientError> {
+        let mut conn = self.conn.lock().await;
+        let serial = hex_of(&svid.chain[0]);
+        if let Some((s, c)) = conn.as_ref()
+            && *s == serial
+        {
+            return Ok(c.clone());
+        }
+        let chain = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.clone()));
+        let cfg = continuity_common::tls::client_config(self.roots.clone(), self.server_id.clone(), Some((chain, key)))?;
+        let client = AgentApiClient::new(self.channel(cfg).await?);
+        *conn = Some((serial, client.clone()));
+        Ok(client)
+    }
+
+    /// Forgets the current connection (after a transport failure or an agent SVID change).
+    pub async fn reset(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    /// Attests with a join token. With `insecure`, the server is not authenticated (first start
+    /// with `insecure_bootstrap` only).
+    pub async fn attest_join_token(&self, token: &str, insecure: bool) -> Result<Attested, ClientError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let cfg = if insecure {
+            let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(InsecureAcceptAnyServer(provider)))
+                .with_no_client_auth();
+            c.alpn_protocols = vec![b"h2".to_vec()];
+            c
+        } else {
+            continuity_common::tls::client_config(self.roots.clone(), self.server_id.clone(), None)?
+        };
+        let mut client = AgentApiClient::new(self.channel(cfg).await?);
+        let (key, csr) = crate::manager::new_key_and_csr().map_err(ClientError::Protocol)?;
+        let req = AttestAgentRequest {
+            step: Some(attest_agent_request::Step::Params(attest_agent_request::Params {
+                data: Some(AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
+                csr,
+            })),
+        };
+        let mut stream = client.attest_agent(tokio_stream::once(req)).await?.into_inner();
+        let msg = stream.message().await?.ok_or_else(|| ClientError::Protocol("attestation stream ended early".into()))?;
+        let Some(attest_agent_response::Step::Result(result)) = msg.step else {
+            return Err(ClientError::Protocol("the server asked for a challenge the join_token attestor cannot answer".into()));
+        };
+        let svid = result.svid.ok_or_else(|| ClientError::Protocol("no agent SVID in the result".into()))?;
+        let bundle = result.bundle.ok_or_else(|| ClientError::Protocol("no bundle in the result".into()))?;
+        Ok(Attested {
+            agent_id: svid.spiffe_id.clone(),
+            svid: crate::manager::svid_from_proto(svid, key),
+            bundle: bundle.into(),
+        })
+    }
+}
+
+fn hex_of(der: &[u8]) -> String {
+    continuity_common::x509::serial_hex(der).unwrap_or_default()
+}
+

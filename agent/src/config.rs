@@ -1,0 +1,262 @@
+//! agent.toml: file schema (unknown keys refused) and the typed [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use continuity_attestors::unix::UnixConfig;
+use continuity_common::TrustDomain;
+use continuity_common::logging::LogFormat;
+use serde::Deserialize;
+
+/// What is wrong with a configuration; every message names the key to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had an unknown key.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+    /// A key has a value that cannot be used.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// What to fix.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// The file schema of agent.toml.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain.
+    pub trust_domain: Option<String>,
+    /// Server host:port.
+    pub server_address: Option<String>,
+    /// State directory.
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket.
+    pub socket_path: Option<PathBuf>,
+    /// PEM bundle to trust the server with at first start.
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Trust the first server answering (first start only). Insecure.
+    pub insecure_bootstrap: Option<bool>,
+    /// Join token for the first attestation.
+    pub join_token: Option<String>,
+    /// How often to sync with the server (default 5s).
+    pub sync_interval: Option<String>,
+    /// `[workload_attestors]`.
+    pub workload_attestors: Option<FileWorkloadAttestors>,
+    /// `[health]`.
+    pub health: Option<FileListener>,
+    /// `[metrics]`.
+    pub metrics: Option<FileListener>,
+    /// Log level.
+    pub log_level: Option<String>,
+    /// Log format.
+    pub log_format: Option<LogFormat>,
+}
+
+/// `[workload_attestors]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWorkloadAttestors {
+    /// `[workload_attestors.unix]`.
+    pub unix: Option<FileUnix>,
+    /// `[workload_attestors.k8s]` (not available in this build; refused with a message).
+    pub k8s: Option<toml::Value>,
+}
+
+/// `[workload_attestors.unix]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUnix {
+    /// Produce unix:path and unix:sha256 (default true).
+    pub discover_workload_path: Option<bool>,
+    /// Largest executable hashed, bytes (0 = no limit).
+    pub workload_size_limit: Option<u64>,
+}
+
+/// `[health]` / `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    /// host:port.
+    pub bind_address: Option<String>,
+}
+
+/// How the agent first learns to trust the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A PEM bundle file (as `continuity-server bundle show` prints it).
+    TrustBundle(PathBuf),
+    /// Trust whatever answers first. Only for demos and tests.
+    Insecure,
+}
+
+/// The default Workload API socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/continuity-agent/public/api.sock";
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Server host:port.
+    pub server_address: String,
+    /// State directory.
+    pub data_dir: PathBuf,
+    /// Workload API socket.
+    pub socket_path: PathBuf,
+    /// Trust bootstrap.
+    pub bootstrap: Bootstrap,
+    /// Join token.
+    pub join_token: Option<String>,
+    /// Sync interval.
+    pub sync_interval: Duration,
+    /// Unix attestor (None = disabled).
+    pub unix: Option<UnixConfig>,
+    /// Health listener.
+    pub health_address: Option<SocketAddr>,
+    /// Metrics listener.
+    pub metrics_address: Option<SocketAddr>,
+    /// Log level.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        Self::from_file(f)
+    }
+
+    /// Turns the file schema into the typed config.
+    pub fn from_file(f: FileConfig) -> Result<Self, ConfigError> {
+        let trust_domain = TrustDomain::new(
+            f.trust_domain
+                .as_deref()
+                .ok_or_else(|| invalid("trust_domain", "is required (e.g. \"example.org\")"))?,
+        )
+        .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        let server_address = f.server_address.unwrap_or_else(|| "127.0.0.1:8081".into());
+        if server_address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+            return Err(invalid("server_address", format!("{server_address:?} is not host:port")));
+        }
+        let bootstrap = match (f.trust_bundle_path, f.insecure_bootstrap.unwrap_or(false)) {
+            (Some(p), false) => Bootstrap::TrustBundle(p),
+            (None, true) => Bootstrap::Insecure,
+            (Some(_), true) => return Err(invalid("insecure_bootstrap", "set trust_bundle_path or insecure_bootstrap, not both")),
+            (None, false) => {
+                return Err(invalid(
+                    "trust_bundle_path",
+                    "is required (the PEM from `continuity-server bundle show`), unless insecure_bootstrap = true",
+                ));
+            }
+        };
+        let sync_interval = continuity_common::duration::parse(f.sync_interval.as_deref().unwrap_or("5s"))
+            .map_err(|m| invalid("sync_interval", m))?;
+        if sync_interval.is_zero() {
+            return Err(invalid("sync_interval", "must be positive"));
+        }
+        let unix = match f.workload_attestors {
+            None => Some(UnixConfig::default()),
+            Some(w) => {
+                if w.k8s.is_some() {
+                    return Err(invalid("workload_attestors.k8s", "the k8s workload attestor is not available in this build"));
+                }
+                w.unix.map(|u| UnixConfig {
+                    discover_workload_path: u.discover_workload_path.unwrap_or(true),
+                    workload_size_limit: u.workload_size_limit.unwrap_or(0),
+                })
+            }
+        };
+        let log_level = f.log_level.unwrap_or_else(|| "info".into());
+        continuity_common::logging::check_level(&log_level).map_err(|m| invalid("log_level", m))?;
+        let addr = |l: Option<FileListener>, key| -> Result<Option<SocketAddr>, ConfigError> {
+            l.and_then(|l| l.bind_address)
+                .map(|a| a.parse().map_err(|_| invalid(key, format!("{a:?} is not host:port"))))
+                .transpose()
+        };
+        Ok(Self {
+            trust_domain,
+            server_address,
+            data_dir: f.data_dir.unwrap_or_else(|| "/var/lib/continuity/agent".into()),
+            socket_path: f.socket_path.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+            bootstrap,
+            join_token: f.join_token.filter(|t| !t.is_empty()),
+            sync_interval,
+            unix,
+            health_address: addr(f.health, "health.bind_address")?,
+            metrics_address: addr(f.metrics, "metrics.bind_address")?,
+            log_level,
+            log_format: f.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n";
+        for (extra, key) in [
+            ("sokcet_path = \"/x\"\n", "sokcet_path"),
+            ("server_address = \"nope\"\n", "server_address"),
+            ("sync_interval = \"often\"\n", "sync_interval"),
+            ("[workload_attestors.unix]\ndiscover_path = true\n", "discover_path"),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let e = parse("trust_domain = \"example.org\"").unwrap_err().to_string();
+        assert!(e.contains("trust_bundle_path"), "{e}");
+    }
+
+    #[test]
+    fn full_example_documents_every_key_and_parses() {
+        let text = include_str!("../../deploy/agent.full.toml");
+        parse(text).unwrap();
+        for key in [
+            "trust_domain", "server_address", "data_dir", "socket_path", "trust_bundle_path", "insecure_bootstrap",
+            "join_token", "sync_interval", "[workload_attestors.unix]", "discover_workload_path",
+            "workload_size_limit", "[health]", "[metrics]", "log_level", "log_format",
+        ] {
+            assert!(text.contains(key), "deploy/agent.full.toml does not document {key}");
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! Accepts gRPC clients that send a Unix socket path as the HTTP/2 `:authority`.
+//!
+//! gRPC C-core (py-spiffe) and Java clients send the percent-encoded socket path (for example
+//! `tmp%2Fagent%2Fapi.sock`) as `:authority`; h2 rejects it and resets every stream. This
+//! adapter sits on each accepted stream, decodes the client's HPACK header blocks, replaces an
+//! unparseable `:authority` with `localhost`, and re-encodes the block as literals (so our
+//! encoding never touches the dynamic table h2 keeps for us). Every other byte — the preface,
+//! DATA, SETTINGS, everything the server writes — passes through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE_LEN: usize = 24;
+const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// The largest frame we emit (HTTP/2's initial SETTINGS_MAX_FRAME_SIZE).
+const MAX_FRAME: usize = 16_384;
+/// Refuse header blocks larger than this (a client sending more is misbehaving).
+const MAX_HEADER_BLOCK: usize = 256 * 1024;
+
+/// Where the parser is in the client's byte stream.
+enum State {
+    Preface(usize),
+    FrameHeader,
+    /// Passing a non-header frame's payload through; bytes left.
+    Passthrough(usize),
+    /// Collecting a header block.
+    HeaderPayload { remaining: usize },
+}
+
+/// An I/O adapter fixing client header blocks on the read side.
+pub struct AuthorityFix<S> {
+    inner: S,
+    state: State,
+    input: BytesMut,
+    output: BytesMut,
+    decoder: loona_hpack::Decoder<'static>,
+    /// Header block being collected: (stream id, END_STREAM, block bytes).
+    block: Option<(u32, bool, Vec<u8>)>,
+    /// Current frame's type and flags (for the payload phase).
+    frame: (u8, u8, u32),
+    eof: bool,
+}
+
+impl<S> AuthorityFix<S> {
+    /// Wraps an accepted stream.
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            state: State::Preface(PREFACE_LEN),
+            input: BytesMut::with_capacity(8 * 1024),
+            output: BytesMut::with_capacity(8 * 1024),
+            decoder: loona_hpack::Decoder::new(),
+            block: None,
+            frame: (0, 0, 0),
+            eof: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Moves parsed bytes from `input` to `output`, as far as the input allows.
+    fn process(&mut self) -> io::Result<()> {
+        loop {
+            match self.state {
+                State::Preface(left) => {
+                    let n = left.min(self.input.len());
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.output.extend_from_slice(&self.input.split_to(n));
+                    self.state = if left == n { State::FrameHeader } else { State::Preface(left - n) };
+                }
+                State::Passthrough(left) => {
+                    let n = left.min(self.input.len());
+                    if n == 0 && left > 0 {
+                        return Ok(());
+                    }
+                    self.output.extend_from_slice(&self.input.split_to(n));
+                    self.state = if left == n { State::FrameHeader } else { State::Passthrough(left - n) };
+                }
+                State::FrameHeader => {
+                    if self.input.len() < FRAME_HEADER {
+                        return Ok(());
+                    }
+                    let h = &self.input[..FRAME_HEADER];
+                    let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
+                    let (kind, flags) = (h[3], h[4]);
+                    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                    if kind == HEADERS || (kind == CONTINUATION && self.block.is_some()) {
+                        self.input.advance(FRAME_HEADER);
+                        self.frame = (kind, flags, stream);
+                        self.state = State::HeaderPayload { remaining: len };
+                    } else {
+                        self.output.extend_from_slice(&self.input.split_to(FRAME_HEADER));
+                        self.state = State::Passthrough(len);
+                    }
+                }
+                State::HeaderPayload { remaining } => {
+                    if self.input.len() < remaining {
+                        return Ok(());
+                    }
+                    let payload = self.input.split_to(remaining);
+                    self.state = State::FrameHeader;
+                    self.header_frame(&payload)?;
+                }
+            }
+        }
+    }
+
+    fn header_frame(&mut self, payload: &[u8]) -> io::Result<()> {
+        let (kind, flags, stream) = self.frame;
+        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+        let fragment = if kind == HEADERS {
+            let mut p = payload;
+            let mut pad = 0;
+            if flags & PADDED != 0 {
+                let (&n, rest) = p.split_first().ok_or_else(|| bad("HEADERS frame too short for padding"))?;
+                pad = n as usize;
+                p = rest;
+            }
+            if flags & PRIORITY != 0 {
+                p = p.get(5..).ok_or_else(|| bad("HEADERS frame too short for priority"))?;
+            }
+            let end = p.len().checked_sub(pad).ok_or_else(|| bad("HEADERS padding exceeds payload"))?;
+            self.block = Some((stream, flags & END_STREAM != 0, Vec::new()));
+            &p[..end]
+        } else {
+            payload
+        };
+        let Some((_, _, block)) = self.block.as_mut() else {
+            return Err(bad("CONTINUATION without HEADERS"));
+        };
+        block.extend_from_slice(fragment);
+        if block.len() > MAX_HEADER_BLOCK {
+            return Err(bad("header block too large"));
+        }
+        if flags & END_HEADERS != 0
+            && let Some((stream, end_stream, block)) = self.block.take()
+        {
+            self.emit_block(stream, end_stream, &block)?;
+        }
+        Ok(())
+    }
+
+    fn emit_block(&mut self, stream: u32, end_stream: bool, block: &[u8]) -> io::Result<()> {
+        let headers = self
+            .decoder
+            .decode(block)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("HPACK: {e:?}")))?;
+        let mut out = Vec::with_capacity(block.len() + 32);
+        for (name, value) in &headers {
+            let value: &[u8] = if name.as_slice() == b":authority" && !valid_authority(value) {
+                b"localhost"
+            } else {
+                value
+            };
+            encode_literal(&mut out, name, value);
+        }
+        let mut first = true;
+        let mut chunks = out.chunks(MAX_FRAME).peekable();
+        if chunks.peek().is_none() {
+            self.write_frame(HEADERS, if end_stream { END_STREAM } else { 0 } | END_HEADERS, stream, &[]);
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let mut flags = if last { END_HEADERS } else { 0 };
+            if first && end_stream {
+                flags |= END_STREAM;
+            }
+            self.write_frame(if first { HEADERS } else { CONTINUATION }, flags, stream, chunk);
+            first = false;
+        }
+        Ok(())
+    }
+
+    fn write_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let len = payload.len();
+        self.output.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+        self.output.extend_from_slice(&stream.to_be_bytes());
+        self.output.extend_from_slice(payload);
+    }
+}
+
+/// Whether h2 would accept this `:authority`.
+fn valid_authority(v: &[u8]) -> bool {
+    http::uri::Authority::try_from(v).is_ok()
+}
+
+/// HPACK integer with an `prefix`-bit prefix, first byte OR-ed with `mask`.
+fn encode_int(out: &mut Vec<u8>, mut value: usize, prefix: u8, mask: u8) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        out.push(mask | value as u8);
+        return;
+    }
+    out.push(mask | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128 + 128) as u8);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// "Literal Header Field without Indexing — New Name" (RFC 7541 §6.2.2), no Huffman.
+fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x00);
+    encode_int(out, name.len(), 7, 0);
+    out.extend_from_slice(name);
+    encode_int(out, value.len(), 7, 0);
+    out.extend_from_slice(value);
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        loop {
+            if !me.output.is_empty() {
+                let n = me.output.len().min(buf.remaining());
+                buf.put_slice(&me.output.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if me.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut tmp = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    if rb.filled().is_empty() {
+                        me.eof = true;
+                        continue;
+                    }
+                    me.input.extend_from_slice(rb.filled());
+                    me.process()?;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![(payload.len() >> 16) as u8, (payload.len() >> 8) as u8, payload.len() as u8, kind, flags];
+        v.extend_from_slice(&stream.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    async fn run(input: Vec<u8>) -> Vec<u8> {
+        let mut fix = AuthorityFix::new(std::io::Cursor::new(input));
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    fn decode_headers(out: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut rest = &out[PREFACE_LEN..];
+        let mut d = loona_hpack::Decoder::new();
+        let mut all = Vec::new();
+        while rest.len() >= FRAME_HEADER {
+            let len = (rest[0] as usize) << 16 | (rest[1] as usize) << 8 | rest[2] as usize;
+            if rest[3] == HEADERS {
+                all.extend(d.decode(&rest[FRAME_HEADER..FRAME_HEADER + len]).unwrap());
+            }
+            rest = &rest[FRAME_HEADER + len..];
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn rewrites_a_percent_encoded_socket_path_and_passes_the_rest() {
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode(vec![
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"tmp%2Fagent%2Fapi.sock"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+            (b"workload.spiffe.io", b"true"),
+        ]);
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let settings = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        input.extend(&settings);
+        // Padded HEADERS split over a CONTINUATION.
+        let (a, b) = block.split_at(5);
+        let mut padded = vec![2u8];
+        padded.extend_from_slice(a);
+        padded.extend_from_slice(&[0, 0]);
+        input.extend(frame(HEADERS, PADDED, 1, &padded));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        let data = frame(0x0, END_STREAM, 1, &[0, 0, 0, 0, 0]);
+        input.extend(&data);
+        let out = run(input).await;
+        assert_eq!(&out[..PREFACE_LEN], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(&out[PREFACE_LEN..PREFACE_LEN + settings.len()], &settings[..]);
+        assert!(out.ends_with(&data));
+        let headers = decode_headers(&out);
+        assert!(headers.contains(&(b":authority".to_vec(), b"localhost".to_vec())));
+        assert!(headers.contains(&(b"workload.spiffe.io".to_vec(), b"true".to_vec())));
+        assert!(headers.contains(&(b":path".to_vec(), b"/SpiffeWorkloadAPI/FetchX509SVID".to_vec())));
+    }
+
+    #[tokio::test]
+    async fn keeps_a_valid_authority() {
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode(vec![(&b":authority"[..], &b"localhost:1234"[..])]);
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 3, &block));
+        let out = run(input).await;
+        assert_eq!(out[PREFACE_LEN + 4], END_HEADERS | END_STREAM);
+        assert_eq!(decode_headers(&out), vec![(b":authority".to_vec(), b"localhost:1234".to_vec())]);
+    }
+}

@@ -1,0 +1,133 @@
+//! The agent's listeners: the Workload API (plus gRPC health and reflection) on `socket_path`.
+
+pub mod authority;
+pub mod peer;
+pub mod workload;
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use continuity_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tonic::transport::server::Connected;
+
+use self::authority::AuthorityFix;
+use self::peer::{ConnInfo, Peer};
+use self::workload::{WorkloadHandler, check_security_header};
+
+/// An accepted Workload API connection.
+pub struct WorkloadConn {
+    io: AuthorityFix<UnixStream>,
+    info: ConnInfo,
+}
+
+impl Connected for WorkloadConn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for WorkloadConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WorkloadConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.get_ref().is_write_vectored()
+    }
+}
+
+/// Binds the Workload API socket: creates its directory, replaces a stale socket, and lets
+/// every local user connect (workloads are told apart by attestation).
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{} is in use: another agent is running", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// Accepts connections, reading each peer's credentials at accept time.
+pub fn incoming(listener: UnixListener) -> tokio_stream::wrappers::ReceiverStream<io::Result<WorkloadConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Workload API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let peer = match Peer::of(&stream) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    tracing::info!(error = %e, "cannot read Workload API peer credentials");
+                    None
+                }
+            };
+            let info = ConnInfo { peer, selectors: Arc::default() };
+            if tx.send(Ok(WorkloadConn { io: AuthorityFix::new(stream), info })).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Serves the Workload API, health and reflection until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    handler: WorkloadHandler,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    reporter
+        .set_service_status("SpiffeWorkloadAPI", tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(continuity_proto::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let mut router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(SpiffeWorkloadApiServer::with_interceptor(handler, check_security_header));
+    match reflection {
+        Ok(r) => router = router.add_service(r),
+        Err(e) => tracing::warn!(error = %e, "gRPC reflection unavailable"),
+    }
+    router.serve_with_incoming_shutdown(incoming(listener), shutdown).await
+}

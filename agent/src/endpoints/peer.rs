@@ -1,0 +1,96 @@
+//! Who is on the other end of a Workload API connection, bound to the process for good.
+//!
+//! At accept time the kernel tells us the peer's uid, gid and pid (SO_PEERCRED) and, on
+//! Linux ≥ 6.5, hands us a pidfd for the very process that connected (SO_PEERPIDFD). On older
+//! kernels we open a pidfd for the pid and record its start time instead (SPIRE's approach).
+//! After attestation reads `/proc/<pid>`, we check that the process is still the one that
+//! connected — alive under that pidfd, same start time — so a recycled pid can never be
+//! attested as someone else.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::net::UnixStream;
+
+/// How the caller is bound to its process.
+#[derive(Debug)]
+pub enum Binding {
+    /// A pidfd from SO_PEERPIDFD: names the connecting process itself.
+    PeerPidfd(OwnedFd),
+    /// pidfd_open(pid) plus the start time seen at accept (older kernels).
+    PidfdOpen(OwnedFd, u64),
+    /// Neither worked (the process already exited, or no pidfd support): attestation fails.
+    None,
+}
+
+/// The peer of one connection.
+#[derive(Debug)]
+pub struct Peer {
+    /// Effective uid at connect time.
+    pub uid: u32,
+    /// Effective gid at connect time.
+    pub gid: u32,
+    /// Process id at connect time.
+    pub pid: u32,
+    /// Process binding.
+    pub binding: Binding,
+}
+
+static LOGGED_MODE: AtomicBool = AtomicBool::new(false);
+
+/// Reads the "Pid:" line of `/proc/self/fdinfo/<fd>` for a pidfd (-1 once the process exited).
+fn pidfd_pid(fd: &OwnedFd) -> Option<i64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
+}
+
+impl Peer {
+    /// Reads the peer's credentials and binds them to its process.
+    pub fn of(stream: &UnixStream) -> std::io::Result<Self> {
+        let cred = getsockopt(stream, sockopt::PeerCredentials).map_err(std::io::Error::from)?;
+        let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid() as u32);
+        let binding = match getsockopt(stream, sockopt::PeerPidfd) {
+            Ok(fd) => {
+                if !LOGGED_MODE.swap(true, Ordering::Relaxed) {
+                    tracing::info!("workload attestation binds callers with SO_PEERPIDFD");
+                }
+                Binding::PeerPidfd(fd)
+            }
+            Err(_) => {
+                if !LOGGED_MODE.swap(true, Ordering::Relaxed) {
+                    tracing::info!("SO_PEERPIDFD unavailable (kernel < 6.5); binding callers with pidfd_open + start time");
+                }
+                let start = continuity_attestors::unix::start_time(pid);
+                let pid_t = rustix::process::Pid::from_raw(pid as i32);
+                match (pid_t.map(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())), start) {
+                    (Some(Ok(fd)), Some(start)) => Binding::PidfdOpen(fd, start),
+                    _ => Binding::None,
+                }
+            }
+        };
+        Ok(Self { uid, gid, pid, binding })
+    }
+
+    /// True if the process that connected is still alive under the same pid (checked after
+    /// reading /proc, so what was read belonged to it).
+    pub fn still_same_process(&self) -> bool {
+        match &self.binding {
+            Binding::PeerPidfd(fd) => pidfd_pid(fd) == Some(self.pid as i64),
+            Binding::PidfdOpen(fd, start) => {
+                pidfd_pid(fd) == Some(self.pid as i64) && continuity_attestors::unix::start_time(self.pid) == Some(*start)
+            }
+            Binding::None => false,
+        }
+    }
+}
+
+/// What a Workload API request knows about its connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The peer (None if credentials could not be read).
+    pub peer: Option<Arc<Peer>>,
+    /// Attestation result, computed once per connection.
+    pub selectors: Arc<tokio::sync::OnceCell<Arc<std::collections::HashSet<continuity_attestors::Selector>>>>,
+}

@@ -1,0 +1,266 @@
+//! What the agent holds: its entries, one SVID per entry (shared by every workload that
+//! matches it), the bundle, and the published snapshot the Workload API reads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use continuity_attestors::Selector;
+use serde::{Deserialize, Serialize};
+
+/// Base64 (standard) for byte fields in the state file.
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+
+    pub mod list {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|b| STANDARD.encode(b)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+            let v = Vec::<String>::deserialize(d)?;
+            v.into_iter().map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom)).collect()
+        }
+    }
+}
+
+/// A registration entry as the agent keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Entry id.
+    pub id: String,
+    /// SPIFFE ID granted.
+    pub spiffe_id: String,
+    /// Selectors (sorted), all of which a workload must have.
+    pub selectors: Vec<Selector>,
+    /// X509-SVID TTL override (seconds, 0 = server default).
+    pub x509_svid_ttl: i32,
+    /// JWT-SVID TTL override.
+    pub jwt_svid_ttl: i32,
+    /// Hint for workloads.
+    pub hint: String,
+    /// Revision.
+    pub revision: i64,
+}
+
+impl From<continuity_proto::types::Entry> for Entry {
+    fn from(e: continuity_proto::types::Entry) -> Self {
+        let mut selectors: Vec<Selector> = e.selectors.into_iter().map(|s| Selector::raw(&s.r#type, s.value)).collect();
+        selectors.sort();
+        Self {
+            id: e.id,
+            spiffe_id: e.spiffe_id,
+            selectors,
+            x509_svid_ttl: e.x509_svid_ttl,
+            jwt_svid_ttl: e.jwt_svid_ttl,
+            hint: e.hint,
+            revision: e.revision,
+        }
+    }
+}
+
+/// An X509-SVID with its private key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Svid {
+    /// DER certificates, leaf first.
+    #[serde(with = "b64::list")]
+    pub chain: Vec<Vec<u8>>,
+    /// PKCS#8 private key.
+    #[serde(with = "b64")]
+    pub key: Vec<u8>,
+    /// NotAfter, Unix seconds.
+    pub expires_at: i64,
+    /// When the agent received it, Unix seconds.
+    pub issued_at: i64,
+    /// When to ask for the next one (half-life minus jitter).
+    pub rotate_at: i64,
+}
+
+/// A JWT signing key of the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JwtKey {
+    /// kid.
+    pub kid: String,
+    /// SubjectPublicKeyInfo.
+    #[serde(with = "b64")]
+    pub public_key: Vec<u8>,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+/// The trust bundle as the agent keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BundleState {
+    /// Trust domain name.
+    pub trust_domain: String,
+    /// CA certificates, DER.
+    #[serde(with = "b64::list")]
+    pub x509_authorities: Vec<Vec<u8>>,
+    /// JWT keys.
+    pub jwt_authorities: Vec<JwtKey>,
+    /// Sequence number.
+    pub sequence: u64,
+}
+
+impl From<continuity_proto::types::Bundle> for BundleState {
+    fn from(b: continuity_proto::types::Bundle) -> Self {
+        Self {
+            trust_domain: b.trust_domain,
+            x509_authorities: b.x509_authorities,
+            jwt_authorities: b
+                .jwt_authorities
+                .into_iter()
+                .map(|k| JwtKey { kid: k.key_id, public_key: k.public_key, expires_at: k.expires_at })
+                .collect(),
+            sequence: b.sequence_number,
+        }
+    }
+}
+
+/// Everything the agent persists in `data_dir`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct PersistedState {
+    /// The agent's SPIFFE ID.
+    pub agent_id: String,
+    /// The agent SVID and key.
+    pub agent_svid: Option<Svid>,
+    /// The bundle.
+    pub bundle: BundleState,
+    /// Entry revision held.
+    pub revision: i64,
+    /// Entries by id.
+    pub entries: BTreeMap<String, Entry>,
+    /// SVIDs by entry id.
+    pub svids: BTreeMap<String, Svid>,
+}
+
+/// The bundle in the forms the Workload API sends.
+#[derive(Debug, Clone, Default)]
+pub struct PublishedBundle {
+    /// Sequence number (changes mean "re-send").
+    pub sequence: u64,
+    /// `spiffe://<td>`.
+    pub trust_domain_id: String,
+    /// Concatenated DER CA certificates.
+    pub x509: Bytes,
+    /// JWKS JSON of the JWT keys.
+    pub jwks: Bytes,
+    /// JWT keys for local validation: (kid, SPKI).
+    pub jwt_keys: Vec<(String, Vec<u8>)>,
+}
+
+/// One identity a workload may receive: an entry and its current SVID.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Entry id.
+    pub entry_id: String,
+    /// SPIFFE ID.
+    pub spiffe_id: String,
+    /// Sorted selectors.
+    pub selectors: Vec<Selector>,
+    /// Hint.
+    pub hint: String,
+    /// Concatenated DER chain.
+    pub x509_svid: Bytes,
+    /// PKCS#8 key.
+    pub key: Bytes,
+    /// NotAfter.
+    pub expires_at: i64,
+    /// Unique per SVID the agent ever held: a changed generation means "send again".
+    pub generation: u64,
+}
+
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+impl Identity {
+    /// Whether a workload with `selectors` may have this identity (all of the entry's selectors
+    /// are among the workload's).
+    pub fn matches(&self, selectors: &HashSet<Selector>) -> bool {
+        !self.selectors.is_empty() && self.selectors.iter().all(|s| selectors.contains(s))
+    }
+}
+
+/// What the Workload API serves, replaced whole on every change.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The bundle.
+    pub bundle: Arc<PublishedBundle>,
+    /// Identities with SVIDs, ordered by entry id.
+    pub identities: Vec<Arc<Identity>>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot from persisted state.
+    pub fn build(state: &PersistedState, previous: Option<&Snapshot>) -> Snapshot {
+        let bundle = match previous {
+            Some(p) if p.bundle.sequence == state.bundle.sequence && !p.bundle.x509.is_empty() => p.bundle.clone(),
+            _ => Arc::new(publish_bundle(&state.bundle)),
+        };
+        let prev: std::collections::HashMap<&str, &Arc<Identity>> = previous
+            .map(|p| p.identities.iter().map(|i| (i.entry_id.as_str(), i)).collect())
+            .unwrap_or_default();
+        let mut identities = Vec::with_capacity(state.svids.len());
+        for (id, svid) in &state.svids {
+            let Some(entry) = state.entries.get(id) else { continue };
+            // Reuse the previous Arc when nothing changed: cheap diffing by pointer downstream.
+            if let Some(p) = prev.get(id.as_str())
+                && p.expires_at == svid.expires_at
+                && p.spiffe_id == entry.spiffe_id
+                && p.selectors == entry.selectors
+                && p.hint == entry.hint
+                && p.x509_svid.len() == svid.chain.iter().map(Vec::len).sum::<usize>()
+                && p.x509_svid.starts_with(&svid.chain[0])
+            {
+                identities.push((*p).clone());
+                continue;
+            }
+            identities.push(Arc::new(Identity {
+                entry_id: id.clone(),
+                spiffe_id: entry.spiffe_id.clone(),
+                selectors: entry.selectors.clone(),
+                hint: entry.hint.clone(),
+                x509_svid: Bytes::from(svid.chain.concat()),
+                key: Bytes::from(svid.key.clone()),
+                expires_at: svid.expires_at,
+                generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            }));
+        }
+        Snapshot { bundle, identities }
+    }
+
+    /// The identities a workload with these selectors may have.
+    pub fn matching(&self, selectors: &HashSet<Selector>) -> Vec<Arc<Identity>> {
+        self.identities.iter().filter(|i| i.matches(selectors)).cloned().collect()
+    }
+}
+
+fn publish_bundle(b: &BundleState) -> PublishedBundle {
+    let keys: Vec<_> = b
+        .jwt_authorities
+        .iter()
+        .map(|k| continuity_common::jwk::JwtAuthority { key_id: &k.kid, public_key: &k.public_key })
+        .collect();
+    let jwks = continuity_common::jwk::jwt_jwks(&keys)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| "{\"keys\":[]}".into());
+    PublishedBundle {
+        sequence: b.sequence,
+        trust_domain_id: format!("spiffe://{}", b.trust_domain),
+        x509: Bytes::from(b.x509_authorities.concat()),
+        jwks: Bytes::from(jwks),
+        jwt_keys: b.jwt_authorities.iter().map(|k| (k.kid.clone(), k.public_key.clone())).collect(),
+    }
+}

@@ -1,0 +1,381 @@
+//! The cache manager: keeps entries, SVIDs and the bundle in step with the server, persists
+//! them, and publishes snapshots to the Workload API.
+//!
+//! One loop does everything (SPIRE's manager/sync split, in one task): it wakes at the sync
+//! interval (with jitter) or when an SVID is due for rotation, pulls entry changes since its
+//! revision, asks for SVIDs in batches of at most 500 CSRs, renews the agent SVID at
+//! half-life, and backs off exponentially while the server is unreachable — serving what it
+//! holds in the meantime.
+
+pub mod cache;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use continuity_common::Clock;
+use continuity_proto::agent::{
+    BatchNewX509svidRequest, FetchBundleRequest, NewJwtsvidRequest, NewX509svidParams, RenewAgentRequest,
+    SyncAuthorizedEntriesRequest,
+};
+use tokio::sync::watch;
+
+use self::cache::{Entry, PersistedState, Snapshot, Svid};
+use crate::client::{ClientError, ServerClient};
+use crate::storage::Storage;
+
+/// Most CSRs sent in one batch (the server's limit).
+pub const MAX_BATCH: usize = 500;
+
+/// A fresh P-256 key (PKCS#8) and a CSR for it.
+pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), String> {
+    let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&kp).map_err(|e| e.to_string())?;
+    Ok((kp.serialize_der(), csr.der().to_vec()))
+}
+
+fn now_unix() -> i64 {
+    continuity_common::clock::unix_seconds(std::time::SystemTime::now())
+}
+
+/// A random fraction in [0, 1).
+fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
+}
+
+/// When to rotate an SVID valid from `issued` to `expires`: at half-life, minus up to 10% of
+/// the lifetime of jitter so a node's SVIDs do not all renew in the same instant.
+pub fn rotate_at(issued: i64, expires: i64) -> i64 {
+    let life = (expires - issued).max(1) as f64;
+    issued + (life * (0.5 - 0.1 * jitter())) as i64
+}
+
+/// Builds an [`Svid`] from the server's answer and the key we generated.
+pub fn svid_from_proto(s: continuity_proto::types::X509svid, key: Vec<u8>) -> Svid {
+    let issued = now_unix();
+    Svid {
+        rotate_at: rotate_at(issued, s.expires_at),
+        chain: s.cert_chain,
+        key,
+        expires_at: s.expires_at,
+        issued_at: issued,
+    }
+}
+
+/// A cached JWT-SVID.
+#[derive(Debug, Clone)]
+struct CachedJwt {
+    token: String,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+/// Why a JWT-SVID could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum JwtFetchError {
+    /// The server refused.
+    #[error(transparent)]
+    Server(#[from] ClientError),
+    /// No agent SVID to call the server with.
+    #[error("the agent is not attested")]
+    NotAttested,
+}
+
+/// The cache manager.
+pub struct Manager {
+    client: Arc<ServerClient>,
+    storage: Storage,
+    clock: Arc<dyn Clock>,
+    sync_interval: Duration,
+    state: tokio::sync::Mutex<PersistedState>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    jwts: Mutex<HashMap<(String, String), CachedJwt>>,
+    /// Whether the last contact with the server succeeded.
+    connected: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// A manager serving `state` at once (persisted or fresh from attestation).
+    pub fn new(
+        client: Arc<ServerClient>,
+        storage: Storage,
+        clock: Arc<dyn Clock>,
+        sync_interval: Duration,
+        state: PersistedState,
+    ) -> Arc<Self> {
+        client.roots().replace(state.bundle.x509_authorities.clone());
+        let snap = Arc::new(Snapshot::build(&state, None));
+        let (snapshot, _) = watch::channel(snap);
+        Arc::new(Self {
+            client,
+            storage,
+            clock,
+            sync_interval,
+            state: tokio::sync::Mutex::new(state),
+            snapshot,
+            jwts: Mutex::default(),
+            connected: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Snapshots as they are published.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Whether the last sync reached the server.
+    pub fn connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs the sync loop forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = match self.sync_once().await {
+                Ok(()) => {
+                    self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                    backoff = Duration::from_millis(500);
+                    self.next_wake().await
+                }
+                Err(e) => {
+                    self.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                    if e.status().is_none() {
+                        self.client.reset().await;
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving from cache");
+                    let wait = backoff.mul_f64(0.75 + 0.5 * jitter());
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait.min(self.next_wake().await)
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Time until the next sync or rotation is due.
+    async fn next_wake(&self) -> Duration {
+        let st = self.state.lock().await;
+        let now_ms = self.clock.now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let interval = self.sync_interval.mul_f64(0.9 + 0.2 * jitter());
+        let next_rotation = st
+            .svids
+            .values()
+            .chain(st.agent_svid.iter())
+            .map(|s| s.rotate_at)
+            .min();
+        match next_rotation {
+            Some(at) => {
+                let until = Duration::from_millis((at * 1000 - now_ms).max(50) as u64);
+                interval.min(until)
+            }
+            None => interval,
+        }
+    }
+
+    async fn save(&self, st: &PersistedState) {
+        let storage = self.storage.clone();
+        let copy = st.clone();
+        match tokio::task::spawn_blocking(move || storage.save(&copy)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot persist agent state"),
+            Err(e) => tracing::error!(error = %e, "persisting agent state panicked"),
+        }
+    }
+
+    fn publish(&self, st: &PersistedState) {
+        let prev = self.snapshot.borrow().clone();
+        self.snapshot.send_replace(Arc::new(Snapshot::build(st, Some(&prev))));
+    }
+
+    /// One round with the server.
+    pub async fn sync_once(&self) -> Result<(), ClientError> {
+        let mut st = self.state.lock().await;
+        let agent_svid = st.agent_svid.clone().ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
+        let mut api = self.client.api(&agent_svid).await?;
+        let now = self.clock.unix();
+        let mut changed = false;
+
+        if now >= agent_svid.rotate_at {
+            let (key, csr) = tokio::task::spawn_blocking(new_key_and_csr)
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?
+                .map_err(ClientError::Protocol)?;
+            let r = api.renew_agent(RenewAgentRequest { csr }).await?.into_inner();
+            let svid = r.svid.ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
+            st.agent_svid = Some(svid_from_proto(svid, key));
+            self.save(&st).await;
+            tracing::info!("agent SVID renewed");
+            if let Some(s) = st.agent_svid.as_ref() {
+                api = self.client.api(s).await?;
+            }
+        }
+
+        let bundle = api.fetch_bundle(FetchBundleRequest {}).await?.into_inner().bundle;
+        if let Some(b) = bundle
+            && b.sequence_number != st.bundle.sequence
+        {
+            st.bundle = b.into();
+            self.client.roots().replace(st.bundle.x509_authorities.clone());
+            changed = true;
+            tracing::info!(sequence = st.bundle.sequence, "bundle updated");
+        }
+
+        let sync = api
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: st.revision })
+            .await?
+            .into_inner();
+        if sync.full {
+            let keep: std::collections::HashSet<&str> = sync.entries.iter().map(|e| e.id.as_str()).collect();
+            let before = st.entries.len();
+            st.entries.retain(|id, _| keep.contains(id.as_str()));
+            changed |= st.entries.len() != before;
+        }
+        for id in &sync.removed_entry_ids {
+            changed |= st.entries.remove(id).is_some();
+        }
+        for e in sync.entries {
+            let e = Entry::from(e);
+            if st.entries.get(&e.id) != Some(&e) {
+                // A changed entry (new SPIFFE ID, TTL...) needs a new SVID.
+                st.svids.remove(&e.id);
+                st.entries.insert(e.id.clone(), e);
+                changed = true;
+            }
+        }
+        st.revision = sync.revision;
+        let live: std::collections::HashSet<String> = st.entries.keys().cloned().collect();
+        let before = st.svids.len();
+        st.svids.retain(|id, _| live.contains(id));
+        changed |= st.svids.len() != before;
+
+        let bundle_changed = changed;
+        changed |= self.refresh_svids(&mut st, &mut api, now, bundle_changed).await?;
+        if changed {
+            self.publish(&st);
+            self.save(&st).await;
+        }
+        Ok(())
+    }
+
+    /// Signs new SVIDs for entries without one, due for rotation, or signed by a CA that left
+    /// the bundle.
+    async fn refresh_svids(
+        &self,
+        st: &mut PersistedState,
+        api: &mut continuity_proto::agent::agent_api_client::AgentApiClient<tonic::transport::Channel>,
+        now: i64,
+        bundle_changed: bool,
+    ) -> Result<bool, ClientError> {
+        let due: Vec<String> = st
+            .entries
+            .keys()
+            .filter(|id| match st.svids.get(*id) {
+                None => true,
+                Some(s) => {
+                    now >= s.rotate_at || (bundle_changed && !issued_by_bundle(&s.chain, &st.bundle.x509_authorities))
+                }
+            })
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return Ok(false);
+        }
+        let mut changed = false;
+        for chunk in due.chunks(MAX_BATCH) {
+            let ids = chunk.to_vec();
+            let keys = tokio::task::spawn_blocking(move || {
+                ids.into_iter()
+                    .map(|id| new_key_and_csr().map(|(k, c)| (id, k, c)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(ClientError::Protocol)?;
+            let params = keys
+                .iter()
+                .map(|(id, _, csr)| NewX509svidParams { entry_id: id.clone(), csr: csr.clone() })
+                .collect();
+            let resp = api.batch_new_x509svid(BatchNewX509svidRequest { params }).await?.into_inner();
+            let mut keys: HashMap<String, Vec<u8>> = keys.into_iter().map(|(id, k, _)| (id, k)).collect();
+            for r in resp.results {
+                match (r.status.as_ref().map(|s| s.code), r.svid) {
+                    (Some(0), Some(svid)) => {
+                        if let Some(key) = keys.remove(&r.entry_id) {
+                            st.svids.insert(r.entry_id.clone(), svid_from_proto(svid, key));
+                            changed = true;
+                        }
+                    }
+                    (_, _) => {
+                        let msg = r.status.map(|s| s.message).unwrap_or_default();
+                        tracing::warn!(entry = %r.entry_id, reason = %msg, "server did not sign an SVID");
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// A JWT-SVID for `identity` and `audience`: from the cache until half-life, else from the
+    /// server; while the server is unreachable a cached token is served until it expires.
+    pub async fn jwt_svid(&self, entry_id: &str, audience: &[String]) -> Result<String, JwtFetchError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let key = (entry_id.to_string(), aud.join("\u{0}"));
+        let now = self.clock.unix();
+        let cached = self.jwts.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        if let Some(c) = &cached
+            && now < c.issued_at + (c.expires_at - c.issued_at) / 2
+        {
+            return Ok(c.token.clone());
+        }
+        let agent_svid = self.state.lock().await.agent_svid.clone().ok_or(JwtFetchError::NotAttested)?;
+        let fetched = async {
+            let mut api = self.client.api(&agent_svid).await?;
+            let r = api
+                .new_jwtsvid(NewJwtsvidRequest { entry_id: entry_id.to_string(), audience: aud.clone() })
+                .await?
+                .into_inner();
+            Ok::<_, ClientError>(r)
+        }
+        .await;
+        match fetched {
+            Ok(r) => {
+                let c = CachedJwt { token: r.token.clone(), issued_at: now, expires_at: r.expires_at };
+                self.jwts.lock().unwrap_or_else(|e| e.into_inner()).insert(key, c);
+                Ok(r.token)
+            }
+            Err(e) => match cached {
+                Some(c) if now < c.expires_at && e.status().is_none() => Ok(c.token),
+                _ => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Whether the leaf of `chain` names (by issuer) one of the bundle's CAs.
+fn issued_by_bundle(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> bool {
+    let Some(leaf) = chain.first() else { return false };
+    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf) else { return false };
+    roots.iter().any(|r| {
+        x509_parser::parse_x509_certificate(r)
+            .map(|(_, ca)| ca.subject().as_raw() == leaf.issuer().as_raw())
+            .unwrap_or(false)
+    })
+}

@@ -1,0 +1,123 @@
+//! JWT-SVID validation (SPIFFE JWT-SVID spec): compact JWS, algorithm allow-list, `kid`
+//! required, audience, expiry with a small leeway, key from the subject's trust domain bundle.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value};
+use x509_parser::prelude::FromDer;
+
+use crate::SpiffeId;
+
+/// Seconds of clock skew tolerated on `exp`.
+pub const LEEWAY_SECS: i64 = 10;
+
+/// Why a JWT-SVID is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    /// Not three base64url parts with JSON header and claims.
+    #[error("malformed JWT-SVID: {0}")]
+    Malformed(&'static str),
+    /// The algorithm is not allowed.
+    #[error("JWT-SVID algorithm {0:?} is not allowed")]
+    Algorithm(String),
+    /// No `kid` in the header.
+    #[error("JWT-SVID header has no kid")]
+    MissingKid,
+    /// `sub` is not a SPIFFE ID.
+    #[error("JWT-SVID sub is not a SPIFFE ID: {0}")]
+    Subject(String),
+    /// No bundle key with this kid for the subject's trust domain.
+    #[error("no JWT authority {kid:?} in the bundle of {trust_domain}")]
+    UnknownKey {
+        /// The key id.
+        kid: String,
+        /// The trust domain.
+        trust_domain: String,
+    },
+    /// The signature does not verify.
+    #[error("JWT-SVID signature does not verify")]
+    Signature,
+    /// The audience does not contain the expected one.
+    #[error("JWT-SVID audience {got:?} does not contain {want:?}")]
+    Audience {
+        /// Audiences in the token.
+        got: Vec<String>,
+        /// Expected.
+        want: String,
+    },
+    /// Expired.
+    #[error("JWT-SVID expired at {0}")]
+    Expired(i64),
+}
+
+/// A validated JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// The subject.
+    pub spiffe_id: SpiffeId,
+    /// All claims.
+    pub claims: Map<String, Value>,
+}
+
+fn part(s: &str) -> Result<Map<String, Value>, JwtError> {
+    let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed("bad base64url"))?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(JwtError::Malformed("header or claims are not a JSON object")),
+    }
+}
+
+/// Validates `token` for `audience` at `now`; `key` finds SubjectPublicKeyInfo DER by
+/// (trust domain, kid).
+pub fn validate<'k>(
+    token: &str,
+    audience: &str,
+    now: i64,
+    key: impl Fn(&str, &str) -> Option<&'k [u8]>,
+) -> Result<Validated, JwtError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(c), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err(JwtError::Malformed("a JWT-SVID has three dot-separated parts"));
+    };
+    let header = part(h)?;
+    let claims = part(c)?;
+    let alg = header.get("alg").and_then(Value::as_str).unwrap_or_default().to_string();
+    let verify_alg: &'static dyn aws_lc_rs::signature::VerificationAlgorithm = match alg.as_str() {
+        "ES256" => &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
+        "ES384" => &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED,
+        "RS256" => &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+        "RS384" => &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA384,
+        "RS512" => &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA512,
+        "PS256" => &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA256,
+        "PS384" => &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA384,
+        "PS512" => &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA512,
+        _ => return Err(JwtError::Algorithm(alg)),
+    };
+    let kid = header.get("kid").and_then(Value::as_str).ok_or(JwtError::MissingKid)?;
+    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+    let spiffe_id = SpiffeId::new(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
+    let td = spiffe_id.trust_domain();
+    let spki = key(td.name(), kid).ok_or_else(|| JwtError::UnknownKey {
+        kid: kid.to_string(),
+        trust_domain: td.to_string(),
+    })?;
+    let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).map_err(|_| JwtError::Signature)?;
+    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| JwtError::Malformed("bad signature encoding"))?;
+    let signed = &token[..h.len() + 1 + c.len()];
+    aws_lc_rs::signature::UnparsedPublicKey::new(verify_alg, parsed.subject_public_key.data.as_ref())
+        .verify(signed.as_bytes(), &sig)
+        .map_err(|_| JwtError::Signature)?;
+    let aud: Vec<String> = match claims.get("aud") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        _ => vec![],
+    };
+    if !aud.iter().any(|a| a == audience) {
+        return Err(JwtError::Audience { got: aud, want: audience.to_string() });
+    }
+    let exp = claims.get("exp").and_then(Value::as_i64).ok_or(JwtError::Malformed("no exp claim"))?;
+    if exp + LEEWAY_SECS < now {
+        return Err(JwtError::Expired(exp));
+    }
+    Ok(Validated { spiffe_id, claims })
+}
