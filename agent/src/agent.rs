@@ -25,7 +25,9 @@ pub enum RunError {
     #[error("attestation failed: {0}")]
     Attest(ClientError),
     /// First start without a join token.
-    #[error("this agent has not attested yet: give it a join token (join_token in agent.toml, or --join-token)")]
+    #[error(
+        "this agent has not attested yet: give it a join token (join_token in agent.toml, or --join-token)"
+    )]
     NoJoinToken,
     /// The trust bundle file could not be read.
     #[error("trust_bundle_path {path}: {reason}")]
@@ -48,20 +50,37 @@ pub enum RunError {
     Listener(String),
 }
 
-async fn attest(cfg: &Config, client: &ServerClient, token: &str) -> Result<PersistedState, RunError> {
+async fn attest(
+    cfg: &Config,
+    client: &ServerClient,
+    token: &str,
+) -> Result<PersistedState, RunError> {
     let insecure = match &cfg.bootstrap {
         Bootstrap::TrustBundle(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| RunError::TrustBundle { path: p.display().to_string(), reason: e.to_string() })?;
-            let roots = continuity_common::x509::pem_decode_all("CERTIFICATE", &text)
-                .map_err(|e| RunError::TrustBundle { path: p.display().to_string(), reason: e })?;
+            let text = std::fs::read_to_string(p).map_err(|e| RunError::TrustBundle {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let roots =
+                continuity_common::x509::pem_decode_all("CERTIFICATE", &text).map_err(|e| {
+                    RunError::TrustBundle {
+                        path: p.display().to_string(),
+                        reason: e,
+                    }
+                })?;
             if roots.is_empty() {
-                return Err(RunError::TrustBundle { path: p.display().to_string(), reason: "no CERTIFICATE blocks".into() });
+                return Err(RunError::TrustBundle {
+                    path: p.display().to_string(),
+                    reason: "no CERTIFICATE blocks".into(),
+                });
             }
             client.roots().replace(roots);
             false
         }
         Bootstrap::Insecure => {
-            tracing::warn!("insecure_bootstrap: the server is not authenticated for this first attestation");
+            tracing::warn!(
+                "insecure_bootstrap: the server is not authenticated for this first attestation"
+            );
             true
         }
     };
@@ -105,7 +124,12 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let storage = Storage::open(&cfg.data_dir)?;
     let client = Arc::new(
-        ServerClient::new(cfg.server_address.clone(), &cfg.trust_domain, TrustRoots::default()).map_err(RunError::Attest)?,
+        ServerClient::new(
+            cfg.server_address.clone(),
+            &cfg.trust_domain,
+            TrustRoots::default(),
+        )
+        .map_err(RunError::Attest)?,
     );
     let state = match storage.load()? {
         Some(s) if s.agent_svid.is_some() => {
@@ -113,7 +137,9 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
             s
         }
         _ => {
-            let token = join_token.or(cfg.join_token.clone()).ok_or(RunError::NoJoinToken)?;
+            let token = join_token
+                .or(cfg.join_token.clone())
+                .ok_or(RunError::NoJoinToken)?;
             let s = attest(&cfg, &client, &token).await?;
             storage.save(&s)?;
             s
@@ -122,7 +148,10 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
     let manager = Manager::new(client, storage, clock.clone(), cfg.sync_interval, state);
     let listener = endpoints::bind(&cfg.socket_path)
         .await
-        .map_err(|source| RunError::Socket { path: cfg.socket_path.display().to_string(), source })?;
+        .map_err(|source| RunError::Socket {
+            path: cfg.socket_path.display().to_string(),
+            source,
+        })?;
     tokio::spawn(manager.clone().run());
 
     if let Some(addr) = cfg.health_address {

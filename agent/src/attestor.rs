@@ -24,7 +24,9 @@ pub struct Attestors {
 impl Attestors {
     /// Attestors from config.
     pub fn new(unix: Option<continuity_attestors::unix::UnixConfig>) -> Arc<Self> {
-        Arc::new(Self { unix: unix.map(UnixAttestor::new) })
+        Arc::new(Self {
+            unix: unix.map(UnixAttestor::new),
+        })
     }
 }
 
@@ -32,10 +34,16 @@ impl WorkloadAttestor for Attestors {
     fn attest(&self, peer: &Peer) -> Result<HashSet<Selector>, String> {
         let mut out = HashSet::new();
         if let Some(unix) = &self.unix {
-            out.extend(unix.attest(peer.pid, peer.uid, peer.gid).map_err(|e| e.to_string())?);
+            out.extend(
+                unix.attest(peer.pid, peer.uid, peer.gid)
+                    .map_err(|e| e.to_string())?,
+            );
         }
         if !peer.still_same_process() {
-            return Err(format!("process {} exited or was replaced during attestation", peer.pid));
+            return Err(format!(
+                "process {} exited or was replaced during attestation",
+                peer.pid
+            ));
         }
         Ok(out)
     }

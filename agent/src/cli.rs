@@ -144,9 +144,16 @@ impl From<tonic::Status> for CliError {
 /// The socket to use: the flag, else `SPIFFE_ENDPOINT_SOCKET` (`unix:` URI or path), else the default.
 pub fn socket_path(flag: Option<String>) -> String {
     let raw = flag
-        .or_else(|| std::env::var("SPIFFE_ENDPOINT_SOCKET").ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            std::env::var("SPIFFE_ENDPOINT_SOCKET")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .unwrap_or_else(|| DEFAULT_SOCKET_PATH.to_string());
-    raw.strip_prefix("unix://").or_else(|| raw.strip_prefix("unix:")).unwrap_or(&raw).to_string()
+    raw.strip_prefix("unix://")
+        .or_else(|| raw.strip_prefix("unix:"))
+        .unwrap_or(&raw)
+        .to_string()
 }
 
 async fn client(flag: Option<String>) -> Result<SpiffeWorkloadApiClient<Channel>, CliError> {
@@ -159,7 +166,10 @@ async fn client(flag: Option<String>) -> Result<SpiffeWorkloadApiClient<Channel>
 
 fn req<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    r.metadata_mut().insert(
+        SECURITY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     r
 }
 
@@ -178,7 +188,10 @@ fn split_der(concat: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn pem_chain(concat: &[u8]) -> String {
-    split_der(concat).iter().map(|c| continuity_common::x509::pem_encode("CERTIFICATE", c)).collect()
+    split_der(concat)
+        .iter()
+        .map(|c| continuity_common::x509::pem_encode("CERTIFICATE", c))
+        .collect()
 }
 
 fn print_x509(out: Output, resp: &X509svidResponse) {
@@ -188,7 +201,10 @@ fn print_x509(out: Output, resp: &X509svidResponse) {
                 .svids
                 .iter()
                 .map(|s| {
-                    let leaf = split_der(&s.x509_svid).into_iter().next().unwrap_or_default();
+                    let leaf = split_der(&s.x509_svid)
+                        .into_iter()
+                        .next()
+                        .unwrap_or_default();
                     json!({
                         "spiffe_id": s.spiffe_id,
                         "hint": s.hint,
@@ -201,14 +217,24 @@ fn print_x509(out: Output, resp: &X509svidResponse) {
             println!("{}", json!({ "svids": svids }));
         }
         Output::Text => {
-            println!("Received {} svid{}", resp.svids.len(), if resp.svids.len() == 1 { "" } else { "s" });
+            println!(
+                "Received {} svid{}",
+                resp.svids.len(),
+                if resp.svids.len() == 1 { "" } else { "s" }
+            );
             for s in &resp.svids {
-                let leaf = split_der(&s.x509_svid).into_iter().next().unwrap_or_default();
+                let leaf = split_der(&s.x509_svid)
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
                 println!("\nSPIFFE ID:       {}", s.spiffe_id);
                 if !s.hint.is_empty() {
                     println!("Hint:            {}", s.hint);
                 }
-                println!("Expires at:      {}", continuity_common::x509::not_after(&leaf).unwrap_or_default());
+                println!(
+                    "Expires at:      {}",
+                    continuity_common::x509::not_after(&leaf).unwrap_or_default()
+                );
                 println!("CA certificates: {}", split_der(&s.bundle).len());
             }
         }
@@ -229,10 +255,15 @@ fn write_x509(dir: &Path, resp: &X509svidResponse) -> Result<(), CliError> {
                 .mode(mode)
                 .open(&p)
                 .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))?;
-            f.write_all(body.as_bytes()).map_err(|e| CliError::Io(format!("{}: {e}", p.display())))
+            f.write_all(body.as_bytes())
+                .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))
         };
         w(format!("svid.{i}.pem"), &pem_chain(&s.x509_svid), 0o644)?;
-        w(format!("svid.{i}.key"), &continuity_common::x509::pem_encode("PRIVATE KEY", &s.x509_svid_key), 0o600)?;
+        w(
+            format!("svid.{i}.key"),
+            &continuity_common::x509::pem_encode("PRIVATE KEY", &s.x509_svid_key),
+            0o600,
+        )?;
         w(format!("bundle.{i}.pem"), &pem_chain(&s.bundle), 0o644)?;
     }
     Ok(())
@@ -247,9 +278,14 @@ pub async fn client_command(cli: Cli) -> Result<(), CliError> {
             let path = socket_path(sp);
             let ch = continuity_common::grpc::uds_channel(Path::new(&path))
                 .await
-                .map_err(|source| CliError::Connect { path: path.clone(), source })?;
+                .map_err(|source| CliError::Connect {
+                    path: path.clone(),
+                    source,
+                })?;
             let r = tonic_health::pb::health_client::HealthClient::new(ch)
-                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await?
                 .into_inner();
             if r.status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
@@ -259,17 +295,30 @@ pub async fn client_command(cli: Cli) -> Result<(), CliError> {
         }
         Command::Api(ApiCommand::Fetch(FetchCommand::X509 { socket_path, write })) => {
             let mut c = client(socket_path).await?;
-            let mut stream = c.fetch_x509svid(req(X509svidRequest {})).await?.into_inner();
-            let resp = stream.message().await?.ok_or_else(|| tonic::Status::unavailable("stream ended"))?;
+            let mut stream = c
+                .fetch_x509svid(req(X509svidRequest {}))
+                .await?
+                .into_inner();
+            let resp = stream
+                .message()
+                .await?
+                .ok_or_else(|| tonic::Status::unavailable("stream ended"))?;
             if let Some(dir) = write {
                 write_x509(&dir, &resp)?;
             }
             print_x509(out, &resp);
         }
-        Command::Api(ApiCommand::Fetch(FetchCommand::Jwt { socket_path, audience, spiffe_id })) => {
+        Command::Api(ApiCommand::Fetch(FetchCommand::Jwt {
+            socket_path,
+            audience,
+            spiffe_id,
+        })) => {
             let mut c = client(socket_path).await?;
             let r = c
-                .fetch_jwtsvid(req(JwtsvidRequest { audience, spiffe_id: spiffe_id.unwrap_or_default() }))
+                .fetch_jwtsvid(req(JwtsvidRequest {
+                    audience,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                }))
                 .await?
                 .into_inner();
             match out {
@@ -284,18 +333,31 @@ pub async fn client_command(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Api(ApiCommand::Validate(ValidateCommand::Jwt { socket_path, audience, svid })) => {
+        Command::Api(ApiCommand::Validate(ValidateCommand::Jwt {
+            socket_path,
+            audience,
+            svid,
+        })) => {
             let mut c = client(socket_path).await?;
-            let r = c.validate_jwtsvid(req(ValidateJwtsvidRequest { audience, svid })).await?.into_inner();
+            let r = c
+                .validate_jwtsvid(req(ValidateJwtsvidRequest { audience, svid }))
+                .await?
+                .into_inner();
             let claims = r.claims.map(struct_json).unwrap_or_default();
             match out {
                 Output::Json => println!("{}", json!({"spiffe_id": r.spiffe_id, "claims": claims})),
-                Output::Text => println!("SVID is valid.\nSPIFFE ID : {}\nClaims    : {}", r.spiffe_id, claims),
+                Output::Text => println!(
+                    "SVID is valid.\nSPIFFE ID : {}\nClaims    : {}",
+                    r.spiffe_id, claims
+                ),
             }
         }
         Command::Api(ApiCommand::Watch { socket_path }) => {
             let mut c = client(socket_path).await?;
-            let mut stream = c.fetch_x509svid(req(X509svidRequest {})).await?.into_inner();
+            let mut stream = c
+                .fetch_x509svid(req(X509svidRequest {}))
+                .await?
+                .into_inner();
             while let Some(resp) = stream.message().await? {
                 print_x509(out, &resp);
             }
@@ -305,16 +367,27 @@ pub async fn client_command(cli: Cli) -> Result<(), CliError> {
 }
 
 fn struct_json(s: prost_types::Struct) -> serde_json::Value {
-    serde_json::Value::Object(s.fields.into_iter().map(|(k, v)| (k, value_json(v))).collect())
+    serde_json::Value::Object(
+        s.fields
+            .into_iter()
+            .map(|(k, v)| (k, value_json(v)))
+            .collect(),
+    )
 }
 
 fn value_json(v: prost_types::Value) -> serde_json::Value {
     use prost_types::value::Kind;
     match v.kind {
         Some(Kind::BoolValue(b)) => b.into(),
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, |x| {
-            if n.fract() == 0.0 && n.abs() < 9e15 { (n as i64).into() } else { serde_json::Value::Number(x) }
-        }),
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, |x| {
+                if n.fract() == 0.0 && n.abs() < 9e15 {
+                    (n as i64).into()
+                } else {
+                    serde_json::Value::Number(x)
+                }
+            })
+        }
         Some(Kind::StringValue(s)) => s.into(),
         Some(Kind::ListValue(l)) => l.values.into_iter().map(value_json).collect(),
         Some(Kind::StructValue(s)) => struct_json(s),

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use continuity_common::tls::TrustRoots;
 use continuity_common::{SpiffeId, TrustDomain};
 use continuity_proto::agent::agent_api_client::AgentApiClient;
-use continuity_proto::agent::{AttestAgentRequest, AttestationData, attest_agent_request, attest_agent_response};
+use continuity_proto::agent::{
+    AttestAgentRequest, AttestationData, attest_agent_request, attest_agent_response,
+};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 
@@ -108,11 +110,20 @@ pub struct Attested {
 
 impl ServerClient {
     /// A client for the server at `addr` in `trust_domain`, trusting `roots`.
-    pub fn new(addr: String, trust_domain: &TrustDomain, roots: TrustRoots) -> Result<Self, ClientError> {
+    pub fn new(
+        addr: String,
+        trust_domain: &TrustDomain,
+        roots: TrustRoots,
+    ) -> Result<Self, ClientError> {
         let server_id = trust_domain
             .id("/continuity/server")
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(Self { addr, server_id, roots, conn: tokio::sync::Mutex::new(None) })
+        Ok(Self {
+            addr,
+            server_id,
+            roots,
+            conn: tokio::sync::Mutex::new(None),
+        })
     }
 
     /// The roots used to authenticate the server (replace them when the bundle changes).
@@ -123,7 +134,10 @@ impl ServerClient {
     async fn channel(&self, cfg: rustls::ClientConfig) -> Result<Channel, ClientError> {
         continuity_common::grpc::tls_channel(self.addr.clone(), Arc::new(cfg))
             .await
-            .map_err(|source| ClientError::Connect { addr: self.addr.clone(), source })
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })
     }
 
     /// An authenticated client for the given agent SVID (reused while the SVID is the same).
@@ -135,9 +149,17 @@ impl ServerClient {
         {
             return Ok(c.clone());
         }
-        let chain = svid.chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
+        let chain = svid
+            .chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.clone()));
-        let cfg = continuity_common::tls::client_config(self.roots.clone(), self.server_id.clone(), Some((chain, key)))?;
+        let cfg = continuity_common::tls::client_config(
+            self.roots.clone(),
+            self.server_id.clone(),
+            Some((chain, key)),
+        )?;
         let client = AgentApiClient::new(self.channel(cfg).await?);
         *conn = Some((serial, client.clone()));
         Ok(client)
@@ -150,7 +172,11 @@ impl ServerClient {
 
     /// Attests with a join token. With `insecure`, the server is not authenticated (first start
     /// with `insecure_bootstrap` only).
-    pub async fn attest_join_token(&self, token: &str, insecure: bool) -> Result<Attested, ClientError> {
+    pub async fn attest_join_token(
+        &self,
+        token: &str,
+        insecure: bool,
+    ) -> Result<Attested, ClientError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let cfg = if insecure {
             let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -166,18 +192,35 @@ impl ServerClient {
         let mut client = AgentApiClient::new(self.channel(cfg).await?);
         let (key, csr) = crate::manager::new_key_and_csr().map_err(ClientError::Protocol)?;
         let req = AttestAgentRequest {
-            step: Some(attest_agent_request::Step::Params(attest_agent_request::Params {
-                data: Some(AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
-                csr,
-            })),
+            step: Some(attest_agent_request::Step::Params(
+                attest_agent_request::Params {
+                    data: Some(AttestationData {
+                        r#type: "join_token".into(),
+                        payload: token.as_bytes().to_vec(),
+                    }),
+                    csr,
+                },
+            )),
         };
-        let mut stream = client.attest_agent(tokio_stream::once(req)).await?.into_inner();
-        let msg = stream.message().await?.ok_or_else(|| ClientError::Protocol("attestation stream ended early".into()))?;
+        let mut stream = client
+            .attest_agent(tokio_stream::once(req))
+            .await?
+            .into_inner();
+        let msg = stream
+            .message()
+            .await?
+            .ok_or_else(|| ClientError::Protocol("attestation stream ended early".into()))?;
         let Some(attest_agent_response::Step::Result(result)) = msg.step else {
-            return Err(ClientError::Protocol("the server asked for a challenge the join_token attestor cannot answer".into()));
+            return Err(ClientError::Protocol(
+                "the server asked for a challenge the join_token attestor cannot answer".into(),
+            ));
         };
-        let svid = result.svid.ok_or_else(|| ClientError::Protocol("no agent SVID in the result".into()))?;
-        let bundle = result.bundle.ok_or_else(|| ClientError::Protocol("no bundle in the result".into()))?;
+        let svid = result
+            .svid
+            .ok_or_else(|| ClientError::Protocol("no agent SVID in the result".into()))?;
+        let bundle = result
+            .bundle
+            .ok_or_else(|| ClientError::Protocol("no bundle in the result".into()))?;
         Ok(Attested {
             agent_id: svid.spiffe_id.clone(),
             svid: crate::manager::svid_from_proto(svid, key),
@@ -189,4 +232,3 @@ impl ServerClient {
 fn hex_of(der: &[u8]) -> String {
     continuity_common::x509::serial_hex(der).unwrap_or_default()
 }
-

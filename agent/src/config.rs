@@ -39,7 +39,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 /// The file schema of agent.toml.
@@ -146,7 +149,10 @@ pub struct Config {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
@@ -168,13 +174,25 @@ impl Config {
         )
         .map_err(|e| invalid("trust_domain", e.to_string()))?;
         let server_address = f.server_address.unwrap_or_else(|| "127.0.0.1:8081".into());
-        if server_address.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
-            return Err(invalid("server_address", format!("{server_address:?} is not host:port")));
+        if server_address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(invalid(
+                "server_address",
+                format!("{server_address:?} is not host:port"),
+            ));
         }
         let bootstrap = match (f.trust_bundle_path, f.insecure_bootstrap.unwrap_or(false)) {
             (Some(p), false) => Bootstrap::TrustBundle(p),
             (None, true) => Bootstrap::Insecure,
-            (Some(_), true) => return Err(invalid("insecure_bootstrap", "set trust_bundle_path or insecure_bootstrap, not both")),
+            (Some(_), true) => {
+                return Err(invalid(
+                    "insecure_bootstrap",
+                    "set trust_bundle_path or insecure_bootstrap, not both",
+                ));
+            }
             (None, false) => {
                 return Err(invalid(
                     "trust_bundle_path",
@@ -182,8 +200,9 @@ impl Config {
                 ));
             }
         };
-        let sync_interval = continuity_common::duration::parse(f.sync_interval.as_deref().unwrap_or("5s"))
-            .map_err(|m| invalid("sync_interval", m))?;
+        let sync_interval =
+            continuity_common::duration::parse(f.sync_interval.as_deref().unwrap_or("5s"))
+                .map_err(|m| invalid("sync_interval", m))?;
         if sync_interval.is_zero() {
             return Err(invalid("sync_interval", "must be positive"));
         }
@@ -191,7 +210,10 @@ impl Config {
             None => Some(UnixConfig::default()),
             Some(w) => {
                 if w.k8s.is_some() {
-                    return Err(invalid("workload_attestors.k8s", "the k8s workload attestor is not available in this build"));
+                    return Err(invalid(
+                        "workload_attestors.k8s",
+                        "the k8s workload attestor is not available in this build",
+                    ));
                 }
                 w.unix.map(|u| UnixConfig {
                     discover_workload_path: u.discover_workload_path.unwrap_or(true),
@@ -203,13 +225,18 @@ impl Config {
         continuity_common::logging::check_level(&log_level).map_err(|m| invalid("log_level", m))?;
         let addr = |l: Option<FileListener>, key| -> Result<Option<SocketAddr>, ConfigError> {
             l.and_then(|l| l.bind_address)
-                .map(|a| a.parse().map_err(|_| invalid(key, format!("{a:?} is not host:port"))))
+                .map(|a| {
+                    a.parse()
+                        .map_err(|_| invalid(key, format!("{a:?} is not host:port")))
+                })
                 .transpose()
         };
         Ok(Self {
             trust_domain,
             server_address,
-            data_dir: f.data_dir.unwrap_or_else(|| "/var/lib/continuity/agent".into()),
+            data_dir: f
+                .data_dir
+                .unwrap_or_else(|| "/var/lib/continuity/agent".into()),
             socket_path: f.socket_path.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
             bootstrap,
             join_token: f.join_token.filter(|t| !t.is_empty()),
@@ -238,12 +265,17 @@ mod tests {
             ("sokcet_path = \"/x\"\n", "sokcet_path"),
             ("server_address = \"nope\"\n", "server_address"),
             ("sync_interval = \"often\"\n", "sync_interval"),
-            ("[workload_attestors.unix]\ndiscover_path = true\n", "discover_path"),
+            (
+                "[workload_attestors.unix]\ndiscover_path = true\n",
+                "discover_path",
+            ),
         ] {
             let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(e.contains(key), "{e}");
         }
-        let e = parse("trust_domain = \"example.org\"").unwrap_err().to_string();
+        let e = parse("trust_domain = \"example.org\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("trust_bundle_path"), "{e}");
     }
 
@@ -252,11 +284,26 @@ mod tests {
         let text = include_str!("../../deploy/agent.full.toml");
         parse(text).unwrap();
         for key in [
-            "trust_domain", "server_address", "data_dir", "socket_path", "trust_bundle_path", "insecure_bootstrap",
-            "join_token", "sync_interval", "[workload_attestors.unix]", "discover_workload_path",
-            "workload_size_limit", "[health]", "[metrics]", "log_level", "log_format",
+            "trust_domain",
+            "server_address",
+            "data_dir",
+            "socket_path",
+            "trust_bundle_path",
+            "insecure_bootstrap",
+            "join_token",
+            "sync_interval",
+            "[workload_attestors.unix]",
+            "discover_workload_path",
+            "workload_size_limit",
+            "[health]",
+            "[metrics]",
+            "log_level",
+            "log_format",
         ] {
-            assert!(text.contains(key), "deploy/agent.full.toml does not document {key}");
+            assert!(
+                text.contains(key),
+                "deploy/agent.full.toml does not document {key}"
+            );
         }
     }
 }

@@ -26,7 +26,9 @@ pub enum StorageError {
         source: std::io::Error,
     },
     /// The file exists but is not a state this agent can read.
-    #[error("state file {path} is corrupt ({reason}); move it away to start over with a new join token")]
+    #[error(
+        "state file {path} is corrupt ({reason}); move it away to start over with a new join token"
+    )]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -54,10 +56,21 @@ impl Storage {
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|source| StorageError::Io { what: "cannot create data_dir", path: dir.into(), source })?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|source| StorageError::Io { what: "cannot restrict data_dir", path: dir.into(), source })?;
-        Ok(Self { dir: dir.to_path_buf() })
+            .map_err(|source| StorageError::Io {
+                what: "cannot create data_dir",
+                path: dir.into(),
+                source,
+            })?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| StorageError::Io {
+                what: "cannot restrict data_dir",
+                path: dir.into(),
+                source,
+            },
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// Path of the state file.
@@ -71,9 +84,18 @@ impl Storage {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StorageError::Io { what: "cannot read", path, source }),
+            Err(source) => {
+                return Err(StorageError::Io {
+                    what: "cannot read",
+                    path,
+                    source,
+                });
+            }
         };
-        let v: Versioned = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt { path, reason: e.to_string() })?;
+        let v: Versioned = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })?;
         Ok(Some(v.state))
     }
 
@@ -81,12 +103,32 @@ impl Storage {
     pub fn save(&self, state: &PersistedState) -> Result<(), StorageError> {
         let path = self.path();
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let body = serde_json::to_vec(&Versioned { version: 1, state: state.clone() })
-            .map_err(|e| StorageError::Corrupt { path: path.clone(), reason: e.to_string() })?;
-        let io = |source| StorageError::Io { what: "cannot write", path: tmp.clone(), source };
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+        let body = serde_json::to_vec(&Versioned {
+            version: 1,
+            state: state.clone(),
+        })
+        .map_err(|e| StorageError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let io = |source| StorageError::Io {
+            what: "cannot write",
+            path: tmp.clone(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
         f.write_all(&body).and_then(|_| f.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(|source| StorageError::Io { what: "cannot install", path, source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| StorageError::Io {
+            what: "cannot install",
+            path,
+            source,
+        })?;
         Ok(())
     }
 }

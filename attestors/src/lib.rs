@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod join_token;
-pub mod unix;
 pub mod selector;
+pub mod unix;
 
 pub use selector::{Selector, SelectorError};

@@ -90,7 +90,12 @@ impl UnixAttestor {
     /// Selectors of process `pid`, whose socket credentials were `uid`/`gid`.
     pub fn attest(&self, pid: u32, uid: u32, gid: u32) -> Result<Vec<Selector>, UnixError> {
         let proc = self.proc_root.join(pid.to_string());
-        let status = std::fs::read_to_string(proc.join("status")).map_err(|source| UnixError::Proc { pid, what: "status", source })?;
+        let status =
+            std::fs::read_to_string(proc.join("status")).map_err(|source| UnixError::Proc {
+                pid,
+                what: "status",
+                source,
+            })?;
         let mut out = vec![
             Selector::raw("unix", format!("uid:{uid}")),
             Selector::raw("unix", format!("gid:{gid}")),
@@ -105,18 +110,33 @@ impl UnixAttestor {
             out.push(Selector::raw("unix", format!("supplementary_gid:{g}")));
         }
         if self.cfg.discover_workload_path {
-            let exe = std::fs::read_link(proc.join("exe")).map_err(|source| UnixError::Proc { pid, what: "exe", source })?;
+            let exe = std::fs::read_link(proc.join("exe")).map_err(|source| UnixError::Proc {
+                pid,
+                what: "exe",
+                source,
+            })?;
             out.push(Selector::raw("unix", format!("path:{}", exe.display())));
             // Hash through /proc/<pid>/exe: it is the very file the process runs, even if the
             // path was replaced or deleted since.
-            out.push(Selector::raw("unix", format!("sha256:{}", self.hash(pid, &proc.join("exe"), &exe)?)));
+            out.push(Selector::raw(
+                "unix",
+                format!("sha256:{}", self.hash(pid, &proc.join("exe"), &exe)?),
+            ));
         }
         Ok(out)
     }
 
     fn hash(&self, pid: u32, exe_link: &Path, exe: &Path) -> Result<String, UnixError> {
-        let mut f = std::fs::File::open(exe_link).map_err(|source| UnixError::Proc { pid, what: "exe", source })?;
-        let m = f.metadata().map_err(|source| UnixError::Proc { pid, what: "exe", source })?;
+        let mut f = std::fs::File::open(exe_link).map_err(|source| UnixError::Proc {
+            pid,
+            what: "exe",
+            source,
+        })?;
+        let m = f.metadata().map_err(|source| UnixError::Proc {
+            pid,
+            what: "exe",
+            source,
+        })?;
         let key = FileKey {
             dev: m.dev(),
             ino: m.ino(),
@@ -124,24 +144,40 @@ impl UnixAttestor {
             mtime: m.mtime(),
             mtime_nsec: m.mtime_nsec(),
         };
-        if let Some(h) = self.hashes.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(h) = self
+            .hashes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(h.clone());
         }
         let limit = self.cfg.workload_size_limit;
         if limit > 0 && m.size() > limit {
-            return Err(UnixError::TooLarge { path: exe.to_path_buf(), size: m.size(), limit });
+            return Err(UnixError::TooLarge {
+                path: exe.to_path_buf(),
+                size: m.size(),
+                limit,
+            });
         }
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = f.read(&mut buf).map_err(|source| UnixError::Proc { pid, what: "exe", source })?;
+            let n = f.read(&mut buf).map_err(|source| UnixError::Proc {
+                pid,
+                what: "exe",
+                source,
+            })?;
             if n == 0 {
                 break;
             }
             ctx.update(&buf[..n]);
         }
         let h = hex::encode(ctx.finish());
-        self.hashes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, h.clone());
+        self.hashes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, h.clone());
         Ok(h)
     }
 }
@@ -151,7 +187,11 @@ pub fn supplementary_gids(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -199,9 +239,15 @@ mod tests {
 
     #[test]
     fn parses_groups_and_names() {
-        assert_eq!(supplementary_gids("Name:\tx\nGroups:\t4 24 27 \n"), vec![4, 24, 27]);
+        assert_eq!(
+            supplementary_gids("Name:\tx\nGroups:\t4 24 27 \n"),
+            vec![4, 24, 27]
+        );
         assert_eq!(supplementary_gids("Name:\tx\n"), Vec::<u32>::new());
-        assert_eq!(lookup_name(Path::new("/etc/passwd"), 0).as_deref(), Some("root"));
+        assert_eq!(
+            lookup_name(Path::new("/etc/passwd"), 0).as_deref(),
+            Some("root")
+        );
         assert!(start_time(std::process::id()).is_some());
     }
 }

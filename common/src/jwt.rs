@@ -60,10 +60,14 @@ pub struct Validated {
 }
 
 fn part(s: &str) -> Result<Map<String, Value>, JwtError> {
-    let bytes = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed("bad base64url"))?;
+    let bytes = URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|_| JwtError::Malformed("bad base64url"))?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
-        _ => Err(JwtError::Malformed("header or claims are not a JSON object")),
+        _ => Err(JwtError::Malformed(
+            "header or claims are not a JSON object",
+        )),
     }
 }
 
@@ -76,12 +80,20 @@ pub fn validate<'k>(
     key: impl Fn(&str, &str) -> Option<&'k [u8]>,
 ) -> Result<Validated, JwtError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(JwtError::Malformed("a JWT-SVID has three dot-separated parts"));
+    let (Some(h), Some(c), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed(
+            "a JWT-SVID has three dot-separated parts",
+        ));
     };
     let header = part(h)?;
     let claims = part(c)?;
-    let alg = header.get("alg").and_then(Value::as_str).unwrap_or_default().to_string();
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let verify_alg: &'static dyn aws_lc_rs::signature::VerificationAlgorithm = match alg.as_str() {
         "ES256" => &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
         "ES384" => &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED,
@@ -93,29 +105,50 @@ pub fn validate<'k>(
         "PS512" => &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA512,
         _ => return Err(JwtError::Algorithm(alg)),
     };
-    let kid = header.get("kid").and_then(Value::as_str).ok_or(JwtError::MissingKid)?;
-    let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or(JwtError::MissingKid)?;
+    let sub = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let spiffe_id = SpiffeId::new(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
     let td = spiffe_id.trust_domain();
     let spki = key(td.name(), kid).ok_or_else(|| JwtError::UnknownKey {
         kid: kid.to_string(),
         trust_domain: td.to_string(),
     })?;
-    let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).map_err(|_| JwtError::Signature)?;
-    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| JwtError::Malformed("bad signature encoding"))?;
+    let (_, parsed) =
+        x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).map_err(|_| JwtError::Signature)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| JwtError::Malformed("bad signature encoding"))?;
     let signed = &token[..h.len() + 1 + c.len()];
-    aws_lc_rs::signature::UnparsedPublicKey::new(verify_alg, parsed.subject_public_key.data.as_ref())
-        .verify(signed.as_bytes(), &sig)
-        .map_err(|_| JwtError::Signature)?;
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        verify_alg,
+        parsed.subject_public_key.data.as_ref(),
+    )
+    .verify(signed.as_bytes(), &sig)
+    .map_err(|_| JwtError::Signature)?;
     let aud: Vec<String> = match claims.get("aud") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         _ => vec![],
     };
     if !aud.iter().any(|a| a == audience) {
-        return Err(JwtError::Audience { got: aud, want: audience.to_string() });
+        return Err(JwtError::Audience {
+            got: aud,
+            want: audience.to_string(),
+        });
     }
-    let exp = claims.get("exp").and_then(Value::as_i64).ok_or(JwtError::Malformed("no exp claim"))?;
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or(JwtError::Malformed("no exp claim"))?;
     if exp + LEEWAY_SECS < now {
         return Err(JwtError::Expired(exp));
     }

@@ -17,10 +17,16 @@ pub enum LogFormat {
 pub fn init(level: &str, format: LogFormat) {
     // The level applies to Continuity's own crates; libraries stay at warn so `debug` shows
     // our decisions, not every HTTP/2 frame.
-    let ours = ["continuity_server", "continuity_agent", "continuity_common", "continuity_attestors"]
-        .map(|c| format!("{c}={level}"))
-        .join(",");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("warn,{ours}")));
+    let ours = [
+        "continuity_server",
+        "continuity_agent",
+        "continuity_common",
+        "continuity_attestors",
+    ]
+    .map(|c| format!("{c}={level}"))
+    .join(",");
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,{ours}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -6,7 +6,8 @@
 #![allow(missing_docs, clippy::all)]
 
 /// The encoded `FileDescriptorSet` of every .proto here, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/continuity_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/continuity_descriptor.bin"));
 
 /// The SPIFFE Workload API (the proto has no package, so prost names the file `_`).
 pub mod workload {

@@ -408,12 +408,32 @@ mod tests {
         let text = include_str!("../../deploy/server.full.toml");
         parse(text).unwrap();
         for key in [
-            "trust_domain", "data_dir", "bind_address", "admin_socket", "ca_key_type", "ca_ttl",
-            "default_x509_svid_ttl", "default_jwt_svid_ttl", "jwt_issuer", "log_level", "log_format",
-            "[datastore]", "url", "[key_manager]", "kind", "module", "token_label", "pin_env", "pin_file",
-            "[health]", "[metrics]",
+            "trust_domain",
+            "data_dir",
+            "bind_address",
+            "admin_socket",
+            "ca_key_type",
+            "ca_ttl",
+            "default_x509_svid_ttl",
+            "default_jwt_svid_ttl",
+            "jwt_issuer",
+            "log_level",
+            "log_format",
+            "[datastore]",
+            "url",
+            "[key_manager]",
+            "kind",
+            "module",
+            "token_label",
+            "pin_env",
+            "pin_file",
+            "[health]",
+            "[metrics]",
         ] {
-            assert!(text.contains(key), "deploy/server.full.toml does not document {key}");
+            assert!(
+                text.contains(key),
+                "deploy/server.full.toml does not document {key}"
+            );
         }
     }
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod agent;
 pub mod agent_client;
 pub mod server;
 pub mod softhsm;

@@ -34,7 +34,9 @@ enum State {
     /// Passing a non-header frame's payload through; bytes left.
     Passthrough(usize),
     /// Collecting a header block.
-    HeaderPayload { remaining: usize },
+    HeaderPayload {
+        remaining: usize,
+    },
 }
 
 /// An I/O adapter fixing client header blocks on the read side.
@@ -81,7 +83,11 @@ impl<S> AuthorityFix<S> {
                         return Ok(());
                     }
                     self.output.extend_from_slice(&self.input.split_to(n));
-                    self.state = if left == n { State::FrameHeader } else { State::Preface(left - n) };
+                    self.state = if left == n {
+                        State::FrameHeader
+                    } else {
+                        State::Preface(left - n)
+                    };
                 }
                 State::Passthrough(left) => {
                     let n = left.min(self.input.len());
@@ -89,7 +95,11 @@ impl<S> AuthorityFix<S> {
                         return Ok(());
                     }
                     self.output.extend_from_slice(&self.input.split_to(n));
-                    self.state = if left == n { State::FrameHeader } else { State::Passthrough(left - n) };
+                    self.state = if left == n {
+                        State::FrameHeader
+                    } else {
+                        State::Passthrough(left - n)
+                    };
                 }
                 State::FrameHeader => {
                     if self.input.len() < FRAME_HEADER {
@@ -104,7 +114,8 @@ impl<S> AuthorityFix<S> {
                         self.frame = (kind, flags, stream);
                         self.state = State::HeaderPayload { remaining: len };
                     } else {
-                        self.output.extend_from_slice(&self.input.split_to(FRAME_HEADER));
+                        self.output
+                            .extend_from_slice(&self.input.split_to(FRAME_HEADER));
                         self.state = State::Passthrough(len);
                     }
                 }
@@ -127,14 +138,21 @@ impl<S> AuthorityFix<S> {
             let mut p = payload;
             let mut pad = 0;
             if flags & PADDED != 0 {
-                let (&n, rest) = p.split_first().ok_or_else(|| bad("HEADERS frame too short for padding"))?;
+                let (&n, rest) = p
+                    .split_first()
+                    .ok_or_else(|| bad("HEADERS frame too short for padding"))?;
                 pad = n as usize;
                 p = rest;
             }
             if flags & PRIORITY != 0 {
-                p = p.get(5..).ok_or_else(|| bad("HEADERS frame too short for priority"))?;
+                p = p
+                    .get(5..)
+                    .ok_or_else(|| bad("HEADERS frame too short for priority"))?;
             }
-            let end = p.len().checked_sub(pad).ok_or_else(|| bad("HEADERS padding exceeds payload"))?;
+            let end = p
+                .len()
+                .checked_sub(pad)
+                .ok_or_else(|| bad("HEADERS padding exceeds payload"))?;
             self.block = Some((stream, flags & END_STREAM != 0, Vec::new()));
             &p[..end]
         } else {
@@ -172,7 +190,12 @@ impl<S> AuthorityFix<S> {
         let mut first = true;
         let mut chunks = out.chunks(MAX_FRAME).peekable();
         if chunks.peek().is_none() {
-            self.write_frame(HEADERS, if end_stream { END_STREAM } else { 0 } | END_HEADERS, stream, &[]);
+            self.write_frame(
+                HEADERS,
+                if end_stream { END_STREAM } else { 0 } | END_HEADERS,
+                stream,
+                &[],
+            );
         }
         while let Some(chunk) = chunks.next() {
             let last = chunks.peek().is_none();
@@ -180,7 +203,12 @@ impl<S> AuthorityFix<S> {
             if first && end_stream {
                 flags |= END_STREAM;
             }
-            self.write_frame(if first { HEADERS } else { CONTINUATION }, flags, stream, chunk);
+            self.write_frame(
+                if first { HEADERS } else { CONTINUATION },
+                flags,
+                stream,
+                chunk,
+            );
             first = false;
         }
         Ok(())
@@ -188,7 +216,13 @@ impl<S> AuthorityFix<S> {
 
     fn write_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
         let len = payload.len();
-        self.output.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+        self.output.extend_from_slice(&[
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            flags,
+        ]);
         self.output.extend_from_slice(&stream.to_be_bytes());
         self.output.extend_from_slice(payload);
     }
@@ -225,7 +259,11 @@ fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let me = &mut *self;
         loop {
             if !me.output.is_empty() {
@@ -255,7 +293,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -264,7 +306,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -278,7 +324,13 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![(payload.len() >> 16) as u8, (payload.len() >> 8) as u8, payload.len() as u8, kind, flags];
+        let mut v = vec![
+            (payload.len() >> 16) as u8,
+            (payload.len() >> 8) as u8,
+            payload.len() as u8,
+            kind,
+            flags,
+        ];
         v.extend_from_slice(&stream.to_be_bytes());
         v.extend_from_slice(payload);
         v
@@ -328,12 +380,18 @@ mod tests {
         input.extend(&data);
         let out = run(input).await;
         assert_eq!(&out[..PREFACE_LEN], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert_eq!(&out[PREFACE_LEN..PREFACE_LEN + settings.len()], &settings[..]);
+        assert_eq!(
+            &out[PREFACE_LEN..PREFACE_LEN + settings.len()],
+            &settings[..]
+        );
         assert!(out.ends_with(&data));
         let headers = decode_headers(&out);
         assert!(headers.contains(&(b":authority".to_vec(), b"localhost".to_vec())));
         assert!(headers.contains(&(b"workload.spiffe.io".to_vec(), b"true".to_vec())));
-        assert!(headers.contains(&(b":path".to_vec(), b"/SpiffeWorkloadAPI/FetchX509SVID".to_vec())));
+        assert!(headers.contains(&(
+            b":path".to_vec(),
+            b"/SpiffeWorkloadAPI/FetchX509SVID".to_vec()
+        )));
     }
 
     #[tokio::test]
@@ -344,6 +402,9 @@ mod tests {
         input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 3, &block));
         let out = run(input).await;
         assert_eq!(out[PREFACE_LEN + 4], END_HEADERS | END_STREAM);
-        assert_eq!(decode_headers(&out), vec![(b":authority".to_vec(), b"localhost:1234".to_vec())]);
+        assert_eq!(
+            decode_headers(&out),
+            vec![(b":authority".to_vec(), b"localhost:1234".to_vec())]
+        );
     }
 }

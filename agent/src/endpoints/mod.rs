@@ -34,13 +34,21 @@ impl Connected for WorkloadConn {
 }
 
 impl AsyncRead for WorkloadConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for WorkloadConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -49,7 +57,11 @@ impl AsyncWrite for WorkloadConn {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -63,7 +75,10 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -80,7 +95,9 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Accepts connections, reading each peer's credentials at accept time.
-pub fn incoming(listener: UnixListener) -> tokio_stream::wrappers::ReceiverStream<io::Result<WorkloadConn>> {
+pub fn incoming(
+    listener: UnixListener,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<WorkloadConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     tokio::spawn(async move {
         loop {
@@ -99,8 +116,18 @@ pub fn incoming(listener: UnixListener) -> tokio_stream::wrappers::ReceiverStrea
                     None
                 }
             };
-            let info = ConnInfo { peer, selectors: Arc::default() };
-            if tx.send(Ok(WorkloadConn { io: AuthorityFix::new(stream), info })).await.is_err() {
+            let info = ConnInfo {
+                peer,
+                selectors: Arc::default(),
+            };
+            if tx
+                .send(Ok(WorkloadConn {
+                    io: AuthorityFix::new(stream),
+                    info,
+                }))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -115,7 +142,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     reporter
         .set_service_status("SpiffeWorkloadAPI", tonic_health::ServingStatus::Serving)
         .await;
@@ -124,10 +153,15 @@ pub async fn serve(
         .build_v1();
     let mut router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(SpiffeWorkloadApiServer::with_interceptor(handler, check_security_header));
+        .add_service(SpiffeWorkloadApiServer::with_interceptor(
+            handler,
+            check_security_header,
+        ));
     match reflection {
         Ok(r) => router = router.add_service(r),
         Err(e) => tracing::warn!(error = %e, "gRPC reflection unavailable"),
     }
-    router.serve_with_incoming_shutdown(incoming(listener), shutdown).await
+    router
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await
 }

@@ -43,7 +43,9 @@ static LOGGED_MODE: AtomicBool = AtomicBool::new(false);
 /// Reads the "Pid:" line of `/proc/self/fdinfo/<fd>` for a pidfd (-1 once the process exited).
 fn pidfd_pid(fd: &OwnedFd) -> Option<i64> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
-    info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 impl Peer {
@@ -60,17 +62,29 @@ impl Peer {
             }
             Err(_) => {
                 if !LOGGED_MODE.swap(true, Ordering::Relaxed) {
-                    tracing::info!("SO_PEERPIDFD unavailable (kernel < 6.5); binding callers with pidfd_open + start time");
+                    tracing::info!(
+                        "SO_PEERPIDFD unavailable (kernel < 6.5); binding callers with pidfd_open + start time"
+                    );
                 }
                 let start = continuity_attestors::unix::start_time(pid);
                 let pid_t = rustix::process::Pid::from_raw(pid as i32);
-                match (pid_t.map(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())), start) {
+                match (
+                    pid_t.map(|p| {
+                        rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+                    }),
+                    start,
+                ) {
                     (Some(Ok(fd)), Some(start)) => Binding::PidfdOpen(fd, start),
                     _ => Binding::None,
                 }
             }
         };
-        Ok(Self { uid, gid, pid, binding })
+        Ok(Self {
+            uid,
+            gid,
+            pid,
+            binding,
+        })
     }
 
     /// True if the process that connected is still alive under the same pid (checked after
@@ -79,7 +93,8 @@ impl Peer {
         match &self.binding {
             Binding::PeerPidfd(fd) => pidfd_pid(fd) == Some(self.pid as i64),
             Binding::PidfdOpen(fd, start) => {
-                pidfd_pid(fd) == Some(self.pid as i64) && continuity_attestors::unix::start_time(self.pid) == Some(*start)
+                pidfd_pid(fd) == Some(self.pid as i64)
+                    && continuity_attestors::unix::start_time(self.pid) == Some(*start)
             }
             Binding::None => false,
         }
@@ -92,5 +107,6 @@ pub struct ConnInfo {
     /// The peer (None if credentials could not be read).
     pub peer: Option<Arc<Peer>>,
     /// Attestation result, computed once per connection.
-    pub selectors: Arc<tokio::sync::OnceCell<Arc<std::collections::HashSet<continuity_attestors::Selector>>>>,
+    pub selectors:
+        Arc<tokio::sync::OnceCell<Arc<std::collections::HashSet<continuity_attestors::Selector>>>>,
 }

@@ -24,7 +24,9 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
     match req.metadata().get(SECURITY_HEADER).map(|v| v.as_bytes()) {
         Some(b"true") => Ok(req),
-        _ => Err(Status::invalid_argument("security header missing from request: workload.spiffe.io: true")),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request: workload.spiffe.io: true",
+        )),
     }
 }
 
@@ -43,7 +45,9 @@ impl IdentityCache for crate::manager::Manager {
         crate::manager::Manager::subscribe(self)
     }
     async fn jwt_svid(&self, entry_id: &str, audience: &[String]) -> Result<String, String> {
-        crate::manager::Manager::jwt_svid(self, entry_id, audience).await.map_err(|e| e.to_string())
+        crate::manager::Manager::jwt_svid(self, entry_id, audience)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -63,32 +67,41 @@ fn no_identity() -> Status {
 
 impl WorkloadHandler {
     /// A handler over a cache and an attestor.
-    pub fn new(cache: Arc<dyn IdentityCache>, attestor: Arc<dyn WorkloadAttestor>, clock: Arc<dyn Clock>) -> Self {
-        Self { cache, attestor, clock }
+    pub fn new(
+        cache: Arc<dyn IdentityCache>,
+        attestor: Arc<dyn WorkloadAttestor>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            cache,
+            attestor,
+            clock,
+        }
     }
 
     /// Attests the caller (once per connection).
     async fn selectors<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
-        let info = req
-            .extensions()
-            .get::<ConnInfo>()
-            .cloned()
-            .ok_or_else(|| Status::unavailable("workload attestation failed: no peer information"))?;
-        let peer = info
-            .peer
-            .clone()
-            .ok_or_else(|| Status::unavailable("workload attestation failed: peer credentials unavailable"))?;
+        let info = req.extensions().get::<ConnInfo>().cloned().ok_or_else(|| {
+            Status::unavailable("workload attestation failed: no peer information")
+        })?;
+        let peer = info.peer.clone().ok_or_else(|| {
+            Status::unavailable("workload attestation failed: peer credentials unavailable")
+        })?;
         let attestor = self.attestor.clone();
         info.selectors
             .get_or_try_init(|| async move {
                 let result = tokio::task::spawn_blocking(move || attestor.attest(&peer))
                     .await
-                    .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))?;
+                    .map_err(|e| {
+                        Status::unavailable(format!("workload attestation failed: {e}"))
+                    })?;
                 match result {
                     Ok(s) => Ok(Arc::new(s)),
                     Err(e) => {
                         tracing::info!(error = %e, "workload attestation failed");
-                        Err(Status::unavailable(format!("workload attestation failed: {e}")))
+                        Err(Status::unavailable(format!(
+                            "workload attestation failed: {e}"
+                        )))
                     }
                 }
             })
@@ -116,7 +129,13 @@ impl WorkloadHandler {
 
 /// Streams `first`, then a message built from each new snapshot whenever its key changes;
 /// ends with PermissionDenied if the caller loses every identity.
-fn watch_stream<T, K, F>(rx: watch::Receiver<Arc<Snapshot>>, selectors: Selectors, first: T, first_key: K, build: F) -> ResponseStream<T>
+fn watch_stream<T, K, F>(
+    rx: watch::Receiver<Arc<Snapshot>>,
+    selectors: Selectors,
+    first: T,
+    first_key: K,
+    build: F,
+) -> ResponseStream<T>
 where
     T: Send + 'static,
     K: PartialEq + Send + 'static,
@@ -129,7 +148,12 @@ where
         done: bool,
     }
     let build = Arc::new(build);
-    let init = St { rx, first: Some(first), last: first_key, done: false };
+    let init = St {
+        rx,
+        first: Some(first),
+        last: first_key,
+        done: false,
+    };
     Box::pin(futures_util::stream::unfold(init, move |mut st| {
         let (build, selectors) = (build.clone(), selectors.clone());
         async move {
@@ -165,7 +189,10 @@ impl SpiffeWorkloadApi for WorkloadHandler {
     type FetchWITSVIDStream = ResponseStream<WitsvidResponse>;
     type FetchWITBundlesStream = ResponseStream<WitBundlesResponse>;
 
-    async fn fetch_x509svid(&self, req: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = self.selectors(&req).await?;
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
@@ -173,15 +200,27 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if ids.is_empty() {
             return Err(no_identity());
         }
-        let key = |snap: &Snapshot, ids: &[Arc<Identity>]| (snap.bundle.sequence, ids.iter().map(|i| i.generation).collect::<Vec<_>>());
+        let key = |snap: &Snapshot, ids: &[Arc<Identity>]| {
+            (
+                snap.bundle.sequence,
+                ids.iter().map(|i| i.generation).collect::<Vec<_>>(),
+            )
+        };
         let first = Self::x509_response(&snap, &ids);
         let first_key = key(&snap, &ids);
-        Ok(Response::new(watch_stream(rx, selectors, first, first_key, move |snap, ids| {
-            (key(snap, ids), Self::x509_response(snap, ids))
-        })))
+        Ok(Response::new(watch_stream(
+            rx,
+            selectors,
+            first,
+            first_key,
+            move |snap, ids| (key(snap, ids), Self::x509_response(snap, ids)),
+        )))
     }
 
-    async fn fetch_x509_bundles(&self, req: Request<X509BundlesRequest>) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let selectors = self.selectors(&req).await?;
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
@@ -190,13 +229,22 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         }
         let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
             let b = &snap.bundle;
-            (b.sequence, X509BundlesResponse { crl: vec![], bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.to_vec())]) })
+            (
+                b.sequence,
+                X509BundlesResponse {
+                    crl: vec![],
+                    bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.to_vec())]),
+                },
+            )
         };
         let (k, first) = build(&snap, &[]);
         Ok(Response::new(watch_stream(rx, selectors, first, k, build)))
     }
 
-    async fn fetch_jwtsvid(&self, req: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
         let selectors = self.selectors(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
@@ -217,13 +265,25 @@ impl SpiffeWorkloadApi for WorkloadHandler {
                 .cache
                 .jwt_svid(&i.entry_id, &r.audience)
                 .await
-                .map_err(|e| Status::unavailable(format!("could not obtain a JWT-SVID for {}: {e}", i.spiffe_id)))?;
-            svids.push(Jwtsvid { spiffe_id: i.spiffe_id.clone(), svid: token, hint: i.hint.clone() });
+                .map_err(|e| {
+                    Status::unavailable(format!(
+                        "could not obtain a JWT-SVID for {}: {e}",
+                        i.spiffe_id
+                    ))
+                })?;
+            svids.push(Jwtsvid {
+                spiffe_id: i.spiffe_id.clone(),
+                svid: token,
+                hint: i.hint.clone(),
+            });
         }
         Ok(Response::new(JwtsvidResponse { svids }))
     }
 
-    async fn fetch_jwt_bundles(&self, req: Request<JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let selectors = self.selectors(&req).await?;
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
@@ -232,13 +292,21 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         }
         let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
             let b = &snap.bundle;
-            (b.sequence, JwtBundlesResponse { bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.to_vec())]) })
+            (
+                b.sequence,
+                JwtBundlesResponse {
+                    bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.to_vec())]),
+                },
+            )
         };
         let (k, first) = build(&snap, &[]);
         Ok(Response::new(watch_stream(rx, selectors, first, k, build)))
     }
 
-    async fn validate_jwtsvid(&self, req: Request<ValidateJwtsvidRequest>) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         self.selectors(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() {
@@ -249,32 +317,48 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         }
         let snap = self.cache.subscribe().borrow().clone();
         let bundle = snap.bundle.clone();
-        let td = bundle.trust_domain_id.trim_start_matches("spiffe://").to_string();
-        let v = continuity_common::jwt::validate(&r.svid, &r.audience, self.clock.unix(), |t, kid| {
-            if t != td {
-                return None;
-            }
-            bundle.jwt_keys.iter().find(|(k, _)| k == kid).map(|(_, spki)| spki.as_slice())
-        })
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let td = bundle
+            .trust_domain_id
+            .trim_start_matches("spiffe://")
+            .to_string();
+        let v =
+            continuity_common::jwt::validate(&r.svid, &r.audience, self.clock.unix(), |t, kid| {
+                if t != td {
+                    return None;
+                }
+                bundle
+                    .jwt_keys
+                    .iter()
+                    .find(|(k, _)| k == kid)
+                    .map(|(_, spki)| spki.as_slice())
+            })
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(ValidateJwtsvidResponse {
             spiffe_id: v.spiffe_id.to_string(),
             claims: Some(to_struct(v.claims)),
         }))
     }
 
-    async fn fetch_witsvid(&self, _: Request<WitsvidRequest>) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+    async fn fetch_witsvid(
+        &self,
+        _: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
         Err(Status::unimplemented("WIT-SVIDs are not supported"))
     }
 
-    async fn fetch_wit_bundles(&self, _: Request<WitBundlesRequest>) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+    async fn fetch_wit_bundles(
+        &self,
+        _: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         Err(Status::unimplemented("WIT-SVIDs are not supported"))
     }
 }
 
 /// JSON claims as a protobuf Struct.
 fn to_struct(m: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
-    prost_types::Struct { fields: m.into_iter().map(|(k, v)| (k, to_value(v))).collect() }
+    prost_types::Struct {
+        fields: m.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
 }
 
 fn to_value(v: serde_json::Value) -> prost_types::Value {
@@ -284,7 +368,9 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
         serde_json::Value::Bool(b) => Kind::BoolValue(b),
         serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
         serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.into_iter().map(to_value).collect() }),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
         serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
     };
     prost_types::Value { kind: Some(kind) }

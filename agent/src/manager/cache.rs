@@ -32,7 +32,9 @@ mod b64 {
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
             let v = Vec::<String>::deserialize(d)?;
-            v.into_iter().map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom)).collect()
+            v.into_iter()
+                .map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom))
+                .collect()
         }
     }
 }
@@ -58,7 +60,11 @@ pub struct Entry {
 
 impl From<continuity_proto::types::Entry> for Entry {
     fn from(e: continuity_proto::types::Entry) -> Self {
-        let mut selectors: Vec<Selector> = e.selectors.into_iter().map(|s| Selector::raw(&s.r#type, s.value)).collect();
+        let mut selectors: Vec<Selector> = e
+            .selectors
+            .into_iter()
+            .map(|s| Selector::raw(&s.r#type, s.value))
+            .collect();
         selectors.sort();
         Self {
             id: e.id,
@@ -123,7 +129,11 @@ impl From<continuity_proto::types::Bundle> for BundleState {
             jwt_authorities: b
                 .jwt_authorities
                 .into_iter()
-                .map(|k| JwtKey { kid: k.key_id, public_key: k.public_key, expires_at: k.expires_at })
+                .map(|k| JwtKey {
+                    kid: k.key_id,
+                    public_key: k.public_key,
+                    expires_at: k.expires_at,
+                })
                 .collect(),
             sequence: b.sequence_number,
         }
@@ -206,15 +216,24 @@ impl Snapshot {
     /// Builds the snapshot from persisted state.
     pub fn build(state: &PersistedState, previous: Option<&Snapshot>) -> Snapshot {
         let bundle = match previous {
-            Some(p) if p.bundle.sequence == state.bundle.sequence && !p.bundle.x509.is_empty() => p.bundle.clone(),
+            Some(p) if p.bundle.sequence == state.bundle.sequence && !p.bundle.x509.is_empty() => {
+                p.bundle.clone()
+            }
             _ => Arc::new(publish_bundle(&state.bundle)),
         };
         let prev: std::collections::HashMap<&str, &Arc<Identity>> = previous
-            .map(|p| p.identities.iter().map(|i| (i.entry_id.as_str(), i)).collect())
+            .map(|p| {
+                p.identities
+                    .iter()
+                    .map(|i| (i.entry_id.as_str(), i))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut identities = Vec::with_capacity(state.svids.len());
         for (id, svid) in &state.svids {
-            let Some(entry) = state.entries.get(id) else { continue };
+            let Some(entry) = state.entries.get(id) else {
+                continue;
+            };
             // Reuse the previous Arc when nothing changed: cheap diffing by pointer downstream.
             if let Some(p) = prev.get(id.as_str())
                 && p.expires_at == svid.expires_at
@@ -243,7 +262,11 @@ impl Snapshot {
 
     /// The identities a workload with these selectors may have.
     pub fn matching(&self, selectors: &HashSet<Selector>) -> Vec<Arc<Identity>> {
-        self.identities.iter().filter(|i| i.matches(selectors)).cloned().collect()
+        self.identities
+            .iter()
+            .filter(|i| i.matches(selectors))
+            .cloned()
+            .collect()
     }
 }
 
@@ -251,7 +274,10 @@ fn publish_bundle(b: &BundleState) -> PublishedBundle {
     let keys: Vec<_> = b
         .jwt_authorities
         .iter()
-        .map(|k| continuity_common::jwk::JwtAuthority { key_id: &k.kid, public_key: &k.public_key })
+        .map(|k| continuity_common::jwk::JwtAuthority {
+            key_id: &k.kid,
+            public_key: &k.public_key,
+        })
         .collect();
     let jwks = continuity_common::jwk::jwt_jwks(&keys)
         .map(|v| v.to_string())
@@ -261,6 +287,10 @@ fn publish_bundle(b: &BundleState) -> PublishedBundle {
         trust_domain_id: format!("spiffe://{}", b.trust_domain),
         x509: Bytes::from(b.x509_authorities.concat()),
         jwks: Bytes::from(jwks),
-        jwt_keys: b.jwt_authorities.iter().map(|k| (k.kid.clone(), k.public_key.clone())).collect(),
+        jwt_keys: b
+            .jwt_authorities
+            .iter()
+            .map(|k| (k.kid.clone(), k.public_key.clone()))
+            .collect(),
     }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use continuity_common::Clock;
 use continuity_proto::agent::{
-    BatchNewX509svidRequest, FetchBundleRequest, NewJwtsvidRequest, NewX509svidParams, RenewAgentRequest,
-    SyncAuthorizedEntriesRequest,
+    BatchNewX509svidRequest, FetchBundleRequest, NewJwtsvidRequest, NewX509svidParams,
+    RenewAgentRequest, SyncAuthorizedEntriesRequest,
 };
 use tokio::sync::watch;
 
@@ -113,7 +113,9 @@ impl Manager {
         sync_interval: Duration,
         state: PersistedState,
     ) -> Arc<Self> {
-        client.roots().replace(state.bundle.x509_authorities.clone());
+        client
+            .roots()
+            .replace(state.bundle.x509_authorities.clone());
         let snap = Arc::new(Snapshot::build(&state, None));
         let (snapshot, _) = watch::channel(snap);
         Arc::new(Self {
@@ -149,12 +151,14 @@ impl Manager {
         loop {
             let wait = match self.sync_once().await {
                 Ok(()) => {
-                    self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.connected
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     backoff = Duration::from_millis(500);
                     self.next_wake().await
                 }
                 Err(e) => {
-                    self.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                    self.connected
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
                     if e.status().is_none() {
                         self.client.reset().await;
                     }
@@ -171,7 +175,11 @@ impl Manager {
     /// Time until the next sync or rotation is due.
     async fn next_wake(&self) -> Duration {
         let st = self.state.lock().await;
-        let now_ms = self.clock.now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = self
+            .clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         let interval = self.sync_interval.mul_f64(0.9 + 0.2 * jitter());
         let next_rotation = st
             .svids
@@ -200,13 +208,17 @@ impl Manager {
 
     fn publish(&self, st: &PersistedState) {
         let prev = self.snapshot.borrow().clone();
-        self.snapshot.send_replace(Arc::new(Snapshot::build(st, Some(&prev))));
+        self.snapshot
+            .send_replace(Arc::new(Snapshot::build(st, Some(&prev))));
     }
 
     /// One round with the server.
     pub async fn sync_once(&self) -> Result<(), ClientError> {
         let mut st = self.state.lock().await;
-        let agent_svid = st.agent_svid.clone().ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
+        let agent_svid = st
+            .agent_svid
+            .clone()
+            .ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
         let mut api = self.client.api(&agent_svid).await?;
         let now = self.clock.unix();
         let mut changed = false;
@@ -216,8 +228,13 @@ impl Manager {
                 .await
                 .map_err(|e| ClientError::Protocol(e.to_string()))?
                 .map_err(ClientError::Protocol)?;
-            let r = api.renew_agent(RenewAgentRequest { csr }).await?.into_inner();
-            let svid = r.svid.ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
+            let r = api
+                .renew_agent(RenewAgentRequest { csr })
+                .await?
+                .into_inner();
+            let svid = r
+                .svid
+                .ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
             st.agent_svid = Some(svid_from_proto(svid, key));
             self.save(&st).await;
             tracing::info!("agent SVID renewed");
@@ -226,22 +243,31 @@ impl Manager {
             }
         }
 
-        let bundle = api.fetch_bundle(FetchBundleRequest {}).await?.into_inner().bundle;
+        let bundle = api
+            .fetch_bundle(FetchBundleRequest {})
+            .await?
+            .into_inner()
+            .bundle;
         if let Some(b) = bundle
             && b.sequence_number != st.bundle.sequence
         {
             st.bundle = b.into();
-            self.client.roots().replace(st.bundle.x509_authorities.clone());
+            self.client
+                .roots()
+                .replace(st.bundle.x509_authorities.clone());
             changed = true;
             tracing::info!(sequence = st.bundle.sequence, "bundle updated");
         }
 
         let sync = api
-            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: st.revision })
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+                since_revision: st.revision,
+            })
             .await?
             .into_inner();
         if sync.full {
-            let keep: std::collections::HashSet<&str> = sync.entries.iter().map(|e| e.id.as_str()).collect();
+            let keep: std::collections::HashSet<&str> =
+                sync.entries.iter().map(|e| e.id.as_str()).collect();
             let before = st.entries.len();
             st.entries.retain(|id, _| keep.contains(id.as_str()));
             changed |= st.entries.len() != before;
@@ -265,7 +291,9 @@ impl Manager {
         changed |= st.svids.len() != before;
 
         let bundle_changed = changed;
-        changed |= self.refresh_svids(&mut st, &mut api, now, bundle_changed).await?;
+        changed |= self
+            .refresh_svids(&mut st, &mut api, now, bundle_changed)
+            .await?;
         if changed {
             self.publish(&st);
             self.save(&st).await;
@@ -278,7 +306,9 @@ impl Manager {
     async fn refresh_svids(
         &self,
         st: &mut PersistedState,
-        api: &mut continuity_proto::agent::agent_api_client::AgentApiClient<tonic::transport::Channel>,
+        api: &mut continuity_proto::agent::agent_api_client::AgentApiClient<
+            tonic::transport::Channel,
+        >,
         now: i64,
         bundle_changed: bool,
     ) -> Result<bool, ClientError> {
@@ -288,7 +318,9 @@ impl Manager {
             .filter(|id| match st.svids.get(*id) {
                 None => true,
                 Some(s) => {
-                    now >= s.rotate_at || (bundle_changed && !issued_by_bundle(&s.chain, &st.bundle.x509_authorities))
+                    now >= s.rotate_at
+                        || (bundle_changed
+                            && !issued_by_bundle(&s.chain, &st.bundle.x509_authorities))
                 }
             })
             .cloned()
@@ -309,15 +341,23 @@ impl Manager {
             .map_err(ClientError::Protocol)?;
             let params = keys
                 .iter()
-                .map(|(id, _, csr)| NewX509svidParams { entry_id: id.clone(), csr: csr.clone() })
+                .map(|(id, _, csr)| NewX509svidParams {
+                    entry_id: id.clone(),
+                    csr: csr.clone(),
+                })
                 .collect();
-            let resp = api.batch_new_x509svid(BatchNewX509svidRequest { params }).await?.into_inner();
-            let mut keys: HashMap<String, Vec<u8>> = keys.into_iter().map(|(id, k, _)| (id, k)).collect();
+            let resp = api
+                .batch_new_x509svid(BatchNewX509svidRequest { params })
+                .await?
+                .into_inner();
+            let mut keys: HashMap<String, Vec<u8>> =
+                keys.into_iter().map(|(id, k, _)| (id, k)).collect();
             for r in resp.results {
                 match (r.status.as_ref().map(|s| s.code), r.svid) {
                     (Some(0), Some(svid)) => {
                         if let Some(key) = keys.remove(&r.entry_id) {
-                            st.svids.insert(r.entry_id.clone(), svid_from_proto(svid, key));
+                            st.svids
+                                .insert(r.entry_id.clone(), svid_from_proto(svid, key));
                             changed = true;
                         }
                     }
@@ -333,23 +373,41 @@ impl Manager {
 
     /// A JWT-SVID for `identity` and `audience`: from the cache until half-life, else from the
     /// server; while the server is unreachable a cached token is served until it expires.
-    pub async fn jwt_svid(&self, entry_id: &str, audience: &[String]) -> Result<String, JwtFetchError> {
+    pub async fn jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<String, JwtFetchError> {
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
         let key = (entry_id.to_string(), aud.join("\u{0}"));
         let now = self.clock.unix();
-        let cached = self.jwts.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let cached = self
+            .jwts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .cloned();
         if let Some(c) = &cached
             && now < c.issued_at + (c.expires_at - c.issued_at) / 2
         {
             return Ok(c.token.clone());
         }
-        let agent_svid = self.state.lock().await.agent_svid.clone().ok_or(JwtFetchError::NotAttested)?;
+        let agent_svid = self
+            .state
+            .lock()
+            .await
+            .agent_svid
+            .clone()
+            .ok_or(JwtFetchError::NotAttested)?;
         let fetched = async {
             let mut api = self.client.api(&agent_svid).await?;
             let r = api
-                .new_jwtsvid(NewJwtsvidRequest { entry_id: entry_id.to_string(), audience: aud.clone() })
+                .new_jwtsvid(NewJwtsvidRequest {
+                    entry_id: entry_id.to_string(),
+                    audience: aud.clone(),
+                })
                 .await?
                 .into_inner();
             Ok::<_, ClientError>(r)
@@ -357,8 +415,15 @@ impl Manager {
         .await;
         match fetched {
             Ok(r) => {
-                let c = CachedJwt { token: r.token.clone(), issued_at: now, expires_at: r.expires_at };
-                self.jwts.lock().unwrap_or_else(|e| e.into_inner()).insert(key, c);
+                let c = CachedJwt {
+                    token: r.token.clone(),
+                    issued_at: now,
+                    expires_at: r.expires_at,
+                };
+                self.jwts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, c);
                 Ok(r.token)
             }
             Err(e) => match cached {
@@ -371,8 +436,12 @@ impl Manager {
 
 /// Whether the leaf of `chain` names (by issuer) one of the bundle's CAs.
 fn issued_by_bundle(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> bool {
-    let Some(leaf) = chain.first() else { return false };
-    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf) else { return false };
+    let Some(leaf) = chain.first() else {
+        return false;
+    };
+    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf) else {
+        return false;
+    };
     roots.iter().any(|r| {
         x509_parser::parse_x509_certificate(r)
             .map(|(_, ca)| ca.subject().as_raw() == leaf.issuer().as_raw())

@@ -56,7 +56,9 @@ impl Drop for Token {
 
 impl Token {
     fn ctx(&self) -> Result<&Pkcs11, KeyError> {
-        self.ctx.as_ref().ok_or_else(|| KeyError::Pkcs11("module already finalized".into()))
+        self.ctx
+            .as_ref()
+            .ok_or_else(|| KeyError::Pkcs11("module already finalized".into()))
     }
 
     /// Runs `f` with a pooled (or newly opened) logged-in session.
@@ -67,7 +69,9 @@ impl Token {
         let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let session = match pooled {
             Some(s) => s,
-            None => self.ctx()?.open_rw_session(self.slot)
+            None => self
+                .ctx()?
+                .open_rw_session(self.slot)
                 .map_err(ck("open session"))?,
         };
         let out = f(&session);

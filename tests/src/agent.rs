@@ -1,0 +1,143 @@
+//! A real `continuity-agent` process on a temporary directory.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bin;
+use crate::server::TestServer;
+
+/// A running agent; killed on drop. State survives in `dir` for restarts.
+pub struct TestAgent {
+    /// Working directory.
+    pub dir: PathBuf,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+/// Makes `dir` and its parents up to the temp root traversable by other uids (tempfile makes
+/// 0700 directories), so workloads running as other users can reach the socket.
+pub fn open_up(dir: &Path) {
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d == std::env::temp_dir() || d == Path::new("/") {
+            break;
+        }
+        let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
+        p = d.parent();
+    }
+}
+
+impl TestAgent {
+    /// Writes agent.toml (bundle from the server, the given token) and starts the agent.
+    pub fn start(dir: &Path, server: &TestServer, token: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        open_up(dir);
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(&bundle, server.cli_ok(&["bundle", "show"])).unwrap();
+        let socket = dir.join("public").join("api.sock");
+        let cfg = format!(
+            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\nsync_interval = \"500ms\"\nlog_level = \"debug\"\n",
+            server.addr,
+            dir.join("data").display(),
+            socket.display(),
+            bundle.display()
+        );
+        std::fs::write(dir.join("agent.toml"), cfg).unwrap();
+        let mut a = Self {
+            dir: dir.to_path_buf(),
+            socket,
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(bin("continuity-agent"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("agent.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn continuity-agent");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the agent answers its healthcheck.
+    pub fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if self.socket.exists() && self.cli(&["healthcheck"]).status.success() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("agent exited with {status}; log:\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "agent not ready; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the agent (state kept).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts the agent again with the same config and state.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The agent's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs a `continuity-agent` client command against this agent's socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let (head, tail) = args.split_at(
+            args.iter()
+                .position(|a| a.starts_with("--"))
+                .unwrap_or(args.len()),
+        );
+        Command::new(bin("continuity-agent"))
+            .args(head)
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .args(tail)
+            .output()
+            .expect("run continuity-agent CLI")
+    }
+
+    /// The `SPIFFE_ENDPOINT_SOCKET` value for this agent.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
