@@ -33,29 +33,58 @@ pub fn open_up(dir: &Path) {
 impl TestAgent {
     /// Writes agent.toml (bundle from the server, the given token) and starts the agent.
     pub fn start(dir: &Path, server: &TestServer, token: &str) -> Self {
+        Self::start_with(dir, server, token, "")
+    }
+
+    /// Like [`TestAgent::start`], with extra TOML; `insecure_bootstrap = true` in it replaces
+    /// the trust bundle.
+    pub fn start_with(dir: &Path, server: &TestServer, token: &str, extra: &str) -> Self {
+        let mut a = Self::configure(dir, server, token, extra);
+        a.spawn();
+        a
+    }
+
+    /// Writes agent.toml without starting the agent.
+    pub fn configure(dir: &Path, server: &TestServer, token: &str, extra: &str) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         open_up(dir);
         let bundle = dir.join("bundle.pem");
         std::fs::write(&bundle, server.cli_ok(&["bundle", "show"])).unwrap();
         let socket = dir.join("public").join("api.sock");
+        let trust = if extra.contains("insecure_bootstrap") {
+            String::new()
+        } else {
+            format!("trust_bundle_path = \"{}\"\n", bundle.display())
+        };
         let cfg = format!(
-            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\nsync_interval = \"500ms\"\nlog_level = \"debug\"\n",
+            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n{trust}join_token = \"{token}\"\nsync_interval = \"500ms\"\nlog_level = \"debug\"\n{extra}\n",
             server.addr,
             dir.join("data").display(),
             socket.display(),
-            bundle.display()
         );
         std::fs::write(dir.join("agent.toml"), cfg).unwrap();
-        let mut a = Self {
+        Self {
             dir: dir.to_path_buf(),
             socket,
             child: None,
-        };
-        a.spawn();
-        a
+        }
     }
 
-    fn spawn(&mut self) {
+    /// Runs `continuity-agent run` to completion (for start-up failures); returns (success, stderr).
+    pub fn run_to_exit(&self) -> (bool, String) {
+        let out = Command::new(bin("continuity-agent"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("agent.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    /// Starts the process and waits until it is ready.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
