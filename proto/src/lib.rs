@@ -28,6 +28,12 @@ pub mod continuity {
             tonic::include_proto!("continuity.agent.v1");
         }
     }
+    /// `continuity.engine.v1`
+    pub mod engine {
+        pub mod v1 {
+            tonic::include_proto!("continuity.engine.v1");
+        }
+    }
     /// `continuity.admin.v1`
     pub mod admin {
         pub mod v1 {
@@ -36,6 +42,8 @@ pub mod continuity {
     }
 }
 
+/// Engines: the workload-facing EngineAPI and the agent ↔ server EngineBroker.
+pub use continuity::engine::v1 as engine;
 /// The admin API on the server's Unix socket.
 pub use continuity::admin::v1 as admin;
 /// The agent ↔ server API.

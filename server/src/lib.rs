@@ -9,10 +9,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod engines;
 pub mod keys;
 pub mod metrics;
 pub mod registry;

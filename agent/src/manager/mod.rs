@@ -94,6 +94,8 @@ pub struct Manager {
     state: tokio::sync::Mutex<PersistedState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     jwts: Mutex<HashMap<(String, String), CachedJwt>>,
+    /// The current agent SVID, readable without waiting for a sync in progress.
+    agent_svid: std::sync::RwLock<Option<Svid>>,
     /// Whether the last contact with the server succeeded.
     connected: std::sync::atomic::AtomicBool,
 }
@@ -118,7 +120,9 @@ impl Manager {
             .replace(state.bundle.x509_authorities.clone());
         let snap = Arc::new(Snapshot::build(&state, None));
         let (snapshot, _) = watch::channel(snap);
+        let agent_svid = std::sync::RwLock::new(state.agent_svid.clone());
         Arc::new(Self {
+            agent_svid,
             client,
             storage,
             clock,
@@ -236,6 +240,7 @@ impl Manager {
                 .svid
                 .ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
             st.agent_svid = Some(svid_from_proto(svid, key));
+            *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = st.agent_svid.clone();
             self.save(&st).await;
             tracing::info!("agent SVID renewed");
             if let Some(s) = st.agent_svid.as_ref() {

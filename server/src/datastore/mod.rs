@@ -7,6 +7,8 @@
 use async_trait::async_trait;
 use continuity_attestors::Selector;
 
+use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
+
 mod sql;
 
 pub use sql::SqlDataStore;
@@ -157,6 +159,29 @@ pub struct Tombstone {
     pub revision: i64,
 }
 
+/// One record of the append-only, hash-chained audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// 1, 2, 3, ... without gaps.
+    pub seq: i64,
+    /// Unix seconds.
+    pub time: i64,
+    /// Who (admin uid, agent + workload, scheduler).
+    pub actor: String,
+    /// What (engine.create, key.sign, ...).
+    pub action: String,
+    /// On what (engine/key).
+    pub target: String,
+    /// Key version involved (0 = none).
+    pub key_version: u32,
+    /// ok, or the refusal.
+    pub result: String,
+    /// Hash of the previous record (hex; empty for the first).
+    pub prev_hash: String,
+    /// SHA-256 over this record's fields and `prev_hash` (hex).
+    pub hash: String,
+}
+
 /// The persistence interface of the server.
 #[async_trait]
 pub trait DataStore: Send + Sync + std::fmt::Debug {
@@ -199,4 +224,31 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn bundle_sequence(&self) -> Result<u64, StoreError>;
     /// Cheap liveness query.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Inserts or replaces an Engine.
+    async fn put_engine(&self, engine: &Engine) -> Result<(), StoreError>;
+    /// Every Engine.
+    async fn list_engines(&self) -> Result<Vec<Engine>, StoreError>;
+    /// Inserts or replaces an Engine key.
+    async fn put_engine_key(&self, key: &EngineKey) -> Result<(), StoreError>;
+    /// Every Engine key.
+    async fn list_engine_keys(&self) -> Result<Vec<EngineKey>, StoreError>;
+    /// Inserts or replaces a key version.
+    async fn put_key_version(&self, version: &KeyVersion) -> Result<(), StoreError>;
+    /// Every key version.
+    async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError>;
+    /// Inserts a secret version.
+    async fn put_secret(&self, secret: &Secret) -> Result<(), StoreError>;
+    /// Every secret version.
+    async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError>;
+    /// Records an incarnation, keeping its first_seen.
+    async fn upsert_incarnation(&self, inc: &Incarnation) -> Result<(), StoreError>;
+    /// Incarnations of an Engine, oldest first.
+    async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
+    /// Appends an audit record.
+    async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
+    /// The audit log in `seq` order.
+    async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError>;
+    /// The `seq` of the last appended record, kept apart from the log so a deleted tail shows.
+    async fn audit_head(&self) -> Result<i64, StoreError>;
 }

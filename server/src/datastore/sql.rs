@@ -6,14 +6,17 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
+
 use super::{
-    AgentRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose, StoreError,
+    AgentRecord, AuditRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose, StoreError,
     Tombstone,
 };
 
 /// Schema migrations, in order; `{BLOB}` becomes the dialect's binary type.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
     "CREATE TABLE entries (
         id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL,
         selectors TEXT NOT NULL, x509_svid_ttl BIGINT NOT NULL, jwt_svid_ttl BIGINT NOT NULL,
@@ -33,7 +36,36 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     CREATE TABLE meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
     INSERT INTO meta (name, value) VALUES ('entry_revision', 0);
     INSERT INTO meta (name, value) VALUES ('bundle_sequence', 0)",
-)];
+    ),
+    (
+        2,
+        "CREATE TABLE engines (
+        name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, tier BIGINT NOT NULL, custody TEXT NOT NULL,
+        exposure_override BIGINT NOT NULL, created_at BIGINT NOT NULL);
+    CREATE TABLE engine_keys (
+        engine TEXT NOT NULL, name TEXT NOT NULL, algorithm TEXT NOT NULL, custody TEXT NOT NULL,
+        primary_version BIGINT NOT NULL, rotation_period BIGINT NOT NULL, destroy_grace BIGINT NOT NULL,
+        next_rotation_at BIGINT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (engine, name));
+    CREATE TABLE engine_key_versions (
+        engine TEXT NOT NULL, key_name TEXT NOT NULL, version BIGINT NOT NULL, state TEXT NOT NULL,
+        kid TEXT NOT NULL, public_key {BLOB} NOT NULL, sealed {BLOB}, mechanism TEXT NOT NULL,
+        hsm_id TEXT NOT NULL, created_at BIGINT NOT NULL, destroy_at BIGINT NOT NULL,
+        PRIMARY KEY (engine, key_name, version));
+    CREATE TABLE engine_secrets (
+        engine TEXT NOT NULL, name TEXT NOT NULL, version BIGINT NOT NULL, sealed {BLOB} NOT NULL,
+        mechanism TEXT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (engine, name, version));
+    CREATE TABLE incarnations (
+        engine TEXT NOT NULL, entry_id TEXT NOT NULL, agent_id TEXT NOT NULL, workload_id TEXT NOT NULL,
+        pid BIGINT NOT NULL, uid BIGINT NOT NULL, selectors TEXT NOT NULL,
+        first_seen BIGINT NOT NULL, last_seen BIGINT NOT NULL,
+        PRIMARY KEY (engine, entry_id, agent_id, workload_id));
+    CREATE TABLE audit_log (
+        seq BIGINT PRIMARY KEY, time BIGINT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL, key_version BIGINT NOT NULL, result TEXT NOT NULL,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+    INSERT INTO meta (name, value) VALUES ('audit_head', 0)",
+    ),
+];
 
 /// SQL datastore (SQLite or PostgreSQL, chosen by the URL).
 #[derive(Debug, Clone)]
@@ -467,6 +499,247 @@ impl DataStore for SqlDataStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    async fn put_engine(&self, e: &Engine) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engines (name, spiffe_id, tier, custody, exposure_override, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO UPDATE SET spiffe_id = $2, tier = $3, custody = $4, exposure_override = $5",
+        )
+        .bind(&e.name)
+        .bind(&e.spiffe_id)
+        .bind(e.tier as i64)
+        .bind(e.custody.as_str())
+        .bind(e.exposure_override as i64)
+        .bind(e.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_engines(&self) -> Result<Vec<Engine>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM engines ORDER BY name").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Engine {
+                    name: r.try_get("name")?,
+                    spiffe_id: r.try_get("spiffe_id")?,
+                    tier: r.try_get::<i64, _>("tier")? as i32,
+                    custody: parse(r.try_get::<String, _>("custody")?)?,
+                    exposure_override: r.try_get::<i64, _>("exposure_override")? != 0,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_engine_key(&self, k: &EngineKey) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engine_keys (engine, name, algorithm, custody, primary_version, rotation_period, destroy_grace, next_rotation_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (engine, name) DO UPDATE SET primary_version = $5, rotation_period = $6, destroy_grace = $7, next_rotation_at = $8",
+        )
+        .bind(&k.engine)
+        .bind(&k.name)
+        .bind(k.algorithm.as_str())
+        .bind(k.custody.as_str())
+        .bind(k.primary_version as i64)
+        .bind(k.rotation_period)
+        .bind(k.destroy_grace)
+        .bind(k.next_rotation_at)
+        .bind(k.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_engine_keys(&self) -> Result<Vec<EngineKey>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM engine_keys ORDER BY engine, name").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EngineKey {
+                    engine: r.try_get("engine")?,
+                    name: r.try_get("name")?,
+                    algorithm: parse(r.try_get::<String, _>("algorithm")?)?,
+                    custody: parse(r.try_get::<String, _>("custody")?)?,
+                    primary_version: r.try_get::<i64, _>("primary_version")? as u32,
+                    rotation_period: r.try_get("rotation_period")?,
+                    destroy_grace: r.try_get("destroy_grace")?,
+                    next_rotation_at: r.try_get("next_rotation_at")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_key_version(&self, v: &KeyVersion) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (engine, key_name, version) DO UPDATE SET state = $4, sealed = $7, destroy_at = $11",
+        )
+        .bind(&v.engine)
+        .bind(&v.key)
+        .bind(v.version as i64)
+        .bind(v.state.as_str())
+        .bind(&v.kid)
+        .bind(v.public_key.clone())
+        .bind(v.sealed.clone())
+        .bind(&v.mechanism)
+        .bind(&v.hsm_id)
+        .bind(v.created_at)
+        .bind(v.destroy_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM engine_key_versions ORDER BY engine, key_name, version")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyVersion {
+                    engine: r.try_get("engine")?,
+                    key: r.try_get("key_name")?,
+                    version: r.try_get::<i64, _>("version")? as u32,
+                    state: parse(r.try_get::<String, _>("state")?)?,
+                    kid: r.try_get("kid")?,
+                    public_key: r.try_get("public_key")?,
+                    sealed: r.try_get("sealed")?,
+                    mechanism: r.try_get("mechanism")?,
+                    hsm_id: r.try_get("hsm_id")?,
+                    created_at: r.try_get("created_at")?,
+                    destroy_at: r.try_get("destroy_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_secret(&self, sec: &Secret) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engine_secrets (engine, name, version, sealed, mechanism, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&sec.engine)
+        .bind(&sec.name)
+        .bind(sec.version as i64)
+        .bind(sec.sealed.clone())
+        .bind(&sec.mechanism)
+        .bind(sec.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM engine_secrets ORDER BY engine, name, version").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Secret {
+                    engine: r.try_get("engine")?,
+                    name: r.try_get("name")?,
+                    version: r.try_get::<i64, _>("version")? as u32,
+                    sealed: r.try_get("sealed")?,
+                    mechanism: r.try_get("mechanism")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn upsert_incarnation(&self, i: &Incarnation) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO incarnations (engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (engine, entry_id, agent_id, workload_id) DO UPDATE SET last_seen = $9",
+        )
+        .bind(&i.engine)
+        .bind(&i.entry_id)
+        .bind(&i.agent_id)
+        .bind(&i.workload_id)
+        .bind(i.pid as i64)
+        .bind(i.uid as i64)
+        .bind(to_json(&i.selectors))
+        .bind(i.first_seen)
+        .bind(i.last_seen)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM incarnations WHERE engine = $1 ORDER BY first_seen, workload_id")
+            .bind(engine)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Incarnation {
+                    engine: r.try_get("engine")?,
+                    entry_id: r.try_get("entry_id")?,
+                    agent_id: r.try_get("agent_id")?,
+                    workload_id: r.try_get("workload_id")?,
+                    pid: r.try_get::<i64, _>("pid")? as u32,
+                    uid: r.try_get::<i64, _>("uid")? as u32,
+                    selectors: json_list(&r.try_get::<String, _>("selectors")?, "incarnation selectors")?,
+                    first_seen: r.try_get("first_seen")?,
+                    last_seen: r.try_get("last_seen")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn append_audit(&self, a: &AuditRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(a.seq)
+        .bind(a.time)
+        .bind(&a.actor)
+        .bind(&a.action)
+        .bind(&a.target)
+        .bind(a.key_version as i64)
+        .bind(&a.result)
+        .bind(&a.prev_hash)
+        .bind(&a.hash)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE meta SET value = $1 WHERE name = 'audit_head'")
+            .bind(a.seq)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit_head(&self) -> Result<i64, StoreError> {
+        self.meta("audit_head").await
+    }
+
+    async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM audit_log ORDER BY seq").fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    seq: r.try_get("seq")?,
+                    time: r.try_get("time")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    key_version: r.try_get::<i64, _>("key_version")? as u32,
+                    result: r.try_get("result")?,
+                    prev_hash: r.try_get("prev_hash")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn parse<T: std::str::FromStr<Err = String>>(s: String) -> Result<T, StoreError> {
+    s.parse().map_err(StoreError::Corrupt)
 }
 
 #[cfg(test)]

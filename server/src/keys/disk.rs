@@ -13,13 +13,14 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::software::SoftwareKey;
-use super::{KeyError, KeyHandle, KeyManager, KeyType};
+use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, SoftwareKek};
 
 /// Keys as files under a directory; they survive restarts.
 #[derive(Debug)]
 pub struct DiskKeyManager {
     dir: PathBuf,
     cache: Mutex<HashMap<String, Arc<SoftwareKey>>>,
+    keks: Mutex<HashMap<String, Arc<SoftwareKek>>>,
 }
 
 fn storage(what: &str, path: &Path, e: std::io::Error) -> KeyError {
@@ -39,6 +40,7 @@ impl DiskKeyManager {
         Ok(Self {
             dir: dir.to_path_buf(),
             cache: Mutex::default(),
+            keks: Mutex::default(),
         })
     }
 
@@ -56,12 +58,13 @@ impl DiskKeyManager {
 
     fn write(&self, key: &SoftwareKey) -> Result<(), KeyError> {
         let path = self.path(key.id())?;
-        let tmp = path.with_extension("key.tmp");
-        let body = format!(
-            "{}\n{}\n",
-            key.key_type().as_str(),
-            STANDARD.encode(key.pkcs8())
-        );
+        let body = format!("{}\n{}\n", key.key_type().as_str(), STANDARD.encode(key.pkcs8()));
+        self.write_file(&path, &body)
+    }
+
+    /// Writes a secret file atomically with mode 0600.
+    fn write_file(&self, path: &Path, body: &str) -> Result<(), KeyError> {
+        let tmp = path.with_extension("tmp");
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -72,7 +75,7 @@ impl DiskKeyManager {
         f.write_all(body.as_bytes())
             .and_then(|_| f.sync_all())
             .map_err(|e| storage("cannot write key file", &tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| storage("cannot install key file", &path, e))?;
+        fs::rename(&tmp, path).map_err(|e| storage("cannot install key file", path, e))?;
         Ok(())
     }
 
@@ -131,6 +134,27 @@ impl KeyManager for DiskKeyManager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string(), key.clone());
         Ok(Some(key))
+    }
+
+    async fn kek(&self, id: &str) -> Result<Arc<dyn Kek>, KeyError> {
+        if let Some(k) = self.keks.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Ok(k.clone());
+        }
+        let path = self.path(id)?.with_extension("kek");
+        let raw = match fs::read_to_string(&path) {
+            Ok(text) => STANDARD
+                .decode(text.trim())
+                .map_err(|e| KeyError::Storage(format!("KEK file {} is malformed: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let raw = super::aes::generate()?;
+                self.write_file(&path, &format!("{}\n", STANDARD.encode(&raw)))?;
+                raw
+            }
+            Err(e) => return Err(storage("cannot read KEK file", &path, e)),
+        };
+        let k = Arc::new(SoftwareKek(raw));
+        self.keks.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), k.clone());
+        Ok(k)
     }
 
     async fn delete(&self, id: &str) -> Result<(), KeyError> {

@@ -6,12 +6,13 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::software::SoftwareKey;
-use super::{KeyError, KeyHandle, KeyManager, KeyType};
+use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, SoftwareKek};
 
 /// Keys in process memory; a restart starts a new CA.
 #[derive(Debug, Default)]
 pub struct MemoryKeyManager {
     keys: Mutex<HashMap<String, Arc<SoftwareKey>>>,
+    keks: Mutex<HashMap<String, Arc<SoftwareKek>>>,
 }
 
 #[async_trait]
@@ -44,5 +45,15 @@ impl KeyManager for MemoryKeyManager {
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
         Ok(())
+    }
+
+    async fn kek(&self, id: &str) -> Result<Arc<dyn Kek>, KeyError> {
+        let mut keks = self.keks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keks.get(id) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(SoftwareKek(super::aes::generate()?));
+        keks.insert(id.to_string(), k.clone());
+        Ok(k)
     }
 }

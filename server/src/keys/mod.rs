@@ -13,7 +13,7 @@ use async_trait::async_trait;
 mod disk;
 mod memory;
 mod pkcs11;
-mod software;
+pub(crate) mod software;
 
 pub use disk::DiskKeyManager;
 pub use memory::MemoryKeyManager;
@@ -30,6 +30,8 @@ pub enum KeyType {
     EcP384,
     /// RSA 2048, PKCS#1 v1.5 with SHA-256.
     Rsa2048,
+    /// RSA 3072, PKCS#1 v1.5 with SHA-256.
+    Rsa3072,
     /// RSA 4096, PKCS#1 v1.5 with SHA-256.
     Rsa4096,
 }
@@ -41,6 +43,7 @@ impl KeyType {
             Self::EcP256 => "ec-p256",
             Self::EcP384 => "ec-p384",
             Self::Rsa2048 => "rsa-2048",
+            Self::Rsa3072 => "rsa-3072",
             Self::Rsa4096 => "rsa-4096",
         }
     }
@@ -50,7 +53,7 @@ impl KeyType {
         match self {
             Self::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
             Self::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-            Self::Rsa2048 | Self::Rsa4096 => &rcgen::PKCS_RSA_SHA256,
+            Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => &rcgen::PKCS_RSA_SHA256,
         }
     }
 
@@ -59,7 +62,7 @@ impl KeyType {
         match self {
             Self::EcP256 => "ES256",
             Self::EcP384 => "ES384",
-            Self::Rsa2048 | Self::Rsa4096 => "RS256",
+            Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => "RS256",
         }
     }
 
@@ -68,7 +71,7 @@ impl KeyType {
         match self {
             Self::EcP256 => Some(32),
             Self::EcP384 => Some(48),
-            Self::Rsa2048 | Self::Rsa4096 => None,
+            Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => None,
         }
     }
 }
@@ -80,9 +83,10 @@ impl FromStr for KeyType {
             "ec-p256" => Ok(Self::EcP256),
             "ec-p384" => Ok(Self::EcP384),
             "rsa-2048" => Ok(Self::Rsa2048),
+            "rsa-3072" => Ok(Self::Rsa3072),
             "rsa-4096" => Ok(Self::Rsa4096),
             other => Err(format!(
-                "{other:?} is not one of ec-p256, ec-p384, rsa-2048, rsa-4096"
+                "{other:?} is not one of ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096"
             )),
         }
     }
@@ -121,6 +125,12 @@ pub enum KeyError {
     /// The PKCS#11 module or token could not be used.
     #[error("PKCS#11: {0}")]
     Pkcs11(String),
+    /// The key manager cannot do this.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A cryptographic operation failed.
+    #[error("{0}")]
+    Crypto(String),
 }
 
 /// A private key held by a key manager; signs in the encoding X.509 uses
@@ -134,6 +144,8 @@ pub trait KeyHandle: Send + Sync + fmt::Debug {
     fn public_key_raw(&self) -> &[u8];
     /// Signs `msg` (hashing it with the key type's hash). Blocking.
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Signs a SHA-256 digest (P-256 and RSA keys). Blocking.
+    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, KeyError>;
 
     /// SubjectPublicKeyInfo, DER.
     fn spki_der(&self) -> Vec<u8> {
@@ -153,6 +165,111 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
     async fn get(&self, id: &str) -> Result<Option<Arc<dyn KeyHandle>>, KeyError>;
     /// Destroys the key with this id (no error if absent).
     async fn delete(&self, id: &str) -> Result<(), KeyError>;
+    /// The key-encryption key `id`, created on first use. Software keys of Engines are stored
+    /// only sealed under it.
+    async fn kek(&self, id: &str) -> Result<Arc<dyn Kek>, KeyError>;
+    /// Generates an AES-256 key that never leaves the key manager (HSM custody).
+    async fn generate_aes(&self, id: &str) -> Result<Arc<dyn AesKey>, KeyError> {
+        Err(KeyError::Unsupported(format!(
+            "cannot keep AES key {id} in the {} key manager; HSM custody needs kind = \"pkcs11\"",
+            self.kind()
+        )))
+    }
+    /// Finds an AES key made by [`KeyManager::generate_aes`].
+    async fn get_aes(&self, id: &str) -> Result<Option<Arc<dyn AesKey>>, KeyError> {
+        let _ = id;
+        Ok(None)
+    }
+    /// Whether keys generated here stay inside hardware (HSM custody).
+    fn is_hsm(&self) -> bool {
+        false
+    }
+}
+
+/// A key-encryption key: authenticated encryption of key material at rest.
+pub trait Kek: Send + Sync + fmt::Debug {
+    /// The mechanism, recorded with every sealed blob.
+    fn mechanism(&self) -> &'static str;
+    /// Seals `plaintext` bound to `aad`; returns nonce ‖ ciphertext ‖ tag. Blocking.
+    fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Opens what [`Kek::seal`] produced. Blocking.
+    fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError>;
+}
+
+/// An AES-256-GCM key inside the key manager (same output format as [`Kek`]).
+pub trait AesKey: Send + Sync + fmt::Debug {
+    /// Encrypts; returns nonce ‖ ciphertext ‖ tag. Blocking.
+    fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Decrypts. Blocking.
+    fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError>;
+}
+
+/// AES-256-GCM in software (aws-lc-rs): nonce ‖ ciphertext ‖ tag.
+pub mod aes {
+    use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+
+    use super::KeyError;
+
+    fn key(raw: &[u8]) -> Result<LessSafeKey, KeyError> {
+        UnboundKey::new(&AES_256_GCM, raw)
+            .map(LessSafeKey::new)
+            .map_err(|_| KeyError::Crypto("AES-256 key must be 32 bytes".into()))
+    }
+
+    /// A fresh random 32-byte key.
+    pub fn generate() -> Result<Vec<u8>, KeyError> {
+        let mut k = vec![0u8; 32];
+        aws_lc_rs::rand::fill(&mut k).map_err(|_| KeyError::Crypto("no randomness".into()))?;
+        Ok(k)
+    }
+
+    /// Encrypts with a random nonce.
+    pub fn seal(raw: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| KeyError::Crypto("no randomness".into()))?;
+        let mut out = plaintext.to_vec();
+        key(raw)?
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out)
+            .map_err(|_| KeyError::Crypto("AES-GCM seal failed".into()))?;
+        let mut sealed = nonce.to_vec();
+        sealed.extend(out);
+        Ok(sealed)
+    }
+
+    /// Decrypts and authenticates.
+    pub fn open(raw: &[u8], sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        if sealed.len() < NONCE_LEN + 16 {
+            return Err(KeyError::Crypto("sealed data too short".into()));
+        }
+        let (nonce, ct) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| KeyError::Crypto("bad nonce".into()))?;
+        let mut buf = ct.to_vec();
+        let pt = key(raw)?
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
+            .map_err(|_| KeyError::Crypto("authentication failed: wrong key, data or associated data".into()))?;
+        Ok(pt.to_vec())
+    }
+}
+
+/// A software KEK (memory and disk key managers).
+pub struct SoftwareKek(pub Vec<u8>);
+
+impl fmt::Debug for SoftwareKek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SoftwareKek(..)")
+    }
+}
+
+impl Kek for SoftwareKek {
+    fn mechanism(&self) -> &'static str {
+        "aes-256-gcm"
+    }
+    fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        aes::seal(&self.0, plaintext, aad)
+    }
+    fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        aes::open(&self.0, sealed, aad)
+    }
 }
 
 /// Builds the key manager named by the config (the static plugin catalog).

@@ -15,7 +15,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::{KeyError, KeyHandle, KeyManager, KeyType};
+use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType};
 use crate::config::PinSource;
 
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -179,11 +179,11 @@ impl Pkcs11KeyManager {
                 public.push(Attribute::EcParams(params.to_vec()));
                 Mechanism::EccKeyPairGen
             }
-            KeyType::Rsa2048 | KeyType::Rsa4096 => {
-                let bits = if key_type == KeyType::Rsa2048 {
-                    2048
-                } else {
-                    4096
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
+                let bits: u64 = match key_type {
+                    KeyType::Rsa2048 => 2048,
+                    KeyType::Rsa3072 => 3072,
+                    _ => 4096,
                 };
                 public.push(Attribute::ModulusBits(bits.into()));
                 public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
@@ -234,6 +234,7 @@ impl Pkcs11KeyManager {
                     Attribute::EcParams(p) if p == P256_PARAMS => key_type = Some(KeyType::EcP256),
                     Attribute::EcParams(p) if p == P384_PARAMS => key_type = Some(KeyType::EcP384),
                     Attribute::Modulus(m) if m.len() <= 256 => key_type = Some(KeyType::Rsa2048),
+                    Attribute::Modulus(m) if m.len() <= 384 => key_type = Some(KeyType::Rsa3072),
                     Attribute::Modulus(_) => key_type = Some(KeyType::Rsa4096),
                     _ => {}
                 }
@@ -282,7 +283,7 @@ fn public_key_raw(s: &Session, pubh: ObjectHandle, key_type: KeyType) -> Result<
                 _ => Err(KeyError::Pkcs11("token returned no EC point".into())),
             }
         }
-        KeyType::Rsa2048 | KeyType::Rsa4096 => {
+        KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
             let attrs = s
                 .get_attributes(
                     pubh,
@@ -334,7 +335,7 @@ impl KeyManager for Pkcs11KeyManager {
         let (token, id) = (self.token.clone(), id.to_string());
         tokio::task::spawn_blocking(move || {
             token.with_session(|s| {
-                for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY, ObjectClass::SECRET_KEY] {
                     while let Some(h) = token.find(s, &id, class)? {
                         s.destroy_object(h).map_err(ck("destroy object"))?;
                     }
@@ -344,6 +345,25 @@ impl KeyManager for Pkcs11KeyManager {
         })
         .await
         .map_err(|e| KeyError::Pkcs11(e.to_string()))?
+    }
+
+    async fn kek(&self, id: &str) -> Result<Arc<dyn Kek>, KeyError> {
+        if let Some(k) = self.aes_blocking(id, Self::get_aes_blocking).await? {
+            return Ok(Arc::new(k));
+        }
+        Ok(Arc::new(self.aes_blocking(id, Self::generate_aes_blocking).await?))
+    }
+
+    async fn generate_aes(&self, id: &str) -> Result<Arc<dyn AesKey>, KeyError> {
+        Ok(Arc::new(self.aes_blocking(id, Self::generate_aes_blocking).await?))
+    }
+
+    async fn get_aes(&self, id: &str) -> Result<Option<Arc<dyn AesKey>>, KeyError> {
+        Ok(self.aes_blocking(id, Self::get_aes_blocking).await?.map(|k| Arc::new(k) as Arc<dyn AesKey>))
+    }
+
+    fn is_hsm(&self) -> bool {
+        true
     }
 }
 
@@ -400,9 +420,120 @@ impl KeyHandle for Pkcs11Key {
                     reason: e.to_string(),
                 })
             }
-            KeyType::Rsa2048 | KeyType::Rsa4096 => s
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => s
                 .sign(&Mechanism::Sha256RsaPkcs, self.private, msg)
                 .map_err(err),
         })
+    }
+
+    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let err = |reason: String| KeyError::Sign { id: self.id.clone(), reason };
+        if digest.len() != 32 {
+            return Err(err("a SHA-256 digest is 32 bytes".into()));
+        }
+        self.token.with_session(|s| match self.key_type {
+            KeyType::EcP256 => {
+                let fixed = s.sign(&Mechanism::Ecdsa, self.private, digest).map_err(|e| err(e.to_string()))?;
+                continuity_common::der::ecdsa_fixed_to_der(&fixed).map_err(|e| err(e.to_string()))
+            }
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
+                // PKCS#1 v1.5 over a digest: DigestInfo(SHA-256) ‖ digest, signed with CKM_RSA_PKCS.
+                let mut info = SHA256_DIGEST_INFO.to_vec();
+                info.extend_from_slice(digest);
+                s.sign(&Mechanism::RsaPkcs, self.private, &info).map_err(|e| err(e.to_string()))
+            }
+            KeyType::EcP384 => Err(err("digest signing is for P-256 and RSA keys".into())),
+        })
+    }
+}
+
+/// DER prefix of a PKCS#1 DigestInfo for SHA-256.
+const SHA256_DIGEST_INFO: &[u8] = &[
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20,
+];
+
+/// An AES-256 secret key object inside the token, used with CKM_AES_GCM.
+pub struct Pkcs11Aes {
+    id: String,
+    handle: ObjectHandle,
+    token: Arc<Token>,
+}
+
+impl std::fmt::Debug for Pkcs11Aes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Aes").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+const GCM_NONCE: usize = 12;
+
+impl AesKey for Pkcs11Aes {
+    fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; GCM_NONCE];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| KeyError::Crypto("no randomness".into()))?;
+        let mut iv = nonce;
+        let ct = self.token.with_session(|s| {
+            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into()).map_err(ck("GCM parameters"))?;
+            s.encrypt(&Mechanism::AesGcm(params), self.handle, plaintext).map_err(ck("AES-GCM encrypt"))
+        })?;
+        let mut out = nonce.to_vec();
+        out.extend(ct);
+        Ok(out)
+    }
+
+    fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        if sealed.len() < GCM_NONCE + 16 {
+            return Err(KeyError::Crypto("sealed data too short".into()));
+        }
+        let (nonce, ct) = sealed.split_at(GCM_NONCE);
+        let mut iv = [0u8; GCM_NONCE];
+        iv.copy_from_slice(nonce);
+        self.token.with_session(|s| {
+            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into()).map_err(ck("GCM parameters"))?;
+            s.decrypt(&Mechanism::AesGcm(params), self.handle, ct)
+                .map_err(|_| KeyError::Crypto("authentication failed: wrong key, data or associated data".into()))
+        })
+    }
+}
+
+impl Kek for Pkcs11Aes {
+    fn mechanism(&self) -> &'static str {
+        "pkcs11:CKM_AES_GCM"
+    }
+    fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.encrypt(plaintext, aad)
+    }
+    fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.decrypt(sealed, aad)
+    }
+}
+
+impl Pkcs11KeyManager {
+    fn generate_aes_blocking(token: &Arc<Token>, id: &str) -> Result<Pkcs11Aes, KeyError> {
+        let template = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::ValueLen(32.into()),
+            Attribute::Label(format!("{LABEL_PREFIX}{id}").into_bytes()),
+            Attribute::Id(id.as_bytes().to_vec()),
+        ];
+        let handle = token.with_session(|s| s.generate_key(&Mechanism::AesKeyGen, &template).map_err(ck("generate AES key")))?;
+        Ok(Pkcs11Aes { id: id.into(), handle, token: token.clone() })
+    }
+
+    fn get_aes_blocking(token: &Arc<Token>, id: &str) -> Result<Option<Pkcs11Aes>, KeyError> {
+        let found = token.with_session(|s| token.find(s, id, ObjectClass::SECRET_KEY))?;
+        Ok(found.map(|handle| Pkcs11Aes { id: id.into(), handle, token: token.clone() }))
+    }
+
+    async fn aes_blocking<T: Send + 'static>(&self, id: &str, f: fn(&Arc<Token>, &str) -> Result<T, KeyError>) -> Result<T, KeyError> {
+        let (token, id) = (self.token.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || f(&token, &id))
+            .await
+            .map_err(|e| KeyError::Pkcs11(e.to_string()))?
     }
 }

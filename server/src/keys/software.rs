@@ -51,12 +51,12 @@ impl SoftwareKey {
                     .as_ref()
                     .to_vec()
             }
-            KeyType::Rsa2048 | KeyType::Rsa4096 => {
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
                 use aws_lc_rs::encoding::AsDer;
-                let size = if key_type == KeyType::Rsa2048 {
-                    KeySize::Rsa2048
-                } else {
-                    KeySize::Rsa4096
+                let size = match key_type {
+                    KeyType::Rsa2048 => KeySize::Rsa2048,
+                    KeyType::Rsa3072 => KeySize::Rsa3072,
+                    _ => KeySize::Rsa4096,
                 };
                 let kp = RsaKeyPair::generate(size).map_err(|e| err(e.to_string()))?;
                 kp.as_der()
@@ -82,7 +82,7 @@ impl SoftwareKey {
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::Ec(kp), public)
             }
-            KeyType::Rsa2048 | KeyType::Rsa4096 => {
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
                 let kp = RsaKeyPair::from_pkcs8(&pkcs8).map_err(|e| bad(e.to_string()))?;
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::Rsa(kp), public)
@@ -128,6 +128,24 @@ impl KeyHandle for SoftwareKey {
                 let mut sig = vec![0u8; kp.public_modulus_len()];
                 kp.sign(&signature::RSA_PKCS1_SHA256, &rng, msg, &mut sig)
                     .map_err(err)?;
+                Ok(sig)
+            }
+        }
+    }
+
+    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let err = |e: String| KeyError::Sign { id: self.id.clone(), reason: e };
+        let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
+            .map_err(|_| err("a SHA-256 digest is 32 bytes".into()))?;
+        match &self.inner {
+            Inner::Ec(kp) if self.key_type == KeyType::EcP256 => {
+                Ok(kp.sign_digest(&d).map_err(|e| err(e.to_string()))?.as_ref().to_vec())
+            }
+            Inner::Ec(_) => Err(err("digest signing is for P-256 and RSA keys".into())),
+            Inner::Rsa(kp) => {
+                let mut sig = vec![0u8; kp.public_modulus_len()];
+                kp.sign_digest(&signature::RSA_PKCS1_SHA256, &d, &mut sig)
+                    .map_err(|e| err(e.to_string()))?;
                 Ok(sig)
             }
         }

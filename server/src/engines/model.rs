@@ -1,0 +1,298 @@
+//! The Engine domain (DESIGN §4): Engines, custody levels, versioned keys, secrets,
+//! incarnations.
+
+use std::fmt;
+use std::str::FromStr;
+
+use continuity_attestors::Selector;
+
+/// Where an Engine's key material lives, from least to most exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Custody {
+    /// Generated and used inside the PKCS#11 token; never exportable.
+    Hsm,
+    /// Software key that never leaves the server; stored sealed under the KEK.
+    Transit,
+    /// Material delivered into the workload's RAM on request; stored sealed.
+    Kv,
+}
+
+impl Custody {
+    /// The custody a tier is aligned with: 0 → hsm, 1 → transit, 2 → kv.
+    pub fn for_tier(tier: i32) -> Option<Self> {
+        match tier {
+            0 => Some(Self::Hsm),
+            1 => Some(Self::Transit),
+            2 => Some(Self::Kv),
+            _ => None,
+        }
+    }
+
+    /// The spelling used in config, CLI and storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hsm => "hsm",
+            Self::Transit => "transit",
+            Self::Kv => "kv",
+        }
+    }
+}
+
+impl FromStr for Custody {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "hsm" => Ok(Self::Hsm),
+            "transit" => Ok(Self::Transit),
+            "kv" => Ok(Self::Kv),
+            o => Err(format!("custody {o:?} is not one of hsm, transit, kv")),
+        }
+    }
+}
+
+impl fmt::Display for Custody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a key is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// Signatures (P-256, RSA).
+    Sign,
+    /// AES-256-GCM encryption.
+    Encrypt,
+}
+
+impl Purpose {
+    /// Spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sign => "sign",
+            Self::Encrypt => "encrypt",
+        }
+    }
+}
+
+impl FromStr for Purpose {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sign" => Ok(Self::Sign),
+            "encrypt" => Ok(Self::Encrypt),
+            o => Err(format!("purpose {o:?} is not one of sign, encrypt")),
+        }
+    }
+}
+
+/// A key algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// ECDSA P-256, SHA-256 (ES256).
+    EcP256,
+    /// RSA 2048, PKCS#1 v1.5 SHA-256 (RS256).
+    Rsa2048,
+    /// RSA 3072, PKCS#1 v1.5 SHA-256 (RS256).
+    Rsa3072,
+    /// AES-256-GCM.
+    Aes256Gcm,
+}
+
+impl Algorithm {
+    /// Spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ec-p256",
+            Self::Rsa2048 => "rsa-2048",
+            Self::Rsa3072 => "rsa-3072",
+            Self::Aes256Gcm => "aes-256-gcm",
+        }
+    }
+
+    /// The purpose this algorithm serves.
+    pub fn purpose(self) -> Purpose {
+        match self {
+            Self::Aes256Gcm => Purpose::Encrypt,
+            _ => Purpose::Sign,
+        }
+    }
+
+    /// The key manager's key type (sign algorithms only).
+    pub fn key_type(self) -> Option<crate::keys::KeyType> {
+        use crate::keys::KeyType;
+        match self {
+            Self::EcP256 => Some(KeyType::EcP256),
+            Self::Rsa2048 => Some(KeyType::Rsa2048),
+            Self::Rsa3072 => Some(KeyType::Rsa3072),
+            Self::Aes256Gcm => None,
+        }
+    }
+
+    /// The JWS `alg`.
+    pub fn jws_alg(self) -> &'static str {
+        match self {
+            Self::EcP256 => "ES256",
+            Self::Rsa2048 | Self::Rsa3072 => "RS256",
+            Self::Aes256Gcm => "A256GCM",
+        }
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ec-p256" => Ok(Self::EcP256),
+            "rsa-2048" => Ok(Self::Rsa2048),
+            "rsa-3072" => Ok(Self::Rsa3072),
+            "aes-256-gcm" => Ok(Self::Aes256Gcm),
+            o => Err(format!("algorithm {o:?} is not one of ec-p256, rsa-2048, rsa-3072, aes-256-gcm")),
+        }
+    }
+}
+
+/// A key version's state (Cloud KMS model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VersionState {
+    /// Usable.
+    Enabled,
+    /// Kept, not usable.
+    Disabled,
+    /// Material goes at `destroy_at` unless restored.
+    DestroyScheduled,
+    /// Material gone for good.
+    Destroyed,
+}
+
+impl VersionState {
+    /// Spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enabled => "ENABLED",
+            Self::Disabled => "DISABLED",
+            Self::DestroyScheduled => "DESTROY_SCHEDULED",
+            Self::Destroyed => "DESTROYED",
+        }
+    }
+}
+
+impl FromStr for VersionState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ENABLED" => Ok(Self::Enabled),
+            "DISABLED" => Ok(Self::Disabled),
+            "DESTROY_SCHEDULED" => Ok(Self::DestroyScheduled),
+            "DESTROYED" => Ok(Self::Destroyed),
+            o => Err(format!("key version state {o:?}")),
+        }
+    }
+}
+
+/// A logical Engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Engine {
+    /// Name (`payments`).
+    pub name: String,
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// Tier 0, 1 or 2.
+    pub tier: i32,
+    /// Custody of its keys.
+    pub custody: Custody,
+    /// Whether custody exposes more than the tier's alignment (allowed by override).
+    pub exposure_override: bool,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// A named key of an Engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineKey {
+    /// Engine name.
+    pub engine: String,
+    /// Key name.
+    pub name: String,
+    /// Algorithm (implies purpose).
+    pub algorithm: Algorithm,
+    /// Custody (the Engine's at creation).
+    pub custody: Custody,
+    /// Version used for new signatures and encryptions.
+    pub primary_version: u32,
+    /// Seconds between automatic rotations (0 = manual only).
+    pub rotation_period: i64,
+    /// Seconds a scheduled destruction waits.
+    pub destroy_grace: i64,
+    /// When the next automatic rotation is due (0 = never).
+    pub next_rotation_at: i64,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersion {
+    /// Engine name.
+    pub engine: String,
+    /// Key name.
+    pub key: String,
+    /// 1..n.
+    pub version: u32,
+    /// State.
+    pub state: VersionState,
+    /// JWKS `kid` (sign keys).
+    pub kid: String,
+    /// SubjectPublicKeyInfo (sign keys).
+    pub public_key: Vec<u8>,
+    /// Sealed material (transit/kv); None for HSM custody and once destroyed.
+    pub sealed: Option<Vec<u8>>,
+    /// Sealing mechanism, or `pkcs11` for material inside the token.
+    pub mechanism: String,
+    /// Key manager id of an HSM key (empty otherwise).
+    pub hsm_id: String,
+    /// Creation time.
+    pub created_at: i64,
+    /// When a scheduled destruction happens (0 = not scheduled).
+    pub destroy_at: i64,
+}
+
+/// A named KV secret of an Engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// Engine.
+    pub engine: String,
+    /// Name.
+    pub name: String,
+    /// 1..n, latest wins.
+    pub version: u32,
+    /// Sealed value.
+    pub sealed: Vec<u8>,
+    /// Sealing mechanism.
+    pub mechanism: String,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// A workload that was an Engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incarnation {
+    /// Engine.
+    pub engine: String,
+    /// Entry it matched.
+    pub entry_id: String,
+    /// Agent that hosted it.
+    pub agent_id: String,
+    /// Stable id of the workload (pod uid, or pid + start time).
+    pub workload_id: String,
+    /// Process id.
+    pub pid: u32,
+    /// Unix uid.
+    pub uid: u32,
+    /// Its selectors.
+    pub selectors: Vec<Selector>,
+    /// First seen.
+    pub first_seen: i64,
+    /// Last seen.
+    pub last_seen: i64,
+}
