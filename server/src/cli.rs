@@ -62,6 +62,136 @@ pub enum Command {
     /// Attested agents.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Engines: persistent identities of logical services and their keys.
+    #[command(subcommand)]
+    Engine(EngineCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `engine` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum EngineCommand {
+    /// Create an Engine.
+    Create {
+        /// Engine name (a-z, 0-9, '-', '_').
+        name: String,
+        /// Tier 0, 1 or 2 (custody defaults: hsm, transit, kv).
+        #[arg(long)]
+        tier: i32,
+        /// hsm | transit | kv.
+        #[arg(long)]
+        custody: Option<String>,
+        /// SPIFFE ID (default spiffe://<td>/engine/<name>).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Allow more exposure than the tier's alignment (audited).
+        #[arg(long)]
+        allow_exposure: bool,
+    },
+    /// Show one Engine.
+    Show {
+        /// Engine name.
+        name: String,
+    },
+    /// List Engines.
+    List,
+    /// The workloads that were this Engine.
+    Incarnations {
+        /// Engine name.
+        name: String,
+    },
+    /// Engine keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Named KV secrets.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+/// `engine key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a key (version 1).
+    Create {
+        /// Engine.
+        engine: String,
+        /// Key name.
+        key: String,
+        /// sign | encrypt.
+        #[arg(long)]
+        purpose: String,
+        /// ec-p256 | rsa-2048 | rsa-3072 | aes-256-gcm.
+        #[arg(long)]
+        algorithm: Option<String>,
+        /// Automatic rotation period ("30d"); none when absent.
+        #[arg(long)]
+        rotation_period: Option<String>,
+        /// Grace before a scheduled destruction ("24h" default).
+        #[arg(long)]
+        destroy_grace: Option<String>,
+    },
+    /// List keys and versions.
+    List {
+        /// Engine.
+        engine: String,
+    },
+    /// Add a version and make it primary.
+    Rotate {
+        /// Engine.
+        engine: String,
+        /// Key.
+        key: String,
+    },
+    /// DISABLED → ENABLED.
+    Enable(VersionArgs),
+    /// ENABLED → DISABLED.
+    Disable(VersionArgs),
+    /// Schedule destruction (after the key's grace).
+    Destroy(VersionArgs),
+    /// Cancel a scheduled destruction (→ DISABLED).
+    Restore(VersionArgs),
+}
+
+/// A key version.
+#[derive(Debug, Args)]
+pub struct VersionArgs {
+    /// Engine.
+    pub engine: String,
+    /// Key.
+    pub key: String,
+    /// Version.
+    #[arg(long)]
+    pub version: u32,
+}
+
+/// `engine secret` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Store a new version of a named secret (KV custody Engines).
+    Put {
+        /// Engine.
+        engine: String,
+        /// Secret name.
+        name: String,
+        /// Read the value from this file ("-" for stdin).
+        #[arg(long)]
+        value_file: PathBuf,
+    },
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print records (the last N with --limit).
+    Show {
+        /// How many of the latest records.
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+    },
+    /// Check the hash chain; names the first bad record.
+    Verify,
 }
 
 /// `token` subcommands.
@@ -448,6 +578,8 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
                 }
             }
         }
+        Command::Engine(cmd) => engine(ch, out, cmd).await?,
+        Command::Audit(cmd) => audit(ch, out, cmd).await?,
         Command::Agent(cmd) => {
             let mut c = AgentAdminClient::new(ch);
             match cmd {
@@ -558,6 +690,189 @@ async fn entry(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliErr
             match out {
                 Output::Json => println!("{}", json!({"deleted": id})),
                 Output::Text => println!("Deleted entry {id}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn engine_json(e: &continuity_proto::admin::Engine) -> Value {
+    json!({"name": e.name, "spiffe_id": e.spiffe_id, "tier": e.tier, "custody": e.custody, "exposure_override": e.exposure_override, "created_at": e.created_at})
+}
+
+fn key_json(k: &continuity_proto::admin::EngineKey) -> Value {
+    json!({
+        "engine": k.engine, "name": k.name, "purpose": k.purpose, "algorithm": k.algorithm, "custody": k.custody,
+        "primary_version": k.primary_version, "rotation_period": k.rotation_period, "destroy_grace": k.destroy_grace,
+        "versions": k.versions.iter().map(|v| json!({"version": v.version, "state": v.state, "kid": v.kid, "created_at": v.created_at, "destroy_at": v.destroy_at})).collect::<Vec<_>>(),
+    })
+}
+
+fn print_key(out: Output, k: &continuity_proto::admin::EngineKey) {
+    match out {
+        Output::Json => println!("{}", key_json(k)),
+        Output::Text => {
+            println!("Key {}/{} ({} {}, {} custody), primary version {}", k.engine, k.name, k.purpose, k.algorithm, k.custody, k.primary_version);
+            for v in &k.versions {
+                let when = if v.destroy_at > 0 { format!(" (destroyed at {})", v.destroy_at) } else { String::new() };
+                println!("  v{:<4} {:<18} kid {}{when}", v.version, v.state, v.kid);
+            }
+        }
+    }
+}
+
+async fn engine(ch: Channel, out: Output, cmd: EngineCommand) -> Result<(), CliError> {
+    use continuity_proto::admin::engine_admin_client::EngineAdminClient;
+    let mut c = EngineAdminClient::new(ch);
+    let print_engine = |e: &continuity_proto::admin::Engine| match out {
+        Output::Json => println!("{}", engine_json(e)),
+        Output::Text => println!(
+            "Engine           : {}\nSPIFFE ID        : {}\nTier             : {}\nCustody          : {}{}",
+            e.name,
+            e.spiffe_id,
+            e.tier,
+            e.custody,
+            if e.exposure_override { " (exposure override)" } else { "" }
+        ),
+    };
+    match cmd {
+        EngineCommand::Create { name, tier, custody, spiffe_id, allow_exposure } => {
+            let e = c
+                .create_engine(CreateEngineRequest {
+                    name,
+                    tier,
+                    custody: custody.unwrap_or_default(),
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    allow_exposure,
+                })
+                .await?
+                .into_inner();
+            print_engine(&e);
+        }
+        EngineCommand::Show { name } => print_engine(&c.get_engine(GetEngineRequest { name }).await?.into_inner()),
+        EngineCommand::List => {
+            let list = c.list_engines(ListEnginesRequest {}).await?.into_inner().engines;
+            match out {
+                Output::Json => println!("{}", json!({"engines": list.iter().map(engine_json).collect::<Vec<_>>()})),
+                Output::Text => {
+                    for e in &list {
+                        println!("{:<20} tier {}  {:<8} {}", e.name, e.tier, e.custody, e.spiffe_id);
+                    }
+                }
+            }
+        }
+        EngineCommand::Incarnations { name } => {
+            let list = c.list_incarnations(ListIncarnationsRequest { engine: name }).await?.into_inner().incarnations;
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"incarnations": list.iter().map(|i| json!({
+                        "engine": i.engine, "entry_id": i.entry_id, "agent_id": i.agent_id, "workload_id": i.workload_id,
+                        "pid": i.pid, "uid": i.uid,
+                        "selectors": i.selectors.iter().map(|s| format!("{}:{}", s.r#type, s.value)).collect::<Vec<_>>(),
+                        "first_seen": i.first_seen, "last_seen": i.last_seen,
+                    })).collect::<Vec<_>>()})
+                ),
+                Output::Text => {
+                    println!("Found {} incarnation{}", list.len(), if list.len() == 1 { "" } else { "s" });
+                    for i in &list {
+                        println!("{}  agent {}  pid {} uid {}  first {} last {}", i.workload_id, i.agent_id, i.pid, i.uid, i.first_seen, i.last_seen);
+                    }
+                }
+            }
+        }
+        EngineCommand::Key(k) => {
+            let key = match k {
+                KeyCommand::Create { engine, key, purpose, algorithm, rotation_period, destroy_grace } => c
+                    .create_key(CreateKeyRequest {
+                        engine,
+                        name: key,
+                        purpose,
+                        algorithm: algorithm.unwrap_or_default(),
+                        rotation_period: seconds("--rotation-period", &rotation_period)?,
+                        destroy_grace: seconds("--destroy-grace", &destroy_grace)?,
+                    })
+                    .await?
+                    .into_inner(),
+                KeyCommand::List { engine } => {
+                    let keys = c.list_keys(ListKeysRequest { engine }).await?.into_inner().keys;
+                    match out {
+                        Output::Json => println!("{}", json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()})),
+                        Output::Text => keys.iter().for_each(|k| print_key(out, k)),
+                    }
+                    return Ok(());
+                }
+                KeyCommand::Rotate { engine, key } => c.rotate_key(RotateKeyRequest { engine, name: key }).await?.into_inner(),
+                KeyCommand::Enable(v) => set_state(&mut c, "enable", v).await?,
+                KeyCommand::Disable(v) => set_state(&mut c, "disable", v).await?,
+                KeyCommand::Destroy(v) => set_state(&mut c, "destroy", v).await?,
+                KeyCommand::Restore(v) => set_state(&mut c, "restore", v).await?,
+            };
+            print_key(out, &key);
+        }
+        EngineCommand::Secret(SecretCommand::Put { engine, name, value_file }) => {
+            let value = if value_file.as_os_str() == "-" {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut v).map_err(|e| CliError::Argument(e.to_string()))?;
+                v
+            } else {
+                std::fs::read(&value_file).map_err(|e| CliError::Argument(format!("--value-file {}: {e}", value_file.display())))?
+            };
+            let r = c.put_secret(PutSecretRequest { engine: engine.clone(), name: name.clone(), value }).await?.into_inner();
+            match out {
+                Output::Json => println!("{}", json!({"engine": engine, "name": name, "version": r.version})),
+                Output::Text => println!("Stored {engine}/{name} version {}", r.version),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn set_state(
+    c: &mut continuity_proto::admin::engine_admin_client::EngineAdminClient<Channel>,
+    action: &str,
+    v: VersionArgs,
+) -> Result<continuity_proto::admin::EngineKey, CliError> {
+    Ok(c
+        .set_key_version_state(SetKeyVersionStateRequest { engine: v.engine, name: v.key, version: v.version, action: action.into() })
+        .await?
+        .into_inner())
+}
+
+async fn audit(ch: Channel, out: Output, cmd: AuditCommand) -> Result<(), CliError> {
+    use continuity_proto::admin::audit_admin_client::AuditAdminClient;
+    let mut c = AuditAdminClient::new(ch);
+    match cmd {
+        AuditCommand::Show { limit } => {
+            let records = c.show_audit(ShowAuditRequest { limit }).await?.into_inner().records;
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"records": records.iter().map(|r| json!({
+                        "seq": r.seq, "time": r.time, "actor": r.actor, "action": r.action, "target": r.target,
+                        "key_version": r.key_version, "result": r.result, "hash": r.hash,
+                    })).collect::<Vec<_>>()})
+                ),
+                Output::Text => {
+                    for r in &records {
+                        let v = if r.key_version > 0 { format!(" v{}", r.key_version) } else { String::new() };
+                        println!("{:>6} {} {:<16} {}{v}  by {}  → {}", r.seq, r.time, r.action, r.target, r.actor, r.result);
+                    }
+                }
+            }
+        }
+        AuditCommand::Verify => {
+            let r = c.verify_audit(VerifyAuditRequest {}).await?.into_inner();
+            if r.ok {
+                match out {
+                    Output::Json => println!("{}", json!({"ok": true, "records": r.records})),
+                    Output::Text => println!("Audit log intact: {} records, hash chain verified.", r.records),
+                }
+            } else {
+                if out == Output::Json {
+                    println!("{}", json!({"ok": false, "records": r.records, "bad_seq": r.bad_seq, "reason": r.reason}));
+                }
+                return Err(CliError::Argument(format!("audit log tampered: {}", r.reason)));
             }
         }
     }

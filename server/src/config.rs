@@ -80,6 +80,8 @@ pub struct FileConfig {
     pub health: Option<FileListener>,
     /// `[metrics]`.
     pub metrics: Option<FileListener>,
+    /// `[jwks]`: Engine JWKS for relying parties.
+    pub jwks: Option<FileListener>,
 }
 
 /// `[datastore]` table.
@@ -175,6 +177,8 @@ pub struct Config {
     pub health_address: Option<SocketAddr>,
     /// Metrics listener.
     pub metrics_address: Option<SocketAddr>,
+    /// Engine JWKS listener (`/engines/<name>/jwks.json`).
+    pub jwks_address: Option<SocketAddr>,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -294,6 +298,7 @@ impl Config {
             key_manager,
             health_address: listener(f.health, "health.bind_address")?,
             metrics_address: listener(f.metrics, "metrics.bind_address")?,
+            jwks_address: listener(f.jwks, "jwks.bind_address")?,
             log_level,
             log_format: f.log_format.unwrap_or_default(),
             data_dir,

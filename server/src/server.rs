@@ -16,6 +16,11 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
+use crate::api::engine::BrokerService;
+use crate::engines::Engines;
+use continuity_proto::admin::audit_admin_server::AuditAdminServer;
+use continuity_proto::admin::engine_admin_server::EngineAdminServer;
+use continuity_proto::engine::engine_broker_server::EngineBrokerServer;
 use crate::api::agent::AgentService;
 use crate::api::tls::{self, ServerIdentity};
 use crate::ca::{CaConfig, CaManager};
@@ -40,6 +45,9 @@ pub enum RunError {
     /// The CA could not start.
     #[error(transparent)]
     Ca(#[from] crate::ca::CaError),
+    /// Engines could not load.
+    #[error(transparent)]
+    Engines(#[from] crate::engines::EngineError),
     /// The registry could not load.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
@@ -149,6 +157,20 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     )
     .await?;
     let registry = Arc::new(Registry::load(store.clone(), clock.clone()).await?);
+    let audit = crate::audit::Audit::load(store.clone(), clock.clone()).await?;
+    let engines = Engines::load(cfg.trust_domain.clone(), store.clone(), key_manager.clone(), clock.clone(), audit).await?;
+    {
+        // Scheduled destruction and periodic rotation of Engine keys.
+        let engines = engines.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                if let Err(e) = engines.tick().await {
+                    tracing::error!(error = %e, "Engine key lifecycle step failed; will retry");
+                }
+            }
+        });
+    }
     let metrics = Arc::new(Metrics::default());
 
     // CA rotation and join-token pruning.
@@ -187,7 +209,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         jwt_ttl: cfg.default_jwt_svid_ttl,
         metrics: metrics.clone(),
     };
+    let broker = BrokerService {
+        trust_domain: cfg.trust_domain.clone(),
+        registry: registry.clone(),
+        engines: engines.clone(),
+        clock: clock.clone(),
+    };
     let admin = AdminService {
+        engines: engines.clone(),
         trust_domain: cfg.trust_domain.clone(),
         registry,
         ca: ca.clone(),
@@ -241,6 +270,22 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         })?;
     }
 
+    if let Some(addr) = cfg.jwks_address {
+        let engines = engines.clone();
+        continuity_common::http::serve(addr, move |path| {
+            let reply = match path.strip_prefix("/engines/").and_then(|p| p.strip_suffix("/jwks.json")) {
+                Some(name) => match engines.jwks(name) {
+                    Ok(j) => (200, "application/json", j.to_string()),
+                    Err(e) => (404, "text/plain", format!("{e}\n")),
+                },
+                None => (404, "text/plain", "GET /engines/<name>/jwks.json\n".into()),
+            };
+            async move { reply }
+        })
+        .await
+        .map_err(|source| RunError::Bind { what: format!("jwks.bind_address {addr}"), source })?;
+    }
+
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         bind_address = %cfg.bind_address,
@@ -254,13 +299,16 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     };
     let agent_api = Server::builder()
         .add_service(AgentApiServer::new(agent_service))
+        .add_service(EngineBrokerServer::new(broker))
         .serve_with_incoming_shutdown(tls::incoming(tcp, acceptor), wait(stop_rx.clone()));
     let admin_api = Server::builder()
         .add_service(health_service)
         .add_service(EntryAdminServer::new(admin.clone()))
         .add_service(TokenAdminServer::new(admin.clone()))
         .add_service(AgentAdminServer::new(admin.clone()))
-        .add_service(BundleAdminServer::new(admin))
+        .add_service(BundleAdminServer::new(admin.clone()))
+        .add_service(EngineAdminServer::new(admin.clone()))
+        .add_service(AuditAdminServer::new(admin))
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), wait(stop_rx));
     let signal = async {
         shutdown_signal().await;

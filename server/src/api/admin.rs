@@ -43,10 +43,13 @@ pub struct AdminService {
     pub metrics: Arc<Metrics>,
     /// The uid the server runs as; callers must match it (or be root).
     pub owner_uid: u32,
+    /// Engines (and the audit log).
+    pub engines: Arc<crate::engines::Engines>,
 }
 
 impl AdminService {
-    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+    /// Checks the caller is the server's uid or root; returns the audit actor ("admin uid N").
+    pub fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
         self.metrics.inc(&self.metrics.admin_calls);
         let uid = req
             .extensions()
@@ -64,7 +67,15 @@ impl AdminService {
                 self.owner_uid
             )));
         }
-        Ok(())
+        Ok(format!("admin uid {uid}"))
+    }
+
+    async fn audit(&self, actor: &str, action: &str, target: &str) -> Result<(), Status> {
+        self.engines
+            .audit()
+            .record(actor, action, target, 0, "ok")
+            .await
+            .map_err(|e| Status::unavailable(format!("audit log: {e}")))
     }
 
     fn id_in_domain(&self, field: &str, value: &str) -> Result<SpiffeId, Status> {
@@ -130,12 +141,15 @@ impl AdminService {
             TrustDomain::new(td)
                 .map_err(|err| Status::invalid_argument(format!("federates_with: {err}")))?;
         }
-        if !e.engine.is_empty() {
-            return Err(Status::not_found(format!(
-                "engine {:?} does not exist (no Engines are registered on this server)",
-                e.engine
-            )));
-        }
+        let engine = match e.engine.as_str() {
+            "" => None,
+            name => {
+                self.engines
+                    .engine(name)
+                    .map_err(|_| Status::not_found(format!("engine {name:?} does not exist; create it with `engine create`")))?;
+                Some(name.to_string())
+            }
+        };
         Ok(Entry {
             id: e.id,
             spiffe_id: spiffe_id.to_string(),
@@ -146,7 +160,7 @@ impl AdminService {
             dns_names: e.dns_names,
             hint: e.hint,
             admin: e.admin,
-            engine: None,
+            engine,
             federates_with: e.federates_with,
             revision: 0,
             created_at: 0,
@@ -160,7 +174,7 @@ impl EntryAdmin for AdminService {
         &self,
         req: Request<CreateEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let e = req
             .into_inner()
             .entry
@@ -172,6 +186,7 @@ impl EntryAdmin for AdminService {
             .await
             .map_err(registry_status)?;
         tracing::info!(entry = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
+        self.audit(&actor, "entry.create", &stored.id).await?;
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
@@ -213,7 +228,7 @@ impl EntryAdmin for AdminService {
         &self,
         req: Request<UpdateEntryRequest>,
     ) -> Result<Response<types::Entry>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let e = req
             .into_inner()
             .entry
@@ -228,6 +243,7 @@ impl EntryAdmin for AdminService {
             .await
             .map_err(registry_status)?;
         tracing::info!(entry = %stored.id, "entry updated");
+        self.audit(&actor, "entry.update", &stored.id).await?;
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
@@ -235,13 +251,14 @@ impl EntryAdmin for AdminService {
         &self,
         req: Request<DeleteEntryRequest>,
     ) -> Result<Response<DeleteEntryResponse>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let id = req.into_inner().id;
         self.registry
             .delete_entry(&id)
             .await
             .map_err(registry_status)?;
         tracing::info!(entry = %id, "entry deleted");
+        self.audit(&actor, "entry.delete", &id).await?;
         Ok(Response::new(DeleteEntryResponse {}))
     }
 }
@@ -252,7 +269,7 @@ impl TokenAdmin for AdminService {
         &self,
         req: Request<GenerateTokenRequest>,
     ) -> Result<Response<GenerateTokenResponse>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let r = req.into_inner();
         let ttl = match r.ttl {
             0 => DEFAULT_TOKEN_TTL,
@@ -282,6 +299,7 @@ impl TokenAdmin for AdminService {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         tracing::info!(expires_at, "join token generated");
+        self.audit(&actor, "token.generate", "join_token").await?;
         Ok(Response::new(GenerateTokenResponse { token, expires_at }))
     }
 }
@@ -315,13 +333,14 @@ impl AgentAdmin for AdminService {
         &self,
         req: Request<EvictAgentRequest>,
     ) -> Result<Response<EvictAgentResponse>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
         self.registry
             .evict_agent(&id)
             .await
             .map_err(registry_status)?;
         tracing::info!(agent = %id, "agent evicted");
+        self.audit(&actor, "agent.evict", &id).await?;
         Ok(Response::new(EvictAgentResponse {}))
     }
 
@@ -329,13 +348,14 @@ impl AgentAdmin for AdminService {
         &self,
         req: Request<BanAgentRequest>,
     ) -> Result<Response<BanAgentResponse>, Status> {
-        self.authorize(&req)?;
+        let actor = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
         self.registry
             .ban_agent(&id)
             .await
             .map_err(registry_status)?;
         tracing::info!(agent = %id, "agent banned");
+        self.audit(&actor, "agent.ban", &id).await?;
         Ok(Response::new(BanAgentResponse {}))
     }
 }

@@ -66,9 +66,15 @@ fn x509_svid(spiffe_id: &str, svid: crate::ca::SignedSvid) -> types::X509svid {
     }
 }
 
-impl AgentService {
-    /// Authenticates the caller by its agent SVID and returns its current record.
-    fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
+/// Authenticates an agent-API caller by its agent SVID and returns its current record:
+/// the SVID must be current (serial), unexpired, of an attested, unbanned agent.
+pub fn authenticate_agent<T>(
+    trust_domain: &TrustDomain,
+    registry: &Registry,
+    clock: &dyn Clock,
+    req: &Request<T>,
+) -> Result<AgentRecord, Status> {
+    {
         let leaf = req
             .extensions()
             .get::<PeerCerts>()
@@ -78,7 +84,7 @@ impl AgentService {
             })?;
         let id = continuity_common::x509::spiffe_id_of(&leaf)
             .map_err(|e| Status::unauthenticated(format!("agent SVID: {e}")))?;
-        if id.trust_domain() != self.trust_domain || !id.path().starts_with("/continuity/agent/") {
+        if id.trust_domain() != *trust_domain || !id.path().starts_with("/continuity/agent/") {
             return Err(Status::permission_denied(format!(
                 "{id} is not an agent of this trust domain"
             )));
@@ -86,12 +92,12 @@ impl AgentService {
         // A long-lived connection can outlive the certificate it was opened with.
         let not_after =
             continuity_common::x509::not_after(&leaf).map_err(Status::unauthenticated)?;
-        if not_after <= self.clock.unix() {
+        if not_after <= clock.unix() {
             return Err(Status::unauthenticated(
                 "agent SVID has expired; reconnect with a renewed SVID",
             ));
         }
-        let agent = self.registry.agent(id.as_str()).ok_or_else(|| {
+        let agent = registry.agent(id.as_str()).ok_or_else(|| {
             Status::permission_denied(format!(
                 "agent {id} is not attested (evicted?); attest again"
             ))
@@ -106,6 +112,12 @@ impl AgentService {
             )));
         }
         Ok(agent)
+    }
+}
+
+impl AgentService {
+    fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
+        authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)
     }
 
     async fn sign_agent_svid(

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod engine;
 pub mod tls;
 
 use continuity_proto::types;
