@@ -191,9 +191,11 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
         .map_err(|e| RunError::Listener(format!("metrics.bind_address {addr}: {e}")))?;
     }
 
-    let handler = WorkloadHandler::new(manager, Attestors::new(cfg.unix.clone()), clock);
+    let attestor: Arc<dyn crate::attestor::WorkloadAttestor> = Attestors::new(cfg.unix.clone());
+    let engine = endpoints::engine::EngineHandler::new(manager.clone(), attestor.clone());
+    let handler = WorkloadHandler::new(manager, attestor, clock);
     tracing::info!(socket = %cfg.socket_path.display(), "Workload API ready");
-    let result = endpoints::serve(listener, handler, shutdown_signal()).await;
+    let result = endpoints::serve(listener, handler, engine, shutdown_signal()).await;
     let _ = std::fs::remove_file(&cfg.socket_path);
     result.map_err(|e| RunError::Listener(e.to_string()))
 }

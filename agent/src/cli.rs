@@ -54,6 +54,123 @@ pub enum Command {
     /// Talk to the Workload API.
     #[command(subcommand)]
     Api(ApiCommand),
+    /// Use the caller's Engine keys through the EngineAPI.
+    #[command(subcommand)]
+    Engine(EngineCommand),
+}
+
+/// Options shared by every `engine` command.
+#[derive(Debug, clap::Args)]
+pub struct EngineTarget {
+    /// Workload API socket.
+    #[arg(long)]
+    pub socket_path: Option<String>,
+    /// The Engine, when the caller is bound to several.
+    #[arg(long)]
+    pub engine: Option<String>,
+}
+
+/// `engine` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum EngineCommand {
+    /// Sign a message (SHA-256 inside) or a SHA-256 digest.
+    Sign {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// File holding the message.
+        #[arg(long, conflicts_with = "digest", required_unless_present = "digest")]
+        message_file: Option<PathBuf>,
+        /// SHA-256 digest, hex.
+        #[arg(long)]
+        digest: Option<String>,
+        /// Key version (default: primary).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Also write the raw signature (DER / PKCS#1) here, for `openssl dgst -verify`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Target.
+        #[command(flatten)]
+        target: EngineTarget,
+    },
+    /// Verify a signature against the cached Engine JWKS (works while the server is down).
+    Verify {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// File holding the message.
+        #[arg(long)]
+        message_file: PathBuf,
+        /// File holding the raw signature (or its base64).
+        #[arg(long)]
+        signature_file: PathBuf,
+        /// Only this version (default: any enabled one).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Target.
+        #[command(flatten)]
+        target: EngineTarget,
+    },
+    /// Encrypt a file (AES-256-GCM; the ciphertext names its key version).
+    Encrypt {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// Input file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Target.
+        #[command(flatten)]
+        target: EngineTarget,
+    },
+    /// Decrypt a file made by `engine encrypt`.
+    Decrypt {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// Input file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// Output file (0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Target.
+        #[command(flatten)]
+        target: EngineTarget,
+    },
+    /// Print a sign key's public key (PEM).
+    PublicKey {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// Version (default: primary).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Target.
+        #[command(flatten)]
+        target: EngineTarget,
+    },
+    /// Print the caller's Engine JWKS.
+    Jwks {
+        /// Target.
+        #[command(flatten)]
+        target: EngineTarget,
+    },
+    /// Print a KV-custody secret (or key material).
+    Secret {
+        /// Secret name.
+        name: String,
+        /// Write it to this file (0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Target.
+        #[command(flatten)]
+        target: EngineTarget,
+    },
 }
 
 /// `api` subcommands.
@@ -352,6 +469,7 @@ pub async fn client_command(cli: Cli) -> Result<(), CliError> {
                 ),
             }
         }
+        Command::Engine(cmd) => engine_command(out, cmd).await?,
         Command::Api(ApiCommand::Watch { socket_path }) => {
             let mut c = client(socket_path).await?;
             let mut stream = c
@@ -393,4 +511,245 @@ fn value_json(v: prost_types::Value) -> serde_json::Value {
         Some(Kind::StructValue(s)) => struct_json(s),
         Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
     }
+}
+
+fn read_file(p: &Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(p).map_err(|e| CliError::Io(format!("{}: {e}", p.display())))
+}
+
+fn write_private(p: &Path, data: &[u8]) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))?;
+    f.write_all(data)
+        .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))
+}
+
+async fn engine_client(
+    target: &EngineTarget,
+) -> Result<continuity_proto::engine::engine_api_client::EngineApiClient<Channel>, CliError> {
+    let path = socket_path(target.socket_path.clone());
+    let ch = continuity_common::grpc::uds_channel(Path::new(&path))
+        .await
+        .map_err(|source| CliError::Connect { path, source })?;
+    Ok(continuity_proto::engine::engine_api_client::EngineApiClient::new(ch))
+}
+
+async fn engine_command(out: Output, cmd: EngineCommand) -> Result<(), CliError> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use continuity_proto::engine::*;
+    match cmd {
+        EngineCommand::Sign {
+            key,
+            message_file,
+            digest,
+            version,
+            out: raw_out,
+            target,
+        } => {
+            let mut c = engine_client(&target).await?;
+            let message = match &message_file {
+                Some(p) => read_file(p)?,
+                None => vec![],
+            };
+            let digest = match digest {
+                Some(h) => hex::decode(h.trim())
+                    .map_err(|e| CliError::Io(format!("--digest: not hex: {e}")))?,
+                None => vec![],
+            };
+            let r = c
+                .sign(req(SignRequest {
+                    key,
+                    message,
+                    digest,
+                    version: version.unwrap_or(0),
+                    engine: target.engine.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            if let Some(p) = raw_out {
+                std::fs::write(&p, &r.signature)
+                    .map_err(|e| CliError::Io(format!("{}: {e}", p.display())))?;
+            }
+            let sig = STANDARD.encode(&r.signature);
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"key": r.key, "version": r.version, "signature": sig, "kid": r.kid, "algorithm": r.algorithm})
+                ),
+                Output::Text => println!(
+                    "Signed with {} v{} (kid {}, {})\n{sig}",
+                    r.key, r.version, r.kid, r.algorithm
+                ),
+            }
+        }
+        EngineCommand::Verify {
+            key,
+            message_file,
+            signature_file,
+            version,
+            target,
+        } => {
+            let mut c = engine_client(&target).await?;
+            let raw = read_file(&signature_file)?;
+            let signature = match STANDARD.decode(String::from_utf8_lossy(&raw).trim()) {
+                Ok(decoded) if !raw.starts_with(&[0x30]) => decoded,
+                _ => raw,
+            };
+            let r = c
+                .verify(req(VerifyRequest {
+                    key,
+                    message: read_file(&message_file)?,
+                    signature,
+                    version: version.unwrap_or(0),
+                    engine: target.engine.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => println!("{}", json!({"valid": r.valid, "version": r.version})),
+                Output::Text if r.valid => println!("Signature valid (version {}).", r.version),
+                Output::Text => {}
+            }
+            if !r.valid {
+                return Err(CliError::Io("signature does not verify".into()));
+            }
+        }
+        EngineCommand::Encrypt {
+            key,
+            input,
+            out: path,
+            target,
+        } => {
+            let mut c = engine_client(&target).await?;
+            let r = c
+                .encrypt(req(EncryptRequest {
+                    key,
+                    plaintext: read_file(&input)?,
+                    aad: vec![],
+                    engine: target.engine.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            std::fs::write(&path, &r.ciphertext)
+                .map_err(|e| CliError::Io(format!("{}: {e}", path.display())))?;
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"version": r.version, "out": path.display().to_string()})
+                ),
+                Output::Text => println!(
+                    "Encrypted with key version {} into {}",
+                    r.version,
+                    path.display()
+                ),
+            }
+        }
+        EngineCommand::Decrypt {
+            key,
+            input,
+            out: path,
+            target,
+        } => {
+            let mut c = engine_client(&target).await?;
+            let r = c
+                .decrypt(req(DecryptRequest {
+                    key,
+                    ciphertext: read_file(&input)?,
+                    aad: vec![],
+                    engine: target.engine.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            write_private(&path, &r.plaintext)?;
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"version": r.version, "out": path.display().to_string()})
+                ),
+                Output::Text => println!(
+                    "Decrypted with key version {} into {}",
+                    r.version,
+                    path.display()
+                ),
+            }
+        }
+        EngineCommand::PublicKey {
+            key,
+            version,
+            target,
+        } => {
+            let mut c = engine_client(&target).await?;
+            let r = c
+                .get_public_key(req(GetPublicKeyRequest {
+                    key,
+                    version: version.unwrap_or(0),
+                    engine: target.engine.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => println!(
+                    "{}",
+                    json!({"pem": r.pem, "version": r.version, "kid": r.kid, "algorithm": r.algorithm})
+                ),
+                Output::Text => print!("{}", r.pem),
+            }
+        }
+        EngineCommand::Jwks { target } => {
+            let mut c = engine_client(&target).await?;
+            let mut s = c
+                .watch_engine_jwks(req(WatchEngineJwksRequest {
+                    engine: target.engine.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            let m = s
+                .message()
+                .await?
+                .ok_or_else(|| tonic::Status::unavailable("stream ended"))?;
+            let jwks: serde_json::Value =
+                serde_json::from_slice(&m.jwks).unwrap_or(serde_json::Value::Null);
+            match out {
+                Output::Json => println!("{}", json!({"engine": m.engine, "jwks": jwks})),
+                Output::Text => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&jwks).unwrap_or_default()
+                ),
+            }
+        }
+        EngineCommand::Secret {
+            name,
+            out: path,
+            target,
+        } => {
+            let mut c = engine_client(&target).await?;
+            let r = c
+                .fetch_secret(req(FetchSecretRequest {
+                    name: name.clone(),
+                    engine: target.engine.clone().unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            match (&path, out) {
+                (Some(p), _) => write_private(p, &r.value)?,
+                (None, Output::Json) => println!(
+                    "{}",
+                    json!({"name": name, "version": r.version, "value": STANDARD.encode(&r.value)})
+                ),
+                (None, Output::Text) => {
+                    use std::io::Write;
+                    let _ = std::io::stdout().write_all(&r.value);
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ use continuity_proto::agent::agent_api_client::AgentApiClient;
 use continuity_proto::agent::{
     AttestAgentRequest, AttestationData, attest_agent_request, attest_agent_response,
 };
+use continuity_proto::engine::engine_broker_client::EngineBrokerClient;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 
@@ -94,7 +95,7 @@ pub struct ServerClient {
     addr: String,
     server_id: SpiffeId,
     roots: TrustRoots,
-    conn: tokio::sync::Mutex<Option<(String, AgentApiClient<Channel>)>>,
+    conn: tokio::sync::Mutex<Option<(String, Channel)>>,
 }
 
 /// The result of a node attestation.
@@ -142,6 +143,15 @@ impl ServerClient {
 
     /// An authenticated client for the given agent SVID (reused while the SVID is the same).
     pub async fn api(&self, svid: &Svid) -> Result<AgentApiClient<Channel>, ClientError> {
+        Ok(AgentApiClient::new(self.authenticated(svid).await?))
+    }
+
+    /// The Engine broker over the same authenticated connection.
+    pub async fn broker(&self, svid: &Svid) -> Result<EngineBrokerClient<Channel>, ClientError> {
+        Ok(EngineBrokerClient::new(self.authenticated(svid).await?))
+    }
+
+    async fn authenticated(&self, svid: &Svid) -> Result<Channel, ClientError> {
         let mut conn = self.conn.lock().await;
         let serial = hex_of(&svid.chain[0]);
         if let Some((s, c)) = conn.as_ref()
@@ -160,9 +170,9 @@ impl ServerClient {
             self.server_id.clone(),
             Some((chain, key)),
         )?;
-        let client = AgentApiClient::new(self.channel(cfg).await?);
-        *conn = Some((serial, client.clone()));
-        Ok(client)
+        let channel = self.channel(cfg).await?;
+        *conn = Some((serial, channel.clone()));
+        Ok(channel)
     }
 
     /// Forgets the current connection (after a transport failure or an agent SVID change).

@@ -42,11 +42,11 @@ pub mod continuity {
     }
 }
 
-/// Engines: the workload-facing EngineAPI and the agent ↔ server EngineBroker.
-pub use continuity::engine::v1 as engine;
 /// The admin API on the server's Unix socket.
 pub use continuity::admin::v1 as admin;
 /// The agent ↔ server API.
 pub use continuity::agent::v1 as agent;
+/// Engines: the workload-facing EngineAPI and the agent ↔ server EngineBroker.
+pub use continuity::engine::v1 as engine;
 /// Types shared by the agent and admin APIs.
 pub use continuity::types::v1 as types;

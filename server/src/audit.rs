@@ -31,20 +31,46 @@ impl std::fmt::Debug for Audit {
 }
 
 fn chain_hash(r: &AuditRecord) -> String {
-    let fields = serde_json::json!([r.seq, r.time, r.actor, r.action, r.target, r.key_version, r.result, r.prev_hash]);
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, fields.to_string().as_bytes()))
+    let fields = serde_json::json!([
+        r.seq,
+        r.time,
+        r.actor,
+        r.action,
+        r.target,
+        r.key_version,
+        r.result,
+        r.prev_hash
+    ]);
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        fields.to_string().as_bytes(),
+    ))
 }
 
 impl Audit {
     /// Opens the log, continuing its chain.
-    pub async fn load(store: Arc<dyn DataStore>, clock: Arc<dyn Clock>) -> Result<Arc<Self>, StoreError> {
+    pub async fn load(
+        store: Arc<dyn DataStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, StoreError> {
         let last = store.list_audit().await?.pop();
         let head = last.map(|r| (r.seq, r.hash)).unwrap_or_default();
-        Ok(Arc::new(Self { store, clock, head: tokio::sync::Mutex::new(head) }))
+        Ok(Arc::new(Self {
+            store,
+            clock,
+            head: tokio::sync::Mutex::new(head),
+        }))
     }
 
     /// Appends one record.
-    pub async fn record(&self, actor: &str, action: &str, target: &str, key_version: u32, result: &str) -> Result<(), StoreError> {
+    pub async fn record(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        key_version: u32,
+        result: &str,
+    ) -> Result<(), StoreError> {
         let mut head = self.head.lock().await;
         let mut r = AuditRecord {
             seq: head.0 + 1,
@@ -80,16 +106,35 @@ impl Audit {
         let mut expected = 1;
         for r in &records {
             let problem = if r.seq != expected {
-                Some((expected, format!("record {expected} is missing (the next record is {})", r.seq)))
+                Some((
+                    expected,
+                    format!(
+                        "record {expected} is missing (the next record is {})",
+                        r.seq
+                    ),
+                ))
             } else if r.prev_hash != prev {
-                Some((r.seq, format!("record {} does not follow record {} (moved, or the record before it was replaced)", r.seq, r.seq - 1)))
+                Some((
+                    r.seq,
+                    format!(
+                        "record {} does not follow record {} (moved, or the record before it was replaced)",
+                        r.seq,
+                        r.seq - 1
+                    ),
+                ))
             } else if chain_hash(r) != r.hash {
-                Some((r.seq, format!("record {} was modified after it was written", r.seq)))
+                Some((
+                    r.seq,
+                    format!("record {} was modified after it was written", r.seq),
+                ))
             } else {
                 None
             };
             if problem.is_some() {
-                return Ok(Verification { records: records.len() as i64, problem });
+                return Ok(Verification {
+                    records: records.len() as i64,
+                    problem,
+                });
             }
             prev = r.hash.clone();
             expected += 1;
@@ -97,9 +142,15 @@ impl Audit {
         if head >= expected {
             return Ok(Verification {
                 records: records.len() as i64,
-                problem: Some((expected, format!("records {expected}..={head} were deleted from the end of the log"))),
+                problem: Some((
+                    expected,
+                    format!("records {expected}..={head} were deleted from the end of the log"),
+                )),
             });
         }
-        Ok(Verification { records: records.len() as i64, problem: None })
+        Ok(Verification {
+            records: records.len() as i64,
+            problem: None,
+        })
     }
 }

@@ -712,9 +712,16 @@ fn print_key(out: Output, k: &continuity_proto::admin::EngineKey) {
     match out {
         Output::Json => println!("{}", key_json(k)),
         Output::Text => {
-            println!("Key {}/{} ({} {}, {} custody), primary version {}", k.engine, k.name, k.purpose, k.algorithm, k.custody, k.primary_version);
+            println!(
+                "Key {}/{} ({} {}, {} custody), primary version {}",
+                k.engine, k.name, k.purpose, k.algorithm, k.custody, k.primary_version
+            );
             for v in &k.versions {
-                let when = if v.destroy_at > 0 { format!(" (destroyed at {})", v.destroy_at) } else { String::new() };
+                let when = if v.destroy_at > 0 {
+                    format!(" (destroyed at {})", v.destroy_at)
+                } else {
+                    String::new()
+                };
                 println!("  v{:<4} {:<18} kid {}{when}", v.version, v.state, v.kid);
             }
         }
@@ -732,11 +739,21 @@ async fn engine(ch: Channel, out: Output, cmd: EngineCommand) -> Result<(), CliE
             e.spiffe_id,
             e.tier,
             e.custody,
-            if e.exposure_override { " (exposure override)" } else { "" }
+            if e.exposure_override {
+                " (exposure override)"
+            } else {
+                ""
+            }
         ),
     };
     match cmd {
-        EngineCommand::Create { name, tier, custody, spiffe_id, allow_exposure } => {
+        EngineCommand::Create {
+            name,
+            tier,
+            custody,
+            spiffe_id,
+            allow_exposure,
+        } => {
             let e = c
                 .create_engine(CreateEngineRequest {
                     name,
@@ -749,20 +766,36 @@ async fn engine(ch: Channel, out: Output, cmd: EngineCommand) -> Result<(), CliE
                 .into_inner();
             print_engine(&e);
         }
-        EngineCommand::Show { name } => print_engine(&c.get_engine(GetEngineRequest { name }).await?.into_inner()),
+        EngineCommand::Show { name } => {
+            print_engine(&c.get_engine(GetEngineRequest { name }).await?.into_inner())
+        }
         EngineCommand::List => {
-            let list = c.list_engines(ListEnginesRequest {}).await?.into_inner().engines;
+            let list = c
+                .list_engines(ListEnginesRequest {})
+                .await?
+                .into_inner()
+                .engines;
             match out {
-                Output::Json => println!("{}", json!({"engines": list.iter().map(engine_json).collect::<Vec<_>>()})),
+                Output::Json => println!(
+                    "{}",
+                    json!({"engines": list.iter().map(engine_json).collect::<Vec<_>>()})
+                ),
                 Output::Text => {
                     for e in &list {
-                        println!("{:<20} tier {}  {:<8} {}", e.name, e.tier, e.custody, e.spiffe_id);
+                        println!(
+                            "{:<20} tier {}  {:<8} {}",
+                            e.name, e.tier, e.custody, e.spiffe_id
+                        );
                     }
                 }
             }
         }
         EngineCommand::Incarnations { name } => {
-            let list = c.list_incarnations(ListIncarnationsRequest { engine: name }).await?.into_inner().incarnations;
+            let list = c
+                .list_incarnations(ListIncarnationsRequest { engine: name })
+                .await?
+                .into_inner()
+                .incarnations;
             match out {
                 Output::Json => println!(
                     "{}",
@@ -774,16 +807,30 @@ async fn engine(ch: Channel, out: Output, cmd: EngineCommand) -> Result<(), CliE
                     })).collect::<Vec<_>>()})
                 ),
                 Output::Text => {
-                    println!("Found {} incarnation{}", list.len(), if list.len() == 1 { "" } else { "s" });
+                    println!(
+                        "Found {} incarnation{}",
+                        list.len(),
+                        if list.len() == 1 { "" } else { "s" }
+                    );
                     for i in &list {
-                        println!("{}  agent {}  pid {} uid {}  first {} last {}", i.workload_id, i.agent_id, i.pid, i.uid, i.first_seen, i.last_seen);
+                        println!(
+                            "{}  agent {}  pid {} uid {}  first {} last {}",
+                            i.workload_id, i.agent_id, i.pid, i.uid, i.first_seen, i.last_seen
+                        );
                     }
                 }
             }
         }
         EngineCommand::Key(k) => {
             let key = match k {
-                KeyCommand::Create { engine, key, purpose, algorithm, rotation_period, destroy_grace } => c
+                KeyCommand::Create {
+                    engine,
+                    key,
+                    purpose,
+                    algorithm,
+                    rotation_period,
+                    destroy_grace,
+                } => c
                     .create_key(CreateKeyRequest {
                         engine,
                         name: key,
@@ -795,14 +842,24 @@ async fn engine(ch: Channel, out: Output, cmd: EngineCommand) -> Result<(), CliE
                     .await?
                     .into_inner(),
                 KeyCommand::List { engine } => {
-                    let keys = c.list_keys(ListKeysRequest { engine }).await?.into_inner().keys;
+                    let keys = c
+                        .list_keys(ListKeysRequest { engine })
+                        .await?
+                        .into_inner()
+                        .keys;
                     match out {
-                        Output::Json => println!("{}", json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()})),
+                        Output::Json => println!(
+                            "{}",
+                            json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()})
+                        ),
                         Output::Text => keys.iter().for_each(|k| print_key(out, k)),
                     }
                     return Ok(());
                 }
-                KeyCommand::Rotate { engine, key } => c.rotate_key(RotateKeyRequest { engine, name: key }).await?.into_inner(),
+                KeyCommand::Rotate { engine, key } => c
+                    .rotate_key(RotateKeyRequest { engine, name: key })
+                    .await?
+                    .into_inner(),
                 KeyCommand::Enable(v) => set_state(&mut c, "enable", v).await?,
                 KeyCommand::Disable(v) => set_state(&mut c, "disable", v).await?,
                 KeyCommand::Destroy(v) => set_state(&mut c, "destroy", v).await?,
@@ -810,17 +867,34 @@ async fn engine(ch: Channel, out: Output, cmd: EngineCommand) -> Result<(), CliE
             };
             print_key(out, &key);
         }
-        EngineCommand::Secret(SecretCommand::Put { engine, name, value_file }) => {
+        EngineCommand::Secret(SecretCommand::Put {
+            engine,
+            name,
+            value_file,
+        }) => {
             let value = if value_file.as_os_str() == "-" {
                 let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut v).map_err(|e| CliError::Argument(e.to_string()))?;
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)
+                    .map_err(|e| CliError::Argument(e.to_string()))?;
                 v
             } else {
-                std::fs::read(&value_file).map_err(|e| CliError::Argument(format!("--value-file {}: {e}", value_file.display())))?
+                std::fs::read(&value_file).map_err(|e| {
+                    CliError::Argument(format!("--value-file {}: {e}", value_file.display()))
+                })?
             };
-            let r = c.put_secret(PutSecretRequest { engine: engine.clone(), name: name.clone(), value }).await?.into_inner();
+            let r = c
+                .put_secret(PutSecretRequest {
+                    engine: engine.clone(),
+                    name: name.clone(),
+                    value,
+                })
+                .await?
+                .into_inner();
             match out {
-                Output::Json => println!("{}", json!({"engine": engine, "name": name, "version": r.version})),
+                Output::Json => println!(
+                    "{}",
+                    json!({"engine": engine, "name": name, "version": r.version})
+                ),
                 Output::Text => println!("Stored {engine}/{name} version {}", r.version),
             }
         }
@@ -833,10 +907,14 @@ async fn set_state(
     action: &str,
     v: VersionArgs,
 ) -> Result<continuity_proto::admin::EngineKey, CliError> {
-    Ok(c
-        .set_key_version_state(SetKeyVersionStateRequest { engine: v.engine, name: v.key, version: v.version, action: action.into() })
-        .await?
-        .into_inner())
+    Ok(c.set_key_version_state(SetKeyVersionStateRequest {
+        engine: v.engine,
+        name: v.key,
+        version: v.version,
+        action: action.into(),
+    })
+    .await?
+    .into_inner())
 }
 
 async fn audit(ch: Channel, out: Output, cmd: AuditCommand) -> Result<(), CliError> {
@@ -844,7 +922,11 @@ async fn audit(ch: Channel, out: Output, cmd: AuditCommand) -> Result<(), CliErr
     let mut c = AuditAdminClient::new(ch);
     match cmd {
         AuditCommand::Show { limit } => {
-            let records = c.show_audit(ShowAuditRequest { limit }).await?.into_inner().records;
+            let records = c
+                .show_audit(ShowAuditRequest { limit })
+                .await?
+                .into_inner()
+                .records;
             match out {
                 Output::Json => println!(
                     "{}",
@@ -855,8 +937,15 @@ async fn audit(ch: Channel, out: Output, cmd: AuditCommand) -> Result<(), CliErr
                 ),
                 Output::Text => {
                     for r in &records {
-                        let v = if r.key_version > 0 { format!(" v{}", r.key_version) } else { String::new() };
-                        println!("{:>6} {} {:<16} {}{v}  by {}  → {}", r.seq, r.time, r.action, r.target, r.actor, r.result);
+                        let v = if r.key_version > 0 {
+                            format!(" v{}", r.key_version)
+                        } else {
+                            String::new()
+                        };
+                        println!(
+                            "{:>6} {} {:<16} {}{v}  by {}  → {}",
+                            r.seq, r.time, r.action, r.target, r.actor, r.result
+                        );
                     }
                 }
             }
@@ -866,13 +955,22 @@ async fn audit(ch: Channel, out: Output, cmd: AuditCommand) -> Result<(), CliErr
             if r.ok {
                 match out {
                     Output::Json => println!("{}", json!({"ok": true, "records": r.records})),
-                    Output::Text => println!("Audit log intact: {} records, hash chain verified.", r.records),
+                    Output::Text => println!(
+                        "Audit log intact: {} records, hash chain verified.",
+                        r.records
+                    ),
                 }
             } else {
                 if out == Output::Json {
-                    println!("{}", json!({"ok": false, "records": r.records, "bad_seq": r.bad_seq, "reason": r.reason}));
+                    println!(
+                        "{}",
+                        json!({"ok": false, "records": r.records, "bad_seq": r.bad_seq, "reason": r.reason})
+                    );
                 }
-                return Err(CliError::Argument(format!("audit log tampered: {}", r.reason)));
+                return Err(CliError::Argument(format!(
+                    "audit log tampered: {}",
+                    r.reason
+                )));
             }
         }
     }

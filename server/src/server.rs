@@ -16,19 +16,19 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
-use crate::api::engine::BrokerService;
-use crate::engines::Engines;
-use continuity_proto::admin::audit_admin_server::AuditAdminServer;
-use continuity_proto::admin::engine_admin_server::EngineAdminServer;
-use continuity_proto::engine::engine_broker_server::EngineBrokerServer;
 use crate::api::agent::AgentService;
+use crate::api::engine::BrokerService;
 use crate::api::tls::{self, ServerIdentity};
 use crate::ca::{CaConfig, CaManager};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
+use crate::engines::Engines;
 use crate::keys::{self, KeyType};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use continuity_proto::admin::audit_admin_server::AuditAdminServer;
+use continuity_proto::admin::engine_admin_server::EngineAdminServer;
+use continuity_proto::engine::engine_broker_server::EngineBrokerServer;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +158,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     .await?;
     let registry = Arc::new(Registry::load(store.clone(), clock.clone()).await?);
     let audit = crate::audit::Audit::load(store.clone(), clock.clone()).await?;
-    let engines = Engines::load(cfg.trust_domain.clone(), store.clone(), key_manager.clone(), clock.clone(), audit).await?;
+    let engines = Engines::load(
+        cfg.trust_domain.clone(),
+        store.clone(),
+        key_manager.clone(),
+        clock.clone(),
+        audit,
+    )
+    .await?;
     {
         // Scheduled destruction and periodic rotation of Engine keys.
         let engines = engines.clone();
@@ -273,7 +280,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     if let Some(addr) = cfg.jwks_address {
         let engines = engines.clone();
         continuity_common::http::serve(addr, move |path| {
-            let reply = match path.strip_prefix("/engines/").and_then(|p| p.strip_suffix("/jwks.json")) {
+            let reply = match path
+                .strip_prefix("/engines/")
+                .and_then(|p| p.strip_suffix("/jwks.json"))
+            {
                 Some(name) => match engines.jwks(name) {
                     Ok(j) => (200, "application/json", j.to_string()),
                     Err(e) => (404, "text/plain", format!("{e}\n")),
@@ -283,7 +293,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             async move { reply }
         })
         .await
-        .map_err(|source| RunError::Bind { what: format!("jwks.bind_address {addr}"), source })?;
+        .map_err(|source| RunError::Bind {
+            what: format!("jwks.bind_address {addr}"),
+            source,
+        })?;
     }
 
     tracing::info!(

@@ -1,6 +1,7 @@
 //! The agent's listeners: the Workload API (plus gRPC health and reflection) on `socket_path`.
 
 pub mod authority;
+pub mod engine;
 pub mod peer;
 pub mod workload;
 
@@ -11,6 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use continuity_proto::engine::engine_api_server::EngineApiServer;
 use continuity_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
@@ -135,10 +137,11 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Serves the Workload API, health and reflection until `shutdown` resolves.
+/// Serves the Workload API, the EngineAPI, health and reflection until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
     handler: WorkloadHandler,
+    engine: engine::EngineHandler,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -155,6 +158,10 @@ pub async fn serve(
         .add_service(health)
         .add_service(SpiffeWorkloadApiServer::with_interceptor(
             handler,
+            check_security_header,
+        ))
+        .add_service(EngineApiServer::with_interceptor(
+            engine,
             check_security_header,
         ));
     match reflection {

@@ -36,6 +36,8 @@ pub struct Peer {
     pub pid: u32,
     /// Process binding.
     pub binding: Binding,
+    /// Process start time (clock ticks since boot) at accept time.
+    pub start_time: Option<u64>,
 }
 
 static LOGGED_MODE: AtomicBool = AtomicBool::new(false);
@@ -79,12 +81,23 @@ impl Peer {
                 }
             }
         };
+        let start_time = continuity_attestors::unix::start_time(pid);
         Ok(Self {
             uid,
             gid,
             pid,
             binding,
+            start_time,
         })
+    }
+
+    /// A stable id for this workload process: pid plus start time (a recycled pid differs).
+    pub fn workload_id(&self) -> String {
+        format!(
+            "pid:{}:start:{}",
+            self.pid,
+            self.start_time.unwrap_or_default()
+        )
     }
 
     /// True if the process that connected is still alive under the same pid (checked after

@@ -37,6 +37,8 @@ pub trait IdentityCache: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>>;
     /// A JWT-SVID for an identity.
     async fn jwt_svid(&self, entry_id: &str, audience: &[String]) -> Result<String, String>;
+    /// Notes that a workload received an identity bound to an Engine.
+    fn report_incarnation(&self, entry_id: &str, workload: continuity_proto::engine::Workload);
 }
 
 #[tonic::async_trait]
@@ -49,6 +51,73 @@ impl IdentityCache for crate::manager::Manager {
             .await
             .map_err(|e| e.to_string())
     }
+    fn report_incarnation(&self, entry_id: &str, workload: continuity_proto::engine::Workload) {
+        crate::manager::Manager::report_incarnation(self, entry_id, workload)
+    }
+}
+
+/// The attested caller of one request: its selectors and its process.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Selectors from attestation.
+    pub selectors: Arc<HashSet<Selector>>,
+    /// The process.
+    pub peer: Arc<super::peer::Peer>,
+}
+
+impl Caller {
+    /// The workload description sent to the server (audit, incarnations).
+    pub fn workload(&self) -> continuity_proto::engine::Workload {
+        let mut selectors: Vec<_> = self.selectors.iter().cloned().collect();
+        selectors.sort();
+        continuity_proto::engine::Workload {
+            id: self.peer.workload_id(),
+            pid: self.peer.pid,
+            uid: self.peer.uid,
+            selectors: selectors
+                .into_iter()
+                .map(|s| continuity_proto::types::Selector {
+                    r#type: s.kind,
+                    value: s.value,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Attests the caller of `req` once per connection (Unavailable when attestation fails).
+pub async fn attest_caller<T>(
+    req: &Request<T>,
+    attestor: &Arc<dyn WorkloadAttestor>,
+) -> Result<Caller, Status> {
+    let info =
+        req.extensions().get::<ConnInfo>().cloned().ok_or_else(|| {
+            Status::unavailable("workload attestation failed: no peer information")
+        })?;
+    let peer = info.peer.clone().ok_or_else(|| {
+        Status::unavailable("workload attestation failed: peer credentials unavailable")
+    })?;
+    let attestor = attestor.clone();
+    let p = peer.clone();
+    let selectors = info
+        .selectors
+        .get_or_try_init(|| async move {
+            let result = tokio::task::spawn_blocking(move || attestor.attest(&p))
+                .await
+                .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))?;
+            match result {
+                Ok(s) => Ok(Arc::new(s)),
+                Err(e) => {
+                    tracing::info!(error = %e, "workload attestation failed");
+                    Err(Status::unavailable(format!(
+                        "workload attestation failed: {e}"
+                    )))
+                }
+            }
+        })
+        .await?
+        .clone();
+    Ok(Caller { selectors, peer })
 }
 
 /// The Workload API service.
@@ -79,34 +148,17 @@ impl WorkloadHandler {
         }
     }
 
-    /// Attests the caller (once per connection).
+    /// Attests the caller (once per connection) and reports Engine incarnations for the
+    /// identities it is about to receive.
     async fn selectors<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
-        let info = req.extensions().get::<ConnInfo>().cloned().ok_or_else(|| {
-            Status::unavailable("workload attestation failed: no peer information")
-        })?;
-        let peer = info.peer.clone().ok_or_else(|| {
-            Status::unavailable("workload attestation failed: peer credentials unavailable")
-        })?;
-        let attestor = self.attestor.clone();
-        info.selectors
-            .get_or_try_init(|| async move {
-                let result = tokio::task::spawn_blocking(move || attestor.attest(&peer))
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!("workload attestation failed: {e}"))
-                    })?;
-                match result {
-                    Ok(s) => Ok(Arc::new(s)),
-                    Err(e) => {
-                        tracing::info!(error = %e, "workload attestation failed");
-                        Err(Status::unavailable(format!(
-                            "workload attestation failed: {e}"
-                        )))
-                    }
-                }
-            })
-            .await
-            .cloned()
+        Ok(attest_caller(req, &self.attestor).await?.selectors)
+    }
+
+    fn report(&self, caller: &Caller, ids: &[Arc<Identity>]) {
+        for i in ids.iter().filter(|i| i.engine.is_some()) {
+            self.cache
+                .report_incarnation(&i.entry_id, caller.workload());
+        }
     }
 
     fn x509_response(snap: &Snapshot, ids: &[Arc<Identity>]) -> X509svidResponse {
@@ -245,7 +297,8 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let selectors = self.selectors(&req).await?;
+        let caller = attest_caller(&req, &self.attestor).await?;
+        let selectors = caller.selectors.clone();
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -259,6 +312,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if ids.is_empty() {
             return Err(no_identity());
         }
+        self.report(&caller, &ids);
         let mut svids = Vec::with_capacity(ids.len());
         for i in ids {
             let token = self

@@ -54,6 +54,9 @@ pub struct Entry {
     pub jwt_svid_ttl: i32,
     /// Hint for workloads.
     pub hint: String,
+    /// Engine the entry is bound to (empty: none).
+    #[serde(default)]
+    pub engine: String,
     /// Revision.
     pub revision: i64,
 }
@@ -73,6 +76,7 @@ impl From<continuity_proto::types::Entry> for Entry {
             x509_svid_ttl: e.x509_svid_ttl,
             jwt_svid_ttl: e.jwt_svid_ttl,
             hint: e.hint,
+            engine: e.engine,
             revision: e.revision,
         }
     }
@@ -155,6 +159,34 @@ pub struct PersistedState {
     pub entries: BTreeMap<String, Entry>,
     /// SVIDs by entry id.
     pub svids: BTreeMap<String, Svid>,
+    /// Engine JWKS by Engine name, for the Engines this node's entries are bound to.
+    #[serde(default)]
+    pub engine_jwks: BTreeMap<String, EngineJwks>,
+}
+
+/// A public key of an Engine (one enabled sign-key version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnginePublicKey {
+    /// Key name.
+    pub key: String,
+    /// Version.
+    pub version: u32,
+    /// kid.
+    pub kid: String,
+    /// Algorithm spelling (ec-p256, rsa-2048, rsa-3072).
+    pub algorithm: String,
+    /// SubjectPublicKeyInfo.
+    #[serde(with = "b64")]
+    pub spki: Vec<u8>,
+}
+
+/// An Engine's JWKS as cached by the agent (verification works while the server is down).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct EngineJwks {
+    /// The JWKS document.
+    pub jwks: String,
+    /// The same keys, ready for verification.
+    pub keys: Vec<EnginePublicKey>,
 }
 
 /// The bundle in the forms the Workload API sends.
@@ -191,6 +223,8 @@ pub struct Identity {
     pub expires_at: i64,
     /// Unique per SVID the agent ever held: a changed generation means "send again".
     pub generation: u64,
+    /// Engine the entry is bound to.
+    pub engine: Option<String>,
 }
 
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -210,6 +244,8 @@ pub struct Snapshot {
     pub bundle: Arc<PublishedBundle>,
     /// Identities with SVIDs, ordered by entry id.
     pub identities: Vec<Arc<Identity>>,
+    /// Engine JWKS by Engine name.
+    pub engine_jwks: Arc<BTreeMap<String, EngineJwks>>,
 }
 
 impl Snapshot {
@@ -240,6 +276,7 @@ impl Snapshot {
                 && p.spiffe_id == entry.spiffe_id
                 && p.selectors == entry.selectors
                 && p.hint == entry.hint
+                && p.engine.as_deref().unwrap_or("") == entry.engine
                 && p.x509_svid.len() == svid.chain.iter().map(Vec::len).sum::<usize>()
                 && p.x509_svid.starts_with(&svid.chain[0])
             {
@@ -255,9 +292,18 @@ impl Snapshot {
                 key: Bytes::from(svid.key.clone()),
                 expires_at: svid.expires_at,
                 generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                engine: Some(entry.engine.clone()).filter(|e| !e.is_empty()),
             }));
         }
-        Snapshot { bundle, identities }
+        let engine_jwks = match previous {
+            Some(p) if *p.engine_jwks == state.engine_jwks => p.engine_jwks.clone(),
+            _ => Arc::new(state.engine_jwks.clone()),
+        };
+        Snapshot {
+            bundle,
+            identities,
+            engine_jwks,
+        }
     }
 
     /// The identities a workload with these selectors may have.

@@ -96,6 +96,11 @@ pub struct Manager {
     jwts: Mutex<HashMap<(String, String), CachedJwt>>,
     /// The current agent SVID, readable without waiting for a sync in progress.
     agent_svid: std::sync::RwLock<Option<Svid>>,
+    /// Incarnations not yet reported, and when each was last reported.
+    incarnations: Mutex<(
+        Vec<continuity_proto::engine::Incarnation>,
+        HashMap<(String, String), i64>,
+    )>,
     /// Whether the last contact with the server succeeded.
     connected: std::sync::atomic::AtomicBool,
 }
@@ -122,6 +127,7 @@ impl Manager {
         let (snapshot, _) = watch::channel(snap);
         let agent_svid = std::sync::RwLock::new(state.agent_svid.clone());
         Arc::new(Self {
+            incarnations: Mutex::default(),
             agent_svid,
             client,
             storage,
@@ -299,6 +305,22 @@ impl Manager {
         changed |= self
             .refresh_svids(&mut st, &mut api, now, bundle_changed)
             .await?;
+        // Engine JWKS and incarnation reports: a failure here must not lose the SVIDs above.
+        let current = st.agent_svid.clone().unwrap_or(agent_svid);
+        match self.client.broker(&current).await {
+            Ok(mut broker) => {
+                match self.refresh_engine_jwks(&mut st, &mut broker).await {
+                    Ok(c) => changed |= c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refreshing Engine JWKS failed; keeping the cached ones")
+                    }
+                }
+                if let Err(e) = self.flush_incarnations(&mut broker).await {
+                    tracing::warn!(error = %e, "reporting incarnations failed; will retry");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Engine broker unavailable"),
+        }
         if changed {
             self.publish(&st);
             self.save(&st).await;
@@ -374,6 +396,118 @@ impl Manager {
             }
         }
         Ok(changed)
+    }
+
+    /// Fetches the JWKS of every Engine this node's entries are bound to.
+    async fn refresh_engine_jwks(
+        &self,
+        st: &mut PersistedState,
+        broker: &mut continuity_proto::engine::engine_broker_client::EngineBrokerClient<
+            tonic::transport::Channel,
+        >,
+    ) -> Result<bool, ClientError> {
+        let mut by_engine: std::collections::BTreeMap<String, String> = Default::default();
+        for e in st.entries.values().filter(|e| !e.engine.is_empty()) {
+            by_engine
+                .entry(e.engine.clone())
+                .or_insert_with(|| e.id.clone());
+        }
+        let mut fresh = std::collections::BTreeMap::new();
+        for (engine, entry_id) in by_engine {
+            let r = broker
+                .get_engine_jwks(continuity_proto::engine::BrokerJwks { entry_id })
+                .await?
+                .into_inner();
+            let jwks = cache::EngineJwks {
+                jwks: String::from_utf8_lossy(&r.jwks).into_owned(),
+                keys: r
+                    .keys
+                    .into_iter()
+                    .map(|k| cache::EnginePublicKey {
+                        key: k.key,
+                        version: k.version,
+                        kid: k.kid,
+                        algorithm: k.algorithm,
+                        spki: k.public_key,
+                    })
+                    .collect(),
+            };
+            fresh.insert(engine, jwks);
+        }
+        if fresh != st.engine_jwks {
+            st.engine_jwks = fresh;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Notes that a workload received an identity bound to an Engine; reported to the server
+    /// on the next sync (again at most once a minute per workload, to refresh last_seen).
+    pub fn report_incarnation(&self, entry_id: &str, workload: continuity_proto::engine::Workload) {
+        let now = self.clock.unix();
+        let mut guard = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
+        let (pending, last) = &mut *guard;
+        let key = (entry_id.to_string(), workload.id.clone());
+        if last.get(&key).is_some_and(|t| now - t < 60) {
+            return;
+        }
+        last.insert(key, now);
+        if pending.len() < 10_000 {
+            pending.push(continuity_proto::engine::Incarnation {
+                entry_id: entry_id.into(),
+                workload: Some(workload),
+                seen_at: now,
+            });
+        }
+    }
+
+    async fn flush_incarnations(
+        &self,
+        broker: &mut continuity_proto::engine::engine_broker_client::EngineBrokerClient<
+            tonic::transport::Channel,
+        >,
+    ) -> Result<(), ClientError> {
+        let batch = std::mem::take(
+            &mut self
+                .incarnations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0,
+        );
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let req = continuity_proto::engine::ReportIncarnationsRequest {
+            incarnations: batch.clone(),
+        };
+        if let Err(e) = broker.report_incarnations(req).await {
+            // Keep them for the next round.
+            self.incarnations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .extend(batch);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The Engine broker, authenticated with the current agent SVID.
+    pub async fn broker(
+        &self,
+    ) -> Result<
+        continuity_proto::engine::engine_broker_client::EngineBrokerClient<
+            tonic::transport::Channel,
+        >,
+        ClientError,
+    > {
+        let svid = self
+            .agent_svid
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| ClientError::Protocol("the agent is not attested".into()))?;
+        self.client.broker(&svid).await
     }
 
     /// A JWT-SVID for `identity` and `audience`: from the cache until half-life, else from the

@@ -144,9 +144,11 @@ impl AdminService {
         let engine = match e.engine.as_str() {
             "" => None,
             name => {
-                self.engines
-                    .engine(name)
-                    .map_err(|_| Status::not_found(format!("engine {name:?} does not exist; create it with `engine create`")))?;
+                self.engines.engine(name).map_err(|_| {
+                    Status::not_found(format!(
+                        "engine {name:?} does not exist; create it with `engine create`"
+                    ))
+                })?;
                 Some(name.to_string())
             }
         };

@@ -16,7 +16,10 @@ use tonic::{Request, Response, Status};
 
 use super::admin::AdminService;
 use super::agent::authenticate_agent;
-use crate::engines::model::{Algorithm, Custody, Engine as EngineModel, EngineKey, Incarnation as IncarnationModel, KeyVersion, Purpose};
+use crate::engines::model::{
+    Algorithm, Custody, Engine as EngineModel, EngineKey, Incarnation as IncarnationModel,
+    KeyVersion, Purpose,
+};
 use crate::engines::{EngineError, Engines, VersionAction};
 use crate::registry::Registry;
 
@@ -60,7 +63,10 @@ pub struct BrokerService {
 /// Who asks, for the audit log.
 fn actor(agent: &str, spiffe_id: &str, w: Option<&Workload>) -> String {
     match w {
-        Some(w) if !w.id.is_empty() => format!("agent {agent} for {spiffe_id} (workload {}, uid {})", w.id, w.uid),
+        Some(w) if !w.id.is_empty() => format!(
+            "agent {agent} for {spiffe_id} (workload {}, uid {})",
+            w.id, w.uid
+        ),
         _ => format!("agent {agent} for {spiffe_id}"),
     }
 }
@@ -68,15 +74,27 @@ fn actor(agent: &str, spiffe_id: &str, w: Option<&Workload>) -> String {
 impl BrokerService {
     /// Authenticates the agent, checks it hosts `entry_id` and that the entry is bound to an
     /// Engine (and to `requested` when given). Returns (engine, actor).
-    fn authorize<T>(&self, req: &Request<T>, entry_id: &str, requested: &str, w: Option<&Workload>) -> Result<(String, String), Status> {
-        let agent = authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)?;
-        let entry = self.registry.authorized_entry(&agent, entry_id).ok_or_else(|| {
-            Status::permission_denied(format!("agent {} does not host entry {entry_id}", agent.spiffe_id))
+    fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        entry_id: &str,
+        requested: &str,
+        w: Option<&Workload>,
+    ) -> Result<(String, String), Status> {
+        let agent =
+            authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)?;
+        let entry = self
+            .registry
+            .authorized_entry(&agent, entry_id)
+            .ok_or_else(|| {
+                Status::permission_denied(format!(
+                    "agent {} does not host entry {entry_id}",
+                    agent.spiffe_id
+                ))
+            })?;
+        let engine = entry.engine.clone().ok_or_else(|| {
+            Status::permission_denied(format!("entry {entry_id} is not bound to an Engine"))
         })?;
-        let engine = entry
-            .engine
-            .clone()
-            .ok_or_else(|| Status::permission_denied(format!("entry {entry_id} is not bound to an Engine")))?;
         if !requested.is_empty() && requested != engine {
             return Err(Status::permission_denied(format!(
                 "entry {entry_id} is bound to Engine {engine}, not {requested}"
@@ -90,12 +108,20 @@ impl BrokerService {
 impl EngineBroker for BrokerService {
     async fn sign(&self, req: Request<BrokerSign>) -> Result<Response<SignResponse>, Status> {
         let r = req.get_ref();
-        let inner = r.request.clone().ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) = self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let inner = r
+            .request
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("request is missing"))?;
+        let (engine, actor) =
+            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
         let (message, digest) = match (inner.message.is_empty(), inner.digest.is_empty()) {
             (false, true) => (Some(inner.message.as_slice()), None),
             (true, false) => (None, Some(inner.digest.as_slice())),
-            _ => return Err(Status::invalid_argument("give exactly one of message and digest")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give exactly one of message and digest",
+                ));
+            }
         };
         let s = self
             .engines
@@ -111,22 +137,39 @@ impl EngineBroker for BrokerService {
         }))
     }
 
-    async fn encrypt(&self, req: Request<BrokerEncrypt>) -> Result<Response<EncryptResponse>, Status> {
+    async fn encrypt(
+        &self,
+        req: Request<BrokerEncrypt>,
+    ) -> Result<Response<EncryptResponse>, Status> {
         let r = req.get_ref();
-        let inner = r.request.clone().ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) = self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let inner = r
+            .request
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("request is missing"))?;
+        let (engine, actor) =
+            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
         let (version, ciphertext) = self
             .engines
             .encrypt(&engine, &inner.key, &inner.plaintext, &inner.aad, &actor)
             .await
             .map_err(engine_status)?;
-        Ok(Response::new(EncryptResponse { ciphertext, version }))
+        Ok(Response::new(EncryptResponse {
+            ciphertext,
+            version,
+        }))
     }
 
-    async fn decrypt(&self, req: Request<BrokerDecrypt>) -> Result<Response<DecryptResponse>, Status> {
+    async fn decrypt(
+        &self,
+        req: Request<BrokerDecrypt>,
+    ) -> Result<Response<DecryptResponse>, Status> {
         let r = req.get_ref();
-        let inner = r.request.clone().ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) = self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let inner = r
+            .request
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("request is missing"))?;
+        let (engine, actor) =
+            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
         let (version, plaintext) = self
             .engines
             .decrypt(&engine, &inner.key, &inner.ciphertext, &inner.aad, &actor)
@@ -135,11 +178,20 @@ impl EngineBroker for BrokerService {
         Ok(Response::new(DecryptResponse { plaintext, version }))
     }
 
-    async fn get_public_key(&self, req: Request<BrokerGetPublicKey>) -> Result<Response<GetPublicKeyResponse>, Status> {
+    async fn get_public_key(
+        &self,
+        req: Request<BrokerGetPublicKey>,
+    ) -> Result<Response<GetPublicKeyResponse>, Status> {
         let r = req.get_ref();
-        let inner = r.request.clone().ok_or_else(|| Status::invalid_argument("request is missing"))?;
+        let inner = r
+            .request
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("request is missing"))?;
         let (engine, _) = self.authorize(&req, &r.entry_id, &inner.engine, None)?;
-        let pk = self.engines.public_key(&engine, &inner.key, inner.version).map_err(engine_status)?;
+        let pk = self
+            .engines
+            .public_key(&engine, &inner.key, inner.version)
+            .map_err(engine_status)?;
         Ok(Response::new(GetPublicKeyResponse {
             pem: public_key_pem(&pk.spki),
             version: pk.version,
@@ -148,15 +200,29 @@ impl EngineBroker for BrokerService {
         }))
     }
 
-    async fn fetch_secret(&self, req: Request<BrokerFetchSecret>) -> Result<Response<FetchSecretResponse>, Status> {
+    async fn fetch_secret(
+        &self,
+        req: Request<BrokerFetchSecret>,
+    ) -> Result<Response<FetchSecretResponse>, Status> {
         let r = req.get_ref();
-        let inner = r.request.clone().ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) = self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
-        let (version, value) = self.engines.fetch_secret(&engine, &inner.name, &actor).await.map_err(engine_status)?;
+        let inner = r
+            .request
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("request is missing"))?;
+        let (engine, actor) =
+            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let (version, value) = self
+            .engines
+            .fetch_secret(&engine, &inner.name, &actor)
+            .await
+            .map_err(engine_status)?;
         Ok(Response::new(FetchSecretResponse { value, version }))
     }
 
-    async fn get_engine_jwks(&self, req: Request<BrokerJwks>) -> Result<Response<EngineJwks>, Status> {
+    async fn get_engine_jwks(
+        &self,
+        req: Request<BrokerJwks>,
+    ) -> Result<Response<EngineJwks>, Status> {
         let (engine, _) = self.authorize(&req, &req.get_ref().entry_id, "", None)?;
         let jwks = self.engines.jwks(&engine).map_err(engine_status)?;
         let keys = self
@@ -172,17 +238,37 @@ impl EngineBroker for BrokerService {
                 public_key: k.spki,
             })
             .collect();
-        Ok(Response::new(EngineJwks { engine, jwks: jwks.to_string().into_bytes(), keys }))
+        Ok(Response::new(EngineJwks {
+            engine,
+            jwks: jwks.to_string().into_bytes(),
+            keys,
+        }))
     }
 
-    async fn report_incarnations(&self, req: Request<ReportIncarnationsRequest>) -> Result<Response<ReportIncarnationsResponse>, Status> {
-        let agent = authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), &req)?;
+    async fn report_incarnations(
+        &self,
+        req: Request<ReportIncarnationsRequest>,
+    ) -> Result<Response<ReportIncarnationsResponse>, Status> {
+        let agent = authenticate_agent(
+            &self.trust_domain,
+            &self.registry,
+            self.clock.as_ref(),
+            &req,
+        )?;
         for inc in &req.get_ref().incarnations {
             // Only entries this agent hosts, bound to an Engine, count.
-            let Some(entry) = self.registry.authorized_entry(&agent, &inc.entry_id) else { continue };
-            let Some(engine) = entry.engine.clone() else { continue };
+            let Some(entry) = self.registry.authorized_entry(&agent, &inc.entry_id) else {
+                continue;
+            };
+            let Some(engine) = entry.engine.clone() else {
+                continue;
+            };
             let w = inc.workload.clone().unwrap_or_default();
-            let seen = if inc.seen_at > 0 { inc.seen_at.min(self.clock.unix()) } else { self.clock.unix() };
+            let seen = if inc.seen_at > 0 {
+                inc.seen_at.min(self.clock.unix())
+            } else {
+                self.clock.unix()
+            };
             self.engines
                 .record_incarnation(IncarnationModel {
                     engine,
@@ -191,7 +277,11 @@ impl EngineBroker for BrokerService {
                     workload_id: w.id,
                     pid: w.pid,
                     uid: w.uid,
-                    selectors: w.selectors.iter().map(|s| Selector::raw(&s.r#type, s.value.clone())).collect(),
+                    selectors: w
+                        .selectors
+                        .iter()
+                        .map(|s| Selector::raw(&s.r#type, s.value.clone()))
+                        .collect(),
                     first_seen: seen,
                     last_seen: seen,
                 })
@@ -242,7 +332,10 @@ fn parse<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl EngineAdmin for AdminService {
-    async fn create_engine(&self, req: Request<pb_admin::CreateEngineRequest>) -> Result<Response<pb_admin::Engine>, Status> {
+    async fn create_engine(
+        &self,
+        req: Request<pb_admin::CreateEngineRequest>,
+    ) -> Result<Response<pb_admin::Engine>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
         let custody = match r.custody.as_str() {
@@ -252,26 +345,51 @@ impl EngineAdmin for AdminService {
         let spiffe_id = Some(r.spiffe_id.as_str()).filter(|s| !s.is_empty());
         let e = self
             .engines
-            .create_engine(&r.name, r.tier, custody, spiffe_id, r.allow_exposure, &actor)
+            .create_engine(
+                &r.name,
+                r.tier,
+                custody,
+                spiffe_id,
+                r.allow_exposure,
+                &actor,
+            )
             .await
             .map_err(engine_status)?;
         Ok(Response::new(engine_pb(&e)))
     }
 
-    async fn get_engine(&self, req: Request<pb_admin::GetEngineRequest>) -> Result<Response<pb_admin::Engine>, Status> {
+    async fn get_engine(
+        &self,
+        req: Request<pb_admin::GetEngineRequest>,
+    ) -> Result<Response<pb_admin::Engine>, Status> {
         self.authorize(&req)?;
-        let e = self.engines.engine(&req.get_ref().name).map_err(engine_status)?;
+        let e = self
+            .engines
+            .engine(&req.get_ref().name)
+            .map_err(engine_status)?;
         Ok(Response::new(engine_pb(&e)))
     }
 
-    async fn list_engines(&self, req: Request<pb_admin::ListEnginesRequest>) -> Result<Response<pb_admin::ListEnginesResponse>, Status> {
+    async fn list_engines(
+        &self,
+        req: Request<pb_admin::ListEnginesRequest>,
+    ) -> Result<Response<pb_admin::ListEnginesResponse>, Status> {
         self.authorize(&req)?;
-        Ok(Response::new(pb_admin::ListEnginesResponse { engines: self.engines.engines().iter().map(engine_pb).collect() }))
+        Ok(Response::new(pb_admin::ListEnginesResponse {
+            engines: self.engines.engines().iter().map(engine_pb).collect(),
+        }))
     }
 
-    async fn list_incarnations(&self, req: Request<pb_admin::ListIncarnationsRequest>) -> Result<Response<pb_admin::ListIncarnationsResponse>, Status> {
+    async fn list_incarnations(
+        &self,
+        req: Request<pb_admin::ListIncarnationsRequest>,
+    ) -> Result<Response<pb_admin::ListIncarnationsResponse>, Status> {
         self.authorize(&req)?;
-        let list = self.engines.incarnations(&req.get_ref().engine).await.map_err(engine_status)?;
+        let list = self
+            .engines
+            .incarnations(&req.get_ref().engine)
+            .await
+            .map_err(engine_status)?;
         Ok(Response::new(pb_admin::ListIncarnationsResponse {
             incarnations: list
                 .into_iter()
@@ -282,7 +400,14 @@ impl EngineAdmin for AdminService {
                     workload_id: i.workload_id,
                     pid: i.pid,
                     uid: i.uid,
-                    selectors: i.selectors.into_iter().map(|s| types::Selector { r#type: s.kind, value: s.value }).collect(),
+                    selectors: i
+                        .selectors
+                        .into_iter()
+                        .map(|s| types::Selector {
+                            r#type: s.kind,
+                            value: s.value,
+                        })
+                        .collect(),
                     first_seen: i.first_seen,
                     last_seen: i.last_seen,
                 })
@@ -290,7 +415,10 @@ impl EngineAdmin for AdminService {
         }))
     }
 
-    async fn create_key(&self, req: Request<pb_admin::CreateKeyRequest>) -> Result<Response<pb_admin::EngineKey>, Status> {
+    async fn create_key(
+        &self,
+        req: Request<pb_admin::CreateKeyRequest>,
+    ) -> Result<Response<pb_admin::EngineKey>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
         let purpose = parse::<Purpose>(&r.purpose)?;
@@ -300,47 +428,94 @@ impl EngineAdmin for AdminService {
         };
         let k = self
             .engines
-            .create_key(&r.engine, &r.name, purpose, algorithm, r.rotation_period, r.destroy_grace, &actor)
+            .create_key(
+                &r.engine,
+                &r.name,
+                purpose,
+                algorithm,
+                r.rotation_period,
+                r.destroy_grace,
+                &actor,
+            )
             .await
             .map_err(engine_status)?;
-        let (k, v) = self.engines.key(&k.engine, &k.name).map_err(engine_status)?;
+        let (k, v) = self
+            .engines
+            .key(&k.engine, &k.name)
+            .map_err(engine_status)?;
         Ok(Response::new(key_pb(&k, &v)))
     }
 
-    async fn list_keys(&self, req: Request<pb_admin::ListKeysRequest>) -> Result<Response<pb_admin::ListKeysResponse>, Status> {
+    async fn list_keys(
+        &self,
+        req: Request<pb_admin::ListKeysRequest>,
+    ) -> Result<Response<pb_admin::ListKeysResponse>, Status> {
         self.authorize(&req)?;
-        let keys = self.engines.keys(&req.get_ref().engine).map_err(engine_status)?;
-        Ok(Response::new(pb_admin::ListKeysResponse { keys: keys.iter().map(|(k, v)| key_pb(k, v)).collect() }))
+        let keys = self
+            .engines
+            .keys(&req.get_ref().engine)
+            .map_err(engine_status)?;
+        Ok(Response::new(pb_admin::ListKeysResponse {
+            keys: keys.iter().map(|(k, v)| key_pb(k, v)).collect(),
+        }))
     }
 
-    async fn rotate_key(&self, req: Request<pb_admin::RotateKeyRequest>) -> Result<Response<pb_admin::EngineKey>, Status> {
+    async fn rotate_key(
+        &self,
+        req: Request<pb_admin::RotateKeyRequest>,
+    ) -> Result<Response<pb_admin::EngineKey>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
-        self.engines.rotate(&r.engine, &r.name, &actor).await.map_err(engine_status)?;
-        let (k, v) = self.engines.key(&r.engine, &r.name).map_err(engine_status)?;
+        self.engines
+            .rotate(&r.engine, &r.name, &actor)
+            .await
+            .map_err(engine_status)?;
+        let (k, v) = self
+            .engines
+            .key(&r.engine, &r.name)
+            .map_err(engine_status)?;
         Ok(Response::new(key_pb(&k, &v)))
     }
 
-    async fn set_key_version_state(&self, req: Request<pb_admin::SetKeyVersionStateRequest>) -> Result<Response<pb_admin::EngineKey>, Status> {
+    async fn set_key_version_state(
+        &self,
+        req: Request<pb_admin::SetKeyVersionStateRequest>,
+    ) -> Result<Response<pb_admin::EngineKey>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
         let action = parse::<VersionAction>(&r.action)?;
-        self.engines.set_state(&r.engine, &r.name, r.version, action, &actor).await.map_err(engine_status)?;
-        let (k, v) = self.engines.key(&r.engine, &r.name).map_err(engine_status)?;
+        self.engines
+            .set_state(&r.engine, &r.name, r.version, action, &actor)
+            .await
+            .map_err(engine_status)?;
+        let (k, v) = self
+            .engines
+            .key(&r.engine, &r.name)
+            .map_err(engine_status)?;
         Ok(Response::new(key_pb(&k, &v)))
     }
 
-    async fn put_secret(&self, req: Request<pb_admin::PutSecretRequest>) -> Result<Response<pb_admin::PutSecretResponse>, Status> {
+    async fn put_secret(
+        &self,
+        req: Request<pb_admin::PutSecretRequest>,
+    ) -> Result<Response<pb_admin::PutSecretResponse>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
-        let version = self.engines.put_secret(&r.engine, &r.name, &r.value, &actor).await.map_err(engine_status)?;
+        let version = self
+            .engines
+            .put_secret(&r.engine, &r.name, &r.value, &actor)
+            .await
+            .map_err(engine_status)?;
         Ok(Response::new(pb_admin::PutSecretResponse { version }))
     }
 }
 
 #[tonic::async_trait]
 impl AuditAdmin for AdminService {
-    async fn show_audit(&self, req: Request<pb_admin::ShowAuditRequest>) -> Result<Response<pb_admin::ShowAuditResponse>, Status> {
+    async fn show_audit(
+        &self,
+        req: Request<pb_admin::ShowAuditRequest>,
+    ) -> Result<Response<pb_admin::ShowAuditResponse>, Status> {
         self.authorize(&req)?;
         let records = self
             .engines
@@ -365,10 +540,23 @@ impl AuditAdmin for AdminService {
         }))
     }
 
-    async fn verify_audit(&self, req: Request<pb_admin::VerifyAuditRequest>) -> Result<Response<pb_admin::VerifyAuditResponse>, Status> {
+    async fn verify_audit(
+        &self,
+        req: Request<pb_admin::VerifyAuditRequest>,
+    ) -> Result<Response<pb_admin::VerifyAuditResponse>, Status> {
         self.authorize(&req)?;
-        let v = self.engines.audit().verify().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let v = self
+            .engines
+            .audit()
+            .verify()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let (bad_seq, reason) = v.problem.clone().unwrap_or_default();
-        Ok(Response::new(pb_admin::VerifyAuditResponse { ok: v.problem.is_none(), records: v.records, bad_seq, reason }))
+        Ok(Response::new(pb_admin::VerifyAuditResponse {
+            ok: v.problem.is_none(),
+            records: v.records,
+            bad_seq,
+            reason,
+        }))
     }
 }

@@ -9,8 +9,8 @@ use sqlx::{AnyPool, Row};
 use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 use super::{
-    AgentRecord, AuditRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose, StoreError,
-    Tombstone,
+    AgentRecord, AuditRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose,
+    StoreError, Tombstone,
 };
 
 /// Schema migrations, in order; `{BLOB}` becomes the dialect's binary type.
@@ -517,7 +517,9 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_engines(&self) -> Result<Vec<Engine>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM engines ORDER BY name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM engines ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(Engine {
@@ -553,7 +555,9 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_engine_keys(&self) -> Result<Vec<EngineKey>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM engine_keys ORDER BY engine, name").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM engine_keys ORDER BY engine, name")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(EngineKey {
@@ -594,9 +598,10 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM engine_key_versions ORDER BY engine, key_name, version")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT * FROM engine_key_versions ORDER BY engine, key_name, version")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|r| {
                 Ok(KeyVersion {
@@ -632,7 +637,9 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM engine_secrets ORDER BY engine, name, version").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM engine_secrets ORDER BY engine, name, version")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(Secret {
@@ -668,10 +675,12 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM incarnations WHERE engine = $1 ORDER BY first_seen, workload_id")
-            .bind(engine)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM incarnations WHERE engine = $1 ORDER BY first_seen, workload_id",
+        )
+        .bind(engine)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(Incarnation {
@@ -681,7 +690,10 @@ impl DataStore for SqlDataStore {
                     workload_id: r.try_get("workload_id")?,
                     pid: r.try_get::<i64, _>("pid")? as u32,
                     uid: r.try_get::<i64, _>("uid")? as u32,
-                    selectors: json_list(&r.try_get::<String, _>("selectors")?, "incarnation selectors")?,
+                    selectors: json_list(
+                        &r.try_get::<String, _>("selectors")?,
+                        "incarnation selectors",
+                    )?,
                     first_seen: r.try_get("first_seen")?,
                     last_seen: r.try_get("last_seen")?,
                 })
@@ -719,7 +731,9 @@ impl DataStore for SqlDataStore {
     }
 
     async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM audit_log ORDER BY seq").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM audit_log ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(AuditRecord {

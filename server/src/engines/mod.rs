@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use continuity_common::{Clock, SpiffeId, TrustDomain};
 
-use self::model::{Algorithm, Custody, Engine, EngineKey, Incarnation, KeyVersion, Purpose, Secret, VersionState};
+use self::model::{
+    Algorithm, Custody, Engine, EngineKey, Incarnation, KeyVersion, Purpose, Secret, VersionState,
+};
 use crate::audit::Audit;
 use crate::datastore::{DataStore, StoreError};
 use crate::keys::software::SoftwareKey;
@@ -130,7 +132,9 @@ impl std::str::FromStr for VersionAction {
             "disable" => Ok(Self::Disable),
             "destroy" => Ok(Self::Destroy),
             "restore" => Ok(Self::Restore),
-            o => Err(format!("action {o:?} is not one of enable, disable, destroy, restore")),
+            o => Err(format!(
+                "action {o:?} is not one of enable, disable, destroy, restore"
+            )),
         }
     }
 }
@@ -138,7 +142,9 @@ impl std::str::FromStr for VersionAction {
 fn valid_name(kind: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && !name.starts_with('-');
     if ok {
         Ok(())
@@ -188,7 +194,9 @@ impl Engines {
             index.keys.insert((k.engine.clone(), k.name.clone()), k);
         }
         for v in store.list_key_versions().await? {
-            index.versions.insert((v.engine.clone(), v.key.clone(), v.version), v);
+            index
+                .versions
+                .insert((v.engine.clone(), v.key.clone(), v.version), v);
         }
         for s in store.list_secrets().await? {
             index.secrets.insert((s.engine.clone(), s.name.clone()), s);
@@ -248,18 +256,25 @@ impl Engines {
             )));
         }
         let spiffe_id = match spiffe_id {
-            Some(s) => SpiffeId::new(s).map_err(|e| EngineError::Invalid(format!("spiffe_id: {e}")))?,
+            Some(s) => {
+                SpiffeId::new(s).map_err(|e| EngineError::Invalid(format!("spiffe_id: {e}")))?
+            }
             None => self
                 .trust_domain
                 .id(&format!("/engine/{name}"))
                 .map_err(|e| EngineError::Invalid(e.to_string()))?,
         };
         if spiffe_id.trust_domain() != self.trust_domain {
-            return Err(EngineError::Invalid(format!("spiffe_id {spiffe_id} is not in trust domain {}", self.trust_domain)));
+            return Err(EngineError::Invalid(format!(
+                "spiffe_id {spiffe_id} is not in trust domain {}",
+                self.trust_domain
+            )));
         }
         let _w = self.writes.lock().await;
         if self.read().engines.contains_key(name) {
-            return Err(EngineError::AlreadyExists(format!("engine {name} already exists")));
+            return Err(EngineError::AlreadyExists(format!(
+                "engine {name} already exists"
+            )));
         }
         let engine = Engine {
             name: name.into(),
@@ -271,8 +286,14 @@ impl Engines {
         };
         self.store.put_engine(&engine).await?;
         self.write().engines.insert(name.into(), engine.clone());
-        let result = if exposure_override { format!("ok; exposure override: {custody} for tier {tier}") } else { "ok".into() };
-        self.audit.record(actor, "engine.create", name, 0, &result).await?;
+        let result = if exposure_override {
+            format!("ok; exposure override: {custody} for tier {tier}")
+        } else {
+            "ok".into()
+        };
+        self.audit
+            .record(actor, "engine.create", name, 0, &result)
+            .await?;
         Ok(engine)
     }
 
@@ -299,10 +320,15 @@ impl Engines {
             .keys
             .get(&(engine.to_string(), name.to_string()))
             .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("key {name} of engine {engine} not found")))?;
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("key {name} of engine {engine} not found"))
+            })?;
         let versions = idx
             .versions
-            .range((engine.to_string(), name.to_string(), 0)..=(engine.to_string(), name.to_string(), u32::MAX))
+            .range(
+                (engine.to_string(), name.to_string(), 0)
+                    ..=(engine.to_string(), name.to_string(), u32::MAX),
+            )
             .map(|(_, v)| v.clone())
             .collect();
         Ok((k, versions))
@@ -351,8 +377,14 @@ impl Engines {
             return Err(EngineError::Invalid("periods must not be negative".into()));
         }
         let _w = self.writes.lock().await;
-        if self.read().keys.contains_key(&(engine.to_string(), name.to_string())) {
-            return Err(EngineError::AlreadyExists(format!("key {name} of engine {engine} already exists")));
+        if self
+            .read()
+            .keys
+            .contains_key(&(engine.to_string(), name.to_string()))
+        {
+            return Err(EngineError::AlreadyExists(format!(
+                "key {name} of engine {engine} already exists"
+            )));
         }
         let now = self.clock.unix();
         let key = EngineKey {
@@ -362,8 +394,16 @@ impl Engines {
             custody: e.custody,
             primary_version: 1,
             rotation_period,
-            destroy_grace: if destroy_grace == 0 { DEFAULT_DESTROY_GRACE } else { destroy_grace },
-            next_rotation_at: if rotation_period > 0 { now + rotation_period } else { 0 },
+            destroy_grace: if destroy_grace == 0 {
+                DEFAULT_DESTROY_GRACE
+            } else {
+                destroy_grace
+            },
+            next_rotation_at: if rotation_period > 0 {
+                now + rotation_period
+            } else {
+                0
+            },
             created_at: now,
         };
         let (version, material) = self.new_version(&key, 1, now).await?;
@@ -372,11 +412,18 @@ impl Engines {
         {
             let mut idx = self.write();
             idx.keys.insert((engine.into(), name.into()), key.clone());
-            idx.versions.insert((engine.into(), name.into(), 1), version);
+            idx.versions
+                .insert((engine.into(), name.into(), 1), version);
         }
         self.cache(engine, name, 1, material);
         self.audit
-            .record(actor, "key.create", &format!("{engine}/{name}"), 1, &format!("ok; {} {}", algorithm.as_str(), key.custody))
+            .record(
+                actor,
+                "key.create",
+                &format!("{engine}/{name}"),
+                1,
+                &format!("ok; {} {}", algorithm.as_str(), key.custody),
+            )
             .await?;
         Ok(key)
     }
@@ -397,15 +444,25 @@ impl Engines {
         {
             let mut idx = self.write();
             idx.keys.insert((engine.into(), name.into()), key.clone());
-            idx.versions.insert((engine.into(), name.into(), next), version);
+            idx.versions
+                .insert((engine.into(), name.into(), next), version);
         }
         self.cache(engine, name, next, material);
-        self.audit.record(actor, "key.rotate", &format!("{engine}/{name}"), next, "ok").await?;
+        self.audit
+            .record(actor, "key.rotate", &format!("{engine}/{name}"), next, "ok")
+            .await?;
         Ok(key)
     }
 
     /// Changes a version's state.
-    pub async fn set_state(&self, engine: &str, name: &str, version: u32, action: VersionAction, actor: &str) -> Result<EngineKey> {
+    pub async fn set_state(
+        &self,
+        engine: &str,
+        name: &str,
+        version: u32,
+        action: VersionAction,
+        actor: &str,
+    ) -> Result<EngineKey> {
         let _w = self.writes.lock().await;
         let (key, _) = self.key(engine, name)?;
         let mut v = self.version(engine, name, version)?;
@@ -423,12 +480,28 @@ impl Engines {
             )));
         }
         v.state = to;
-        v.destroy_at = if to == DestroyScheduled { self.clock.unix() + key.destroy_grace } else { 0 };
+        v.destroy_at = if to == DestroyScheduled {
+            self.clock.unix() + key.destroy_grace
+        } else {
+            0
+        };
         self.store.put_key_version(&v).await?;
-        self.write().versions.insert((engine.into(), name.into(), version), v.clone());
-        let result = if to == DestroyScheduled { format!("ok; destroyed at {}", v.destroy_at) } else { "ok".into() };
+        self.write()
+            .versions
+            .insert((engine.into(), name.into(), version), v.clone());
+        let result = if to == DestroyScheduled {
+            format!("ok; destroyed at {}", v.destroy_at)
+        } else {
+            "ok".into()
+        };
         self.audit
-            .record(actor, &format!("key.{}", format!("{action:?}").to_lowercase()), &format!("{engine}/{name}"), version, &result)
+            .record(
+                actor,
+                &format!("key.{}", format!("{action:?}").to_lowercase()),
+                &format!("{engine}/{name}"),
+                version,
+                &result,
+            )
             .await?;
         Ok(key)
     }
@@ -456,16 +529,26 @@ impl Engines {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&(v.engine.clone(), v.key.clone(), v.version));
-            self.write().versions.insert((v.engine.clone(), v.key.clone(), v.version), v.clone());
+            self.write()
+                .versions
+                .insert((v.engine.clone(), v.key.clone(), v.version), v.clone());
             self.audit
-                .record("scheduler", "key.destroyed", &format!("{}/{}", v.engine, v.key), v.version, "ok; material erased")
+                .record(
+                    "scheduler",
+                    "key.destroyed",
+                    &format!("{}/{}", v.engine, v.key),
+                    v.version,
+                    "ok; material erased",
+                )
                 .await?;
         }
         let rotate: Vec<(String, String)> = self
             .read()
             .keys
             .values()
-            .filter(|k| k.rotation_period > 0 && k.next_rotation_at > 0 && k.next_rotation_at <= now)
+            .filter(|k| {
+                k.rotation_period > 0 && k.next_rotation_at > 0 && k.next_rotation_at <= now
+            })
             .map(|k| (k.engine.clone(), k.name.clone()))
             .collect();
         for (e, k) in rotate {
@@ -479,10 +562,18 @@ impl Engines {
             .versions
             .get(&(engine.to_string(), name.to_string(), version))
             .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("version {version} of {engine}/{name} not found")))
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("version {version} of {engine}/{name} not found"))
+            })
     }
 
-    fn usable(&self, engine: &str, name: &str, version: u32, purpose: Purpose) -> Result<(EngineKey, KeyVersion)> {
+    fn usable(
+        &self,
+        engine: &str,
+        name: &str,
+        version: u32,
+        purpose: Purpose,
+    ) -> Result<(EngineKey, KeyVersion)> {
         let (key, _) = self.key(engine, name)?;
         if key.algorithm.purpose() != purpose {
             return Err(EngineError::Precondition(format!(
@@ -491,7 +582,11 @@ impl Engines {
                 purpose.as_str()
             )));
         }
-        let version = if version == 0 { key.primary_version } else { version };
+        let version = if version == 0 {
+            key.primary_version
+        } else {
+            version
+        };
         let v = self.version(engine, name, version)?;
         if v.state != VersionState::Enabled {
             return Err(EngineError::Precondition(format!(
@@ -502,7 +597,12 @@ impl Engines {
         Ok((key, v))
     }
 
-    async fn new_version(&self, key: &EngineKey, version: u32, now: i64) -> Result<(KeyVersion, Material)> {
+    async fn new_version(
+        &self,
+        key: &EngineKey,
+        version: u32,
+        now: i64,
+    ) -> Result<(KeyVersion, Material)> {
         let aad = binding(&key.engine, &key.name, version);
         let mut v = KeyVersion {
             engine: key.engine.clone(),
@@ -562,13 +662,25 @@ impl Engines {
 
     async fn material(&self, key: &EngineKey, v: &KeyVersion) -> Result<Material> {
         let id = (v.engine.clone(), v.key.clone(), v.version);
-        if let Some(m) = self.material.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        if let Some(m) = self
+            .material
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
             return Ok(m.clone());
         }
-        let gone = || EngineError::Precondition(format!("the material of {}/{} v{} is gone", v.engine, v.key, v.version));
+        let gone = || {
+            EngineError::Precondition(format!(
+                "the material of {}/{} v{} is gone",
+                v.engine, v.key, v.version
+            ))
+        };
         let m = if !v.hsm_id.is_empty() {
             match key.algorithm.key_type() {
-                Some(_) => Material::Signer(self.keys.get(&v.hsm_id).await?.ok_or_else(gone)?, None),
+                Some(_) => {
+                    Material::Signer(self.keys.get(&v.hsm_id).await?.ok_or_else(gone)?, None)
+                }
                 None => Material::Aes(self.keys.get_aes(&v.hsm_id).await?.ok_or_else(gone)?, None),
             }
         } else {
@@ -577,7 +689,11 @@ impl Engines {
             let raw = kek.open(sealed, binding(&v.engine, &v.key, v.version).as_bytes())?;
             match key.algorithm.key_type() {
                 Some(kt) => {
-                    let sk = SoftwareKey::from_pkcs8(&binding(&v.engine, &v.key, v.version), kt, raw.clone())?;
+                    let sk = SoftwareKey::from_pkcs8(
+                        &binding(&v.engine, &v.key, v.version),
+                        kt,
+                        raw.clone(),
+                    )?;
                     Material::Signer(Arc::new(sk), Some(Arc::new(raw)))
                 }
                 None => Material::Aes(Arc::new(SoftAes(raw.clone())), Some(Arc::new(raw))),
@@ -590,12 +706,22 @@ impl Engines {
     // ----- Key use ---------------------------------------------------------------------------
 
     /// Signs a message (hashed with SHA-256) or a SHA-256 digest with an ENABLED version.
-    pub async fn sign(&self, engine: &str, name: &str, version: u32, message: Option<&[u8]>, digest: Option<&[u8]>, actor: &str) -> Result<Signature> {
+    pub async fn sign(
+        &self,
+        engine: &str,
+        name: &str,
+        version: u32,
+        message: Option<&[u8]>,
+        digest: Option<&[u8]>,
+        actor: &str,
+    ) -> Result<Signature> {
         let target = format!("{engine}/{name}");
         let outcome = async {
             let (key, v) = self.usable(engine, name, version, Purpose::Sign)?;
             let Material::Signer(signer, _) = self.material(&key, &v).await? else {
-                return Err(EngineError::Precondition(format!("{target} is not a sign key")));
+                return Err(EngineError::Precondition(format!(
+                    "{target} is not a sign key"
+                )));
             };
             let (msg, dig) = (message.map(<[u8]>::to_vec), digest.map(<[u8]>::to_vec));
             let sig = tokio::task::spawn_blocking(move || match (msg, dig) {
@@ -607,23 +733,45 @@ impl Engines {
             .map_err(|e| KeyError::Crypto(e.to_string()))?
             .map_err(|e| match e {
                 KeyError::Crypto(m) => EngineError::Invalid(m),
-                KeyError::Sign { reason, .. } if reason.contains("digest") => EngineError::Invalid(reason),
+                KeyError::Sign { reason, .. } if reason.contains("digest") => {
+                    EngineError::Invalid(reason)
+                }
                 other => EngineError::Key(other),
             })?;
-            Ok(Signature { version: v.version, signature: sig, algorithm: key.algorithm, kid: v.kid })
+            Ok(Signature {
+                version: v.version,
+                signature: sig,
+                algorithm: key.algorithm,
+                kid: v.kid,
+            })
         }
         .await;
-        self.audit_use(actor, "key.sign", &target, outcome.as_ref().map(|s| s.version)).await?;
+        self.audit_use(
+            actor,
+            "key.sign",
+            &target,
+            outcome.as_ref().map(|s| s.version),
+        )
+        .await?;
         outcome
     }
 
     /// Encrypts with the primary version; the ciphertext names the version.
-    pub async fn encrypt(&self, engine: &str, name: &str, plaintext: &[u8], aad: &[u8], actor: &str) -> Result<(u32, Vec<u8>)> {
+    pub async fn encrypt(
+        &self,
+        engine: &str,
+        name: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+        actor: &str,
+    ) -> Result<(u32, Vec<u8>)> {
         let target = format!("{engine}/{name}");
         let outcome = async {
             let (key, v) = self.usable(engine, name, 0, Purpose::Encrypt)?;
             let Material::Aes(aes, _) = self.material(&key, &v).await? else {
-                return Err(EngineError::Precondition(format!("{target} is not an encrypt key")));
+                return Err(EngineError::Precondition(format!(
+                    "{target} is not an encrypt key"
+                )));
             };
             let mut full_aad = binding(engine, name, v.version).into_bytes();
             full_aad.push(0);
@@ -638,21 +786,32 @@ impl Engines {
             Ok((v.version, out))
         }
         .await;
-        self.audit_use(actor, "key.encrypt", &target, outcome.as_ref().map(|o| o.0)).await?;
+        self.audit_use(actor, "key.encrypt", &target, outcome.as_ref().map(|o| o.0))
+            .await?;
         outcome
     }
 
     /// Decrypts with the version the ciphertext names (which must be ENABLED).
-    pub async fn decrypt(&self, engine: &str, name: &str, ciphertext: &[u8], aad: &[u8], actor: &str) -> Result<(u32, Vec<u8>)> {
+    pub async fn decrypt(
+        &self,
+        engine: &str,
+        name: &str,
+        ciphertext: &[u8],
+        aad: &[u8],
+        actor: &str,
+    ) -> Result<(u32, Vec<u8>)> {
         let target = format!("{engine}/{name}");
         let outcome = async {
             if ciphertext.len() < 8 || &ciphertext[..4] != CIPHERTEXT_MAGIC {
                 return Err(EngineError::Invalid("not a Continuity ciphertext".into()));
             }
-            let version = u32::from_be_bytes([ciphertext[4], ciphertext[5], ciphertext[6], ciphertext[7]]);
+            let version =
+                u32::from_be_bytes([ciphertext[4], ciphertext[5], ciphertext[6], ciphertext[7]]);
             let (key, v) = self.usable(engine, name, version, Purpose::Encrypt)?;
             let Material::Aes(aes, _) = self.material(&key, &v).await? else {
-                return Err(EngineError::Precondition(format!("{target} is not an encrypt key")));
+                return Err(EngineError::Precondition(format!(
+                    "{target} is not an encrypt key"
+                )));
             };
             let mut full_aad = binding(engine, name, version).into_bytes();
             full_aad.push(0);
@@ -661,20 +820,33 @@ impl Engines {
             let pt = tokio::task::spawn_blocking(move || aes.decrypt(&sealed, &full_aad))
                 .await
                 .map_err(|e| KeyError::Crypto(e.to_string()))?
-                .map_err(|e| EngineError::Invalid(format!("ciphertext does not decrypt under {target} v{version}: {e}")))?;
+                .map_err(|e| {
+                    EngineError::Invalid(format!(
+                        "ciphertext does not decrypt under {target} v{version}: {e}"
+                    ))
+                })?;
             Ok((version, pt))
         }
         .await;
-        self.audit_use(actor, "key.decrypt", &target, outcome.as_ref().map(|o| o.0)).await?;
+        self.audit_use(actor, "key.decrypt", &target, outcome.as_ref().map(|o| o.0))
+            .await?;
         outcome
     }
 
-    async fn audit_use(&self, actor: &str, action: &str, target: &str, outcome: std::result::Result<u32, &EngineError>) -> Result<()> {
+    async fn audit_use(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        outcome: std::result::Result<u32, &EngineError>,
+    ) -> Result<()> {
         let (version, result) = match outcome {
             Ok(v) => (v, "ok".to_string()),
             Err(e) => (0, format!("refused: {e}")),
         };
-        self.audit.record(actor, action, target, version, &result).await?;
+        self.audit
+            .record(actor, action, target, version, &result)
+            .await?;
         Ok(())
     }
 
@@ -682,14 +854,28 @@ impl Engines {
     pub fn public_key(&self, engine: &str, name: &str, version: u32) -> Result<PublicKey> {
         let (key, _) = self.key(engine, name)?;
         if key.algorithm.purpose() != Purpose::Sign {
-            return Err(EngineError::Precondition(format!("{engine}/{name} is an encrypt key: it has no public key")));
+            return Err(EngineError::Precondition(format!(
+                "{engine}/{name} is an encrypt key: it has no public key"
+            )));
         }
-        let version = if version == 0 { key.primary_version } else { version };
+        let version = if version == 0 {
+            key.primary_version
+        } else {
+            version
+        };
         let v = self.version(engine, name, version)?;
         if v.state == VersionState::Destroyed {
-            return Err(EngineError::Precondition(format!("version {version} of {engine}/{name} is DESTROYED")));
+            return Err(EngineError::Precondition(format!(
+                "version {version} of {engine}/{name} is DESTROYED"
+            )));
         }
-        Ok(PublicKey { key: name.into(), version, kid: v.kid, algorithm: key.algorithm, spki: v.public_key })
+        Ok(PublicKey {
+            key: name.into(),
+            version,
+            kid: v.kid,
+            algorithm: key.algorithm,
+            spki: v.public_key,
+        })
     }
 
     /// Public keys of every ENABLED sign-key version of an Engine.
@@ -699,10 +885,18 @@ impl Engines {
         Ok(idx
             .versions
             .values()
-            .filter(|v| v.engine == engine && v.state == VersionState::Enabled && !v.public_key.is_empty())
+            .filter(|v| {
+                v.engine == engine && v.state == VersionState::Enabled && !v.public_key.is_empty()
+            })
             .filter_map(|v| {
                 let k = idx.keys.get(&(v.engine.clone(), v.key.clone()))?;
-                Some(PublicKey { key: v.key.clone(), version: v.version, kid: v.kid.clone(), algorithm: k.algorithm, spki: v.public_key.clone() })
+                Some(PublicKey {
+                    key: v.key.clone(),
+                    version: v.version,
+                    kid: v.kid.clone(),
+                    algorithm: k.algorithm,
+                    spki: v.public_key.clone(),
+                })
             })
             .collect())
     }
@@ -711,7 +905,8 @@ impl Engines {
     pub fn jwks(&self, engine: &str) -> Result<serde_json::Value> {
         let mut keys = Vec::new();
         for pk in self.public_keys(engine)? {
-            let mut jwk = continuity_common::jwk::from_spki(&pk.spki).map_err(|e| EngineError::Invalid(e.to_string()))?;
+            let mut jwk = continuity_common::jwk::from_spki(&pk.spki)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
             jwk.insert("kid".into(), pk.kid.into());
             jwk.insert("alg".into(), pk.algorithm.jws_alg().into());
             jwk.insert("use".into(), "sig".into());
@@ -723,7 +918,13 @@ impl Engines {
     // ----- KV custody -------------------------------------------------------------------------
 
     /// Stores a new version of a named secret (KV custody Engines only).
-    pub async fn put_secret(&self, engine: &str, name: &str, value: &[u8], actor: &str) -> Result<u32> {
+    pub async fn put_secret(
+        &self,
+        engine: &str,
+        name: &str,
+        value: &[u8],
+        actor: &str,
+    ) -> Result<u32> {
         valid_name("secret", name)?;
         let e = self.engine(engine)?;
         if e.custody != Custody::Kv {
@@ -733,7 +934,11 @@ impl Engines {
             )));
         }
         let _w = self.writes.lock().await;
-        let version = self.read().secrets.get(&(engine.into(), name.into())).map_or(1, |s| s.version + 1);
+        let version = self
+            .read()
+            .secrets
+            .get(&(engine.into(), name.into()))
+            .map_or(1, |s| s.version + 1);
         let kek = self.keys.kek(KEK_ID).await?;
         let aad = format!("continuity/engine/{engine}/secret/{name}/v{version}");
         let secret = Secret {
@@ -745,14 +950,29 @@ impl Engines {
             created_at: self.clock.unix(),
         };
         self.store.put_secret(&secret).await?;
-        self.write().secrets.insert((engine.into(), name.into()), secret);
-        self.audit.record(actor, "secret.put", &format!("{engine}/{name}"), version, "ok").await?;
+        self.write()
+            .secrets
+            .insert((engine.into(), name.into()), secret);
+        self.audit
+            .record(
+                actor,
+                "secret.put",
+                &format!("{engine}/{name}"),
+                version,
+                "ok",
+            )
+            .await?;
         Ok(version)
     }
 
     /// A named secret, or the primary material of a KV-custody key, for delivery into a
     /// workload. Refused for transit and hsm custody.
-    pub async fn fetch_secret(&self, engine: &str, name: &str, actor: &str) -> Result<(u32, Vec<u8>)> {
+    pub async fn fetch_secret(
+        &self,
+        engine: &str,
+        name: &str,
+        actor: &str,
+    ) -> Result<(u32, Vec<u8>)> {
         let target = format!("{engine}/{name}");
         let outcome = async {
             let e = self.engine(engine)?;
@@ -788,7 +1008,13 @@ impl Engines {
             }
         }
         .await;
-        self.audit_use(actor, "secret.fetch", &target, outcome.as_ref().map(|o| o.0)).await?;
+        self.audit_use(
+            actor,
+            "secret.fetch",
+            &target,
+            outcome.as_ref().map(|o| o.0),
+        )
+        .await?;
         outcome
     }
 

@@ -147,7 +147,9 @@ impl FromStr for Algorithm {
             "rsa-2048" => Ok(Self::Rsa2048),
             "rsa-3072" => Ok(Self::Rsa3072),
             "aes-256-gcm" => Ok(Self::Aes256Gcm),
-            o => Err(format!("algorithm {o:?} is not one of ec-p256, rsa-2048, rsa-3072, aes-256-gcm")),
+            o => Err(format!(
+                "algorithm {o:?} is not one of ec-p256, rsa-2048, rsa-3072, aes-256-gcm"
+            )),
         }
     }
 }

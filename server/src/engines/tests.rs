@@ -10,14 +10,28 @@ use super::*;
 use crate::datastore::SqlDataStore;
 use crate::keys::MemoryKeyManager;
 
-async fn engines() -> (Arc<Engines>, Arc<ManualClock>, Arc<dyn DataStore>, std::path::PathBuf) {
+async fn engines() -> (
+    Arc<Engines>,
+    Arc<ManualClock>,
+    Arc<dyn DataStore>,
+    std::path::PathBuf,
+) {
     let dir = std::env::temp_dir().join(format!(
         "continuity-engines-{}-{}",
         std::process::id(),
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos()
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
     ));
-    let store: Arc<dyn DataStore> =
-        Arc::new(SqlDataStore::connect(&format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display())).await.unwrap());
+    let store: Arc<dyn DataStore> = Arc::new(
+        SqlDataStore::connect(&format!(
+            "sqlite://{}?mode=rwc",
+            dir.join("ds.sqlite3").display()
+        ))
+        .await
+        .unwrap(),
+    );
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
     let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
     let e = Engines::load(
@@ -35,66 +49,148 @@ async fn engines() -> (Arc<Engines>, Arc<ManualClock>, Arc<dyn DataStore>, std::
 fn verify(pk: &PublicKey, msg: &[u8], sig: &[u8]) -> bool {
     use x509_parser::prelude::FromDer;
     let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&pk.spki).unwrap();
-    aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1, spki.subject_public_key.data.to_vec())
-        .verify(msg, sig)
-        .is_ok()
+    aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+        spki.subject_public_key.data.to_vec(),
+    )
+    .verify(msg, sig)
+    .is_ok()
 }
 
 #[tokio::test]
 async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
     let (e, clock, store, dir) = engines().await;
-    e.create_engine("payments", 1, None, None, false, "admin").await.unwrap();
-    e.create_key("payments", "signing", Purpose::Sign, None, 0, 3600, "admin").await.unwrap();
-    e.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin").await.unwrap();
+    e.create_engine("payments", 1, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key("payments", "signing", Purpose::Sign, None, 0, 3600, "admin")
+        .await
+        .unwrap();
+    e.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
+        .await
+        .unwrap();
 
     // Data encrypted under v1 still decrypts after rotation to v2.
-    let (v, ct1) = e.encrypt("payments", "data", b"card 4111", b"ctx", "w").await.unwrap();
+    let (v, ct1) = e
+        .encrypt("payments", "data", b"card 4111", b"ctx", "w")
+        .await
+        .unwrap();
     assert_eq!(v, 1);
     e.rotate("payments", "data", "admin").await.unwrap();
-    let (v, ct2) = e.encrypt("payments", "data", b"card 4222", b"ctx", "w").await.unwrap();
+    let (v, ct2) = e
+        .encrypt("payments", "data", b"card 4222", b"ctx", "w")
+        .await
+        .unwrap();
     assert_eq!(v, 2);
-    assert_eq!(e.decrypt("payments", "data", &ct1, b"ctx", "w").await.unwrap(), (1, b"card 4111".to_vec()));
-    assert_eq!(e.decrypt("payments", "data", &ct2, b"ctx", "w").await.unwrap().1, b"card 4222");
-    assert!(matches!(e.decrypt("payments", "data", &ct1, b"other", "w").await, Err(EngineError::Invalid(_))));
+    assert_eq!(
+        e.decrypt("payments", "data", &ct1, b"ctx", "w")
+            .await
+            .unwrap(),
+        (1, b"card 4111".to_vec())
+    );
+    assert_eq!(
+        e.decrypt("payments", "data", &ct2, b"ctx", "w")
+            .await
+            .unwrap()
+            .1,
+        b"card 4222"
+    );
+    assert!(matches!(
+        e.decrypt("payments", "data", &ct1, b"other", "w").await,
+        Err(EngineError::Invalid(_))
+    ));
 
     // v1 signatures verify while v1 is enabled, v1 still signs after rotation, a disabled
     // version refuses.
-    let s1 = e.sign("payments", "signing", 0, Some(b"m1"), None, "w").await.unwrap();
+    let s1 = e
+        .sign("payments", "signing", 0, Some(b"m1"), None, "w")
+        .await
+        .unwrap();
     assert_eq!(s1.version, 1);
     e.rotate("payments", "signing", "admin").await.unwrap();
     let pk1 = e.public_key("payments", "signing", 1).unwrap();
     assert!(verify(&pk1, b"m1", &s1.signature));
-    assert_eq!(e.sign("payments", "signing", 0, Some(b"m2"), None, "w").await.unwrap().version, 2);
-    assert_eq!(e.sign("payments", "signing", 1, Some(b"m3"), None, "w").await.unwrap().version, 1);
-    assert_eq!(e.jwks("payments").unwrap()["keys"].as_array().unwrap().len(), 2);
-    e.set_state("payments", "signing", 1, VersionAction::Disable, "admin").await.unwrap();
-    assert!(matches!(e.sign("payments", "signing", 1, Some(b"m"), None, "w").await, Err(EngineError::Precondition(_))));
-    assert_eq!(e.jwks("payments").unwrap()["keys"].as_array().unwrap().len(), 1, "disabled versions leave the JWKS");
+    assert_eq!(
+        e.sign("payments", "signing", 0, Some(b"m2"), None, "w")
+            .await
+            .unwrap()
+            .version,
+        2
+    );
+    assert_eq!(
+        e.sign("payments", "signing", 1, Some(b"m3"), None, "w")
+            .await
+            .unwrap()
+            .version,
+        1
+    );
+    assert_eq!(
+        e.jwks("payments").unwrap()["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    e.set_state("payments", "signing", 1, VersionAction::Disable, "admin")
+        .await
+        .unwrap();
+    assert!(matches!(
+        e.sign("payments", "signing", 1, Some(b"m"), None, "w")
+            .await,
+        Err(EngineError::Precondition(_))
+    ));
+    assert_eq!(
+        e.jwks("payments").unwrap()["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "disabled versions leave the JWKS"
+    );
 
     // Destroy → restore within grace → DISABLED, material intact.
-    e.set_state("payments", "signing", 1, VersionAction::Destroy, "admin").await.unwrap();
+    e.set_state("payments", "signing", 1, VersionAction::Destroy, "admin")
+        .await
+        .unwrap();
     clock.advance(Duration::from_secs(1800));
     assert_eq!(e.tick().await.unwrap(), 0);
-    e.set_state("payments", "signing", 1, VersionAction::Restore, "admin").await.unwrap();
+    e.set_state("payments", "signing", 1, VersionAction::Restore, "admin")
+        .await
+        .unwrap();
     let (_, versions) = e.key("payments", "signing").unwrap();
     assert_eq!(versions[0].state, VersionState::Disabled);
-    e.set_state("payments", "signing", 1, VersionAction::Enable, "admin").await.unwrap();
-    assert!(e.sign("payments", "signing", 1, Some(b"back"), None, "w").await.is_ok());
+    e.set_state("payments", "signing", 1, VersionAction::Enable, "admin")
+        .await
+        .unwrap();
+    assert!(
+        e.sign("payments", "signing", 1, Some(b"back"), None, "w")
+            .await
+            .is_ok()
+    );
 
     // Destroy again and let the grace pass: DESTROYED, sealed material erased from the datastore.
-    e.set_state("payments", "signing", 1, VersionAction::Destroy, "admin").await.unwrap();
+    e.set_state("payments", "signing", 1, VersionAction::Destroy, "admin")
+        .await
+        .unwrap();
     clock.advance(Duration::from_secs(3601));
     assert_eq!(e.tick().await.unwrap(), 1);
     let stored = store.list_key_versions().await.unwrap();
-    let v1 = stored.iter().find(|v| v.key == "signing" && v.version == 1).unwrap();
+    let v1 = stored
+        .iter()
+        .find(|v| v.key == "signing" && v.version == 1)
+        .unwrap();
     assert_eq!(v1.state, VersionState::Destroyed);
     assert!(v1.sealed.is_none(), "material gone from the datastore");
     assert!(matches!(
-        e.set_state("payments", "signing", 1, VersionAction::Restore, "admin").await,
+        e.set_state("payments", "signing", 1, VersionAction::Restore, "admin")
+            .await,
         Err(EngineError::Precondition(_))
     ));
     // A reloaded service (restart) cannot resurrect it either.
-    let v2 = stored.iter().find(|v| v.key == "signing" && v.version == 2).unwrap();
+    let v2 = stored
+        .iter()
+        .find(|v| v.key == "signing" && v.version == 2)
+        .unwrap();
     assert!(v2.sealed.is_some() && v2.mechanism == "aes-256-gcm");
     let verification = e.audit().verify().await.unwrap();
     assert!(verification.problem.is_none(), "{verification:?}");
@@ -104,8 +200,20 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
 #[tokio::test]
 async fn periodic_rotation_follows_the_clock() {
     let (e, clock, _store, dir) = engines().await;
-    e.create_engine("billing", 2, None, None, false, "admin").await.unwrap();
-    e.create_key("billing", "k", Purpose::Sign, Some(Algorithm::EcP256), 600, 0, "admin").await.unwrap();
+    e.create_engine("billing", 2, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key(
+        "billing",
+        "k",
+        Purpose::Sign,
+        Some(Algorithm::EcP256),
+        600,
+        0,
+        "admin",
+    )
+    .await
+    .unwrap();
     clock.advance(Duration::from_secs(601));
     e.tick().await.unwrap();
     assert_eq!(e.key("billing", "k").unwrap().0.primary_version, 2);
@@ -116,24 +224,59 @@ async fn periodic_rotation_follows_the_clock() {
 async fn custody_rules_and_kv_delivery() {
     let (e, _clock, _store, dir) = engines().await;
     // Tier 0 wants an HSM; this key manager has none.
-    assert!(matches!(e.create_engine("vault", 0, None, None, false, "admin").await, Err(EngineError::Precondition(_))));
+    assert!(matches!(
+        e.create_engine("vault", 0, None, None, false, "admin")
+            .await,
+        Err(EngineError::Precondition(_))
+    ));
     // More exposure than the tier's alignment needs the override, which is audited.
-    assert!(matches!(e.create_engine("x", 1, Some(Custody::Kv), None, false, "admin").await, Err(EngineError::Invalid(_))));
-    let x = e.create_engine("x", 1, Some(Custody::Kv), None, true, "admin").await.unwrap();
+    assert!(matches!(
+        e.create_engine("x", 1, Some(Custody::Kv), None, false, "admin")
+            .await,
+        Err(EngineError::Invalid(_))
+    ));
+    let x = e
+        .create_engine("x", 1, Some(Custody::Kv), None, true, "admin")
+        .await
+        .unwrap();
     assert!(x.exposure_override);
     let audit = e.audit().records(0).await.unwrap();
-    assert!(audit.iter().any(|r| r.action == "engine.create" && r.result.contains("exposure override")));
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "engine.create" && r.result.contains("exposure override"))
+    );
     // Less exposure is always fine.
-    assert!(!e.create_engine("y", 2, Some(Custody::Transit), None, false, "admin").await.unwrap().exposure_override);
+    assert!(
+        !e.create_engine("y", 2, Some(Custody::Transit), None, false, "admin")
+            .await
+            .unwrap()
+            .exposure_override
+    );
 
     // KV: named secrets and key material are delivered; transit refuses.
-    e.put_secret("x", "db-password", b"s3cret", "admin").await.unwrap();
-    assert_eq!(e.fetch_secret("x", "db-password", "w").await.unwrap(), (1, b"s3cret".to_vec()));
-    e.create_key("x", "aes", Purpose::Encrypt, None, 0, 0, "admin").await.unwrap();
+    e.put_secret("x", "db-password", b"s3cret", "admin")
+        .await
+        .unwrap();
+    assert_eq!(
+        e.fetch_secret("x", "db-password", "w").await.unwrap(),
+        (1, b"s3cret".to_vec())
+    );
+    e.create_key("x", "aes", Purpose::Encrypt, None, 0, 0, "admin")
+        .await
+        .unwrap();
     assert_eq!(e.fetch_secret("x", "aes", "w").await.unwrap().1.len(), 32);
-    e.create_key("y", "signing", Purpose::Sign, None, 0, 0, "admin").await.unwrap();
-    assert!(matches!(e.fetch_secret("y", "signing", "w").await, Err(EngineError::Denied(_))));
-    assert!(matches!(e.put_secret("y", "pw", b"v", "admin").await, Err(EngineError::Precondition(_))));
+    e.create_key("y", "signing", Purpose::Sign, None, 0, 0, "admin")
+        .await
+        .unwrap();
+    assert!(matches!(
+        e.fetch_secret("y", "signing", "w").await,
+        Err(EngineError::Denied(_))
+    ));
+    assert!(matches!(
+        e.put_secret("y", "pw", b"v", "admin").await,
+        Err(EngineError::Precondition(_))
+    ));
     // Audit records never carry the secret.
     let audit = e.audit().records(0).await.unwrap();
     assert!(audit.iter().all(|r| !format!("{r:?}").contains("s3cret")));

@@ -58,7 +58,11 @@ impl DiskKeyManager {
 
     fn write(&self, key: &SoftwareKey) -> Result<(), KeyError> {
         let path = self.path(key.id())?;
-        let body = format!("{}\n{}\n", key.key_type().as_str(), STANDARD.encode(key.pkcs8()));
+        let body = format!(
+            "{}\n{}\n",
+            key.key_type().as_str(),
+            STANDARD.encode(key.pkcs8())
+        );
         self.write_file(&path, &body)
     }
 
@@ -142,9 +146,9 @@ impl KeyManager for DiskKeyManager {
         }
         let path = self.path(id)?.with_extension("kek");
         let raw = match fs::read_to_string(&path) {
-            Ok(text) => STANDARD
-                .decode(text.trim())
-                .map_err(|e| KeyError::Storage(format!("KEK file {} is malformed: {e}", path.display())))?,
+            Ok(text) => STANDARD.decode(text.trim()).map_err(|e| {
+                KeyError::Storage(format!("KEK file {} is malformed: {e}", path.display()))
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let raw = super::aes::generate()?;
                 self.write_file(&path, &format!("{}\n", STANDARD.encode(&raw)))?;
@@ -153,7 +157,10 @@ impl KeyManager for DiskKeyManager {
             Err(e) => return Err(storage("cannot read KEK file", &path, e)),
         };
         let k = Arc::new(SoftwareKek(raw));
-        self.keks.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), k.clone());
+        self.keks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), k.clone());
         Ok(k)
     }
 

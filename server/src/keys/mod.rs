@@ -229,7 +229,11 @@ pub mod aes {
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| KeyError::Crypto("no randomness".into()))?;
         let mut out = plaintext.to_vec();
         key(raw)?
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut out)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out,
+            )
             .map_err(|_| KeyError::Crypto("AES-GCM seal failed".into()))?;
         let mut sealed = nonce.to_vec();
         sealed.extend(out);
@@ -242,11 +246,14 @@ pub mod aes {
             return Err(KeyError::Crypto("sealed data too short".into()));
         }
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| KeyError::Crypto("bad nonce".into()))?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| KeyError::Crypto("bad nonce".into()))?;
         let mut buf = ct.to_vec();
         let pt = key(raw)?
             .open_in_place(nonce, Aad::from(aad), &mut buf)
-            .map_err(|_| KeyError::Crypto("authentication failed: wrong key, data or associated data".into()))?;
+            .map_err(|_| {
+                KeyError::Crypto("authentication failed: wrong key, data or associated data".into())
+            })?;
         Ok(pt.to_vec())
     }
 }

@@ -335,7 +335,11 @@ impl KeyManager for Pkcs11KeyManager {
         let (token, id) = (self.token.clone(), id.to_string());
         tokio::task::spawn_blocking(move || {
             token.with_session(|s| {
-                for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY, ObjectClass::SECRET_KEY] {
+                for class in [
+                    ObjectClass::PRIVATE_KEY,
+                    ObjectClass::PUBLIC_KEY,
+                    ObjectClass::SECRET_KEY,
+                ] {
                     while let Some(h) = token.find(s, &id, class)? {
                         s.destroy_object(h).map_err(ck("destroy object"))?;
                     }
@@ -351,15 +355,22 @@ impl KeyManager for Pkcs11KeyManager {
         if let Some(k) = self.aes_blocking(id, Self::get_aes_blocking).await? {
             return Ok(Arc::new(k));
         }
-        Ok(Arc::new(self.aes_blocking(id, Self::generate_aes_blocking).await?))
+        Ok(Arc::new(
+            self.aes_blocking(id, Self::generate_aes_blocking).await?,
+        ))
     }
 
     async fn generate_aes(&self, id: &str) -> Result<Arc<dyn AesKey>, KeyError> {
-        Ok(Arc::new(self.aes_blocking(id, Self::generate_aes_blocking).await?))
+        Ok(Arc::new(
+            self.aes_blocking(id, Self::generate_aes_blocking).await?,
+        ))
     }
 
     async fn get_aes(&self, id: &str) -> Result<Option<Arc<dyn AesKey>>, KeyError> {
-        Ok(self.aes_blocking(id, Self::get_aes_blocking).await?.map(|k| Arc::new(k) as Arc<dyn AesKey>))
+        Ok(self
+            .aes_blocking(id, Self::get_aes_blocking)
+            .await?
+            .map(|k| Arc::new(k) as Arc<dyn AesKey>))
     }
 
     fn is_hsm(&self) -> bool {
@@ -427,20 +438,26 @@ impl KeyHandle for Pkcs11Key {
     }
 
     fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let err = |reason: String| KeyError::Sign { id: self.id.clone(), reason };
+        let err = |reason: String| KeyError::Sign {
+            id: self.id.clone(),
+            reason,
+        };
         if digest.len() != 32 {
             return Err(err("a SHA-256 digest is 32 bytes".into()));
         }
         self.token.with_session(|s| match self.key_type {
             KeyType::EcP256 => {
-                let fixed = s.sign(&Mechanism::Ecdsa, self.private, digest).map_err(|e| err(e.to_string()))?;
+                let fixed = s
+                    .sign(&Mechanism::Ecdsa, self.private, digest)
+                    .map_err(|e| err(e.to_string()))?;
                 continuity_common::der::ecdsa_fixed_to_der(&fixed).map_err(|e| err(e.to_string()))
             }
             KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
                 // PKCS#1 v1.5 over a digest: DigestInfo(SHA-256) ‖ digest, signed with CKM_RSA_PKCS.
                 let mut info = SHA256_DIGEST_INFO.to_vec();
                 info.extend_from_slice(digest);
-                s.sign(&Mechanism::RsaPkcs, self.private, &info).map_err(|e| err(e.to_string()))
+                s.sign(&Mechanism::RsaPkcs, self.private, &info)
+                    .map_err(|e| err(e.to_string()))
             }
             KeyType::EcP384 => Err(err("digest signing is for P-256 and RSA keys".into())),
         })
@@ -449,7 +466,8 @@ impl KeyHandle for Pkcs11Key {
 
 /// DER prefix of a PKCS#1 DigestInfo for SHA-256.
 const SHA256_DIGEST_INFO: &[u8] = &[
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0x04, 0x20,
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
 ];
 
 /// An AES-256 secret key object inside the token, used with CKM_AES_GCM.
@@ -461,7 +479,9 @@ pub struct Pkcs11Aes {
 
 impl std::fmt::Debug for Pkcs11Aes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11Aes").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Pkcs11Aes")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -473,8 +493,10 @@ impl AesKey for Pkcs11Aes {
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| KeyError::Crypto("no randomness".into()))?;
         let mut iv = nonce;
         let ct = self.token.with_session(|s| {
-            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into()).map_err(ck("GCM parameters"))?;
-            s.encrypt(&Mechanism::AesGcm(params), self.handle, plaintext).map_err(ck("AES-GCM encrypt"))
+            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into())
+                .map_err(ck("GCM parameters"))?;
+            s.encrypt(&Mechanism::AesGcm(params), self.handle, plaintext)
+                .map_err(ck("AES-GCM encrypt"))
         })?;
         let mut out = nonce.to_vec();
         out.extend(ct);
@@ -489,9 +511,14 @@ impl AesKey for Pkcs11Aes {
         let mut iv = [0u8; GCM_NONCE];
         iv.copy_from_slice(nonce);
         self.token.with_session(|s| {
-            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into()).map_err(ck("GCM parameters"))?;
+            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into())
+                .map_err(ck("GCM parameters"))?;
             s.decrypt(&Mechanism::AesGcm(params), self.handle, ct)
-                .map_err(|_| KeyError::Crypto("authentication failed: wrong key, data or associated data".into()))
+                .map_err(|_| {
+                    KeyError::Crypto(
+                        "authentication failed: wrong key, data or associated data".into(),
+                    )
+                })
         })
     }
 }
@@ -521,16 +548,31 @@ impl Pkcs11KeyManager {
             Attribute::Label(format!("{LABEL_PREFIX}{id}").into_bytes()),
             Attribute::Id(id.as_bytes().to_vec()),
         ];
-        let handle = token.with_session(|s| s.generate_key(&Mechanism::AesKeyGen, &template).map_err(ck("generate AES key")))?;
-        Ok(Pkcs11Aes { id: id.into(), handle, token: token.clone() })
+        let handle = token.with_session(|s| {
+            s.generate_key(&Mechanism::AesKeyGen, &template)
+                .map_err(ck("generate AES key"))
+        })?;
+        Ok(Pkcs11Aes {
+            id: id.into(),
+            handle,
+            token: token.clone(),
+        })
     }
 
     fn get_aes_blocking(token: &Arc<Token>, id: &str) -> Result<Option<Pkcs11Aes>, KeyError> {
         let found = token.with_session(|s| token.find(s, id, ObjectClass::SECRET_KEY))?;
-        Ok(found.map(|handle| Pkcs11Aes { id: id.into(), handle, token: token.clone() }))
+        Ok(found.map(|handle| Pkcs11Aes {
+            id: id.into(),
+            handle,
+            token: token.clone(),
+        }))
     }
 
-    async fn aes_blocking<T: Send + 'static>(&self, id: &str, f: fn(&Arc<Token>, &str) -> Result<T, KeyError>) -> Result<T, KeyError> {
+    async fn aes_blocking<T: Send + 'static>(
+        &self,
+        id: &str,
+        f: fn(&Arc<Token>, &str) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
         let (token, id) = (self.token.clone(), id.to_string());
         tokio::task::spawn_blocking(move || f(&token, &id))
             .await

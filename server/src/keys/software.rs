@@ -134,13 +134,18 @@ impl KeyHandle for SoftwareKey {
     }
 
     fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let err = |e: String| KeyError::Sign { id: self.id.clone(), reason: e };
+        let err = |e: String| KeyError::Sign {
+            id: self.id.clone(),
+            reason: e,
+        };
         let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
             .map_err(|_| err("a SHA-256 digest is 32 bytes".into()))?;
         match &self.inner {
-            Inner::Ec(kp) if self.key_type == KeyType::EcP256 => {
-                Ok(kp.sign_digest(&d).map_err(|e| err(e.to_string()))?.as_ref().to_vec())
-            }
+            Inner::Ec(kp) if self.key_type == KeyType::EcP256 => Ok(kp
+                .sign_digest(&d)
+                .map_err(|e| err(e.to_string()))?
+                .as_ref()
+                .to_vec()),
             Inner::Ec(_) => Err(err("digest signing is for P-256 and RSA keys".into())),
             Inner::Rsa(kp) => {
                 let mut sig = vec![0u8; kp.public_modulus_len()];
