@@ -66,6 +66,13 @@ pub fn svid_from_proto(s: continuity_proto::types::X509svid, key: Vec<u8>) -> Sv
     }
 }
 
+/// Incarnations waiting to be reported, and when each workload was last reported.
+#[derive(Debug, Default)]
+struct IncarnationQueue {
+    pending: Vec<continuity_proto::engine::Incarnation>,
+    last: HashMap<(String, String), i64>,
+}
+
 /// A cached JWT-SVID.
 #[derive(Debug, Clone)]
 struct CachedJwt {
@@ -97,10 +104,7 @@ pub struct Manager {
     /// The current agent SVID, readable without waiting for a sync in progress.
     agent_svid: std::sync::RwLock<Option<Svid>>,
     /// Incarnations not yet reported, and when each was last reported.
-    incarnations: Mutex<(
-        Vec<continuity_proto::engine::Incarnation>,
-        HashMap<(String, String), i64>,
-    )>,
+    incarnations: Mutex<IncarnationQueue>,
     /// Whether the last contact with the server succeeded.
     connected: std::sync::atomic::AtomicBool,
 }
@@ -446,7 +450,7 @@ impl Manager {
     pub fn report_incarnation(&self, entry_id: &str, workload: continuity_proto::engine::Workload) {
         let now = self.clock.unix();
         let mut guard = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
-        let (pending, last) = &mut *guard;
+        let IncarnationQueue { pending, last } = &mut *guard;
         let key = (entry_id.to_string(), workload.id.clone());
         if last.get(&key).is_some_and(|t| now - t < 60) {
             return;
@@ -472,7 +476,7 @@ impl Manager {
                 .incarnations
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .0,
+                .pending,
         );
         if batch.is_empty() {
             return Ok(());
@@ -485,7 +489,7 @@ impl Manager {
             self.incarnations
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .0
+                .pending
                 .extend(batch);
             return Err(e.into());
         }
