@@ -159,6 +159,20 @@ impl TestAgent {
             .expect("run continuity-agent CLI")
     }
 
+    /// Runs a `continuity-agent` client command as another uid/gid (a workload of that user).
+    pub fn cli_as(&self, uid: u32, args: &[&str]) -> Output {
+        use std::os::unix::process::CommandExt;
+        Command::new(bin("continuity-agent"))
+            .args(args)
+            .arg("--socket-path")
+            .arg(&self.socket)
+            .uid(uid)
+            .gid(uid)
+            .current_dir("/")
+            .output()
+            .expect("run continuity-agent CLI")
+    }
+
     /// The `SPIFFE_ENDPOINT_SOCKET` value for this agent.
     pub fn endpoint(&self) -> String {
         format!("unix://{}", self.socket.display())

@@ -90,6 +90,24 @@ pub async fn attest(addr: &str, bundle: Vec<Vec<u8>>, token: &str) -> Result<Age
     })
 }
 
+/// A channel presenting an agent SVID (for any agent-facing service).
+pub async fn channel_for(
+    addr: &str,
+    bundle: Vec<Vec<u8>>,
+    chain: &[Vec<u8>],
+    key: &[u8],
+) -> Channel {
+    let certs = chain
+        .iter()
+        .map(|c| CertificateDer::from(c.clone()))
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
+    let cfg = client_config(TrustRoots::new(bundle), server_id(), Some((certs, key))).unwrap();
+    continuity_common::grpc::tls_channel(addr.to_string(), Arc::new(cfg))
+        .await
+        .unwrap()
+}
+
 /// A client presenting an agent SVID.
 pub async fn authenticated(
     addr: &str,

@@ -182,6 +182,32 @@ impl TestServer {
         v["id"].as_str().unwrap().to_string()
     }
 
+    /// Creates an entry bound to an Engine (SPIFFE ID spiffe://example.org/<engine>); returns its id.
+    pub fn create_entry_with_engine(
+        &self,
+        parent_id: &str,
+        selector: &str,
+        engine: &str,
+    ) -> String {
+        let spiffe_id = format!("spiffe://example.org/{engine}");
+        let out = self.cli_ok(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &spiffe_id,
+            "--parent-id",
+            parent_id,
+            "--selector",
+            selector,
+            "--engine",
+            engine,
+            "--output",
+            "json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    }
+
     /// The bundle's CA certificates, DER.
     pub fn bundle_der(&self) -> Vec<Vec<u8>> {
         continuity_common::x509::pem_decode_all("CERTIFICATE", &self.cli_ok(&["bundle", "show"]))
