@@ -56,8 +56,15 @@ impl TestAgent {
         } else {
             format!("trust_bundle_path = \"{}\"\n", bundle.display())
         };
+        let mut defaults = String::new();
+        if !extra.contains("sync_interval") {
+            defaults.push_str("sync_interval = \"500ms\"\n");
+        }
+        if !extra.contains("log_level") {
+            defaults.push_str("log_level = \"debug\"\n");
+        }
         let cfg = format!(
-            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n{trust}join_token = \"{token}\"\nsync_interval = \"500ms\"\nlog_level = \"debug\"\n{extra}\n",
+            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n{trust}join_token = \"{token}\"\n{defaults}{extra}\n",
             server.addr,
             dir.join("data").display(),
             socket.display(),
@@ -122,6 +129,11 @@ impl TestAgent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Kills the agent (state kept).

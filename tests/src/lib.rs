@@ -15,12 +15,14 @@ pub fn bin_dir() -> PathBuf {
     if let Ok(d) = std::env::var("CONTINUITY_BIN_DIR") {
         return d.into();
     }
-    // target/<profile>/deps/<test-binary> → target/<profile>
+    // Tests live in target/<profile>/deps/, binaries (continuity-bench) in target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .to_path_buf()
+    let dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary; panics with the command to build it if missing.

@@ -51,11 +51,12 @@ impl TestServer {
         let port = free_port();
         let socket = dir.join("admin").join("admin.sock");
         let config = format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nca_ttl = \"{}\"\ndefault_x509_svid_ttl = \"{}\"\nlog_level = \"debug\"\n{}\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nca_ttl = \"{}\"\ndefault_x509_svid_ttl = \"{}\"\n{}{}\n",
             dir.join("data").display(),
             socket.display(),
             opts.ca_ttl,
             opts.x509_ttl,
+            if opts.extra_toml.contains("log_level") { "" } else { "log_level = \"debug\"\n" },
             opts.extra_toml
         );
         std::fs::create_dir_all(dir).unwrap();
@@ -108,6 +109,11 @@ impl TestServer {
             );
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Stops the process (SIGKILL) but keeps its state.

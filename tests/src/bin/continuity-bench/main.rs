@@ -1,0 +1,207 @@
+//! `continuity-bench [--quick]`: Continuity's benchmark suite. Starts the real binaries on
+//! loopback and temporary sockets, measures each figure next to a floor measured in the same
+//! run on the same machine, prints a table and writes target/bench/summary.json.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod report;
+mod scale;
+mod signing;
+mod workload;
+
+use std::time::{Duration, Instant};
+
+use continuity_tests::agent::TestAgent;
+use continuity_tests::server::{ServerOptions, TestServer};
+use report::Metric;
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub quick: bool,
+    pub latency_samples: usize,
+    pub seconds: f64,
+    pub memory_steps: [usize; 3],
+    pub agents: usize,
+    pub entries_per_alias: usize,
+    pub full_sync_entries: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self { quick, latency_samples: 400, seconds: 1.5, memory_steps: [100, 1000, 2000], agents: 100, entries_per_alias: 100, full_sync_entries: 2000 }
+        } else {
+            Self { quick, latency_samples: 2000, seconds: 4.0, memory_steps: [100, 1000, 10_000], agents: 1000, entries_per_alias: 100, full_sync_entries: 10_000 }
+        }
+    }
+}
+
+pub fn uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// RSS of a process in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// CPU seconds (user + system) a process used so far.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+pub fn wait_for<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs}s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Quiet logs: benchmarks measure the work, not the logging.
+pub const QUIET_SERVER: &str = "log_level = \"warn\"\n";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--pkcs11-floor") {
+        signing::pkcs11_floor_child(&args[2..]);
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let plan = Plan::new(quick);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json");
+    let metrics = rt.block_on(run(plan));
+    report::write(&metrics, &out).unwrap();
+}
+
+async fn run(plan: Plan) -> Vec<Metric> {
+    let dir = tempfile::tempdir().unwrap();
+    continuity_tests::agent::open_up(dir.path());
+    eprintln!("continuity-bench: {} run, {} cores, binaries from {}", if plan.quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(1, |n| n.get()), continuity_tests::bin_dir().display());
+    let mut m = Vec::new();
+
+    // A server and an agent, one entry for this uid bound to an Engine with transit keys.
+    let server = TestServer::start(&dir.path().join("server"), ServerOptions { extra_toml: QUIET_SERVER.into(), ..Default::default() });
+    let alias = "spiffe://example.org/node/bench";
+    server.cli_ok(&["engine", "create", "bench", "--tier", "1"]);
+    server.cli_ok(&["engine", "key", "create", "bench", "signing", "--purpose", "sign"]);
+    server.cli_ok(&["entry", "create", "--spiffe-id", "spiffe://example.org/bench", "--parent-id", alias,
+        "--selector", &format!("unix:uid:{}", uid()), "--engine", "bench"]);
+    let mut agent = TestAgent::start_with(&dir.path().join("agent"), &server, &server.token(Some(alias)), "log_level = \"warn\"\nsync_interval = \"1s\"");
+    wait_for(20, "agent serves", || agent.cli(&["api", "fetch", "x509"]).status.success());
+
+    eprintln!("[1/8] Workload API latency and throughput");
+    m.extend(workload_metrics(&plan, &agent, dir.path()).await);
+    eprintln!("[2/8] SVID signing (disk, pkcs11)");
+    m.extend(signing::metrics(&plan, &server, dir.path()).await);
+    eprintln!("[3/8] Engine ops");
+    m.extend(signing::engine_metrics(&plan, &agent, "transit").await);
+    eprintln!("[4/8] recovery");
+    m.push(recovery(&mut agent, &server).await);
+    drop(agent);
+    drop(server);
+    eprintln!("[5/8] agent memory and SVID storm");
+    m.extend(scale::agent_memory(&plan, dir.path()).await);
+    eprintln!("[6/8] server scale");
+    m.extend(scale::server_scale(&plan, dir.path()).await);
+    m
+}
+
+async fn workload_metrics(plan: &Plan, agent: &TestAgent, dir: &std::path::Path) -> Vec<Metric> {
+    use workload::*;
+    let sock = agent.socket.clone();
+    // Warm up the agent's JWT cache, and copy its real messages into the floor server.
+    let mut c = client(&sock).await;
+    let x509 = c.fetch_x509svid(req(continuity_proto::workload::X509svidRequest {})).await.unwrap().into_inner().message().await.unwrap().unwrap();
+    let jwt = c.fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() })).await.unwrap().into_inner();
+    let floor_sock = start_floor(&dir.join("floor.sock"), x509, jwt).await;
+    let n = plan.latency_samples;
+    let mut out = Vec::new();
+    for conc in [1usize, 16] {
+        let (s1, s2) = (sock.clone(), floor_sock.clone());
+        let (fp50, fp99, _) = measure(n, conc, move || { let p = s2.clone(); async move { connect_and_fetch(&p).await } }).await;
+        let (p50, p99, _) = measure(n, conc, move || { let p = s1.clone(); async move { connect_and_fetch(&p).await } }).await;
+        out.push(Metric::new(format!("workload: connect+attest+first X509 p50, {conc} client(s)"), p50, "us").floor("tonic UDS fixed message", fp50));
+        out.push(Metric::new(format!("workload: connect+attest+first X509 p99, {conc} client(s)"), p99, "us").floor("tonic UDS fixed message", fp99).target("<= 1.5x floor"));
+    }
+    // Unary calls on kept connections.
+    let mut fc = client(&floor_sock).await;
+    let mut ac = client(&sock).await;
+    let mut fl = Vec::new();
+    let mut al = Vec::new();
+    for _ in 0..n {
+        fl.push(jwt_on(&mut fc).await);
+        al.push(jwt_on(&mut ac).await);
+    }
+    out.push(Metric::new("workload: FetchJWTSVID (cached) p50", report::percentile(&mut al, 50.0), "us").floor("tonic UDS unary", report::percentile(&mut fl, 50.0)));
+    out.push(Metric::new("workload: FetchJWTSVID (cached) p99", report::percentile(&mut al, 99.0), "us").floor("tonic UDS unary", report::percentile(&mut fl, 99.0)));
+    let token = ac
+        .fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() }))
+        .await.unwrap().into_inner().svids[0].svid.clone();
+    let mut vl = Vec::new();
+    let mut vf = Vec::new();
+    for _ in 0..n {
+        let r = continuity_proto::workload::ValidateJwtsvidRequest { audience: "bench".into(), svid: token.clone() };
+        let t = Instant::now();
+        ac.validate_jwtsvid(req(r.clone())).await.unwrap();
+        vl.push(t.elapsed().as_secs_f64() * 1e6);
+        let t = Instant::now();
+        fc.validate_jwtsvid(req(r)).await.unwrap();
+        vf.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    out.push(Metric::new("workload: ValidateJWTSVID p50", report::percentile(&mut vl, 50.0), "us").floor("tonic UDS unary", report::percentile(&mut vf, 50.0)));
+    out.push(Metric::new("workload: ValidateJWTSVID p99", report::percentile(&mut vl, 99.0), "us").floor("tonic UDS unary", report::percentile(&mut vf, 99.0)));
+    let ft = throughput(&floor_sock, 16, plan.seconds).await;
+    let at = throughput(&sock, 16, plan.seconds).await;
+    out.push(Metric::new("workload: X509 fetches/s, 16 clients", at, "ops/s").floor("tonic UDS fixed message", ft).target(">= 10000/s"));
+    out
+}
+
+async fn recovery(agent: &mut TestAgent, server: &TestServer) -> Metric {
+    // The server is unreachable (stopped); the agent restarts from data_dir: time from spawn
+    // to the first SVID served.
+    let sock = agent.socket.clone();
+    let srv_pid = server.pid().unwrap();
+    let _ = std::process::Command::new("kill").args(["-STOP", &srv_pid.to_string()]).status();
+    agent.stop();
+    let t = Instant::now();
+    let child = std::process::Command::new(continuity_tests::bin("continuity-agent"))
+        .args(["run", "--config"])
+        .arg(agent.dir.join("agent.toml"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ms = loop {
+        if sock.exists() {
+            if let Ok(ch) = continuity_common::grpc::uds_channel(&sock).await {
+                let mut c = continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch);
+                if let Ok(s) = c.fetch_x509svid(workload::req(continuity_proto::workload::X509svidRequest {})).await {
+                    if s.into_inner().message().await.ok().flatten().is_some() {
+                        break t.elapsed().as_secs_f64() * 1e3;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(t.elapsed() < Duration::from_secs(20), "agent did not recover");
+    };
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::process::Command::new("kill").args(["-CONT", &srv_pid.to_string()]).status();
+    Metric::new("recovery: agent restart, server down -> first SVID", ms, "ms").target("<= 200 ms")
+}
