@@ -1,8 +1,14 @@
 //! Workload attestation: the configured attestors (today: unix) run against a connection's
 //! peer, and the result stands only if the peer is still the process that connected.
+//!
+//! Results are cached per process — (pid, start time, uid, gid, executable identity) — so a
+//! workload that reconnects is not re-attested from scratch; an `exec` changes the
+//! executable identity and misses the cache.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use continuity_attestors::Selector;
 use continuity_attestors::unix::UnixAttestor;
@@ -15,10 +21,30 @@ pub trait WorkloadAttestor: Send + Sync + 'static {
     fn attest(&self, peer: &Peer) -> Result<HashSet<Selector>, String>;
 }
 
+/// How long a cached attestation is trusted without re-reading /proc.
+const CACHE_TTL: Duration = Duration::from_secs(30);
+/// Most processes remembered.
+const CACHE_MAX: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ProcessKey {
+    pid: u32,
+    start_time: u64,
+    uid: u32,
+    gid: u32,
+    exe_dev: u64,
+    exe_ino: u64,
+    exe_mtime: i64,
+}
+
+/// Selectors remembered for a process, and when.
+type Cached = (Arc<HashSet<Selector>>, Instant);
+
 /// The attestors enabled in agent.toml.
 #[derive(Debug)]
 pub struct Attestors {
     unix: Option<UnixAttestor>,
+    cache: Mutex<HashMap<ProcessKey, Cached>>,
 }
 
 impl Attestors {
@@ -26,12 +52,24 @@ impl Attestors {
     pub fn new(unix: Option<continuity_attestors::unix::UnixConfig>) -> Arc<Self> {
         Arc::new(Self {
             unix: unix.map(UnixAttestor::new),
+            cache: Mutex::default(),
         })
     }
-}
 
-impl WorkloadAttestor for Attestors {
-    fn attest(&self, peer: &Peer) -> Result<HashSet<Selector>, String> {
+    fn key(peer: &Peer) -> Option<ProcessKey> {
+        let exe = std::fs::metadata(format!("/proc/{}/exe", peer.pid)).ok()?;
+        Some(ProcessKey {
+            pid: peer.pid,
+            start_time: peer.start_time?,
+            uid: peer.uid,
+            gid: peer.gid,
+            exe_dev: exe.dev(),
+            exe_ino: exe.ino(),
+            exe_mtime: exe.mtime(),
+        })
+    }
+
+    fn fresh(&self, peer: &Peer) -> Result<HashSet<Selector>, String> {
         let mut out = HashSet::new();
         if let Some(unix) = &self.unix {
             out.extend(
@@ -39,12 +77,45 @@ impl WorkloadAttestor for Attestors {
                     .map_err(|e| e.to_string())?,
             );
         }
+        Ok(out)
+    }
+}
+
+impl WorkloadAttestor for Attestors {
+    fn attest(&self, peer: &Peer) -> Result<HashSet<Selector>, String> {
+        let key = Self::key(peer);
+        let cached = key.as_ref().and_then(|k| {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache
+                .get(k)
+                .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+                .map(|(s, _)| s.clone())
+        });
+        let selectors = match cached {
+            Some(s) => (*s).clone(),
+            None => {
+                let s = self.fresh(peer)?;
+                if let Some(k) = key {
+                    let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                    if cache.len() >= CACHE_MAX {
+                        cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+                        if cache.len() >= CACHE_MAX {
+                            cache.clear();
+                        }
+                    }
+                    cache.insert(k, (Arc::new(s.clone()), Instant::now()));
+                }
+                s
+            }
+        };
+        // Whatever was read (or remembered) counts only if the connecting process is still the
+        // one alive under this pid.
         if !peer.still_same_process() {
             return Err(format!(
                 "process {} exited or was replaced during attestation",
                 peer.pid
             ));
         }
-        Ok(out)
+        Ok(selectors)
     }
 }

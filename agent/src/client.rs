@@ -162,9 +162,9 @@ impl ServerClient {
         let chain = svid
             .chain
             .iter()
-            .map(|c| CertificateDer::from(c.clone()))
+            .map(|c| CertificateDer::from(c.to_vec()))
             .collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.clone()));
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.to_vec()));
         let cfg = continuity_common::tls::client_config(
             self.roots.clone(),
             self.server_id.clone(),

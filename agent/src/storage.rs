@@ -1,7 +1,6 @@
 //! The agent's state on disk: one JSON file in `data_dir`, mode 0600 (it holds private keys),
 //! replaced atomically (temp file, fsync, rename) so a crash never leaves half a state.
 
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -41,6 +40,12 @@ pub enum StorageError {
 #[derive(Debug, Clone)]
 pub struct Storage {
     dir: PathBuf,
+}
+
+#[derive(Serialize)]
+struct VersionedRef<'a> {
+    version: u32,
+    state: &'a PersistedState,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,29 +106,31 @@ impl Storage {
 
     /// Saves the state atomically with mode 0600.
     pub fn save(&self, state: &PersistedState) -> Result<(), StorageError> {
+        use std::io::BufWriter;
         let path = self.path();
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let body = serde_json::to_vec(&Versioned {
-            version: 1,
-            state: state.clone(),
-        })
-        .map_err(|e| StorageError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
         let io = |source| StorageError::Io {
             what: "cannot write",
             path: tmp.clone(),
             source,
         };
-        let mut f = std::fs::OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(io)?;
-        f.write_all(&body).and_then(|_| f.sync_all()).map_err(io)?;
+        // Streamed: no copy of the state and no whole-file buffer, whatever the entry count.
+        let mut w = BufWriter::with_capacity(64 * 1024, f);
+        serde_json::to_writer(&mut w, &VersionedRef { version: 1, state }).map_err(|e| {
+            StorageError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(|source| StorageError::Io {
             what: "cannot install",
             path,

@@ -83,3 +83,28 @@ pub fn serial_hex(cert_der: &[u8]) -> Result<String, String> {
         .map(|b| format!("{b:02x}"))
         .collect())
 }
+
+/// What a peer's SVID says about it, from one parse: (SPIFFE ID, NotAfter, serial hex).
+pub fn svid_facts(cert_der: &[u8]) -> Result<(crate::SpiffeId, i64, String), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("bad certificate: {e}"))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                uris.push(*u);
+            }
+        }
+    }
+    let id = match uris.as_slice() {
+        [one] => crate::SpiffeId::new(one).map_err(|e| e.to_string())?,
+        [] => return Err("certificate has no URI SAN".into()),
+        _ => return Err("certificate has more than one URI SAN".into()),
+    };
+    let serial = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((id, cert.validity().not_after.timestamp(), serial))
+}

@@ -18,10 +18,23 @@ pub struct Verification {
 }
 
 /// The audit log.
+///
+/// Appends use group commit: a record is chained in memory under a short lock, and whoever
+/// then holds the flush lock writes every pending record in one transaction. `record`
+/// returns only once its own record is committed, so the log is durable per call while
+/// concurrent key uses share one database commit.
 pub struct Audit {
     store: Arc<dyn DataStore>,
     clock: Arc<dyn Clock>,
-    head: tokio::sync::Mutex<(i64, String)>,
+    head: std::sync::Mutex<Head>,
+    flush: tokio::sync::Mutex<()>,
+}
+
+struct Head {
+    seq: i64,
+    hash: String,
+    pending: Vec<AuditRecord>,
+    committed: i64,
 }
 
 impl std::fmt::Debug for Audit {
@@ -54,15 +67,21 @@ impl Audit {
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StoreError> {
         let last = store.list_audit().await?.pop();
-        let head = last.map(|r| (r.seq, r.hash)).unwrap_or_default();
+        let (seq, hash) = last.map(|r| (r.seq, r.hash)).unwrap_or_default();
         Ok(Arc::new(Self {
             store,
             clock,
-            head: tokio::sync::Mutex::new(head),
+            head: std::sync::Mutex::new(Head {
+                seq,
+                hash,
+                pending: Vec::new(),
+                committed: seq,
+            }),
+            flush: tokio::sync::Mutex::new(()),
         }))
     }
 
-    /// Appends one record.
+    /// Appends one record; returns once it is committed.
     pub async fn record(
         &self,
         actor: &str,
@@ -71,21 +90,46 @@ impl Audit {
         key_version: u32,
         result: &str,
     ) -> Result<(), StoreError> {
-        let mut head = self.head.lock().await;
-        let mut r = AuditRecord {
-            seq: head.0 + 1,
-            time: self.clock.unix(),
-            actor: actor.into(),
-            action: action.into(),
-            target: target.into(),
-            key_version,
-            result: result.into(),
-            prev_hash: head.1.clone(),
-            hash: String::new(),
+        let mine = {
+            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = AuditRecord {
+                seq: head.seq + 1,
+                time: self.clock.unix(),
+                actor: actor.into(),
+                action: action.into(),
+                target: target.into(),
+                key_version,
+                result: result.into(),
+                prev_hash: head.hash.clone(),
+                hash: String::new(),
+            };
+            r.hash = chain_hash(&r);
+            head.seq = r.seq;
+            head.hash = r.hash.clone();
+            head.pending.push(r);
+            head.seq
         };
-        r.hash = chain_hash(&r);
-        self.store.append_audit(&r).await?;
-        *head = (r.seq, r.hash);
+        let _flushing = self.flush.lock().await;
+        let batch = {
+            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+            if head.committed >= mine {
+                return Ok(());
+            }
+            std::mem::take(&mut head.pending)
+        };
+        let last = batch.last().map_or(mine, |r| r.seq);
+        if let Err(e) = self.store.append_audit_batch(&batch).await {
+            // Put them back in order so a later flush retries them; the chain stays intact.
+            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rest = std::mem::take(&mut head.pending);
+            head.pending = batch;
+            head.pending.append(&mut rest);
+            return Err(e);
+        }
+        self.head
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .committed = last;
         Ok(())
     }
 

@@ -56,7 +56,11 @@ impl TestServer {
             socket.display(),
             opts.ca_ttl,
             opts.x509_ttl,
-            if opts.extra_toml.contains("log_level") { "" } else { "log_level = \"debug\"\n" },
+            if opts.extra_toml.contains("log_level") {
+                ""
+            } else {
+                "log_level = \"debug\"\n"
+            },
             opts.extra_toml
         );
         std::fs::create_dir_all(dir).unwrap();

@@ -72,7 +72,7 @@ impl EngineHandler {
                 })?,
         };
         self.manager
-            .report_incarnation(&chosen.1, caller.workload());
+            .report_incarnation(&chosen.1, &caller.workload_id, &|| caller.workload());
         Ok(Bound {
             caller,
             entry_id: chosen.1,

@@ -118,7 +118,11 @@ pub fn incoming(
                     None
                 }
             };
+            let workload_id: Arc<str> = peer
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |p| p.workload_id().into());
             let info = ConnInfo {
+                workload_id,
                 peer,
                 selectors: Arc::default(),
             };

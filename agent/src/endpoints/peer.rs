@@ -119,6 +119,8 @@ impl Peer {
 pub struct ConnInfo {
     /// The peer (None if credentials could not be read).
     pub peer: Option<Arc<Peer>>,
+    /// Stable id of the peer process (pid + start time), computed once at accept.
+    pub workload_id: Arc<str>,
     /// Attestation result, computed once per connection.
     pub selectors:
         Arc<tokio::sync::OnceCell<Arc<std::collections::HashSet<continuity_attestors::Selector>>>>,

@@ -38,7 +38,12 @@ pub trait IdentityCache: Send + Sync + 'static {
     /// A JWT-SVID for an identity.
     async fn jwt_svid(&self, entry_id: &str, audience: &[String]) -> Result<String, String>;
     /// Notes that a workload received an identity bound to an Engine.
-    fn report_incarnation(&self, entry_id: &str, workload: continuity_proto::engine::Workload);
+    fn report_incarnation(
+        &self,
+        entry_id: &str,
+        workload_id: &str,
+        workload: &dyn Fn() -> continuity_proto::engine::Workload,
+    );
 }
 
 #[tonic::async_trait]
@@ -51,8 +56,13 @@ impl IdentityCache for crate::manager::Manager {
             .await
             .map_err(|e| e.to_string())
     }
-    fn report_incarnation(&self, entry_id: &str, workload: continuity_proto::engine::Workload) {
-        crate::manager::Manager::report_incarnation(self, entry_id, workload)
+    fn report_incarnation(
+        &self,
+        entry_id: &str,
+        workload_id: &str,
+        workload: &dyn Fn() -> continuity_proto::engine::Workload,
+    ) {
+        crate::manager::Manager::report_incarnation(self, entry_id, workload_id, workload)
     }
 }
 
@@ -63,6 +73,8 @@ pub struct Caller {
     pub selectors: Arc<HashSet<Selector>>,
     /// The process.
     pub peer: Arc<super::peer::Peer>,
+    /// Stable id of the process (pid + start time).
+    pub workload_id: Arc<str>,
 }
 
 impl Caller {
@@ -71,7 +83,7 @@ impl Caller {
         let mut selectors: Vec<_> = self.selectors.iter().cloned().collect();
         selectors.sort();
         continuity_proto::engine::Workload {
-            id: self.peer.workload_id(),
+            id: self.workload_id.to_string(),
             pid: self.peer.pid,
             uid: self.peer.uid,
             selectors: selectors
@@ -117,7 +129,12 @@ pub async fn attest_caller<T>(
         })
         .await?
         .clone();
-    Ok(Caller { selectors, peer })
+    let workload_id = info.workload_id.clone();
+    Ok(Caller {
+        selectors,
+        peer,
+        workload_id,
+    })
 }
 
 /// The Workload API service.
@@ -157,7 +174,7 @@ impl WorkloadHandler {
     fn report(&self, caller: &Caller, ids: &[Arc<Identity>]) {
         for i in ids.iter().filter(|i| i.engine.is_some()) {
             self.cache
-                .report_incarnation(&i.entry_id, caller.workload());
+                .report_incarnation(&i.entry_id, &caller.workload_id, &|| caller.workload());
         }
     }
 

@@ -23,6 +23,46 @@ mod b64 {
         STANDARD.decode(s).map_err(serde::de::Error::custom)
     }
 
+    /// Shared bytes (no copy when the snapshot reuses them).
+    pub mod bytes {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &::bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&STANDARD.encode(v))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<::bytes::Bytes, D::Error> {
+            let s = String::deserialize(d)?;
+            STANDARD
+                .decode(s)
+                .map(::bytes::Bytes::from)
+                .map_err(serde::de::Error::custom)
+        }
+    }
+
+    /// A list of shared byte strings.
+    pub mod bytes_list {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(v: &[::bytes::Bytes], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|b| STANDARD.encode(b)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Vec<::bytes::Bytes>, D::Error> {
+            let v = Vec::<String>::deserialize(d)?;
+            v.into_iter()
+                .map(|s| {
+                    STANDARD
+                        .decode(s)
+                        .map(::bytes::Bytes::from)
+                        .map_err(serde::de::Error::custom)
+                })
+                .collect()
+        }
+    }
+
     pub mod list {
         use super::*;
 
@@ -86,11 +126,11 @@ impl From<continuity_proto::types::Entry> for Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Svid {
     /// DER certificates, leaf first.
-    #[serde(with = "b64::list")]
-    pub chain: Vec<Vec<u8>>,
+    #[serde(with = "b64::bytes_list")]
+    pub chain: Vec<Bytes>,
     /// PKCS#8 private key.
-    #[serde(with = "b64")]
-    pub key: Vec<u8>,
+    #[serde(with = "b64::bytes")]
+    pub key: Bytes,
     /// NotAfter, Unix seconds.
     pub expires_at: i64,
     /// When the agent received it, Unix seconds.
@@ -277,7 +317,7 @@ impl Snapshot {
                 && p.selectors == entry.selectors
                 && p.hint == entry.hint
                 && p.engine.as_deref().unwrap_or("") == entry.engine
-                && p.x509_svid.len() == svid.chain.iter().map(Vec::len).sum::<usize>()
+                && p.x509_svid.len() == svid.chain.iter().map(Bytes::len).sum::<usize>()
                 && p.x509_svid.starts_with(&svid.chain[0])
             {
                 identities.push((*p).clone());
@@ -288,8 +328,12 @@ impl Snapshot {
                 spiffe_id: entry.spiffe_id.clone(),
                 selectors: entry.selectors.clone(),
                 hint: entry.hint.clone(),
-                x509_svid: Bytes::from(svid.chain.concat()),
-                key: Bytes::from(svid.key.clone()),
+                // One certificate (our CAs are roots): share it; longer chains are joined once.
+                x509_svid: match svid.chain.as_slice() {
+                    [one] => one.clone(),
+                    many => Bytes::from(many.concat()),
+                },
+                key: svid.key.clone(),
                 expires_at: svid.expires_at,
                 generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 engine: Some(entry.engine.clone()).filter(|e| !e.is_empty()),

@@ -59,8 +59,8 @@ pub fn svid_from_proto(s: continuity_proto::types::X509svid, key: Vec<u8>) -> Sv
     let issued = now_unix();
     Svid {
         rotate_at: rotate_at(issued, s.expires_at),
-        chain: s.cert_chain,
-        key,
+        chain: s.cert_chain.into_iter().map(bytes::Bytes::from).collect(),
+        key: key.into(),
         expires_at: s.expires_at,
         issued_at: issued,
     }
@@ -211,12 +211,10 @@ impl Manager {
     }
 
     async fn save(&self, st: &PersistedState) {
-        let storage = self.storage.clone();
-        let copy = st.clone();
-        match tokio::task::spawn_blocking(move || storage.save(&copy)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot persist agent state"),
-            Err(e) => tracing::error!(error = %e, "persisting agent state panicked"),
+        // Written in place (the state is borrowed, not copied) on this worker thread, which
+        // tokio hands its other tasks to meanwhile.
+        if let Err(e) = tokio::task::block_in_place(|| self.storage.save(st)) {
+            tracing::error!(error = %e, "cannot persist agent state");
         }
     }
 
@@ -447,19 +445,31 @@ impl Manager {
 
     /// Notes that a workload received an identity bound to an Engine; reported to the server
     /// on the next sync (again at most once a minute per workload, to refresh last_seen).
-    pub fn report_incarnation(&self, entry_id: &str, workload: continuity_proto::engine::Workload) {
+    /// `workload` is only called when a report is due (the hot path skips building it).
+    pub fn report_incarnation(
+        &self,
+        entry_id: &str,
+        workload_id: &str,
+        workload: &dyn Fn() -> continuity_proto::engine::Workload,
+    ) {
         let now = self.clock.unix();
         let mut guard = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
         let IncarnationQueue { pending, last } = &mut *guard;
-        let key = (entry_id.to_string(), workload.id.clone());
-        if last.get(&key).is_some_and(|t| now - t < 60) {
-            return;
+        if let Some(t) = last.get_mut(&(entry_id.to_string(), workload_id.to_string())) {
+            if now - *t < 60 {
+                return;
+            }
+            *t = now;
+        } else {
+            if last.len() >= 100_000 {
+                last.retain(|_, t| now - *t < 60);
+            }
+            last.insert((entry_id.to_string(), workload_id.to_string()), now);
         }
-        last.insert(key, now);
         if pending.len() < 10_000 {
             pending.push(continuity_proto::engine::Incarnation {
                 entry_id: entry_id.into(),
-                workload: Some(workload),
+                workload: Some(workload()),
                 seen_at: now,
             });
         }
@@ -578,7 +588,7 @@ impl Manager {
 }
 
 /// Whether the leaf of `chain` names (by issuer) one of the bundle's CAs.
-fn issued_by_bundle(chain: &[Vec<u8>], roots: &[Vec<u8>]) -> bool {
+fn issued_by_bundle(chain: &[bytes::Bytes], roots: &[Vec<u8>]) -> bool {
     let Some(leaf) = chain.first() else {
         return false;
     };

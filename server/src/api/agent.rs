@@ -82,7 +82,7 @@ pub fn authenticate_agent<T>(
             .ok_or_else(|| {
                 Status::unauthenticated("this call needs an agent SVID; attest first")
             })?;
-        let id = continuity_common::x509::spiffe_id_of(&leaf)
+        let (id, not_after, serial) = continuity_common::x509::svid_facts(&leaf)
             .map_err(|e| Status::unauthenticated(format!("agent SVID: {e}")))?;
         if id.trust_domain() != *trust_domain || !id.path().starts_with("/continuity/agent/") {
             return Err(Status::permission_denied(format!(
@@ -90,8 +90,6 @@ pub fn authenticate_agent<T>(
             )));
         }
         // A long-lived connection can outlive the certificate it was opened with.
-        let not_after =
-            continuity_common::x509::not_after(&leaf).map_err(Status::unauthenticated)?;
         if not_after <= clock.unix() {
             return Err(Status::unauthenticated(
                 "agent SVID has expired; reconnect with a renewed SVID",
@@ -105,7 +103,6 @@ pub fn authenticate_agent<T>(
         if agent.banned {
             return Err(Status::permission_denied(format!("agent {id} is banned")));
         }
-        let serial = continuity_common::x509::serial_hex(&leaf).map_err(Status::unauthenticated)?;
         if serial != agent.serial && serial != agent.previous_serial {
             return Err(Status::permission_denied(format!(
                 "agent {id} presented an SVID that is no longer current"

@@ -245,8 +245,8 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn upsert_incarnation(&self, inc: &Incarnation) -> Result<(), StoreError>;
     /// Incarnations of an Engine, oldest first.
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
-    /// Appends an audit record.
-    async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
+    /// Appends audit records (in `seq` order) in one transaction.
+    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
     /// The audit log in `seq` order.
     async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError>;
     /// The `seq` of the last appended record, kept apart from the log so a deleted tail shows.

@@ -701,25 +701,30 @@ impl DataStore for SqlDataStore {
             .collect()
     }
 
-    async fn append_audit(&self, a: &AuditRecord) -> Result<(), StoreError> {
+    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(a.seq)
-        .bind(a.time)
-        .bind(&a.actor)
-        .bind(&a.action)
-        .bind(&a.target)
-        .bind(a.key_version as i64)
-        .bind(&a.result)
-        .bind(&a.prev_hash)
-        .bind(&a.hash)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE meta SET value = $1 WHERE name = 'audit_head'")
+        for a in records {
+            sqlx::query(
+                "INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
             .bind(a.seq)
+            .bind(a.time)
+            .bind(&a.actor)
+            .bind(&a.action)
+            .bind(&a.target)
+            .bind(a.key_version as i64)
+            .bind(&a.result)
+            .bind(&a.prev_hash)
+            .bind(&a.hash)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("UPDATE meta SET value = $1 WHERE name = 'audit_head'")
+            .bind(last.seq)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

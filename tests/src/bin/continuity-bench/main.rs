@@ -30,9 +30,25 @@ pub struct Plan {
 impl Plan {
     fn new(quick: bool) -> Self {
         if quick {
-            Self { quick, latency_samples: 400, seconds: 1.5, memory_steps: [100, 1000, 2000], agents: 100, entries_per_alias: 100, full_sync_entries: 2000 }
+            Self {
+                quick,
+                latency_samples: 400,
+                seconds: 1.5,
+                memory_steps: [100, 1000, 2000],
+                agents: 100,
+                entries_per_alias: 100,
+                full_sync_entries: 2000,
+            }
         } else {
-            Self { quick, latency_samples: 2000, seconds: 4.0, memory_steps: [100, 1000, 10_000], agents: 1000, entries_per_alias: 100, full_sync_entries: 10_000 }
+            Self {
+                quick,
+                latency_samples: 2000,
+                seconds: 4.0,
+                memory_steps: [100, 1000, 10_000],
+                agents: 1000,
+                entries_per_alias: 100,
+                full_sync_entries: 10_000,
+            }
         }
     }
 }
@@ -75,13 +91,20 @@ pub const QUIET_SERVER: &str = "log_level = \"warn\"\n";
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--floor-server") {
+        workload::floor_server_child(&args[2..]);
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("--pkcs11-floor") {
         signing::pkcs11_floor_child(&args[2..]);
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
     let plan = Plan::new(quick);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/summary.json");
     let metrics = rt.block_on(run(plan));
     report::write(&metrics, &out).unwrap();
@@ -90,19 +113,54 @@ fn main() {
 async fn run(plan: Plan) -> Vec<Metric> {
     let dir = tempfile::tempdir().unwrap();
     continuity_tests::agent::open_up(dir.path());
-    eprintln!("continuity-bench: {} run, {} cores, binaries from {}", if plan.quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(1, |n| n.get()), continuity_tests::bin_dir().display());
+    eprintln!(
+        "continuity-bench: {} run, {} cores, binaries from {}",
+        if plan.quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        continuity_tests::bin_dir().display()
+    );
     let mut m = Vec::new();
 
     // A server and an agent, one entry for this uid bound to an Engine with transit keys.
-    let server = TestServer::start(&dir.path().join("server"), ServerOptions { extra_toml: QUIET_SERVER.into(), ..Default::default() });
+    let server = TestServer::start(
+        &dir.path().join("server"),
+        ServerOptions {
+            extra_toml: QUIET_SERVER.into(),
+            ..Default::default()
+        },
+    );
     let alias = "spiffe://example.org/node/bench";
     server.cli_ok(&["engine", "create", "bench", "--tier", "1"]);
-    server.cli_ok(&["engine", "key", "create", "bench", "signing", "--purpose", "sign"]);
-    server.cli_ok(&["entry", "create", "--spiffe-id", "spiffe://example.org/bench", "--parent-id", alias,
-        "--selector", &format!("unix:uid:{}", uid()), "--engine", "bench"]);
-    let mut agent = TestAgent::start_with(&dir.path().join("agent"), &server, &server.token(Some(alias)), "log_level = \"warn\"\nsync_interval = \"1s\"");
-    wait_for(20, "agent serves", || agent.cli(&["api", "fetch", "x509"]).status.success());
+    server.cli_ok(&[
+        "engine",
+        "key",
+        "create",
+        "bench",
+        "signing",
+        "--purpose",
+        "sign",
+    ]);
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/bench",
+        "--parent-id",
+        alias,
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+        "--engine",
+        "bench",
+    ]);
+    let mut agent = TestAgent::start_with(
+        &dir.path().join("agent"),
+        &server,
+        &server.token(Some(alias)),
+        "log_level = \"warn\"\nsync_interval = \"1s\"",
+    );
+    wait_for(20, "agent serves", || {
+        agent.cli(&["api", "fetch", "x509"]).status.success()
+    });
 
     eprintln!("[1/8] Workload API latency and throughput");
     m.extend(workload_metrics(&plan, &agent, dir.path()).await);
@@ -126,17 +184,55 @@ async fn workload_metrics(plan: &Plan, agent: &TestAgent, dir: &std::path::Path)
     let sock = agent.socket.clone();
     // Warm up the agent's JWT cache, and copy its real messages into the floor server.
     let mut c = client(&sock).await;
-    let x509 = c.fetch_x509svid(req(continuity_proto::workload::X509svidRequest {})).await.unwrap().into_inner().message().await.unwrap().unwrap();
-    let jwt = c.fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() })).await.unwrap().into_inner();
-    let floor_sock = start_floor(&dir.join("floor.sock"), x509, jwt).await;
+    let x509 = c
+        .fetch_x509svid(req(continuity_proto::workload::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let jwt = c
+        .fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest {
+            audience: vec!["bench".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let (floor_sock, mut floor_child) = start_floor(&dir.join("floor.sock"), x509, jwt).await;
     let n = plan.latency_samples;
     let mut out = Vec::new();
     for conc in [1usize, 16] {
         let (s1, s2) = (sock.clone(), floor_sock.clone());
-        let (fp50, fp99, _) = measure(n, conc, move || { let p = s2.clone(); async move { connect_and_fetch(&p).await } }).await;
-        let (p50, p99, _) = measure(n, conc, move || { let p = s1.clone(); async move { connect_and_fetch(&p).await } }).await;
-        out.push(Metric::new(format!("workload: connect+attest+first X509 p50, {conc} client(s)"), p50, "us").floor("tonic UDS fixed message", fp50));
-        out.push(Metric::new(format!("workload: connect+attest+first X509 p99, {conc} client(s)"), p99, "us").floor("tonic UDS fixed message", fp99).target("<= 1.5x floor"));
+        let (fp50, fp99, _) = measure(n, conc, move || {
+            let p = s2.clone();
+            async move { connect_and_fetch(&p).await }
+        })
+        .await;
+        let (p50, p99, _) = measure(n, conc, move || {
+            let p = s1.clone();
+            async move { connect_and_fetch(&p).await }
+        })
+        .await;
+        out.push(
+            Metric::new(
+                format!("workload: connect+attest+first X509 p50, {conc} client(s)"),
+                p50,
+                "us",
+            )
+            .floor("tonic UDS fixed message", fp50),
+        );
+        out.push(
+            Metric::new(
+                format!("workload: connect+attest+first X509 p99, {conc} client(s)"),
+                p99,
+                "us",
+            )
+            .floor("tonic UDS fixed message", fp99)
+            .target("<= 1.5x floor"),
+        );
     }
     // Unary calls on kept connections.
     let mut fc = client(&floor_sock).await;
@@ -147,15 +243,40 @@ async fn workload_metrics(plan: &Plan, agent: &TestAgent, dir: &std::path::Path)
         fl.push(jwt_on(&mut fc).await);
         al.push(jwt_on(&mut ac).await);
     }
-    out.push(Metric::new("workload: FetchJWTSVID (cached) p50", report::percentile(&mut al, 50.0), "us").floor("tonic UDS unary", report::percentile(&mut fl, 50.0)));
-    out.push(Metric::new("workload: FetchJWTSVID (cached) p99", report::percentile(&mut al, 99.0), "us").floor("tonic UDS unary", report::percentile(&mut fl, 99.0)));
+    out.push(
+        Metric::new(
+            "workload: FetchJWTSVID (cached) p50",
+            report::percentile(&mut al, 50.0),
+            "us",
+        )
+        .floor("tonic UDS unary", report::percentile(&mut fl, 50.0)),
+    );
+    out.push(
+        Metric::new(
+            "workload: FetchJWTSVID (cached) p99",
+            report::percentile(&mut al, 99.0),
+            "us",
+        )
+        .floor("tonic UDS unary", report::percentile(&mut fl, 99.0)),
+    );
     let token = ac
-        .fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() }))
-        .await.unwrap().into_inner().svids[0].svid.clone();
+        .fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest {
+            audience: vec!["bench".into()],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids[0]
+        .svid
+        .clone();
     let mut vl = Vec::new();
     let mut vf = Vec::new();
     for _ in 0..n {
-        let r = continuity_proto::workload::ValidateJwtsvidRequest { audience: "bench".into(), svid: token.clone() };
+        let r = continuity_proto::workload::ValidateJwtsvidRequest {
+            audience: "bench".into(),
+            svid: token.clone(),
+        };
         let t = Instant::now();
         ac.validate_jwtsvid(req(r.clone())).await.unwrap();
         vl.push(t.elapsed().as_secs_f64() * 1e6);
@@ -163,11 +284,31 @@ async fn workload_metrics(plan: &Plan, agent: &TestAgent, dir: &std::path::Path)
         fc.validate_jwtsvid(req(r)).await.unwrap();
         vf.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    out.push(Metric::new("workload: ValidateJWTSVID p50", report::percentile(&mut vl, 50.0), "us").floor("tonic UDS unary", report::percentile(&mut vf, 50.0)));
-    out.push(Metric::new("workload: ValidateJWTSVID p99", report::percentile(&mut vl, 99.0), "us").floor("tonic UDS unary", report::percentile(&mut vf, 99.0)));
+    out.push(
+        Metric::new(
+            "workload: ValidateJWTSVID p50",
+            report::percentile(&mut vl, 50.0),
+            "us",
+        )
+        .floor("tonic UDS unary", report::percentile(&mut vf, 50.0)),
+    );
+    out.push(
+        Metric::new(
+            "workload: ValidateJWTSVID p99",
+            report::percentile(&mut vl, 99.0),
+            "us",
+        )
+        .floor("tonic UDS unary", report::percentile(&mut vf, 99.0)),
+    );
     let ft = throughput(&floor_sock, 16, plan.seconds).await;
     let at = throughput(&sock, 16, plan.seconds).await;
-    out.push(Metric::new("workload: X509 fetches/s, 16 clients", at, "ops/s").floor("tonic UDS fixed message", ft).target(">= 10000/s"));
+    out.push(
+        Metric::new("workload: X509 fetches/s, 16 clients", at, "ops/s")
+            .floor("tonic UDS fixed message", ft)
+            .target(">= 10000/s"),
+    );
+    let _ = floor_child.kill();
+    let _ = floor_child.wait();
     out
 }
 
@@ -176,7 +317,9 @@ async fn recovery(agent: &mut TestAgent, server: &TestServer) -> Metric {
     // to the first SVID served.
     let sock = agent.socket.clone();
     let srv_pid = server.pid().unwrap();
-    let _ = std::process::Command::new("kill").args(["-STOP", &srv_pid.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &srv_pid.to_string()])
+        .status();
     agent.stop();
     let t = Instant::now();
     let child = std::process::Command::new(continuity_tests::bin("continuity-agent"))
@@ -189,7 +332,12 @@ async fn recovery(agent: &mut TestAgent, server: &TestServer) -> Metric {
         if sock.exists() {
             if let Ok(ch) = continuity_common::grpc::uds_channel(&sock).await {
                 let mut c = continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch);
-                if let Ok(s) = c.fetch_x509svid(workload::req(continuity_proto::workload::X509svidRequest {})).await {
+                if let Ok(s) = c
+                    .fetch_x509svid(workload::req(
+                        continuity_proto::workload::X509svidRequest {},
+                    ))
+                    .await
+                {
                     if s.into_inner().message().await.ok().flatten().is_some() {
                         break t.elapsed().as_secs_f64() * 1e3;
                     }
@@ -197,11 +345,21 @@ async fn recovery(agent: &mut TestAgent, server: &TestServer) -> Metric {
             }
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
-        assert!(t.elapsed() < Duration::from_secs(20), "agent did not recover");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "agent did not recover"
+        );
     };
     let mut child = child;
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::process::Command::new("kill").args(["-CONT", &srv_pid.to_string()]).status();
-    Metric::new("recovery: agent restart, server down -> first SVID", ms, "ms").target("<= 200 ms")
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &srv_pid.to_string()])
+        .status();
+    Metric::new(
+        "recovery: agent restart, server down -> first SVID",
+        ms,
+        "ms",
+    )
+    .target("<= 200 ms")
 }

@@ -14,7 +14,13 @@ pub struct Metric {
 
 impl Metric {
     pub fn new(name: impl Into<String>, value: f64, unit: &'static str) -> Self {
-        Self { name: name.into(), value, unit, floor: None, target: None }
+        Self {
+            name: name.into(),
+            value,
+            unit,
+            floor: None,
+            target: None,
+        }
     }
     pub fn floor(mut self, name: impl Into<String>, value: f64) -> Self {
         self.floor = Some((name.into(), value));
@@ -26,22 +32,42 @@ impl Metric {
     }
     /// value / floor.
     pub fn ratio(&self) -> Option<f64> {
-        self.floor.as_ref().filter(|(_, f)| *f > 0.0).map(|(_, f)| self.value / f)
+        self.floor
+            .as_ref()
+            .filter(|(_, f)| *f > 0.0)
+            .map(|(_, f)| self.value / f)
     }
 }
 
 fn fmt(v: f64) -> String {
-    if v >= 100.0 { format!("{v:.0}") } else if v >= 1.0 { format!("{v:.2}") } else { format!("{v:.3}") }
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
 }
 
 /// Prints the table and writes the JSON summary.
 pub fn write(metrics: &[Metric], path: &std::path::Path) -> std::io::Result<()> {
-    println!("\n{:<58} {:>14} {:<8} {:>12} {:>8}  target", "metric", "value", "unit", "floor", "ratio");
+    println!(
+        "\n{:<58} {:>14} {:<8} {:>12} {:>8}  target",
+        "metric", "value", "unit", "floor", "ratio"
+    );
     println!("{}", "-".repeat(120));
     for m in metrics {
         let floor = m.floor.as_ref().map(|(_, v)| fmt(*v)).unwrap_or_default();
         let ratio = m.ratio().map(|r| format!("{r:.2}x")).unwrap_or_default();
-        println!("{:<58} {:>14} {:<8} {:>12} {:>8}  {}", m.name, fmt(m.value), m.unit, floor, ratio, m.target.clone().unwrap_or_default());
+        println!(
+            "{:<58} {:>14} {:<8} {:>12} {:>8}  {}",
+            m.name,
+            fmt(m.value),
+            m.unit,
+            floor,
+            ratio,
+            m.target.clone().unwrap_or_default()
+        );
     }
     let summary: Vec<_> = metrics
         .iter()

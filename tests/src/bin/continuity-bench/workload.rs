@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use continuity_proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use continuity_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
 use continuity_proto::workload::*;
 use futures_util::Stream;
 use tonic::transport::Channel;
@@ -35,47 +37,112 @@ impl SpiffeWorkloadApi for FloorServer {
     type FetchJWTBundlesStream = S<JwtBundlesResponse>;
     type FetchWITSVIDStream = S<WitsvidResponse>;
     type FetchWITBundlesStream = S<WitBundlesResponse>;
-    async fn fetch_x509svid(&self, _: Request<X509svidRequest>) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    async fn fetch_x509svid(
+        &self,
+        _: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         Ok(Response::new(once_then_pending(self.x509.clone())))
     }
-    async fn fetch_x509_bundles(&self, _: Request<X509BundlesRequest>) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+    async fn fetch_x509_bundles(
+        &self,
+        _: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         Err(Status::unimplemented(""))
     }
-    async fn fetch_jwtsvid(&self, _: Request<JwtsvidRequest>) -> Result<Response<JwtsvidResponse>, Status> {
+    async fn fetch_jwtsvid(
+        &self,
+        _: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
         Ok(Response::new(self.jwt.clone()))
     }
-    async fn fetch_jwt_bundles(&self, _: Request<JwtBundlesRequest>) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+    async fn fetch_jwt_bundles(
+        &self,
+        _: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         Err(Status::unimplemented(""))
     }
-    async fn validate_jwtsvid(&self, _: Request<ValidateJwtsvidRequest>) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        Ok(Response::new(ValidateJwtsvidResponse { spiffe_id: "spiffe://example.org/floor".into(), claims: None }))
+    async fn validate_jwtsvid(
+        &self,
+        _: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: "spiffe://example.org/floor".into(),
+            claims: None,
+        }))
     }
-    async fn fetch_witsvid(&self, _: Request<WitsvidRequest>) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+    async fn fetch_witsvid(
+        &self,
+        _: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
         Err(Status::unimplemented(""))
     }
-    async fn fetch_wit_bundles(&self, _: Request<WitBundlesRequest>) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+    async fn fetch_wit_bundles(
+        &self,
+        _: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         Err(Status::unimplemented(""))
     }
 }
 
-/// Starts the floor server on `path`, answering with copies of the agent's real messages.
-pub async fn start_floor(path: &Path, x509: X509svidResponse, jwt: JwtsvidResponse) -> PathBuf {
+/// Starts the floor server in its own process (as the agent is), answering with copies of
+/// the agent's real messages; returns the socket path and the child process.
+pub async fn start_floor(
+    path: &Path,
+    x509: X509svidResponse,
+    jwt: JwtsvidResponse,
+) -> (PathBuf, std::process::Child) {
+    use prost::Message;
+    let msgs = path.with_extension("msgs");
+    let mut buf = Vec::new();
+    x509.encode_length_delimited(&mut buf).unwrap();
+    jwt.encode_length_delimited(&mut buf).unwrap();
+    std::fs::write(&msgs, buf).unwrap();
     let _ = std::fs::remove_file(path);
-    let listener = tokio::net::UnixListener::bind(path).unwrap();
-    let svc = SpiffeWorkloadApiServer::new(FloorServer { x509, jwt });
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(svc)
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--floor-server")
+        .arg(path)
+        .arg(&msgs)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "floor server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (path.to_path_buf(), child)
+}
+
+/// Child side: serves the fixed messages on the socket until killed.
+pub fn floor_server_child(args: &[String]) {
+    use prost::Message;
+    let (path, msgs) = (PathBuf::from(&args[0]), std::fs::read(&args[1]).unwrap());
+    let mut rest = msgs.as_slice();
+    let x509 = X509svidResponse::decode_length_delimited(&mut rest).unwrap();
+    let jwt = JwtsvidResponse::decode_length_delimited(&mut rest).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(FloorServer { x509, jwt }))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await;
+            .await
+            .unwrap();
     });
-    path.to_path_buf()
 }
 
 /// A request with the security header.
 pub fn req<T>(msg: T) -> Request<T> {
     let mut r = Request::new(msg);
-    r.metadata_mut().insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+    r.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     r
 }
 
@@ -88,7 +155,11 @@ pub async fn client(path: &Path) -> SpiffeWorkloadApiClient<Channel> {
 pub async fn connect_and_fetch(path: &Path) -> f64 {
     let t = Instant::now();
     let mut c = client(path).await;
-    let mut s = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
+    let mut s = c
+        .fetch_x509svid(req(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
     let m = s.message().await.unwrap().unwrap();
     assert!(!m.svids.is_empty());
     t.elapsed().as_secs_f64() * 1e6
@@ -127,7 +198,12 @@ where
 /// Unary FetchJWTSVID on a kept connection; µs.
 pub async fn jwt_on(c: &mut SpiffeWorkloadApiClient<Channel>) -> f64 {
     let t = Instant::now();
-    c.fetch_jwtsvid(req(JwtsvidRequest { audience: vec!["bench".into()], spiffe_id: String::new() })).await.unwrap();
+    c.fetch_jwtsvid(req(JwtsvidRequest {
+        audience: vec!["bench".into()],
+        spiffe_id: String::new(),
+    }))
+    .await
+    .unwrap();
     t.elapsed().as_secs_f64() * 1e6
 }
 
@@ -142,7 +218,11 @@ pub async fn throughput(path: &Path, clients: usize, secs: f64) -> f64 {
             let mut c = client(&path).await;
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let mut s = c.fetch_x509svid(req(X509svidRequest {})).await.unwrap().into_inner();
+                let mut s = c
+                    .fetch_x509svid(req(X509svidRequest {}))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 s.message().await.unwrap().unwrap();
                 n += 1;
             }
