@@ -128,3 +128,73 @@ pub fn spiffe_bundle(
         "spiffe_refresh_hint": refresh_hint_secs,
     }))
 }
+
+fn b64url(jwk: &Value, field: &str) -> Result<Vec<u8>, JwkError> {
+    let s = jwk[field]
+        .as_str()
+        .ok_or_else(|| JwkError::Malformed(format!("JWK has no {field}")))?;
+    URL_SAFE_NO_PAD
+        .decode(s)
+        .map_err(|e| JwkError::Malformed(format!("JWK {field}: {e}")))
+}
+
+/// SubjectPublicKeyInfo (DER) of an EC (P-256/P-384) or RSA JWK.
+pub fn to_spki(jwk: &Value) -> Result<Vec<u8>, JwkError> {
+    use crate::der::{rsa_public_key, tlv};
+    const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    const RSA: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let bit_string = |content: &[u8]| {
+        let mut b = vec![0u8];
+        b.extend_from_slice(content);
+        tlv(0x03, &b)
+    };
+    match jwk["kty"].as_str() {
+        Some("EC") => {
+            let curve = match jwk["crv"].as_str() {
+                Some("P-256") => P256,
+                Some("P-384") => P384,
+                _ => return Err(JwkError::Unsupported),
+            };
+            let mut point = vec![0x04];
+            point.extend(b64url(jwk, "x")?);
+            point.extend(b64url(jwk, "y")?);
+            let mut alg = EC_PUBLIC_KEY.to_vec();
+            alg.extend_from_slice(curve);
+            let mut body = tlv(0x30, &alg);
+            body.extend(bit_string(&point));
+            Ok(tlv(0x30, &body))
+        }
+        Some("RSA") => {
+            let key = rsa_public_key(&b64url(jwk, "n")?, &b64url(jwk, "e")?);
+            let mut body = tlv(0x30, RSA);
+            body.extend(bit_string(&key));
+            Ok(tlv(0x30, &body))
+        }
+        _ => Err(JwkError::Unsupported),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwk_round_trips_through_spki() {
+        use aws_lc_rs::signature::KeyPair;
+        let kp = aws_lc_rs::signature::EcdsaKeyPair::generate(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        )
+        .unwrap();
+        let point = kp.public_key().as_ref().to_vec();
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-256",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..])});
+        let spki = to_spki(&jwk).unwrap();
+        let back = from_spki(&spki).unwrap();
+        assert_eq!(back["x"], jwk["x"]);
+        assert_eq!(back["y"], jwk["y"]);
+    }
+}

@@ -14,6 +14,7 @@ pub mod der;
 pub mod duration;
 pub mod grpc;
 pub mod http;
+pub mod https;
 pub mod jwk;
 pub mod jwt;
 pub mod logging;

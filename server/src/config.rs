@@ -82,6 +82,46 @@ pub struct FileConfig {
     pub metrics: Option<FileListener>,
     /// `[jwks]`: Engine JWKS for relying parties.
     pub jwks: Option<FileListener>,
+    /// `[node_attestors]`.
+    pub node_attestors: Option<FileNodeAttestors>,
+}
+
+/// `[node_attestors]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNodeAttestors {
+    /// `[node_attestors.k8s_psat]`.
+    pub k8s_psat: Option<FilePsat>,
+}
+
+/// `[node_attestors.k8s_psat]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePsat {
+    /// `[node_attestors.k8s_psat.clusters.<name>]`.
+    pub clusters: std::collections::BTreeMap<String, FilePsatCluster>,
+}
+
+/// One cluster of `[node_attestors.k8s_psat.clusters]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePsatCluster {
+    /// "namespace:service-account" pairs agents may run as.
+    pub service_account_allow_list: Option<Vec<String>>,
+    /// Token audience (default continuity-server).
+    pub audience: Option<String>,
+    /// Required `iss` (offline validation).
+    pub issuer: Option<String>,
+    /// Offline: the issuer's JWKS file.
+    pub jwks_path: Option<PathBuf>,
+    /// Offline: the issuer URL for OIDC discovery.
+    pub oidc_discovery_url: Option<String>,
+    /// Online: the API server for TokenReview.
+    pub token_review_api_server: Option<String>,
+    /// Online: the API server's CA (PEM).
+    pub token_review_ca_path: Option<PathBuf>,
+    /// Online: a token allowed to create TokenReviews.
+    pub token_review_token_path: Option<PathBuf>,
 }
 
 /// `[datastore]` table.
@@ -179,6 +219,8 @@ pub struct Config {
     pub metrics_address: Option<SocketAddr>,
     /// Engine JWKS listener (`/engines/<name>/jwks.json`).
     pub jwks_address: Option<SocketAddr>,
+    /// k8s_psat clusters (empty: the attestor is off).
+    pub psat_clusters: Vec<continuity_attestors::k8s_psat::ClusterConfig>,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -299,11 +341,56 @@ impl Config {
             health_address: listener(f.health, "health.bind_address")?,
             metrics_address: listener(f.metrics, "metrics.bind_address")?,
             jwks_address: listener(f.jwks, "jwks.bind_address")?,
+            psat_clusters: psat(f.node_attestors.and_then(|n| n.k8s_psat))?,
             log_level,
             log_format: f.log_format.unwrap_or_default(),
             data_dir,
         })
     }
+}
+
+fn psat(
+    p: Option<FilePsat>,
+) -> Result<Vec<continuity_attestors::k8s_psat::ClusterConfig>, ConfigError> {
+    use continuity_attestors::k8s_psat::{ClusterConfig, DEFAULT_AUDIENCE, Validation};
+    let mut out = Vec::new();
+    for (name, c) in p.map(|p| p.clusters).unwrap_or_default() {
+        let key = "node_attestors.k8s_psat.clusters";
+        let allow = c
+            .service_account_allow_list
+            .ok_or_else(|| invalid(key, format!("cluster {name:?}: service_account_allow_list is required (\"namespace:service-account\")")))?;
+        if let Some(bad) = allow.iter().find(|a| a.split(':').count() != 2) {
+            return Err(invalid(
+                key,
+                format!("cluster {name:?}: {bad:?} is not \"namespace:service-account\""),
+            ));
+        }
+        let validation = match (c.jwks_path, c.oidc_discovery_url, c.token_review_api_server) {
+            (Some(p), None, None) => Validation::JwksFile(p),
+            (None, Some(u), None) => Validation::OidcDiscovery(u),
+            (None, None, Some(api)) => Validation::TokenReview {
+                api_server: api,
+                ca_path: c.token_review_ca_path.ok_or_else(|| invalid(key, format!("cluster {name:?}: token_review_ca_path is required with token_review_api_server")))?,
+                token_path: c
+                    .token_review_token_path
+                    .ok_or_else(|| invalid(key, format!("cluster {name:?}: token_review_token_path is required with token_review_api_server")))?,
+            },
+            _ => {
+                return Err(invalid(
+                    key,
+                    format!("cluster {name:?}: set exactly one of jwks_path, oidc_discovery_url, token_review_api_server"),
+                ));
+            }
+        };
+        out.push(ClusterConfig {
+            name,
+            service_account_allow_list: allow,
+            audience: c.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
+            issuer: c.issuer,
+            validation,
+        });
+    }
+    Ok(out)
 }
 
 fn socket_addr(s: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {

@@ -48,6 +48,8 @@ pub struct AgentService {
     pub jwt_ttl: Duration,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// k8s_psat clusters (empty: the attestor is off).
+    pub psat_clusters: Arc<Vec<continuity_attestors::k8s_psat::ClusterConfig>>,
 }
 
 /// SHA-256 of a join token, hex: the only form in which tokens are stored.
@@ -194,6 +196,64 @@ impl AgentService {
         })
     }
 
+    async fn attest_psat(
+        &self,
+        payload: Vec<u8>,
+        csr: Vec<u8>,
+    ) -> Result<AttestAgentResponse, Status> {
+        crate::ca::profile::csr_public_key(&csr).map_err(ca_status)?;
+        let (clusters, now) = (self.psat_clusters.clone(), self.clock.unix());
+        let a = tokio::task::spawn_blocking(move || {
+            continuity_attestors::k8s_psat::validate(&payload, &clusters, now)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| match e {
+            continuity_attestors::k8s_psat::PsatError::Validator(_) => {
+                Status::unavailable(e.to_string())
+            }
+            other => Status::permission_denied(other.to_string()),
+        })?;
+        let agent_id = self
+            .trust_domain
+            .id(&a.agent_path())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let existing = self.registry.agent(agent_id.as_str());
+        if existing.as_ref().is_some_and(|a| a.banned) {
+            return Err(Status::permission_denied(format!(
+                "agent {agent_id} is banned"
+            )));
+        }
+        let svid = self.sign_agent_svid(agent_id.as_str(), csr).await?;
+        let now = self.clock.unix();
+        let serial =
+            continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
+        self.registry
+            .put_agent(AgentRecord {
+                spiffe_id: agent_id.to_string(),
+                attestation_type: continuity_attestors::k8s_psat::ATTESTOR_TYPE.into(),
+                serial,
+                previous_serial: String::new(),
+                expires_at: svid.expires_at,
+                banned: false,
+                alias: None,
+                created_at: existing.map_or(now, |e| e.created_at),
+                last_seen: now,
+            })
+            .await
+            .map_err(registry_status)?;
+        let selectors: Vec<String> = a.selectors().iter().map(|s| s.to_string()).collect();
+        tracing::info!(agent = %agent_id, ?selectors, "agent attested with k8s_psat");
+        Ok(AttestAgentResponse {
+            step: Some(attest_agent_response::Step::Result(
+                attest_agent_response::Result {
+                    svid: Some(x509_svid(agent_id.as_str(), svid)),
+                    bundle: Some(bundle_to_proto(&self.ca.bundle())),
+                },
+            )),
+        })
+    }
+
     fn sign_batch(
         &self,
         agent: &AgentRecord,
@@ -271,8 +331,16 @@ impl AgentApi for AgentService {
             .ok_or_else(|| Status::invalid_argument("params.data (attestation data) is missing"))?;
         let result = match data.r#type.as_str() {
             join_token::ATTESTOR_TYPE => self.attest_join_token(&data.payload, params.csr).await,
+            continuity_attestors::k8s_psat::ATTESTOR_TYPE if !self.psat_clusters.is_empty() => {
+                self.attest_psat(data.payload, params.csr).await
+            }
             other => Err(Status::invalid_argument(format!(
-                "unknown node attestor {other:?} (this server accepts: join_token)"
+                "unknown or unconfigured node attestor {other:?} (this server accepts: join_token{})",
+                if self.psat_clusters.is_empty() {
+                    ""
+                } else {
+                    ", k8s_psat"
+                }
             ))),
         };
         match &result {

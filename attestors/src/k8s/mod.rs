@@ -1,0 +1,285 @@
+//! The k8s workload attestor: caller pid → `/proc/<pid>/cgroup` → pod UID and container ID →
+//! the kubelet's `/pods` → `k8s:` selectors (SPIRE's spelling).
+//!
+//! The kubelet is asked over its secure port with the agent's service-account token and the
+//! kubelet CA (or, when configured so explicitly, without verification or on the read-only
+//! HTTP port). Its answers are cached briefly so a burst of new pods does not hammer it, and a
+//! container the kubelet does not list yet is retried a bounded number of times.
+
+pub mod cgroup;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use continuity_common::https::{self, ServerTrust};
+use serde_json::Value;
+
+use crate::Selector;
+
+/// `[workload_attestors.k8s]`.
+#[derive(Debug, Clone)]
+pub struct K8sConfig {
+    /// The kubelet's `/pods` base URL (default `https://127.0.0.1:10250`; `http://...:10255`
+    /// for the read-only port).
+    pub kubelet_url: String,
+    /// The kubelet's serving CA (PEM).
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// Skip verifying the kubelet's certificate. Insecure.
+    pub insecure_skip_kubelet_verify: bool,
+    /// Service-account token presented to the kubelet.
+    pub token_path: PathBuf,
+    /// How many times to look for a container the kubelet does not list yet.
+    pub max_poll_attempts: u32,
+    /// Pause between those looks.
+    pub poll_retry_interval: Duration,
+    /// How long a pod list is reused.
+    pub pod_list_cache_ttl: Duration,
+}
+
+impl Default for K8sConfig {
+    fn default() -> Self {
+        Self {
+            kubelet_url: "https://127.0.0.1:10250".into(),
+            kubelet_ca_path: None,
+            insecure_skip_kubelet_verify: false,
+            token_path: "/var/run/secrets/kubernetes.io/serviceaccount/token".into(),
+            max_poll_attempts: 5,
+            poll_retry_interval: Duration::from_millis(500),
+            pod_list_cache_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a pod could not be attested.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    /// `/proc/<pid>/cgroup` unreadable.
+    #[error("cannot read /proc/{pid}/cgroup: {source}")]
+    Cgroup {
+        /// The process.
+        pid: u32,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kubelet could not be asked or answered badly.
+    #[error("kubelet: {0}")]
+    Kubelet(String),
+    /// The container never showed up in the kubelet's pod list.
+    #[error(
+        "container {container_id} of pod {pod_uid} is not in the kubelet's pod list after {attempts} attempts"
+    )]
+    NotFound {
+        /// Pod UID.
+        pod_uid: String,
+        /// Container ID.
+        container_id: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+/// The k8s workload attestor.
+#[derive(Debug)]
+pub struct K8sAttestor {
+    cfg: K8sConfig,
+    cache: Mutex<Option<(Instant, std::sync::Arc<Value>)>>,
+}
+
+impl K8sAttestor {
+    /// An attestor with this configuration.
+    pub fn new(cfg: K8sConfig) -> Self {
+        Self {
+            cfg,
+            cache: Mutex::default(),
+        }
+    }
+
+    fn pod_list(&self, fresh: bool) -> Result<std::sync::Arc<Value>, K8sError> {
+        if !fresh
+            && let Some((at, v)) = self
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            && at.elapsed() < self.cfg.pod_list_cache_ttl
+        {
+            return Ok(v.clone());
+        }
+        let trust = if self.cfg.insecure_skip_kubelet_verify {
+            ServerTrust::InsecureSkipVerify
+        } else {
+            let path = self.cfg.kubelet_ca_path.as_ref().ok_or_else(|| {
+                K8sError::Kubelet(
+                    "kubelet_ca_path is required unless insecure_skip_kubelet_verify = true".into(),
+                )
+            })?;
+            let pem = std::fs::read_to_string(path).map_err(|e| {
+                K8sError::Kubelet(format!("kubelet_ca_path {}: {e}", path.display()))
+            })?;
+            ServerTrust::Roots(
+                continuity_common::x509::pem_decode_all("CERTIFICATE", &pem)
+                    .map_err(K8sError::Kubelet)?,
+            )
+        };
+        let token = if self.cfg.kubelet_url.starts_with("https://") {
+            Some(
+                std::fs::read_to_string(&self.cfg.token_path)
+                    .map_err(|e| {
+                        K8sError::Kubelet(format!(
+                            "token_path {}: {e}",
+                            self.cfg.token_path.display()
+                        ))
+                    })?
+                    .trim()
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        let url = format!("{}/pods", self.cfg.kubelet_url.trim_end_matches('/'));
+        let r = https::request(
+            "GET",
+            &url,
+            &trust,
+            token.as_deref(),
+            None,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| K8sError::Kubelet(e.to_string()))?;
+        if r.status != 200 {
+            return Err(K8sError::Kubelet(format!(
+                "GET {url} answered {}",
+                r.status
+            )));
+        }
+        let v: Value = serde_json::from_slice(&r.body)
+            .map_err(|e| K8sError::Kubelet(format!("pod list is not JSON: {e}")))?;
+        let v = std::sync::Arc::new(v);
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    /// Selectors of process `pid`; none (and no error) when it is not in a pod.
+    pub fn attest(&self, pid: u32) -> Result<Vec<Selector>, K8sError> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|source| K8sError::Cgroup { pid, source })?;
+        let Some(pc) = cgroup::parse(&text) else {
+            return Ok(vec![]);
+        };
+        for attempt in 0..self.cfg.max_poll_attempts.max(1) {
+            let list = self.pod_list(attempt > 0)?;
+            if let Some(sel) = selectors_for(&list, &pc.pod_uid, &pc.container_id) {
+                return Ok(sel);
+            }
+            std::thread::sleep(self.cfg.poll_retry_interval);
+        }
+        Err(K8sError::NotFound {
+            pod_uid: pc.pod_uid,
+            container_id: pc.container_id,
+            attempts: self.cfg.max_poll_attempts.max(1),
+        })
+    }
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// Selectors for one container of one pod in a kubelet PodList.
+pub fn selectors_for(list: &Value, pod_uid: &str, container_id: &str) -> Option<Vec<Selector>> {
+    let pod = list["items"]
+        .as_array()?
+        .iter()
+        .find(|p| s(p, &["metadata", "uid"]) == pod_uid)?;
+    let statuses = pod["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(
+            pod["status"]["initContainerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        );
+    let status = statuses.into_iter().find(|c| {
+        let id = s(c, &["containerID"]);
+        id.rsplit_once("://").map_or(id, |(_, i)| i) == container_id
+    })?;
+    let k = |v: String| Selector::raw("k8s", v);
+    let mut out = vec![
+        k(format!("ns:{}", s(pod, &["metadata", "namespace"]))),
+        k(format!("sa:{}", s(pod, &["spec", "serviceAccountName"]))),
+        k(format!("pod-uid:{pod_uid}")),
+        k(format!("pod-name:{}", s(pod, &["metadata", "name"]))),
+        k(format!("node-name:{}", s(pod, &["spec", "nodeName"]))),
+        k(format!("container-name:{}", s(status, &["name"]))),
+        k(format!("container-image:{}", s(status, &["image"]))),
+    ];
+    if let Some(labels) = pod["metadata"]["labels"].as_object() {
+        for (key, v) in labels {
+            out.push(k(format!(
+                "pod-label:{key}:{}",
+                v.as_str().unwrap_or_default()
+            )));
+        }
+    }
+    for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        out.push(k(format!("pod-image:{}", s(c, &["image"]))));
+    }
+    for c in pod["spec"]["initContainers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push(k(format!("pod-init-image:{}", s(c, &["image"]))));
+    }
+    out.sort();
+    out.dedup();
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_from_a_pod_list() {
+        let list = serde_json::json!({
+            "kind": "PodList", "apiVersion": "v1",
+            "items": [{
+                "metadata": {"name": "payments-7d9f", "namespace": "prod", "uid": "u-1", "labels": {"app": "payments"}},
+                "spec": {"serviceAccountName": "payments", "nodeName": "node-a",
+                         "containers": [{"name": "app", "image": "registry/payments:1.2"}]},
+                "status": {"containerStatuses": [{"name": "app", "image": "registry/payments:1.2",
+                           "containerID": "containerd://abc"}]}
+            }]
+        });
+        let sel: Vec<String> = selectors_for(&list, "u-1", "abc")
+            .unwrap()
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for want in [
+            "k8s:ns:prod",
+            "k8s:sa:payments",
+            "k8s:pod-uid:u-1",
+            "k8s:pod-name:payments-7d9f",
+            "k8s:node-name:node-a",
+            "k8s:container-name:app",
+            "k8s:container-image:registry/payments:1.2",
+            "k8s:pod-label:app:payments",
+            "k8s:pod-image:registry/payments:1.2",
+        ] {
+            assert!(
+                sel.contains(&want.to_string()),
+                "{want} missing from {sel:?}"
+            );
+        }
+        assert!(selectors_for(&list, "u-1", "other").is_none());
+        assert!(selectors_for(&list, "u-2", "abc").is_none());
+    }
+}

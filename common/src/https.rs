@@ -1,0 +1,278 @@
+//! A small blocking HTTP(S)/1.1 client for the few control-plane calls attestors make (the
+//! kubelet's `/pods`, the API server's TokenReview). One request per connection, bounded
+//! sizes and timeouts, rustls for TLS.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest response body accepted.
+const MAX_BODY: usize = 32 * 1024 * 1024;
+
+/// How to authenticate the server.
+#[derive(Debug, Clone)]
+pub enum ServerTrust {
+    /// Verify against these CA certificates (DER).
+    Roots(Vec<Vec<u8>>),
+    /// Do not verify the server (`insecure` modes only; named so in config).
+    InsecureSkipVerify,
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The URL is not http(s)://host[:port]/path.
+    #[error("invalid URL {0:?}")]
+    Url(String),
+    /// Connecting, TLS or I/O failed.
+    #[error("{url}: {reason}")]
+    Io {
+        /// The URL.
+        url: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The response was not HTTP/1.1 as expected.
+    #[error("{url}: malformed response: {reason}")]
+    Malformed {
+        /// The URL.
+        url: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A response: status code and body.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    /// Body (de-chunked).
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls_pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_config(trust: &ServerTrust) -> Result<rustls::ClientConfig, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    Ok(match trust {
+        ServerTrust::Roots(roots) => {
+            let mut store = rustls::RootCertStore::empty();
+            for r in roots {
+                store
+                    .add(rustls_pki_types::CertificateDer::from(r.clone()))
+                    .map_err(|e| e.to_string())?;
+            }
+            builder.with_root_certificates(store).with_no_client_auth()
+        }
+        ServerTrust::InsecureSkipVerify => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+            .with_no_client_auth(),
+    })
+}
+
+/// Sends one request (`body` with `content_type` for POST) and reads the whole response.
+pub fn request(
+    method: &str,
+    url: &str,
+    trust: &ServerTrust,
+    bearer: Option<&str>,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(HttpError::Url(url.into()));
+    };
+    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (
+            h.trim_matches(['[', ']']).to_string(),
+            p.parse::<u16>().map_err(|_| HttpError::Url(url.into()))?,
+        ),
+        _ => (hostport.to_string(), if tls { 443 } else { 80 }),
+    };
+    let io = |e: String| HttpError::Io {
+        url: url.into(),
+        reason: e,
+    };
+    let tcp = TcpStream::connect((host.as_str(), port)).map_err(|e| io(e.to_string()))?;
+    tcp.set_read_timeout(Some(timeout))
+        .map_err(|e| io(e.to_string()))?;
+    tcp.set_write_timeout(Some(timeout))
+        .map_err(|e| io(e.to_string()))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\nConnection: close\r\n"
+    );
+    if let Some(t) = bearer {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some((ctype, b)) = body {
+        head.push_str(&format!(
+            "Content-Type: {ctype}\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    let mut raw = Vec::new();
+    let mut exchange = |s: &mut dyn ReadWrite| -> Result<(), String> {
+        s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+        if let Some((_, b)) = body {
+            s.write_all(b).map_err(|e| e.to_string())?;
+        }
+        s.flush().map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    raw.extend_from_slice(&buf[..n]);
+                    if raw.len() > MAX_BODY {
+                        return Err("response too large".into());
+                    }
+                }
+                // A peer closing TLS without close_notify after a complete response is common.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    if tls {
+        let cfg = tls_config(trust).map_err(io)?;
+        let name =
+            rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| io(e.to_string()))?;
+        let conn =
+            rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| io(e.to_string()))?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        exchange(&mut stream).map_err(io)?;
+    } else {
+        let mut tcp = tcp;
+        exchange(&mut tcp).map_err(io)?;
+    }
+    parse_response(url, &raw)
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+fn parse_response(url: &str, raw: &[u8]) -> Result<Response, HttpError> {
+    let bad = |r: &str| HttpError::Malformed {
+        url: url.into(),
+        reason: r.into(),
+    };
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("headers are not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let mut chunked = false;
+    let mut length = None;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
+                chunked = true;
+            }
+            if k == "content-length" {
+                length = v.parse::<usize>().ok();
+            }
+        }
+    }
+    let rest = &raw[split + 4..];
+    let body = if chunked {
+        let mut out = Vec::new();
+        let mut r = rest;
+        loop {
+            let end = r
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("truncated chunk"))?;
+            let size_text = std::str::from_utf8(&r[..end]).map_err(|_| bad("bad chunk size"))?;
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad("bad chunk size"))?;
+            r = &r[end + 2..];
+            if size == 0 {
+                break;
+            }
+            if r.len() < size + 2 {
+                return Err(bad("truncated chunk"));
+            }
+            out.extend_from_slice(&r[..size]);
+            r = &r[size + 2..];
+        }
+        out
+    } else {
+        match length {
+            Some(n) if n <= rest.len() => rest[..n].to_vec(),
+            Some(_) => return Err(bad("body shorter than Content-Length")),
+            None => rest.to_vec(),
+        }
+    };
+    Ok(Response { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_chunked_and_sized_bodies() {
+        let r = parse_response("u", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello world"[..]));
+        let r = parse_response(
+            "u",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno",
+        )
+        .unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (404, &b"no"[..]));
+        assert!(parse_response("u", b"garbage").is_err());
+    }
+}
