@@ -8,7 +8,7 @@ use continuity_common::{Clock, SystemClock};
 
 use crate::attestor::Attestors;
 use crate::client::{ClientError, ServerClient};
-use crate::config::{Bootstrap, Config};
+use crate::config::{Bootstrap, Config, NodeAttestor};
 use crate::endpoints;
 use crate::endpoints::workload::WorkloadHandler;
 use crate::manager::Manager;
@@ -86,7 +86,29 @@ async fn attest(
     };
     let mut backoff = Duration::from_millis(250);
     loop {
-        match client.attest_join_token(token, insecure).await {
+        let attempt = match &cfg.node_attestor {
+            NodeAttestor::JoinToken => {
+                client
+                    .attest("join_token", token.as_bytes().to_vec(), insecure)
+                    .await
+            }
+            NodeAttestor::K8sPsat {
+                cluster,
+                token_path,
+            } => {
+                // Read fresh on every attempt: the kubelet rotates projected tokens.
+                let t = std::fs::read_to_string(token_path).map_err(|e| RunError::TrustBundle {
+                    path: token_path.display().to_string(),
+                    reason: format!("cannot read the projected service-account token: {e}"),
+                })?;
+                let payload =
+                    serde_json::json!({"cluster": cluster, "token": t.trim()}).to_string();
+                client
+                    .attest("k8s_psat", payload.into_bytes(), insecure)
+                    .await
+            }
+        };
+        match attempt {
             Ok(a) => {
                 tracing::info!(agent = %a.agent_id, "attested to the server");
                 return Ok(PersistedState {
@@ -137,9 +159,12 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
             s
         }
         _ => {
-            let token = join_token
-                .or(cfg.join_token.clone())
-                .ok_or(RunError::NoJoinToken)?;
+            let token = match cfg.node_attestor {
+                NodeAttestor::JoinToken => join_token
+                    .or(cfg.join_token.clone())
+                    .ok_or(RunError::NoJoinToken)?,
+                NodeAttestor::K8sPsat { .. } => String::new(),
+            };
             let s = attest(&cfg, &client, &token).await?;
             storage.save(&s)?;
             s
@@ -191,7 +216,8 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
         .map_err(|e| RunError::Listener(format!("metrics.bind_address {addr}: {e}")))?;
     }
 
-    let attestor: Arc<dyn crate::attestor::WorkloadAttestor> = Attestors::new(cfg.unix.clone());
+    let attestor: Arc<dyn crate::attestor::WorkloadAttestor> =
+        Attestors::new(cfg.unix.clone(), cfg.k8s.clone());
     let engine = endpoints::engine::EngineHandler::new(manager.clone(), attestor.clone());
     let handler = WorkloadHandler::new(manager, attestor, clock);
     tracing::info!(socket = %cfg.socket_path.display(), "Workload API ready");

@@ -44,14 +44,19 @@ type Cached = (Arc<HashSet<Selector>>, Instant);
 #[derive(Debug)]
 pub struct Attestors {
     unix: Option<UnixAttestor>,
+    k8s: Option<continuity_attestors::k8s::K8sAttestor>,
     cache: Mutex<HashMap<ProcessKey, Cached>>,
 }
 
 impl Attestors {
     /// Attestors from config.
-    pub fn new(unix: Option<continuity_attestors::unix::UnixConfig>) -> Arc<Self> {
+    pub fn new(
+        unix: Option<continuity_attestors::unix::UnixConfig>,
+        k8s: Option<continuity_attestors::k8s::K8sConfig>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             unix: unix.map(UnixAttestor::new),
+            k8s: k8s.map(continuity_attestors::k8s::K8sAttestor::new),
             cache: Mutex::default(),
         })
     }
@@ -76,6 +81,9 @@ impl Attestors {
                 unix.attest(peer.pid, peer.uid, peer.gid)
                     .map_err(|e| e.to_string())?,
             );
+        }
+        if let Some(k8s) = &self.k8s {
+            out.extend(k8s.attest(peer.pid).map_err(|e| e.to_string())?);
         }
         Ok(out)
     }

@@ -180,11 +180,13 @@ impl ServerClient {
         *self.conn.lock().await = None;
     }
 
-    /// Attests with a join token. With `insecure`, the server is not authenticated (first start
-    /// with `insecure_bootstrap` only).
-    pub async fn attest_join_token(
+    /// Attests with the node attestor `kind` and its `payload` (a join token, a k8s_psat
+    /// JSON document). With `insecure`, the server is not authenticated (first start with
+    /// `insecure_bootstrap` only).
+    pub async fn attest(
         &self,
-        token: &str,
+        kind: &str,
+        payload: Vec<u8>,
         insecure: bool,
     ) -> Result<Attested, ClientError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -205,8 +207,8 @@ impl ServerClient {
             step: Some(attest_agent_request::Step::Params(
                 attest_agent_request::Params {
                     data: Some(AttestationData {
-                        r#type: "join_token".into(),
-                        payload: token.as_bytes().to_vec(),
+                        r#type: kind.into(),
+                        payload,
                     }),
                     csr,
                 },

@@ -67,6 +67,8 @@ pub struct FileConfig {
     pub sync_interval: Option<String>,
     /// `[workload_attestors]`.
     pub workload_attestors: Option<FileWorkloadAttestors>,
+    /// `[node_attestors]` (default: join token).
+    pub node_attestors: Option<FileNodeAttestors>,
     /// `[health]`.
     pub health: Option<FileListener>,
     /// `[metrics]`.
@@ -83,8 +85,60 @@ pub struct FileConfig {
 pub struct FileWorkloadAttestors {
     /// `[workload_attestors.unix]`.
     pub unix: Option<FileUnix>,
-    /// `[workload_attestors.k8s]` (not available in this build; refused with a message).
-    pub k8s: Option<toml::Value>,
+    /// `[workload_attestors.k8s]`.
+    pub k8s: Option<FileK8s>,
+}
+
+/// `[workload_attestors.k8s]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileK8s {
+    /// Kubelet base URL (default https://127.0.0.1:10250; http://127.0.0.1:10255 read-only).
+    pub kubelet_url: Option<String>,
+    /// Kubelet serving CA (PEM).
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// Do not verify the kubelet's certificate. Insecure.
+    pub insecure_skip_kubelet_verify: Option<bool>,
+    /// Service-account token for the kubelet.
+    pub token_path: Option<PathBuf>,
+    /// Looks for a container the kubelet does not list yet (default 5).
+    pub max_poll_attempts: Option<u32>,
+    /// Pause between looks (default 500ms).
+    pub poll_retry_interval: Option<String>,
+    /// How long a pod list is reused (default 1s).
+    pub pod_list_cache_ttl: Option<String>,
+}
+
+/// `[node_attestors]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNodeAttestors {
+    /// `[node_attestors.k8s_psat]`.
+    pub k8s_psat: Option<FilePsat>,
+}
+
+/// `[node_attestors.k8s_psat]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePsat {
+    /// Cluster name, as configured on the server.
+    pub cluster: Option<String>,
+    /// Projected service-account token (default /var/run/secrets/tokens/continuity-agent).
+    pub token_path: Option<PathBuf>,
+}
+
+/// How the agent attests its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAttestor {
+    /// A join token (config or --join-token).
+    JoinToken,
+    /// A projected service-account token.
+    K8sPsat {
+        /// Cluster name.
+        cluster: String,
+        /// Token file.
+        token_path: PathBuf,
+    },
 }
 
 /// `[workload_attestors.unix]`.
@@ -136,6 +190,10 @@ pub struct Config {
     pub sync_interval: Duration,
     /// Unix attestor (None = disabled).
     pub unix: Option<UnixConfig>,
+    /// k8s attestor (None = disabled).
+    pub k8s: Option<continuity_attestors::k8s::K8sConfig>,
+    /// Node attestor.
+    pub node_attestor: NodeAttestor,
     /// Health listener.
     pub health_address: Option<SocketAddr>,
     /// Metrics listener.
@@ -206,20 +264,29 @@ impl Config {
         if sync_interval.is_zero() {
             return Err(invalid("sync_interval", "must be positive"));
         }
-        let unix = match f.workload_attestors {
-            None => Some(UnixConfig::default()),
-            Some(w) => {
-                if w.k8s.is_some() {
-                    return Err(invalid(
-                        "workload_attestors.k8s",
-                        "the k8s workload attestor is not available in this build",
-                    ));
-                }
+        let (unix, k8s) = match f.workload_attestors {
+            None => (Some(UnixConfig::default()), None),
+            Some(w) => (
                 w.unix.map(|u| UnixConfig {
                     discover_workload_path: u.discover_workload_path.unwrap_or(true),
                     workload_size_limit: u.workload_size_limit.unwrap_or(0),
-                })
-            }
+                }),
+                w.k8s.map(k8s_config).transpose()?,
+            ),
+        };
+        let node_attestor = match f.node_attestors.and_then(|n| n.k8s_psat) {
+            None => NodeAttestor::JoinToken,
+            Some(p) => NodeAttestor::K8sPsat {
+                cluster: p.cluster.ok_or_else(|| {
+                    invalid(
+                        "node_attestors.k8s_psat.cluster",
+                        "is required (the cluster name configured on the server)",
+                    )
+                })?,
+                token_path: p
+                    .token_path
+                    .unwrap_or_else(|| "/var/run/secrets/tokens/continuity-agent".into()),
+            },
         };
         let log_level = f.log_level.unwrap_or_else(|| "info".into());
         continuity_common::logging::check_level(&log_level).map_err(|m| invalid("log_level", m))?;
@@ -242,12 +309,57 @@ impl Config {
             join_token: f.join_token.filter(|t| !t.is_empty()),
             sync_interval,
             unix,
+            k8s,
+            node_attestor,
             health_address: addr(f.health, "health.bind_address")?,
             metrics_address: addr(f.metrics, "metrics.bind_address")?,
             log_level,
             log_format: f.log_format.unwrap_or_default(),
         })
     }
+}
+
+fn k8s_config(k: FileK8s) -> Result<continuity_attestors::k8s::K8sConfig, ConfigError> {
+    let d = continuity_attestors::k8s::K8sConfig::default();
+    let dur = |v: Option<String>,
+               default: std::time::Duration,
+               key: &'static str|
+     -> Result<std::time::Duration, ConfigError> {
+        v.map(|s| continuity_common::duration::parse(&s).map_err(|m| invalid(key, m)))
+            .transpose()
+            .map(|o| o.unwrap_or(default))
+    };
+    let url = k.kubelet_url.unwrap_or(d.kubelet_url);
+    if !url.starts_with("https://") && !url.starts_with("http://") {
+        return Err(invalid(
+            "workload_attestors.k8s.kubelet_url",
+            format!("{url:?} is not an http(s):// URL"),
+        ));
+    }
+    let insecure = k.insecure_skip_kubelet_verify.unwrap_or(false);
+    if url.starts_with("https://") && !insecure && k.kubelet_ca_path.is_none() {
+        return Err(invalid(
+            "workload_attestors.k8s.kubelet_ca_path",
+            "is required for an https kubelet_url unless insecure_skip_kubelet_verify = true",
+        ));
+    }
+    Ok(continuity_attestors::k8s::K8sConfig {
+        kubelet_url: url,
+        kubelet_ca_path: k.kubelet_ca_path,
+        insecure_skip_kubelet_verify: insecure,
+        token_path: k.token_path.unwrap_or(d.token_path),
+        max_poll_attempts: k.max_poll_attempts.unwrap_or(d.max_poll_attempts),
+        poll_retry_interval: dur(
+            k.poll_retry_interval,
+            d.poll_retry_interval,
+            "workload_attestors.k8s.poll_retry_interval",
+        )?,
+        pod_list_cache_ttl: dur(
+            k.pod_list_cache_ttl,
+            d.pod_list_cache_ttl,
+            "workload_attestors.k8s.pod_list_cache_ttl",
+        )?,
+    })
 }
 
 #[cfg(test)]

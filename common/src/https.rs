@@ -175,6 +175,14 @@ pub fn request(
                 }
                 // A peer closing TLS without close_notify after a complete response is common.
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(format!("no answer within {}s", timeout.as_secs()));
+                }
                 Err(e) => return Err(e.to_string()),
             }
         }

@@ -55,14 +55,24 @@ pub struct Agent {
 
 /// Runs AttestAgent with a join token; returns the agent or the refusal.
 pub async fn attest(addr: &str, bundle: Vec<Vec<u8>>, token: &str) -> Result<Agent, tonic::Status> {
+    attest_with(addr, bundle, "join_token", token.as_bytes().to_vec()).await
+}
+
+/// Runs AttestAgent with any node attestor type and payload.
+pub async fn attest_with(
+    addr: &str,
+    bundle: Vec<Vec<u8>>,
+    kind: &str,
+    payload: Vec<u8>,
+) -> Result<Agent, tonic::Status> {
     let mut client = anonymous(addr, bundle.clone()).await;
     let (kp, csr) = key_and_csr();
     let req = AttestAgentRequest {
         step: Some(attest_agent_request::Step::Params(
             attest_agent_request::Params {
                 data: Some(AttestationData {
-                    r#type: "join_token".into(),
-                    payload: token.as_bytes().to_vec(),
+                    r#type: kind.into(),
+                    payload,
                 }),
                 csr,
             },

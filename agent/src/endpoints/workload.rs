@@ -83,7 +83,15 @@ impl Caller {
         let mut selectors: Vec<_> = self.selectors.iter().cloned().collect();
         selectors.sort();
         continuity_proto::engine::Workload {
-            id: self.workload_id.to_string(),
+            // A pod is named by its UID (it is the runtime unit); other processes by pid + start.
+            id: self
+                .selectors
+                .iter()
+                .find(|s| s.kind == "k8s" && s.value.starts_with("pod-uid:"))
+                .map_or_else(
+                    || self.workload_id.to_string(),
+                    |s| format!("pod:{}", &s.value["pod-uid:".len()..]),
+                ),
             pid: self.peer.pid,
             uid: self.peer.uid,
             selectors: selectors
@@ -262,13 +270,15 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         &self,
         req: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.selectors(&req).await?;
+        let caller = attest_caller(&req, &self.attestor).await?;
+        let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
         let ids = snap.matching(&selectors);
         if ids.is_empty() {
             return Err(no_identity());
         }
+        self.report(&caller, &ids);
         let key = |snap: &Snapshot, ids: &[Arc<Identity>]| {
             (
                 snap.bundle.sequence,

@@ -1,0 +1,478 @@
+//! Kubernetes without a cluster: a pod attested end to end through a real cgroup and a
+//! kubelet stand-in over HTTPS; k8s_psat node attestation with offline JWKS and with a
+//! TokenReview stand-in; pods recorded as Engine incarnations.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use continuity_tests::agent::TestAgent;
+use continuity_tests::agent_client::attest_with;
+use continuity_tests::k8s_standin::{es256_jwt, https_json, issuer, sa_claims};
+use continuity_tests::server::{ServerOptions, TestServer};
+use tonic::Code;
+
+const POD_UID: &str = "6f2c1a8e-9b3d-4e1f-8a2b-3c4d5e6f7a8b";
+const CID: &str = "4a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+const ALIAS: &str = "spiffe://example.org/node/k8s";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn pod_list() -> serde_json::Value {
+    serde_json::json!({
+        "kind": "PodList", "apiVersion": "v1", "metadata": {},
+        "items": [{
+            "metadata": {"name": "payments-5f7d8", "namespace": "prod", "uid": POD_UID, "labels": {"app": "payments"}},
+            "spec": {"serviceAccountName": "payments", "nodeName": "node-a",
+                     "containers": [{"name": "app", "image": "registry.example/payments:1.4"}]},
+            "status": {"phase": "Running", "containerStatuses": [{
+                "name": "app", "image": "registry.example/payments:1.4", "ready": true,
+                "containerID": format!("containerd://{CID}")}]}
+        }]
+    })
+}
+
+/// A real cgroup named like a kubelet's (cgroupfs driver, cgroup v1 `pids` hierarchy).
+struct PodCgroup(std::path::PathBuf);
+
+impl PodCgroup {
+    fn create() -> Self {
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/fs/cgroup/pids/kubepods/besteffort/pod{POD_UID}/{CID}"
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
+            panic!("cannot create a pod cgroup at {} ({e}); this test needs root and a writable cgroup v1 pids hierarchy", dir.display())
+        });
+        Self(dir)
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let mut d = self.0.clone();
+        for _ in 0..4 {
+            let _ = std::fs::remove_dir(&d);
+            d.pop();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_attested_through_its_cgroup_and_the_kubelet() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(&dir.path().join("server"), ServerOptions::default());
+    s.cli_ok(&["engine", "create", "payments", "--tier", "2"]);
+    s.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ns/prod/sa/payments",
+        "--parent-id",
+        ALIAS,
+        "--selector",
+        "k8s:ns:prod",
+        "--selector",
+        "k8s:sa:payments",
+        "--engine",
+        "payments",
+    ]);
+    s.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ns/other",
+        "--parent-id",
+        ALIAS,
+        "--selector",
+        "k8s:ns:other",
+    ]);
+
+    let token = "kubelet-reader-token";
+    let (port, ca) = https_json(move |method, path, bearer, _| {
+        if bearer != Some(token) {
+            return (401, serde_json::json!({"kind": "Status", "code": 401}));
+        }
+        match (method, path) {
+            ("GET", "/pods") => (200, pod_list()),
+            _ => (404, serde_json::json!({"kind": "Status", "code": 404})),
+        }
+    })
+    .await;
+    let adir = dir.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    std::fs::write(adir.join("kubelet-ca.pem"), ca).unwrap();
+    std::fs::write(adir.join("sa-token"), token).unwrap();
+    let extra = format!(
+        "[workload_attestors.unix]\n[workload_attestors.k8s]\nkubelet_url = \"https://127.0.0.1:{port}\"\nkubelet_ca_path = \"{}\"\ntoken_path = \"{}\"\nmax_poll_attempts = 2\npoll_retry_interval = \"100ms\"",
+        adir.join("kubelet-ca.pem").display(),
+        adir.join("sa-token").display()
+    );
+    let agent = TestAgent::start_with(&adir, &s, &s.token(Some(ALIAS)), &extra);
+    let cg = PodCgroup::create();
+
+    let run_in_pod = || {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/list_ids.py");
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec python3 {script} {}",
+                cg.0.display(),
+                agent.endpoint()
+            ))
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ids = loop {
+        let out = run_in_pod();
+        if out.status.success() {
+            break String::from_utf8(out.stdout).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "py-spiffe in the pod got nothing: {}\nagent log:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default(),
+            agent
+                .log()
+                .lines()
+                .filter(|l| l.contains("attest") || l.contains("WARN") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let ids: Vec<&str> = ids.lines().collect();
+    assert_eq!(
+        ids,
+        vec!["spiffe://example.org/ns/prod/sa/payments"],
+        "only the entry whose k8s selectors match"
+    );
+
+    // The same process outside the pod cgroup gets neither entry.
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/list_ids.py"))
+        .arg(agent.endpoint())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a process outside the pod has no k8s identity"
+    );
+
+    // The pod is an incarnation of the Engine, with its pod name, UID, namespace and node.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&s.cli_ok(&[
+            "engine",
+            "incarnations",
+            "payments",
+            "--output",
+            "json",
+        ]))
+        .unwrap();
+        if let Some(inc) = v["incarnations"].as_array().and_then(|a| a.first()) {
+            assert_eq!(inc["workload_id"], format!("pod:{POD_UID}"));
+            let sel: Vec<&str> = inc["selectors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s.as_str().unwrap())
+                .collect();
+            for want in [
+                "k8s:pod-name:payments-5f7d8",
+                "k8s:ns:prod",
+                "k8s:node-name:node-a",
+            ] {
+                assert!(sel.contains(&want), "{want} in {sel:?}");
+            }
+            assert!(sel.contains(&format!("k8s:pod-uid:{POD_UID}").as_str()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no incarnation recorded; agent: {}\nserver: {}",
+            agent
+                .log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            s.log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("ncarnation"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn psat_server(dir: &std::path::Path, cluster_toml: &str) -> TestServer {
+    TestServer::start(
+        &dir.join("server"),
+        ServerOptions {
+            extra_toml: cluster_toml.into(),
+            ..Default::default()
+        },
+    )
+}
+
+async fn psat(s: &TestServer, cluster: &str, token: &str) -> Result<String, tonic::Status> {
+    let payload = serde_json::json!({"cluster": cluster, "token": token})
+        .to_string()
+        .into_bytes();
+    attest_with(&s.addr, s.bundle_der(), "k8s_psat", payload)
+        .await
+        .map(|a| a.id)
+}
+
+#[tokio::test]
+async fn k8s_psat_with_the_issuer_jwks_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, jwks) = issuer("k1");
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    let iss = "https://kubernetes.default.svc";
+    let s = psat_server(
+        dir.path(),
+        &format!(
+            "[node_attestors.k8s_psat.clusters.c1]\nservice_account_allow_list = [\"continuity:continuity-agent\"]\nissuer = \"{iss}\"\njwks_path = \"{}\"\n",
+            dir.path().join("jwks.json").display()
+        ),
+    );
+    let good = |node: &str| {
+        es256_jwt(
+            &key,
+            "k1",
+            &sa_claims(
+                iss,
+                "continuity-server",
+                "continuity",
+                "continuity-agent",
+                node,
+                now() + 600,
+            ),
+        )
+    };
+    let id = psat(&s, "c1", &good("node-uid-1")).await.unwrap();
+    assert_eq!(
+        id,
+        "spiffe://example.org/continuity/agent/k8s_psat/c1/node-uid-1"
+    );
+    // A new agent pod on the same node presents a fresh token and keeps the agent ID.
+    assert_eq!(psat(&s, "c1", &good("node-uid-1")).await.unwrap(), id);
+    let agents: serde_json::Value =
+        serde_json::from_str(&s.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
+    assert_eq!(agents["agents"].as_array().unwrap().len(), 1);
+    assert_eq!(agents["agents"][0]["attestation_type"], "k8s_psat");
+
+    let refused = |token: String, needle: &'static str| {
+        let s = &s;
+        async move {
+            let e = psat(s, "c1", &token).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+            assert!(
+                e.message().contains(needle),
+                "{needle:?} in {:?}",
+                e.message()
+            );
+        }
+    };
+    refused(
+        es256_jwt(
+            &key,
+            "k1",
+            &sa_claims(
+                iss,
+                "someone-else",
+                "continuity",
+                "continuity-agent",
+                "n",
+                now() + 600,
+            ),
+        ),
+        "audience",
+    )
+    .await;
+    refused(
+        es256_jwt(
+            &key,
+            "k1",
+            &sa_claims(
+                iss,
+                "continuity-server",
+                "continuity",
+                "continuity-agent",
+                "n",
+                now() - 600,
+            ),
+        ),
+        "expired",
+    )
+    .await;
+    refused(
+        es256_jwt(
+            &key,
+            "k1",
+            &sa_claims(
+                iss,
+                "continuity-server",
+                "default",
+                "default",
+                "n",
+                now() + 600,
+            ),
+        ),
+        "not allowed",
+    )
+    .await;
+    let (other, _) = issuer("k1");
+    refused(
+        es256_jwt(
+            &other,
+            "k1",
+            &sa_claims(
+                iss,
+                "continuity-server",
+                "continuity",
+                "continuity-agent",
+                "n",
+                now() + 600,
+            ),
+        ),
+        "signature",
+    )
+    .await;
+    refused(
+        es256_jwt(
+            &key,
+            "k1",
+            &sa_claims(
+                "https://evil.example",
+                "continuity-server",
+                "continuity",
+                "continuity-agent",
+                "n",
+                now() + 600,
+            ),
+        ),
+        "issuer",
+    )
+    .await;
+    let e = psat(&s, "c9", &good("n")).await.unwrap_err();
+    assert!(e.message().contains("not configured"), "{e}");
+}
+
+#[tokio::test]
+async fn k8s_psat_with_a_token_review_stand_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ca) = https_json(|method, path, bearer, body| {
+        assert_eq!((method, path), ("POST", "/apis/authentication.k8s.io/v1/tokenreviews"));
+        assert_eq!(bearer, Some("reviewer-token"));
+        let req: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(req["kind"], "TokenReview");
+        let token = req["spec"]["token"].as_str().unwrap().to_string();
+        let (ok, user, aud) = match token.as_str() {
+            "good" => (true, "system:serviceaccount:continuity:continuity-agent", "continuity-server"),
+            "wrong-aud" => (true, "system:serviceaccount:continuity:continuity-agent", "api"),
+            "wrong-sa" => (true, "system:serviceaccount:default:default", "continuity-server"),
+            _ => (false, "", ""),
+        };
+        let status = if ok {
+            serde_json::json!({"authenticated": true, "audiences": [aud], "user": {"username": user, "uid": "u",
+                "groups": ["system:serviceaccounts"], "extra": {
+                    "authentication.kubernetes.io/pod-name": ["continuity-agent-x7"],
+                    "authentication.kubernetes.io/pod-uid": ["pod-uid-1"],
+                    "authentication.kubernetes.io/node-name": ["node-b"],
+                    "authentication.kubernetes.io/node-uid": ["node-uid-2"]}}})
+        } else {
+            serde_json::json!({"authenticated": false, "error": "invalid bearer token"})
+        };
+        (201, serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": req["spec"], "status": status}))
+    })
+    .await;
+    std::fs::write(dir.path().join("api-ca.pem"), ca).unwrap();
+    std::fs::write(dir.path().join("reviewer"), "reviewer-token").unwrap();
+    let s = psat_server(
+        dir.path(),
+        &format!(
+            "[node_attestors.k8s_psat.clusters.c2]\nservice_account_allow_list = [\"continuity:continuity-agent\"]\ntoken_review_api_server = \"https://127.0.0.1:{port}\"\ntoken_review_ca_path = \"{}\"\ntoken_review_token_path = \"{}\"\n",
+            dir.path().join("api-ca.pem").display(),
+            dir.path().join("reviewer").display()
+        ),
+    );
+    assert_eq!(
+        psat(&s, "c2", "good").await.unwrap(),
+        "spiffe://example.org/continuity/agent/k8s_psat/c2/node-uid-2"
+    );
+    for (token, needle) in [
+        ("bogus", "invalid bearer token"),
+        ("wrong-aud", "audience"),
+        ("wrong-sa", "not allowed"),
+    ] {
+        let e = psat(&s, "c2", token).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} in {:?}",
+            e.message()
+        );
+    }
+}
+
+#[test]
+fn an_agent_attests_with_its_projected_token_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, jwks) = issuer("k1");
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    let s = psat_server(
+        dir.path(),
+        &format!(
+            "[node_attestors.k8s_psat.clusters.c1]\nservice_account_allow_list = [\"continuity:continuity-agent\"]\njwks_path = \"{}\"\n",
+            dir.path().join("jwks.json").display()
+        ),
+    );
+    let node_agent = "spiffe://example.org/continuity/agent/k8s_psat/c1/node-uid-9";
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    s.create_entry(
+        "spiffe://example.org/on-node",
+        node_agent,
+        &[&format!("unix:uid:{uid}")],
+    );
+    let adir = dir.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    let token = es256_jwt(
+        &key,
+        "k1",
+        &sa_claims(
+            "https://k",
+            "continuity-server",
+            "continuity",
+            "continuity-agent",
+            "node-uid-9",
+            now() + 600,
+        ),
+    );
+    std::fs::write(adir.join("psat"), token).unwrap();
+    let extra = format!(
+        "[node_attestors.k8s_psat]\ncluster = \"c1\"\ntoken_path = \"{}\"",
+        adir.join("psat").display()
+    );
+    let agent = TestAgent::start_with(&adir, &s, "", &extra);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&agent.cli(&["api", "fetch", "x509"]).stdout)
+        .contains("spiffe://example.org/on-node")
+    {
+        assert!(Instant::now() < deadline, "agent log:\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
