@@ -168,7 +168,7 @@ fn system_roots() -> Vec<Vec<u8>> {
 
 fn check_allowed(cfg: &ClusterConfig, ns: &str, sa: &str) -> Result<(), PsatError> {
     let who = format!("{ns}:{sa}");
-    if cfg.service_account_allow_list.iter().any(|a| *a == who) {
+    if cfg.service_account_allow_list.contains(&who) {
         Ok(())
     } else {
         Err(PsatError::NotAllowed(who))
@@ -236,7 +236,7 @@ fn offline(cfg: &ClusterConfig, token: &str, now: i64) -> Result<Attested, PsatE
         }
     }
     let aud = continuity_common::jwt::audiences(&claims);
-    if !aud.iter().any(|a| *a == cfg.audience) {
+    if !aud.contains(&cfg.audience) {
         return Err(PsatError::Token(format!(
             "audience {aud:?} does not include {:?}",
             cfg.audience

@@ -108,7 +108,7 @@ pub fn verify_jws<'k>(
         verify_alg,
         parsed.subject_public_key.data.as_ref(),
     )
-    .verify(token[..h.len() + 1 + c.len()].as_bytes(), &sig)
+    .verify(&token.as_bytes()[..h.len() + 1 + c.len()], &sig)
     .map_err(|_| JwtError::Signature)?;
     Ok(claims)
 }
@@ -149,66 +149,25 @@ pub fn validate<'k>(
     now: i64,
     key: impl Fn(&str, &str) -> Option<&'k [u8]>,
 ) -> Result<Validated, JwtError> {
-    let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(sig), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(JwtError::Malformed(
-            "a JWT-SVID has three dot-separated parts",
-        ));
-    };
-    let header = part(h)?;
-    let claims = part(c)?;
-    let alg = header
-        .get("alg")
+    // The subject names the trust domain whose bundle holds the key: read it, then verify.
+    let claims_part = token.split('.').nth(1).ok_or(JwtError::Malformed(
+        "a JWT-SVID has three dot-separated parts",
+    ))?;
+    let sub = part(claims_part)?
+        .get("sub")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let verify_alg: &'static dyn aws_lc_rs::signature::VerificationAlgorithm = match alg.as_str() {
-        "ES256" => &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
-        "ES384" => &aws_lc_rs::signature::ECDSA_P384_SHA384_FIXED,
-        "RS256" => &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
-        "RS384" => &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA384,
-        "RS512" => &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA512,
-        "PS256" => &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA256,
-        "PS384" => &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA384,
-        "PS512" => &aws_lc_rs::signature::RSA_PSS_2048_8192_SHA512,
-        _ => return Err(JwtError::Algorithm(alg)),
-    };
-    let kid = header
-        .get("kid")
-        .and_then(Value::as_str)
-        .ok_or(JwtError::MissingKid)?;
-    let sub = claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let spiffe_id = SpiffeId::new(sub).map_err(|e| JwtError::Subject(e.to_string()))?;
+    let spiffe_id = SpiffeId::new(&sub).map_err(|e| JwtError::Subject(e.to_string()))?;
     let td = spiffe_id.trust_domain();
-    let spki = key(td.name(), kid).ok_or_else(|| JwtError::UnknownKey {
-        kid: kid.to_string(),
-        trust_domain: td.to_string(),
+    let claims = verify_jws(token, |kid| key(td.name(), kid)).map_err(|e| match e {
+        JwtError::UnknownKey { kid, .. } => JwtError::UnknownKey {
+            kid,
+            trust_domain: td.to_string(),
+        },
+        other => other,
     })?;
-    let (_, parsed) =
-        x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).map_err(|_| JwtError::Signature)?;
-    let sig = URL_SAFE_NO_PAD
-        .decode(sig)
-        .map_err(|_| JwtError::Malformed("bad signature encoding"))?;
-    let signed = &token[..h.len() + 1 + c.len()];
-    aws_lc_rs::signature::UnparsedPublicKey::new(
-        verify_alg,
-        parsed.subject_public_key.data.as_ref(),
-    )
-    .verify(signed.as_bytes(), &sig)
-    .map_err(|_| JwtError::Signature)?;
-    let aud: Vec<String> = match claims.get("aud") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        _ => vec![],
-    };
+    let aud = audiences(&claims);
     if !aud.iter().any(|a| a == audience) {
         return Err(JwtError::Audience {
             got: aud,

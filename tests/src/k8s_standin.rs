@@ -11,9 +11,8 @@ pub async fn https_json<F>(handler: F) -> (u16, String)
 where
     F: Fn(&str, &str, Option<&str>, &[u8]) -> (u16, serde_json::Value) + Send + Sync + 'static,
 {
-    let ca = rcgen::CertifiedKey::from(
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap(),
-    );
+    let ca =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     let cert_pem = ca.cert.pem();
     let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ca.signing_key.serialize_der().into());
     let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
