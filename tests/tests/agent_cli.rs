@@ -36,7 +36,15 @@ fn bad_config_and_bad_tokens_fail_clearly() {
         ("sync_interval = \"often\"", "sync_interval"),
         (
             "[workload_attestors.k8s]\nkubelet = 1",
-            "workload_attestors.k8s",
+            "unknown field `kubelet`",
+        ),
+        (
+            "[workload_attestors.k8s]\nkubelet_url = \"https://127.0.0.1:10250\"",
+            "workload_attestors.k8s.kubelet_ca_path",
+        ),
+        (
+            "[node_attestors.k8s_psat]\ntoken_path = \"/t\"",
+            "node_attestors.k8s_psat.cluster",
         ),
     ];
     for (extra, key) in cases {
