@@ -9,41 +9,8 @@ use continuity_common::TrustDomain;
 use continuity_common::logging::LogFormat;
 use serde::Deserialize;
 
-/// What is wrong with a configuration; every message names the key to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The TOML did not parse or had an unknown key.
-    #[error("config file {path}: {message}")]
-    Parse {
-        /// The path.
-        path: PathBuf,
-        /// The parser's message (names the key and line).
-        message: String,
-    },
-    /// A key has a value that cannot be used.
-    #[error("config key `{key}`: {message}")]
-    Invalid {
-        /// The dotted key.
-        key: &'static str,
-        /// What to fix.
-        message: String,
-    },
-}
-
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
-}
+use continuity_common::config::invalid;
+pub use continuity_common::config::{ConfigError, FileListener};
 
 /// The file schema of agent.toml.
 #[derive(Debug, Default, Deserialize)]
@@ -151,14 +118,6 @@ pub struct FileUnix {
     pub workload_size_limit: Option<u64>,
 }
 
-/// `[health]` / `[metrics]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileListener {
-    /// host:port.
-    pub bind_address: Option<String>,
-}
-
 /// How the agent first learns to trust the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -207,19 +166,13 @@ pub struct Config {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = continuity_common::config::read(path)?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().to_string(),
-        })?;
+        let f: FileConfig = continuity_common::config::parse_toml(text, path)?;
         Self::from_file(f)
     }
 
@@ -290,14 +243,7 @@ impl Config {
         };
         let log_level = f.log_level.unwrap_or_else(|| "info".into());
         continuity_common::logging::check_level(&log_level).map_err(|m| invalid("log_level", m))?;
-        let addr = |l: Option<FileListener>, key| -> Result<Option<SocketAddr>, ConfigError> {
-            l.and_then(|l| l.bind_address)
-                .map(|a| {
-                    a.parse()
-                        .map_err(|_| invalid(key, format!("{a:?} is not host:port")))
-                })
-                .transpose()
-        };
+        let addr = FileListener::address;
         Ok(Self {
             trust_domain,
             server_address,

@@ -10,41 +10,8 @@ use serde::Deserialize;
 
 use crate::keys::KeyType;
 
-/// What is wrong with a configuration; every message names the key to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The path given with --config.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The TOML did not parse or had an unknown key.
-    #[error("config file {path}: {message}")]
-    Parse {
-        /// The path given with --config.
-        path: PathBuf,
-        /// The parser's message (names the key and the line).
-        message: String,
-    },
-    /// A key has a value that cannot be used.
-    #[error("config key `{key}`: {message}")]
-    Invalid {
-        /// The dotted key, e.g. `key_manager.module`.
-        key: &'static str,
-        /// What is wrong and how to fix it.
-        message: String,
-    },
-}
-
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        message: message.into(),
-    }
-}
+use continuity_common::config::invalid;
+pub use continuity_common::config::{ConfigError, FileListener};
 
 /// The file schema of server.toml, exactly as written by operators.
 #[derive(Debug, Default, Deserialize)]
@@ -150,14 +117,6 @@ pub struct FileKeyManager {
     pub pin: Option<toml::Value>,
 }
 
-/// `[health]` / `[metrics]` tables.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileListener {
-    /// host:port to listen on.
-    pub bind_address: Option<String>,
-}
-
 /// Where the user PIN of a PKCS#11 token comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PinSource {
@@ -233,19 +192,13 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/continuity-server/private/admin.soc
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = continuity_common::config::read(path)?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text (`path` only labels errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().to_string(),
-        })?;
+        let file: FileConfig = continuity_common::config::parse_toml(text, path)?;
         Self::from_file(file)
     }
 
@@ -320,11 +273,7 @@ impl Config {
             ),
         };
         let key_manager = key_manager(f.key_manager.unwrap_or_default(), &data_dir)?;
-        let listener = |l: Option<FileListener>, key| -> Result<Option<SocketAddr>, ConfigError> {
-            l.and_then(|l| l.bind_address)
-                .map(|a| socket_addr(&a, key))
-                .transpose()
-        };
+        let listener = FileListener::address;
         Ok(Self {
             trust_domain,
             bind_address,
