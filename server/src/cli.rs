@@ -517,7 +517,11 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
     let ch = channel(&cli).await?;
     let out = cli.output;
     match cli.command {
-        Command::Run { .. } => unreachable_run(),
+        Command::Run { .. } => {
+            return Err(CliError::Argument(
+                "`run` starts a server; it is not an admin command".into(),
+            ));
+        }
         Command::Healthcheck => {
             let mut c = tonic_health::pb::health_client::HealthClient::new(ch);
             let r = c
@@ -634,10 +638,6 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
         }
     }
     Ok(())
-}
-
-fn unreachable_run() {
-    // `run` is dispatched by main before an admin channel is opened.
 }
 
 async fn entry(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliError> {
