@@ -31,8 +31,14 @@ pub struct Payload {
 pub enum Validation {
     /// Offline, with the issuer's keys from a JWKS file.
     JwksFile(PathBuf),
-    /// Offline, with keys found by OIDC discovery from the issuer URL.
-    OidcDiscovery(String),
+    /// Offline, with keys found by OIDC discovery from the issuer URL (TLS verified against
+    /// `ca_path`, or the system roots).
+    OidcDiscovery {
+        /// Issuer URL.
+        issuer: String,
+        /// CA of a private issuer (PEM).
+        ca_path: Option<PathBuf>,
+    },
     /// Online, with the API server's TokenReview.
     TokenReview {
         /// API server URL.
@@ -136,11 +142,11 @@ fn jwks_keys(jwks: &Value) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn fetch_json(url: &str) -> Result<Value, PsatError> {
+fn fetch_json(url: &str, roots: &[Vec<u8>]) -> Result<Value, PsatError> {
     let r = https::request(
         "GET",
         url,
-        &ServerTrust::Roots(system_roots()),
+        &ServerTrust::Roots(roots.to_vec()),
         None,
         None,
         Duration::from_secs(5),
@@ -188,7 +194,7 @@ pub fn validate(
         .find(|c| c.name == p.cluster)
         .ok_or_else(|| PsatError::UnknownCluster(p.cluster.clone()))?;
     match &cfg.validation {
-        Validation::JwksFile(_) | Validation::OidcDiscovery(_) => offline(cfg, &p.token, now),
+        Validation::JwksFile(_) | Validation::OidcDiscovery { .. } => offline(cfg, &p.token, now),
         Validation::TokenReview {
             api_server,
             ca_path,
@@ -205,15 +211,28 @@ fn offline(cfg: &ClusterConfig, token: &str, now: i64) -> Result<Attested, PsatE
             serde_json::from_slice(&text)
                 .map_err(|e| PsatError::Validator(format!("jwks_path {}: {e}", path.display())))?
         }
-        Validation::OidcDiscovery(issuer) => {
-            let conf = fetch_json(&format!(
-                "{}/.well-known/openid-configuration",
-                issuer.trim_end_matches('/')
-            ))?;
+        Validation::OidcDiscovery { issuer, ca_path } => {
+            let roots = match ca_path {
+                Some(p) => {
+                    let pem = std::fs::read_to_string(p).map_err(|e| {
+                        PsatError::Validator(format!("oidc_ca_path {}: {e}", p.display()))
+                    })?;
+                    continuity_common::x509::pem_decode_all("CERTIFICATE", &pem)
+                        .map_err(PsatError::Validator)?
+                }
+                None => system_roots(),
+            };
+            let conf = fetch_json(
+                &format!(
+                    "{}/.well-known/openid-configuration",
+                    issuer.trim_end_matches('/')
+                ),
+                &roots,
+            )?;
             let uri = conf["jwks_uri"]
                 .as_str()
                 .ok_or_else(|| PsatError::Validator("OIDC configuration has no jwks_uri".into()))?;
-            fetch_json(uri)?
+            fetch_json(uri, &roots)?
         }
         Validation::TokenReview { .. } => {
             return Err(PsatError::Validator("not an offline cluster".into()));

@@ -83,6 +83,8 @@ pub struct FilePsatCluster {
     pub jwks_path: Option<PathBuf>,
     /// Offline: the issuer URL for OIDC discovery.
     pub oidc_discovery_url: Option<String>,
+    /// CA of a private OIDC issuer (PEM); system roots otherwise.
+    pub oidc_ca_path: Option<PathBuf>,
     /// Online: the API server for TokenReview.
     pub token_review_api_server: Option<String>,
     /// Online: the API server's CA (PEM).
@@ -316,7 +318,7 @@ fn psat(
         }
         let validation = match (c.jwks_path, c.oidc_discovery_url, c.token_review_api_server) {
             (Some(p), None, None) => Validation::JwksFile(p),
-            (None, Some(u), None) => Validation::OidcDiscovery(u),
+            (None, Some(u), None) => Validation::OidcDiscovery { issuer: u, ca_path: c.oidc_ca_path },
             (None, None, Some(api)) => Validation::TokenReview {
                 api_server: api,
                 ca_path: c.token_review_ca_path.ok_or_else(|| invalid(key, format!("cluster {name:?}: token_review_ca_path is required with token_review_api_server")))?,

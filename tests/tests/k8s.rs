@@ -476,3 +476,69 @@ fn an_agent_attests_with_its_projected_token_and_serves() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k8s_psat_with_keys_found_by_oidc_discovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, jwks) = issuer("oidc-k1");
+    let port_cell = std::sync::Arc::new(std::sync::OnceLock::<u16>::new());
+    let pc = port_cell.clone();
+    let (port, ca) = https_json(move |method, path, _, _| {
+        let base = format!(
+            "https://127.0.0.1:{}",
+            pc.get().copied().unwrap_or_default()
+        );
+        match (method, path) {
+            ("GET", "/.well-known/openid-configuration") => (
+                200,
+                serde_json::json!({"issuer": base, "jwks_uri": format!("{base}/keys")}),
+            ),
+            ("GET", "/keys") => (200, jwks.clone()),
+            _ => (404, serde_json::json!({})),
+        }
+    })
+    .await;
+    port_cell.set(port).unwrap();
+    std::fs::write(dir.path().join("oidc-ca.pem"), ca).unwrap();
+    let iss = format!("https://127.0.0.1:{port}");
+    let s = psat_server(
+        dir.path(),
+        &format!(
+            "[node_attestors.k8s_psat.clusters.c3]\nservice_account_allow_list = [\"continuity:continuity-agent\"]\noidc_discovery_url = \"{iss}\"\noidc_ca_path = \"{}\"\nissuer = \"{iss}\"\n",
+            dir.path().join("oidc-ca.pem").display()
+        ),
+    );
+    let token = es256_jwt(
+        &key,
+        "oidc-k1",
+        &sa_claims(
+            &iss,
+            "continuity-server",
+            "continuity",
+            "continuity-agent",
+            "node-uid-3",
+            now() + 600,
+        ),
+    );
+    assert_eq!(
+        psat(&s, "c3", &token).await.unwrap(),
+        "spiffe://example.org/continuity/agent/k8s_psat/c3/node-uid-3"
+    );
+    let (other, _) = issuer("oidc-k1");
+    let forged = es256_jwt(
+        &other,
+        "oidc-k1",
+        &sa_claims(
+            &iss,
+            "continuity-server",
+            "continuity",
+            "continuity-agent",
+            "node-uid-3",
+            now() + 600,
+        ),
+    );
+    assert_eq!(
+        psat(&s, "c3", &forged).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+}
