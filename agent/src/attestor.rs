@@ -18,7 +18,7 @@ use crate::endpoints::peer::Peer;
 /// Turns a connected peer into selectors (the Workload API's view of attestation).
 pub trait WorkloadAttestor: Send + Sync + 'static {
     /// Selectors of the peer; an error means attestation failed (the caller gets Unavailable).
-    fn attest(&self, peer: &Peer) -> Result<HashSet<Selector>, String>;
+    fn attest(&self, peer: &Peer) -> Result<Arc<HashSet<Selector>>, String>;
 }
 
 /// How long a cached attestation is trusted without re-reading /proc.
@@ -90,7 +90,7 @@ impl Attestors {
 }
 
 impl WorkloadAttestor for Attestors {
-    fn attest(&self, peer: &Peer) -> Result<HashSet<Selector>, String> {
+    fn attest(&self, peer: &Peer) -> Result<Arc<HashSet<Selector>>, String> {
         let key = Self::key(peer);
         let cached = key.as_ref().and_then(|k| {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -100,9 +100,9 @@ impl WorkloadAttestor for Attestors {
                 .map(|(s, _)| s.clone())
         });
         let selectors = match cached {
-            Some(s) => (*s).clone(),
+            Some(s) => s,
             None => {
-                let s = self.fresh(peer)?;
+                let s = Arc::new(self.fresh(peer)?);
                 if let Some(k) = key {
                     let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
                     if cache.len() >= CACHE_MAX {
@@ -111,7 +111,7 @@ impl WorkloadAttestor for Attestors {
                             cache.clear();
                         }
                     }
-                    cache.insert(k, (Arc::new(s.clone()), Instant::now()));
+                    cache.insert(k, (s.clone(), Instant::now()));
                 }
                 s
             }

@@ -2,10 +2,12 @@
 //!
 //! gRPC C-core (py-spiffe) and Java clients send the percent-encoded socket path (for example
 //! `tmp%2Fagent%2Fapi.sock`) as `:authority`; h2 rejects it and resets every stream. This
-//! adapter sits on each accepted stream, decodes the client's HPACK header blocks, replaces an
-//! unparseable `:authority` with `localhost`, and re-encodes the block as literals (so our
-//! encoding never touches the dynamic table h2 keeps for us). Every other byte — the preface,
-//! DATA, SETTINGS, everything the server writes — passes through untouched.
+//! adapter sits on each accepted stream and decodes the client's first HPACK header block. If
+//! its `:authority` is one h2 accepts, the block and everything after it pass through byte for
+//! byte (no decoding cost for well-behaved clients). Otherwise every header block of the
+//! connection is decoded, the `:authority` replaced with `localhost`, and re-encoded as
+//! literals (so our encoding never touches the dynamic table h2 keeps for us). Every other
+//! byte — the preface, DATA, SETTINGS, everything the server writes — passes through untouched.
 
 use std::io;
 use std::pin::Pin;
@@ -50,7 +52,21 @@ pub struct AuthorityFix<S> {
     block: Option<(u32, bool, Vec<u8>)>,
     /// Current frame's type and flags (for the payload phase).
     frame: (u8, u8, u32),
+    /// The first header block's frames exactly as received (to pass them on untouched).
+    raw_block: Vec<u8>,
+    mode: Mode,
     eof: bool,
+}
+
+/// Whether this connection needs its header blocks rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Until the first header block is seen.
+    Undecided,
+    /// The client sends a valid `:authority`: every byte passes through, nothing is decoded.
+    Passthrough,
+    /// The client sends a socket path: every header block is decoded and re-encoded.
+    Rewrite,
 }
 
 impl<S> AuthorityFix<S> {
@@ -64,6 +80,8 @@ impl<S> AuthorityFix<S> {
             decoder: loona_hpack::Decoder::new(),
             block: None,
             frame: (0, 0, 0),
+            raw_block: Vec::new(),
+            mode: Mode::Undecided,
             eof: false,
         }
     }
@@ -109,7 +127,12 @@ impl<S> AuthorityFix<S> {
                     let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
                     let (kind, flags) = (h[3], h[4]);
                     let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                    if kind == HEADERS || (kind == CONTINUATION && self.block.is_some()) {
+                    let headers = kind == HEADERS || (kind == CONTINUATION && self.block.is_some());
+                    if headers && self.mode != Mode::Passthrough {
+                        if self.mode == Mode::Undecided {
+                            self.raw_block
+                                .extend_from_slice(&self.input[..FRAME_HEADER]);
+                        }
                         self.input.advance(FRAME_HEADER);
                         self.frame = (kind, flags, stream);
                         self.state = State::HeaderPayload { remaining: len };
@@ -125,6 +148,9 @@ impl<S> AuthorityFix<S> {
                     }
                     let payload = self.input.split_to(remaining);
                     self.state = State::FrameHeader;
+                    if self.mode == Mode::Undecided {
+                        self.raw_block.extend_from_slice(&payload);
+                    }
                     self.header_frame(&payload)?;
                 }
             }
@@ -178,6 +204,19 @@ impl<S> AuthorityFix<S> {
             .decoder
             .decode(block)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("HPACK: {e:?}")))?;
+        if self.mode == Mode::Undecided {
+            let raw = std::mem::take(&mut self.raw_block);
+            if headers
+                .iter()
+                .all(|(n, v)| n.as_slice() != b":authority" || valid_authority(v))
+            {
+                // A client h2 accepts as it is: hand on its own bytes and stop looking.
+                self.output.extend_from_slice(&raw);
+                self.mode = Mode::Passthrough;
+                return Ok(());
+            }
+            self.mode = Mode::Rewrite;
+        }
         let mut out = Vec::with_capacity(block.len() + 32);
         for (name, value) in &headers {
             let value: &[u8] = if name.as_slice() == b":authority" && !valid_authority(value) {
@@ -405,6 +444,45 @@ mod tests {
         assert_eq!(
             decode_headers(&out),
             vec![(b":authority".to_vec(), b"localhost:1234".to_vec())]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_with_a_valid_authority_is_passed_through_untouched() {
+        let mut enc = loona_hpack::Encoder::new();
+        let first = enc.encode(vec![
+            (&b":authority"[..], &b"localhost"[..]),
+            (b":path", b"/x"),
+        ]);
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &first));
+        // Not even valid HPACK: proves later blocks are no longer decoded.
+        let later = frame(HEADERS, END_HEADERS, 3, &[0xff, 0xff, 0xff]);
+        input.extend(&later);
+        let out = run(input.clone()).await;
+        assert_eq!(out, input, "byte for byte");
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_client_has_every_block_rewritten() {
+        let mut enc = loona_hpack::Encoder::new();
+        let first = enc.encode(vec![(&b":authority"[..], &b"%2Ftmp%2Fa.sock"[..])]);
+        let second = enc.encode(vec![
+            (&b":authority"[..], &b"%2Ftmp%2Fa.sock"[..]),
+            (b":path", b"/y"),
+        ]);
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &first));
+        input.extend(frame(HEADERS, END_HEADERS, 3, &second));
+        let headers = decode_headers(&run(input).await);
+        let authorities: Vec<_> = headers
+            .iter()
+            .filter(|(n, _)| n == b":authority")
+            .map(|(_, v)| v.clone())
+            .collect();
+        assert_eq!(
+            authorities,
+            vec![b"localhost".to_vec(), b"localhost".to_vec()]
         );
     }
 }

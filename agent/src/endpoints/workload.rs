@@ -126,7 +126,7 @@ pub async fn attest_caller<T>(
                 .await
                 .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))?;
             match result {
-                Ok(s) => Ok(Arc::new(s)),
+                Ok(s) => Ok(s),
                 Err(e) => {
                     tracing::info!(error = %e, "workload attestation failed");
                     Err(Status::unavailable(format!(
