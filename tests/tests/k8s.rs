@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,18 +39,32 @@ fn pod_list() -> serde_json::Value {
     })
 }
 
-/// A real cgroup named like a kubelet's (cgroupfs driver, cgroup v1 `pids` hierarchy).
+/// A real cgroup named like a kubelet's (cgroupfs driver): in the cgroup v1 `pids` hierarchy,
+/// or in a cgroup v2 hierarchy, whichever this machine mounts writable.
 struct PodCgroup(std::path::PathBuf);
 
 impl PodCgroup {
     fn create() -> Self {
-        let dir = std::path::PathBuf::from(format!(
-            "/sys/fs/cgroup/pids/kubepods/besteffort/pod{POD_UID}/{CID}"
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
-            panic!("cannot create a pod cgroup at {} ({e}); this test needs root and a writable cgroup v1 pids hierarchy", dir.display())
-        });
-        Self(dir)
+        let roots = [
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup",
+        ];
+        let mut tried = Vec::new();
+        for root in roots {
+            if !Path::new(root).join("cgroup.procs").exists() {
+                continue;
+            }
+            let dir = Path::new(root).join(format!("kubepods/besteffort/pod{POD_UID}/{CID}"));
+            match std::fs::create_dir_all(&dir) {
+                Ok(()) if dir.join("cgroup.procs").exists() => return Self(dir),
+                Ok(()) => tried.push(format!("{}: no cgroup.procs", dir.display())),
+                Err(e) => tried.push(format!("{}: {e}", dir.display())),
+            }
+        }
+        panic!(
+            "cannot create a pod cgroup (needs root and a writable cgroup hierarchy): {tried:?}"
+        );
     }
 }
 

@@ -159,37 +159,51 @@ impl AgentService {
             .trust_domain
             .id(&join_token::agent_path(&record.id))
             .map_err(|e| Status::internal(e.to_string()))?;
-        if self
-            .registry
-            .agent(agent_id.as_str())
-            .is_some_and(|a| a.banned)
-        {
+        let agent_id = agent_id.to_string();
+        let response = self
+            .issue_agent(&agent_id, join_token::ATTESTOR_TYPE, record.alias, csr)
+            .await?;
+        tracing::info!(agent = %agent_id, "agent attested with a join token");
+        Ok(response)
+    }
+
+    /// The common end of every node attestation: refuses banned agents, signs the agent SVID
+    /// from the CSR, records (or refreshes) the agent, and answers with SVID and bundle.
+    async fn issue_agent(
+        &self,
+        agent_id: &str,
+        attestation_type: &str,
+        alias: Option<String>,
+        csr: Vec<u8>,
+    ) -> Result<AttestAgentResponse, Status> {
+        let existing = self.registry.agent(agent_id);
+        if existing.as_ref().is_some_and(|a| a.banned) {
             return Err(Status::permission_denied(format!(
                 "agent {agent_id} is banned"
             )));
         }
-        let svid = self.sign_agent_svid(agent_id.as_str(), csr).await?;
+        let svid = self.sign_agent_svid(agent_id, csr).await?;
+        let now = self.clock.unix();
         let serial =
             continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
         self.registry
             .put_agent(AgentRecord {
                 spiffe_id: agent_id.to_string(),
-                attestation_type: join_token::ATTESTOR_TYPE.into(),
+                attestation_type: attestation_type.into(),
                 serial,
                 previous_serial: String::new(),
                 expires_at: svid.expires_at,
                 banned: false,
-                alias: record.alias,
-                created_at: now,
+                alias,
+                created_at: existing.map_or(now, |e| e.created_at),
                 last_seen: now,
             })
             .await
             .map_err(registry_status)?;
-        tracing::info!(agent = %agent_id, "agent attested with a join token");
         Ok(AttestAgentResponse {
             step: Some(attest_agent_response::Step::Result(
                 attest_agent_response::Result {
-                    svid: Some(x509_svid(agent_id.as_str(), svid)),
+                    svid: Some(x509_svid(agent_id, svid)),
                     bundle: Some(bundle_to_proto(&self.ca.bundle())),
                 },
             )),
@@ -218,40 +232,18 @@ impl AgentService {
             .trust_domain
             .id(&a.agent_path())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let existing = self.registry.agent(agent_id.as_str());
-        if existing.as_ref().is_some_and(|a| a.banned) {
-            return Err(Status::permission_denied(format!(
-                "agent {agent_id} is banned"
-            )));
-        }
-        let svid = self.sign_agent_svid(agent_id.as_str(), csr).await?;
-        let now = self.clock.unix();
-        let serial =
-            continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
-        self.registry
-            .put_agent(AgentRecord {
-                spiffe_id: agent_id.to_string(),
-                attestation_type: continuity_attestors::k8s_psat::ATTESTOR_TYPE.into(),
-                serial,
-                previous_serial: String::new(),
-                expires_at: svid.expires_at,
-                banned: false,
-                alias: None,
-                created_at: existing.map_or(now, |e| e.created_at),
-                last_seen: now,
-            })
-            .await
-            .map_err(registry_status)?;
+        let agent_id = agent_id.to_string();
+        let response = self
+            .issue_agent(
+                &agent_id,
+                continuity_attestors::k8s_psat::ATTESTOR_TYPE,
+                None,
+                csr,
+            )
+            .await?;
         let selectors: Vec<String> = a.selectors().iter().map(|s| s.to_string()).collect();
         tracing::info!(agent = %agent_id, ?selectors, "agent attested with k8s_psat");
-        Ok(AttestAgentResponse {
-            step: Some(attest_agent_response::Step::Result(
-                attest_agent_response::Result {
-                    svid: Some(x509_svid(agent_id.as_str(), svid)),
-                    bundle: Some(bundle_to_proto(&self.ca.bundle())),
-                },
-            )),
-        })
+        Ok(response)
     }
 
     fn sign_batch(
