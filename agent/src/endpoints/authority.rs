@@ -11,6 +11,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -24,8 +26,14 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// The largest frame we emit (HTTP/2's initial SETTINGS_MAX_FRAME_SIZE).
-const MAX_FRAME: usize = 16_384;
+/// SETTINGS_MAX_FRAME_SIZE the agent advertises (HTTP/2's initial value): the largest frame a
+/// client may send us, and the largest we emit.
+pub const MAX_FRAME_SIZE: u32 = 16_384;
+/// SETTINGS_MAX_HEADER_LIST_SIZE the agent advertises (h2's and hyper's default, 16 KiB).
+pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// SETTINGS_HEADER_TABLE_SIZE the agent's HTTP/2 stack uses (the protocol default, never raised).
+pub const HEADER_TABLE_SIZE: usize = 4_096;
+const MAX_FRAME: usize = MAX_FRAME_SIZE as usize;
 /// Refuse header blocks larger than this (a client sending more is misbehaving).
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
 
@@ -56,6 +64,23 @@ pub struct AuthorityFix<S> {
     raw_block: Vec<u8>,
     mode: Mode,
     eof: bool,
+    activity: Activity,
+}
+
+/// Whether a connection has sent a request yet (its first HEADERS frame), shared with the
+/// accept loop so that connections which never send one can be told apart and closed.
+#[derive(Debug, Clone, Default)]
+pub struct Activity(Arc<AtomicBool>);
+
+impl Activity {
+    /// True once the client has sent the header frame of a request.
+    pub fn request_seen(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Whether this connection needs its header blocks rewritten.
@@ -83,7 +108,13 @@ impl<S> AuthorityFix<S> {
             raw_block: Vec::new(),
             mode: Mode::Undecided,
             eof: false,
+            activity: Activity::default(),
         }
+    }
+
+    /// A handle telling whether this connection has sent a request yet.
+    pub fn activity(&self) -> Activity {
+        self.activity.clone()
     }
 
     /// The wrapped stream.
@@ -127,6 +158,9 @@ impl<S> AuthorityFix<S> {
                     let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
                     let (kind, flags) = (h[3], h[4]);
                     let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                    if kind == HEADERS {
+                        self.activity.mark();
+                    }
                     let headers = kind == HEADERS || (kind == CONTINUATION && self.block.is_some());
                     if headers && self.mode != Mode::Passthrough {
                         if self.mode == Mode::Undecided {

@@ -158,7 +158,10 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(continuity_proto::FILE_DESCRIPTOR_SET)
         .build_v1();
+    // The limits the authority adapter enforces are the ones advertised here.
     let mut router = tonic::transport::Server::builder()
+        .max_frame_size(authority::MAX_FRAME_SIZE)
+        .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE)
         .add_service(health)
         .add_service(SpiffeWorkloadApiServer::with_interceptor(
             handler,
