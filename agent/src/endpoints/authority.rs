@@ -8,6 +8,17 @@
 //! connection is decoded, the `:authority` replaced with `localhost`, and re-encoded as
 //! literals (so our encoding never touches the dynamic table h2 keeps for us). Every other
 //! byte — the preface, DATA, SETTINGS, everything the server writes — passes through untouched.
+//!
+//! Every byte here comes from an unauthenticated local process, so the adapter holds the client
+//! to the limits the agent advertises, as h2 does, before it spends anything on a frame: a frame
+//! longer than [`MAX_FRAME_SIZE`], an encoded header block longer than
+//! [`MAX_HEADER_LIST_SIZE`], a decoded header list larger than that (counted as HTTP/2 does:
+//! name + value + 32 per field), a dynamic-table size update above [`HEADER_TABLE_SIZE`], or a
+//! frame interleaved into a header block closes the connection with one log line. Decoding
+//! borrows indexed fields from the dynamic table and stops keeping fields once the list is over
+//! budget, so no allocation grows with a client's multiplier (an indexed reference repeated a
+//! hundred thousand times costs nothing but the bytes that carry it). The buffers are bounded
+//! too: one frame of input, one frame of output, one header block.
 
 use std::io;
 use std::pin::Pin;
@@ -34,8 +45,46 @@ pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// SETTINGS_HEADER_TABLE_SIZE the agent's HTTP/2 stack uses (the protocol default, never raised).
 pub const HEADER_TABLE_SIZE: usize = 4_096;
 const MAX_FRAME: usize = MAX_FRAME_SIZE as usize;
-/// Refuse header blocks larger than this (a client sending more is misbehaving).
-const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// The largest encoded header block (all its frames' fragments) we collect: h2 caps the block
+/// it buffers at the header-list limit, and so do we.
+const MAX_HEADER_BLOCK: usize = MAX_HEADER_LIST_SIZE as usize;
+/// The largest first header block kept as received (fragments plus frame headers and padding),
+/// so that a flood of empty CONTINUATION frames cannot grow it.
+const MAX_RAW_BLOCK: usize = 2 * MAX_HEADER_BLOCK;
+/// HTTP/2's per-field overhead in the header-list size (RFC 9113 §6.5.2).
+const FIELD_OVERHEAD: usize = 32;
+
+/// A decoded header field: name and value.
+type Field = (Vec<u8>, Vec<u8>);
+
+/// Why a client's connection was closed: it broke a limit the agent advertised.
+#[derive(Debug, thiserror::Error)]
+pub enum Violation {
+    /// A frame longer than SETTINGS_MAX_FRAME_SIZE.
+    #[error("frame of {0} bytes exceeds the advertised max frame size ({MAX_FRAME_SIZE})")]
+    FrameTooLarge(usize),
+    /// An encoded header block longer than the header-list limit.
+    #[error("header block exceeds {MAX_HEADER_BLOCK} bytes")]
+    BlockTooLarge,
+    /// A decoded header list larger than SETTINGS_MAX_HEADER_LIST_SIZE.
+    #[error("decoded header list exceeds the advertised {MAX_HEADER_LIST_SIZE} bytes")]
+    ListTooLarge,
+    /// A frame other than CONTINUATION inside a header block.
+    #[error("frame type {0:#x} inside a header block")]
+    Interleaved(u8),
+    /// A malformed HEADERS or CONTINUATION frame.
+    #[error("malformed header frame: {0}")]
+    Malformed(&'static str),
+    /// HPACK the decoder refused (a table size update above the advertised size among them).
+    #[error("HPACK: {0}")]
+    Hpack(String),
+}
+
+impl From<Violation> for io::Error {
+    fn from(v: Violation) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, v)
+    }
+}
 
 /// Where the parser is in the client's byte stream.
 enum State {
@@ -102,7 +151,7 @@ impl<S> AuthorityFix<S> {
             state: State::Preface(PREFACE_LEN),
             input: BytesMut::with_capacity(8 * 1024),
             output: BytesMut::with_capacity(8 * 1024),
-            decoder: loona_hpack::Decoder::new(),
+            decoder: bounded_decoder(),
             block: None,
             frame: (0, 0, 0),
             raw_block: Vec::new(),
@@ -123,7 +172,7 @@ impl<S> AuthorityFix<S> {
     }
 
     /// Moves parsed bytes from `input` to `output`, as far as the input allows.
-    fn process(&mut self) -> io::Result<()> {
+    fn process(&mut self) -> Result<(), Violation> {
         loop {
             match self.state {
                 State::Preface(left) => {
@@ -158,12 +207,21 @@ impl<S> AuthorityFix<S> {
                     let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
                     let (kind, flags) = (h[3], h[4]);
                     let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                    if len > MAX_FRAME {
+                        return Err(Violation::FrameTooLarge(len));
+                    }
+                    if self.block.is_some() && kind != CONTINUATION {
+                        return Err(Violation::Interleaved(kind));
+                    }
                     if kind == HEADERS {
                         self.activity.mark();
                     }
                     let headers = kind == HEADERS || (kind == CONTINUATION && self.block.is_some());
                     if headers && self.mode != Mode::Passthrough {
                         if self.mode == Mode::Undecided {
+                            if self.raw_block.len() + FRAME_HEADER + len > MAX_RAW_BLOCK {
+                                return Err(Violation::BlockTooLarge);
+                            }
                             self.raw_block
                                 .extend_from_slice(&self.input[..FRAME_HEADER]);
                         }
@@ -191,9 +249,9 @@ impl<S> AuthorityFix<S> {
         }
     }
 
-    fn header_frame(&mut self, payload: &[u8]) -> io::Result<()> {
+    fn header_frame(&mut self, payload: &[u8]) -> Result<(), Violation> {
         let (kind, flags, stream) = self.frame;
-        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+        let bad = Violation::Malformed;
         let fragment = if kind == HEADERS {
             let mut p = payload;
             let mut pad = 0;
@@ -221,10 +279,10 @@ impl<S> AuthorityFix<S> {
         let Some((_, _, block)) = self.block.as_mut() else {
             return Err(bad("CONTINUATION without HEADERS"));
         };
-        block.extend_from_slice(fragment);
-        if block.len() > MAX_HEADER_BLOCK {
-            return Err(bad("header block too large"));
+        if block.len() + fragment.len() > MAX_HEADER_BLOCK {
+            return Err(Violation::BlockTooLarge);
         }
+        block.extend_from_slice(fragment);
         if flags & END_HEADERS != 0
             && let Some((stream, end_stream, block)) = self.block.take()
         {
@@ -233,11 +291,32 @@ impl<S> AuthorityFix<S> {
         Ok(())
     }
 
-    fn emit_block(&mut self, stream: u32, end_stream: bool, block: &[u8]) -> io::Result<()> {
-        let headers = self
-            .decoder
-            .decode(block)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("HPACK: {e:?}")))?;
+    /// Decodes one header block within the header-list budget.
+    fn decode_block(&mut self, block: &[u8]) -> Result<Vec<Field>, Violation> {
+        let mut headers = Vec::new();
+        let mut size = 0usize;
+        let mut over = false;
+        self.decoder
+            .decode_with_cb(block, |name, value| {
+                // Indexed fields arrive borrowed from the dynamic table: count them, and copy
+                // them only while the list is within budget.
+                size = size.saturating_add(name.len() + value.len() + FIELD_OVERHEAD);
+                if size > MAX_HEADER_LIST_SIZE as usize {
+                    over = true;
+                }
+                if !over {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
+            .map_err(|e| Violation::Hpack(format!("{e:?}")))?;
+        if over {
+            return Err(Violation::ListTooLarge);
+        }
+        Ok(headers)
+    }
+
+    fn emit_block(&mut self, stream: u32, end_stream: bool, block: &[u8]) -> Result<(), Violation> {
+        let headers = self.decode_block(block)?;
         if self.mode == Mode::Undecided {
             let raw = std::mem::take(&mut self.raw_block);
             if headers
@@ -301,6 +380,13 @@ impl<S> AuthorityFix<S> {
     }
 }
 
+/// An HPACK decoder that refuses dynamic-table size updates above what the agent advertised.
+fn bounded_decoder() -> loona_hpack::Decoder<'static> {
+    let mut d = loona_hpack::Decoder::new();
+    d.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+    d
+}
+
 /// Whether h2 would accept this `:authority`.
 fn valid_authority(v: &[u8]) -> bool {
     http::uri::Authority::try_from(v).is_ok()
@@ -358,7 +444,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                         continue;
                     }
                     me.input.extend_from_slice(rb.filled());
-                    me.process()?;
+                    if let Err(v) = me.process() {
+                        tracing::warn!(reason = %v, "closing a Workload API connection that broke the HTTP/2 limits");
+                        // Nothing more is read from this client; free what it made us hold.
+                        me.eof = true;
+                        me.input = BytesMut::new();
+                        me.output = BytesMut::new();
+                        me.block = None;
+                        me.raw_block = Vec::new();
+                        return Poll::Ready(Err(v.into()));
+                    }
                 }
             }
         }
@@ -465,6 +560,131 @@ mod tests {
             b":path".to_vec(),
             b"/SpiffeWorkloadAPI/FetchX509SVID".to_vec()
         )));
+    }
+
+    /// A connection's bytes: preface, then the frames.
+    fn connection(frames: &[Vec<u8>]) -> Vec<u8> {
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        for f in frames {
+            input.extend(f);
+        }
+        input
+    }
+
+    /// Splits a header block into a HEADERS frame and CONTINUATIONs of at most `MAX_FRAME`.
+    fn header_frames(block: &[u8]) -> Vec<Vec<u8>> {
+        let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
+        chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let last = if i + 1 == chunks.len() {
+                    END_HEADERS
+                } else {
+                    0
+                };
+                frame(if i == 0 { HEADERS } else { CONTINUATION }, last, 1, c)
+            })
+            .collect()
+    }
+
+    async fn violation(input: Vec<u8>) -> io::Error {
+        let mut fix = AuthorityFix::new(std::io::Cursor::new(input));
+        let mut out = Vec::new();
+        let err = fix.read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        err
+    }
+
+    /// The expansion bomb: one ~4 KB literal entered into the dynamic table, then one-byte
+    /// references to it. Unbounded, 250,000 references decode to ~1 GB.
+    fn bomb(references: usize) -> Vec<u8> {
+        let mut block = vec![0x40]; // literal with incremental indexing, new name
+        encode_int(&mut block, 1, 7, 0);
+        block.push(b'x');
+        encode_int(&mut block, 4000, 7, 0);
+        block.extend(std::iter::repeat_n(b'a', 4000));
+        block.extend(std::iter::repeat_n(0xbe, references)); // index 62: that entry
+        block
+    }
+
+    #[tokio::test]
+    async fn an_hpack_expansion_bomb_closes_the_connection() {
+        // Small enough to pass the block limit: the decoded-list budget stops it.
+        let small = bomb(10_000);
+        assert!(small.len() <= MAX_HEADER_BLOCK);
+        let err = violation(connection(&header_frames(&small))).await;
+        assert!(err.to_string().contains("header list"), "{err}");
+        // The full-size bomb never gets as far as the decoder.
+        let err = violation(connection(&header_frames(&bomb(250_000)))).await;
+        assert!(err.to_string().contains("header block"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_table_size_update_above_the_advertised_size_is_refused() {
+        let mut block = Vec::new();
+        encode_int(&mut block, 1 << 27, 5, 0x20);
+        block.push(0x82); // :method GET
+        let err = violation(connection(&header_frames(&block))).await;
+        assert!(err.to_string().contains("HPACK"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_refused_before_its_payload_arrives() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let mut head = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        head.extend_from_slice(&[0xff, 0xff, 0xff, HEADERS, 0, 0, 0, 0, 1]);
+        tokio::io::AsyncWriteExt::write_all(&mut client, &head)
+            .await
+            .unwrap();
+        let mut fix = AuthorityFix::new(server);
+        let mut buf = vec![0u8; 1024];
+        let mut seen = Vec::new();
+        let err = loop {
+            match fix.read(&mut buf).await {
+                Ok(0) => panic!("EOF instead of a refusal"),
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("max frame size"), "{err}");
+        assert!(seen.len() <= PREFACE_LEN);
+        // A large DATA frame is refused as well, even on a passthrough connection.
+        let data = frame(0x0, 0, 1, &vec![0; MAX_FRAME + 1]);
+        let err = violation(connection(&[data])).await;
+        assert!(err.to_string().contains("max frame size"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_empty_continuations_is_refused() {
+        let mut frames = vec![frame(HEADERS, 0, 1, &[0x82])];
+        frames.extend((0..10_000).map(|_| frame(CONTINUATION, 0, 1, &[])));
+        let err = violation(connection(&frames)).await;
+        assert!(err.to_string().contains("header block"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_inside_a_header_block_is_refused() {
+        let frames = [
+            frame(HEADERS, 0, 1, &[0x82]),
+            frame(0x0, 0, 1, &[0; 4]),
+            frame(CONTINUATION, END_HEADERS, 1, &[0x84]),
+        ];
+        let err = violation(connection(&frames)).await;
+        assert!(err.to_string().contains("inside a header block"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_large_but_legal_request_still_passes() {
+        let mut enc = loona_hpack::Encoder::new();
+        let value = vec![b'v'; 12 * 1024];
+        let block = enc.encode(vec![
+            (&b":authority"[..], &b"tmp%2Fagent%2Fapi.sock"[..]),
+            (b"x-big", &value[..]),
+        ]);
+        let headers = decode_headers(&run(connection(&header_frames(&block))).await);
+        assert!(headers.contains(&(b"x-big".to_vec(), value)));
+        assert!(headers.contains(&(b":authority".to_vec(), b"localhost".to_vec())));
     }
 
     #[tokio::test]
