@@ -161,7 +161,7 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
         _ => {
             let token = match cfg.node_attestor {
                 NodeAttestor::JoinToken => join_token
-                    .or(cfg.join_token.clone())
+                    .or_else(|| cfg.join_token.as_ref().map(|t| t.expose().to_string()))
                     .ok_or(RunError::NoJoinToken)?,
                 NodeAttestor::K8sPsat { .. } => String::new(),
             };

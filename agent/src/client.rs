@@ -128,7 +128,7 @@ impl ServerClient {
             .iter()
             .map(|c| CertificateDer::from(c.to_vec()))
             .collect();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.to_vec()));
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key.expose().to_vec()));
         let cfg = continuity_common::tls::client_config(
             self.roots.clone(),
             self.server_id.clone(),

@@ -143,8 +143,8 @@ pub struct Config {
     pub socket_path: PathBuf,
     /// Trust bootstrap.
     pub bootstrap: Bootstrap,
-    /// Join token.
-    pub join_token: Option<String>,
+    /// Join token (redacted in `Debug`).
+    pub join_token: Option<continuity_common::secret::SecretString>,
     /// Sync interval.
     pub sync_interval: Duration,
     /// Unix attestor (None = disabled).
@@ -252,7 +252,7 @@ impl Config {
                 .unwrap_or_else(|| "/var/lib/continuity/agent".into()),
             socket_path: f.socket_path.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
             bootstrap,
-            join_token: f.join_token.filter(|t| !t.is_empty()),
+            join_token: f.join_token.filter(|t| !t.is_empty()).map(Into::into),
             sync_interval,
             unix,
             k8s,

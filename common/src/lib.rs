@@ -7,6 +7,8 @@
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a trust bundle.
 //! - [`clock`]: time as a parameter, so rotation and expiry are testable without sleeping.
 //! - [`logging`]: `log_level` / `log_format` set-up.
+//! - [`secret`]: key bytes and PINs that are wiped on drop and redacted in `Debug`.
+//! - [`rand`]: OS randomness whose failure is an error.
 #![forbid(unsafe_code)]
 
 pub mod clock;
@@ -19,6 +21,8 @@ pub mod https;
 pub mod jwk;
 pub mod jwt;
 pub mod logging;
+pub mod rand;
+pub mod secret;
 pub mod spiffe_id;
 pub mod tls;
 pub mod x509;

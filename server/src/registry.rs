@@ -20,6 +20,9 @@ pub enum RegistryError {
     /// No such entry or agent.
     #[error("{0} not found")]
     NotFound(String),
+    /// No randomness for an id.
+    #[error(transparent)]
+    Rng(#[from] continuity_common::rand::RngError),
 }
 
 #[derive(Default)]
@@ -87,20 +90,19 @@ impl std::fmt::Debug for Registry {
 }
 
 /// A new random id (UUID v4 form).
-pub fn new_uuid() -> String {
-    let mut b = [0u8; 16];
-    let _ = aws_lc_rs::rand::fill(&mut b);
+pub fn new_uuid() -> Result<String, continuity_common::rand::RngError> {
+    let mut b = continuity_common::rand::array::<16>()?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!(
+    Ok(format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
         &h[8..12],
         &h[12..16],
         &h[16..20],
         &h[20..32]
-    )
+    ))
 }
 
 impl Registry {
@@ -142,7 +144,7 @@ impl Registry {
         if let Some(dup) = self.find_duplicate(&e, None) {
             return Err(RegistryError::Duplicate(dup));
         }
-        e.id = new_uuid();
+        e.id = new_uuid()?;
         e.created_at = self.clock.unix();
         let stored = self.store.create_entry(e).await?;
         let arc = Arc::new(stored.clone());

@@ -193,7 +193,7 @@ impl WorkloadHandler {
                 .map(|i| X509svid {
                     spiffe_id: i.spiffe_id.clone(),
                     x509_svid: i.x509_svid.to_vec(),
-                    x509_svid_key: i.key.to_vec(),
+                    x509_svid_key: i.key.expose().to_vec(),
                     bundle: snap.bundle.x509.to_vec(),
                     hint: i.hint.clone(),
                 })

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use continuity_attestors::Selector;
+use continuity_common::secret::SecretBytes;
 use serde::{Deserialize, Serialize};
 
 /// Base64 (standard) for byte fields in the state file.
@@ -23,19 +24,20 @@ mod b64 {
         STANDARD.decode(s).map_err(serde::de::Error::custom)
     }
 
-    /// Shared bytes (no copy when the snapshot reuses them).
-    pub mod bytes {
+    /// Key bytes: decoded straight into a [`SecretBytes`](continuity_common::secret::SecretBytes).
+    pub mod secret {
         use super::*;
+        use continuity_common::secret::{SecretBytes, Zeroizing};
 
-        pub fn serialize<S: Serializer>(v: &::bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
-            s.serialize_str(&STANDARD.encode(v))
+        pub fn serialize<S: Serializer>(v: &SecretBytes, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(&Zeroizing::new(STANDARD.encode(v.expose())))
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<::bytes::Bytes, D::Error> {
-            let s = String::deserialize(d)?;
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SecretBytes, D::Error> {
+            let s = Zeroizing::new(String::deserialize(d)?);
             STANDARD
-                .decode(s)
-                .map(::bytes::Bytes::from)
+                .decode(s.as_bytes())
+                .map(SecretBytes::new)
                 .map_err(serde::de::Error::custom)
         }
     }
@@ -128,9 +130,9 @@ pub struct Svid {
     /// DER certificates, leaf first.
     #[serde(with = "b64::bytes_list")]
     pub chain: Vec<Bytes>,
-    /// PKCS#8 private key.
-    #[serde(with = "b64::bytes")]
-    pub key: Bytes,
+    /// PKCS#8 private key (wiped on drop, redacted in `Debug`).
+    #[serde(with = "b64::secret")]
+    pub key: SecretBytes,
     /// NotAfter, Unix seconds.
     pub expires_at: i64,
     /// When the agent received it, Unix seconds.
@@ -257,8 +259,8 @@ pub struct Identity {
     pub hint: String,
     /// Concatenated DER chain.
     pub x509_svid: Bytes,
-    /// PKCS#8 key.
-    pub key: Bytes,
+    /// PKCS#8 key (shared with the SVID it came from; wiped when the last holder drops it).
+    pub key: SecretBytes,
     /// NotAfter.
     pub expires_at: i64,
     /// Unique per SVID the agent ever held: a changed generation means "send again".
@@ -382,5 +384,38 @@ fn publish_bundle(b: &BundleState) -> PublishedBundle {
             .iter()
             .map(|k| (k.kid.clone(), k.public_key.clone()))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_keys_never_print_and_survive_the_state_file() {
+        let key = b"PKCS8-PRIVATE-KEY-BYTES".to_vec();
+        let svid = Svid {
+            chain: vec![Bytes::from_static(b"cert")],
+            key: SecretBytes::new(key.clone()),
+            expires_at: 2,
+            issued_at: 1,
+            rotate_at: 1,
+        };
+        let state = PersistedState {
+            agent_svid: Some(svid.clone()),
+            svids: [("e".to_string(), svid.clone())].into(),
+            ..Default::default()
+        };
+        for shown in [format!("{svid:?}"), format!("{state:?}")] {
+            assert!(!shown.contains("PKCS8"), "{shown}");
+            assert!(shown.contains("redacted"), "{shown}");
+        }
+        let json = serde_json::to_string(&state).unwrap();
+        let back: PersistedState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.agent_svid.as_ref().unwrap().key.expose(), &key[..]);
+        let snap = Snapshot::build(&back, None);
+        for id in &snap.identities {
+            assert!(!format!("{id:?}").contains("PKCS8"));
+        }
     }
 }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use continuity_common::Clock;
+use continuity_common::secret::SecretBytes;
 use continuity_proto::agent::{
     BatchNewX509svidRequest, FetchBundleRequest, NewJwtsvidRequest, NewX509svidParams,
     RenewAgentRequest, SyncAuthorizedEntriesRequest,
@@ -27,24 +28,22 @@ use crate::storage::Storage;
 /// Most CSRs sent in one batch (the server's limit).
 pub const MAX_BATCH: usize = 500;
 
-/// A fresh P-256 key (PKCS#8) and a CSR for it.
-pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), String> {
+/// A fresh P-256 key (PKCS#8, held as a secret from the start) and a CSR for it.
+pub fn new_key_and_csr() -> Result<(SecretBytes, Vec<u8>), String> {
     let kp = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params.serialize_request(&kp).map_err(|e| e.to_string())?;
-    Ok((kp.serialize_der(), csr.der().to_vec()))
+    Ok((SecretBytes::new(kp.serialize_der()), csr.der().to_vec()))
 }
 
 fn now_unix() -> i64 {
     continuity_common::clock::unix_seconds(std::time::SystemTime::now())
 }
 
-/// A random fraction in [0, 1).
+/// A random fraction in [0, 1) (spreads rotations; not a secret).
 fn jitter() -> f64 {
-    let mut b = [0u8; 4];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
+    continuity_common::rand::jitter_fraction()
 }
 
 /// When to rotate an SVID valid from `issued` to `expires`: at half-life, minus up to 10% of
@@ -55,12 +54,12 @@ pub fn rotate_at(issued: i64, expires: i64) -> i64 {
 }
 
 /// Builds an [`Svid`] from the server's answer and the key we generated.
-pub fn svid_from_proto(s: continuity_proto::types::X509svid, key: Vec<u8>) -> Svid {
+pub fn svid_from_proto(s: continuity_proto::types::X509svid, key: SecretBytes) -> Svid {
     let issued = now_unix();
     Svid {
         rotate_at: rotate_at(issued, s.expires_at),
         chain: s.cert_chain.into_iter().map(bytes::Bytes::from).collect(),
-        key: key.into(),
+        key,
         expires_at: s.expires_at,
         issued_at: issued,
     }
@@ -379,7 +378,7 @@ impl Manager {
                 .batch_new_x509svid(BatchNewX509svidRequest { params })
                 .await?
                 .into_inner();
-            let mut keys: HashMap<String, Vec<u8>> =
+            let mut keys: HashMap<String, SecretBytes> =
                 keys.into_iter().map(|(id, k, _)| (id, k)).collect();
             for r in resp.results {
                 match (r.status.as_ref().map(|s| s.code), r.svid) {

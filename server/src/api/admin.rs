@@ -287,9 +287,9 @@ impl TokenAdmin for AdminService {
             "" => None,
             s => Some(self.id_in_domain("spiffe_id", s)?.to_string()),
         };
-        let token = crate::registry::new_uuid();
-        let mut idb = [0u8; 8];
-        let _ = aws_lc_rs::rand::fill(&mut idb);
+        let rng = |e: continuity_common::rand::RngError| Status::unavailable(e.to_string());
+        let token = crate::registry::new_uuid().map_err(rng)?;
+        let idb = continuity_common::rand::array::<8>().map_err(rng)?;
         let expires_at = self.clock.unix() + ttl;
         self.store
             .create_join_token(JoinToken {

@@ -82,6 +82,10 @@ pub fn registry_status(e: RegistryError) -> Status {
             tracing::error!(error = %e, "datastore failure");
             Status::unavailable(e.to_string())
         }
+        RegistryError::Rng(_) => {
+            tracing::error!(error = %e, "no randomness for a new id");
+            Status::unavailable(e.to_string())
+        }
     }
 }
 

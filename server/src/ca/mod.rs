@@ -35,6 +35,9 @@ pub enum CaError {
     /// rcgen refused to sign.
     #[error("signing failed: {0}")]
     Sign(String),
+    /// No randomness for a serial number or key id.
+    #[error(transparent)]
+    Rng(#[from] continuity_common::rand::RngError),
 }
 
 /// What the CA needs from the config.
@@ -145,10 +148,9 @@ impl std::fmt::Debug for CaManager {
     }
 }
 
-fn random_id(prefix: &str, now: i64) -> String {
-    let mut b = [0u8; 6];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    format!("{prefix}-{now}-{}", hex::encode(b))
+fn random_id(prefix: &str, now: i64) -> Result<String, CaError> {
+    let b = continuity_common::rand::array::<6>()?;
+    Ok(format!("{prefix}-{now}-{}", hex::encode(b)))
 }
 
 impl CaManager {
@@ -288,7 +290,7 @@ impl CaManager {
             KeyPurpose::X509 => ("x509-ca", self.cfg.x509_key_type),
             KeyPurpose::Jwt => ("jwt", self.cfg.jwt_key_type),
         };
-        let key_id = random_id(prefix, now);
+        let key_id = random_id(prefix, now)?;
         let key = self.keys.generate(&key_id, key_type).await?;
         let (cert_der, kid) = match purpose {
             KeyPurpose::X509 => {
@@ -301,8 +303,7 @@ impl CaManager {
                 (cert.der().to_vec(), String::new())
             }
             KeyPurpose::Jwt => {
-                let mut b = [0u8; 16];
-                let _ = aws_lc_rs::rand::fill(&mut b);
+                let b = continuity_common::rand::array::<16>()?;
                 (
                     Vec::new(),
                     base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b),

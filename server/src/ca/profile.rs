@@ -15,12 +15,11 @@ use super::CaError;
 use crate::keys::KeyHandle;
 
 /// A random positive 128-bit serial number.
-pub fn random_serial() -> SerialNumber {
-    let mut b = [0u8; 16];
-    let _ = aws_lc_rs::rand::fill(&mut b);
+pub fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut b = continuity_common::rand::array::<16>()?;
     b[0] &= 0x7f;
     b[0] |= 0x01;
-    SerialNumber::from_slice(&b)
+    Ok(SerialNumber::from_slice(&b))
 }
 
 fn at(unix: i64) -> Result<OffsetDateTime, CaError> {
@@ -39,7 +38,7 @@ pub fn ca_params(
     dn.push(DnType::CommonName, format!("Continuity CA {trust_domain}"));
     // A distinct subject per CA (as SPIRE does with serialNumber), so roots in one bundle
     // never share a name and path builders need not rely on key identifiers alone.
-    let serial = random_serial();
+    let serial = random_serial()?;
     dn.push(
         DnType::CustomDnType(vec![2, 5, 4, 5]),
         hex::encode(serial.to_bytes()),
@@ -101,7 +100,7 @@ pub fn svid_params(
     p.use_authority_key_identifier_extension = true;
     p.not_before = at(not_before)?;
     p.not_after = at(not_after)?;
-    p.serial_number = Some(random_serial());
+    p.serial_number = Some(random_serial()?);
     Ok(p)
 }
 

@@ -10,6 +10,7 @@ pub mod model;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
+use continuity_common::secret::Zeroizing;
 use continuity_common::{Clock, SpiffeId, TrustDomain};
 
 use self::model::{
@@ -57,13 +58,18 @@ type Result<T> = std::result::Result<T, EngineError>;
 /// Unsealed (or in-token) material of one key version.
 #[derive(Clone)]
 enum Material {
-    Signer(Arc<dyn KeyHandle>, Option<Arc<Vec<u8>>>),
-    Aes(Arc<dyn AesKey>, Option<Arc<Vec<u8>>>),
+    Signer(Arc<dyn KeyHandle>, Option<Arc<Zeroizing<Vec<u8>>>>),
+    Aes(Arc<dyn AesKey>, Option<Arc<Zeroizing<Vec<u8>>>>),
 }
 
-/// AES-256-GCM with the key in process memory (transit and kv custody).
-#[derive(Debug)]
-struct SoftAes(Vec<u8>);
+/// AES-256-GCM with the key in process memory (transit and kv custody); wiped on drop.
+struct SoftAes(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for SoftAes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SoftAes(..)")
+    }
+}
 
 impl AesKey for SoftAes {
     fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> std::result::Result<Vec<u8>, KeyError> {
@@ -639,11 +645,11 @@ impl Engines {
                 v.sealed = Some(kek.seal(sk.pkcs8(), aad.as_bytes())?);
                 v.mechanism = kek.mechanism().into();
                 v.public_key = sk.spki_der();
-                let export = Arc::new(sk.pkcs8().to_vec());
+                let export = Arc::new(Zeroizing::new(sk.pkcs8().to_vec()));
                 Material::Signer(Arc::new(sk), Some(export))
             }
             (_, None) => {
-                let raw = crate::keys::aes::generate()?;
+                let raw = Zeroizing::new(crate::keys::aes::generate()?);
                 let kek = self.keys.kek(KEK_ID).await?;
                 v.sealed = Some(kek.seal(&raw, aad.as_bytes())?);
                 v.mechanism = kek.mechanism().into();
@@ -686,13 +692,14 @@ impl Engines {
         } else {
             let sealed = v.sealed.as_ref().ok_or_else(gone)?;
             let kek = self.keys.kek(KEK_ID).await?;
-            let raw = kek.open(sealed, binding(&v.engine, &v.key, v.version).as_bytes())?;
+            let raw =
+                Zeroizing::new(kek.open(sealed, binding(&v.engine, &v.key, v.version).as_bytes())?);
             match key.algorithm.key_type() {
                 Some(kt) => {
                     let sk = SoftwareKey::from_pkcs8(
                         &binding(&v.engine, &v.key, v.version),
                         kt,
-                        raw.clone(),
+                        raw.to_vec(),
                     )?;
                     Material::Signer(Arc::new(sk), Some(Arc::new(raw)))
                 }

@@ -258,8 +258,14 @@ pub mod aes {
     }
 }
 
-/// A software KEK (memory and disk key managers).
+/// A software KEK (memory and disk key managers); wiped on drop.
 pub struct SoftwareKek(pub Vec<u8>);
+
+impl Drop for SoftwareKek {
+    fn drop(&mut self) {
+        continuity_common::secret::Zeroize::zeroize(&mut self.0);
+    }
+}
 
 impl fmt::Debug for SoftwareKek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

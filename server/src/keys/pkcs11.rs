@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use continuity_common::secret::Zeroizing;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -129,7 +130,7 @@ impl Pkcs11KeyManager {
             ))
         })?;
         let session = ctx.open_rw_session(slot).map_err(ck("open session"))?;
-        match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
+        match session.login(UserType::User, Some(&AuthPin::new(pin.as_str().into()))) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(e) => {
                 return Err(KeyError::Pkcs11(format!(
@@ -253,22 +254,27 @@ impl Pkcs11KeyManager {
     }
 }
 
-fn read_pin(pin: &PinSource) -> Result<String, KeyError> {
-    match pin {
+/// The PIN, held so that it is wiped when dropped.
+fn read_pin(pin: &PinSource) -> Result<Zeroizing<String>, KeyError> {
+    let pin = match pin {
         PinSource::Env(var) => std::env::var(var).map_err(|_| {
             KeyError::Pkcs11(format!(
                 "environment variable {var} (key_manager.pin_env) is not set"
             ))
         }),
         PinSource::File(path) => std::fs::read_to_string(path)
-            .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+            .map(|s| {
+                let s = Zeroizing::new(s);
+                s.trim_end_matches(['\n', '\r']).to_string()
+            })
             .map_err(|e| {
                 KeyError::Pkcs11(format!(
                     "cannot read key_manager.pin_file {}: {e}",
                     path.display()
                 ))
             }),
-    }
+    }?;
+    Ok(Zeroizing::new(pin))
 }
 
 fn public_key_raw(s: &Session, pubh: ObjectHandle, key_type: KeyType) -> Result<Vec<u8>, KeyError> {

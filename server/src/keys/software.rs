@@ -29,6 +29,13 @@ impl std::fmt::Debug for SoftwareKey {
     }
 }
 
+impl Drop for SoftwareKey {
+    fn drop(&mut self) {
+        // aws-lc wipes its own copy when the key pair is freed; this is ours.
+        continuity_common::secret::Zeroize::zeroize(&mut self.pkcs8);
+    }
+}
+
 fn ec_alg(t: KeyType) -> &'static signature::EcdsaSigningAlgorithm {
     match t {
         KeyType::EcP384 => &signature::ECDSA_P384_SHA384_ASN1_SIGNING,
