@@ -39,12 +39,20 @@ fn pod_list() -> serde_json::Value {
     })
 }
 
-/// A real cgroup named like a kubelet's (cgroupfs driver): in the cgroup v1 `pids` hierarchy,
-/// or in a cgroup v2 hierarchy, whichever this machine mounts writable.
-struct PodCgroup(std::path::PathBuf);
+/// A real cgroup at `rel` below the root of the cgroup v1 `pids` hierarchy, or of a cgroup v2
+/// hierarchy, whichever this machine mounts writable. Named like a kubelet's (cgroupfs driver)
+/// for a real pod, or anything else for a forgery. Removes the directories it made on drop.
+struct PodCgroup {
+    dir: std::path::PathBuf,
+    made: Vec<std::path::PathBuf>,
+}
 
 impl PodCgroup {
     fn create() -> Self {
+        Self::at(&format!("kubepods/besteffort/pod{POD_UID}/{CID}"))
+    }
+
+    fn at(rel: &str) -> Self {
         let roots = [
             "/sys/fs/cgroup/pids",
             "/sys/fs/cgroup/unified",
@@ -55,25 +63,69 @@ impl PodCgroup {
             if !Path::new(root).join("cgroup.procs").exists() {
                 continue;
             }
-            let dir = Path::new(root).join(format!("kubepods/besteffort/pod{POD_UID}/{CID}"));
-            match std::fs::create_dir_all(&dir) {
-                Ok(()) if dir.join("cgroup.procs").exists() => return Self(dir),
-                Ok(()) => tried.push(format!("{}: no cgroup.procs", dir.display())),
-                Err(e) => tried.push(format!("{}: {e}", dir.display())),
+            let mut made = Vec::new();
+            let mut dir = Path::new(root).to_path_buf();
+            let mut result = Ok(());
+            for seg in rel.split('/') {
+                dir.push(seg);
+                match std::fs::create_dir(&dir) {
+                    Ok(()) => made.push(dir.clone()),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            let cg = Self { dir, made };
+            match result {
+                Ok(()) if cg.dir.join("cgroup.procs").exists() => return cg,
+                Ok(()) => tried.push(format!("{}: no cgroup.procs", cg.dir.display())),
+                Err(e) => tried.push(format!("{}: {e}", cg.dir.display())),
             }
         }
         panic!(
             "cannot create a pod cgroup (needs root and a writable cgroup hierarchy): {tried:?}"
         );
     }
+
+    /// Starts `program args` as uid/gid `uid`, moves it into this cgroup before it runs (the
+    /// shell waits for a line on stdin, then execs), and returns its output.
+    fn run_as(&self, uid: u32, program: &Path, args: &[&str]) -> std::process::Output {
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg("read _ && exec \"$0\" \"$@\"")
+            .arg(program)
+            .args(args)
+            .uid(uid)
+            .gid(uid)
+            .current_dir("/")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::fs::write(self.dir.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            cgroup.contains(self.dir.file_name().unwrap().to_str().unwrap()),
+            "the workload was not moved into {}: {cgroup}",
+            self.dir.display()
+        );
+        out
+    }
 }
 
 impl Drop for PodCgroup {
     fn drop(&mut self) {
-        let mut d = self.0.clone();
-        for _ in 0..4 {
-            let _ = std::fs::remove_dir(&d);
-            d.pop();
+        for d in self.made.iter().rev() {
+            let _ = std::fs::remove_dir(d);
         }
     }
 }
@@ -137,7 +189,7 @@ async fn a_pod_is_attested_through_its_cgroup_and_the_kubelet() {
             .arg("-c")
             .arg(format!(
                 "echo $$ > {}/cgroup.procs && exec python3 {script} {}",
-                cg.0.display(),
+                cg.dir.display(),
                 agent.endpoint()
             ))
             .output()
@@ -228,6 +280,127 @@ async fn a_pod_is_attested_through_its_cgroup_and_the_kubelet() {
                 .join("\n")
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const VICTIM_UID: &str = "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6";
+const VICTIM_CID: &str = "b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c";
+const VICTIM_ID: &str = "spiffe://example.org/ns/bank/sa/vault";
+
+fn victim_pod_list() -> serde_json::Value {
+    serde_json::json!({
+        "kind": "PodList", "apiVersion": "v1", "metadata": {},
+        "items": [{
+            "metadata": {"name": "vault-0", "namespace": "bank", "uid": VICTIM_UID},
+            "spec": {"serviceAccountName": "vault", "nodeName": "node-a",
+                     "containers": [{"name": "vault", "image": "registry.example/vault:1"}]},
+            "status": {"phase": "Running", "containerStatuses": [{
+                "name": "vault", "image": "registry.example/vault:1", "ready": true,
+                "containerID": format!("containerd://{VICTIM_CID}")}]}
+        }]
+    })
+}
+
+/// Issue 9: an unprivileged user creates `pod<victim-uid>/<victim-cid>` cgroups in places they
+/// could own (a systemd user@.service delegation, a service's subtree, or shapes the kubelet
+/// never makes), moves a workload into each, and asks for the victim pod's SVID. Only the real
+/// kubepods placement gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_pod_cgroup_gets_no_pod_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(&dir.path().join("server"), ServerOptions::default());
+    s.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        VICTIM_ID,
+        "--parent-id",
+        ALIAS,
+        "--selector",
+        "k8s:ns:bank",
+        "--selector",
+        "k8s:sa:vault",
+    ]);
+    let (port, ca) = https_json(|method, path, _, _| match (method, path) {
+        ("GET", "/pods") => (200, victim_pod_list()),
+        _ => (404, serde_json::json!({"kind": "Status", "code": 404})),
+    })
+    .await;
+    let adir = dir.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    std::fs::write(adir.join("kubelet-ca.pem"), ca).unwrap();
+    std::fs::write(adir.join("sa-token"), "t").unwrap();
+    let extra = format!(
+        "[workload_attestors.unix]\n[workload_attestors.k8s]\nkubelet_url = \"https://127.0.0.1:{port}\"\nkubelet_ca_path = \"{}\"\ntoken_path = \"{}\"\nmax_poll_attempts = 2\npoll_retry_interval = \"100ms\"",
+        adir.join("kubelet-ca.pem").display(),
+        adir.join("sa-token").display()
+    );
+    let agent = TestAgent::start_with(&adir, &s, &s.token(Some(ALIAS)), &extra);
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let cli = continuity_tests::bin("continuity-agent");
+    let fetch = ["api", "fetch", "x509", "--socket-path", socket.as_str()];
+
+    // The victim's real placement (cgroupfs driver, burstable QoS) gets the victim's SVID, also
+    // for a workload running as nobody: this is what the forgeries below try to obtain.
+    {
+        let real = PodCgroup::at(&format!("kubepods/burstable/pod{VICTIM_UID}/{VICTIM_CID}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = real.run_as(65534, &cli, &fetch);
+            if out.status.success() {
+                assert!(String::from_utf8_lossy(&out.stdout).contains(VICTIM_ID));
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the real pod placement got nothing: {}\nagent log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    let u = VICTIM_UID.replace('-', "_");
+    let delegated = "user.slice/user-1000.slice/user@1000.service";
+    let forgeries = [
+        format!("{delegated}/app.slice/pod{VICTIM_UID}/{VICTIM_CID}"),
+        format!(
+            "{delegated}/app.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{VICTIM_CID}.scope"
+        ),
+        format!("{delegated}/kubepods/burstable/pod{VICTIM_UID}/{VICTIM_CID}"),
+        format!(
+            "{delegated}/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{VICTIM_CID}.scope"
+        ),
+        format!("system.slice/evil.service/pod{VICTIM_UID}/{VICTIM_CID}"),
+        format!("system.slice/evil.service/kubepods/pod{VICTIM_UID}/{VICTIM_CID}"),
+        format!("kubepods/burstable/extra/pod{VICTIM_UID}/{VICTIM_CID}"),
+        format!("kubepods/burstable/pod{VICTIM_UID}/{VICTIM_CID}/sub"),
+        format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{VICTIM_CID}.scope"
+        ),
+    ];
+    for rel in &forgeries {
+        let forged = PodCgroup::at(rel);
+        if rel.starts_with(delegated) {
+            // Delegated as systemd does it: the user owns their subtree.
+            for d in &forged.made {
+                std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+            }
+        }
+        let out = forged.run_as(65534, &cli, &fetch);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(
+            !out.status.success() && !stdout.contains(VICTIM_ID),
+            "a workload in the forged cgroup {rel} got the victim's SVID: {stdout}"
+        );
+        assert!(
+            stderr.contains("PermissionDenied"),
+            "{rel}: want PermissionDenied, got: {stderr}"
+        );
     }
 }
 

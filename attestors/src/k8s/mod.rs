@@ -189,26 +189,44 @@ fn s<'a>(v: &'a Value, path: &[&str]) -> &'a str {
         .unwrap_or_default()
 }
 
+/// Runtime prefixes of a kubelet `containerID` (`<runtime>://<id>`).
+const CONTAINER_ID_SCHEMES: [&str; 3] = ["containerd://", "cri-o://", "docker://"];
+
+/// The bare container ID of a kubelet `containerID`, when it has a known runtime prefix.
+fn bare_container_id(id: &str) -> Option<&str> {
+    CONTAINER_ID_SCHEMES
+        .iter()
+        .find_map(|p| id.strip_prefix(p))
+        .filter(|i| !i.is_empty())
+}
+
 /// Selectors for one container of one pod in a kubelet PodList.
+///
+/// The pod is the one item whose `metadata.uid` is `pod_uid` (none, or several, give `None`);
+/// the container is the status among `containerStatuses`, `initContainerStatuses` and
+/// `ephemeralContainerStatuses` whose `containerID`, without its `containerd://`, `cri-o://`
+/// or `docker://` prefix, is exactly `container_id` (the full ID, never a prefix). A pod
+/// matched without a container gives `None`: the cgroup path alone proves nothing.
 pub fn selectors_for(list: &Value, pod_uid: &str, container_id: &str) -> Option<Vec<Selector>> {
-    let pod = list["items"]
+    if pod_uid.is_empty() || container_id.is_empty() {
+        return None;
+    }
+    let mut pods = list["items"]
         .as_array()?
         .iter()
-        .find(|p| s(p, &["metadata", "uid"]) == pod_uid)?;
-    let statuses = pod["status"]["containerStatuses"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .chain(
-            pod["status"]["initContainerStatuses"]
-                .as_array()
-                .into_iter()
-                .flatten(),
-        );
-    let status = statuses.into_iter().find(|c| {
-        let id = s(c, &["containerID"]);
-        id.rsplit_once("://").map_or(id, |(_, i)| i) == container_id
-    })?;
+        .filter(|p| s(p, &["metadata", "uid"]) == pod_uid);
+    let pod = pods.next()?;
+    if pods.next().is_some() {
+        return None;
+    }
+    let status = [
+        "containerStatuses",
+        "initContainerStatuses",
+        "ephemeralContainerStatuses",
+    ]
+    .iter()
+    .flat_map(|k| pod["status"][*k].as_array().into_iter().flatten())
+    .find(|c| bare_container_id(s(c, &["containerID"])) == Some(container_id))?;
     let k = |v: String| Selector::raw("k8s", v);
     let mut out = vec![
         k(format!("ns:{}", s(pod, &["metadata", "namespace"]))),
@@ -281,5 +299,76 @@ mod tests {
         }
         assert!(selectors_for(&list, "u-1", "other").is_none());
         assert!(selectors_for(&list, "u-2", "abc").is_none());
+    }
+
+    const CID: &str = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961";
+
+    fn pod(uid: &str, statuses: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": "p", "namespace": "ns", "uid": uid},
+            "spec": {"serviceAccountName": "sa", "containers": [{"name": "app", "image": "i"}]},
+            "status": statuses
+        })
+    }
+
+    #[test]
+    fn the_container_id_must_be_one_of_the_pods_containers() {
+        let list = |items: Vec<serde_json::Value>| serde_json::json!({"items": items});
+        let st = |key: &str, id: &str| serde_json::json!({key: [{"name": "c", "image": "i", "containerID": id}]});
+        for (key, scheme) in [
+            ("containerStatuses", "containerd://"),
+            ("initContainerStatuses", "cri-o://"),
+            ("ephemeralContainerStatuses", "docker://"),
+        ] {
+            let l = list(vec![pod("u-1", st(key, &format!("{scheme}{CID}")))]);
+            let sel = selectors_for(&l, "u-1", CID).unwrap_or_else(|| panic!("{key}"));
+            assert!(sel.iter().any(|s| s.to_string() == "k8s:container-name:c"));
+        }
+        for (what, id) in [
+            ("no scheme", CID.to_string()),
+            ("unknown scheme", format!("evil://{CID}")),
+            (
+                "scheme inside another",
+                format!("evil://containerd://{CID}"),
+            ),
+            ("upper-case scheme", format!("CONTAINERD://{CID}")),
+            ("longer id", format!("containerd://{CID}0")),
+            ("prefix of the id", format!("containerd://{}", &CID[..12])),
+            ("empty", String::new()),
+        ] {
+            let l = list(vec![pod("u-1", st("containerStatuses", &id))]);
+            assert!(selectors_for(&l, "u-1", CID).is_none(), "{what}");
+        }
+        // The container of another pod does not count for this pod.
+        let l = list(vec![
+            pod("u-1", st("containerStatuses", "containerd://other")),
+            pod(
+                "u-2",
+                st("containerStatuses", &format!("containerd://{CID}")),
+            ),
+        ]);
+        assert!(selectors_for(&l, "u-1", CID).is_none());
+        // A pod with no statuses yet, and a UID listed twice, give nothing.
+        assert!(
+            selectors_for(&list(vec![pod("u-1", serde_json::json!({}))]), "u-1", CID).is_none()
+        );
+        let twice = st("containerStatuses", &format!("containerd://{CID}"));
+        assert!(
+            selectors_for(
+                &list(vec![pod("u-1", twice.clone()), pod("u-1", twice)]),
+                "u-1",
+                CID
+            )
+            .is_none()
+        );
+        // Empty IDs never match an empty field.
+        assert!(
+            selectors_for(
+                &list(vec![pod("", st("containerStatuses", "containerd://"))]),
+                "",
+                ""
+            )
+            .is_none()
+        );
     }
 }
