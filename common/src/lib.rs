@@ -7,12 +7,15 @@
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a trust bundle.
 //! - [`clock`]: time as a parameter, so rotation and expiry are testable without sleeping.
 //! - [`logging`]: `log_level` / `log_format` set-up.
+//! - [`fsperm`]: socket, state and key directories opened without following symlinks and
+//!   refused when another user could have made or changed them.
 #![forbid(unsafe_code)]
 
 pub mod clock;
 pub mod config;
 pub mod der;
 pub mod duration;
+pub mod fsperm;
 pub mod grpc;
 pub mod http;
 pub mod https;
