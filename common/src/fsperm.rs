@@ -474,8 +474,13 @@ mod tests {
         let open = d.join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = secure_dir(&open, 0o755, "test dir").unwrap_err().to_string();
-        assert!(e.contains("mode 0777") && e.contains(&*open.to_string_lossy()), "{e}");
+        let e = secure_dir(&open, 0o755, "test dir")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mode 0777") && e.contains(&*open.to_string_lossy()),
+            "{e}"
+        );
         // Also as a parent on the way.
         let e = secure_dir(&open.join("sub"), 0o755, "test dir")
             .unwrap_err()
@@ -487,14 +492,18 @@ mod tests {
         std::fs::create_dir(&real).unwrap();
         let link = d.join("link");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        let e = secure_dir(&link, 0o755, "test dir").unwrap_err().to_string();
+        let e = secure_dir(&link, 0o755, "test dir")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("symbolic link"), "{e}");
 
         if rustix::process::geteuid().is_root() {
             let theirs = d.join("theirs");
             std::fs::create_dir(&theirs).unwrap();
             std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
-            let e = secure_dir(&theirs, 0o755, "test dir").unwrap_err().to_string();
+            let e = secure_dir(&theirs, 0o755, "test dir")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("owned by uid 65534 (expected 0)"), "{e}");
         }
         let _ = std::fs::remove_dir_all(d);
