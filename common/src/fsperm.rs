@@ -324,21 +324,21 @@ impl Walk {
             }
         }
         let mut follow = false;
-        if let Some(st) = existing {
-            if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
-                if last {
-                    return Err(FsPermError::Symlink {
-                        what: what.into(),
-                        path: self.path.clone(),
-                        uid: st.st_uid,
-                        mode: perm(&st),
-                    });
-                }
-                // Only the administrator (root or us) can have made it; its target is
-                // checked below like any directory on the way.
-                self.check_owner(&format!("{what} (symbolic link)"), &st)?;
-                follow = true;
+        if let Some(st) = existing
+            && FileType::from_raw_mode(st.st_mode) == FileType::Symlink
+        {
+            if last {
+                return Err(FsPermError::Symlink {
+                    what: what.into(),
+                    path: self.path.clone(),
+                    uid: st.st_uid,
+                    mode: perm(&st),
+                });
             }
+            // Only the administrator (root or us) can have made it; its target is checked
+            // below like any directory on the way.
+            self.check_owner(&format!("{what} (symbolic link)"), &st)?;
+            follow = true;
         }
         // Directories we create or set a mode on are opened for reading (fchmod needs it);
         // the others on the way only as a path, which needs no read permission.
