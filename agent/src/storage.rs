@@ -1,8 +1,13 @@
-//! The agent's state on disk: one JSON file in `data_dir`, mode 0600 (it holds private keys),
-//! replaced atomically (temp file, fsync, rename) so a crash never leaves half a state.
+//! The agent's state on disk: one JSON file in `data_dir` (0700, refused if another user could
+//! have made or changed it), mode 0600 (it holds private keys), replaced atomically (temp file,
+//! fsync, rename) so a crash never leaves half a state.
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::ffi::OsStr;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use continuity_common::fsperm::{FsPermError, SecureDir, secure_dir};
 
 use serde::{Deserialize, Serialize};
 
@@ -14,16 +19,9 @@ pub const STATE_FILE: &str = "agent-state.json";
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    /// Reading or writing failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
+    /// data_dir cannot be trusted, or a file in it cannot be read or written.
+    #[error(transparent)]
+    Fs(#[from] FsPermError),
     /// The file exists but is not a state this agent can read.
     #[error(
         "state file {path} is corrupt ({reason}); move it away to start over with a new join token"
@@ -36,10 +34,10 @@ pub enum StorageError {
     },
 }
 
-/// The on-disk state of one agent.
+/// The on-disk state of one agent: the verified data_dir, held open.
 #[derive(Debug, Clone)]
 pub struct Storage {
-    dir: PathBuf,
+    dir: Arc<SecureDir>,
 }
 
 #[derive(Serialize)]
@@ -55,86 +53,38 @@ struct Versioned {
 }
 
 impl Storage {
-    /// Opens (creating with 0700) the data directory.
+    /// Opens (creating with 0700) the data directory, refusing one another user could have
+    /// made or changed (see [`continuity_common::fsperm`]).
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| StorageError::Io {
-                what: "cannot create data_dir",
-                path: dir.into(),
-                source,
-            })?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
-            |source| StorageError::Io {
-                what: "cannot restrict data_dir",
-                path: dir.into(),
-                source,
-            },
-        )?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        let dir = secure_dir(dir, 0o700, "data_dir")?;
+        Ok(Self { dir: Arc::new(dir) })
     }
 
     /// Path of the state file.
     pub fn path(&self) -> PathBuf {
-        self.dir.join(STATE_FILE)
+        self.dir.path().join(STATE_FILE)
     }
 
-    /// Loads the saved state, if any.
+    /// Loads the saved state, if any (read through the directory's descriptor, no symlinks).
     pub fn load(&self) -> Result<Option<PersistedState>, StorageError> {
-        let path = self.path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StorageError::Io {
-                    what: "cannot read",
-                    path,
-                    source,
-                });
-            }
+        let Some(bytes) = self.dir.read(OsStr::new(STATE_FILE))? else {
+            return Ok(None);
         };
         let v: Versioned = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-            path,
+            path: self.path(),
             reason: e.to_string(),
         })?;
         Ok(Some(v.state))
     }
 
-    /// Saves the state atomically with mode 0600.
+    /// Saves the state atomically with mode 0600 (temp file created `O_EXCL | O_NOFOLLOW` in
+    /// data_dir, fsync, rename).
     pub fn save(&self, state: &PersistedState) -> Result<(), StorageError> {
-        use std::io::BufWriter;
-        let path = self.path();
-        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let io = |source| StorageError::Io {
-            what: "cannot write",
-            path: tmp.clone(),
-            source,
-        };
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        // Streamed: no copy of the state and no whole-file buffer, whatever the entry count.
-        let mut w = BufWriter::with_capacity(64 * 1024, f);
-        serde_json::to_writer(&mut w, &VersionedRef { version: 1, state }).map_err(|e| {
-            StorageError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        let f = w.into_inner().map_err(|e| io(e.into_error()))?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(|source| StorageError::Io {
-            what: "cannot install",
-            path,
-            source,
+        self.dir.write_atomic(STATE_FILE, 0o600, |f| {
+            // Streamed: no copy of the state and no whole-file buffer, whatever the entry count.
+            let mut w = BufWriter::with_capacity(64 * 1024, f);
+            serde_json::to_writer(&mut w, &VersionedRef { version: 1, state })?;
+            w.flush()
         })?;
         Ok(())
     }

@@ -9,12 +9,15 @@
 //! - [`logging`]: `log_level` / `log_format` set-up.
 //! - [`secret`]: key bytes and PINs that are wiped on drop and redacted in `Debug`.
 //! - [`rand`]: OS randomness whose failure is an error.
+//! - [`fsperm`]: socket, state and key directories opened without following symlinks and
+//!   refused when another user could have made or changed them.
 #![forbid(unsafe_code)]
 
 pub mod clock;
 pub mod config;
 pub mod der;
 pub mod duration;
+pub mod fsperm;
 pub mod grpc;
 pub mod http;
 pub mod https;

@@ -1,9 +1,10 @@
 //! Wiring: datastore, key manager, CA, registry, the two gRPC listeners, health and metrics.
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use continuity_common::fsperm::{FsPermError, SecureDir, secure_dir};
 use continuity_common::tls::TrustRoots;
 use continuity_common::{Clock, SystemClock};
 use continuity_proto::admin::agent_admin_server::AgentAdminServer;
@@ -67,30 +68,10 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
 }
 
-fn private_dir(dir: &Path, key: &str) -> Result<(), RunError> {
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| RunError::Path(format!("{key}: cannot create {}: {e}", dir.display())))?;
-        return Ok(());
-    }
-    let meta = std::fs::metadata(dir)
-        .map_err(|e| RunError::Path(format!("{key}: {}: {e}", dir.display())))?;
-    if meta.mode() & 0o077 != 0 {
-        if meta.uid() == own_uid() {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-                RunError::Path(format!("{key}: cannot restrict {}: {e}", dir.display()))
-            })?;
-        } else {
-            return Err(RunError::Path(format!(
-                "{key}: directory {} is accessible by other users and not ours to restrict; use a private (0700) directory",
-                dir.display()
-            )));
-        }
-    }
-    Ok(())
+/// Opens (creating with 0700) a directory only this server can use, refusing one another user
+/// could have made or changed (see [`continuity_common::fsperm`]).
+fn private_dir(dir: &Path, key: &str, what: &str) -> Result<SecureDir, RunError> {
+    secure_dir(dir, 0o700, what).map_err(|e| RunError::Path(format!("{key}: {e}")))
 }
 
 /// The uid this process runs as (read from /proc, no unsafe needed).
@@ -101,24 +82,25 @@ pub fn own_uid() -> u32 {
 }
 
 async fn bind_admin_socket(path: &Path) -> Result<UnixListener, RunError> {
-    let dir = path.parent().ok_or_else(|| {
-        RunError::Path(format!("admin_socket: {} has no directory", path.display()))
-    })?;
-    private_dir(dir, "admin_socket")?;
-    if path.exists() {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(RunError::Path(format!(
+            "admin_socket: {} must name a socket file in a directory",
+            path.display()
+        )));
+    };
+    let dir = private_dir(dir, "admin_socket", "admin socket directory")?;
+    let fs = |e: FsPermError| RunError::Path(format!("admin_socket: {e}"));
+    if dir.socket_exists(name).map_err(fs)? {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(RunError::Path(format!(
                 "admin_socket: {} is in use: another server is running",
                 path.display()
             )));
         }
-        std::fs::remove_file(path).map_err(|e| {
-            RunError::Path(format!(
-                "admin_socket: cannot remove stale {}: {e}",
-                path.display()
-            ))
-        })?;
+        dir.remove_socket(name).map_err(fs)?;
     }
+    // `dir` was verified writable only by us (parents only by us or root): binding by path
+    // inside it cannot be redirected.
     UnixListener::bind(path).map_err(|source| RunError::Bind {
         what: format!("admin_socket {}", path.display()),
         source,
@@ -140,7 +122,7 @@ async fn shutdown_signal() {
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    private_dir(&cfg.data_dir, "data_dir")?;
+    private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
     let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&cfg.datastore_url).await?);
     let key_manager = keys::from_config(&cfg.key_manager)?;
     let ca = CaManager::start(

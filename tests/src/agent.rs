@@ -30,6 +30,37 @@ pub fn open_up(dir: &Path) {
     }
 }
 
+/// Runs `cmd` (stdout discarded, stderr captured) until it exits or `limit` passes (then kills
+/// it); `Some((success, stderr))` if it exited by itself.
+pub fn run_until_exit(mut cmd: Command, limit: Duration) -> Option<(bool, String)> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = reader.join().unwrap();
+    status.map(|st| (st.success(), err))
+}
+
 impl TestAgent {
     /// Writes agent.toml (bundle from the server, the given token) and starts the agent.
     pub fn start(dir: &Path, server: &TestServer, token: &str) -> Self {
@@ -88,6 +119,15 @@ impl TestAgent {
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).to_string(),
         )
+    }
+
+    /// Runs `continuity-agent run` until it exits or `limit` passes (then kills it); returns
+    /// `Some((success, stderr))` if it exited, `None` if it kept running.
+    pub fn run_until_exit(&self, limit: Duration) -> Option<(bool, String)> {
+        let mut cmd = Command::new(bin("continuity-agent"));
+        cmd.args(["run", "--config"])
+            .arg(self.dir.join("agent.toml"));
+        run_until_exit(cmd, limit)
     }
 
     /// Starts the process and waits until it is ready.

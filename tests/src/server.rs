@@ -48,6 +48,24 @@ pub const TRUST_DOMAIN: &str = "example.org";
 impl TestServer {
     /// Starts a server in `dir` and waits until it answers its healthcheck.
     pub fn start(dir: &Path, opts: ServerOptions) -> Self {
+        let mut s = Self::configure(dir, opts);
+        s.spawn();
+        s
+    }
+
+    /// Runs `continuity-server run` until it exits or `limit` passes (then kills it); returns
+    /// `Some((success, stderr))` if it exited (for start-up failures), `None` if it kept running.
+    pub fn run_until_exit(&self, limit: Duration) -> Option<(bool, String)> {
+        let mut cmd = Command::new(bin("continuity-server"));
+        cmd.args(["run", "--config"])
+            .arg(self.dir.join("server.toml"))
+            .envs(self.opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        crate::agent::run_until_exit(cmd, limit)
+    }
+
+    /// Writes server.toml in `dir` (data in `dir/data`, admin socket in `dir/admin`) without
+    /// starting the server; [`TestServer::spawn`] starts it.
+    pub fn configure(dir: &Path, opts: ServerOptions) -> Self {
         let port = free_port();
         let socket = dir.join("admin").join("admin.sock");
         let config = format!(
@@ -65,18 +83,17 @@ impl TestServer {
         );
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(dir.join("server.toml"), config).unwrap();
-        let mut s = Self {
+        Self {
             dir: dir.to_path_buf(),
             addr: format!("127.0.0.1:{port}"),
             socket,
             opts,
             child: None,
-        };
-        s.spawn();
-        s
+        }
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process and waits until it answers its healthcheck.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

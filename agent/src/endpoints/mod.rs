@@ -6,7 +6,6 @@ pub mod peer;
 pub mod workload;
 
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -71,28 +70,31 @@ impl AsyncWrite for WorkloadConn {
     }
 }
 
-/// Binds the Workload API socket: creates its directory, replaces a stale socket, and lets
-/// every local user connect (workloads are told apart by attestation).
+/// Binds the Workload API socket: opens (creating, 0755) its directory, refusing one another
+/// user could have made or changed, replaces a stale socket, and lets every local user connect
+/// (workloads are told apart by attestation).
 pub async fn bind(path: &Path) -> io::Result<UnixListener> {
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)?;
-    }
-    if path.exists() {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "must name a socket file in a directory",
+        ));
+    };
+    let dir = continuity_common::fsperm::secure_dir(dir, 0o755, "socket directory")
+        .map_err(io::Error::other)?;
+    if dir.socket_exists(name).map_err(io::Error::other)? {
         if UnixStream::connect(path).await.is_ok() {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!("{} is in use: another agent is running", path.display()),
             ));
         }
-        std::fs::remove_file(path)?;
+        dir.remove_socket(name).map_err(io::Error::other)?;
     }
+    // `dir` was verified writable only by us (parents only by us or root), so binding by path
+    // and setting the socket's mode by name inside it cannot be redirected.
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    dir.set_mode(name, 0o777).map_err(io::Error::other)?;
     Ok(listener)
 }
 

@@ -78,9 +78,14 @@ impl SqlDataStore {
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
-        if sqlite && let Some(dir) = sqlite_path(url).as_deref().and_then(Path::parent) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        // The directory of a SQLite file is private (0700) and refused if another user could
+        // have made or changed it; a bare file name lives in the working directory.
+        if sqlite
+            && let Some(dir) = sqlite_path(url).as_deref().and_then(Path::parent)
+            && !dir.as_os_str().is_empty()
+        {
+            continuity_common::fsperm::secure_dir(dir, 0o700, "datastore directory")
+                .map_err(|e| StoreError::Io(e.to_string()))?;
         }
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 16 })

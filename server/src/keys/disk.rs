@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use continuity_common::fsperm::{SecureDir, secure_dir};
 
 use super::software::SoftwareKey;
 use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, SoftwareKek};
@@ -19,6 +19,8 @@ use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, SoftwareKek};
 #[derive(Debug)]
 pub struct DiskKeyManager {
     dir: PathBuf,
+    /// The verified key directory, held open: key files are created through it.
+    secure: SecureDir,
     cache: Mutex<HashMap<String, Arc<SoftwareKey>>>,
     keks: Mutex<HashMap<String, Arc<SoftwareKek>>>,
 }
@@ -28,17 +30,14 @@ fn storage(what: &str, path: &Path, e: std::io::Error) -> KeyError {
 }
 
 impl DiskKeyManager {
-    /// Opens (creating with 0700 if needed) the key directory.
+    /// Opens (creating with 0700 if needed) the key directory, refusing one another user could
+    /// have made or changed (see [`continuity_common::fsperm`]).
     pub fn open(dir: &Path) -> Result<Self, KeyError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| storage("cannot create key directory", dir, e))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| storage("cannot restrict key directory", dir, e))?;
+        let secure = secure_dir(dir, 0o700, "key directory")
+            .map_err(|e| KeyError::Storage(e.to_string()))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            secure,
             cache: Mutex::default(),
             keks: Mutex::default(),
         })
@@ -66,21 +65,16 @@ impl DiskKeyManager {
         self.write_file(&path, &body)
     }
 
-    /// Writes a secret file atomically with mode 0600.
+    /// Writes a secret file atomically with mode 0600 (temp file created `O_EXCL | O_NOFOLLOW`
+    /// in the verified directory, fsync, rename).
     fn write_file(&self, path: &Path, body: &str) -> Result<(), KeyError> {
-        let tmp = path.with_extension("tmp");
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| storage("cannot write key file", &tmp, e))?;
-        f.write_all(body.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| storage("cannot write key file", &tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| storage("cannot install key file", path, e))?;
-        Ok(())
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| KeyError::Storage(format!("invalid key file {}", path.display())))?;
+        self.secure
+            .write_atomic(name, 0o600, |f| f.write_all(body.as_bytes()))
+            .map_err(|e| KeyError::Storage(e.to_string()))
     }
 
     fn read(&self, id: &str) -> Result<Option<SoftwareKey>, KeyError> {
@@ -181,6 +175,7 @@ impl KeyManager for DiskKeyManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn keys_survive_reopen_with_0600_files() {
