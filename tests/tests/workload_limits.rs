@@ -57,7 +57,11 @@ async fn env(workload_api: &str) -> Env {
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while fetch_x509(&e.agent).await.is_err() {
-        assert!(Instant::now() < deadline, "no SVID; log:\n{}", e.agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "no SVID; log:\n{}",
+            e.agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     e
@@ -87,13 +91,20 @@ async fn fetch_x509(agent: &TestAgent) -> Result<(), tonic::Status> {
         .fetch_x509svid(with_header(X509svidRequest {}))
         .await?
         .into_inner();
-    s.message().await?.map(|_| ()).ok_or_else(|| tonic::Status::internal("empty"))
+    s.message()
+        .await?
+        .map(|_| ())
+        .ok_or_else(|| tonic::Status::internal("empty"))
 }
 
 /// Raises this process's (and so its children's) open-files limit.
 fn raise_nofile() {
     let _ = Command::new("prlimit")
-        .args(["--pid", &std::process::id().to_string(), "--nofile=65536:65536"])
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--nofile=65536:65536",
+        ])
         .status();
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
     let soft: u64 = limits
@@ -102,7 +113,10 @@ fn raise_nofile() {
         .and_then(|l| l.split_whitespace().nth(3))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    assert!(soft >= 5000, "open-files limit {soft} too low for this test");
+    assert!(
+        soft >= 5000,
+        "open-files limit {soft} too low for this test"
+    );
 }
 
 /// py-spiffe, unmodified: seconds it took to get an X.509-SVID on a fresh connection.
@@ -194,7 +208,12 @@ impl Holder {
     /// Starts the helper as `uid` and waits until its connections are open.
     fn start(uid: u32, agent: &TestAgent, count: usize, secs: u64) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "hold_idle_connections", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "hold_idle_connections",
+                "--ignored",
+                "--nocapture",
+            ])
             .env("HOLD_SOCKET", &agent.socket)
             .env("HOLD_COUNT", count.to_string())
             .env("HOLD_SECS", secs.to_string())
@@ -235,16 +254,17 @@ async fn idle_connections_never_lock_out_a_client_and_are_closed() {
     assert_eq!(uid(), 0, "opens connections as other uids: needs root");
     raise_nofile();
     let idle_ms = 2_000;
-    let e = env(
-        "idle_timeout = \"2s\"\nmax_connections = 300\nmax_connections_per_uid = 200\n",
-    )
-    .await;
+    let e =
+        env("idle_timeout = \"2s\"\nmax_connections = 300\nmax_connections_per_uid = 200\n").await;
     let agent = &e.agent;
 
     // Phase 1: 2,000 idle connections from another uid.
     let flood = Holder::start(NOBODY, agent, 2000, 15);
     let secs = py_spiffe_fetch_secs(agent);
-    assert!(secs < 1.0, "SVID took {secs:.2}s behind 2,000 idle connections");
+    assert!(
+        secs < 1.0,
+        "SVID took {secs:.2}s behind 2,000 idle connections"
+    );
     let closed = flood.closed_at();
     assert_eq!(closed.len(), 2000, "every idle connection is closed");
     // Those the agent kept (up to the per-uid cap) were closed by the idle timeout.
@@ -256,13 +276,19 @@ async fn idle_connections_never_lock_out_a_client_and_are_closed() {
     let others = Holder::start(NOBODY, agent, 150, 15);
     let own = Holder::start(uid(), agent, 2000, 15);
     let secs = py_spiffe_fetch_secs(agent);
-    assert!(secs < 1.0, "SVID took {secs:.2}s behind 2,000 idle connections of its uid");
+    assert!(
+        secs < 1.0,
+        "SVID took {secs:.2}s behind 2,000 idle connections of its uid"
+    );
     let (others, own) = (others.closed_at(), own.closed_at());
     assert_eq!(own.len(), 2000);
     assert_eq!(others.len(), 150);
     // The total cap (300) closed the oldest idle connections — the other uid's — early.
     let evicted = others.iter().filter(|&&ms| ms < idle_ms - 700).count();
-    assert!(evicted >= 40, "{evicted} of the other uid's connections evicted: {others:?}");
+    assert!(
+        evicted >= 40,
+        "{evicted} of the other uid's connections evicted: {others:?}"
+    );
     // And the agent still serves.
     fetch_x509(agent).await.unwrap();
     assert!(agent.log().contains("RLIMIT_NOFILE"));
@@ -283,11 +309,10 @@ fn jwt_svids_signed(port: u16) -> u64 {
 
 #[tokio::test]
 async fn a_flood_of_distinct_audiences_is_bounded_in_memory_and_at_the_server() {
-    let (rate, burst) = (50.0, 50.0);
-    let e = env(
-        "jwt_cache_size = 100\nserver_calls_per_second = 50\nserver_calls_burst = 50\n",
-    )
-    .await;
+    // A small cache, so that even the few calls the rate limit lets through overflow it.
+    let (rate, burst) = (5.0, 20.0);
+    let e =
+        env("jwt_cache_size = 10\nserver_calls_per_second = 5\nserver_calls_burst = 20\n").await;
     let rss_before = e.agent.rss_kib().unwrap();
     let signed_before = jwt_svids_signed(e.metrics_port);
     let (ok, exhausted) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -328,11 +353,17 @@ async fn a_flood_of_distinct_audiences_is_bounded_in_memory_and_at_the_server() 
         w.await.unwrap();
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let (ok, exhausted) = (ok.load(Ordering::Relaxed), exhausted.load(Ordering::Relaxed));
+    let (ok, exhausted) = (
+        ok.load(Ordering::Relaxed),
+        exhausted.load(Ordering::Relaxed),
+    );
     let signed = jwt_svids_signed(e.metrics_port) - signed_before;
     let allowed = burst + rate * elapsed + 5.0;
     assert_eq!(ok + exhausted, 10_000);
-    assert_eq!(ok as u64, signed, "every JWT-SVID served was signed for this flood");
+    assert_eq!(
+        ok as u64, signed,
+        "every JWT-SVID served was signed for this flood"
+    );
     assert!(
         (signed as f64) <= allowed,
         "the server signed {signed} JWT-SVIDs in {elapsed:.1}s; the limit allows {allowed:.0}"
@@ -384,7 +415,15 @@ async fn engine_calls_reaching_the_server_are_rate_limited_local_ones_are_not() 
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(&dir.path().join("server"), ServerOptions::default());
     s.cli_ok(&["engine", "create", "pay", "--tier", "1"]);
-    s.cli_ok(&["engine", "key", "create", "pay", "signing", "--purpose", "sign"]);
+    s.cli_ok(&[
+        "engine",
+        "key",
+        "create",
+        "pay",
+        "signing",
+        "--purpose",
+        "sign",
+    ]);
     s.create_entry_with_engine(ALIAS, &format!("unix:uid:{}", uid()), "pay");
     let agent = TestAgent::start_with(
         &dir.path().join("agent"),
