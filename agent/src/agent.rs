@@ -11,6 +11,7 @@ use crate::client::{ClientError, ServerClient};
 use crate::config::{Bootstrap, Config, NodeAttestor};
 use crate::endpoints;
 use crate::endpoints::workload::WorkloadHandler;
+use crate::limits::RateLimiter;
 use crate::manager::Manager;
 use crate::manager::cache::PersistedState;
 use crate::storage::{Storage, StorageError};
@@ -170,7 +171,23 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
             s
         }
     };
-    let manager = Manager::new(client, storage, clock.clone(), cfg.sync_interval, state);
+    let limits = &cfg.workload_api;
+    match endpoints::conns::raise_fd_limit() {
+        Some(n) => tracing::info!(
+            open_files = n,
+            max_connections = limits.max_connections,
+            "open-files limit (RLIMIT_NOFILE soft limit, raised to the hard limit)"
+        ),
+        None => tracing::warn!("cannot read the open-files limit (RLIMIT_NOFILE)"),
+    }
+    let manager = Manager::new(
+        client,
+        storage,
+        clock.clone(),
+        cfg.sync_interval,
+        state,
+        limits.jwt_cache_size,
+    );
     let listener = endpoints::bind(&cfg.socket_path)
         .await
         .map_err(|source| RunError::Socket {
@@ -218,10 +235,16 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
 
     let attestor: Arc<dyn crate::attestor::WorkloadAttestor> =
         Attestors::new(cfg.unix.clone(), cfg.k8s.clone());
-    let engine = endpoints::engine::EngineHandler::new(manager.clone(), attestor.clone());
-    let handler = WorkloadHandler::new(manager, attestor, clock);
+    // One limiter for everything a workload can make reach the server.
+    let limiter = Arc::new(RateLimiter::new(
+        limits.server_calls_per_second,
+        limits.server_calls_burst,
+    ));
+    let engine =
+        endpoints::engine::EngineHandler::new(manager.clone(), attestor.clone(), limiter.clone());
+    let handler = WorkloadHandler::new(manager, attestor, clock, limiter, limits);
     tracing::info!(socket = %cfg.socket_path.display(), "Workload API ready");
-    let result = endpoints::serve(listener, handler, engine, shutdown_signal()).await;
+    let result = endpoints::serve(listener, limits, handler, engine, shutdown_signal()).await;
     let _ = std::fs::remove_file(&cfg.socket_path);
     result.map_err(|e| RunError::Listener(e.to_string()))
 }

@@ -40,6 +40,8 @@ pub struct FileConfig {
     pub health: Option<FileListener>,
     /// `[metrics]`.
     pub metrics: Option<FileListener>,
+    /// `[workload_api]`: limits on what workloads can make the agent hold.
+    pub workload_api: Option<FileWorkloadApi>,
     /// Log level.
     pub log_level: Option<String>,
     /// Log format.
@@ -92,6 +94,166 @@ pub struct FilePsat {
     pub cluster: Option<String>,
     /// Projected service-account token (default /var/run/secrets/tokens/continuity-agent).
     pub token_path: Option<PathBuf>,
+}
+
+/// `[workload_api]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWorkloadApi {
+    /// Open connections in total (default 1024).
+    pub max_connections: Option<u64>,
+    /// Open connections of one uid (default 128).
+    pub max_connections_per_uid: Option<u64>,
+    /// Concurrent streams per connection (default 32).
+    pub max_concurrent_streams: Option<u64>,
+    /// Time a connection may take to send its first request (default 10s).
+    pub idle_timeout: Option<String>,
+    /// JWT-SVIDs cached (default 1024).
+    pub jwt_cache_size: Option<u64>,
+    /// Audiences per FetchJWTSVID request (default 16).
+    pub max_audiences: Option<u64>,
+    /// Bytes per audience (default 256).
+    pub max_audience_length: Option<u64>,
+    /// Calls reaching the server per second per workload (default 20).
+    pub server_calls_per_second: Option<f64>,
+    /// Burst of such calls (default 40).
+    pub server_calls_burst: Option<u64>,
+}
+
+/// The typed `[workload_api]` limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadApiConfig {
+    /// Open connections in total; at the cap the oldest connection that has not sent a
+    /// request is closed to make room.
+    pub max_connections: usize,
+    /// Open connections of one uid.
+    pub max_connections_per_uid: usize,
+    /// HTTP/2 concurrent streams per connection.
+    pub max_concurrent_streams: u32,
+    /// A connection that has not sent its first request within this is closed.
+    pub idle_timeout: Duration,
+    /// JWT-SVIDs kept in the LRU cache.
+    pub jwt_cache_size: usize,
+    /// Audiences per FetchJWTSVID request.
+    pub max_audiences: usize,
+    /// Bytes per audience.
+    pub max_audience_length: usize,
+    /// Calls reaching the server per second, per workload (pod, else uid).
+    pub server_calls_per_second: f64,
+    /// Burst of calls reaching the server, per workload.
+    pub server_calls_burst: u32,
+}
+
+impl Default for WorkloadApiConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_connections_per_uid: 128,
+            max_concurrent_streams: 32,
+            idle_timeout: Duration::from_secs(10),
+            jwt_cache_size: 1024,
+            max_audiences: 16,
+            max_audience_length: 256,
+            server_calls_per_second: 20.0,
+            server_calls_burst: 40,
+        }
+    }
+}
+
+/// A count key of `[workload_api]`: between 1 and `max`.
+fn count(
+    v: Option<u64>,
+    default: usize,
+    key: &'static str,
+    max: u64,
+) -> Result<usize, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(invalid(key, "must be at least 1")),
+        Some(n) if n > max => Err(invalid(key, format!("{n} is absurd; at most {max}"))),
+        Some(n) => usize::try_from(n).map_err(|_| invalid(key, format!("{n} is too large"))),
+    }
+}
+
+fn workload_api_config(f: Option<FileWorkloadApi>) -> Result<WorkloadApiConfig, ConfigError> {
+    let d = WorkloadApiConfig::default();
+    let Some(f) = f else {
+        return Ok(d);
+    };
+    let max_connections = count(
+        f.max_connections,
+        d.max_connections,
+        "workload_api.max_connections",
+        1_000_000,
+    )?;
+    let max_connections_per_uid = count(
+        f.max_connections_per_uid,
+        d.max_connections_per_uid.min(max_connections),
+        "workload_api.max_connections_per_uid",
+        1_000_000,
+    )?;
+    if max_connections_per_uid > max_connections {
+        return Err(invalid(
+            "workload_api.max_connections_per_uid",
+            format!("{max_connections_per_uid} is more than max_connections ({max_connections})"),
+        ));
+    }
+    let idle_timeout = match f.idle_timeout {
+        None => d.idle_timeout,
+        Some(s) => continuity_common::duration::parse(&s)
+            .map_err(|m| invalid("workload_api.idle_timeout", m))?,
+    };
+    if idle_timeout < Duration::from_millis(100) || idle_timeout > Duration::from_secs(3600) {
+        return Err(invalid(
+            "workload_api.idle_timeout",
+            format!("{idle_timeout:?} is out of range: between 100ms and 1h"),
+        ));
+    }
+    let rate = f
+        .server_calls_per_second
+        .unwrap_or(d.server_calls_per_second);
+    if !rate.is_finite() || rate <= 0.0 || rate > 1_000_000.0 {
+        return Err(invalid(
+            "workload_api.server_calls_per_second",
+            format!("{rate} is out of range: above 0, at most 1000000"),
+        ));
+    }
+    Ok(WorkloadApiConfig {
+        max_connections,
+        max_connections_per_uid,
+        max_concurrent_streams: count(
+            f.max_concurrent_streams,
+            d.max_concurrent_streams as usize,
+            "workload_api.max_concurrent_streams",
+            10_000,
+        )? as u32,
+        idle_timeout,
+        jwt_cache_size: count(
+            f.jwt_cache_size,
+            d.jwt_cache_size,
+            "workload_api.jwt_cache_size",
+            1_000_000,
+        )?,
+        max_audiences: count(
+            f.max_audiences,
+            d.max_audiences,
+            "workload_api.max_audiences",
+            1024,
+        )?,
+        max_audience_length: count(
+            f.max_audience_length,
+            d.max_audience_length,
+            "workload_api.max_audience_length",
+            16 * 1024,
+        )?,
+        server_calls_per_second: rate,
+        server_calls_burst: count(
+            f.server_calls_burst,
+            d.server_calls_burst as usize,
+            "workload_api.server_calls_burst",
+            1_000_000,
+        )? as u32,
+    })
 }
 
 /// How the agent attests its node.
@@ -157,6 +319,8 @@ pub struct Config {
     pub health_address: Option<SocketAddr>,
     /// Metrics listener.
     pub metrics_address: Option<SocketAddr>,
+    /// `[workload_api]` limits.
+    pub workload_api: WorkloadApiConfig,
     /// Log level.
     pub log_level: String,
     /// Log format.
@@ -259,6 +423,7 @@ impl Config {
             node_attestor,
             health_address: addr(f.health, "health.bind_address")?,
             metrics_address: addr(f.metrics, "metrics.bind_address")?,
+            workload_api: workload_api_config(f.workload_api)?,
             log_level,
             log_format: f.log_format.unwrap_or_default(),
         })
@@ -331,10 +496,91 @@ mod tests {
             let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(e.contains(key), "{e}");
         }
+        for (extra, key) in [
+            ("[workload_api]\nmax_conections = 5\n", "max_conections"),
+            (
+                "[workload_api]\nmax_connections = 0\n",
+                "workload_api.max_connections",
+            ),
+            (
+                "[workload_api]\nmax_connections = 10\nmax_connections_per_uid = 11\n",
+                "workload_api.max_connections_per_uid",
+            ),
+            (
+                "[workload_api]\nmax_concurrent_streams = 0\n",
+                "workload_api.max_concurrent_streams",
+            ),
+            (
+                "[workload_api]\nidle_timeout = \"soon\"\n",
+                "workload_api.idle_timeout",
+            ),
+            (
+                "[workload_api]\nidle_timeout = \"0s\"\n",
+                "workload_api.idle_timeout",
+            ),
+            (
+                "[workload_api]\nidle_timeout = \"30d\"\n",
+                "workload_api.idle_timeout",
+            ),
+            (
+                "[workload_api]\njwt_cache_size = 0\n",
+                "workload_api.jwt_cache_size",
+            ),
+            (
+                "[workload_api]\njwt_cache_size = 1000000000000\n",
+                "workload_api.jwt_cache_size",
+            ),
+            (
+                "[workload_api]\nmax_audiences = 0\n",
+                "workload_api.max_audiences",
+            ),
+            (
+                "[workload_api]\nmax_audience_length = 1000000\n",
+                "workload_api.max_audience_length",
+            ),
+            (
+                "[workload_api]\nserver_calls_per_second = 0\n",
+                "workload_api.server_calls_per_second",
+            ),
+            (
+                "[workload_api]\nserver_calls_per_second = nan\n",
+                "workload_api.server_calls_per_second",
+            ),
+            (
+                "[workload_api]\nserver_calls_burst = 0\n",
+                "workload_api.server_calls_burst",
+            ),
+            ("[workload_api]\nmax_audiences = -1\n", "max_audiences"),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
         let e = parse("trust_domain = \"example.org\"")
             .unwrap_err()
             .to_string();
         assert!(e.contains("trust_bundle_path"), "{e}");
+    }
+
+    #[test]
+    fn workload_api_defaults_and_values() {
+        let base = "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n";
+        assert_eq!(
+            parse(base).unwrap().workload_api,
+            WorkloadApiConfig::default()
+        );
+        let c = parse(&format!(
+            "{base}[workload_api]\nmax_connections = 64\nidle_timeout = \"2s\"\nserver_calls_per_second = 1\nserver_calls_burst = 3\njwt_cache_size = 100\n"
+        ))
+        .unwrap()
+        .workload_api;
+        assert_eq!(c.max_connections, 64);
+        // The per-uid default never exceeds the total.
+        assert_eq!(c.max_connections_per_uid, 64);
+        assert_eq!(c.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.server_calls_per_second, 1.0);
+        assert_eq!(c.server_calls_burst, 3);
+        assert_eq!(c.jwt_cache_size, 100);
+        assert_eq!(c.max_audiences, 16);
     }
 
     #[test]
@@ -355,6 +601,16 @@ mod tests {
             "workload_size_limit",
             "[health]",
             "[metrics]",
+            "[workload_api]",
+            "max_connections",
+            "max_connections_per_uid",
+            "max_concurrent_streams",
+            "idle_timeout",
+            "jwt_cache_size",
+            "max_audiences",
+            "max_audience_length",
+            "server_calls_per_second",
+            "server_calls_burst",
             "log_level",
             "log_format",
         ] {

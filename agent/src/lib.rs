@@ -4,7 +4,7 @@
 //!
 //! Modules, top-down: [`config`] → [`agent`] (wiring) → [`endpoints`] (Workload API) /
 //! [`manager`] (sync, cache, rotation) → [`client`] (server API) / [`storage`] (data_dir) /
-//! [`attestor`] (workload attestation).
+//! [`attestor`] (workload attestation); [`limits`] bounds what a workload can make it hold.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod endpoints;
+pub mod limits;
 pub mod manager;
 pub mod storage;
 

@@ -176,6 +176,15 @@ impl TestAgent {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The agent's resident set size in KiB (VmRSS of /proc/<pid>/status), while running.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// Kills the agent (state kept).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

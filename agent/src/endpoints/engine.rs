@@ -1,7 +1,8 @@
 //! `continuity.engine.v1.EngineAPI` on the workload socket. The caller's Engine comes from
 //! its attested entry; the agent forwards to the server (which re-checks that this agent
 //! hosts the entry), except `Verify` and `WatchEngineJWKS`, answered from the cached Engine
-//! JWKS so they keep working while the server is down.
+//! JWKS so they keep working while the server is down. Forwarded calls count against the
+//! caller's rate limit (ResourceExhausted beyond it); local ones do not.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::workload::{Caller, attest_caller};
 use crate::attestor::WorkloadAttestor;
+use crate::limits::RateLimiter;
 use crate::manager::Manager;
 use crate::manager::cache::{EngineJwks, Snapshot};
 
@@ -20,6 +22,7 @@ use crate::manager::cache::{EngineJwks, Snapshot};
 pub struct EngineHandler {
     manager: Arc<Manager>,
     attestor: Arc<dyn WorkloadAttestor>,
+    limiter: Arc<RateLimiter>,
 }
 
 /// The Engine a call acts for.
@@ -30,9 +33,17 @@ struct Bound {
 }
 
 impl EngineHandler {
-    /// A handler over the cache manager and the attestor.
-    pub fn new(manager: Arc<Manager>, attestor: Arc<dyn WorkloadAttestor>) -> Self {
-        Self { manager, attestor }
+    /// A handler over the cache manager and the attestor; forwarded calls go through `limiter`.
+    pub fn new(
+        manager: Arc<Manager>,
+        attestor: Arc<dyn WorkloadAttestor>,
+        limiter: Arc<RateLimiter>,
+    ) -> Self {
+        Self {
+            manager,
+            attestor,
+            limiter,
+        }
     }
 
     /// Attests the caller and finds the Engine its entries bind it to (`requested` picks one
@@ -80,6 +91,20 @@ impl EngineHandler {
         })
     }
 
+    /// The broker, for a call of `b` that is about to reach the server (rate-limited).
+    async fn forward(
+        &self,
+        b: &Bound,
+    ) -> Result<
+        continuity_proto::engine::engine_broker_client::EngineBrokerClient<
+            tonic::transport::Channel,
+        >,
+        Status,
+    > {
+        admit(&self.limiter, b)?;
+        self.broker().await
+    }
+
     async fn broker(
         &self,
     ) -> Result<
@@ -93,6 +118,15 @@ impl EngineHandler {
             .await
             .map_err(|e| Status::unavailable(format!("the server is unreachable: {e}")))
     }
+}
+
+/// Takes one of `b`'s caller's tokens for a call reaching the server (ResourceExhausted if none).
+fn admit(limiter: &RateLimiter, b: &Bound) -> Result<(), Status> {
+    let who = b.caller.rate_key();
+    limiter.admit(&who).map_err(|e| {
+        tracing::debug!(caller = %who, engine = %b.engine, "EngineAPI call refused: rate limit");
+        Status::resource_exhausted(format!("Engine {}: {e}", b.engine))
+    })
 }
 
 /// Verifies `signature` over `message` with an SPKI of the given algorithm spelling.
@@ -126,7 +160,7 @@ impl EngineApi for EngineHandler {
         let mut inner = req.into_inner();
         inner.engine = b.engine.clone();
         let r = self
-            .broker()
+            .forward(&b)
             .await?
             .sign(BrokerSign {
                 entry_id: b.entry_id,
@@ -177,7 +211,7 @@ impl EngineApi for EngineHandler {
         let b = self.bind(&req, &req.get_ref().engine).await?;
         let mut inner = req.into_inner();
         inner.engine = b.engine.clone();
-        self.broker()
+        self.forward(&b)
             .await?
             .encrypt(BrokerEncrypt {
                 entry_id: b.entry_id,
@@ -194,7 +228,7 @@ impl EngineApi for EngineHandler {
         let b = self.bind(&req, &req.get_ref().engine).await?;
         let mut inner = req.into_inner();
         inner.engine = b.engine.clone();
-        self.broker()
+        self.forward(&b)
             .await?
             .decrypt(BrokerDecrypt {
                 entry_id: b.entry_id,
@@ -227,7 +261,7 @@ impl EngineApi for EngineHandler {
         }
         let mut inner = r;
         inner.engine = b.engine.clone();
-        self.broker()
+        self.forward(&b)
             .await?
             .get_public_key(BrokerGetPublicKey {
                 entry_id: b.entry_id,
@@ -243,7 +277,7 @@ impl EngineApi for EngineHandler {
         let b = self.bind(&req, &req.get_ref().engine).await?;
         let mut inner = req.into_inner();
         inner.engine = b.engine.clone();
-        self.broker()
+        self.forward(&b)
             .await?
             .fetch_secret(BrokerFetchSecret {
                 entry_id: b.entry_id,

@@ -1,6 +1,7 @@
 //! The agent's listeners: the Workload API (plus gRPC health and reflection) on `socket_path`.
 
 pub mod authority;
+pub mod conns;
 pub mod engine;
 pub mod peer;
 pub mod workload;
@@ -10,21 +11,33 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use continuity_proto::engine::engine_api_server::EngineApiServer;
 use continuity_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Connected;
 
 use self::authority::AuthorityFix;
+use self::conns::{ConnLimits, Slot, Tracker};
 use self::peer::{ConnInfo, Peer};
 use self::workload::{WorkloadHandler, check_security_header};
+use crate::config::WorkloadApiConfig;
 
-/// An accepted Workload API connection.
+/// Largest Workload API request decoded (audiences and JWTs are small).
+pub const MAX_WORKLOAD_MESSAGE: usize = 64 * 1024;
+/// Largest EngineAPI request decoded (tonic's default, as on the server).
+pub const MAX_ENGINE_MESSAGE: usize = 4 * 1024 * 1024;
+/// HTTP/2 PING interval on idle connections, and how long to wait for the answer.
+pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(20));
+
+/// An accepted Workload API connection. Its reads end (EOF) once the tracker closes it.
 pub struct WorkloadConn {
     io: AuthorityFix<UnixStream>,
     info: ConnInfo,
+    slot: Slot,
 }
 
 impl Connected for WorkloadConn {
@@ -40,6 +53,14 @@ impl AsyncRead for WorkloadConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let control = self.slot.control();
+        if control.is_closed() {
+            return Poll::Ready(Ok(()));
+        }
+        control.register(cx.waker());
+        if control.is_closed() {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -50,6 +71,9 @@ impl AsyncWrite for WorkloadConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.slot.control().is_closed() {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -98,44 +122,31 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepts connections, reading each peer's credentials at accept time.
+/// Accepts connections, reading each peer's credentials at accept time and holding each to
+/// the connection caps of `tracker`. Never waits on a connection: refused ones are dropped.
 pub fn incoming(
     listener: UnixListener,
+    tracker: Arc<Tracker>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<WorkloadConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(tracker.clone().sweep());
     tokio::spawn(async move {
+        let mut failing = false;
         loop {
             let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    failing = false;
+                    s
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "Workload API accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    accept_failed(&e, &tracker, &mut failing).await;
                     continue;
                 }
             };
-            let peer = match Peer::of(&stream) {
-                Ok(p) => Some(Arc::new(p)),
-                Err(e) => {
-                    tracing::info!(error = %e, "cannot read Workload API peer credentials");
-                    None
-                }
+            let Some(conn) = admit(stream, &tracker) else {
+                continue;
             };
-            let workload_id: Arc<str> = peer
-                .as_ref()
-                .map_or_else(|| "unknown".into(), |p| p.workload_id().into());
-            let info = ConnInfo {
-                workload_id,
-                peer,
-                selectors: Arc::default(),
-            };
-            if tx
-                .send(Ok(WorkloadConn {
-                    io: AuthorityFix::new(stream),
-                    info,
-                }))
-                .await
-                .is_err()
-            {
+            if tx.send(Ok(conn)).await.is_err() {
                 break;
             }
         }
@@ -143,13 +154,64 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Reads the peer and takes a slot; None (the stream dropped, so closed) when refused.
+fn admit(stream: UnixStream, tracker: &Arc<Tracker>) -> Option<WorkloadConn> {
+    let peer = match Peer::of(&stream) {
+        Ok(p) => Some(Arc::new(p)),
+        Err(e) => {
+            tracing::info!(error = %e, "cannot read Workload API peer credentials");
+            None
+        }
+    };
+    let uid = peer.as_ref().map_or(conns::UNKNOWN_UID, |p| p.uid);
+    let io = AuthorityFix::new(stream);
+    // Refusals are logged (rate-limited) by the tracker.
+    let slot = tracker.admit(uid, io.activity()).ok()?;
+    let workload_id: Arc<str> = peer
+        .as_ref()
+        .map_or_else(|| "unknown".into(), |p| p.workload_id().into());
+    let info = ConnInfo {
+        workload_id,
+        peer,
+        selectors: Arc::default(),
+    };
+    Some(WorkloadConn { io, info, slot })
+}
+
+/// Backs off after a failed accept (logging once per run of failures). Out of file
+/// descriptors, it also closes the oldest idle connection to free one.
+async fn accept_failed(e: &io::Error, tracker: &Tracker, failing: &mut bool) {
+    use nix::errno::Errno;
+    let out_of_fds = e
+        .raw_os_error()
+        .is_some_and(|n| n == Errno::EMFILE as i32 || n == Errno::ENFILE as i32);
+    if !*failing {
+        if out_of_fds {
+            tracing::warn!(error = %e, open = tracker.open(), "Workload API accept failed: out of file descriptors; backing off");
+        } else {
+            tracing::warn!(error = %e, "Workload API accept failed; backing off");
+        }
+        *failing = true;
+    }
+    if out_of_fds {
+        tracker.evict_oldest_idle();
+    }
+    tokio::time::sleep(Duration::from_millis(if out_of_fds { 100 } else { 20 })).await;
+}
+
 /// Serves the Workload API, the EngineAPI, health and reflection until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
+    limits: &WorkloadApiConfig,
     handler: WorkloadHandler,
     engine: engine::EngineHandler,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let tracker = Tracker::new(ConnLimits {
+        max_total: limits.max_connections,
+        max_per_uid: limits.max_connections_per_uid,
+        idle_timeout: limits.idle_timeout,
+    });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -164,13 +226,16 @@ pub async fn serve(
     let mut router = tonic::transport::Server::builder()
         .max_frame_size(authority::MAX_FRAME_SIZE)
         .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(KEEPALIVE.0))
+        .http2_keepalive_timeout(Some(KEEPALIVE.1))
         .add_service(health)
-        .add_service(SpiffeWorkloadApiServer::with_interceptor(
-            handler,
+        .add_service(InterceptedService::new(
+            SpiffeWorkloadApiServer::new(handler).max_decoding_message_size(MAX_WORKLOAD_MESSAGE),
             check_security_header,
         ))
-        .add_service(EngineApiServer::with_interceptor(
-            engine,
+        .add_service(InterceptedService::new(
+            EngineApiServer::new(engine).max_decoding_message_size(MAX_ENGINE_MESSAGE),
             check_security_header,
         ));
     match reflection {
@@ -178,6 +243,6 @@ pub async fn serve(
         Err(e) => tracing::warn!(error = %e, "gRPC reflection unavailable"),
     }
     router
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener, tracker), shutdown)
         .await
 }

@@ -15,6 +15,9 @@ use tonic::{Request, Response, Status};
 
 use super::peer::ConnInfo;
 use crate::attestor::WorkloadAttestor;
+use crate::config::WorkloadApiConfig;
+use crate::limits::{CallerKey, RateLimited, RateLimiter};
+use crate::manager::JwtFetchError;
 use crate::manager::cache::{Identity, Snapshot};
 
 /// The metadata key every Workload API call must carry with value `true`.
@@ -35,8 +38,13 @@ pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
 pub trait IdentityCache: Send + Sync + 'static {
     /// Snapshots as they change.
     fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>>;
-    /// A JWT-SVID for an identity.
-    async fn jwt_svid(&self, entry_id: &str, audience: &[String]) -> Result<String, String>;
+    /// A JWT-SVID for an identity; `admit` is asked before a call would reach the server.
+    async fn jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+        admit: &(dyn Fn() -> Result<(), RateLimited> + Send + Sync),
+    ) -> Result<String, JwtFetchError>;
     /// Notes that a workload received an identity bound to an Engine.
     fn report_incarnation(
         &self,
@@ -51,10 +59,13 @@ impl IdentityCache for crate::manager::Manager {
     fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         crate::manager::Manager::subscribe(self)
     }
-    async fn jwt_svid(&self, entry_id: &str, audience: &[String]) -> Result<String, String> {
-        crate::manager::Manager::jwt_svid(self, entry_id, audience)
-            .await
-            .map_err(|e| e.to_string())
+    async fn jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+        admit: &(dyn Fn() -> Result<(), RateLimited> + Send + Sync),
+    ) -> Result<String, JwtFetchError> {
+        crate::manager::Manager::jwt_svid(self, entry_id, audience, admit).await
     }
     fn report_incarnation(
         &self,
@@ -78,6 +89,22 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The pod UID from the `k8s:pod-uid` selector, if the caller runs in a pod.
+    fn pod_uid(&self) -> Option<&str> {
+        self.selectors
+            .iter()
+            .find(|s| s.kind == "k8s" && s.value.starts_with("pod-uid:"))
+            .map(|s| &s.value["pod-uid:".len()..])
+    }
+
+    /// Who the rate limits count this caller as: its pod if it has one, else its uid.
+    pub fn rate_key(&self) -> CallerKey {
+        match self.pod_uid() {
+            Some(p) => CallerKey::Pod(p.to_string()),
+            None => CallerKey::Uid(self.peer.uid),
+        }
+    }
+
     /// The workload description sent to the server (audit, incarnations).
     pub fn workload(&self) -> continuity_proto::engine::Workload {
         let mut selectors: Vec<_> = self.selectors.iter().cloned().collect();
@@ -85,13 +112,8 @@ impl Caller {
         continuity_proto::engine::Workload {
             // A pod is named by its UID (it is the runtime unit); other processes by pid + start.
             id: self
-                .selectors
-                .iter()
-                .find(|s| s.kind == "k8s" && s.value.starts_with("pod-uid:"))
-                .map_or_else(
-                    || self.workload_id.to_string(),
-                    |s| format!("pod:{}", &s.value["pod-uid:".len()..]),
-                ),
+                .pod_uid()
+                .map_or_else(|| self.workload_id.to_string(), |p| format!("pod:{p}")),
             pid: self.peer.pid,
             uid: self.peer.uid,
             selectors: selectors
@@ -150,6 +172,9 @@ pub struct WorkloadHandler {
     cache: Arc<dyn IdentityCache>,
     attestor: Arc<dyn WorkloadAttestor>,
     clock: Arc<dyn Clock>,
+    limiter: Arc<RateLimiter>,
+    max_audiences: usize,
+    max_audience_length: usize,
 }
 
 type Selectors = Arc<HashSet<Selector>>;
@@ -160,17 +185,41 @@ fn no_identity() -> Status {
 }
 
 impl WorkloadHandler {
-    /// A handler over a cache and an attestor.
+    /// A handler over a cache and an attestor; JWT-SVID cache misses go through `limiter`.
     pub fn new(
         cache: Arc<dyn IdentityCache>,
         attestor: Arc<dyn WorkloadAttestor>,
         clock: Arc<dyn Clock>,
+        limiter: Arc<RateLimiter>,
+        limits: &WorkloadApiConfig,
     ) -> Self {
         Self {
             cache,
             attestor,
             clock,
+            limiter,
+            max_audiences: limits.max_audiences,
+            max_audience_length: limits.max_audience_length,
         }
+    }
+
+    /// Refuses too many or too long audiences (InvalidArgument naming the limit).
+    fn check_audiences(&self, audience: &[String]) -> Result<(), Status> {
+        if audience.len() > self.max_audiences {
+            return Err(Status::invalid_argument(format!(
+                "{} audiences requested; at most {} (workload_api.max_audiences)",
+                audience.len(),
+                self.max_audiences
+            )));
+        }
+        if let Some(a) = audience.iter().find(|a| a.len() > self.max_audience_length) {
+            return Err(Status::invalid_argument(format!(
+                "an audience is {} bytes long; at most {} (workload_api.max_audience_length)",
+                a.len(),
+                self.max_audience_length
+            )));
+        }
+        Ok(())
     }
 
     /// Attests the caller (once per connection) and reports Engine incarnations for the
@@ -330,6 +379,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
         }
+        self.check_audiences(&r.audience)?;
         let snap = self.cache.subscribe().borrow().clone();
         let ids: Vec<_> = snap
             .matching(&selectors)
@@ -341,16 +391,22 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         }
         self.report(&caller, &ids);
         let mut svids = Vec::with_capacity(ids.len());
+        let who = caller.rate_key();
+        let admit = || self.limiter.admit(&who);
         for i in ids {
             let token = self
                 .cache
-                .jwt_svid(&i.entry_id, &r.audience)
+                .jwt_svid(&i.entry_id, &r.audience, &admit)
                 .await
-                .map_err(|e| {
-                    Status::unavailable(format!(
+                .map_err(|e| match e {
+                    JwtFetchError::RateLimited(e) => {
+                        tracing::debug!(caller = %who, "JWT-SVID refused: rate limit");
+                        Status::resource_exhausted(format!("no JWT-SVID for {}: {e}", i.spiffe_id))
+                    }
+                    e => Status::unavailable(format!(
                         "could not obtain a JWT-SVID for {}: {e}",
                         i.spiffe_id
-                    ))
+                    )),
                 })?;
             svids.push(Jwtsvid {
                 spiffe_id: i.spiffe_id.clone(),
@@ -393,6 +449,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
+        self.check_audiences(std::slice::from_ref(&r.audience))?;
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }

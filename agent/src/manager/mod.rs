@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use self::cache::{Entry, PersistedState, Snapshot, Svid};
 use crate::client::{ClientError, ServerClient};
+use crate::limits::{Lru, RateLimited};
 use crate::storage::Storage;
 
 /// Most CSRs sent in one batch (the server's limit).
@@ -81,14 +82,47 @@ struct CachedJwt {
 }
 
 /// Why a JWT-SVID could not be had.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JwtFetchError {
-    /// The server refused.
+    /// The server refused, or could not be reached.
     #[error(transparent)]
-    Server(#[from] ClientError),
+    Server(Arc<ClientError>),
     /// No agent SVID to call the server with.
     #[error("the agent is not attested")]
     NotAttested,
+    /// The caller's rate limit for calls reaching the server is used up.
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+}
+
+/// The JWT-SVID cache key: entry id and sorted, deduplicated audiences.
+type JwtKey = (String, Vec<String>);
+/// One fetch from the server that concurrent misses for the same key wait on together.
+type JwtFetch = tokio::sync::OnceCell<Result<CachedJwt, JwtFetchError>>;
+
+/// Fetches in flight, by key; an entry lives while someone waits on it.
+#[derive(Debug, Default)]
+struct JwtFetches(Mutex<HashMap<JwtKey, Arc<JwtFetch>>>);
+
+/// A waiter's share of a fetch in flight; the last one out removes it.
+struct FetchShare<'a> {
+    fetches: &'a JwtFetches,
+    key: JwtKey,
+    cell: Arc<JwtFetch>,
+}
+
+impl Drop for FetchShare<'_> {
+    fn drop(&mut self) {
+        let mut map = self.fetches.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Shares are only cloned under this lock: 2 = the map's and ours.
+        if Arc::strong_count(&self.cell) == 2
+            && map
+                .get(&self.key)
+                .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+        {
+            map.remove(&self.key);
+        }
+    }
 }
 
 /// The cache manager.
@@ -99,7 +133,10 @@ pub struct Manager {
     sync_interval: Duration,
     state: tokio::sync::Mutex<PersistedState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
-    jwts: Mutex<HashMap<(String, String), CachedJwt>>,
+    /// JWT-SVIDs by (entry, audiences), least recently used dropped first.
+    jwts: Mutex<Lru<JwtKey, CachedJwt>>,
+    /// JWT-SVID fetches in flight (concurrent misses for one key share one).
+    jwt_fetches: JwtFetches,
     /// The current agent SVID, readable without waiting for a sync in progress.
     agent_svid: std::sync::RwLock<Option<Svid>>,
     /// Incarnations not yet reported, and when each was last reported.
@@ -122,6 +159,7 @@ impl Manager {
         clock: Arc<dyn Clock>,
         sync_interval: Duration,
         state: PersistedState,
+        jwt_cache_size: usize,
     ) -> Arc<Self> {
         client
             .roots()
@@ -138,7 +176,8 @@ impl Manager {
             sync_interval,
             state: tokio::sync::Mutex::new(state),
             snapshot,
-            jwts: Mutex::default(),
+            jwts: Mutex::new(Lru::new(jwt_cache_size)),
+            jwt_fetches: JwtFetches::default(),
             connected: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -524,65 +563,103 @@ impl Manager {
     }
 
     /// A JWT-SVID for `identity` and `audience`: from the cache until half-life, else from the
-    /// server; while the server is unreachable a cached token is served until it expires.
+    /// server; while the server is unreachable (or the caller's rate limit is used up) a
+    /// cached token is served until it expires. `admit` is asked before a call would reach the
+    /// server; concurrent misses for one key wait on one call (and only the first is asked).
     pub async fn jwt_svid(
         &self,
         entry_id: &str,
         audience: &[String],
+        admit: &(dyn Fn() -> Result<(), RateLimited> + Send + Sync),
     ) -> Result<String, JwtFetchError> {
         let mut aud = audience.to_vec();
         aud.sort();
         aud.dedup();
-        let key = (entry_id.to_string(), aud.join("\u{0}"));
+        let key: JwtKey = (entry_id.to_string(), aud);
         let now = self.clock.unix();
-        let cached = self
-            .jwts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned();
+        let cached = {
+            let mut jwts = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+            let c = jwts.get(&key).cloned();
+            if c.as_ref().is_some_and(|c| now >= c.expires_at) {
+                jwts.remove(&key);
+            }
+            c.filter(|c| now < c.expires_at)
+        };
         if let Some(c) = &cached
             && now < c.issued_at + (c.expires_at - c.issued_at) / 2
         {
             return Ok(c.token.clone());
         }
-        let agent_svid = self
-            .state
-            .lock()
+        let share = match self.join_fetch(&key, admit) {
+            Ok(s) => s,
+            Err(e) => return cached.map(|c| c.token).ok_or(e.into()),
+        };
+        let result = share
+            .cell
+            .get_or_init(|| self.fetch_jwt(&share.key, now))
             .await
+            .clone();
+        match result {
+            Ok(c) => Ok(c.token),
+            // Unreachable (not refused): serve the cached token while it lasts.
+            Err(JwtFetchError::Server(e)) if e.status().is_none() => {
+                cached.map(|c| c.token).ok_or(JwtFetchError::Server(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Joins the fetch in flight for `key`, or (if `admit` allows) starts one.
+    fn join_fetch<'a>(
+        &'a self,
+        key: &JwtKey,
+        admit: &(dyn Fn() -> Result<(), RateLimited> + Send + Sync),
+    ) -> Result<FetchShare<'a>, RateLimited> {
+        let mut map = self.jwt_fetches.0.lock().unwrap_or_else(|e| e.into_inner());
+        let cell = match map.get(key) {
+            Some(c) => c.clone(),
+            None => {
+                admit()?;
+                let c = Arc::new(JwtFetch::new());
+                map.insert(key.clone(), c.clone());
+                c
+            }
+        };
+        Ok(FetchShare {
+            fetches: &self.jwt_fetches,
+            key: key.clone(),
+            cell,
+        })
+    }
+
+    /// Asks the server for a JWT-SVID and caches it.
+    async fn fetch_jwt(&self, key: &JwtKey, now: i64) -> Result<CachedJwt, JwtFetchError> {
+        let agent_svid = self
             .agent_svid
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or(JwtFetchError::NotAttested)?;
-        let fetched = async {
-            let mut api = self.client.api(&agent_svid).await?;
-            let r = api
-                .new_jwtsvid(NewJwtsvidRequest {
-                    entry_id: entry_id.to_string(),
-                    audience: aud.clone(),
-                })
-                .await?
-                .into_inner();
-            Ok::<_, ClientError>(r)
-        }
-        .await;
-        match fetched {
-            Ok(r) => {
-                let c = CachedJwt {
-                    token: r.token.clone(),
-                    issued_at: now,
-                    expires_at: r.expires_at,
-                };
-                self.jwts
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, c);
-                Ok(r.token)
-            }
-            Err(e) => match cached {
-                Some(c) if now < c.expires_at && e.status().is_none() => Ok(c.token),
-                _ => Err(e.into()),
-            },
-        }
+        let server = |e: ClientError| JwtFetchError::Server(Arc::new(e));
+        let mut api = self.client.api(&agent_svid).await.map_err(server)?;
+        let r = api
+            .new_jwtsvid(NewJwtsvidRequest {
+                entry_id: key.0.clone(),
+                audience: key.1.clone(),
+            })
+            .await
+            .map_err(|s| server(s.into()))?
+            .into_inner();
+        let c = CachedJwt {
+            token: r.token,
+            issued_at: now,
+            expires_at: r.expires_at,
+        };
+        self.jwts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), c.clone());
+        Ok(c)
     }
 }
 

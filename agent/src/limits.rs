@@ -1,0 +1,269 @@
+//! Bounds on what one workload can make the agent hold or send on: a per-caller token bucket
+//! for the calls that reach the server, and the small LRU the JWT-SVID cache lives in.
+//!
+//! Invariant: both tables have a fixed capacity. The limiter keeps at most
+//! [`MAX_TRACKED_CALLERS`] buckets (a full bucket is the same as no bucket, so those go
+//! first), the LRU at most its configured number of entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Who a rate limit applies to: its pod if the caller runs in one, else its unix uid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CallerKey {
+    /// A Kubernetes pod, by UID (`k8s:pod-uid`).
+    Pod(String),
+    /// A local user.
+    Uid(u32),
+}
+
+impl std::fmt::Display for CallerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pod(p) => write!(f, "pod {p}"),
+            Self::Uid(u) => write!(f, "uid {u}"),
+        }
+    }
+}
+
+/// Most callers whose buckets are kept at once.
+pub const MAX_TRACKED_CALLERS: usize = 4096;
+
+/// A call refused by the rate limiter.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "rate limit: at most {rate} calls per second (burst {burst}) from one workload reach the server \
+     (workload_api.server_calls_per_second / server_calls_burst); retry in {} ms",
+    retry_after.as_millis().max(1)
+)]
+pub struct RateLimited {
+    /// Calls per second allowed.
+    pub rate: f64,
+    /// Burst allowed.
+    pub burst: u32,
+    /// When the next call would be admitted.
+    pub retry_after: Duration,
+}
+
+/// A per-caller token bucket limiter.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: u32,
+    max_callers: usize,
+    buckets: Mutex<HashMap<CallerKey, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// Tokens the bucket would hold at `now`.
+    fn level(&self, now: Instant, rate: f64, burst: f64) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * rate).min(burst)
+    }
+}
+
+impl RateLimiter {
+    /// `rate` calls per second, bursts of up to `burst` (both validated positive by the config).
+    pub fn new(rate: f64, burst: u32) -> Self {
+        Self::with_capacity(rate, burst, MAX_TRACKED_CALLERS)
+    }
+
+    /// Like [`RateLimiter::new`], keeping at most `max_callers` buckets.
+    pub fn with_capacity(rate: f64, burst: u32, max_callers: usize) -> Self {
+        Self {
+            rate,
+            burst: burst.max(1),
+            max_callers: max_callers.max(1),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes one token for `who`, or says when to retry.
+    pub fn admit(&self, who: &CallerKey) -> Result<(), RateLimited> {
+        self.admit_at(who, Instant::now())
+    }
+
+    /// [`RateLimiter::admit`] at a given instant (for tests).
+    pub fn admit_at(&self, who: &CallerKey, now: Instant) -> Result<(), RateLimited> {
+        let burst = f64::from(self.burst);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if !buckets.contains_key(who) && buckets.len() >= self.max_callers {
+            self.evict(&mut buckets, now);
+        }
+        let b = buckets.entry(who.clone()).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        b.tokens = b.level(now, self.rate, burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(RateLimited {
+            rate: self.rate,
+            burst: self.burst,
+            retry_after: Duration::from_secs_f64(((1.0 - b.tokens) / self.rate).min(3600.0)),
+        })
+    }
+
+    /// Callers with a bucket right now.
+    pub fn tracked(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Drops refilled buckets (same as absent); if none, the least recently used one.
+    fn evict(&self, buckets: &mut HashMap<CallerKey, Bucket>, now: Instant) {
+        let burst = f64::from(self.burst);
+        buckets.retain(|_, b| b.level(now, self.rate, burst) < burst);
+        if buckets.len() >= self.max_callers
+            && let Some(oldest) = buckets
+                .iter()
+                .min_by_key(|(_, b)| b.last)
+                .map(|(k, _)| k.clone())
+        {
+            buckets.remove(&oldest);
+        }
+    }
+}
+
+/// A least-recently-used map of at most `capacity` entries.
+#[derive(Debug)]
+pub struct Lru<K, V> {
+    capacity: usize,
+    tick: u64,
+    map: HashMap<K, (V, u64)>,
+    order: BTreeMap<u64, K>,
+}
+
+impl<K: Hash + Eq + Clone, V> Lru<K, V> {
+    /// An empty map holding at most `capacity` (≥ 1) entries.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            tick: 0,
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+        }
+    }
+
+    /// The value for `k`, marked as most recently used.
+    pub fn get(&mut self, k: &K) -> Option<&V> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (v, t) = self.map.get_mut(k)?;
+        if let Some(key) = self.order.remove(t) {
+            self.order.insert(tick, key);
+        }
+        *t = tick;
+        Some(v)
+    }
+
+    /// Inserts or replaces `k`, evicting the least recently used entry when full.
+    pub fn insert(&mut self, k: K, v: V) {
+        self.remove(&k);
+        while self.map.len() >= self.capacity {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.map.remove(&oldest);
+        }
+        self.tick += 1;
+        self.order.insert(self.tick, k.clone());
+        self.map.insert(k, (v, self.tick));
+    }
+
+    /// Removes `k`.
+    pub fn remove(&mut self, k: &K) -> Option<V> {
+        let (v, t) = self.map.remove(k)?;
+        self.order.remove(&t);
+        Some(v)
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let l = RateLimiter::new(2.0, 3);
+        let me = CallerKey::Uid(1);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            l.admit_at(&me, t0).unwrap();
+        }
+        let e = l.admit_at(&me, t0).unwrap_err();
+        assert!(e.retry_after <= Duration::from_millis(500), "{e}");
+        assert!(e.to_string().contains("server_calls_per_second"), "{e}");
+        // Another caller has its own bucket.
+        l.admit_at(&CallerKey::Pod("p".into()), t0).unwrap();
+        // Half a second later one token is back, not two.
+        let t1 = t0 + Duration::from_millis(500);
+        l.admit_at(&me, t1).unwrap();
+        assert!(l.admit_at(&me, t1).is_err());
+    }
+
+    #[test]
+    fn bucket_table_is_bounded() {
+        let l = RateLimiter::with_capacity(1.0, 1, 8);
+        let t0 = Instant::now();
+        for u in 0..10_000 {
+            let _ = l.admit_at(&CallerKey::Uid(u), t0);
+            assert!(l.tracked() <= 8);
+        }
+    }
+
+    #[test]
+    fn refilled_buckets_are_evicted_first() {
+        let l = RateLimiter::with_capacity(0.1, 1, 2);
+        let t0 = Instant::now();
+        let (a, b, c) = (CallerKey::Uid(1), CallerKey::Uid(2), CallerKey::Uid(3));
+        l.admit_at(&a, t0).unwrap();
+        let later = t0 + Duration::from_secs(20);
+        l.admit_at(&b, later).unwrap();
+        // Full: a has refilled (dropped, nothing lost), b has not (kept, still empty).
+        l.admit_at(&c, later).unwrap();
+        assert_eq!(l.tracked(), 2);
+        assert!(l.admit_at(&b, later).is_err());
+    }
+
+    #[test]
+    fn lru_evicts_least_recently_used() {
+        let mut c = Lru::new(2);
+        c.insert("a", 1);
+        c.insert("b", 2);
+        assert_eq!(c.get(&"a"), Some(&1));
+        c.insert("c", 3);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.get(&"b"), None);
+        assert_eq!(c.get(&"a"), Some(&1));
+        c.insert("a", 10);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.remove(&"a"), Some(10));
+        assert_eq!(c.len(), 1);
+        for i in 0..1000 {
+            c.insert("x", i);
+        }
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.order.len(), 2);
+    }
+}
