@@ -6,7 +6,8 @@
 //! # Which process the selectors describe
 //! The process that connected, as it was when the agent accepted the connection. At accept the
 //! agent records the caller's executable ([`ExeIdentity`]: the path `/proc/<pid>/exe` names and
-//! the file's device, inode, size, mtime and ctime) next to a pidfd for the process. At
+//! the file's device, inode, size, mtime and ctime) next to a pidfd for the process
+//! (SO_PEERPIDFD; on kernels < 6.5 the fallback is `pidfd_open` plus the start time). At
 //! attestation `unix:path` is that recorded path and `unix:sha256` is the hash of that same file,
 //! read through `/proc/<pid>/exe` only after checking that it is still the recorded file; so path
 //! and hash always describe one inode. If the process has exec'd since it connected (or its
@@ -14,7 +15,8 @@
 //! the new image. A forked child that inherited the socket therefore speaks as the process that
 //! connected, while that process lives and has not exec'd. What no Unix-socket attestor can close
 //! (SPIRE has the same window) is the time between `connect()` and the agent's `accept`: a
-//! process that exec's in between is attested as the new image.
+//! process that exec's in between is attested as the new image. Attestation runs once per
+//! connection (at its first request); later requests on it keep that result.
 //!
 //! # Hashing
 //! Hashes are cached by file identity — device, inode, size, mtime and ctime (seconds and

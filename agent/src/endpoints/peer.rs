@@ -177,3 +177,22 @@ pub struct ConnInfo {
     pub selectors:
         Arc<tokio::sync::OnceCell<Arc<std::collections::HashSet<continuity_attestors::Selector>>>>,
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn records_the_executable_at_accept() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = Peer::of(&a).unwrap();
+        assert_eq!(peer.pid, std::process::id());
+        let exe = peer.exe.as_ref().unwrap();
+        assert_eq!(exe.path, std::env::current_exe().unwrap());
+        let m = std::fs::metadata(&exe.path).unwrap();
+        assert_eq!(exe.file, FileId::of(&m));
+        assert!(peer.still_same_process());
+        assert!(continuity_attestors::unix::exe_unchanged(peer.pid, exe).is_ok());
+    }
+}
