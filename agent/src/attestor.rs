@@ -1,17 +1,21 @@
 //! Workload attestation: the configured attestors (today: unix) run against a connection's
 //! peer, and the result stands only if the peer is still the process that connected.
 //!
-//! Results are cached per process — (pid, start time, uid, gid, executable identity) — so a
-//! workload that reconnects is not re-attested from scratch; an `exec` changes the
-//! executable identity and misses the cache.
+//! Results are cached per process — (pid, start time, uid, gid, and the identity of the
+//! executable recorded at accept: device, inode, size, mtime, ctime) — so a workload that
+//! reconnects is not re-attested from scratch; an `exec`, or a rewrite of the binary in place
+//! (even with its mtime restored: ctime changes), misses the cache.
+//!
+//! The selectors describe the process that connected, as it was at accept: every result, fresh
+//! or cached, stands only if that process is still alive under its pidfd and still runs the
+//! executable recorded at accept (it has not exec'd since).
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use continuity_attestors::Selector;
-use continuity_attestors::unix::UnixAttestor;
+use continuity_attestors::unix::{FileId, UnixAttestor};
 
 use crate::endpoints::peer::Peer;
 
@@ -32,9 +36,7 @@ struct ProcessKey {
     start_time: u64,
     uid: u32,
     gid: u32,
-    exe_dev: u64,
-    exe_ino: u64,
-    exe_mtime: i64,
+    exe: Option<FileId>,
 }
 
 /// Selectors remembered for a process, and when.
@@ -62,15 +64,12 @@ impl Attestors {
     }
 
     fn key(peer: &Peer) -> Option<ProcessKey> {
-        let exe = std::fs::metadata(format!("/proc/{}/exe", peer.pid)).ok()?;
         Some(ProcessKey {
             pid: peer.pid,
             start_time: peer.start_time?,
             uid: peer.uid,
             gid: peer.gid,
-            exe_dev: exe.dev(),
-            exe_ino: exe.ino(),
-            exe_mtime: exe.mtime(),
+            exe: peer.exe.as_ref().map(|e| e.file),
         })
     }
 
@@ -78,7 +77,7 @@ impl Attestors {
         let mut out = HashSet::new();
         if let Some(unix) = &self.unix {
             out.extend(
-                unix.attest(peer.pid, peer.uid, peer.gid)
+                unix.attest(peer.pid, peer.uid, peer.gid, peer.exe.as_ref())
                     .map_err(|e| e.to_string())?,
             );
         }
@@ -117,7 +116,10 @@ impl WorkloadAttestor for Attestors {
             }
         };
         // Whatever was read (or remembered) counts only if the connecting process is still the
-        // one alive under this pid.
+        // one alive under this pid, running the executable it connected with.
+        if let Some(exe) = &peer.exe {
+            continuity_attestors::unix::exe_unchanged(peer.pid, exe).map_err(|e| e.to_string())?;
+        }
         if !peer.still_same_process() {
             return Err(format!(
                 "process {} exited or was replaced during attestation",

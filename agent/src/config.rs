@@ -276,8 +276,12 @@ pub enum NodeAttestor {
 pub struct FileUnix {
     /// Produce unix:path and unix:sha256 (default true).
     pub discover_workload_path: Option<bool>,
-    /// Largest executable hashed, bytes (0 = no limit).
+    /// Largest executable hashed, bytes (default 256 MiB; 0, set explicitly, = no limit).
     pub workload_size_limit: Option<u64>,
+    /// Most executable hashes remembered (default 4096; least recently used evicted).
+    pub hash_cache_size: Option<usize>,
+    /// Most executables read for hashing at once (default 2; callers beyond wait, bounded).
+    pub max_concurrent_hashes: Option<usize>,
 }
 
 /// How the agent first learns to trust the server.
@@ -384,10 +388,7 @@ impl Config {
         let (unix, k8s) = match f.workload_attestors {
             None => (Some(UnixConfig::default()), None),
             Some(w) => (
-                w.unix.map(|u| UnixConfig {
-                    discover_workload_path: u.discover_workload_path.unwrap_or(true),
-                    workload_size_limit: u.workload_size_limit.unwrap_or(0),
-                }),
+                w.unix.map(unix_config).transpose()?,
                 w.k8s.map(k8s_config).transpose()?,
             ),
         };
@@ -428,6 +429,29 @@ impl Config {
             log_format: f.log_format.unwrap_or_default(),
         })
     }
+}
+
+fn unix_config(u: FileUnix) -> Result<UnixConfig, ConfigError> {
+    let d = UnixConfig::default();
+    let positive = |v: Option<usize>, default: usize, key: &'static str| match v {
+        Some(0) => Err(invalid(key, "must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(UnixConfig {
+        discover_workload_path: u.discover_workload_path.unwrap_or(d.discover_workload_path),
+        workload_size_limit: u.workload_size_limit.unwrap_or(d.workload_size_limit),
+        hash_cache_size: positive(
+            u.hash_cache_size,
+            d.hash_cache_size,
+            "workload_attestors.unix.hash_cache_size",
+        )?,
+        max_concurrent_hashes: positive(
+            u.max_concurrent_hashes,
+            d.max_concurrent_hashes,
+            "workload_attestors.unix.max_concurrent_hashes",
+        )?,
+    })
 }
 
 fn k8s_config(k: FileK8s) -> Result<continuity_attestors::k8s::K8sConfig, ConfigError> {
@@ -491,6 +515,18 @@ mod tests {
             (
                 "[workload_attestors.unix]\ndiscover_path = true\n",
                 "discover_path",
+            ),
+            (
+                "[workload_attestors.unix]\nhash_cache_size = 0\n",
+                "workload_attestors.unix.hash_cache_size",
+            ),
+            (
+                "[workload_attestors.unix]\nmax_concurrent_hashes = 0\n",
+                "workload_attestors.unix.max_concurrent_hashes",
+            ),
+            (
+                "[workload_attestors.unix]\nworkload_size_limit = -1\n",
+                "workload_size_limit",
             ),
         ] {
             let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
@@ -584,6 +620,31 @@ mod tests {
     }
 
     #[test]
+    fn unix_defaults_and_explicit_no_size_limit() {
+        let base = "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n";
+        for extra in ["", "[workload_attestors.unix]\n"] {
+            let u = parse(&format!("{base}{extra}")).unwrap().unix.unwrap();
+            assert_eq!(u.workload_size_limit, 256 << 20);
+            assert_eq!(u.hash_cache_size, 4096);
+            assert_eq!(u.max_concurrent_hashes, 2);
+        }
+        let u = parse(&format!(
+            "{base}[workload_attestors.unix]\nworkload_size_limit = 0\nhash_cache_size = 10\nmax_concurrent_hashes = 4\n"
+        ))
+        .unwrap()
+        .unix
+        .unwrap();
+        assert_eq!(
+            (
+                u.workload_size_limit,
+                u.hash_cache_size,
+                u.max_concurrent_hashes
+            ),
+            (0, 10, 4)
+        );
+    }
+
+    #[test]
     fn full_example_documents_every_key_and_parses() {
         let text = include_str!("../../deploy/agent.full.toml");
         parse(text).unwrap();
@@ -599,6 +660,8 @@ mod tests {
             "[workload_attestors.unix]",
             "discover_workload_path",
             "workload_size_limit",
+            "hash_cache_size",
+            "max_concurrent_hashes",
             "[health]",
             "[metrics]",
             "[workload_api]",

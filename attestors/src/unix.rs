@@ -1,16 +1,52 @@
 //! The Unix workload attestor: selectors for a process, read from `/proc`.
 //!
 //! Produces SPIRE's `unix:` selectors: `uid`, `gid`, `user`, `group`, `supplementary_gid`,
-//! and, when path discovery is on, `path` and `sha256` of the executable. Hashes are cached
-//! by (device, inode, size, mtime) so a busy binary is hashed once, not per call.
+//! and, when path discovery is on, `path` and `sha256` of the executable.
+//!
+//! # Which process the selectors describe
+//! The process that connected, as it was when the agent accepted the connection. At accept the
+//! agent records the caller's executable ([`ExeIdentity`]: the path `/proc/<pid>/exe` names and
+//! the file's device, inode, size, mtime and ctime) next to a pidfd for the process
+//! (SO_PEERPIDFD; on kernels < 6.5 the fallback is `pidfd_open` plus the start time). At
+//! attestation `unix:path` is that recorded path and `unix:sha256` is the hash of that same file,
+//! read through `/proc/<pid>/exe` only after checking that it is still the recorded file; so path
+//! and hash always describe one inode. If the process has exec'd since it connected (or its
+//! executable was modified), attestation fails ([`UnixError::ExeChanged`]) rather than describe
+//! the new image. A forked child that inherited the socket therefore speaks as the process that
+//! connected, while that process lives and has not exec'd. What no Unix-socket attestor can close
+//! (SPIRE has the same window) is the time between `connect()` and the agent's `accept`: a
+//! process that exec's in between is attested as the new image. Attestation runs once per
+//! connection (at its first request); later requests on it keep that result.
+//!
+//! # Hashing
+//! Hashes are cached by file identity — device, inode, size, mtime and ctime (seconds and
+//! nanoseconds) — so a busy binary is hashed once, and a binary rewritten in place with its
+//! mtime restored still misses (ctime cannot be set back). The cache is bounded
+//! (`hash_cache_size`, least recently used evicted). Files above `workload_size_limit` are not
+//! hashed; at most `max_concurrent_hashes` files are read at once (callers beyond wait, at most
+//! [`MAX_WAITING_HASHES`] of them for at most [`HASH_WAIT`]); concurrent misses for one file are
+//! coalesced: one caller reads it, the others wait for its result.
 
-use std::collections::HashMap;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::Selector;
+
+/// Default `workload_size_limit`: 256 MiB.
+pub const DEFAULT_WORKLOAD_SIZE_LIMIT: u64 = 256 << 20;
+/// Default `hash_cache_size`: files whose hash is remembered.
+pub const DEFAULT_HASH_CACHE_SIZE: usize = 4096;
+/// Default `max_concurrent_hashes`.
+pub const DEFAULT_MAX_CONCURRENT_HASHES: usize = 2;
+/// Most callers waiting for a hashing slot at once; beyond them attestation fails at once.
+pub const MAX_WAITING_HASHES: usize = 256;
+/// Longest a caller waits for a hashing slot, or for another caller's hash of the same file.
+pub const HASH_WAIT: Duration = Duration::from_secs(30);
 
 /// Why a process could not be attested.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +62,10 @@ pub enum UnixError {
         source: std::io::Error,
     },
     /// The executable is larger than the configured hashing limit.
-    #[error("executable {path} is {size} bytes, above workload_size_limit ({limit})")]
+    #[error(
+        "executable {path} is {size} bytes, above workload_size_limit ({limit}); raise \
+         [workload_attestors.unix] workload_size_limit (0 = no limit) to attest it"
+    )]
     TooLarge {
         /// The executable.
         path: PathBuf,
@@ -35,6 +74,53 @@ pub enum UnixError {
         /// The limit.
         limit: u64,
     },
+    /// The executable was not recorded when the process connected (it had already exited).
+    #[error("the executable of process {pid} could not be recorded when it connected")]
+    NoExe {
+        /// The process.
+        pid: u32,
+    },
+    /// The process runs another file than when it connected (it exec'd), or the file changed.
+    #[error(
+        "process {pid} no longer runs the executable it connected with (it exec'd since, or \
+         {path} was modified)"
+    )]
+    ExeChanged {
+        /// The process.
+        pid: u32,
+        /// The executable recorded at connect.
+        path: PathBuf,
+    },
+    /// The executable could not be read.
+    #[error("cannot read executable {path}: {source}")]
+    Read {
+        /// The executable.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file changed while it was being hashed.
+    #[error("executable {path} changed while it was hashed")]
+    Modified {
+        /// The executable.
+        path: PathBuf,
+    },
+    /// Too many executables are being hashed; the caller may retry.
+    #[error(
+        "too many executables waiting to be hashed (max_concurrent_hashes = {limit}); try again"
+    )]
+    Busy {
+        /// The configured `max_concurrent_hashes`.
+        limit: usize,
+    },
+    /// A concurrent attestation hashing the same file failed; this caller shares its result.
+    #[error("hashing {path} failed: {reason}")]
+    Shared {
+        /// The executable.
+        path: PathBuf,
+        /// What the caller that read the file saw.
+        reason: String,
+    },
 }
 
 /// Settings of `[workload_attestors.unix]`.
@@ -42,26 +128,121 @@ pub enum UnixError {
 pub struct UnixConfig {
     /// Produce `path` and `sha256` selectors.
     pub discover_workload_path: bool,
-    /// Largest executable hashed, in bytes (0 = no limit).
+    /// Largest executable hashed, in bytes (0 = no limit, only when set explicitly).
     pub workload_size_limit: u64,
+    /// Most file hashes remembered (at least 1).
+    pub hash_cache_size: usize,
+    /// Most executables read at once (at least 1).
+    pub max_concurrent_hashes: usize,
 }
 
 impl Default for UnixConfig {
     fn default() -> Self {
         Self {
             discover_workload_path: true,
-            workload_size_limit: 0,
+            workload_size_limit: DEFAULT_WORKLOAD_SIZE_LIMIT,
+            hash_cache_size: DEFAULT_HASH_CACHE_SIZE,
+            max_concurrent_hashes: DEFAULT_MAX_CONCURRENT_HASHES,
         }
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct FileKey {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: i64,
-    mtime_nsec: i64,
+/// The identity of one version of one file: same inode, same content metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds.
+    pub mtime: i64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: i64,
+    /// Status-change time, seconds (cannot be set back by a user).
+    pub ctime: i64,
+    /// Status-change time, nanoseconds.
+    pub ctime_nsec: i64,
+}
+
+impl FileId {
+    /// The identity of a file from its metadata.
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+            ctime: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        }
+    }
+
+    /// True if both name the same inode (whatever its content).
+    pub fn same_inode(&self, other: &Self) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+}
+
+/// The executable a process ran when it connected: the path and the file it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExeIdentity {
+    /// What `/proc/<pid>/exe` pointed to.
+    pub path: PathBuf,
+    /// The file.
+    pub file: FileId,
+}
+
+impl ExeIdentity {
+    /// Reads the executable of `pid` now (open, fstat, readlink of `/proc/<pid>/exe`).
+    ///
+    /// This opens the file, which on a FUSE file system asks its daemon: the agent's accept
+    /// path records the identity without opening (see `endpoints::peer`); this is for tests
+    /// and callers on a blocking thread.
+    pub fn read(pid: u32) -> Result<Self, UnixError> {
+        let (_, file) = open_exe(Path::new("/proc"), pid)?;
+        let path =
+            std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|source| UnixError::Proc {
+                pid,
+                what: "exe",
+                source,
+            })?;
+        let exe = Self { path, file };
+        // Still the same file after readlink, so the path and the identity belong together.
+        exe_unchanged(pid, &exe)?;
+        Ok(exe)
+    }
+}
+
+/// Checks that `pid` still runs the inode recorded in `exe` (it has not exec'd another file).
+pub fn exe_unchanged(pid: u32, exe: &ExeIdentity) -> Result<(), UnixError> {
+    let m = std::fs::metadata(format!("/proc/{pid}/exe")).map_err(|source| UnixError::Proc {
+        pid,
+        what: "exe",
+        source,
+    })?;
+    if FileId::of(&m) == exe.file {
+        Ok(())
+    } else {
+        Err(UnixError::ExeChanged {
+            pid,
+            path: exe.path.clone(),
+        })
+    }
+}
+
+/// Opens the executable `pid` runs now, with its identity (fstat of the opened file).
+fn open_exe(proc_root: &Path, pid: u32) -> Result<(File, FileId), UnixError> {
+    let err = |source| UnixError::Proc {
+        pid,
+        what: "exe",
+        source,
+    };
+    let f = File::open(proc_root.join(pid.to_string()).join("exe")).map_err(err)?;
+    let id = FileId::of(&f.metadata().map_err(err)?);
+    Ok((f, id))
 }
 
 /// The Unix workload attestor.
@@ -69,7 +250,15 @@ struct FileKey {
 pub struct UnixAttestor {
     cfg: UnixConfig,
     proc_root: PathBuf,
-    hashes: Mutex<HashMap<FileKey, String>>,
+    hashes: Mutex<Lru>,
+    in_flight: Mutex<HashMap<FileId, Arc<Flight>>>,
+    slots: Mutex<Slots>,
+    slot_freed: Condvar,
+    reads: AtomicU64,
+    coalesced: AtomicU64,
+    /// Called by the reading caller just before it reads a file (tests).
+    #[cfg(test)]
+    before_read: Option<fn(&UnixAttestor)>,
 }
 
 impl UnixAttestor {
@@ -80,15 +269,30 @@ impl UnixAttestor {
 
     /// An attestor reading a different proc root (tests).
     pub fn with_proc_root(cfg: UnixConfig, proc_root: PathBuf) -> Self {
+        let cap = cfg.hash_cache_size.max(1);
         Self {
             cfg,
             proc_root,
-            hashes: Mutex::default(),
+            hashes: Mutex::new(Lru::new(cap)),
+            in_flight: Mutex::default(),
+            slots: Mutex::default(),
+            slot_freed: Condvar::new(),
+            reads: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            #[cfg(test)]
+            before_read: None,
         }
     }
 
-    /// Selectors of process `pid`, whose socket credentials were `uid`/`gid`.
-    pub fn attest(&self, pid: u32, uid: u32, gid: u32) -> Result<Vec<Selector>, UnixError> {
+    /// Selectors of process `pid`, whose socket credentials were `uid`/`gid` and whose
+    /// executable at connect time was `exe` (needed for `path` and `sha256`).
+    pub fn attest(
+        &self,
+        pid: u32,
+        uid: u32,
+        gid: u32,
+        exe: Option<&ExeIdentity>,
+    ) -> Result<Vec<Selector>, UnixError> {
         let proc = self.proc_root.join(pid.to_string());
         let status =
             std::fs::read_to_string(proc.join("status")).map_err(|source| UnixError::Proc {
@@ -110,75 +314,283 @@ impl UnixAttestor {
             out.push(Selector::raw("unix", format!("supplementary_gid:{g}")));
         }
         if self.cfg.discover_workload_path {
-            let exe = std::fs::read_link(proc.join("exe")).map_err(|source| UnixError::Proc {
-                pid,
-                what: "exe",
-                source,
-            })?;
-            out.push(Selector::raw("unix", format!("path:{}", exe.display())));
-            // Hash through /proc/<pid>/exe: it is the very file the process runs, even if the
-            // path was replaced or deleted since.
+            let exe = exe.ok_or(UnixError::NoExe { pid })?;
+            // Hash through /proc/<pid>/exe, and only if it is still the file recorded at
+            // connect: the path and the hash then describe the same inode, the one the process
+            // connected with, even if the path was replaced or deleted since.
+            let (f, now) = open_exe(&self.proc_root, pid)?;
+            if now != exe.file {
+                return Err(UnixError::ExeChanged {
+                    pid,
+                    path: exe.path.clone(),
+                });
+            }
+            let sha = self.hash(&f, &exe.file, &exe.path)?;
             out.push(Selector::raw(
                 "unix",
-                format!("sha256:{}", self.hash(pid, &proc.join("exe"), &exe)?),
+                format!("path:{}", exe.path.display()),
             ));
+            out.push(Selector::raw("unix", format!("sha256:{sha}")));
         }
         Ok(out)
     }
 
-    fn hash(&self, pid: u32, exe_link: &Path, exe: &Path) -> Result<String, UnixError> {
-        let mut f = std::fs::File::open(exe_link).map_err(|source| UnixError::Proc {
-            pid,
-            what: "exe",
-            source,
-        })?;
-        let m = f.metadata().map_err(|source| UnixError::Proc {
-            pid,
-            what: "exe",
-            source,
-        })?;
-        let key = FileKey {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-        };
-        if let Some(h) = self
-            .hashes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(h.clone());
+    /// Files read so far to hash them (coalesced and cached calls read nothing).
+    pub fn files_read(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Calls that waited for another caller's hash of the same file instead of reading it.
+    pub fn coalesced_waits(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
+
+    /// The sha256 of `f`, whose identity is `id`: from the cache, from a concurrent caller
+    /// reading the same file, or read now.
+    fn hash(&self, f: &File, id: &FileId, path: &Path) -> Result<String, UnixError> {
+        if let Some(h) = lock(&self.hashes).get(id) {
+            return Ok(h);
         }
         let limit = self.cfg.workload_size_limit;
-        if limit > 0 && m.size() > limit {
+        if limit > 0 && id.size > limit {
             return Err(UnixError::TooLarge {
-                path: exe.to_path_buf(),
-                size: m.size(),
+                path: path.to_path_buf(),
+                size: id.size,
                 limit,
             });
         }
+        let flight = {
+            let mut in_flight = lock(&self.in_flight);
+            // Checked again under the in-flight lock: a reader inserts into the cache before it
+            // leaves the in-flight map, so a miss here means nobody has the result yet.
+            if let Some(h) = lock(&self.hashes).get(id) {
+                return Ok(h);
+            }
+            match in_flight.get(id) {
+                Some(f) => Err(f.clone()),
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    in_flight.insert(*id, flight.clone());
+                    Ok(flight)
+                }
+            }
+        };
+        match flight {
+            Err(other) => {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+                other.wait(path, self.cfg.max_concurrent_hashes)
+            }
+            Ok(mine) => {
+                let done = FlightDone {
+                    attestor: self,
+                    id: *id,
+                    flight: mine,
+                };
+                let result = self.read_and_hash(f, id, path);
+                if let Ok(h) = &result {
+                    lock(&self.hashes).insert(*id, h.clone());
+                }
+                done.finish(result.as_ref().cloned().map_err(|e| e.to_string()));
+                result
+            }
+        }
+    }
+
+    /// Reads and hashes `f` in one of the `max_concurrent_hashes` slots.
+    fn read_and_hash(&self, f: &File, id: &FileId, path: &Path) -> Result<String, UnixError> {
+        let _slot = self.slot()?;
+        #[cfg(test)]
+        if let Some(hook) = self.before_read {
+            hook(self);
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let io = |source| UnixError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = f.read(&mut buf).map_err(|source| UnixError::Proc {
-                pid,
-                what: "exe",
-                source,
-            })?;
+        // From offset 0 whatever the file position, and never more than the size seen plus
+        // one byte (to notice growth).
+        let mut total: u64 = 0;
+        while total <= id.size {
+            let n = f.read_at(&mut buf, total).map_err(io)?;
             if n == 0 {
                 break;
             }
-            ctx.update(&buf[..n]);
+            total = total.saturating_add(n as u64);
+            ctx.update(buf.get(..n).unwrap_or_default());
         }
-        let h = hex::encode(ctx.finish());
-        self.hashes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, h.clone());
-        Ok(h)
+        let after = FileId::of(&f.metadata().map_err(io)?);
+        if total != id.size || after != *id {
+            return Err(UnixError::Modified {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(hex::encode(ctx.finish()))
+    }
+
+    /// Waits (bounded) for one of the `max_concurrent_hashes` reading slots.
+    fn slot(&self) -> Result<Slot<'_>, UnixError> {
+        let limit = self.cfg.max_concurrent_hashes.max(1);
+        let busy = UnixError::Busy {
+            limit: self.cfg.max_concurrent_hashes,
+        };
+        let mut slots = lock(&self.slots);
+        if slots.reading >= limit {
+            if slots.waiting >= MAX_WAITING_HASHES {
+                return Err(busy);
+            }
+            slots.waiting += 1;
+            let deadline = Instant::now() + HASH_WAIT;
+            while slots.reading >= limit {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    slots.waiting -= 1;
+                    return Err(busy);
+                }
+                slots = self
+                    .slot_freed
+                    .wait_timeout(slots, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            slots.waiting -= 1;
+        }
+        slots.reading += 1;
+        Ok(Slot(self))
+    }
+}
+
+/// Locks a mutex, recovering it if a thread panicked while holding it (the data stays valid:
+/// every critical section leaves it consistent).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reading slots in use and callers waiting for one.
+#[derive(Debug, Default)]
+struct Slots {
+    reading: usize,
+    waiting: usize,
+}
+
+/// One reading slot, given back on drop.
+struct Slot<'a>(&'a UnixAttestor);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.slots).reading -= 1;
+        self.0.slot_freed.notify_one();
+    }
+}
+
+/// A hash being computed by one caller, awaited by the others asking for the same file.
+#[derive(Debug, Default)]
+struct Flight {
+    result: Mutex<Option<Result<String, String>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    /// Waits (bounded) for the reading caller's result.
+    fn wait(&self, path: &Path, limit: usize) -> Result<String, UnixError> {
+        let deadline = Instant::now() + HASH_WAIT;
+        let mut result = lock(&self.result);
+        loop {
+            if let Some(r) = result.as_ref() {
+                return r.clone().map_err(|reason| UnixError::Shared {
+                    path: path.to_path_buf(),
+                    reason,
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(UnixError::Busy { limit });
+            }
+            result = self
+                .done
+                .wait_timeout(result, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Ends a flight: publishes the result (or, if the reader unwound, a failure) and removes the
+/// flight from the in-flight map, so later callers use the cache or read afresh.
+struct FlightDone<'a> {
+    attestor: &'a UnixAttestor,
+    id: FileId,
+    flight: Arc<Flight>,
+}
+
+impl FlightDone<'_> {
+    fn finish(self, result: Result<String, String>) {
+        *lock(&self.flight.result) = Some(result);
+    }
+}
+
+impl Drop for FlightDone<'_> {
+    fn drop(&mut self) {
+        lock(&self.attestor.in_flight).remove(&self.id);
+        let mut result = lock(&self.flight.result);
+        if result.is_none() {
+            *result = Some(Err("the attestation reading it was abandoned".into()));
+        }
+        self.flight.done.notify_all();
+    }
+}
+
+/// A bounded map from file identity to hash, evicting the least recently used.
+#[derive(Debug)]
+struct Lru {
+    cap: usize,
+    tick: u64,
+    map: HashMap<FileId, (String, u64)>,
+    order: BTreeMap<u64, FileId>,
+}
+
+impl Lru {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            tick: 0,
+            map: HashMap::new(),
+            order: BTreeMap::new(),
+        }
+    }
+
+    fn get(&mut self, k: &FileId) -> Option<String> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (v, used) = self.map.get_mut(k)?;
+        self.order.remove(used);
+        *used = tick;
+        self.order.insert(tick, *k);
+        Some(v.clone())
+    }
+
+    fn insert(&mut self, k: FileId, v: String) {
+        self.tick += 1;
+        if let Some((_, used)) = self.map.remove(&k) {
+            self.order.remove(&used);
+        }
+        while self.map.len() >= self.cap {
+            match self.order.pop_first() {
+                Some((_, oldest)) => {
+                    self.map.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        self.map.insert(k, (v, self.tick));
+        self.order.insert(self.tick, k);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
@@ -211,7 +623,7 @@ pub fn lookup_name(file: &Path, id: u32) -> Option<String> {
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
@@ -219,22 +631,226 @@ pub fn start_time(pid: u32) -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn me() -> ExeIdentity {
+        ExeIdentity::read(std::process::id()).unwrap()
+    }
+
     #[test]
     fn attests_this_process() {
         let a = UnixAttestor::new(UnixConfig::default());
         let pid = std::process::id();
-        let sel = a.attest(pid, 4242, 4343).unwrap();
+        let exe = me();
+        let sel = a.attest(pid, 4242, 4343, Some(&exe)).unwrap();
         let s: Vec<String> = sel.iter().map(|s| s.to_string()).collect();
         assert!(s.contains(&"unix:uid:4242".to_string()));
         assert!(s.contains(&"unix:gid:4343".to_string()));
-        let exe = std::env::current_exe().unwrap();
-        assert!(s.contains(&format!("unix:path:{}", exe.display())), "{s:?}");
+        let path = std::env::current_exe().unwrap();
+        assert!(
+            s.contains(&format!("unix:path:{}", path.display())),
+            "{s:?}"
+        );
         let sha = s.iter().find(|x| x.starts_with("unix:sha256:")).unwrap();
         assert_eq!(sha.len(), "unix:sha256:".len() + 64);
         // Second call is served from the cache and agrees.
-        let again = a.attest(pid, 4242, 4343).unwrap();
+        let again = a.attest(pid, 4242, 4343, Some(&exe)).unwrap();
         assert_eq!(sel, again);
-        assert_eq!(a.hashes.lock().unwrap().len(), 1);
+        assert_eq!(lock(&a.hashes).len(), 1);
+        assert_eq!(a.files_read(), 1);
+    }
+
+    #[test]
+    fn refuses_a_recorded_executable_that_is_not_the_running_one() {
+        let a = UnixAttestor::new(UnixConfig::default());
+        let pid = std::process::id();
+        let mut exe = me();
+        exe.file.ino ^= 1;
+        let e = a.attest(pid, 0, 0, Some(&exe)).unwrap_err();
+        assert!(matches!(e, UnixError::ExeChanged { .. }), "{e}");
+        assert!(exe_unchanged(pid, &exe).is_err());
+        assert!(exe_unchanged(pid, &me()).is_ok());
+        let e = a.attest(pid, 0, 0, None).unwrap_err();
+        assert!(matches!(e, UnixError::NoExe { .. }), "{e}");
+        // Without path discovery no executable is needed.
+        let a = UnixAttestor::new(UnixConfig {
+            discover_workload_path: false,
+            ..UnixConfig::default()
+        });
+        assert!(a.attest(pid, 0, 0, None).is_ok());
+    }
+
+    /// A file of `len` bytes and its identity.
+    fn file(dir: &Path, name: &str, len: usize) -> (File, FileId, PathBuf) {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![b'x'; len]).unwrap();
+        let f = File::open(&p).unwrap();
+        let id = FileId::of(&f.metadata().unwrap());
+        (f, id, p)
+    }
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "continuity-unix-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn size_limit_refuses_large_files_and_names_the_key() {
+        let d = tmp();
+        let a = UnixAttestor::new(UnixConfig {
+            workload_size_limit: 1000,
+            ..UnixConfig::default()
+        });
+        let (f, id, p) = file(&d, "big", 1001);
+        let e = a.hash(&f, &id, &p).unwrap_err();
+        assert!(matches!(e, UnixError::TooLarge { size: 1001, .. }), "{e}");
+        assert!(e.to_string().contains("workload_size_limit"), "{e}");
+        assert_eq!(a.files_read(), 0);
+        let (f, id, p) = file(&d, "small", 1000);
+        assert!(a.hash(&f, &id, &p).is_ok());
+        // 0, set explicitly, means no limit.
+        let a = UnixAttestor::new(UnixConfig {
+            workload_size_limit: 0,
+            ..UnixConfig::default()
+        });
+        let (f, id, p) = file(&d, "big", 1001);
+        assert!(a.hash(&f, &id, &p).is_ok());
+        assert_eq!(UnixConfig::default().workload_size_limit, 256 << 20);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn cache_is_bounded_and_evicts_the_least_recently_used() {
+        let d = tmp();
+        let a = UnixAttestor::new(UnixConfig {
+            hash_cache_size: 3,
+            ..UnixConfig::default()
+        });
+        let files: Vec<_> = (0..5).map(|i| file(&d, &format!("f{i}"), i + 1)).collect();
+        for (f, id, p) in &files[..3] {
+            a.hash(f, id, p).unwrap();
+        }
+        // f0 used again: f1 is now the least recently used and goes first.
+        a.hash(&files[0].0, &files[0].1, &files[0].2).unwrap();
+        assert_eq!(a.files_read(), 3);
+        for (f, id, p) in &files[3..] {
+            a.hash(f, id, p).unwrap();
+        }
+        assert_eq!(lock(&a.hashes).len(), 3);
+        assert_eq!(a.files_read(), 5);
+        a.hash(&files[0].0, &files[0].1, &files[0].2).unwrap();
+        assert_eq!(a.files_read(), 5, "f0 stayed cached");
+        a.hash(&files[1].0, &files[1].1, &files[1].2).unwrap();
+        assert_eq!(a.files_read(), 6, "f1 was evicted");
+        assert_eq!(lock(&a.hashes).len(), 3);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn cache_key_changes_with_ctime_when_mtime_is_restored() {
+        let d = tmp();
+        let a = UnixAttestor::new(UnixConfig::default());
+        let (f, id, p) = file(&d, "bin", 100);
+        let before = a.hash(&f, &id, &p).unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        // Same inode, same size, mtime restored: only ctime tells.
+        std::thread::sleep(Duration::from_millis(20));
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            w.seek(SeekFrom::Start(10)).unwrap();
+            w.write_all(b"y").unwrap();
+            w.set_times(
+                std::fs::FileTimes::new()
+                    .set_accessed(m.accessed().unwrap())
+                    .set_modified(m.modified().unwrap()),
+            )
+            .unwrap();
+        }
+        let f = File::open(&p).unwrap();
+        let id2 = FileId::of(&f.metadata().unwrap());
+        assert!(id2.same_inode(&id) && id2.size == id.size && id2.mtime_nsec == id.mtime_nsec);
+        assert_ne!(id2, id);
+        assert_ne!(a.hash(&f, &id2, &p).unwrap(), before);
+        // The old identity no longer describes the file: hashing under it is refused.
+        assert!(matches!(
+            a.read_and_hash(&f, &id, &p),
+            Err(UnixError::Modified { .. })
+        ));
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Holds the first reader until every other caller waits for its result.
+    fn until_seven_wait(a: &UnixAttestor) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while a.coalesced_waits() < 7 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn concurrent_misses_for_one_file_read_it_once() {
+        let d = tmp();
+        let mut a = UnixAttestor::new(UnixConfig::default());
+        a.before_read = Some(until_seven_wait);
+        let (_, id, p) = file(&d, "shared", 300_000);
+        let results: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    let (a, p) = (&a, &p);
+                    s.spawn(move || a.hash(&File::open(p).unwrap(), &id, p).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(a.files_read(), 1);
+        assert_eq!(a.coalesced_waits(), 7);
+        assert!(results.iter().all(|r| r == &results[0]));
+        assert!(lock(&a.in_flight).is_empty());
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Set once two callers were seen waiting for a slot.
+    static SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// Holds the first readers until two more callers wait for a slot (once).
+    fn until_two_wait_for_a_slot(a: &UnixAttestor) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !SEEN.load(Ordering::SeqCst) && Instant::now() < deadline {
+            let s = lock(&a.slots);
+            assert!(s.reading <= 2, "more readers than max_concurrent_hashes");
+            if s.waiting == 2 {
+                SEEN.store(true, Ordering::SeqCst);
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(lock(&a.slots).reading <= 2);
+    }
+
+    #[test]
+    fn reads_at_most_max_concurrent_hashes_files_at_once() {
+        let d = tmp();
+        let mut a = UnixAttestor::new(UnixConfig::default());
+        a.before_read = Some(until_two_wait_for_a_slot);
+        let files: Vec<_> = (0..4)
+            .map(|i| file(&d, &format!("d{i}"), 1000 + i))
+            .collect();
+        std::thread::scope(|s| {
+            for (_, id, p) in &files {
+                let a = &a;
+                s.spawn(move || a.hash(&File::open(p).unwrap(), id, p).unwrap());
+            }
+        });
+        assert_eq!(a.files_read(), 4);
+        assert!(SEEN.load(Ordering::SeqCst), "two callers waited for a slot");
+        let s = lock(&a.slots);
+        assert_eq!((s.reading, s.waiting), (0, 0));
+        drop(s);
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

@@ -6,11 +6,22 @@
 //! After attestation reads `/proc/<pid>`, we check that the process is still the one that
 //! connected — alive under that pidfd, same start time — so a recycled pid can never be
 //! attested as someone else.
+//!
+//! At accept we also record the executable the peer runs ([`ExeIdentity`]: path, device, inode,
+//! size, mtime, ctime), so that the selectors describe the process as it was when it connected:
+//! attestation fails if the process has exec'd another file since (see
+//! `continuity_attestors::unix`). The record is taken without opening the file or asking its
+//! file system for fresh attributes (an `O_PATH` descriptor, `statx` with
+//! `AT_STATX_DONT_SYNC`, `readlink` of that descriptor), so a workload whose executable lives
+//! on a FUSE mount it serves cannot stall the accept loop; the descriptor is closed at once
+//! (no extra file descriptor per connection).
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use continuity_attestors::unix::{ExeIdentity, FileId};
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::UnixStream;
 
@@ -38,6 +49,8 @@ pub struct Peer {
     pub binding: Binding,
     /// Process start time (clock ticks since boot) at accept time.
     pub start_time: Option<u64>,
+    /// The executable the process ran at accept time (None if it could not be read).
+    pub exe: Option<ExeIdentity>,
 }
 
 static LOGGED_MODE: AtomicBool = AtomicBool::new(false);
@@ -82,12 +95,14 @@ impl Peer {
             }
         };
         let start_time = continuity_attestors::unix::start_time(pid);
+        let exe = exe_at_accept(pid);
         Ok(Self {
             uid,
             gid,
             pid,
             binding,
             start_time,
+            exe,
         })
     }
 
@@ -114,6 +129,43 @@ impl Peer {
     }
 }
 
+/// The executable `pid` runs now, read without opening it or asking its file system (so a
+/// hostile FUSE mount cannot block the caller): path and identity come from one `O_PATH`
+/// descriptor, so they describe the same inode.
+fn exe_at_accept(pid: u32) -> Option<ExeIdentity> {
+    use rustix::fs::{AtFlags, Mode, OFlags, StatxFlags};
+    let fd = rustix::fs::open(
+        format!("/proc/{pid}/exe"),
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let want = StatxFlags::INO | StatxFlags::SIZE | StatxFlags::MTIME | StatxFlags::CTIME;
+    let st = rustix::fs::statx(
+        &fd,
+        "",
+        AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+        want,
+    )
+    .ok()?;
+    if !StatxFlags::from_bits_retain(st.stx_mask).contains(want) {
+        return None;
+    }
+    let path: PathBuf = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    Some(ExeIdentity {
+        path,
+        file: FileId {
+            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+            size: st.stx_size,
+            mtime: st.stx_mtime.tv_sec,
+            mtime_nsec: i64::from(st.stx_mtime.tv_nsec),
+            ctime: st.stx_ctime.tv_sec,
+            ctime_nsec: i64::from(st.stx_ctime.tv_nsec),
+        },
+    })
+}
+
 /// What a Workload API request knows about its connection.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -124,4 +176,23 @@ pub struct ConnInfo {
     /// Attestation result, computed once per connection.
     pub selectors:
         Arc<tokio::sync::OnceCell<Arc<std::collections::HashSet<continuity_attestors::Selector>>>>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn records_the_executable_at_accept() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = Peer::of(&a).unwrap();
+        assert_eq!(peer.pid, std::process::id());
+        let exe = peer.exe.as_ref().unwrap();
+        assert_eq!(exe.path, std::env::current_exe().unwrap());
+        let m = std::fs::metadata(&exe.path).unwrap();
+        assert_eq!(exe.file, FileId::of(&m));
+        assert!(peer.still_same_process());
+        assert!(continuity_attestors::unix::exe_unchanged(peer.pid, exe).is_ok());
+    }
 }

@@ -1,0 +1,352 @@
+//! The unix workload attestor of a real agent: what `unix:path` and `unix:sha256` describe.
+//!
+//! - A binary rewritten in place with its mtime restored gets its new `unix:sha256` (the hash
+//!   cache is keyed by ctime too).
+//! - A process that connects and then exec's another binary (keeping the socket) does not get
+//!   the exec'd binary's identity; a child that inherited the socket speaks as the process that
+//!   connected while that process lives, and not after it exited.
+//!
+//! Clients are unmodified py-spiffe. For the fork/exec cases py-spiffe talks to a relay socket
+//! in the exec'd (or child) process, which forwards every byte over the inherited connection,
+//! so the agent sees the connection made by the original process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use continuity_tests::agent::TestAgent;
+use continuity_tests::bin;
+use continuity_tests::server::{ServerOptions, TestServer};
+
+const ALIAS: &str = "spiffe://example.org/node/test";
+
+struct Env {
+    dir: tempfile::TempDir,
+    server: TestServer,
+    agent: TestAgent,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(&dir.path().join("server"), ServerOptions::default());
+    let token = server.token(Some(ALIAS));
+    let agent = TestAgent::start(&dir.path().join("agent"), &server, &token);
+    Env { dir, server, agent }
+}
+
+/// Polls `f` until it returns Some, for at most `secs`.
+fn eventually<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {secs}s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sha256_file(p: &Path) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &std::fs::read(p).unwrap(),
+    ))
+}
+
+/// SPIFFE IDs `exe` (a copy of continuity-agent) receives, or None if the fetch failed.
+fn fetch_ids_with(exe: &Path, agent: &TestAgent) -> Option<HashSet<String>> {
+    let out = Command::new(exe)
+        .args(["api", "fetch", "x509", "--socket-path"])
+        .arg(&agent.socket)
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v["svids"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["spiffe_id"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+#[test]
+fn binary_rewritten_in_place_with_mtime_restored_gets_its_new_sha256() {
+    let e = env();
+    let exe = e.dir.path().join("workload");
+    std::fs::copy(bin("continuity-agent"), &exe).unwrap();
+    let old_sha = sha256_file(&exe);
+
+    // A harmless byte to flip: one in the rustc version string of the .comment section.
+    let bytes = std::fs::read(&exe).unwrap();
+    let at = bytes
+        .windows(b"rustc version ".len())
+        .position(|w| w == b"rustc version ")
+        .expect("a rustc version string in the binary");
+    let mut new_bytes = bytes.clone();
+    new_bytes[at] = b'R';
+    let new_sha = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &new_bytes,
+    ));
+    assert_ne!(old_sha, new_sha);
+
+    e.server.create_entry(
+        "spiffe://example.org/old",
+        ALIAS,
+        &[&format!("unix:sha256:{old_sha}")],
+    );
+    e.server.create_entry(
+        "spiffe://example.org/new",
+        ALIAS,
+        &[&format!("unix:sha256:{new_sha}")],
+    );
+    let old: HashSet<String> = ["spiffe://example.org/old".to_string()].into();
+    let ids = eventually(15, || fetch_ids_with(&exe, &e.agent));
+    assert_eq!(
+        ids, old,
+        "before the rewrite the old binary's entry is served"
+    );
+
+    // Rewrite in place: same inode, same size, atime and mtime restored to the nanosecond.
+    let before = std::fs::metadata(&exe).unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&exe).unwrap();
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(b"R").unwrap();
+        f.set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(before.accessed().unwrap())
+                .set_modified(before.modified().unwrap()),
+        )
+        .unwrap();
+    }
+    let after = std::fs::metadata(&exe).unwrap();
+    assert_eq!(
+        (after.dev(), after.ino(), after.size()),
+        (before.dev(), before.ino(), before.size())
+    );
+    assert_eq!(
+        (after.mtime(), after.mtime_nsec()),
+        (before.mtime(), before.mtime_nsec())
+    );
+    assert_eq!(sha256_file(&exe), new_sha);
+
+    // Well within the agent's 30 s attestation cache TTL.
+    let ids = fetch_ids_with(&exe, &e.agent).expect("the rewritten binary fetches");
+    assert_eq!(
+        ids,
+        ["spiffe://example.org/new".to_string()].into(),
+        "the rewritten binary must get its new unix:sha256, not the cached old one"
+    );
+}
+
+/// Run by the connecting process: the relay that lets unmodified py-spiffe speak over the
+/// connection inherited on fd 0. argv: out file, pid to wait for ("" = none), relay directory,
+/// hex of bytes the connecting process already read from the agent.
+const RELAY: &str = r#"
+import os, socket, sys, threading, time
+out, wait_pid, relay_dir, prefix = sys.argv[1], sys.argv[2], sys.argv[3], bytes.fromhex(sys.argv[4])
+upstream = socket.socket(fileno=os.dup(0))
+if wait_pid:
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            st = open(f"/proc/{wait_pid}/stat").read()
+            if st[st.rindex(")") + 2] in "ZX":
+                break
+        except OSError:
+            break
+        time.sleep(0.01)
+path = os.path.join(relay_dir, "relay.sock")
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(1)
+def pump(a, b, first=b""):
+    try:
+        if first:
+            b.sendall(first)
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    try:
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+def serve():
+    c, _ = srv.accept()
+    threading.Thread(target=pump, args=(c, upstream), daemon=True).start()
+    threading.Thread(target=pump, args=(upstream, c, prefix), daemon=True).start()
+threading.Thread(target=serve, daemon=True).start()
+from spiffe import WorkloadApiClient
+try:
+    with WorkloadApiClient("unix://" + path) as client:
+        ctx = client.fetch_x509_context(timeout=10)
+        res = "IDS " + ",".join(sorted(str(s.spiffe_id) for s in ctx.x509_svids))
+except Exception as e:
+    res = "ERR " + repr(e)
+with open(out + ".tmp", "w") as f:
+    f.write(res)
+os.rename(out + ".tmp", out)
+os._exit(0)
+"#;
+
+/// Helper run as its own process by the tests below: connects to the agent, waits until the
+/// agent has accepted (its HTTP/2 SETTINGS frame arrives), then hands the connection to
+/// python3 running [`RELAY`] — by exec (`HELPER_MODE=exec`), or as a child it waits for
+/// (`fork-wait`) or leaves behind when it exits (`fork-exit`).
+#[test]
+#[ignore = "helper: run by the fork/exec tests"]
+fn connect_then_hand_over() {
+    let var = |k| std::env::var(k).unwrap();
+    let (socket, mode, out, dir) = (
+        var("HELPER_SOCKET"),
+        var("HELPER_MODE"),
+        var("HELPER_OUT"),
+        var("HELPER_DIR"),
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The agent writes its SETTINGS frame once it has accepted (and recorded) the connection.
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).unwrap();
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).unwrap();
+    stream.set_read_timeout(None).unwrap();
+    let prefix = hex::encode([&head[..], &payload].concat());
+    let wait_pid = if mode == "fork-exit" {
+        std::process::id().to_string()
+    } else {
+        String::new()
+    };
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", RELAY, &out, &wait_pid, &dir, &prefix])
+        .stdin(Stdio::from(OwnedFd::from(stream)));
+    match mode.as_str() {
+        "exec" => panic!("exec python3: {}", cmd.exec()),
+        "fork-wait" => {
+            cmd.status().unwrap();
+        }
+        "fork-exit" => {
+            // Deliberately not waited for: this process exits first, the child outlives it.
+            #[allow(clippy::zombie_processes)]
+            cmd.spawn().unwrap();
+        }
+        m => panic!("unknown HELPER_MODE {m}"),
+    }
+}
+
+/// Runs [`connect_then_hand_over`] in `mode`; returns what py-spiffe got ("IDS …" or "ERR …").
+fn hand_over(e: &Env, mode: &str) -> String {
+    let dir = e.dir.path().join(format!("relay-{mode}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("result");
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "connect_then_hand_over",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("HELPER_SOCKET", &e.agent.socket)
+        .env("HELPER_MODE", mode)
+        .env("HELPER_OUT", &out)
+        .env("HELPER_DIR", &dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "helper failed in mode {mode}");
+    eventually(30, || std::fs::read_to_string(&out).ok())
+}
+
+/// The executable python3 ends up running (the pyenv shim, if any, exec's the real one).
+fn python_exe() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import os; print(os.readlink('/proc/self/exe'))"])
+        .output()
+        .unwrap();
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+const CONNECTOR: &str = "spiffe://example.org/connector";
+const EXECED: &str = "spiffe://example.org/execed";
+
+/// An agent with one entry for this test binary (the connecting process) and one for python3
+/// (what it exec's or spawns); waits until both are on the agent.
+fn fork_exec_env() -> Env {
+    let e = env();
+    let me = std::fs::read_link("/proc/self/exe").unwrap();
+    e.server
+        .create_entry(CONNECTOR, ALIAS, &[&format!("unix:path:{}", me.display())]);
+    e.server.create_entry(
+        EXECED,
+        ALIAS,
+        &[&format!("unix:path:{}", python_exe().display())],
+    );
+    // Synced once python3 itself (run directly) receives the python entry.
+    eventually(15, || {
+        let out = Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/list_ids.py"))
+            .arg(e.agent.endpoint())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .contains(EXECED)
+            .then_some(())
+    });
+    e
+}
+
+#[test]
+fn exec_after_connect_does_not_get_the_execd_binarys_identity() {
+    let e = fork_exec_env();
+    let got = hand_over(&e, "exec");
+    assert!(
+        !got.contains(EXECED),
+        "a process that exec'd after connecting got the exec'd binary's identity: {got}"
+    );
+    assert!(got.starts_with("ERR "), "{got}");
+    assert!(got.contains("UNAVAILABLE"), "{got}");
+    assert!(
+        e.agent
+            .log()
+            .contains("no longer runs the executable it connected with"),
+        "{}",
+        e.agent.log()
+    );
+}
+
+#[test]
+fn forked_child_speaks_as_the_connecting_process_while_it_lives() {
+    let e = fork_exec_env();
+    let got = hand_over(&e, "fork-wait");
+    assert_eq!(got, format!("IDS {CONNECTOR}"));
+    // Once the connecting process has exited, its socket no longer attests anyone.
+    let got = hand_over(&e, "fork-exit");
+    assert!(
+        got.starts_with("ERR ") && got.contains("UNAVAILABLE"),
+        "{got}"
+    );
+    assert!(!got.contains(EXECED) && !got.contains(CONNECTOR), "{got}");
+}
