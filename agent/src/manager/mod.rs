@@ -73,12 +73,21 @@ struct IncarnationQueue {
     last: HashMap<(String, String), i64>,
 }
 
-/// A cached JWT-SVID.
-#[derive(Debug, Clone)]
+/// A cached JWT-SVID (a bearer token: redacted in `Debug`).
+#[derive(Clone)]
 struct CachedJwt {
     token: String,
     issued_at: i64,
     expires_at: i64,
+}
+
+impl std::fmt::Debug for CachedJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedJwt")
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a JWT-SVID could not be had.
