@@ -18,7 +18,11 @@
 //! borrows indexed fields from the dynamic table and stops keeping fields once the list is over
 //! budget, so no allocation grows with a client's multiplier (an indexed reference repeated a
 //! hundred thousand times costs nothing but the bytes that carry it). The buffers are bounded
-//! too: one frame of input, one frame of output, one header block.
+//! too: one frame and one read of input, one header block, and output up to a high-water mark
+//! past which parsing waits for h2 to take what is there. Rewritten blocks may not decode to
+//! more than [`MAX_EXPANSION`] times what the client sent (after a 1 MiB allowance), so a
+//! stream of tiny blocks that each reference a large table entry cannot turn the adapter into
+//! an amplifier.
 
 use std::io;
 use std::pin::Pin;
@@ -53,6 +57,14 @@ const MAX_HEADER_BLOCK: usize = MAX_HEADER_LIST_SIZE as usize;
 const MAX_RAW_BLOCK: usize = 2 * MAX_HEADER_BLOCK;
 /// HTTP/2's per-field overhead in the header-list size (RFC 9113 §6.5.2).
 const FIELD_OVERHEAD: usize = 32;
+/// Output beyond which parsing pauses until the reader has taken it (one rewritten block plus a
+/// frame), so a burst of small frames that each expand cannot pile up output.
+const OUTPUT_HIGH_WATER: usize = MAX_HEADER_LIST_SIZE as usize + MAX_FRAME;
+/// Decoded header bytes a rewritten connection may produce per byte it sent (after a free
+/// allowance): tiny blocks referencing the dynamic table expand, but not without bound.
+const MAX_EXPANSION: u64 = 64;
+/// Decoded header bytes every connection may produce before [`MAX_EXPANSION`] applies.
+const EXPANSION_ALLOWANCE: u64 = 1 << 20;
 
 /// A decoded header field: name and value.
 type Field = (Vec<u8>, Vec<u8>);
@@ -78,6 +90,14 @@ pub enum Violation {
     /// HPACK the decoder refused (a table size update above the advertised size among them).
     #[error("HPACK: {0}")]
     Hpack(String),
+    /// Header blocks that decode to far more than the connection ever sent.
+    #[error("header blocks decode to {decoded} bytes from {received} received")]
+    Expansion {
+        /// Header-list bytes decoded so far.
+        decoded: u64,
+        /// Bytes the client sent so far.
+        received: u64,
+    },
 }
 
 impl From<Violation> for io::Error {
@@ -114,15 +134,23 @@ pub struct AuthorityFix<S> {
     mode: Mode,
     eof: bool,
     activity: Activity,
+    /// The frame being passed through completes a header block (a request has been sent once
+    /// its last byte is through).
+    completes_block: bool,
+    /// Parsing paused at [`OUTPUT_HIGH_WATER`] with input left to process.
+    backlog: bool,
+    /// Bytes the client has sent, and header-list bytes decoded from them.
+    received: u64,
+    decoded: u64,
 }
 
-/// Whether a connection has sent a request yet (its first HEADERS frame), shared with the
+/// Whether a connection has sent a request yet (a complete header block), shared with the
 /// accept loop so that connections which never send one can be told apart and closed.
 #[derive(Debug, Clone, Default)]
 pub struct Activity(Arc<AtomicBool>);
 
 impl Activity {
-    /// True once the client has sent the header frame of a request.
+    /// True once the client has sent the complete header block of a request.
     pub fn request_seen(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
@@ -158,6 +186,10 @@ impl<S> AuthorityFix<S> {
             mode: Mode::Undecided,
             eof: false,
             activity: Activity::default(),
+            completes_block: false,
+            backlog: false,
+            received: 0,
+            decoded: 0,
         }
     }
 
@@ -171,9 +203,14 @@ impl<S> AuthorityFix<S> {
         &self.inner
     }
 
-    /// Moves parsed bytes from `input` to `output`, as far as the input allows.
+    /// Moves parsed bytes from `input` to `output`, as far as the input allows or until the
+    /// output reaches [`OUTPUT_HIGH_WATER`] (then `backlog` is set).
     fn process(&mut self) -> Result<(), Violation> {
         loop {
+            self.backlog = self.output.len() >= OUTPUT_HIGH_WATER;
+            if self.backlog {
+                return Ok(());
+            }
             match self.state {
                 State::Preface(left) => {
                     let n = left.min(self.input.len());
@@ -194,6 +231,9 @@ impl<S> AuthorityFix<S> {
                     }
                     self.output.extend_from_slice(&self.input.split_to(n));
                     self.state = if left == n {
+                        if std::mem::take(&mut self.completes_block) {
+                            self.activity.mark();
+                        }
                         State::FrameHeader
                     } else {
                         State::Passthrough(left - n)
@@ -213,9 +253,6 @@ impl<S> AuthorityFix<S> {
                     if self.block.is_some() && kind != CONTINUATION {
                         return Err(Violation::Interleaved(kind));
                     }
-                    if kind == HEADERS {
-                        self.activity.mark();
-                    }
                     let headers = kind == HEADERS || (kind == CONTINUATION && self.block.is_some());
                     if headers && self.mode != Mode::Passthrough {
                         if self.mode == Mode::Undecided {
@@ -231,6 +268,8 @@ impl<S> AuthorityFix<S> {
                     } else {
                         self.output
                             .extend_from_slice(&self.input.split_to(FRAME_HEADER));
+                        self.completes_block =
+                            (kind == HEADERS || kind == CONTINUATION) && flags & END_HEADERS != 0;
                         self.state = State::Passthrough(len);
                     }
                 }
@@ -312,11 +351,24 @@ impl<S> AuthorityFix<S> {
         if over {
             return Err(Violation::ListTooLarge);
         }
+        self.decoded = self.decoded.saturating_add(size as u64);
+        if self.decoded
+            > self
+                .received
+                .saturating_mul(MAX_EXPANSION)
+                .saturating_add(EXPANSION_ALLOWANCE)
+        {
+            return Err(Violation::Expansion {
+                decoded: self.decoded,
+                received: self.received,
+            });
+        }
         Ok(headers)
     }
 
     fn emit_block(&mut self, stream: u32, end_stream: bool, block: &[u8]) -> Result<(), Violation> {
         let headers = self.decode_block(block)?;
+        self.activity.mark();
         if self.mode == Mode::Undecided {
             let raw = std::mem::take(&mut self.raw_block);
             if headers
@@ -380,6 +432,23 @@ impl<S> AuthorityFix<S> {
     }
 }
 
+impl<S> AuthorityFix<S> {
+    /// Processes buffered input; a violation frees everything this client made us hold, logs
+    /// one line, and ends the connection (nothing more is read from it).
+    fn run(&mut self) -> io::Result<()> {
+        self.process().map_err(|v| {
+            tracing::warn!(reason = %v, "closing a Workload API connection that broke the HTTP/2 limits");
+            self.eof = true;
+            self.backlog = false;
+            self.input = BytesMut::new();
+            self.output = BytesMut::new();
+            self.block = None;
+            self.raw_block = Vec::new();
+            v.into()
+        })
+    }
+}
+
 /// An HPACK decoder that refuses dynamic-table size updates above what the agent advertised.
 fn bounded_decoder() -> loona_hpack::Decoder<'static> {
     let mut d = loona_hpack::Decoder::new();
@@ -430,6 +499,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 buf.put_slice(&me.output.split_to(n));
                 return Poll::Ready(Ok(()));
             }
+            if me.backlog {
+                me.run()?;
+                continue;
+            }
             if me.eof {
                 return Poll::Ready(Ok(()));
             }
@@ -443,17 +516,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                         me.eof = true;
                         continue;
                     }
+                    me.received = me.received.saturating_add(rb.filled().len() as u64);
                     me.input.extend_from_slice(rb.filled());
-                    if let Err(v) = me.process() {
-                        tracing::warn!(reason = %v, "closing a Workload API connection that broke the HTTP/2 limits");
-                        // Nothing more is read from this client; free what it made us hold.
-                        me.eof = true;
-                        me.input = BytesMut::new();
-                        me.output = BytesMut::new();
-                        me.block = None;
-                        me.raw_block = Vec::new();
-                        return Poll::Ready(Err(v.into()));
-                    }
+                    me.run()?;
                 }
             }
         }
@@ -618,6 +683,66 @@ mod tests {
         // The full-size bomb never gets as far as the decoder.
         let err = violation(connection(&header_frames(&bomb(250_000)))).await;
         assert!(err.to_string().contains("header block"), "{err}");
+    }
+
+    /// A socket-path client that enters a ~4 KB field into the table, then sends `n` tiny
+    /// blocks of four references to it (each within the header-list budget).
+    fn expanding_connection(n: usize) -> Vec<u8> {
+        let mut first = Vec::new();
+        encode_literal(&mut first, b":authority", b"tmp%2Fagent%2Fapi.sock");
+        first.push(0x40);
+        encode_int(&mut first, 1, 7, 0);
+        first.push(b'x');
+        encode_int(&mut first, 4000, 7, 0);
+        first.extend(std::iter::repeat_n(b'a', 4000));
+        let mut frames = vec![frame(HEADERS, END_HEADERS, 1, &first)];
+        frames.extend((0..n).map(|i| frame(HEADERS, END_HEADERS, 3 + 2 * i as u32, &[0xbe; 4])));
+        connection(&frames)
+    }
+
+    #[tokio::test]
+    async fn tiny_blocks_that_expand_are_not_amplified() {
+        let input = expanding_connection(4000);
+        let sent = input.len();
+        let mut fix = AuthorityFix::new(std::io::Cursor::new(input));
+        // One read takes the whole input in: output must stop at the high-water mark.
+        let mut one = [0u8; 1];
+        fix.read(&mut one).await.unwrap();
+        assert!(
+            fix.output.len() <= OUTPUT_HIGH_WATER + MAX_HEADER_LIST_SIZE as usize,
+            "{} bytes of output pending",
+            fix.output.len()
+        );
+        let mut out = Vec::new();
+        let err = fix.read_to_end(&mut out).await.unwrap_err();
+        assert!(err.to_string().contains("decode to"), "{err}");
+        // Unbounded, 4,000 blocks would have come out as ~64 MB.
+        let bound = (EXPANSION_ALLOWANCE + MAX_EXPANSION * sent as u64) as usize;
+        assert!(out.len() < bound, "{} bytes out of {sent} in", out.len());
+    }
+
+    #[tokio::test]
+    async fn a_request_counts_only_once_its_header_block_is_complete() {
+        let mut fix = AuthorityFix::new(std::io::Cursor::new(connection(&[frame(
+            HEADERS,
+            0,
+            1,
+            &[0x82],
+        )])));
+        let activity = fix.activity();
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await.unwrap();
+        assert!(
+            !activity.request_seen(),
+            "a HEADERS frame without END_HEADERS"
+        );
+        let mut fix = AuthorityFix::new(std::io::Cursor::new(connection(&[
+            frame(HEADERS, 0, 1, &[0x82]),
+            frame(CONTINUATION, END_HEADERS, 1, &[0x84]),
+        ])));
+        let activity = fix.activity();
+        fix.read_to_end(&mut out).await.unwrap();
+        assert!(activity.request_seen());
     }
 
     #[tokio::test]
