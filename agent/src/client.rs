@@ -221,8 +221,7 @@ mod tests {
     #[tokio::test]
     async fn an_agent_svid_without_certificates_is_an_error_not_a_panic() {
         let td = TrustDomain::new("example.org").unwrap();
-        let client =
-            ServerClient::new("127.0.0.1:1".into(), &td, TrustRoots::default()).unwrap();
+        let client = ServerClient::new("127.0.0.1:1".into(), &td, TrustRoots::default()).unwrap();
         let svid = Svid {
             chain: vec![],
             key: bytes::Bytes::from_static(b"k"),

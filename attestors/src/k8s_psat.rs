@@ -409,7 +409,10 @@ mod tests {
         const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut out = String::new();
         for c in data.chunks(3) {
-            let n = c.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
             for i in 0..=c.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
             }
@@ -444,7 +447,11 @@ mod tests {
             issuer: None,
             validation: Validation::JwksFile(path.clone()),
         };
-        let payload = serde_json::to_vec(&Payload { cluster: "c".into(), token }).unwrap();
+        let payload = serde_json::to_vec(&Payload {
+            cluster: "c".into(),
+            token,
+        })
+        .unwrap();
         let r = validate(&payload, &[cfg], 1_700_000_000);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(r.unwrap().service_account, "agent");

@@ -255,14 +255,31 @@ mod tests {
     #[test]
     fn a_huge_chunk_size_is_an_error_not_an_overflow() {
         for size in ["ffffffffffffffff", "fffffffffffffffe", "7fffffffffffffff"] {
-            let raw = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nab\r\n0\r\n\r\n");
+            let raw = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nab\r\n0\r\n\r\n"
+            );
             assert!(
-                matches!(parse_response("u", raw.as_bytes()), Err(HttpError::Malformed { .. })),
+                matches!(
+                    parse_response("u", raw.as_bytes()),
+                    Err(HttpError::Malformed { .. })
+                ),
                 "chunk size {size}"
             );
         }
         // A chunk size line with nothing after it, and a chunk without its CRLF.
-        assert!(parse_response("u", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n").is_err());
-        assert!(parse_response("u", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello").is_err());
+        assert!(
+            parse_response(
+                "u",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n"
+            )
+            .is_err()
+        );
+        assert!(
+            parse_response(
+                "u",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello"
+            )
+            .is_err()
+        );
     }
 }

@@ -204,7 +204,10 @@ mod tests {
         let input = format!("{header}.{body}");
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let sig = kp.sign(&rng, input.as_bytes()).unwrap();
-        (spki, format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())))
+        (
+            spki,
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())),
+        )
     }
 
     #[test]

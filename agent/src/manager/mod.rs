@@ -222,8 +222,9 @@ impl Manager {
         match next_rotation {
             Some(at) => {
                 // `at` may come from the state file: saturate, never overflow.
-                let until =
-                    Duration::from_millis(at.saturating_mul(1000).saturating_sub(now_ms).max(50) as u64);
+                let until = Duration::from_millis(
+                    at.saturating_mul(1000).saturating_sub(now_ms).max(50) as u64,
+                );
                 interval.min(until)
             }
             None => interval,
@@ -667,7 +668,10 @@ mod tests {
             (i64::MAX, i64::MAX),
         ] {
             let at = rotate_at(issued, expires);
-            assert!(at >= issued.min(expires) || at == issued, "{issued} {expires} -> {at}");
+            assert!(
+                at >= issued.min(expires) || at == issued,
+                "{issued} {expires} -> {at}"
+            );
         }
         assert_eq!(rotate_at(100, 50), 100);
     }
