@@ -59,7 +59,8 @@ pub struct ServerClient {
     addr: String,
     server_id: SpiffeId,
     roots: TrustRoots,
-    conn: tokio::sync::Mutex<Option<(String, Channel)>>,
+    /// The channel and the leaf certificate (DER) of the agent SVID it authenticates with.
+    conn: tokio::sync::Mutex<Option<(bytes::Bytes, Channel)>>,
 }
 
 /// The result of a node attestation.
@@ -116,10 +117,15 @@ impl ServerClient {
     }
 
     async fn authenticated(&self, svid: &Svid) -> Result<Channel, ClientError> {
+        // The SVID may come from the state file: an empty chain is an error, not a panic.
+        let leaf = svid
+            .chain
+            .first()
+            .ok_or_else(|| ClientError::Protocol("the agent SVID has no certificate".into()))?
+            .clone();
         let mut conn = self.conn.lock().await;
-        let serial = hex_of(&svid.chain[0]);
         if let Some((s, c)) = conn.as_ref()
-            && *s == serial
+            && *s == leaf
         {
             return Ok(c.clone());
         }
@@ -135,7 +141,7 @@ impl ServerClient {
             Some((chain, key)),
         )?;
         let channel = self.channel(cfg).await?;
-        *conn = Some((serial, channel.clone()));
+        *conn = Some((leaf, channel.clone()));
         Ok(channel)
     }
 
@@ -201,12 +207,31 @@ impl ServerClient {
             .ok_or_else(|| ClientError::Protocol("no bundle in the result".into()))?;
         Ok(Attested {
             agent_id: svid.spiffe_id.clone(),
-            svid: crate::manager::svid_from_proto(svid, key),
+            svid: crate::manager::svid_from_proto(svid, key)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?,
             bundle: bundle.into(),
         })
     }
 }
 
-fn hex_of(der: &[u8]) -> String {
-    continuity_common::x509::serial_hex(der).unwrap_or_default()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_agent_svid_without_certificates_is_an_error_not_a_panic() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let client = ServerClient::new("127.0.0.1:1".into(), &td, TrustRoots::default()).unwrap();
+        let svid = Svid {
+            chain: vec![],
+            key: continuity_common::secret::SecretBytes::new(b"k".to_vec()),
+            expires_at: 10,
+            issued_at: 0,
+            rotate_at: 5,
+        };
+        assert!(matches!(
+            client.api(&svid).await,
+            Err(ClientError::Protocol(_))
+        ));
+    }
 }

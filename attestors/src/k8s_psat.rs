@@ -265,7 +265,8 @@ fn offline(cfg: &ClusterConfig, token: &str, now: i64) -> Result<Attested, PsatE
         .get("exp")
         .and_then(Value::as_i64)
         .ok_or_else(|| PsatError::Token("no exp claim".into()))?;
-    if exp + continuity_common::jwt::LEEWAY_SECS < now {
+    // `exp` is the token's: saturate rather than overflow on i64::MAX.
+    if exp.saturating_add(continuity_common::jwt::LEEWAY_SECS) < now {
         return Err(PsatError::Token(format!("token expired at {exp}")));
     }
     let k = &claims.get("kubernetes.io").cloned().unwrap_or_default();
@@ -396,4 +397,63 @@ fn token_review(
             node_uid: extra("node-uid"),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+
+    /// base64url without padding (attestors has no base64 dependency of its own).
+    fn b64url(data: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for c in data.chunks(3) {
+            let n = c
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+            for i in 0..=c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_psat_whose_exp_is_i64_max_does_not_overflow() {
+        let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        let point = kp.public_key().as_ref();
+        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k",
+            "x": b64url(&point[1..33]), "y": b64url(&point[33..])}]});
+        let path = std::env::temp_dir().join(format!("psat-jwks-{}.json", std::process::id()));
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let claims = serde_json::json!({"aud": ["continuity-server"], "exp": i64::MAX,
+            "kubernetes.io": {"namespace": "spire", "serviceaccount": {"name": "agent"},
+            "pod": {"name": "p", "uid": "u"}, "node": {"name": "n",
+            "uid": "0b3c2a44-59d0-4c3b-8c6f-5f0c8d1a2e3f"}}});
+        let input = format!(
+            "{}.{}",
+            b64url(br#"{"alg":"ES256","kid":"k"}"#),
+            b64url(claims.to_string().as_bytes())
+        );
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let sig = kp.sign(&rng, input.as_bytes()).unwrap();
+        let token = format!("{input}.{}", b64url(sig.as_ref()));
+        let cfg = ClusterConfig {
+            name: "c".into(),
+            service_account_allow_list: vec!["spire:agent".into()],
+            audience: DEFAULT_AUDIENCE.into(),
+            issuer: None,
+            validation: Validation::JwksFile(path.clone()),
+        };
+        let payload = serde_json::to_vec(&Payload {
+            cluster: "c".into(),
+            token,
+        })
+        .unwrap();
+        let r = validate(&payload, &[cfg], 1_700_000_000);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(r.unwrap().service_account, "agent");
+    }
 }

@@ -211,15 +211,18 @@ fn parse_response(url: &str, raw: &[u8]) -> Result<Response, HttpError> {
             let size_text = std::str::from_utf8(&r[..end]).map_err(|_| bad("bad chunk size"))?;
             let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
                 .map_err(|_| bad("bad chunk size"))?;
-            r = &r[end + 2..];
+            r = r.get(end + 2..).ok_or_else(|| bad("truncated chunk"))?;
             if size == 0 {
                 break;
             }
-            if r.len() < size + 2 {
-                return Err(bad("truncated chunk"));
-            }
-            out.extend_from_slice(&r[..size]);
-            r = &r[size + 2..];
+            // The size is the peer's: never add to it unchecked (ffffffffffffffff + 2 wraps).
+            let (chunk, after) = size
+                .checked_add(2)
+                .and_then(|total| r.get(..total))
+                .map(|c| (&c[..size], &r[c.len()..]))
+                .ok_or_else(|| bad("truncated chunk"))?;
+            out.extend_from_slice(chunk);
+            r = after;
         }
         out
     } else {
@@ -247,5 +250,36 @@ mod tests {
         .unwrap();
         assert_eq!((r.status, r.body.as_slice()), (404, &b"no"[..]));
         assert!(parse_response("u", b"garbage").is_err());
+    }
+
+    #[test]
+    fn a_huge_chunk_size_is_an_error_not_an_overflow() {
+        for size in ["ffffffffffffffff", "fffffffffffffffe", "7fffffffffffffff"] {
+            let raw = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nab\r\n0\r\n\r\n"
+            );
+            assert!(
+                matches!(
+                    parse_response("u", raw.as_bytes()),
+                    Err(HttpError::Malformed { .. })
+                ),
+                "chunk size {size}"
+            );
+        }
+        // A chunk size line with nothing after it, and a chunk without its CRLF.
+        assert!(
+            parse_response(
+                "u",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n"
+            )
+            .is_err()
+        );
+        assert!(
+            parse_response(
+                "u",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello"
+            )
+            .is_err()
+        );
     }
 }

@@ -178,8 +178,63 @@ pub fn validate<'k>(
         .get("exp")
         .and_then(Value::as_i64)
         .ok_or(JwtError::Malformed("no exp claim"))?;
-    if exp + LEEWAY_SECS < now {
+    // `exp` is the token's: saturate rather than overflow on i64::MAX.
+    if exp.saturating_add(LEEWAY_SECS) < now {
         return Err(JwtError::Expired(exp));
     }
     Ok(Validated { spiffe_id, claims })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+
+    /// A P-256 key, its SubjectPublicKeyInfo, and an ES256 token over `claims`.
+    fn signed(claims: &Value) -> (Vec<u8>, String) {
+        let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        // SPKI = SEQUENCE { SEQUENCE { ecPublicKey, prime256v1 }, BIT STRING point }.
+        let mut spki = vec![
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ];
+        spki.extend_from_slice(kp.public_key().as_ref());
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#);
+        let body = URL_SAFE_NO_PAD.encode(claims.to_string());
+        let input = format!("{header}.{body}");
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let sig = kp.sign(&rng, input.as_bytes()).unwrap();
+        (
+            spki,
+            format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref())),
+        )
+    }
+
+    #[test]
+    fn an_exp_at_i64_max_does_not_overflow() {
+        let (spki, token) = signed(&serde_json::json!({
+            "sub": "spiffe://example.org/w", "aud": "a", "exp": i64::MAX,
+        }));
+        let v = validate(&token, "a", 1_700_000_000, |_, _| Some(spki.as_slice())).unwrap();
+        assert_eq!(v.spiffe_id.as_str(), "spiffe://example.org/w");
+        // And the other end: a token that expired at i64::MIN is expired, not a panic.
+        let (spki, token) = signed(&serde_json::json!({
+            "sub": "spiffe://example.org/w", "aud": "a", "exp": i64::MIN,
+        }));
+        assert_eq!(
+            validate(&token, "a", 1_700_000_000, |_, _| Some(spki.as_slice())).unwrap_err(),
+            JwtError::Expired(i64::MIN)
+        );
+    }
+
+    #[test]
+    fn a_token_signed_by_another_key_is_refused() {
+        let claims = serde_json::json!({"sub": "spiffe://example.org/w", "aud": "a", "exp": 2_000_000_000i64});
+        let (_, token) = signed(&claims);
+        let (other, _) = signed(&claims);
+        assert_eq!(
+            validate(&token, "a", 1_700_000_000, |_, _| Some(other.as_slice())).unwrap_err(),
+            JwtError::Signature
+        );
+    }
 }

@@ -707,7 +707,7 @@ mod tests {
         let mut fix = AuthorityFix::new(std::io::Cursor::new(input));
         // One read takes the whole input in: output must stop at the high-water mark.
         let mut one = [0u8; 1];
-        fix.read(&mut one).await.unwrap();
+        assert_eq!(fix.read(&mut one).await.unwrap(), 1);
         assert!(
             fix.output.len() <= OUTPUT_HIGH_WATER + MAX_HEADER_LIST_SIZE as usize,
             "{} bytes of output pending",

@@ -312,6 +312,10 @@ impl Snapshot {
             let Some(entry) = state.entries.get(id) else {
                 continue;
             };
+            // The state file is hostile too: an SVID without a certificate is not served.
+            let Some(leaf) = svid.chain.first() else {
+                continue;
+            };
             // Reuse the previous Arc when nothing changed: cheap diffing by pointer downstream.
             if let Some(p) = prev.get(id.as_str())
                 && p.expires_at == svid.expires_at
@@ -320,7 +324,7 @@ impl Snapshot {
                 && p.hint == entry.hint
                 && p.engine.as_deref().unwrap_or("") == entry.engine
                 && p.x509_svid.len() == svid.chain.iter().map(Bytes::len).sum::<usize>()
-                && p.x509_svid.starts_with(&svid.chain[0])
+                && p.x509_svid.starts_with(leaf)
             {
                 identities.push((*p).clone());
                 continue;
@@ -417,5 +421,53 @@ mod tests {
         for id in &snap.identities {
             assert!(!format!("{id:?}").contains("PKCS8"));
         }
+    }
+
+    fn state_with(chain: Vec<Bytes>) -> PersistedState {
+        let mut st = PersistedState::default();
+        st.entries.insert(
+            "e1".into(),
+            Entry {
+                id: "e1".into(),
+                spiffe_id: "spiffe://example.org/w".into(),
+                selectors: vec![Selector::raw("unix", "uid:0")],
+                x509_svid_ttl: 0,
+                jwt_svid_ttl: 0,
+                hint: String::new(),
+                engine: String::new(),
+                revision: 1,
+            },
+        );
+        st.svids.insert(
+            "e1".into(),
+            Svid {
+                chain,
+                key: SecretBytes::new(b"k".to_vec()),
+                expires_at: 10,
+                issued_at: 0,
+                rotate_at: 5,
+            },
+        );
+        st
+    }
+
+    #[test]
+    fn a_state_file_svid_without_certificates_is_skipped_not_a_panic() {
+        let st = state_with(vec![]);
+        let first = Snapshot::build(&st, None);
+        assert!(first.identities.is_empty());
+        // The rebuild compares with the previous snapshot: it used to index chain[0].
+        let second = Snapshot::build(&st, Some(&first));
+        assert!(second.identities.is_empty());
+    }
+
+    #[test]
+    fn an_unchanged_svid_keeps_its_identity() {
+        let st = state_with(vec![Bytes::from_static(b"leaf"), Bytes::from_static(b"ca")]);
+        let first = Snapshot::build(&st, None);
+        let second = Snapshot::build(&st, Some(&first));
+        assert_eq!(second.identities.len(), 1);
+        assert!(Arc::ptr_eq(&first.identities[0], &second.identities[0]));
+        assert_eq!(&second.identities[0].x509_svid[..], b"leafca");
     }
 }

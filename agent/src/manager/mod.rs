@@ -49,21 +49,39 @@ fn jitter() -> f64 {
 
 /// When to rotate an SVID valid from `issued` to `expires`: at half-life, minus up to 10% of
 /// the lifetime of jitter so a node's SVIDs do not all renew in the same instant.
+/// `expires` comes from the server: the arithmetic saturates instead of overflowing.
 pub fn rotate_at(issued: i64, expires: i64) -> i64 {
-    let life = (expires - issued).max(1) as f64;
-    issued + (life * (0.5 - 0.1 * jitter())) as i64
+    let life = expires.saturating_sub(issued).max(1) as f64;
+    issued.saturating_add((life * (0.5 - 0.1 * jitter())) as i64)
 }
 
-/// Builds an [`Svid`] from the server's answer and the key we generated.
-pub fn svid_from_proto(s: continuity_proto::types::X509svid, key: SecretBytes) -> Svid {
+/// Why an X509-SVID from the server is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidError {
+    /// The certificate chain is empty.
+    #[error("the server sent an X509-SVID with no certificate")]
+    EmptyChain,
+    /// The leaf certificate does not parse as X.509.
+    #[error("the server sent an X509-SVID whose leaf is not a certificate: {0}")]
+    BadLeaf(String),
+}
+
+/// Builds an [`Svid`] from the server's answer and the key we generated; refuses an answer
+/// without a parsable leaf certificate (everything downstream takes the leaf as given).
+pub fn svid_from_proto(
+    s: continuity_proto::types::X509svid,
+    key: SecretBytes,
+) -> Result<Svid, SvidError> {
+    let leaf = s.cert_chain.first().ok_or(SvidError::EmptyChain)?;
+    x509_parser::parse_x509_certificate(leaf).map_err(|e| SvidError::BadLeaf(e.to_string()))?;
     let issued = now_unix();
-    Svid {
+    Ok(Svid {
         rotate_at: rotate_at(issued, s.expires_at),
         chain: s.cert_chain.into_iter().map(bytes::Bytes::from).collect(),
         key,
         expires_at: s.expires_at,
         issued_at: issued,
-    }
+    })
 }
 
 /// Incarnations waiting to be reported, and when each workload was last reported.
@@ -250,7 +268,10 @@ impl Manager {
             .min();
         match next_rotation {
             Some(at) => {
-                let until = Duration::from_millis((at * 1000 - now_ms).max(50) as u64);
+                // `at` may come from the state file: saturate, never overflow.
+                let until = Duration::from_millis(
+                    at.saturating_mul(1000).saturating_sub(now_ms).max(50) as u64,
+                );
                 interval.min(until)
             }
             None => interval,
@@ -294,7 +315,8 @@ impl Manager {
             let svid = r
                 .svid
                 .ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
-            st.agent_svid = Some(svid_from_proto(svid, key));
+            st.agent_svid =
+                Some(svid_from_proto(svid, key).map_err(|e| ClientError::Protocol(e.to_string()))?);
             *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = st.agent_svid.clone();
             self.save(&st).await;
             tracing::info!("agent SVID renewed");
@@ -432,9 +454,15 @@ impl Manager {
                 match (r.status.as_ref().map(|s| s.code), r.svid) {
                     (Some(0), Some(svid)) => {
                         if let Some(key) = keys.remove(&r.entry_id) {
-                            st.svids
-                                .insert(r.entry_id.clone(), svid_from_proto(svid, key));
-                            changed = true;
+                            match svid_from_proto(svid, key) {
+                                Ok(svid) => {
+                                    st.svids.insert(r.entry_id.clone(), svid);
+                                    changed = true;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(entry = %r.entry_id, error = %e, "unusable SVID from the server")
+                                }
+                            }
                         }
                     }
                     (_, _) => {
@@ -595,7 +623,7 @@ impl Manager {
             c.filter(|c| now < c.expires_at)
         };
         if let Some(c) = &cached
-            && now < c.issued_at + (c.expires_at - c.issued_at) / 2
+            && now < c.issued_at.saturating_add(c.expires_at.saturating_sub(c.issued_at) / 2)
         {
             return Ok(c.token.clone());
         }
@@ -672,8 +700,9 @@ impl Manager {
     }
 }
 
-/// Whether the leaf of `chain` names (by issuer) one of the bundle's CAs.
-fn issued_by_bundle(chain: &[bytes::Bytes], roots: &[Vec<u8>]) -> bool {
+/// Whether the leaf of `chain` names (by issuer) one of the bundle's CAs (false for an empty
+/// chain or unparsable certificates: both come from the server or the state file).
+pub fn issued_by_bundle(chain: &[bytes::Bytes], roots: &[Vec<u8>]) -> bool {
     let Some(leaf) = chain.first() else {
         return false;
     };
@@ -685,4 +714,50 @@ fn issued_by_bundle(chain: &[bytes::Bytes], roots: &[Vec<u8>]) -> bool {
             .map(|(_, ca)| ca.subject().as_raw() == leaf.issuer().as_raw())
             .unwrap_or(false)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_svid_answer_without_a_certificate_is_refused() {
+        let empty = continuity_proto::types::X509svid {
+            spiffe_id: "spiffe://example.org/w".into(),
+            cert_chain: vec![],
+            expires_at: 100,
+        };
+        assert_eq!(
+            svid_from_proto(empty, SecretBytes::new(vec![1])).unwrap_err(),
+            SvidError::EmptyChain
+        );
+        let garbage = continuity_proto::types::X509svid {
+            spiffe_id: "spiffe://example.org/w".into(),
+            cert_chain: vec![vec![0x30, 0x03, 0x02, 0x01]],
+            expires_at: 100,
+        };
+        assert!(matches!(
+            svid_from_proto(garbage, SecretBytes::new(vec![1])),
+            Err(SvidError::BadLeaf(_))
+        ));
+        assert!(!issued_by_bundle(&[], &[vec![0x30]]));
+    }
+
+    #[test]
+    fn rotation_time_saturates_on_extreme_expiry() {
+        for (issued, expires) in [
+            (0, i64::MAX),
+            (0, i64::MIN),
+            (i64::MAX, i64::MIN),
+            (i64::MIN, i64::MAX),
+            (i64::MAX, i64::MAX),
+        ] {
+            let at = rotate_at(issued, expires);
+            assert!(
+                at >= issued.min(expires) || at == issued,
+                "{issued} {expires} -> {at}"
+            );
+        }
+        assert_eq!(rotate_at(100, 50), 100);
+    }
 }
