@@ -784,7 +784,11 @@ mod tests {
         let gone = d.join("gone");
         let e = path_names_exe(proc, pid, &with_path(gone.to_str().unwrap())).unwrap_err();
         assert!(matches!(e, PathWithheld::Unresolvable(_)), "{e}");
-        assert!(!strs(&with_path(&deleted)).iter().any(|x| x.starts_with("unix:path:")));
+        assert!(
+            !strs(&with_path(&deleted))
+                .iter()
+                .any(|x| x.starts_with("unix:path:"))
+        );
         // A symlink in the agent's view to the genuine file is followed.
         let link = d.join("link");
         std::os::unix::fs::symlink(&genuine.path, &link).unwrap();

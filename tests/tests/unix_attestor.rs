@@ -351,7 +351,8 @@ const EVIL: &str = "spiffe://example.org/evil";
 
 /// Run by `sh -c` in the attacker's mount namespace: bind-mount `$1` (their binary) over `$2`
 /// (the victim's path), then exec the victim's path (through `$4`, e.g. setpriv, if given).
-const FORGE: &str = r#"mount --bind "$1" "$2" && exec $4 "$2" api fetch x509 --socket-path "$3" --output json"#;
+const FORGE: &str =
+    r#"mount --bind "$1" "$2" && exec $4 "$2" api fetch x509 --socket-path "$3" --output json"#;
 
 /// How the attack is staged here: as uid 65534 in a user + mount namespace of its own, or, if
 /// this machine does not allow unprivileged user namespaces, in a root-made mount namespace
