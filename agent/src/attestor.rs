@@ -8,7 +8,8 @@
 //!
 //! The selectors describe the process that connected, as it was at accept: every result, fresh
 //! or cached, stands only if that process is still alive under its pidfd and still runs the
-//! executable recorded at accept (it has not exec'd since).
+//! executable recorded at accept (it has not exec'd since). Within the TTL a cached result also
+//! keeps whether `unix:path` was emitted (whether the agent found that inode at that path).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -8,15 +8,32 @@
 //! agent records the caller's executable ([`ExeIdentity`]: the path `/proc/<pid>/exe` names and
 //! the file's device, inode, size, mtime and ctime) next to a pidfd for the process
 //! (SO_PEERPIDFD; on kernels < 6.5 the fallback is `pidfd_open` plus the start time). At
-//! attestation `unix:path` is that recorded path and `unix:sha256` is the hash of that same file,
-//! read through `/proc/<pid>/exe` only after checking that it is still the recorded file; so path
-//! and hash always describe one inode. If the process has exec'd since it connected (or its
+//! attestation `unix:sha256` is the hash of that file, read through `/proc/<pid>/exe` only after
+//! checking that it is still the recorded file. If the process has exec'd since it connected (or its
 //! executable was modified), attestation fails ([`UnixError::ExeChanged`]) rather than describe
 //! the new image. A forked child that inherited the socket therefore speaks as the process that
 //! connected, while that process lives and has not exec'd. What no Unix-socket attestor can close
 //! (SPIRE has the same window) is the time between `connect()` and the agent's `accept`: a
 //! process that exec's in between is attested as the new image. Attestation runs once per
 //! connection (at its first request); later requests on it keep that result.
+//!
+//! # What `unix:path` proves
+//! The recorded path is the text of `/proc/<pid>/exe`: the path in the *process's* mount
+//! namespace. An unprivileged user can make a mount namespace of their own (`unshare -Urm`),
+//! bind-mount any binary over `/opt/victim/bin/srv` in it and exec that path: the link text then
+//! names the victim's path while the file is theirs. So `unix:path:P` is emitted only if `P`,
+//! resolved by the agent in the agent's own mount namespace (symlinks followed), names the same
+//! device and inode as the executable the process runs ([`path_names_exe`]); otherwise —
+//! another mount namespace's view, a file replaced at `P` since, an executable marked
+//! `" (deleted)"` — the path selector is left out (logged at debug with the reason) while
+//! `unix:sha256` and the uid/gid selectors are still produced. Path and hash then describe one
+//! inode, the one the agent itself finds at that path. A process in another mount namespace
+//! (a container, a systemd unit with `ProtectSystem=`) keeps its `unix:path` exactly when its
+//! path names the same file in the agent's view; a containerised process whose root file
+//! system differs from the agent's gets no `unix:path` (select it by `unix:sha256` or the k8s
+//! selectors). Comparing the namespaces (`/proc/<pid>/ns/mnt`) only explains the log line: the
+//! inode check is what decides, in the same namespace too. Resolving the path may ask the file
+//! system it names; that runs on the attestation's blocking thread, like the hashing.
 //!
 //! # Hashing
 //! Hashes are cached by file identity — device, inode, size, mtime and ctime (seconds and
@@ -233,6 +250,67 @@ pub fn exe_unchanged(pid: u32, exe: &ExeIdentity) -> Result<(), UnixError> {
     }
 }
 
+/// Why `unix:path` is withheld for a process (its other selectors, `unix:sha256` included, are
+/// still produced).
+#[derive(Debug, thiserror::Error)]
+pub enum PathWithheld {
+    /// The kernel marks the executable as unlinked.
+    #[error("the executable was deleted (the link text ends with \" (deleted)\")")]
+    Deleted,
+    /// The link text is not an absolute path (e.g. a file outside any reachable mount).
+    #[error("the executable's path is not absolute")]
+    NotAbsolute,
+    /// The path does not resolve in the agent's mount namespace.
+    #[error("the path does not resolve in the agent's mount namespace: {0}")]
+    Unresolvable(std::io::Error),
+    /// The path names another file for the agent than the one the process runs.
+    #[error(
+        "the path names another file in the agent's mount namespace than the executable the \
+         process runs ({ns}; the file may also have been replaced since)"
+    )]
+    OtherFile {
+        /// Whether the process's mount namespace differed from the agent's, in words.
+        ns: &'static str,
+    },
+}
+
+/// Checks that the recorded path, resolved in the agent's own mount namespace (symlinks
+/// followed: that is the agent's view), names the inode the process runs.
+///
+/// The text of `/proc/<pid>/exe` is the path in the *process's* mount namespace, which an
+/// unprivileged user can rearrange (`unshare -Urm`, then bind-mount any file over any path), so
+/// the text alone proves nothing. It counts only if the agent, looking up that path itself,
+/// finds the same device and inode.
+pub fn path_names_exe(proc_root: &Path, pid: u32, exe: &ExeIdentity) -> Result<(), PathWithheld> {
+    use std::os::unix::ffi::OsStrExt;
+    if exe.path.as_os_str().as_bytes().ends_with(b" (deleted)") {
+        return Err(PathWithheld::Deleted);
+    }
+    if !exe.path.is_absolute() {
+        return Err(PathWithheld::NotAbsolute);
+    }
+    let m = std::fs::metadata(&exe.path).map_err(PathWithheld::Unresolvable)?;
+    if FileId::of(&m).same_inode(&exe.file) {
+        return Ok(());
+    }
+    let ns = match same_mount_ns(proc_root, pid) {
+        Some(true) => "same mount namespace as the agent",
+        Some(false) => "the process is in another mount namespace",
+        None => "its mount namespace could not be read",
+    };
+    Err(PathWithheld::OtherFile { ns })
+}
+
+/// Whether `pid` shares the agent's mount namespace (None if either cannot be read).
+fn same_mount_ns(proc_root: &Path, pid: u32) -> Option<bool> {
+    let ns = |who: &str| {
+        std::fs::metadata(proc_root.join(who).join("ns/mnt"))
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    Some(ns(&pid.to_string())? == ns("self")?)
+}
+
 /// Opens the executable `pid` runs now, with its identity (fstat of the opened file).
 fn open_exe(proc_root: &Path, pid: u32) -> Result<(File, FileId), UnixError> {
     let err = |source| UnixError::Proc {
@@ -326,10 +404,17 @@ impl UnixAttestor {
                 });
             }
             let sha = self.hash(&f, &exe.file, &exe.path)?;
-            out.push(Selector::raw(
-                "unix",
-                format!("path:{}", exe.path.display()),
-            ));
+            match path_names_exe(&self.proc_root, pid, exe) {
+                Ok(()) => out.push(Selector::raw(
+                    "unix",
+                    format!("path:{}", exe.path.display()),
+                )),
+                Err(why) => tracing::debug!(
+                    pid,
+                    path = %exe.path.display(),
+                    "unix:path withheld: {why}"
+                ),
+            }
             out.push(Selector::raw("unix", format!("sha256:{sha}")));
         }
         Ok(out)
@@ -656,6 +741,60 @@ mod tests {
         assert_eq!(sel, again);
         assert_eq!(lock(&a.hashes).len(), 1);
         assert_eq!(a.files_read(), 1);
+    }
+
+    #[test]
+    fn withholds_a_path_that_names_another_file_for_the_agent() {
+        let a = UnixAttestor::new(UnixConfig::default());
+        let pid = std::process::id();
+        let proc = Path::new("/proc");
+        let genuine = me();
+        assert!(path_names_exe(proc, pid, &genuine).is_ok());
+        let strs = |exe: &ExeIdentity| -> Vec<String> {
+            let sel = a.attest(pid, 7, 8, Some(exe)).unwrap();
+            sel.iter().map(|s| s.to_string()).collect()
+        };
+        let sha = |s: &[String]| s.iter().find(|x| x.starts_with("unix:sha256:")).cloned();
+        let good = strs(&genuine);
+        // The link text names a path at which the agent finds another file (what a bind mount
+        // in the caller's own mount namespace looks like from the agent).
+        let d = tmp();
+        let (_, _, other) = file(&d, "victim", 10);
+        let forged = ExeIdentity {
+            path: other.clone(),
+            ..genuine.clone()
+        };
+        let e = path_names_exe(proc, pid, &forged).unwrap_err();
+        assert!(matches!(e, PathWithheld::OtherFile { .. }), "{e}");
+        assert!(e.to_string().contains("same mount namespace"), "{e}");
+        let s = strs(&forged);
+        assert!(!s.iter().any(|x| x.starts_with("unix:path:")), "{s:?}");
+        assert_eq!(sha(&s), sha(&good));
+        assert!(sha(&s).is_some() && s.contains(&"unix:uid:7".to_string()));
+        // Deleted, relative, or not there for the agent: withheld too.
+        let with_path = |p: &str| ExeIdentity {
+            path: p.into(),
+            ..genuine.clone()
+        };
+        let deleted = format!("{} (deleted)", genuine.path.display());
+        let e = path_names_exe(proc, pid, &with_path(&deleted)).unwrap_err();
+        assert!(matches!(e, PathWithheld::Deleted), "{e}");
+        let e = path_names_exe(proc, pid, &with_path("bin/srv")).unwrap_err();
+        assert!(matches!(e, PathWithheld::NotAbsolute), "{e}");
+        let gone = d.join("gone");
+        let e = path_names_exe(proc, pid, &with_path(gone.to_str().unwrap())).unwrap_err();
+        assert!(matches!(e, PathWithheld::Unresolvable(_)), "{e}");
+        assert!(
+            !strs(&with_path(&deleted))
+                .iter()
+                .any(|x| x.starts_with("unix:path:"))
+        );
+        // A symlink in the agent's view to the genuine file is followed.
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&genuine.path, &link).unwrap();
+        assert!(path_names_exe(proc, pid, &with_path(link.to_str().unwrap())).is_ok());
+        assert_eq!(same_mount_ns(proc, pid), Some(true));
+        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //!
 //! - A binary rewritten in place with its mtime restored gets its new `unix:sha256` (the hash
 //!   cache is keyed by ctime too).
+//! - A binary bind-mounted over a victim's path in the caller's own mount namespace (an
+//!   unprivileged `unshare -Urm`) does not get `unix:path` of that path; the genuine binary does.
 //! - A process that connects and then exec's another binary (keeping the socket) does not get
 //!   the exec'd binary's identity; a child that inherited the socket speaks as the process that
 //!   connected while that process lives, and not after it exited.
@@ -71,17 +73,7 @@ fn fetch_ids_with(exe: &Path, agent: &TestAgent) -> Option<HashSet<String>> {
         .args(["--output", "json"])
         .output()
         .unwrap();
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(
-        v["svids"]
-            .as_array()?
-            .iter()
-            .filter_map(|s| s["spiffe_id"].as_str().map(String::from))
-            .collect(),
-    )
+    ids_of(out)
 }
 
 #[test]
@@ -349,4 +341,147 @@ fn forked_child_speaks_as_the_connecting_process_while_it_lives() {
         "{got}"
     );
     assert!(!got.contains(EXECED) && !got.contains(CONNECTOR), "{got}");
+}
+
+/// The uid the attacker runs as.
+const NOBODY: u32 = 65534;
+const VICTIM: &str = "spiffe://example.org/victim";
+const VICTIM_AS_NOBODY: &str = "spiffe://example.org/victim-as-nobody";
+const EVIL: &str = "spiffe://example.org/evil";
+
+/// Run by `sh -c` in the attacker's mount namespace: bind-mount `$1` (their binary) over `$2`
+/// (the victim's path), then exec the victim's path (through `$4`, e.g. setpriv, if given).
+const FORGE: &str =
+    r#"mount --bind "$1" "$2" && exec $4 "$2" api fetch x509 --socket-path "$3" --output json"#;
+
+/// How the attack is staged here: as uid 65534 in a user + mount namespace of its own, or, if
+/// this machine does not allow unprivileged user namespaces, in a root-made mount namespace
+/// that drops to uid 65534 before exec'ing (the agent sees the same: another namespace's view).
+fn forging_command(evil: &Path, victim: &Path, socket: &Path) -> Command {
+    let userns = Command::new("unshare")
+        .args(["-Urm", "true"])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .current_dir("/")
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut cmd = Command::new("unshare");
+    if userns {
+        cmd.args(["-Urm", "sh", "-c", FORGE, "sh"])
+            .uid(NOBODY)
+            .gid(NOBODY);
+    } else {
+        eprintln!("no unprivileged user namespaces here: staging the bind mount as root");
+        cmd.args(["-m", "--propagation", "private", "sh", "-c", FORGE, "sh"]);
+    }
+    cmd.arg(evil).arg(victim).arg(socket).current_dir("/");
+    if !userns {
+        cmd.arg("setpriv --reuid 65534 --regid 65534 --clear-groups");
+    }
+    cmd
+}
+
+/// SPIFFE IDs the JSON output of `api fetch x509` lists, or None if the command failed.
+fn ids_of(out: std::process::Output) -> Option<HashSet<String>> {
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(
+        v["svids"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["spiffe_id"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+#[test]
+fn path_forged_with_a_bind_mount_in_another_mount_namespace_gets_no_path_selector() {
+    let e = env();
+    // The victim's binary at a path entries select on; the attacker's own binary elsewhere.
+    let bin_dir = e.dir.path().join("opt/victim/bin");
+    let home = e.dir.path().join("home/evil");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::fs::create_dir_all(&home).unwrap();
+    continuity_tests::agent::open_up(&bin_dir);
+    continuity_tests::agent::open_up(&home);
+    let victim = bin_dir.join("srv");
+    std::fs::copy(bin("continuity-agent"), &victim).unwrap();
+    let evil = home.join("evil");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let at = bytes
+        .windows(b"rustc version ".len())
+        .position(|w| w == b"rustc version ")
+        .expect("a rustc version string in the binary");
+    bytes[at] = b'R';
+    std::fs::write(&evil, &bytes).unwrap();
+    for f in [&victim, &evil] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let evil_sha = sha256_file(&evil);
+    assert_ne!(sha256_file(&victim), evil_sha);
+
+    let path = format!("unix:path:{}", victim.display());
+    e.server
+        .create_entry(EVIL, ALIAS, &[&format!("unix:sha256:{evil_sha}")]);
+    e.server.create_entry(VICTIM, ALIAS, &[&path]);
+    e.server.create_entry(
+        VICTIM_AS_NOBODY,
+        ALIAS,
+        &[&path, &format!("unix:uid:{NOBODY}")],
+    );
+
+    // The genuine binary, run normally as the same uid, gets both path entries.
+    let genuine: HashSet<String> = [VICTIM.to_string(), VICTIM_AS_NOBODY.to_string()].into();
+    eventually(15, || {
+        let out = Command::new(&victim)
+            .args(["api", "fetch", "x509", "--socket-path"])
+            .arg(&e.agent.socket)
+            .args(["--output", "json"])
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        ids_of(out).filter(|ids| ids == &genuine)
+    });
+
+    // The attacker's binary, bind-mounted over the victim's path in the attacker's own mount
+    // namespace and exec'd there: /proc/<pid>/exe names the victim's path, but the agent finds
+    // another file at it. It is attested (its own sha256 entry), but gets no path entry.
+    let mut last = String::new();
+    let ids = eventually(15, || {
+        let out = forging_command(&evil, &victim, &e.agent.socket)
+            .output()
+            .unwrap();
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        ids_of(out).filter(|ids| ids.contains(EVIL))
+    });
+    assert_eq!(
+        ids,
+        [EVIL.to_string()].into(),
+        "a binary bind-mounted over the victim's path in another mount namespace must not get \
+         the entries selecting that path ({last})"
+    );
+    let log = e.agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("unix:path withheld"))
+        .unwrap_or_else(|| panic!("no debug line on the withheld path:\n{log}"));
+    assert!(line.contains(&victim.display().to_string()), "{line}");
+    assert!(line.contains("another mount namespace"), "{line}");
+
+    // The genuine binary still gets its entries afterwards.
+    let out = Command::new(&victim)
+        .args(["api", "fetch", "x509", "--socket-path"])
+        .arg(&e.agent.socket)
+        .args(["--output", "json"])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(ids_of(out), Some(genuine));
 }

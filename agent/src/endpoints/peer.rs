@@ -14,7 +14,9 @@
 //! file system for fresh attributes (an `O_PATH` descriptor, `statx` with
 //! `AT_STATX_DONT_SYNC`, `readlink` of that descriptor), so a workload whose executable lives
 //! on a FUSE mount it serves cannot stall the accept loop; the descriptor is closed at once
-//! (no extra file descriptor per connection).
+//! (no extra file descriptor per connection). The recorded path is the link text, i.e. the path
+//! in the *caller's* mount namespace: the unix attestor emits `unix:path` only after checking,
+//! in the agent's own namespace, that it names the recorded inode.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
