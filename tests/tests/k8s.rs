@@ -26,15 +26,20 @@ fn now() -> i64 {
 }
 
 fn pod_list() -> serde_json::Value {
+    pod_list_for(POD_UID, CID)
+}
+
+/// The payments pod with this UID and container ID.
+fn pod_list_for(pod_uid: &str, cid: &str) -> serde_json::Value {
     serde_json::json!({
         "kind": "PodList", "apiVersion": "v1", "metadata": {},
         "items": [{
-            "metadata": {"name": "payments-5f7d8", "namespace": "prod", "uid": POD_UID, "labels": {"app": "payments"}},
+            "metadata": {"name": "payments-5f7d8", "namespace": "prod", "uid": pod_uid, "labels": {"app": "payments"}},
             "spec": {"serviceAccountName": "payments", "nodeName": "node-a",
                      "containers": [{"name": "app", "image": "registry.example/payments:1.4"}]},
             "status": {"phase": "Running", "containerStatuses": [{
                 "name": "app", "image": "registry.example/payments:1.4", "ready": true,
-                "containerID": format!("containerd://{CID}")}]}
+                "containerID": format!("containerd://{cid}")}]}
         }]
     })
 }
@@ -53,14 +58,32 @@ impl PodCgroup {
     }
 
     fn at(rel: &str) -> Self {
-        let roots = [
-            "/sys/fs/cgroup/pids",
-            "/sys/fs/cgroup/unified",
-            "/sys/fs/cgroup",
-        ];
+        Self::at_in(
+            &[
+                "/sys/fs/cgroup/pids",
+                "/sys/fs/cgroup/unified",
+                "/sys/fs/cgroup",
+            ],
+            "cgroup.procs",
+            rel,
+        )
+    }
+
+    /// Like [`PodCgroup::at`], in the cgroup v2 hierarchy (the one private cgroup namespaces
+    /// are read from).
+    fn in_v2(rel: &str) -> Self {
+        Self::at_in(
+            &["/sys/fs/cgroup/unified", "/sys/fs/cgroup"],
+            "cgroup.controllers",
+            rel,
+        )
+    }
+
+    /// At `rel` below the first of `roots` that has the file `marker`.
+    fn at_in(roots: &[&str], marker: &str, rel: &str) -> Self {
         let mut tried = Vec::new();
         for root in roots {
-            if !Path::new(root).join("cgroup.procs").exists() {
+            if !Path::new(root).join(marker).exists() {
                 continue;
             }
             let mut made = Vec::new();
@@ -400,6 +423,145 @@ async fn a_forged_pod_cgroup_gets_no_pod_identity() {
         assert!(
             stderr.contains("PermissionDenied"),
             "{rel}: want PermissionDenied, got: {stderr}"
+        );
+    }
+}
+
+/// A process killed and reaped on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 9 follow-up: containerd gives the non-privileged agent pod a private cgroup namespace
+/// on cgroup v2, so the agent sees its neighbours as `0::/../../pod<uid>/<id>`. Here the agent
+/// runs in its own pod cgroup (`kubepods/besteffort/pod<agent>/<container>`) inside a new
+/// cgroup namespace: a pod in the same QoS level and one in another still get their identity,
+/// and a forged placement in a user's delegated subtree still gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_in_a_private_cgroup_namespace_attests_pods_next_to_it() {
+    const AGENT_UID: &str = "3e4f5a6b-7c8d-4e9f-a0b1-c2d3e4f5a6b7";
+    const AGENT_CID: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+    // Not the other tests' pods: tests run in parallel and may share a cgroup hierarchy.
+    const POD_UID: &str = "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d";
+    const CID: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(&dir.path().join("server"), ServerOptions::default());
+    s.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ns/prod/sa/payments",
+        "--parent-id",
+        ALIAS,
+        "--selector",
+        "k8s:ns:prod",
+        "--selector",
+        "k8s:sa:payments",
+    ]);
+    let (port, ca) = https_json(|method, path, _, _| match (method, path) {
+        ("GET", "/pods") => (200, pod_list_for(POD_UID, CID)),
+        _ => (404, serde_json::json!({"kind": "Status", "code": 404})),
+    })
+    .await;
+    let adir = dir.path().join("agent");
+    std::fs::create_dir_all(&adir).unwrap();
+    std::fs::write(adir.join("kubelet-ca.pem"), ca).unwrap();
+    std::fs::write(adir.join("sa-token"), "t").unwrap();
+    let extra = format!(
+        "[workload_attestors.unix]\n[workload_attestors.k8s]\nkubelet_url = \"https://127.0.0.1:{port}\"\nkubelet_ca_path = \"{}\"\ntoken_path = \"{}\"\nmax_poll_attempts = 2\npoll_retry_interval = \"100ms\"",
+        adir.join("kubelet-ca.pem").display(),
+        adir.join("sa-token").display()
+    );
+    let agent = TestAgent::configure(&adir, &s, &s.token(Some(ALIAS)), &extra);
+    // The agent's own pod cgroup; it enters it, then a new cgroup namespace rooted there.
+    let agent_cg = PodCgroup::in_v2(&format!("kubepods/besteffort/pod{AGENT_UID}/{AGENT_CID}"));
+    let log = std::fs::File::create(adir.join("agent.log")).unwrap();
+    let _running = KillOnDrop(
+        Command::new("sh")
+            .arg("-c")
+            .arg("echo $$ > \"$0\" && exec unshare --cgroup \"$@\"")
+            .arg(agent_cg.dir.join("cgroup.procs"))
+            .arg(continuity_tests::bin("continuity-agent"))
+            .args(["run", "--config"])
+            .arg(adir.join("agent.toml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sh and unshare (util-linux)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(agent.socket.exists() && agent.cli(&["healthcheck"]).status.success()) {
+        assert!(
+            Instant::now() < deadline,
+            "agent not ready:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        agent.log().contains("private cgroup namespace"),
+        "the agent did not see its namespace:\n{}",
+        agent.log()
+    );
+    let socket = agent.socket.to_str().unwrap().to_string();
+    let cli = continuity_tests::bin("continuity-agent");
+    let fetch = ["api", "fetch", "x509", "--socket-path", socket.as_str()];
+
+    // Same QoS level as the agent (`../../pod<uid>/<id>`), then another (`../../../burstable/…`).
+    for rel in [
+        format!("kubepods/besteffort/pod{POD_UID}/{CID}"),
+        format!("kubepods/burstable/pod{POD_UID}/{CID}"),
+    ] {
+        let pod = PodCgroup::in_v2(&rel);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = pod.run_as(65534, &cli, &fetch);
+            if out.status.success() {
+                assert!(
+                    String::from_utf8_lossy(&out.stdout)
+                        .contains("spiffe://example.org/ns/prod/sa/payments")
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pod at {rel} got nothing from a namespaced agent: {}\nagent log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    // A user's delegated cgroups share only the root with the agent: still judged from the root.
+    let u = POD_UID.replace('-', "_");
+    let delegated = "user.slice/user-1001.slice/user@1001.service";
+    for rel in [
+        format!("{delegated}/app.slice/pod{POD_UID}/{CID}"),
+        format!("{delegated}/app.slice/besteffort/pod{POD_UID}/{CID}"),
+        format!(
+            "{delegated}/app.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope"
+        ),
+    ] {
+        let forged = PodCgroup::in_v2(&rel);
+        for d in &forged.made {
+            std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+        }
+        let out = forged.run_as(65534, &cli, &fetch);
+        assert!(
+            !out.status.success(),
+            "a workload in the forged cgroup {rel} got an SVID from a namespaced agent: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"),
+            "{rel}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 }

@@ -5,6 +5,9 @@
 //! kubelet CA (or, when configured so explicitly, without verification or on the read-only
 //! HTTP port). Its answers are cached briefly so a burst of new pods does not hammer it, and a
 //! container the kubelet does not list yet is retried a bounded number of times.
+//!
+//! The depth of the agent's own cgroup namespace (see [`cgroup`], "Private cgroup namespaces")
+//! is read once, from `/proc/1/cgroup`, when the attestor is made.
 
 pub mod cgroup;
 
@@ -83,16 +86,54 @@ pub enum K8sError {
 #[derive(Debug)]
 pub struct K8sAttestor {
     cfg: K8sConfig,
+    /// Where `<pid>/cgroup` files are read (`/proc`).
+    proc_root: PathBuf,
+    /// Leading `..` segments of the agent's cgroup-namespace root, from `<proc_root>/1/cgroup`.
+    ns_depth: usize,
     cache: Mutex<Option<(Instant, std::sync::Arc<Value>)>>,
 }
 
 impl K8sAttestor {
-    /// An attestor with this configuration.
+    /// An attestor with this configuration, reading processes under `/proc`.
     pub fn new(cfg: K8sConfig) -> Self {
+        Self::with_proc_root(cfg, "/proc")
+    }
+
+    /// An attestor reading `<proc_root>/<pid>/cgroup` (tests use a stand-in directory). The
+    /// cgroup-namespace depth is read here, once, from `<proc_root>/1/cgroup`; if that fails it
+    /// is 0, so paths outside the agent's namespace are refused (logged as a warning).
+    pub fn with_proc_root(cfg: K8sConfig, proc_root: impl Into<PathBuf>) -> Self {
+        let proc_root = proc_root.into();
+        let init = proc_root.join("1").join("cgroup");
+        let ns_depth = match std::fs::read_to_string(&init) {
+            Ok(text) => cgroup::namespace_depth(&text),
+            Err(e) => {
+                tracing::warn!(
+                    "k8s attestor: cannot read {}: {e}; pods outside the agent's cgroup namespace get no selectors",
+                    init.display()
+                );
+                0
+            }
+        };
+        if ns_depth > 0 {
+            tracing::info!(
+                ns_depth,
+                "k8s attestor: private cgroup namespace, {ns_depth} levels below the host's root"
+            );
+        }
         Self {
             cfg,
+            proc_root,
+            ns_depth,
             cache: Mutex::default(),
         }
+    }
+
+    /// Where process `pid` sits in Kubernetes, from its cgroup file; `None` outside pods.
+    fn placement(&self, pid: u32) -> Result<Option<cgroup::PodContainer>, K8sError> {
+        let text = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup"))
+            .map_err(|source| K8sError::Cgroup { pid, source })?;
+        Ok(cgroup::parse(&text, self.ns_depth))
     }
 
     fn pod_list(&self, fresh: bool) -> Result<std::sync::Arc<Value>, K8sError> {
@@ -162,9 +203,7 @@ impl K8sAttestor {
 
     /// Selectors of process `pid`; none (and no error) when it is not in a pod.
     pub fn attest(&self, pid: u32) -> Result<Vec<Selector>, K8sError> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(|source| K8sError::Cgroup { pid, source })?;
-        let Some(pc) = cgroup::parse(&text) else {
+        let Some(pc) = self.placement(pid)? else {
             return Ok(vec![]);
         };
         for attempt in 0..self.cfg.max_poll_attempts.max(1) {
@@ -370,5 +409,43 @@ mod tests {
             )
             .is_none()
         );
+    }
+
+    #[test]
+    fn the_namespace_depth_is_read_from_pid_1_under_the_proc_root() {
+        let root = std::env::temp_dir().join(format!("k8s-proc-{}", std::process::id()));
+        let write = |pid: &str, text: &str| {
+            std::fs::create_dir_all(root.join(pid)).unwrap();
+            std::fs::write(root.join(pid).join("cgroup"), text).unwrap();
+        };
+        let uid = "2c48913c-b29f-11e7-9350-020968147796";
+        let u = uid.replace('-', "_");
+        // The agent in a besteffort pod with a private cgroup namespace: host init is 4 up.
+        write("1", "0::/../../../../init.scope\n");
+        write(
+            "42",
+            &format!("0::/../../kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope\n"),
+        );
+        write(
+            "43",
+            &format!(
+                "0::/../../../../user.slice/user-1000.slice/user@1000.service/app.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope\n"
+            ),
+        );
+        let a = K8sAttestor::with_proc_root(K8sConfig::default(), &root);
+        assert_eq!(a.ns_depth, 4);
+        let pc = a.placement(42).unwrap().unwrap();
+        assert_eq!((pc.pod_uid.as_str(), pc.container_id.as_str()), (uid, CID));
+        assert!(a.placement(43).unwrap().is_none(), "forged");
+        assert!(matches!(
+            a.placement(44),
+            Err(K8sError::Cgroup { pid: 44, .. })
+        ));
+        // No readable pid 1: depth 0, so paths outside the agent's namespace name no pod.
+        std::fs::remove_file(root.join("1").join("cgroup")).unwrap();
+        let a = K8sAttestor::with_proc_root(K8sConfig::default(), &root);
+        assert_eq!(a.ns_depth, 0);
+        assert!(a.placement(42).unwrap().is_none());
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
