@@ -6,8 +6,12 @@ use continuity_attestors::k8s::cgroup;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let text = String::from_utf8_lossy(data);
-    if let Some(pc) = cgroup::parse(&text) {
+    // The first byte picks the depth of the agent's own cgroup namespace (0 = none).
+    let Some((&depth, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    if let Some(pc) = cgroup::parse(&text, usize::from(depth % 8)) {
         let id = &pc.container_id;
         assert_eq!(id.len(), 64, "container id {id:?}");
         assert!(

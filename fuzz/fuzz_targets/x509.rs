@@ -7,6 +7,7 @@ use bytes::Bytes;
 use continuity_agent::manager::cache::{BundleState, Entry, PersistedState, Snapshot, Svid};
 use continuity_agent::manager::{issued_by_bundle, svid_from_proto};
 use continuity_attestors::Selector;
+use continuity_common::secret::SecretBytes;
 use continuity_common::tls::TrustRoots;
 use continuity_common::x509;
 use continuity_proto::types::{Bundle, X509svid};
@@ -86,7 +87,7 @@ fuzz_target!(|input: &[u8]| {
             let Ok(answer) = X509svid::decode(data) else {
                 return;
             };
-            match svid_from_proto(answer.clone(), vec![1, 2, 3]) {
+            match svid_from_proto(answer.clone(), SecretBytes::new(vec![1, 2, 3])) {
                 Ok(svid) => {
                     assert!(!svid.chain.is_empty());
                     for der in &answer.cert_chain {
@@ -113,7 +114,7 @@ fuzz_target!(|input: &[u8]| {
             let bundle = BundleState::from(bundle);
             let svid = Svid {
                 chain: vec![Bytes::from_static(LEAF)],
-                key: Bytes::from_static(b"key"),
+                key: SecretBytes::new(b"key".to_vec()),
                 expires_at: 2_000_000_000,
                 issued_at: 1_700_000_000,
                 rotate_at: 1_850_000_000,

@@ -249,8 +249,17 @@ cgroup = {
     "host-daemon": "0::/system.slice/containerd.service\n",
     "docker-plain": f"13:devices:/docker/{cid}\n",
 }
+# The first byte is the depth of the agent's own cgroup namespace (the harness takes it % 8).
 for name, text in cgroup.items():
-    write("cgroup", name, text)
+    write("cgroup", name, b"\x00" + text.encode())
+# Seen from an agent whose cgroup namespace root is 3 levels down (its own pod's container).
+namespaced = {
+    "ns-same-qos": f"0::/../../kubepods-besteffort-pod{uid.replace('-', '_')}.slice/cri-containerd-{cid}.scope\n",
+    "ns-other-qos": f"0::/../../../kubepods-burstable.slice/kubepods-burstable-pod{uid.replace('-', '_')}.slice/cri-containerd-{cid}.scope\n",
+    "ns-forged-user-slice": f"0::/../../../../user.slice/user-1000.slice/user@1000.service/app.slice/pod{uid}/{cid}\n",
+}
+for name, text in namespaced.items():
+    write("cgroup", name, b"\x03" + text.encode())
 
 # ---------------------------------------------------------------- spiffe_id_selector
 for i, s in enumerate([
