@@ -623,7 +623,9 @@ impl Manager {
             c.filter(|c| now < c.expires_at)
         };
         if let Some(c) = &cached
-            && now < c.issued_at.saturating_add(c.expires_at.saturating_sub(c.issued_at) / 2)
+            && now
+                < c.issued_at
+                    .saturating_add(c.expires_at.saturating_sub(c.issued_at) / 2)
         {
             return Ok(c.token.clone());
         }
