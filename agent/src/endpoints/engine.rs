@@ -18,6 +18,9 @@ use crate::limits::RateLimiter;
 use crate::manager::Manager;
 use crate::manager::cache::{EngineJwks, Snapshot};
 
+/// Largest Encrypt plaintext (Cloud KMS's cap, so every custody accepts what we do).
+pub const MAX_PLAINTEXT: usize = 64 * 1024;
+
 /// The EngineAPI service.
 pub struct EngineHandler {
     manager: Arc<Manager>,
@@ -208,6 +211,12 @@ impl EngineApi for EngineHandler {
         &self,
         req: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
+        let len = req.get_ref().plaintext.len();
+        if len > MAX_PLAINTEXT {
+            return Err(Status::invalid_argument(format!(
+                "plaintext is {len} bytes; at most {MAX_PLAINTEXT} (64 KiB, Cloud KMS's cap)"
+            )));
+        }
         let b = self.bind(&req, &req.get_ref().engine).await?;
         let mut inner = req.into_inner();
         inner.engine = b.engine.clone();

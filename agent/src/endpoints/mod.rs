@@ -26,10 +26,17 @@ use self::peer::{ConnInfo, Peer};
 use self::workload::{WorkloadHandler, check_security_header};
 use crate::config::WorkloadApiConfig;
 
-/// Largest Workload API request decoded (audiences and JWTs are small).
+/// Largest Workload API request decoded (16 audiences of 256 bytes, or a JWT, fit easily).
 pub const MAX_WORKLOAD_MESSAGE: usize = 64 * 1024;
-/// Largest EngineAPI request decoded (tonic's default, as on the server).
-pub const MAX_ENGINE_MESSAGE: usize = 4 * 1024 * 1024;
+/// Largest health or reflection request decoded (a service or symbol name).
+pub const MAX_SMALL_MESSAGE: usize = 16 * 1024;
+/// Largest EngineAPI request decoded: a [`engine::MAX_PLAINTEXT`] plaintext plus its framing,
+/// or a ciphertext of one.
+pub const MAX_ENGINE_MESSAGE: usize = 128 * 1024;
+/// HTTP/2 flow-control window per stream: what a peer may send on one call before we read it.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+/// HTTP/2 flow-control window per connection (all its streams together).
+pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// HTTP/2 PING interval on idle connections, and how long to wait for the answer.
 pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(20));
 
@@ -222,14 +229,19 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(continuity_proto::FILE_DESCRIPTOR_SET)
         .build_v1();
-    // The limits the authority adapter enforces are the ones advertised here.
+    // The limits the authority adapter enforces are the ones advertised here. The request
+    // timeout bounds each handler future (for unary calls: reading the request too); a
+    // server stream's handler returns its stream at once, so watches are not cut.
     let mut router = tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(authority::MAX_FRAME_SIZE)
         .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(KEEPALIVE.0))
         .http2_keepalive_timeout(Some(KEEPALIVE.1))
-        .add_service(health)
+        .add_service(health.max_decoding_message_size(MAX_SMALL_MESSAGE))
         .add_service(InterceptedService::new(
             SpiffeWorkloadApiServer::new(handler).max_decoding_message_size(MAX_WORKLOAD_MESSAGE),
             check_security_header,
@@ -239,7 +251,7 @@ pub async fn serve(
             check_security_header,
         ));
     match reflection {
-        Ok(r) => router = router.add_service(r),
+        Ok(r) => router = router.add_service(r.max_decoding_message_size(MAX_SMALL_MESSAGE)),
         Err(e) => tracing::warn!(error = %e, "gRPC reflection unavailable"),
     }
     router
