@@ -309,20 +309,22 @@ impl EngineApi for EngineHandler {
             jwks: j.jwks.clone().into_bytes(),
         };
         let first_msg = msg(&engine, &first);
+        // The stream holds the call's guard: the connection stays busy while it is watched.
+        let call = b.caller.call.clone();
         let stream = futures_util::stream::unfold(
-            (rx, Some(first_msg), first),
-            move |(mut rx, pending, last)| {
+            (rx, Some(first_msg), first, call),
+            move |(mut rx, pending, last, call)| {
                 let engine = engine.clone();
                 async move {
                     if let Some(m) = pending {
-                        return Some((Ok(m), (rx, None, last)));
+                        return Some((Ok(m), (rx, None, last, call)));
                     }
                     loop {
                         rx.changed().await.ok()?;
                         let now = jwks_of(&rx.borrow_and_update(), &engine);
                         if now != last {
                             let m = msg(&engine, &now);
-                            return Some((Ok(m), (rx, None, now)));
+                            return Some((Ok(m), (rx, None, now, call)));
                         }
                     }
                 }

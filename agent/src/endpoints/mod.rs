@@ -25,6 +25,7 @@ use self::conns::{ConnLimits, Slot, Tracker};
 use self::peer::{ConnInfo, Peer};
 use self::workload::{WorkloadHandler, check_security_header};
 use crate::config::WorkloadApiConfig;
+use crate::limits::CallerKey;
 
 /// Largest Workload API request decoded (16 audiences of 256 bytes, or a JWT, fit easily).
 pub const MAX_WORKLOAD_MESSAGE: usize = 64 * 1024;
@@ -47,10 +48,22 @@ pub struct WorkloadConn {
     slot: Slot,
 }
 
+/// What each request on a Workload API connection carries in its extensions.
+#[derive(Debug, Clone)]
+pub struct WorkloadConnInfo {
+    /// The peer and its attestation.
+    pub info: ConnInfo,
+    /// Marks the connection busy while a call is open.
+    pub calls: conns::ConnCalls,
+}
+
 impl Connected for WorkloadConn {
-    type ConnectInfo = ConnInfo;
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
+    type ConnectInfo = WorkloadConnInfo;
+    fn connect_info(&self) -> WorkloadConnInfo {
+        WorkloadConnInfo {
+            info: self.info.clone(),
+            calls: self.slot.calls(),
+        }
     }
 }
 
@@ -170,10 +183,14 @@ fn admit(stream: UnixStream, tracker: &Arc<Tracker>) -> Option<WorkloadConn> {
             None
         }
     };
-    let uid = peer.as_ref().map_or(conns::UNKNOWN_UID, |p| p.uid);
+    let scope = peer
+        .as_ref()
+        .map_or(CallerKey::Uid(conns::UNKNOWN_UID), |p| {
+            pod_of(p.pid).map_or(CallerKey::Uid(p.uid), CallerKey::Pod)
+        });
     let io = AuthorityFix::new(stream);
     // Refusals are logged (rate-limited) by the tracker.
-    let slot = tracker.admit(uid, io.activity()).ok()?;
+    let slot = tracker.admit(scope, io.activity()).ok()?;
     let workload_id: Arc<str> = peer
         .as_ref()
         .map_or_else(|| "unknown".into(), |p| p.workload_id().into());
@@ -183,6 +200,19 @@ fn admit(stream: UnixStream, tracker: &Arc<Tracker>) -> Option<WorkloadConn> {
         selectors: Arc::default(),
     };
     Some(WorkloadConn { io, info, slot })
+}
+
+/// Most bytes of `/proc/<pid>/cgroup` read (a pod's is a few hundred).
+const MAX_CGROUP_FILE: u64 = 16 * 1024;
+
+/// The UID of the pod `pid` runs in, from its cgroup (a procfs read: never blocks on a
+/// workload's file system). Not attestation: a process could only claim a pod it is in.
+fn pod_of(pid: u32) -> Option<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok()?;
+    let mut text = String::new();
+    f.take(MAX_CGROUP_FILE).read_to_string(&mut text).ok()?;
+    continuity_attestors::k8s::cgroup::parse(&text).map(|p| p.pod_uid)
 }
 
 /// Backs off after a failed accept (logging once per run of failures). Out of file

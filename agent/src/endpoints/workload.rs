@@ -13,7 +13,8 @@ use futures_util::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::peer::ConnInfo;
+use super::WorkloadConnInfo;
+use super::conns::StreamGuard;
 use crate::attestor::WorkloadAttestor;
 use crate::config::WorkloadApiConfig;
 use crate::limits::{CallerKey, RateLimited, RateLimiter};
@@ -86,6 +87,8 @@ pub struct Caller {
     pub peer: Arc<super::peer::Peer>,
     /// Stable id of the process (pid + start time).
     pub workload_id: Arc<str>,
+    /// Keeps the connection counted busy while this call (or its response stream) lives.
+    pub call: Option<Arc<StreamGuard>>,
 }
 
 impl Caller {
@@ -132,10 +135,13 @@ pub async fn attest_caller<T>(
     req: &Request<T>,
     attestor: &Arc<dyn WorkloadAttestor>,
 ) -> Result<Caller, Status> {
-    let info =
-        req.extensions().get::<ConnInfo>().cloned().ok_or_else(|| {
-            Status::unavailable("workload attestation failed: no peer information")
-        })?;
+    let conn = req
+        .extensions()
+        .get::<WorkloadConnInfo>()
+        .cloned()
+        .ok_or_else(|| Status::unavailable("workload attestation failed: no peer information"))?;
+    let call = Arc::new(conn.calls.open());
+    let info = conn.info;
     let peer = info.peer.clone().ok_or_else(|| {
         Status::unavailable("workload attestation failed: peer credentials unavailable")
     })?;
@@ -164,6 +170,7 @@ pub async fn attest_caller<T>(
         selectors,
         peer,
         workload_id,
+        call: Some(call),
     })
 }
 
@@ -257,7 +264,7 @@ impl WorkloadHandler {
 /// ends with PermissionDenied if the caller loses every identity.
 fn watch_stream<T, K, F>(
     rx: watch::Receiver<Arc<Snapshot>>,
-    selectors: Selectors,
+    caller: &Caller,
     first: T,
     first_key: K,
     build: F,
@@ -272,9 +279,12 @@ where
         first: Option<T>,
         last: K,
         done: bool,
+        _call: Option<Arc<StreamGuard>>,
     }
+    let selectors = caller.selectors.clone();
     let build = Arc::new(build);
     let init = St {
+        _call: caller.call.clone(),
         rx,
         first: Some(first),
         last: first_key,
@@ -338,7 +348,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         let first_key = key(&snap, &ids);
         Ok(Response::new(watch_stream(
             rx,
-            selectors,
+            &caller,
             first,
             first_key,
             move |snap, ids| (key(snap, ids), Self::x509_response(snap, ids)),
@@ -349,7 +359,8 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         &self,
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.selectors(&req).await?;
+        let caller = attest_caller(&req, &self.attestor).await?;
+        let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
         if snap.matching(&selectors).is_empty() {
@@ -366,7 +377,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             )
         };
         let (k, first) = build(&snap, &[]);
-        Ok(Response::new(watch_stream(rx, selectors, first, k, build)))
+        Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
     }
 
     async fn fetch_jwtsvid(
@@ -421,7 +432,8 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         &self,
         req: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.selectors(&req).await?;
+        let caller = attest_caller(&req, &self.attestor).await?;
+        let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
         if snap.matching(&selectors).is_empty() {
@@ -437,7 +449,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             )
         };
         let (k, first) = build(&snap, &[]);
-        Ok(Response::new(watch_stream(rx, selectors, first, k, build)))
+        Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
     }
 
     async fn validate_jwtsvid(
