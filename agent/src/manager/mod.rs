@@ -24,8 +24,9 @@ use tokio::sync::watch;
 
 use self::cache::{Entry, PersistedState, Snapshot, Svid};
 use crate::client::{ClientError, ServerClient};
-use crate::limits::{Lru, RateLimited};
+use crate::limits::RateLimited;
 use crate::storage::Storage;
+use continuity_common::lru::Lru;
 
 /// Most CSRs sent in one batch (the server's limit).
 pub const MAX_BATCH: usize = 500;
