@@ -607,7 +607,8 @@ async fn a_request_body_never_finished_is_ended_by_request_timeout() {
 
 #[tokio::test]
 async fn watch_streams_outlive_the_request_timeout() {
-    let e = env("request_timeout = \"1s\"\n").await;
+    // And the idle timeout: a connection with a watch open is busy, never idle.
+    let e = env("request_timeout = \"1s\"\nidle_timeout = \"1s\"\n").await;
     let mut c = SpiffeWorkloadApiClient::new(channel(&e.agent).await);
     let mut s = c
         .fetch_x509svid(with_header(X509svidRequest {}))
