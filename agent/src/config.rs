@@ -106,7 +106,8 @@ pub struct FileWorkloadApi {
     pub max_connections_per_uid: Option<u64>,
     /// Concurrent streams per connection (default 16).
     pub max_concurrent_streams: Option<u64>,
-    /// Time a connection may take to send its first request (default 10s).
+    /// Time a connection may take to send its first request, or stay with no call open
+    /// (default 10s).
     pub idle_timeout: Option<String>,
     /// Time a call's handler may take, reading its request included (default 30s).
     pub request_timeout: Option<String>,
@@ -128,11 +129,12 @@ pub struct WorkloadApiConfig {
     /// Open connections in total; at the cap the oldest connection that has not sent a
     /// request is closed to make room.
     pub max_connections: usize,
-    /// Open connections of one uid.
+    /// Open connections of one workload (its pod if it runs in one, else its uid).
     pub max_connections_per_uid: usize,
     /// HTTP/2 concurrent streams per connection.
     pub max_concurrent_streams: u32,
-    /// A connection that has not sent its first request within this is closed.
+    /// A connection that has not sent its first request, or has had no call open, for this
+    /// long is idle: closed, and evictable at the caps.
     pub idle_timeout: Duration,
     /// A call whose handler (reading the request included) takes longer is cancelled; server
     /// streams such as FetchX509SVID return at once and are not cut.
