@@ -104,10 +104,13 @@ pub struct FileWorkloadApi {
     pub max_connections: Option<u64>,
     /// Open connections of one uid (default 128).
     pub max_connections_per_uid: Option<u64>,
-    /// Concurrent streams per connection (default 32).
+    /// Concurrent streams per connection (default 16).
     pub max_concurrent_streams: Option<u64>,
-    /// Time a connection may take to send its first request (default 10s).
+    /// Time a connection may take to send its first request, or stay with no call open
+    /// (default 10s).
     pub idle_timeout: Option<String>,
+    /// Time a call's handler may take, reading its request included (default 30s).
+    pub request_timeout: Option<String>,
     /// JWT-SVIDs cached (default 1024).
     pub jwt_cache_size: Option<u64>,
     /// Audiences per FetchJWTSVID request (default 16).
@@ -126,12 +129,16 @@ pub struct WorkloadApiConfig {
     /// Open connections in total; at the cap the oldest connection that has not sent a
     /// request is closed to make room.
     pub max_connections: usize,
-    /// Open connections of one uid.
+    /// Open connections of one workload (its pod if it runs in one, else its uid).
     pub max_connections_per_uid: usize,
     /// HTTP/2 concurrent streams per connection.
     pub max_concurrent_streams: u32,
-    /// A connection that has not sent its first request within this is closed.
+    /// A connection that has not sent its first request, or has had no call open, for this
+    /// long is idle: closed, and evictable at the caps.
     pub idle_timeout: Duration,
+    /// A call whose handler (reading the request included) takes longer is cancelled; server
+    /// streams such as FetchX509SVID return at once and are not cut.
+    pub request_timeout: Duration,
     /// JWT-SVIDs kept in the LRU cache.
     pub jwt_cache_size: usize,
     /// Audiences per FetchJWTSVID request.
@@ -149,8 +156,9 @@ impl Default for WorkloadApiConfig {
         Self {
             max_connections: 1024,
             max_connections_per_uid: 128,
-            max_concurrent_streams: 32,
+            max_concurrent_streams: 16,
             idle_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
             jwt_cache_size: 1024,
             max_audiences: 16,
             max_audience_length: 256,
@@ -209,6 +217,17 @@ fn workload_api_config(f: Option<FileWorkloadApi>) -> Result<WorkloadApiConfig, 
             format!("{idle_timeout:?} is out of range: between 100ms and 1h"),
         ));
     }
+    let request_timeout = match f.request_timeout {
+        None => d.request_timeout,
+        Some(s) => continuity_common::duration::parse(&s)
+            .map_err(|m| invalid("workload_api.request_timeout", m))?,
+    };
+    if request_timeout < Duration::from_millis(100) || request_timeout > Duration::from_secs(3600) {
+        return Err(invalid(
+            "workload_api.request_timeout",
+            format!("{request_timeout:?} is out of range: between 100ms and 1h"),
+        ));
+    }
     let rate = f
         .server_calls_per_second
         .unwrap_or(d.server_calls_per_second);
@@ -228,6 +247,7 @@ fn workload_api_config(f: Option<FileWorkloadApi>) -> Result<WorkloadApiConfig, 
             10_000,
         )? as u32,
         idle_timeout,
+        request_timeout,
         jwt_cache_size: count(
             f.jwt_cache_size,
             d.jwt_cache_size,
@@ -559,6 +579,10 @@ mod tests {
                 "workload_api.idle_timeout",
             ),
             (
+                "[workload_api]\nrequest_timeout = \"0s\"\n",
+                "workload_api.request_timeout",
+            ),
+            (
                 "[workload_api]\njwt_cache_size = 0\n",
                 "workload_api.jwt_cache_size",
             ),
@@ -605,7 +629,7 @@ mod tests {
             WorkloadApiConfig::default()
         );
         let c = parse(&format!(
-            "{base}[workload_api]\nmax_connections = 64\nidle_timeout = \"2s\"\nserver_calls_per_second = 1\nserver_calls_burst = 3\njwt_cache_size = 100\n"
+            "{base}[workload_api]\nmax_connections = 64\nidle_timeout = \"2s\"\nrequest_timeout = \"5s\"\nserver_calls_per_second = 1\nserver_calls_burst = 3\njwt_cache_size = 100\n"
         ))
         .unwrap()
         .workload_api;
@@ -613,6 +637,8 @@ mod tests {
         // The per-uid default never exceeds the total.
         assert_eq!(c.max_connections_per_uid, 64);
         assert_eq!(c.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_concurrent_streams, 16);
         assert_eq!(c.server_calls_per_second, 1.0);
         assert_eq!(c.server_calls_burst, 3);
         assert_eq!(c.jwt_cache_size, 100);
@@ -669,6 +695,7 @@ mod tests {
             "max_connections_per_uid",
             "max_concurrent_streams",
             "idle_timeout",
+            "request_timeout",
             "jwt_cache_size",
             "max_audiences",
             "max_audience_length",

@@ -44,13 +44,15 @@
 //! [`MAX_WAITING_HASHES`] of them for at most [`HASH_WAIT`]); concurrent misses for one file are
 //! coalesced: one caller reads it, the others wait for its result.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use continuity_common::lru::Lru;
 
 use crate::Selector;
 
@@ -328,7 +330,7 @@ fn open_exe(proc_root: &Path, pid: u32) -> Result<(File, FileId), UnixError> {
 pub struct UnixAttestor {
     cfg: UnixConfig,
     proc_root: PathBuf,
-    hashes: Mutex<Lru>,
+    hashes: Mutex<Lru<FileId, String>>,
     in_flight: Mutex<HashMap<FileId, Arc<Flight>>>,
     slots: Mutex<Slots>,
     slot_freed: Condvar,
@@ -433,7 +435,7 @@ impl UnixAttestor {
     /// The sha256 of `f`, whose identity is `id`: from the cache, from a concurrent caller
     /// reading the same file, or read now.
     fn hash(&self, f: &File, id: &FileId, path: &Path) -> Result<String, UnixError> {
-        if let Some(h) = lock(&self.hashes).get(id) {
+        if let Some(h) = lock(&self.hashes).get(id).cloned() {
             return Ok(h);
         }
         let limit = self.cfg.workload_size_limit;
@@ -448,7 +450,7 @@ impl UnixAttestor {
             let mut in_flight = lock(&self.in_flight);
             // Checked again under the in-flight lock: a reader inserts into the cache before it
             // leaves the in-flight map, so a miss here means nobody has the result yet.
-            if let Some(h) = lock(&self.hashes).get(id) {
+            if let Some(h) = lock(&self.hashes).get(id).cloned() {
                 return Ok(h);
             }
             match in_flight.get(id) {
@@ -624,58 +626,6 @@ impl Drop for FlightDone<'_> {
             *result = Some(Err("the attestation reading it was abandoned".into()));
         }
         self.flight.done.notify_all();
-    }
-}
-
-/// A bounded map from file identity to hash, evicting the least recently used.
-#[derive(Debug)]
-struct Lru {
-    cap: usize,
-    tick: u64,
-    map: HashMap<FileId, (String, u64)>,
-    order: BTreeMap<u64, FileId>,
-}
-
-impl Lru {
-    fn new(cap: usize) -> Self {
-        Self {
-            cap,
-            tick: 0,
-            map: HashMap::new(),
-            order: BTreeMap::new(),
-        }
-    }
-
-    fn get(&mut self, k: &FileId) -> Option<String> {
-        self.tick += 1;
-        let tick = self.tick;
-        let (v, used) = self.map.get_mut(k)?;
-        self.order.remove(used);
-        *used = tick;
-        self.order.insert(tick, *k);
-        Some(v.clone())
-    }
-
-    fn insert(&mut self, k: FileId, v: String) {
-        self.tick += 1;
-        if let Some((_, used)) = self.map.remove(&k) {
-            self.order.remove(&used);
-        }
-        while self.map.len() >= self.cap {
-            match self.order.pop_first() {
-                Some((_, oldest)) => {
-                    self.map.remove(&oldest);
-                }
-                None => break,
-            }
-        }
-        self.map.insert(k, (v, self.tick));
-        self.order.insert(self.tick, k);
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.map.len()
     }
 }
 

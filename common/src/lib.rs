@@ -24,6 +24,7 @@ pub mod https;
 pub mod jwk;
 pub mod jwt;
 pub mod logging;
+pub mod lru;
 pub mod rand;
 pub mod secret;
 pub mod spiffe_id;

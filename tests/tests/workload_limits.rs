@@ -494,3 +494,200 @@ async fn engine_calls_reaching_the_server_are_rate_limited_local_ones_are_not() 
     }
     assert!(exhausted, "GetPublicKey never refused");
 }
+
+/// Appends one HTTP/2 frame.
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Starts a gRPC call to `path` by hand on a raw connection: its headers, then a DATA frame
+/// whose 5-byte message header declares `declared` bytes followed by only a few of them. The
+/// body is never finished. Returns how long until the server ended stream 1 (trailers,
+/// RST_STREAM, GOAWAY or EOF), or None if it was still open after `wait`.
+async fn stalled_call(
+    agent: &TestAgent,
+    path: &str,
+    declared: u32,
+    wait: Duration,
+) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(&agent.socket)
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut out, 0x4, 0, 0, &[]);
+    let mut block = Vec::new();
+    for (k, v) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "localhost"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        ("workload.spiffe.io", "true"),
+    ] {
+        // Literal header field without indexing, new name, no Huffman (all lengths < 127).
+        block.push(0);
+        block.push(k.len() as u8);
+        block.extend_from_slice(k.as_bytes());
+        block.push(v.len() as u8);
+        block.extend_from_slice(v.as_bytes());
+    }
+    h2_frame(&mut out, 0x1, 0x4, 1, &block);
+    let mut data = vec![0u8];
+    data.extend_from_slice(&declared.to_be_bytes());
+    data.extend_from_slice(&[0x0a, 0x10]);
+    h2_frame(&mut out, 0x0, 0, 1, &data);
+    s.write_all(&out).await.unwrap();
+    let start = Instant::now();
+    let read = async {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (buf[3], buf[4]);
+                let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff;
+                buf.drain(..9 + len);
+                match (kind, stream) {
+                    (0x4, 0) if flags & 0x1 == 0 => {
+                        let mut ack = Vec::new();
+                        h2_frame(&mut ack, 0x4, 0x1, 0, &[]);
+                        s.write_all(&ack).await.unwrap();
+                    }
+                    (0x1, 1) if flags & 0x1 != 0 => return,
+                    (0x0, 1) if flags & 0x1 != 0 => return,
+                    (0x3, 1) | (0x7, _) => return,
+                    _ => {}
+                }
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.ok()?;
+    Some(start.elapsed())
+}
+
+#[tokio::test]
+async fn a_request_body_never_finished_is_ended_by_request_timeout() {
+    let e = env("request_timeout = \"1s\"\n").await;
+    // A Workload API call and an EngineAPI call whose messages never arrive in full.
+    for path in [
+        "/SpiffeWorkloadAPI/FetchJWTSVID",
+        "/continuity.engine.v1.EngineAPI/Sign",
+    ] {
+        let ended = stalled_call(&e.agent, path, 60_000, Duration::from_secs(10)).await;
+        let ended =
+            ended.unwrap_or_else(|| panic!("{path}: a stalled request was still open after 10 s"));
+        assert!(
+            ended >= Duration::from_millis(900),
+            "{path}: ended after {ended:?}"
+        );
+    }
+    // Bigger than the Workload API's message limit: refused at once, nothing reserved.
+    let ended = stalled_call(
+        &e.agent,
+        "/SpiffeWorkloadAPI/FetchJWTSVID",
+        4 << 20,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(ended.is_some(), "a 4 MiB declared message was accepted");
+}
+
+#[tokio::test]
+async fn watch_streams_outlive_the_request_timeout() {
+    // And the idle timeout: a connection with a watch open is busy, never idle.
+    let e = env("request_timeout = \"1s\"\nidle_timeout = \"1s\"\n").await;
+    let mut c = SpiffeWorkloadApiClient::new(channel(&e.agent).await);
+    let mut s = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Still open: no error, no end, just waiting for the next update.
+    match tokio::time::timeout(Duration::from_millis(500), s.message()).await {
+        Err(_) => {}
+        Ok(r) => panic!("the watch stream ended past request_timeout: {r:?}"),
+    }
+    // And a unary call on the same connection is served.
+    c.fetch_jwtsvid(with_header(JwtsvidRequest {
+        audience: vec!["a".into()],
+        spiffe_id: String::new(),
+    }))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn request_sizes_are_capped_per_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let e = env("").await;
+    // Reflection: 16 KiB.
+    let mut r = ServerReflectionClient::new(channel(&e.agent).await);
+    let ask = |symbol: String| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol)),
+    };
+    let mut small = r
+        .server_reflection_info(tokio_stream::iter(vec![ask("x".repeat(100))]))
+        .await
+        .unwrap()
+        .into_inner();
+    // Not found, but read.
+    let err = small.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    let big = r
+        .server_reflection_info(tokio_stream::iter(vec![ask("x".repeat(20 * 1024))]))
+        .await;
+    // Refused undecoded: the reflection service ends its stream without an answer.
+    match big {
+        Err(e) => assert_eq!(e.code(), Code::OutOfRange, "{e}"),
+        Ok(s) => match s.into_inner().message().await {
+            Ok(None) => {}
+            Err(e) => assert_eq!(e.code(), Code::OutOfRange, "{e}"),
+            Ok(Some(m)) => panic!("a 20 KiB reflection request was answered: {m:?}"),
+        },
+    }
+    // Workload API: 64 KiB.
+    let mut c = SpiffeWorkloadApiClient::new(channel(&e.agent).await);
+    let err = c
+        .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "x".repeat(70 * 1024),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    // EngineAPI: plaintexts up to 64 KiB (named in the error), messages up to 128 KiB.
+    let mut eng = EngineApiClient::new(channel(&e.agent).await);
+    let encrypt = |n: usize| {
+        with_header(continuity_proto::engine::EncryptRequest {
+            key: "k".into(),
+            plaintext: vec![7; n],
+            ..Default::default()
+        })
+    };
+    let err = eng.encrypt(encrypt(64 * 1024 + 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("65536"), "{err}");
+    let err = eng.encrypt(encrypt(200 * 1024)).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    // At the plaintext limit the call gets past the size checks (no Engine is bound here).
+    let err = eng.encrypt(encrypt(64 * 1024)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+}

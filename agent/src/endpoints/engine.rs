@@ -18,6 +18,9 @@ use crate::limits::RateLimiter;
 use crate::manager::Manager;
 use crate::manager::cache::{EngineJwks, Snapshot};
 
+/// Largest Encrypt plaintext (Cloud KMS's cap, so every custody accepts what we do).
+pub const MAX_PLAINTEXT: usize = 64 * 1024;
+
 /// The EngineAPI service.
 pub struct EngineHandler {
     manager: Arc<Manager>,
@@ -208,6 +211,12 @@ impl EngineApi for EngineHandler {
         &self,
         req: Request<EncryptRequest>,
     ) -> Result<Response<EncryptResponse>, Status> {
+        let len = req.get_ref().plaintext.len();
+        if len > MAX_PLAINTEXT {
+            return Err(Status::invalid_argument(format!(
+                "plaintext is {len} bytes; at most {MAX_PLAINTEXT} (64 KiB, Cloud KMS's cap)"
+            )));
+        }
         let b = self.bind(&req, &req.get_ref().engine).await?;
         let mut inner = req.into_inner();
         inner.engine = b.engine.clone();
@@ -300,20 +309,22 @@ impl EngineApi for EngineHandler {
             jwks: j.jwks.clone().into_bytes(),
         };
         let first_msg = msg(&engine, &first);
+        // The stream holds the call's guard: the connection stays busy while it is watched.
+        let call = b.caller.call.clone();
         let stream = futures_util::stream::unfold(
-            (rx, Some(first_msg), first),
-            move |(mut rx, pending, last)| {
+            (rx, Some(first_msg), first, call),
+            move |(mut rx, pending, last, call)| {
                 let engine = engine.clone();
                 async move {
                     if let Some(m) = pending {
-                        return Some((Ok(m), (rx, None, last)));
+                        return Some((Ok(m), (rx, None, last, call)));
                     }
                     loop {
                         rx.changed().await.ok()?;
                         let now = jwks_of(&rx.borrow_and_update(), &engine);
                         if now != last {
                             let m = msg(&engine, &now);
-                            return Some((Ok(m), (rx, None, now)));
+                            return Some((Ok(m), (rx, None, now, call)));
                         }
                     }
                 }

@@ -25,11 +25,19 @@ use self::conns::{ConnLimits, Slot, Tracker};
 use self::peer::{ConnInfo, Peer};
 use self::workload::{WorkloadHandler, check_security_header};
 use crate::config::WorkloadApiConfig;
+use crate::limits::CallerKey;
 
-/// Largest Workload API request decoded (audiences and JWTs are small).
+/// Largest Workload API request decoded (16 audiences of 256 bytes, or a JWT, fit easily).
 pub const MAX_WORKLOAD_MESSAGE: usize = 64 * 1024;
-/// Largest EngineAPI request decoded (tonic's default, as on the server).
-pub const MAX_ENGINE_MESSAGE: usize = 4 * 1024 * 1024;
+/// Largest health or reflection request decoded (a service or symbol name).
+pub const MAX_SMALL_MESSAGE: usize = 16 * 1024;
+/// Largest EngineAPI request decoded: a [`engine::MAX_PLAINTEXT`] plaintext plus its framing,
+/// or a ciphertext of one.
+pub const MAX_ENGINE_MESSAGE: usize = 128 * 1024;
+/// HTTP/2 flow-control window per stream: what a peer may send on one call before we read it.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+/// HTTP/2 flow-control window per connection (all its streams together).
+pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// HTTP/2 PING interval on idle connections, and how long to wait for the answer.
 pub const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(60), Duration::from_secs(20));
 
@@ -40,10 +48,22 @@ pub struct WorkloadConn {
     slot: Slot,
 }
 
+/// What each request on a Workload API connection carries in its extensions.
+#[derive(Debug, Clone)]
+pub struct WorkloadConnInfo {
+    /// The peer and its attestation.
+    pub info: ConnInfo,
+    /// Marks the connection busy while a call is open.
+    pub calls: conns::ConnCalls,
+}
+
 impl Connected for WorkloadConn {
-    type ConnectInfo = ConnInfo;
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
+    type ConnectInfo = WorkloadConnInfo;
+    fn connect_info(&self) -> WorkloadConnInfo {
+        WorkloadConnInfo {
+            info: self.info.clone(),
+            calls: self.slot.calls(),
+        }
     }
 }
 
@@ -163,10 +183,14 @@ fn admit(stream: UnixStream, tracker: &Arc<Tracker>) -> Option<WorkloadConn> {
             None
         }
     };
-    let uid = peer.as_ref().map_or(conns::UNKNOWN_UID, |p| p.uid);
+    let scope = peer
+        .as_ref()
+        .map_or(CallerKey::Uid(conns::UNKNOWN_UID), |p| {
+            pod_of(p.pid).map_or(CallerKey::Uid(p.uid), CallerKey::Pod)
+        });
     let io = AuthorityFix::new(stream);
     // Refusals are logged (rate-limited) by the tracker.
-    let slot = tracker.admit(uid, io.activity()).ok()?;
+    let slot = tracker.admit(scope, io.activity()).ok()?;
     let workload_id: Arc<str> = peer
         .as_ref()
         .map_or_else(|| "unknown".into(), |p| p.workload_id().into());
@@ -176,6 +200,30 @@ fn admit(stream: UnixStream, tracker: &Arc<Tracker>) -> Option<WorkloadConn> {
         selectors: Arc::default(),
     };
     Some(WorkloadConn { io, info, slot })
+}
+
+/// Most bytes of `/proc/<pid>/cgroup` read (a pod's is a few hundred).
+const MAX_CGROUP_FILE: u64 = 16 * 1024;
+
+/// The UID of the pod `pid` runs in, from its cgroup (a procfs read: never blocks on a
+/// workload's file system). Not attestation: a process could only claim a pod it is in.
+fn pod_of(pid: u32) -> Option<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(format!("/proc/{pid}/cgroup")).ok()?;
+    let mut text = String::new();
+    f.take(MAX_CGROUP_FILE).read_to_string(&mut text).ok()?;
+    continuity_attestors::k8s::cgroup::parse(&text, agent_cgroup_depth()).map(|p| p.pod_uid)
+}
+
+/// Depth of the agent's own cgroup namespace root, read once from pid 1's cgroup (0 without
+/// a private namespace), so that pods are recognised as the k8s attestor recognises them.
+fn agent_cgroup_depth() -> usize {
+    static DEPTH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DEPTH.get_or_init(|| {
+        std::fs::read_to_string("/proc/1/cgroup")
+            .map(|t| continuity_attestors::k8s::cgroup::namespace_depth(&t))
+            .unwrap_or(0)
+    })
 }
 
 /// Backs off after a failed accept (logging once per run of failures). Out of file
@@ -222,14 +270,19 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(continuity_proto::FILE_DESCRIPTOR_SET)
         .build_v1();
-    // The limits the authority adapter enforces are the ones advertised here.
+    // The limits the authority adapter enforces are the ones advertised here. The request
+    // timeout bounds each handler future (for unary calls: reading the request too); a
+    // server stream's handler returns its stream at once, so watches are not cut.
     let mut router = tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(authority::MAX_FRAME_SIZE)
         .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(KEEPALIVE.0))
         .http2_keepalive_timeout(Some(KEEPALIVE.1))
-        .add_service(health)
+        .add_service(health.max_decoding_message_size(MAX_SMALL_MESSAGE))
         .add_service(InterceptedService::new(
             SpiffeWorkloadApiServer::new(handler).max_decoding_message_size(MAX_WORKLOAD_MESSAGE),
             check_security_header,
@@ -239,7 +292,7 @@ pub async fn serve(
             check_security_header,
         ));
     match reflection {
-        Ok(r) => router = router.add_service(r),
+        Ok(r) => router = router.add_service(r.max_decoding_message_size(MAX_SMALL_MESSAGE)),
         Err(e) => tracing::warn!(error = %e, "gRPC reflection unavailable"),
     }
     router

@@ -10,6 +10,7 @@
 pub mod cache;
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +24,9 @@ use tokio::sync::watch;
 
 use self::cache::{Entry, PersistedState, Snapshot, Svid};
 use crate::client::{ClientError, ServerClient};
-use crate::limits::{Lru, RateLimited};
+use crate::limits::RateLimited;
 use crate::storage::Storage;
+use continuity_common::lru::Lru;
 
 /// Most CSRs sent in one batch (the server's limit).
 pub const MAX_BATCH: usize = 500;
@@ -120,35 +122,141 @@ pub enum JwtFetchError {
     /// The caller's rate limit for calls reaching the server is used up.
     #[error(transparent)]
     RateLimited(#[from] RateLimited),
+    /// The fetch task died (a bug); the next call tries again.
+    #[error("the JWT-SVID fetch failed: {0}")]
+    Failed(String),
 }
 
 /// The JWT-SVID cache key: entry id and sorted, deduplicated audiences.
 type JwtKey = (String, Vec<String>);
-/// One fetch from the server that concurrent misses for the same key wait on together.
-type JwtFetch = tokio::sync::OnceCell<Result<CachedJwt, JwtFetchError>>;
+/// The outcome of one JWT-SVID fetch, shared by every caller that waited on it.
+type JwtResult = Result<CachedJwt, JwtFetchError>;
+/// A spawned fetch any number of callers can await; none of them can cancel it.
+type SharedFetch<T> = futures_util::future::Shared<futures_util::future::BoxFuture<'static, T>>;
 
-/// Fetches in flight, by key; an entry lives while someone waits on it.
-#[derive(Debug, Default)]
-struct JwtFetches(Mutex<HashMap<JwtKey, Arc<JwtFetch>>>);
-
-/// A waiter's share of a fetch in flight; the last one out removes it.
-struct FetchShare<'a> {
-    fetches: &'a JwtFetches,
-    key: JwtKey,
-    cell: Arc<JwtFetch>,
+/// Fetches in flight, by key: concurrent misses for one key share one spawned fetch. An entry
+/// lives while someone waits on it. Invariant: an entry's `shares` is the number of live
+/// [`FetchShare`]s made for it, counted and discounted only under the lock.
+struct Fetches<K, T: Clone> {
+    map: Mutex<FetchMap<K, T>>,
 }
 
-impl Drop for FetchShare<'_> {
-    fn drop(&mut self) {
-        let mut map = self.fetches.0.lock().unwrap_or_else(|e| e.into_inner());
-        // Shares are only cloned under this lock: 2 = the map's and ours.
-        if Arc::strong_count(&self.cell) == 2
-            && map
-                .get(&self.key)
-                .is_some_and(|c| Arc::ptr_eq(c, &self.cell))
-        {
-            map.remove(&self.key);
+struct FetchMap<K, T: Clone> {
+    next_id: u64,
+    entries: HashMap<K, FetchEntry<T>>,
+}
+
+struct FetchEntry<T: Clone> {
+    id: u64,
+    shares: usize,
+    fetch: SharedFetch<T>,
+}
+
+impl<K, T: Clone> Default for Fetches<K, T> {
+    fn default() -> Self {
+        Self {
+            map: Mutex::new(FetchMap {
+                next_id: 0,
+                entries: HashMap::new(),
+            }),
         }
+    }
+}
+
+impl<K, T: Clone> std::fmt::Debug for Fetches<K, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetches").finish_non_exhaustive()
+    }
+}
+
+/// A waiter's share of a fetch in flight; the last one out removes it.
+struct FetchShare<'a, K: Hash + Eq, T: Clone> {
+    fetches: &'a Fetches<K, T>,
+    key: K,
+    id: u64,
+    fetch: SharedFetch<T>,
+}
+
+impl<K: Hash + Eq, T: Clone> FetchShare<'_, K, T> {
+    /// The fetch's result (cancelling this wait leaves the fetch running for the others).
+    async fn wait(&self) -> T {
+        self.fetch.clone().await
+    }
+}
+
+impl<K: Hash + Eq, T: Clone> Drop for FetchShare<'_, K, T> {
+    fn drop(&mut self) {
+        let mut map = self.fetches.lock();
+        if let Some(e) = map.entries.get_mut(&self.key)
+            && e.id == self.id
+        {
+            e.shares = e.shares.saturating_sub(1);
+            if e.shares == 0 {
+                map.entries.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl<K, T: Clone> Fetches<K, T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FetchMap<K, T>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<K: Hash + Eq + Clone, T: Clone + Send + Sync + 'static> Fetches<K, T> {
+    /// Joins the fetch in flight for `key`, or, if `admit` allows, spawns `start()` as a new
+    /// one (a finished fetch counts as none: its result is in the cache or was an error).
+    fn join<E, F>(
+        &self,
+        key: &K,
+        admit: impl FnOnce() -> Result<(), E>,
+        start: impl FnOnce() -> F,
+        panicked: fn(tokio::task::JoinError) -> T,
+    ) -> Result<FetchShare<'_, K, T>, E>
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let mut map = self.lock();
+        if let Some(e) = map.entries.get_mut(key)
+            && e.fetch.peek().is_none()
+        {
+            e.shares += 1;
+            return Ok(FetchShare {
+                fetches: self,
+                key: key.clone(),
+                id: e.id,
+                fetch: e.fetch.clone(),
+            });
+        }
+        admit()?;
+        let task = tokio::spawn(start());
+        let fetch = async move { task.await.unwrap_or_else(panicked) }
+            .boxed()
+            .shared();
+        let id = map.next_id;
+        map.next_id += 1;
+        map.entries.insert(
+            key.clone(),
+            FetchEntry {
+                id,
+                shares: 1,
+                fetch: fetch.clone(),
+            },
+        );
+        Ok(FetchShare {
+            fetches: self,
+            key: key.clone(),
+            id,
+            fetch,
+        })
+    }
+
+    /// Keys with a fetch in flight or waited on.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().entries.len()
     }
 }
 
@@ -161,9 +269,9 @@ pub struct Manager {
     state: tokio::sync::Mutex<PersistedState>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// JWT-SVIDs by (entry, audiences), least recently used dropped first.
-    jwts: Mutex<Lru<JwtKey, CachedJwt>>,
+    jwts: Arc<Mutex<Lru<JwtKey, CachedJwt>>>,
     /// JWT-SVID fetches in flight (concurrent misses for one key share one).
-    jwt_fetches: JwtFetches,
+    jwt_fetches: Fetches<JwtKey, JwtResult>,
     /// The current agent SVID, readable without waiting for a sync in progress.
     agent_svid: std::sync::RwLock<Option<Svid>>,
     /// Incarnations not yet reported, and when each was last reported.
@@ -203,8 +311,8 @@ impl Manager {
             sync_interval,
             state: tokio::sync::Mutex::new(state),
             snapshot,
-            jwts: Mutex::new(Lru::new(jwt_cache_size)),
-            jwt_fetches: JwtFetches::default(),
+            jwts: Arc::new(Mutex::new(Lru::new(jwt_cache_size))),
+            jwt_fetches: Fetches::default(),
             connected: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -629,16 +737,27 @@ impl Manager {
         {
             return Ok(c.token.clone());
         }
-        let share = match self.join_fetch(&key, admit) {
+        let start = || {
+            let agent_svid = self
+                .agent_svid
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            fetch_jwt(
+                self.client.clone(),
+                agent_svid,
+                self.jwts.clone(),
+                key.clone(),
+                now,
+            )
+        };
+        let share = match self.jwt_fetches.join(&key, admit, start, |e| {
+            Err(JwtFetchError::Failed(e.to_string()))
+        }) {
             Ok(s) => s,
             Err(e) => return cached.map(|c| c.token).ok_or(e.into()),
         };
-        let result = share
-            .cell
-            .get_or_init(|| self.fetch_jwt(&share.key, now))
-            .await
-            .clone();
-        match result {
+        match share.wait().await {
             Ok(c) => Ok(c.token),
             // Unreachable (not refused): serve the cached token while it lasts.
             Err(JwtFetchError::Server(e)) if e.status().is_none() => {
@@ -647,59 +766,36 @@ impl Manager {
             Err(e) => Err(e),
         }
     }
+}
 
-    /// Joins the fetch in flight for `key`, or (if `admit` allows) starts one.
-    fn join_fetch<'a>(
-        &'a self,
-        key: &JwtKey,
-        admit: &(dyn Fn() -> Result<(), RateLimited> + Send + Sync),
-    ) -> Result<FetchShare<'a>, RateLimited> {
-        let mut map = self.jwt_fetches.0.lock().unwrap_or_else(|e| e.into_inner());
-        let cell = match map.get(key) {
-            Some(c) => c.clone(),
-            None => {
-                admit()?;
-                let c = Arc::new(JwtFetch::new());
-                map.insert(key.clone(), c.clone());
-                c
-            }
-        };
-        Ok(FetchShare {
-            fetches: &self.jwt_fetches,
-            key: key.clone(),
-            cell,
+/// Asks the server for a JWT-SVID and caches it (runs as its own task: no caller cancels it).
+async fn fetch_jwt(
+    client: Arc<ServerClient>,
+    agent_svid: Option<Svid>,
+    jwts: Arc<Mutex<Lru<JwtKey, CachedJwt>>>,
+    key: JwtKey,
+    now: i64,
+) -> JwtResult {
+    let agent_svid = agent_svid.ok_or(JwtFetchError::NotAttested)?;
+    let server = |e: ClientError| JwtFetchError::Server(Arc::new(e));
+    let mut api = client.api(&agent_svid).await.map_err(server)?;
+    let r = api
+        .new_jwtsvid(NewJwtsvidRequest {
+            entry_id: key.0.clone(),
+            audience: key.1.clone(),
         })
-    }
-
-    /// Asks the server for a JWT-SVID and caches it.
-    async fn fetch_jwt(&self, key: &JwtKey, now: i64) -> Result<CachedJwt, JwtFetchError> {
-        let agent_svid = self
-            .agent_svid
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or(JwtFetchError::NotAttested)?;
-        let server = |e: ClientError| JwtFetchError::Server(Arc::new(e));
-        let mut api = self.client.api(&agent_svid).await.map_err(server)?;
-        let r = api
-            .new_jwtsvid(NewJwtsvidRequest {
-                entry_id: key.0.clone(),
-                audience: key.1.clone(),
-            })
-            .await
-            .map_err(|s| server(s.into()))?
-            .into_inner();
-        let c = CachedJwt {
-            token: r.token,
-            issued_at: now,
-            expires_at: r.expires_at,
-        };
-        self.jwts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), c.clone());
-        Ok(c)
-    }
+        .await
+        .map_err(|s| server(s.into()))?
+        .into_inner();
+    let c = CachedJwt {
+        token: r.token,
+        issued_at: now,
+        expires_at: r.expires_at,
+    };
+    jwts.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, c.clone());
+    Ok(c)
 }
 
 /// Whether the leaf of `chain` names (by issuer) one of the bundle's CAs (false for an empty
@@ -761,5 +857,128 @@ mod tests {
             );
         }
         assert_eq!(rotate_at(100, 50), 100);
+    }
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    type F = Fetches<u32, u32>;
+
+    fn lost(_: tokio::task::JoinError) -> u32 {
+        u32::MAX
+    }
+
+    /// A caller waiting on the fetch for `key`, counting admissions and fetches started.
+    async fn call(
+        f: &F,
+        key: u32,
+        admits: &AtomicUsize,
+        started: &AtomicUsize,
+        gate: Arc<tokio::sync::Notify>,
+    ) -> Result<u32, ()> {
+        let share = f.join(
+            &key,
+            || {
+                admits.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), ()>(())
+            },
+            || {
+                started.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    gate.notified().await;
+                    key * 10
+                }
+            },
+            lost,
+        )?;
+        Ok(share.wait().await)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_first_caller_neither_cancels_the_fetch_nor_frees_a_token() {
+        let f = Arc::new(F::default());
+        let (admits, started) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let spawn_caller = || {
+            let (f, a, s, g) = (f.clone(), admits.clone(), started.clone(), gate.clone());
+            tokio::spawn(async move { call(&f, 7, &a, &s, g).await })
+        };
+        let first = spawn_caller();
+        tokio::task::yield_now().await;
+        let waiters: Vec<_> = (0..4).map(|_| spawn_caller()).collect();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // The attack: reset the stream that started the fetch, again and again.
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        for w in waiters {
+            assert_eq!(w.await.unwrap(), Ok(70));
+        }
+        assert_eq!(admits.load(Ordering::SeqCst), 1, "only one token taken");
+        assert_eq!(started.load(Ordering::SeqCst), 1, "only one server call");
+        assert_eq!(f.len(), 0, "the last waiter removed the entry");
+    }
+
+    #[test]
+    fn shares_finishing_together_always_remove_the_entry() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let f = F::default();
+        for i in 0..2000 {
+            let join = || {
+                f.join(&1, || Ok::<_, ()>(()), || async move { i }, lost)
+                    .unwrap()
+            };
+            let (a, b) = (join(), join());
+            let barrier = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    barrier.wait();
+                    drop(a);
+                });
+                barrier.wait();
+                drop(b);
+            });
+            assert_eq!(
+                f.len(),
+                0,
+                "iteration {i}: a finished fetch stayed in the map"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_fetch_is_not_joined() {
+        let f = F::default();
+        let first = f
+            .join(&1, || Ok::<_, ()>(()), || async { 1 }, lost)
+            .unwrap();
+        assert_eq!(first.wait().await, 1);
+        // Still held (its caller has not finished), but done: a new call fetches afresh.
+        let mut admitted = false;
+        let second = f
+            .join(
+                &1,
+                || {
+                    admitted = true;
+                    Ok::<_, ()>(())
+                },
+                || async { 2 },
+                lost,
+            )
+            .unwrap();
+        assert!(admitted);
+        assert_eq!(second.wait().await, 2);
+        drop(first);
+        assert_eq!(f.len(), 1, "the old share does not remove the new entry");
+        drop(second);
+        assert_eq!(f.len(), 0);
     }
 }
