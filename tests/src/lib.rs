@@ -37,6 +37,20 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The uid this test process runs as.
+pub fn uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// A Workload API request carrying the security header `workload.spiffe.io: true`.
+pub fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
 /// A TCP port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

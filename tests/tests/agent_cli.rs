@@ -8,13 +8,9 @@ use std::time::{Duration, Instant};
 
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
+use continuity_tests::uid;
 
 const ALIAS: &str = "spiffe://example.org/node/cli";
-
-fn uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
-}
 
 fn wait_for<F: FnMut() -> bool>(secs: u64, mut f: F) {
     let deadline = Instant::now() + Duration::from_secs(secs);

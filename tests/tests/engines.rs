@@ -12,6 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
 use continuity_tests::softhsm::{MODULE, SoftHsm};
+use continuity_tests::uid;
 
 const ALIAS: &str = "spiffe://example.org/node/engines";
 
@@ -52,11 +53,6 @@ fn openssl_verify(dir: &Path, pem: &str, message: &Path, signature_b64: &str) ->
         .unwrap()
         .status
         .success()
-}
-
-fn uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
 }
 
 /// A world-readable message file for workloads running as other uids.

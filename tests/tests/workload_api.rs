@@ -11,6 +11,7 @@ use continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiCli
 use continuity_proto::workload::{X509svidRequest, X509svidResponse};
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
+use continuity_tests::{uid, with_header};
 use tonic::Code;
 
 const ALIAS: &str = "spiffe://example.org/node/test";
@@ -34,24 +35,12 @@ fn env() -> Env {
     }
 }
 
-fn uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
-}
-
 async fn workload_client(agent: &TestAgent) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
     SpiffeWorkloadApiClient::new(
         continuity_common::grpc::uds_channel(&agent.socket)
             .await
             .unwrap(),
     )
-}
-
-fn with_header<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    r
 }
 
 /// Polls until `f` returns Some, for at most `secs`.

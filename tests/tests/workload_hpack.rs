@@ -12,14 +12,10 @@ use std::time::Duration;
 
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
+use continuity_tests::uid;
 
 const ALIAS: &str = "spiffe://example.org/node/hpack";
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
-}
 
 /// py-spiffe's SPIFFE IDs for this process (it must get its SVID).
 fn py_spiffe_ids(agent: &TestAgent) -> String {
@@ -37,14 +33,14 @@ fn py_spiffe_ids(agent: &TestAgent) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM).
-fn status_kib(pid: u32, field: &str) -> u64 {
+/// Peak resident memory of a process, in KiB (/proc/<pid>/status VmHWM).
+fn peak_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"))
 }
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -141,7 +137,7 @@ fn http2_attacks_close_the_connection_and_cost_no_memory() {
     assert_eq!(py_spiffe_ids(&agent), "spiffe://example.org/hpack");
 
     let pid = agent.pid().unwrap();
-    let before = status_kib(pid, "VmRSS");
+    let before = agent.rss_kib().unwrap();
 
     // The full bomb (250,000 references, legal frame sizes) and a smaller one that fits in one
     // header block of 16 KiB, several times over.
@@ -161,7 +157,7 @@ fn http2_attacks_close_the_connection_and_cost_no_memory() {
     attack(&agent, &huge);
 
     // Peak resident memory, not just the current one: nothing may have ballooned and shrunk.
-    let peak = status_kib(pid, "VmHWM");
+    let peak = peak_kib(pid);
     assert!(
         peak < before + 50 * 1024,
         "agent RSS was {before} KiB, peaked at {peak} KiB"

@@ -15,6 +15,7 @@ use continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiCli
 use continuity_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest};
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
+use continuity_tests::{uid, with_header};
 use tonic::Code;
 
 const ALIAS: &str = "spiffe://example.org/node/limits";
@@ -65,18 +66,6 @@ async fn env(workload_api: &str) -> Env {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     e
-}
-
-fn uid() -> u32 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
-}
-
-fn with_header<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    r
 }
 
 async fn channel(agent: &TestAgent) -> tonic::transport::Channel {
