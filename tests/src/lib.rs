@@ -51,6 +51,23 @@ pub fn with_header<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
+/// The first X509SVIDResponse of a FetchX509SVID stream on a fresh connection, or the error.
+pub async fn fetch_x509(
+    agent: &agent::TestAgent,
+) -> Result<continuity_proto::workload::X509svidResponse, tonic::Status> {
+    use continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let channel = continuity_common::grpc::uds_channel(&agent.socket)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut s = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(with_header(continuity_proto::workload::X509svidRequest {}))
+        .await?
+        .into_inner();
+    s.message()
+        .await?
+        .ok_or_else(|| tonic::Status::internal("empty stream"))
+}
+
 /// A TCP port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

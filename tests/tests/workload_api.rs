@@ -11,7 +11,7 @@ use continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiCli
 use continuity_proto::workload::{X509svidRequest, X509svidResponse};
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
-use continuity_tests::{uid, with_header};
+use continuity_tests::{fetch_x509, uid, with_header};
 use tonic::Code;
 
 const ALIAS: &str = "spiffe://example.org/node/test";
@@ -60,18 +60,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Fetches the first X509SVIDResponse (or the error) with a fresh connection.
-async fn fetch_x509(agent: &TestAgent) -> Result<X509svidResponse, tonic::Status> {
-    let mut c = workload_client(agent).await;
-    let mut s = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await?
-        .into_inner();
-    s.message()
-        .await?
-        .ok_or_else(|| tonic::Status::internal("empty stream"))
 }
 
 fn ids(r: &X509svidResponse) -> HashSet<String> {

@@ -15,7 +15,7 @@ use continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiCli
 use continuity_proto::workload::{JwtsvidRequest, ValidateJwtsvidRequest, X509svidRequest};
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
-use continuity_tests::{uid, with_header};
+use continuity_tests::{fetch_x509, uid, with_header};
 use tonic::Code;
 
 const ALIAS: &str = "spiffe://example.org/node/limits";
@@ -72,18 +72,6 @@ async fn channel(agent: &TestAgent) -> tonic::transport::Channel {
     continuity_common::grpc::uds_channel(&agent.socket)
         .await
         .unwrap()
-}
-
-async fn fetch_x509(agent: &TestAgent) -> Result<(), tonic::Status> {
-    let mut c = SpiffeWorkloadApiClient::new(channel(agent).await);
-    let mut s = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await?
-        .into_inner();
-    s.message()
-        .await?
-        .map(|_| ())
-        .ok_or_else(|| tonic::Status::internal("empty"))
 }
 
 /// Raises this process's (and so its children's) open-files limit.
