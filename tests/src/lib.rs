@@ -37,6 +37,27 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A server and an agent on one temporary directory, the agent attested with a join token
+/// aliased to `alias` (so entries whose parent is `alias` reach it).
+pub struct Env {
+    /// The temporary directory (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The server.
+    pub server: server::TestServer,
+    /// The agent.
+    pub agent: agent::TestAgent,
+}
+
+/// Starts an [`Env`] with the default server options.
+pub fn env(alias: &str) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        server::TestServer::start(&dir.path().join("server"), server::ServerOptions::default());
+    let token = server.token(Some(alias));
+    let agent = agent::TestAgent::start(&dir.path().join("agent"), &server, &token);
+    Env { dir, server, agent }
+}
+
 /// The uid this test process runs as.
 pub fn uid() -> u32 {
     use std::os::unix::fs::MetadataExt;

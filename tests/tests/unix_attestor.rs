@@ -24,23 +24,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use continuity_tests::agent::TestAgent;
-use continuity_tests::bin;
-use continuity_tests::server::{ServerOptions, TestServer};
+use continuity_tests::{Env, bin};
 
 const ALIAS: &str = "spiffe://example.org/node/test";
 
-struct Env {
-    dir: tempfile::TempDir,
-    server: TestServer,
-    agent: TestAgent,
-}
-
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server"), ServerOptions::default());
-    let token = server.token(Some(ALIAS));
-    let agent = TestAgent::start(&dir.path().join("agent"), &server, &token);
-    Env { dir, server, agent }
+    continuity_tests::env(ALIAS)
 }
 
 /// Polls `f` until it returns Some, for at most `secs`.

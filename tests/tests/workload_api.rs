@@ -10,29 +10,13 @@ use std::time::{Duration, Instant};
 use continuity_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use continuity_proto::workload::{X509svidRequest, X509svidResponse};
 use continuity_tests::agent::TestAgent;
-use continuity_tests::server::{ServerOptions, TestServer};
-use continuity_tests::{fetch_x509, uid, with_header};
+use continuity_tests::{Env, fetch_x509, uid, with_header};
 use tonic::Code;
 
 const ALIAS: &str = "spiffe://example.org/node/test";
 
-struct Env {
-    _dir: tempfile::TempDir,
-    server: TestServer,
-    agent: TestAgent,
-}
-
-/// A server and an agent attested with a token aliased to ALIAS (entries parent to ALIAS).
 fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(&dir.path().join("server"), ServerOptions::default());
-    let token = server.token(Some(ALIAS));
-    let agent = TestAgent::start(&dir.path().join("agent"), &server, &token);
-    Env {
-        _dir: dir,
-        server,
-        agent,
-    }
+    continuity_tests::env(ALIAS)
 }
 
 async fn workload_client(agent: &TestAgent) -> SpiffeWorkloadApiClient<tonic::transport::Channel> {
