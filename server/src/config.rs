@@ -527,6 +527,53 @@ mod tests {
     }
 
     #[test]
+    fn psat_key_cache_settings_are_checked_and_name_their_key() {
+        let c = |extra: &str, source: &str| {
+            parse(&format!(
+                "trust_domain = \"e.org\"\n[node_attestors.k8s_psat.clusters.c1]\nservice_account_allow_list = [\"a:b\"]\n{source}\n{extra}"
+            ))
+        };
+        let oidc = "oidc_discovery_url = \"https://oidc.example\"";
+        let cfg = c("", oidc).unwrap();
+        let continuity_attestors::k8s_psat::Validation::OidcDiscovery {
+            cache_ttl,
+            refresh_interval,
+            ..
+        } = &cfg.psat_clusters[0].validation
+        else {
+            panic!("not OIDC discovery");
+        };
+        assert_eq!(
+            (*cache_ttl, *refresh_interval),
+            (
+                continuity_attestors::k8s_psat::DEFAULT_JWKS_CACHE_TTL,
+                continuity_attestors::k8s_psat::DEFAULT_JWKS_REFRESH_INTERVAL
+            )
+        );
+        for (extra, source, key) in [
+            ("jwks_cache_ttl = \"soon\"", oidc, "jwks_cache_ttl"),
+            (
+                "jwks_refresh_interval = \"0s\"",
+                oidc,
+                "jwks_refresh_interval",
+            ),
+            (
+                "jwks_cache_ttl = \"10s\"\njwks_refresh_interval = \"1m\"",
+                oidc,
+                "jwks_refresh_interval",
+            ),
+            (
+                "jwks_cache_ttl = \"1m\"",
+                "jwks_path = \"/j.json\"",
+                "jwks_cache_ttl",
+            ),
+        ] {
+            let e = c(extra, source).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("c1"), "{key}: {e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = parse("trust_domain = \"example.org\"\nca_tll = \"1h\"")
             .unwrap_err()
