@@ -3,19 +3,38 @@
 //! cluster's service-account issuer keys (a JWKS file or OIDC discovery), or with the API
 //! server's TokenReview; checks the audience and the allowed namespace/service account; and
 //! names the agent by cluster and node UID, so a new agent pod on the same node keeps its ID.
+//!
+//! Offline validation checks the token's shape and claims before it looks up a key
+//! (`claims`), and keeps discovered keys in a per-cluster cache with a bounded refresh rate
+//! (`keys`), so junk tokens cost no fetch. It cannot tell that the pod the token is bound to has
+//! been deleted (the token stays valid until `exp`); TokenReview can, and is the recommended mode.
 
+mod claims;
+mod keys;
+
+use std::io::Read;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use continuity_common::https::{self, ServerTrust};
 use serde_json::{Value, json};
 
 use crate::Selector;
+pub use claims::{CLOCK_SKEW_SECS, MAX_KID_BYTES, MAX_TOKEN_BYTES, check_times};
+pub use keys::{KeyCache, KeySet, STALE_GRACE};
 
 /// The attestation data type string on the wire.
 pub const ATTESTOR_TYPE: &str = "k8s_psat";
 /// Default token audience.
 pub const DEFAULT_AUDIENCE: &str = "continuity-server";
+/// Default time discovered issuer keys are used before they are fetched again.
+pub const DEFAULT_JWKS_CACHE_TTL: Duration = Duration::from_secs(300);
+/// Default least time between two fetches of a cluster's discovery document and JWKS.
+pub const DEFAULT_JWKS_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// Largest discovery document, JWKS (fetched or file) or TokenReview response read.
+pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
+/// Largest attestation payload parsed.
+pub const MAX_PAYLOAD_BYTES: usize = 32 * 1024;
 
 /// What the agent sends.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -32,12 +51,16 @@ pub enum Validation {
     /// Offline, with the issuer's keys from a JWKS file.
     JwksFile(PathBuf),
     /// Offline, with keys found by OIDC discovery from the issuer URL (TLS verified against
-    /// `ca_path`, or the system roots).
+    /// `ca_path`, or the system roots), cached per cluster.
     OidcDiscovery {
         /// Issuer URL.
         issuer: String,
         /// CA of a private issuer (PEM).
         ca_path: Option<PathBuf>,
+        /// How long fetched keys are used before they are fetched again.
+        cache_ttl: Duration,
+        /// Least time between two fetch attempts (an unknown `kid` refreshes no faster).
+        refresh_interval: Duration,
     },
     /// Online, with the API server's TokenReview.
     TokenReview {
@@ -59,7 +82,8 @@ pub struct ClusterConfig {
     pub service_account_allow_list: Vec<String>,
     /// Required token audience.
     pub audience: String,
-    /// Required `iss`, when set (offline validation).
+    /// Required `iss`, when set (offline validation; with OIDC discovery the discovery URL
+    /// is required when this is not set).
     pub issuer: Option<String>,
     /// How tokens are validated.
     pub validation: Validation,
@@ -128,28 +152,179 @@ impl Attested {
     }
 }
 
-fn jwks_keys(jwks: &Value) -> Vec<(String, Vec<u8>)> {
-    jwks["keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|k| {
-            Some((
-                k["kid"].as_str()?.to_string(),
-                continuity_common::jwk::to_spki(k).ok()?,
-            ))
-        })
-        .collect()
+/// The k8s_psat validator the server keeps for its lifetime: the configured clusters and,
+/// for OIDC-discovery clusters, their key caches.
+#[derive(Debug)]
+pub struct Validator {
+    clusters: Vec<Cluster>,
+}
+
+#[derive(Debug)]
+struct Cluster {
+    cfg: ClusterConfig,
+    cache: Option<KeyCache>,
+}
+
+impl Validator {
+    /// A validator for `clusters`; logs once, at warn, for each cluster validated offline.
+    pub fn new(clusters: Vec<ClusterConfig>) -> Self {
+        for c in &clusters {
+            if !matches!(c.validation, Validation::TokenReview { .. }) {
+                tracing::warn!(
+                    cluster = %c.name,
+                    "k8s_psat: cluster validates tokens offline, which cannot tell that the agent pod is gone: \
+                     a token stays valid until it expires. TokenReview (token_review_api_server) checks the pod \
+                     still exists and is the recommended mode"
+                );
+            }
+        }
+        Self::quiet(clusters)
+    }
+
+    fn quiet(clusters: Vec<ClusterConfig>) -> Self {
+        let clusters = clusters
+            .into_iter()
+            .map(|cfg| {
+                let cache = match &cfg.validation {
+                    Validation::OidcDiscovery {
+                        cache_ttl,
+                        refresh_interval,
+                        ..
+                    } => Some(KeyCache::new(*cache_ttl, *refresh_interval)),
+                    _ => None,
+                };
+                Cluster { cfg, cache }
+            })
+            .collect();
+        Self { clusters }
+    }
+
+    /// No cluster is configured (the attestor is off).
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+
+    /// Validates a payload at `now` (unix seconds). Blocking: may read files and call the
+    /// network, but only for a token whose shape and claims pass.
+    pub fn validate(&self, payload: &[u8], now: i64) -> Result<Attested, PsatError> {
+        if payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(PsatError::Payload(format!(
+                "{} bytes, more than {MAX_PAYLOAD_BYTES}",
+                payload.len()
+            )));
+        }
+        let p: Payload =
+            serde_json::from_slice(payload).map_err(|e| PsatError::Payload(e.to_string()))?;
+        let cluster = self
+            .clusters
+            .iter()
+            .find(|c| c.cfg.name == p.cluster)
+            .ok_or_else(|| PsatError::UnknownCluster(p.cluster.clone()))?;
+        let cfg = &cluster.cfg;
+        match &cfg.validation {
+            Validation::JwksFile(path) => {
+                let (jws, a) = claims::check(&p.token, cfg, cfg.issuer.as_deref(), now)?;
+                let keys = KeySet::from_jwks(&read_json_file(path, "jwks_path")?).map_err(|e| {
+                    PsatError::Validator(format!("jwks_path {}: {e}", path.display()))
+                })?;
+                let spki = keys.get(&jws.kid).ok_or_else(|| {
+                    PsatError::Token(format!("unknown key id (kid) {:?}", jws.kid))
+                })?;
+                verified(cfg, &jws, spki, a)
+            }
+            Validation::OidcDiscovery {
+                issuer: url,
+                ca_path,
+                ..
+            } => {
+                let want = cfg.issuer.as_deref().unwrap_or(url);
+                let (jws, a) = claims::check(&p.token, cfg, Some(want), now)?;
+                let Some(cache) = &cluster.cache else {
+                    return Err(PsatError::Validator("no key cache for this cluster".into()));
+                };
+                let spki = cache.key(&jws.kid, Instant::now(), || {
+                    discover(url, want, ca_path.as_ref())
+                })?;
+                verified(cfg, &jws, &spki, a)
+            }
+            Validation::TokenReview {
+                api_server,
+                ca_path,
+                token_path,
+            } => {
+                if p.token.len() > MAX_TOKEN_BYTES {
+                    return Err(PsatError::Token(format!(
+                        "token is more than {MAX_TOKEN_BYTES} bytes"
+                    )));
+                }
+                token_review(cfg, &p.token, api_server, ca_path, token_path)
+            }
+        }
+    }
+}
+
+/// Validates a payload against `clusters` with a fresh [`Validator`]: no key cache outlives the
+/// call (the server keeps one [`Validator`] instead; this is for tests and fuzzing).
+pub fn validate(
+    payload: &[u8],
+    clusters: &[ClusterConfig],
+    now: i64,
+) -> Result<Attested, PsatError> {
+    Validator::quiet(clusters.to_vec()).validate(payload, now)
+}
+
+/// The signature check and the allow list, after the claims passed.
+fn verified(
+    cfg: &ClusterConfig,
+    jws: &continuity_common::jwt::Jws<'_>,
+    spki: &[u8],
+    a: Attested,
+) -> Result<Attested, PsatError> {
+    jws.verify(spki)
+        .map_err(|e| PsatError::Token(e.to_string()))?;
+    finish(cfg, a)
+}
+
+/// OIDC discovery: the configuration document at `url`, whose `issuer` must be `issuer`, then
+/// its `jwks_uri`.
+fn discover(url: &str, issuer: &str, ca_path: Option<&PathBuf>) -> Result<KeySet, PsatError> {
+    let roots = match ca_path {
+        Some(p) => {
+            let pem = std::fs::read_to_string(p)
+                .map_err(|e| PsatError::Validator(format!("oidc_ca_path {}: {e}", p.display())))?;
+            continuity_common::x509::pem_decode_all("CERTIFICATE", &pem)
+                .map_err(PsatError::Validator)?
+        }
+        None => system_roots(),
+    };
+    let conf_url = format!(
+        "{}/.well-known/openid-configuration",
+        url.trim_end_matches('/')
+    );
+    let conf = fetch_json(&conf_url, &roots)?;
+    // OpenID Connect Discovery 1.0 §4.3: the document's issuer is the issuer, exactly.
+    let named = conf["issuer"].as_str().unwrap_or_default();
+    if named != issuer {
+        return Err(PsatError::Validator(format!(
+            "{conf_url} names issuer {named:?}, not {issuer:?}"
+        )));
+    }
+    let uri = conf["jwks_uri"]
+        .as_str()
+        .ok_or_else(|| PsatError::Validator(format!("{conf_url} has no jwks_uri")))?;
+    KeySet::from_jwks(&fetch_json(uri, &roots)?)
+        .map_err(|e| PsatError::Validator(format!("{uri}: {e}")))
 }
 
 fn fetch_json(url: &str, roots: &[Vec<u8>]) -> Result<Value, PsatError> {
-    let r = https::request(
+    let r = https::request_capped(
         "GET",
         url,
         &ServerTrust::Roots(roots.to_vec()),
         None,
         None,
         Duration::from_secs(5),
+        MAX_DOCUMENT_BYTES,
     )
     .map_err(|e| PsatError::Validator(e.to_string()))?;
     if r.status != 200 {
@@ -159,6 +334,18 @@ fn fetch_json(url: &str, roots: &[Vec<u8>]) -> Result<Value, PsatError> {
         )));
     }
     serde_json::from_slice(&r.body).map_err(|e| PsatError::Validator(format!("{url}: {e}")))
+}
+
+fn read_json_file(path: &PathBuf, key: &str) -> Result<Value, PsatError> {
+    let fail = |e: String| PsatError::Validator(format!("{key} {}: {e}", path.display()));
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_DOCUMENT_BYTES as u64 + 1).read_to_end(&mut text))
+        .map_err(|e| fail(e.to_string()))?;
+    if text.len() > MAX_DOCUMENT_BYTES {
+        return Err(fail(format!("larger than {MAX_DOCUMENT_BYTES} bytes")));
+    }
+    serde_json::from_slice(&text).map_err(|e| fail(e.to_string()))
 }
 
 fn system_roots() -> Vec<Vec<u8>> {
@@ -181,121 +368,14 @@ fn check_allowed(cfg: &ClusterConfig, ns: &str, sa: &str) -> Result<(), PsatErro
     }
 }
 
-/// Validates a payload against the configured clusters (blocking: may call the network).
-pub fn validate(
-    payload: &[u8],
-    clusters: &[ClusterConfig],
-    now: i64,
-) -> Result<Attested, PsatError> {
-    let p: Payload =
-        serde_json::from_slice(payload).map_err(|e| PsatError::Payload(e.to_string()))?;
-    let cfg = clusters
-        .iter()
-        .find(|c| c.name == p.cluster)
-        .ok_or_else(|| PsatError::UnknownCluster(p.cluster.clone()))?;
-    match &cfg.validation {
-        Validation::JwksFile(_) | Validation::OidcDiscovery { .. } => offline(cfg, &p.token, now),
-        Validation::TokenReview {
-            api_server,
-            ca_path,
-            token_path,
-        } => token_review(cfg, &p.token, api_server, ca_path, token_path),
-    }
-}
-
-fn offline(cfg: &ClusterConfig, token: &str, now: i64) -> Result<Attested, PsatError> {
-    let jwks = match &cfg.validation {
-        Validation::JwksFile(path) => {
-            let text = std::fs::read(path)
-                .map_err(|e| PsatError::Validator(format!("jwks_path {}: {e}", path.display())))?;
-            serde_json::from_slice(&text)
-                .map_err(|e| PsatError::Validator(format!("jwks_path {}: {e}", path.display())))?
-        }
-        Validation::OidcDiscovery { issuer, ca_path } => {
-            let roots = match ca_path {
-                Some(p) => {
-                    let pem = std::fs::read_to_string(p).map_err(|e| {
-                        PsatError::Validator(format!("oidc_ca_path {}: {e}", p.display()))
-                    })?;
-                    continuity_common::x509::pem_decode_all("CERTIFICATE", &pem)
-                        .map_err(PsatError::Validator)?
-                }
-                None => system_roots(),
-            };
-            let conf = fetch_json(
-                &format!(
-                    "{}/.well-known/openid-configuration",
-                    issuer.trim_end_matches('/')
-                ),
-                &roots,
-            )?;
-            let uri = conf["jwks_uri"]
-                .as_str()
-                .ok_or_else(|| PsatError::Validator("OIDC configuration has no jwks_uri".into()))?;
-            fetch_json(uri, &roots)?
-        }
-        Validation::TokenReview { .. } => {
-            return Err(PsatError::Validator("not an offline cluster".into()));
-        }
-    };
-    let keys = jwks_keys(&jwks);
-    let claims = continuity_common::jwt::verify_jws(token, |kid| {
-        keys.iter()
-            .find(|(k, _)| k == kid)
-            .map(|(_, s)| s.as_slice())
-    })
-    .map_err(|e| PsatError::Token(e.to_string()))?;
-    if let Some(iss) = &cfg.issuer {
-        let got = claims
-            .get("iss")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        if got != iss {
-            return Err(PsatError::Token(format!("issuer {got:?} is not {iss:?}")));
-        }
-    }
-    let aud = continuity_common::jwt::audiences(&claims);
-    if !aud.contains(&cfg.audience) {
-        return Err(PsatError::Token(format!(
-            "audience {aud:?} does not include {:?}",
-            cfg.audience
-        )));
-    }
-    let exp = claims
-        .get("exp")
-        .and_then(Value::as_i64)
-        .ok_or_else(|| PsatError::Token("no exp claim".into()))?;
-    // `exp` is the token's: saturate rather than overflow on i64::MAX.
-    if exp.saturating_add(continuity_common::jwt::LEEWAY_SECS) < now {
-        return Err(PsatError::Token(format!("token expired at {exp}")));
-    }
-    let k = &claims.get("kubernetes.io").cloned().unwrap_or_default();
-    let str_at = |path: &[&str]| {
-        path.iter()
-            .fold(k, |v, p| &v[*p])
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    };
-    let a = Attested {
-        cluster: cfg.name.clone(),
-        namespace: str_at(&["namespace"]),
-        service_account: str_at(&["serviceaccount", "name"]),
-        pod_name: str_at(&["pod", "name"]),
-        pod_uid: str_at(&["pod", "uid"]),
-        node_name: str_at(&["node", "name"]),
-        node_uid: str_at(&["node", "uid"]),
-    };
-    finish(cfg, a)
-}
-
-fn finish(cfg: &ClusterConfig, a: Attested) -> Result<Attested, PsatError> {
+/// What an agent's identity needs from a token: a service account, a node UID and a
+/// cluster name usable in a SPIFFE ID.
+fn check_shape(a: &Attested) -> Result<(), PsatError> {
     if a.namespace.is_empty() || a.service_account.is_empty() {
         return Err(PsatError::Token(
             "not a service-account token (no namespace/service account)".into(),
         ));
     }
-    check_allowed(cfg, &a.namespace, &a.service_account)?;
     if a.node_uid.is_empty()
         || !a
             .node_uid
@@ -314,6 +394,12 @@ fn finish(cfg: &ClusterConfig, a: Attested) -> Result<Attested, PsatError> {
             a.cluster
         )));
     }
+    Ok(())
+}
+
+fn finish(cfg: &ClusterConfig, a: Attested) -> Result<Attested, PsatError> {
+    check_shape(&a)?;
+    check_allowed(cfg, &a.namespace, &a.service_account)?;
     Ok(a)
 }
 
@@ -340,13 +426,14 @@ fn token_review(
         "{}/apis/authentication.k8s.io/v1/tokenreviews",
         api_server.trim_end_matches('/')
     );
-    let r = https::request(
+    let r = https::request_capped(
         "POST",
         &url,
         &ServerTrust::Roots(roots),
         Some(bearer.trim()),
         Some(("application/json", body.as_bytes())),
         Duration::from_secs(5),
+        MAX_DOCUMENT_BYTES,
     )
     .map_err(|e| PsatError::Validator(e.to_string()))?;
     if r.status != 200 && r.status != 201 {
@@ -420,6 +507,45 @@ mod tests {
         out
     }
 
+    const NOW: i64 = 1_700_000_000;
+
+    fn signed(kp: &EcdsaKeyPair, header: &str, claims: &Value) -> String {
+        let input = format!(
+            "{}.{}",
+            b64url(header.as_bytes()),
+            b64url(claims.to_string().as_bytes())
+        );
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let sig = kp.sign(&rng, input.as_bytes()).unwrap();
+        format!("{input}.{}", b64url(sig.as_ref()))
+    }
+
+    fn good_claims() -> Value {
+        serde_json::json!({"iss": "https://k", "aud": ["continuity-server"], "exp": NOW + 600,
+            "iat": NOW - 60, "nbf": NOW - 60,
+            "kubernetes.io": {"namespace": "spire", "serviceaccount": {"name": "agent"},
+            "pod": {"name": "p", "uid": "u"}, "node": {"name": "n",
+            "uid": "0b3c2a44-59d0-4c3b-8c6f-5f0c8d1a2e3f"}}})
+    }
+
+    fn cluster(path: PathBuf) -> ClusterConfig {
+        ClusterConfig {
+            name: "c".into(),
+            service_account_allow_list: vec!["spire:agent".into()],
+            audience: DEFAULT_AUDIENCE.into(),
+            issuer: Some("https://k".into()),
+            validation: Validation::JwksFile(path),
+        }
+    }
+
+    fn payload(token: &str) -> Vec<u8> {
+        serde_json::to_vec(&Payload {
+            cluster: "c".into(),
+            token: token.into(),
+        })
+        .unwrap()
+    }
+
     #[test]
     fn a_psat_whose_exp_is_i64_max_does_not_overflow() {
         let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
@@ -428,32 +554,91 @@ mod tests {
             "x": b64url(&point[1..33]), "y": b64url(&point[33..])}]});
         let path = std::env::temp_dir().join(format!("psat-jwks-{}.json", std::process::id()));
         std::fs::write(&path, jwks.to_string()).unwrap();
-        let claims = serde_json::json!({"aud": ["continuity-server"], "exp": i64::MAX,
-            "kubernetes.io": {"namespace": "spire", "serviceaccount": {"name": "agent"},
-            "pod": {"name": "p", "uid": "u"}, "node": {"name": "n",
-            "uid": "0b3c2a44-59d0-4c3b-8c6f-5f0c8d1a2e3f"}}});
-        let input = format!(
-            "{}.{}",
-            b64url(br#"{"alg":"ES256","kid":"k"}"#),
-            b64url(claims.to_string().as_bytes())
-        );
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let sig = kp.sign(&rng, input.as_bytes()).unwrap();
-        let token = format!("{input}.{}", b64url(sig.as_ref()));
-        let cfg = ClusterConfig {
-            name: "c".into(),
-            service_account_allow_list: vec!["spire:agent".into()],
-            audience: DEFAULT_AUDIENCE.into(),
-            issuer: None,
-            validation: Validation::JwksFile(path.clone()),
-        };
-        let payload = serde_json::to_vec(&Payload {
-            cluster: "c".into(),
-            token,
-        })
-        .unwrap();
-        let r = validate(&payload, &[cfg], 1_700_000_000);
+        let mut claims = good_claims();
+        claims["exp"] = i64::MAX.into();
+        let token = signed(&kp, r#"{"alg":"ES256","kid":"k"}"#, &claims);
+        let r = validate(&payload(&token), &[cluster(path.clone())], NOW);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(r.unwrap().service_account, "agent");
+    }
+
+    /// Each of these is refused from its shape and claims alone: the JWKS file does not exist,
+    /// so reaching it would be a Validator error instead of a Token one.
+    #[test]
+    fn junk_is_refused_before_any_key_is_looked_up() {
+        let cfg = cluster("/nonexistent/jwks.json".into());
+        let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        let es = r#"{"alg":"ES256","kid":"k"}"#;
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut c = good_claims();
+            f(&mut c);
+            signed(&kp, es, &c)
+        };
+        let cases: Vec<(String, &str)> = vec![
+            ("x".repeat(MAX_TOKEN_BYTES + 1), "more than"),
+            ("not a token".into(), "three dot-separated parts"),
+            ("a.b.c".into(), "not a signed JWT"),
+            (
+                signed(&kp, r#"{"alg":"none","kid":"k"}"#, &good_claims()),
+                "algorithm",
+            ),
+            (
+                signed(&kp, r#"{"alg":"HS256","kid":"k"}"#, &good_claims()),
+                "algorithm",
+            ),
+            (signed(&kp, r#"{"alg":"ES256"}"#, &good_claims()), "kid"),
+            (
+                signed(&kp, r#"{"alg":"ES256","kid":""}"#, &good_claims()),
+                "kid",
+            ),
+            (
+                signed(
+                    &kp,
+                    &format!(r#"{{"alg":"ES256","kid":"{}"}}"#, "k".repeat(300)),
+                    &good_claims(),
+                ),
+                "kid is longer",
+            ),
+            (with(&|c| c["iss"] = "https://evil".into()), "issuer"),
+            (
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("iss");
+                }),
+                "no iss",
+            ),
+            (with(&|c| c["aud"] = "api".into()), "audience"),
+            (with(&|c| c["exp"] = (NOW - 3600).into()), "expired"),
+            (
+                with(&|c| c["nbf"] = (NOW + 3600).into()),
+                "not valid before",
+            ),
+            (
+                with(&|c| c["iat"] = (NOW + 3600).into()),
+                "issued in the future",
+            ),
+            (
+                with(&|c| c["kubernetes.io"]["node"] = Value::Null),
+                "not bound to a node",
+            ),
+            (
+                with(&|c| c["kubernetes.io"]["node"]["uid"] = "../x".into()),
+                "not bound to a node",
+            ),
+            (
+                with(&|c| c["kubernetes.io"] = "x".into()),
+                "not a service-account token",
+            ),
+        ];
+        for (token, needle) in cases {
+            let e = validate(&payload(&token), std::slice::from_ref(&cfg), NOW).unwrap_err();
+            assert!(matches!(e, PsatError::Token(_)), "{needle}: {e}");
+            assert!(e.to_string().contains(needle), "{needle:?} in {e}");
+        }
+        let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
+        let e = validate(&big, std::slice::from_ref(&cfg), NOW).unwrap_err();
+        assert!(matches!(e, PsatError::Payload(_)), "{e}");
+        // A well-formed token does reach the keys.
+        let e = validate(&payload(&signed(&kp, es, &good_claims())), &[cfg], NOW).unwrap_err();
+        assert!(matches!(e, PsatError::Validator(_)), "{e}");
     }
 }

@@ -83,6 +83,19 @@ pub fn request(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
+    request_capped(method, url, trust, bearer, body, timeout, MAX_BODY)
+}
+
+/// [`request`], refusing a response (headers and body) larger than `max_response` bytes.
+pub fn request_capped(
+    method: &str,
+    url: &str,
+    trust: &ServerTrust,
+    bearer: Option<&str>,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+    max_response: usize,
+) -> Result<Response, HttpError> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("http://") {
@@ -134,8 +147,8 @@ pub fn request(
                 Ok(0) => return Ok(()),
                 Ok(n) => {
                     raw.extend_from_slice(&buf[..n]);
-                    if raw.len() > MAX_BODY {
-                        return Err("response too large".into());
+                    if raw.len() > max_response {
+                        return Err(format!("response larger than {max_response} bytes"));
                     }
                 }
                 // A peer closing TLS without close_notify after a complete response is common.

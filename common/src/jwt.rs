@@ -71,12 +71,23 @@ fn part(s: &str) -> Result<Map<String, Value>, JwtError> {
     }
 }
 
-/// Verifies a compact JWS signed with an allowed algorithm by the key `key(kid)` returns;
-/// returns its claims. No claim is checked here.
-pub fn verify_jws<'k>(
-    token: &str,
-    key: impl Fn(&str) -> Option<&'k [u8]>,
-) -> Result<Map<String, Value>, JwtError> {
+/// A compact JWS taken apart and checked for shape (three parts, JSON header and claims, an
+/// allowed `alg`, a `kid`), its signature not yet verified: callers check claims on it before
+/// they spend anything (a key fetch) on the signature.
+#[derive(Debug, Clone)]
+pub struct Jws<'t> {
+    /// The header's `alg` (one of the allowed algorithms).
+    pub alg: String,
+    /// The header's `kid`.
+    pub kid: String,
+    /// The claims.
+    pub claims: Map<String, Value>,
+    signing_input: &'t str,
+    signature: Vec<u8>,
+}
+
+/// Parses a compact JWS without verifying it (see [`Jws`]).
+pub fn parse_jws(token: &str) -> Result<Jws<'_>, JwtError> {
     let mut parts = token.split('.');
     let (Some(h), Some(c), Some(sig), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -90,27 +101,53 @@ pub fn verify_jws<'k>(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
-    let verify_alg = algorithm(&alg)?;
+    algorithm(&alg)?;
     let kid = header
         .get("kid")
         .and_then(Value::as_str)
-        .ok_or(JwtError::MissingKid)?;
-    let spki = key(kid).ok_or_else(|| JwtError::UnknownKey {
-        kid: kid.to_string(),
-        trust_domain: String::new(),
-    })?;
-    let (_, parsed) =
-        x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).map_err(|_| JwtError::Signature)?;
-    let sig = URL_SAFE_NO_PAD
+        .filter(|k| !k.is_empty())
+        .ok_or(JwtError::MissingKid)?
+        .to_string();
+    let signature = URL_SAFE_NO_PAD
         .decode(sig)
         .map_err(|_| JwtError::Malformed("bad signature encoding"))?;
-    aws_lc_rs::signature::UnparsedPublicKey::new(
-        verify_alg,
-        parsed.subject_public_key.data.as_ref(),
-    )
-    .verify(&token.as_bytes()[..h.len() + 1 + c.len()], &sig)
-    .map_err(|_| JwtError::Signature)?;
-    Ok(claims)
+    Ok(Jws {
+        alg,
+        kid,
+        claims,
+        signing_input: &token[..h.len() + 1 + c.len()],
+        signature,
+    })
+}
+
+impl Jws<'_> {
+    /// Verifies the signature with the SubjectPublicKeyInfo DER `spki`.
+    pub fn verify(&self, spki: &[u8]) -> Result<(), JwtError> {
+        let verify_alg = algorithm(&self.alg)?;
+        let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki)
+            .map_err(|_| JwtError::Signature)?;
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            verify_alg,
+            parsed.subject_public_key.data.as_ref(),
+        )
+        .verify(self.signing_input.as_bytes(), &self.signature)
+        .map_err(|_| JwtError::Signature)
+    }
+}
+
+/// Verifies a compact JWS signed with an allowed algorithm by the key `key(kid)` returns;
+/// returns its claims. No claim is checked here.
+pub fn verify_jws<'k>(
+    token: &str,
+    key: impl Fn(&str) -> Option<&'k [u8]>,
+) -> Result<Map<String, Value>, JwtError> {
+    let jws = parse_jws(token)?;
+    let spki = key(&jws.kid).ok_or_else(|| JwtError::UnknownKey {
+        kid: jws.kid.clone(),
+        trust_domain: String::new(),
+    })?;
+    jws.verify(spki)?;
+    Ok(jws.claims)
 }
 
 fn algorithm(

@@ -85,6 +85,10 @@ pub struct FilePsatCluster {
     pub oidc_discovery_url: Option<String>,
     /// CA of a private OIDC issuer (PEM); system roots otherwise.
     pub oidc_ca_path: Option<PathBuf>,
+    /// OIDC discovery: how long fetched issuer keys are used (default 5m).
+    pub jwks_cache_ttl: Option<String>,
+    /// OIDC discovery: least time between two key fetches (default 30s).
+    pub jwks_refresh_interval: Option<String>,
     /// Online: the API server for TokenReview.
     pub token_review_api_server: Option<String>,
     /// Online: the API server's CA (PEM).
@@ -316,9 +320,41 @@ fn psat(
                 format!("cluster {name:?}: {bad:?} is not \"namespace:service-account\""),
             ));
         }
+        let oidc = c.oidc_discovery_url.is_some();
+        let ttl_key = "node_attestors.k8s_psat.clusters.<name>.jwks_cache_ttl";
+        let interval_key = "node_attestors.k8s_psat.clusters.<name>.jwks_refresh_interval";
+        for (set, k) in [
+            (c.jwks_cache_ttl.is_some(), ttl_key),
+            (c.jwks_refresh_interval.is_some(), interval_key),
+        ] {
+            if set && !oidc {
+                return Err(invalid(
+                    k,
+                    format!("cluster {name:?}: only applies with oidc_discovery_url"),
+                ));
+            }
+        }
+        let cache_ttl = cluster_duration(c.jwks_cache_ttl.as_deref(), "5m", &name, ttl_key)?;
+        let refresh_interval = cluster_duration(
+            c.jwks_refresh_interval.as_deref(),
+            "30s",
+            &name,
+            interval_key,
+        )?;
+        if refresh_interval.is_zero() || refresh_interval > cache_ttl {
+            return Err(invalid(
+                interval_key,
+                format!("cluster {name:?}: must be more than 0 and at most jwks_cache_ttl"),
+            ));
+        }
         let validation = match (c.jwks_path, c.oidc_discovery_url, c.token_review_api_server) {
             (Some(p), None, None) => Validation::JwksFile(p),
-            (None, Some(u), None) => Validation::OidcDiscovery { issuer: u, ca_path: c.oidc_ca_path },
+            (None, Some(u), None) => Validation::OidcDiscovery {
+                issuer: u,
+                ca_path: c.oidc_ca_path,
+                cache_ttl,
+                refresh_interval,
+            },
             (None, None, Some(api)) => Validation::TokenReview {
                 api_server: api,
                 ca_path: c.token_review_ca_path.ok_or_else(|| invalid(key, format!("cluster {name:?}: token_review_ca_path is required with token_review_api_server")))?,
@@ -342,6 +378,16 @@ fn psat(
         });
     }
     Ok(out)
+}
+
+fn cluster_duration(
+    v: Option<&str>,
+    default: &str,
+    cluster: &str,
+    key: &'static str,
+) -> Result<Duration, ConfigError> {
+    continuity_common::duration::parse(v.unwrap_or(default))
+        .map_err(|m| invalid(key, format!("cluster {cluster:?}: {m}")))
 }
 
 fn socket_addr(s: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {
@@ -477,6 +523,53 @@ mod tests {
                 text.contains(key),
                 "deploy/server.full.toml does not document {key}"
             );
+        }
+    }
+
+    #[test]
+    fn psat_key_cache_settings_are_checked_and_name_their_key() {
+        let c = |extra: &str, source: &str| {
+            parse(&format!(
+                "trust_domain = \"e.org\"\n[node_attestors.k8s_psat.clusters.c1]\nservice_account_allow_list = [\"a:b\"]\n{source}\n{extra}"
+            ))
+        };
+        let oidc = "oidc_discovery_url = \"https://oidc.example\"";
+        let cfg = c("", oidc).unwrap();
+        let continuity_attestors::k8s_psat::Validation::OidcDiscovery {
+            cache_ttl,
+            refresh_interval,
+            ..
+        } = &cfg.psat_clusters[0].validation
+        else {
+            panic!("not OIDC discovery");
+        };
+        assert_eq!(
+            (*cache_ttl, *refresh_interval),
+            (
+                continuity_attestors::k8s_psat::DEFAULT_JWKS_CACHE_TTL,
+                continuity_attestors::k8s_psat::DEFAULT_JWKS_REFRESH_INTERVAL
+            )
+        );
+        for (extra, source, key) in [
+            ("jwks_cache_ttl = \"soon\"", oidc, "jwks_cache_ttl"),
+            (
+                "jwks_refresh_interval = \"0s\"",
+                oidc,
+                "jwks_refresh_interval",
+            ),
+            (
+                "jwks_cache_ttl = \"10s\"\njwks_refresh_interval = \"1m\"",
+                oidc,
+                "jwks_refresh_interval",
+            ),
+            (
+                "jwks_cache_ttl = \"1m\"",
+                "jwks_path = \"/j.json\"",
+                "jwks_cache_ttl",
+            ),
+        ] {
+            let e = c(extra, source).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("c1"), "{key}: {e}");
         }
     }
 

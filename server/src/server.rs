@@ -197,7 +197,9 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         x509_ttl: cfg.default_x509_svid_ttl,
         jwt_ttl: cfg.default_jwt_svid_ttl,
         metrics: metrics.clone(),
-        psat_clusters: Arc::new(cfg.psat_clusters.clone()),
+        psat_clusters: Arc::new(continuity_attestors::k8s_psat::Validator::new(
+            cfg.psat_clusters.clone(),
+        )),
     };
     let broker = BrokerService {
         trust_domain: cfg.trust_domain.clone(),

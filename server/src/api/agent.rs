@@ -48,8 +48,9 @@ pub struct AgentService {
     pub jwt_ttl: Duration,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// k8s_psat clusters (empty: the attestor is off).
-    pub psat_clusters: Arc<Vec<continuity_attestors::k8s_psat::ClusterConfig>>,
+    /// k8s_psat clusters and their key caches, kept for the server's lifetime (empty: the
+    /// attestor is off).
+    pub psat_clusters: Arc<continuity_attestors::k8s_psat::Validator>,
 }
 
 /// SHA-256 of a join token, hex: the only form in which tokens are stored.
@@ -216,18 +217,16 @@ impl AgentService {
         csr: Vec<u8>,
     ) -> Result<AttestAgentResponse, Status> {
         crate::ca::profile::csr_public_key(&csr).map_err(ca_status)?;
-        let (clusters, now) = (self.psat_clusters.clone(), self.clock.unix());
-        let a = tokio::task::spawn_blocking(move || {
-            continuity_attestors::k8s_psat::validate(&payload, &clusters, now)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| match e {
-            continuity_attestors::k8s_psat::PsatError::Validator(_) => {
-                Status::unavailable(e.to_string())
-            }
-            other => Status::permission_denied(other.to_string()),
-        })?;
+        let (validator, now) = (self.psat_clusters.clone(), self.clock.unix());
+        let a = tokio::task::spawn_blocking(move || validator.validate(&payload, now))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| match e {
+                continuity_attestors::k8s_psat::PsatError::Validator(_) => {
+                    Status::unavailable(e.to_string())
+                }
+                other => Status::permission_denied(other.to_string()),
+            })?;
         let agent_id = self
             .trust_domain
             .id(&a.agent_path())
