@@ -540,7 +540,8 @@ mod tests {
             .to_string();
             assert!(e.contains("`agent_api.previous_svid_grace`"), "{e}");
         }
-        let c = parse("trust_domain = \"e.org\"\n[agent_api]\nprevious_svid_grace = \"0s\"").unwrap();
+        let c =
+            parse("trust_domain = \"e.org\"\n[agent_api]\nprevious_svid_grace = \"0s\"").unwrap();
         assert_eq!(c.previous_svid_grace, Duration::ZERO);
     }
 }

@@ -50,10 +50,7 @@ impl Metrics {
                 &self.jwt_svids_signed,
             ),
             ("continuity_server_admin_calls_total", &self.admin_calls),
-            (
-                "continuity_server_agent_forks_total",
-                &self.agent_forks,
-            ),
+            ("continuity_server_agent_forks_total", &self.agent_forks),
         ];
         let mut out = String::from(
             "# TYPE continuity_server_attestations_total counter\n# TYPE continuity_server_x509_svids_signed_total counter\n# TYPE continuity_server_jwt_svids_signed_total counter\n# TYPE continuity_server_admin_calls_total counter\n# TYPE continuity_server_agent_forks_total counter\n",

@@ -225,7 +225,11 @@ impl Registry {
     }
 
     /// Creates an entry (id and revision assigned here), audited as `actor`.
-    pub async fn create_entry(&self, mut e: Entry, actor: &str) -> Result<Arc<Entry>, RegistryError> {
+    pub async fn create_entry(
+        &self,
+        mut e: Entry,
+        actor: &str,
+    ) -> Result<Arc<Entry>, RegistryError> {
         let _w = self.writes.lock().await;
         if let Some(dup) = self.find_duplicate(&e, None) {
             return Err(RegistryError::Duplicate(dup));
@@ -234,7 +238,9 @@ impl Registry {
         e.created_at = self.clock.unix();
         let ev = AuditEvent::ok(actor, "entry.create", &e.id);
         let Applied::Entry(stored, _) = self.commit(Write::CreateEntry(e), ev).await? else {
-            return Err(RegistryError::Store(StoreError::Corrupt("entry write result".into())));
+            return Err(RegistryError::Store(StoreError::Corrupt(
+                "entry write result".into(),
+            )));
         };
         let arc = Arc::new(stored.clone());
         self.write().insert(stored);
@@ -252,7 +258,9 @@ impl Registry {
         }
         let ev = AuditEvent::ok(actor, "entry.update", &e.id);
         let Applied::Entry(stored, moved) = self.commit(Write::UpdateEntry(e), ev).await? else {
-            return Err(RegistryError::Store(StoreError::Corrupt("entry write result".into())));
+            return Err(RegistryError::Store(StoreError::Corrupt(
+                "entry write result".into(),
+            )));
         };
         let arc = Arc::new(stored.clone());
         let mut idx = self.write();
@@ -272,7 +280,9 @@ impl Registry {
         }
         let ev = AuditEvent::ok(actor, "entry.delete", id);
         let Applied::Entry(old, t) = self.commit(Write::DeleteEntry(id.into()), ev).await? else {
-            return Err(RegistryError::Store(StoreError::Corrupt("entry write result".into())));
+            return Err(RegistryError::Store(StoreError::Corrupt(
+                "entry write result".into(),
+            )));
         };
         let mut idx = self.write();
         idx.remove(id);
@@ -628,7 +638,8 @@ impl Registry {
     pub async fn evict_agent(&self, spiffe_id: &str, actor: &str) -> Result<(), RegistryError> {
         let _w = self.writes.lock().await;
         let ev = AuditEvent::ok(actor, "agent.evict", spiffe_id);
-        self.commit(Write::DeleteAgent(spiffe_id.into()), ev).await?;
+        self.commit(Write::DeleteAgent(spiffe_id.into()), ev)
+            .await?;
         self.write().agents.remove(spiffe_id);
         Ok(())
     }

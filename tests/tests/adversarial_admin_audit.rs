@@ -47,12 +47,14 @@ fn json(s: &TestServer, args: &[&str]) -> serde_json::Value {
 async fn admin_writes_are_not_applied_when_their_audit_record_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TestServer::start(&dir.path().join("server"), ServerOptions::default());
-    let agent = attest(&s.addr, s.bundle_der(), &s.token(None)).await.unwrap();
-    let other = attest(&s.addr, s.bundle_der(), &s.token(None)).await.unwrap();
+    let agent = attest(&s.addr, s.bundle_der(), &s.token(None))
+        .await
+        .unwrap();
+    let other = attest(&s.addr, s.bundle_der(), &s.token(None))
+        .await
+        .unwrap();
     s.cli_ok(&["engine", "create", "books", "--tier", "1"]);
-    s.cli_ok(&[
-        "engine", "key", "create", "books", "k", "--purpose", "sign",
-    ]);
+    s.cli_ok(&["engine", "key", "create", "books", "k", "--purpose", "sign"]);
     let entry = s.create_entry(
         "spiffe://example.org/keep",
         "spiffe://example.org/node",
@@ -101,7 +103,15 @@ async fn admin_writes_are_not_applied_when_their_audit_record_cannot_be_written(
     refused(&s, &["engine", "create", "ledger", "--tier", "1"]);
     refused(
         &s,
-        &["engine", "key", "create", "books", "k2", "--purpose", "sign"],
+        &[
+            "engine",
+            "key",
+            "create",
+            "books",
+            "k2",
+            "--purpose",
+            "sign",
+        ],
     );
     refused(&s, &["engine", "key", "rotate", "books", "k"]);
 
@@ -109,7 +119,10 @@ async fn admin_writes_are_not_applied_when_their_audit_record_cannot_be_written(
         let entries = json(s, &["entry", "show"]);
         let entries = entries["entries"].as_array().unwrap();
         assert_eq!(entries.len(), 1, "{when}: {entries:?}");
-        assert_eq!(entries[0]["spiffe_id"], "spiffe://example.org/keep", "{when}");
+        assert_eq!(
+            entries[0]["spiffe_id"], "spiffe://example.org/keep",
+            "{when}"
+        );
         let a = json(s, &["agent", "show", "--spiffe-id", &agent.id]);
         assert_eq!(a["banned"], false, "{when}: {a}");
         json(s, &["agent", "show", "--spiffe-id", &other.id]);

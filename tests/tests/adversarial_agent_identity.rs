@@ -76,7 +76,15 @@ impl Fixture {
     }
 
     fn agent_json(&self, id: &str) -> serde_json::Value {
-        serde_json::from_str(&self.s.cli_ok(&["agent", "show", "--spiffe-id", id, "--output", "json"])).unwrap()
+        serde_json::from_str(&self.s.cli_ok(&[
+            "agent",
+            "show",
+            "--spiffe-id",
+            id,
+            "--output",
+            "json",
+        ]))
+        .unwrap()
     }
 
     fn forks_metric(&self) -> String {
@@ -180,7 +188,11 @@ async fn an_older_superseded_svid_is_a_fork_at_once() {
     assert_forked(&e);
     assert_eq!(f.agent_json(&id)["forked"], true);
     // From now on the older lineage is refused whichever of its SVIDs it shows.
-    assert_forked(&f.call(&b).await.expect_err("previous refused after the fork"));
+    assert_forked(
+        &f.call(&b)
+            .await
+            .expect_err("previous refused after the fork"),
+    );
     f.call(&c).await.expect("current lineage works");
     assert_eq!(f.forks_metric(), "continuity_server_agent_forks_total 1");
 

@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status};
 
 use super::agent::token_hash;
 use super::{agent_to_proto, bundle_to_proto, entry_to_proto, registry_status};
-use crate::ca::CaManager;
 use crate::audit::AuditEvent;
+use crate::ca::CaManager;
 use crate::datastore::{DataStore, Entry, JoinToken, Write};
 use crate::metrics::Metrics;
 use crate::registry::Registry;

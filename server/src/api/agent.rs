@@ -77,7 +77,9 @@ pub async fn authenticate_agent<T>(
     clock: &dyn Clock,
     req: &Request<T>,
 ) -> Result<AgentRecord, Status> {
-    Ok(authenticate_serial(trust_domain, registry, clock, req).await?.0)
+    Ok(authenticate_serial(trust_domain, registry, clock, req)
+        .await?
+        .0)
 }
 
 /// [`authenticate_agent`], also returning the serial the caller presented.

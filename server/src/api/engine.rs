@@ -113,8 +113,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref()).await?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (message, digest) = match (inner.message.is_empty(), inner.digest.is_empty()) {
             (false, true) => (Some(inner.message.as_slice()), None),
             (true, false) => (None, Some(inner.digest.as_slice())),
@@ -147,8 +148,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref()).await?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (version, ciphertext) = self
             .engines
             .encrypt(&engine, &inner.key, &inner.plaintext, &inner.aad, &actor)
@@ -169,8 +171,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref()).await?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (version, plaintext) = self
             .engines
             .decrypt(&engine, &inner.key, &inner.ciphertext, &inner.aad, &actor)
@@ -188,7 +191,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, _) = self.authorize(&req, &r.entry_id, &inner.engine, None).await?;
+        let (engine, _) = self
+            .authorize(&req, &r.entry_id, &inner.engine, None)
+            .await?;
         let pk = self
             .engines
             .public_key(&engine, &inner.key, inner.version)
@@ -210,8 +215,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref()).await?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (version, value) = self
             .engines
             .fetch_secret(&engine, &inner.name, &actor)
@@ -224,7 +230,9 @@ impl EngineBroker for BrokerService {
         &self,
         req: Request<BrokerJwks>,
     ) -> Result<Response<EngineJwks>, Status> {
-        let (engine, _) = self.authorize(&req, &req.get_ref().entry_id, "", None).await?;
+        let (engine, _) = self
+            .authorize(&req, &req.get_ref().entry_id, "", None)
+            .await?;
         let jwks = self.engines.jwks(&engine).map_err(engine_status)?;
         let keys = self
             .engines

@@ -301,8 +301,11 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
     /// Applies `writes` and appends `audit` (in `seq` order) in one transaction: all or none.
     /// A failed audit append is [`StoreError::Audit`].
-    async fn apply(&self, writes: &[Write], audit: &[AuditRecord])
-    -> Result<Vec<Applied>, StoreError>;
+    async fn apply(
+        &self,
+        writes: &[Write],
+        audit: &[AuditRecord],
+    ) -> Result<Vec<Applied>, StoreError>;
     /// Appends audit records (in `seq` order) in one transaction.
     async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
     /// The audit log in `seq` order.

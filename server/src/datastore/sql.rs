@@ -345,7 +345,10 @@ impl SqlDataStore {
         Ok((old, t))
     }
 
-    async fn insert_agent_on(c: &mut AnyConnection, a: &AgentRecord) -> Result<AgentRecord, StoreError> {
+    async fn insert_agent_on(
+        c: &mut AnyConnection,
+        a: &AgentRecord,
+    ) -> Result<AgentRecord, StoreError> {
         let row = sqlx::query(
             "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen,
              revision, serial_first_used, forked, forked_at)
@@ -371,7 +374,10 @@ impl SqlDataStore {
     }
 
     /// Compare-and-set: only the revision that was read may be replaced.
-    async fn update_agent_on(c: &mut AnyConnection, a: &AgentRecord) -> Result<AgentRecord, StoreError> {
+    async fn update_agent_on(
+        c: &mut AnyConnection,
+        a: &AgentRecord,
+    ) -> Result<AgentRecord, StoreError> {
         let row = sqlx::query(
             "UPDATE agents SET attestation_type = $2, serial = $3, previous_serial = $4, expires_at = $5,
              banned = $6, alias = $7, last_seen = $8, serial_first_used = $9, forked = $10, forked_at = $11,
@@ -401,7 +407,9 @@ impl SqlDataStore {
         w: &Write,
     ) -> Result<Applied, StoreError> {
         Ok(match w {
-            Write::CreateEntry(e) => Applied::Entry(Self::create_entry_tx(tx, e.clone()).await?, None),
+            Write::CreateEntry(e) => {
+                Applied::Entry(Self::create_entry_tx(tx, e.clone()).await?, None)
+            }
             Write::UpdateEntry(e) => {
                 let (e, t) = Self::update_entry_tx(tx, e.clone()).await?;
                 Applied::Entry(e, t)
@@ -411,11 +419,11 @@ impl SqlDataStore {
                 Applied::Entry(e, Some(t))
             }
             Write::CreateJoinToken(t) => {
-                Self::create_join_token_on(&mut **tx, t).await?;
+                Self::create_join_token_on(tx, t).await?;
                 Applied::Done
             }
-            Write::InsertAgent(a) => Applied::Agent(Self::insert_agent_on(&mut **tx, a).await?),
-            Write::UpdateAgent(a) => Applied::Agent(Self::update_agent_on(&mut **tx, a).await?),
+            Write::InsertAgent(a) => Applied::Agent(Self::insert_agent_on(tx, a).await?),
+            Write::UpdateAgent(a) => Applied::Agent(Self::update_agent_on(tx, a).await?),
             Write::BanAgent(id) => {
                 let row = sqlx::query(
                     "UPDATE agents SET banned = 1, revision = revision + 1 WHERE spiffe_id = $1 RETURNING *",
@@ -437,25 +445,28 @@ impl SqlDataStore {
                 Applied::Done
             }
             Write::PutEngine(e) => {
-                Self::put_engine_on(&mut **tx, e).await?;
+                Self::put_engine_on(tx, e).await?;
                 Applied::Done
             }
             Write::PutEngineKey(k) => {
-                Self::put_engine_key_on(&mut **tx, k).await?;
+                Self::put_engine_key_on(tx, k).await?;
                 Applied::Done
             }
             Write::PutKeyVersion(v) => {
-                Self::put_key_version_on(&mut **tx, v).await?;
+                Self::put_key_version_on(tx, v).await?;
                 Applied::Done
             }
             Write::PutSecret(sec) => {
-                Self::put_secret_on(&mut **tx, sec).await?;
+                Self::put_secret_on(tx, sec).await?;
                 Applied::Done
             }
         })
     }
 
-    async fn append_audit_on(c: &mut AnyConnection, records: &[AuditRecord]) -> Result<(), StoreError> {
+    async fn append_audit_on(
+        c: &mut AnyConnection,
+        records: &[AuditRecord],
+    ) -> Result<(), StoreError> {
         let Some(last) = records.last() else {
             return Ok(());
         };
@@ -893,7 +904,7 @@ impl DataStore for SqlDataStore {
         for w in writes {
             out.push(Self::apply_tx(&mut tx, w).await?);
         }
-        Self::append_audit_on(&mut *tx, audit)
+        Self::append_audit_on(&mut tx, audit)
             .await
             .map_err(|e| StoreError::Audit(e.to_string()))?;
         tx.commit().await?;
@@ -905,7 +916,7 @@ impl DataStore for SqlDataStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        Self::append_audit_on(&mut *tx, records).await?;
+        Self::append_audit_on(&mut tx, records).await?;
         tx.commit().await?;
         Ok(())
     }

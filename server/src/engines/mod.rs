@@ -421,9 +421,11 @@ impl Engines {
                     Write::PutKeyVersion(version.clone()),
                     Write::PutEngineKey(key.clone()),
                 ],
-                &[AuditEvent::ok(actor, "key.create", &format!("{engine}/{name}"))
-                    .version(1)
-                    .result(format!("ok; {} {}", algorithm.as_str(), key.custody))],
+                &[
+                    AuditEvent::ok(actor, "key.create", &format!("{engine}/{name}"))
+                        .version(1)
+                        .result(format!("ok; {} {}", algorithm.as_str(), key.custody)),
+                ],
             )
             .await?;
         {
@@ -969,7 +971,10 @@ impl Engines {
         self.audit
             .commit(
                 &[Write::PutSecret(secret.clone())],
-                &[AuditEvent::ok(actor, "secret.put", &format!("{engine}/{name}")).version(version)],
+                &[
+                    AuditEvent::ok(actor, "secret.put", &format!("{engine}/{name}"))
+                        .version(version),
+                ],
             )
             .await?;
         self.write()
