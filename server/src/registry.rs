@@ -405,16 +405,15 @@ impl Registry {
         mut f: impl FnMut(Option<&AgentRecord>) -> Result<AgentChange, RegistryError>,
     ) -> Result<Option<AgentRecord>, RegistryError> {
         let mut current = read;
-        for attempt in 0..AGENT_CAS_ATTEMPTS {
-            let _w = self.writes.lock().await;
-            if attempt > 0 {
-                current = self.store.get_agent(id).await?;
-                self.refresh_agent(id, current.clone());
-            }
-            let (mut new, events) = match f(current.as_ref())? {
+        // Deciding from what was read needs no lock: most calls change nothing.
+        let mut change = f(current.as_ref())?;
+        for attempt in 1..=AGENT_CAS_ATTEMPTS {
+            let (mut new, events) = match change {
                 AgentChange::Keep => return Ok(current),
                 AgentChange::Write(new, events) => (new, events),
             };
+            // Writes of this server are serialized, so the index follows commit order.
+            let _w = self.writes.lock().await;
             new.spiffe_id = id.to_string();
             let write = match &current {
                 None => Write::InsertAgent(new),
@@ -433,9 +432,13 @@ impl Registry {
                     self.refresh_agent(id, Some(stored.clone()));
                     return Ok(Some(stored));
                 }
-                Err(StoreError::Conflict(_)) => {
+                Err(StoreError::Conflict(_)) if attempt < AGENT_CAS_ATTEMPTS => {
                     tracing::debug!(agent = %id, "agent record changed since it was read; reading it again");
+                    current = self.store.get_agent(id).await?;
+                    self.refresh_agent(id, current.clone());
+                    change = f(current.as_ref())?;
                 }
+                Err(StoreError::Conflict(_)) => break,
                 Err(e) => return Err(RegistryError::Store(e)),
             }
         }

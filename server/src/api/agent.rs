@@ -722,7 +722,6 @@ mod tests {
         // And it stays refused.
         let again = f.svc.renew_agent(renew_request(&leaf)).await.unwrap_err();
         assert!(again.message().contains("banned"), "{}", again.message());
-        let _ = &f.clock;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -744,6 +743,37 @@ mod tests {
         );
         assert!(f.svc.registry.agent(&id).is_none(), "index");
         assert!(reloaded(&f, &id).await.is_none(), "database");
+    }
+
+    #[tokio::test]
+    async fn re_attesting_over_a_live_agent_is_audited_as_a_takeover() {
+        let f = fixture().await;
+        let (id, _) = attested(&f.svc).await;
+        let audit = f.svc.store.list_audit().await.unwrap();
+        assert!(!audit.iter().any(|r| r.action == "agent.takeover"));
+        attested(&f.svc).await;
+        let audit = f.svc.store.list_audit().await.unwrap();
+        let t = audit
+            .iter()
+            .find(|r| r.action == "agent.takeover")
+            .expect("takeover audited");
+        assert_eq!(
+            (t.actor.as_str(), t.target.as_str()),
+            ("server", id.as_str())
+        );
+        // A node whose agent is long gone (its SVID expired) is not a takeover.
+        f.clock.advance(Duration::from_secs(2 * 3600));
+        attested(&f.svc).await;
+        let n = f
+            .svc
+            .store
+            .list_audit()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.action == "agent.takeover")
+            .count();
+        assert_eq!(n, 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
