@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use continuity_common::Clock;
 
-use crate::datastore::{AuditRecord, DataStore, StoreError};
+use crate::datastore::{Applied, AuditRecord, DataStore, StoreError, Write};
 
 /// What `audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,12 +17,56 @@ pub struct Verification {
     pub problem: Option<(i64, String)>,
 }
 
+/// One audit record to append, before it is chained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Who.
+    pub actor: String,
+    /// What (entry.create, agent.ban, ...).
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// Key version involved (0 = none).
+    pub key_version: u32,
+    /// ok, or the refusal.
+    pub result: String,
+}
+
+impl AuditEvent {
+    /// A successful action without a key version.
+    pub fn ok(actor: &str, action: &str, target: &str) -> Self {
+        Self {
+            actor: actor.into(),
+            action: action.into(),
+            target: target.into(),
+            key_version: 0,
+            result: "ok".into(),
+        }
+    }
+
+    /// The same event naming a key version.
+    pub fn version(mut self, key_version: u32) -> Self {
+        self.key_version = key_version;
+        self
+    }
+
+    /// The same event with another result text.
+    pub fn result(mut self, result: impl Into<String>) -> Self {
+        self.result = result.into();
+        self
+    }
+}
+
 /// The audit log.
 ///
-/// Appends use group commit: a record is chained in memory under a short lock, and whoever
-/// then holds the flush lock writes every pending record in one transaction. `record`
-/// returns only once its own record is committed, so the log is durable per call while
-/// concurrent key uses share one database commit.
+/// Key-use appends ([`Audit::record`]) use group commit: a record is chained in memory under
+/// a short lock, and whoever then holds the flush lock writes every pending record in one
+/// transaction. `record` returns only once its own record is committed, so the log is durable
+/// per call while concurrent key uses share one database commit.
+///
+/// Admin writes go through [`Audit::commit`]: the write and its records (and whatever is
+/// pending) commit in one transaction, or none of it does and the chain continues as if the
+/// records never existed.
 pub struct Audit {
     store: Arc<dyn DataStore>,
     clock: Arc<dyn Clock>,
@@ -31,10 +75,64 @@ pub struct Audit {
 }
 
 struct Head {
+    /// seq and hash of the last chained record (committed or pending).
     seq: i64,
     hash: String,
-    pending: Vec<AuditRecord>,
-    committed: i64,
+    /// Chained, not yet committed key-use records, with their tickets, in seq order.
+    pending: Vec<(u64, AuditRecord)>,
+    next_ticket: u64,
+    /// Every pending ticket up to this one is committed.
+    committed_ticket: u64,
+    /// seq and hash of the last committed record.
+    committed_seq: i64,
+    committed_hash: String,
+}
+
+impl Head {
+    fn chain(&mut self, time: i64, ev: &AuditEvent) -> AuditRecord {
+        let mut r = AuditRecord {
+            seq: self.seq + 1,
+            time,
+            actor: ev.actor.clone(),
+            action: ev.action.clone(),
+            target: ev.target.clone(),
+            key_version: ev.key_version,
+            result: ev.result.clone(),
+            prev_hash: self.hash.clone(),
+            hash: String::new(),
+        };
+        r.hash = chain_hash(&r);
+        self.seq = r.seq;
+        self.hash = r.hash.clone();
+        r
+    }
+
+    /// Puts `taken` (a failed batch) back in front of the pending records and chains them
+    /// all again from the last committed record.
+    fn restore(&mut self, taken: Vec<(u64, AuditRecord)>) {
+        let rest = std::mem::take(&mut self.pending);
+        self.pending = taken;
+        self.pending.extend(rest);
+        self.seq = self.committed_seq;
+        self.hash = self.committed_hash.clone();
+        for (_, r) in self.pending.iter_mut() {
+            r.seq = self.seq + 1;
+            r.prev_hash = self.hash.clone();
+            r.hash = chain_hash(r);
+            self.seq = r.seq;
+            self.hash = r.hash.clone();
+        }
+    }
+
+    fn committed(&mut self, taken: &[(u64, AuditRecord)], last: Option<&AuditRecord>) {
+        if let Some((t, _)) = taken.last() {
+            self.committed_ticket = self.committed_ticket.max(*t);
+        }
+        if let Some(r) = last {
+            self.committed_seq = r.seq;
+            self.committed_hash = r.hash.clone();
+        }
+    }
 }
 
 impl std::fmt::Debug for Audit {
@@ -73,15 +171,22 @@ impl Audit {
             clock,
             head: std::sync::Mutex::new(Head {
                 seq,
-                hash,
+                hash: hash.clone(),
                 pending: Vec::new(),
-                committed: seq,
+                next_ticket: 1,
+                committed_ticket: 0,
+                committed_seq: seq,
+                committed_hash: hash,
             }),
             flush: tokio::sync::Mutex::new(()),
         }))
     }
 
-    /// Appends one record; returns once it is committed.
+    fn head(&self) -> std::sync::MutexGuard<'_, Head> {
+        self.head.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends one record (a key use); returns once it is committed.
     pub async fn record(
         &self,
         actor: &str,
@@ -90,47 +195,70 @@ impl Audit {
         key_version: u32,
         result: &str,
     ) -> Result<(), StoreError> {
+        let ev = AuditEvent::ok(actor, action, target)
+            .version(key_version)
+            .result(result);
         let mine = {
-            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-            let mut r = AuditRecord {
-                seq: head.seq + 1,
-                time: self.clock.unix(),
-                actor: actor.into(),
-                action: action.into(),
-                target: target.into(),
-                key_version,
-                result: result.into(),
-                prev_hash: head.hash.clone(),
-                hash: String::new(),
-            };
-            r.hash = chain_hash(&r);
-            head.seq = r.seq;
-            head.hash = r.hash.clone();
-            head.pending.push(r);
-            head.seq
+            let now = self.clock.unix();
+            let mut head = self.head();
+            let r = head.chain(now, &ev);
+            let ticket = head.next_ticket;
+            head.next_ticket += 1;
+            head.pending.push((ticket, r));
+            ticket
         };
         let _flushing = self.flush.lock().await;
-        let batch = {
-            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-            if head.committed >= mine {
+        let taken = {
+            let mut head = self.head();
+            if head.committed_ticket >= mine {
                 return Ok(());
             }
             std::mem::take(&mut head.pending)
         };
-        let last = batch.last().map_or(mine, |r| r.seq);
+        let batch: Vec<AuditRecord> = taken.iter().map(|(_, r)| r.clone()).collect();
         if let Err(e) = self.store.append_audit_batch(&batch).await {
             // Put them back in order so a later flush retries them; the chain stays intact.
-            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rest = std::mem::take(&mut head.pending);
-            head.pending = batch;
-            head.pending.append(&mut rest);
+            self.head().restore(taken);
             return Err(e);
         }
-        self.head
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .committed = last;
+        self.head().committed(&taken, batch.last());
         Ok(())
+    }
+
+    /// Applies `writes` and appends `events` (after any pending key-use records) in one
+    /// datastore transaction. On failure nothing is applied and the chain continues as if
+    /// `events` had never been chained.
+    pub async fn commit(
+        &self,
+        writes: &[Write],
+        events: &[AuditEvent],
+    ) -> Result<Vec<Applied>, StoreError> {
+        if events.is_empty() {
+            return self.store.apply(writes, &[]).await;
+        }
+        let _flushing = self.flush.lock().await;
+        let (taken, batch) = {
+            let now = self.clock.unix();
+            let mut head = self.head();
+            let taken = std::mem::take(&mut head.pending);
+            let mut batch: Vec<AuditRecord> = taken.iter().map(|(_, r)| r.clone()).collect();
+            for ev in events {
+                let r = head.chain(now, ev);
+                batch.push(r);
+            }
+            (taken, batch)
+        };
+        match self.store.apply(writes, &batch).await {
+            Ok(applied) => {
+                self.head().committed(&taken, batch.last());
+                Ok(applied)
+            }
+            Err(e) => {
+                // Records chained behind ours while the transaction ran are chained again.
+                self.head().restore(taken);
+                Err(e)
+            }
+        }
     }
 
     /// Records, oldest first; the last `limit` when limit > 0.
@@ -196,5 +324,66 @@ impl Audit {
             records: records.len() as i64,
             problem: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use continuity_common::ManualClock;
+
+    use super::*;
+    use crate::datastore::{JoinToken, SqlDataStore};
+
+    #[tokio::test]
+    async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues() {
+        let dir = std::env::temp_dir().join(format!(
+            "continuity-audit-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
+        let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&url).await.unwrap());
+        let raw = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query("CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN NEW.action = 'token.generate' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+            .execute(&raw)
+            .await
+            .unwrap();
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let audit = Audit::load(store.clone(), clock).await.unwrap();
+        audit.record("a", "key.sign", "e/k", 1, "ok").await.unwrap();
+        let token = JoinToken {
+            token_hash: "h".into(),
+            id: "i".into(),
+            alias: None,
+            expires_at: 1,
+        };
+        let err = audit
+            .commit(
+                &[Write::CreateJoinToken(token)],
+                &[AuditEvent::ok("admin", "token.generate", "join_token")],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Audit(_)), "{err}");
+        assert_eq!(
+            store.take_join_token("h").await.unwrap(),
+            None,
+            "not applied"
+        );
+        audit.record("a", "key.sign", "e/k", 1, "ok").await.unwrap();
+        let v = audit.verify().await.unwrap();
+        assert_eq!(
+            v,
+            Verification {
+                records: 2,
+                problem: None
+            }
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -458,12 +458,14 @@ pub fn agent_json(a: &types::Agent) -> Value {
         "alias": a.alias,
         "created_at": a.created_at,
         "last_seen": a.last_seen,
+        "forked": a.forked,
+        "forked_at": a.forked_at,
     })
 }
 
 fn agent_text(a: &types::Agent) -> String {
     format!(
-        "SPIFFE ID        : {}\nAttestation type : {}\nSVID serial      : {}\nSVID expires at  : {}\nBanned           : {}\n{}",
+        "SPIFFE ID        : {}\nAttestation type : {}\nSVID serial      : {}\nSVID expires at  : {}\nBanned           : {}\n{}{}",
         a.spiffe_id,
         a.attestation_type,
         a.serial_number,
@@ -473,6 +475,14 @@ fn agent_text(a: &types::Agent) -> String {
             String::new()
         } else {
             format!("Alias            : {}\n", a.alias)
+        },
+        if a.forked {
+            format!(
+                "Forked           : true (at {}; a superseded SVID was presented: ban or evict, then re-attest)\n",
+                a.forked_at
+            )
+        } else {
+            String::new()
         }
     )
 }

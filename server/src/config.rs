@@ -51,6 +51,16 @@ pub struct FileConfig {
     pub jwks: Option<FileListener>,
     /// `[node_attestors]`.
     pub node_attestors: Option<FileNodeAttestors>,
+    /// `[agent_api]`.
+    pub agent_api: Option<FileAgentApi>,
+}
+
+/// `[agent_api]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAgentApi {
+    /// How long an agent's previous SVID is still accepted after its successor was first used.
+    pub previous_svid_grace: Option<String>,
 }
 
 /// `[node_attestors]`.
@@ -190,7 +200,14 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// `[agent_api] previous_svid_grace`: how long an agent's previous SVID is still accepted
+    /// after its successor was first used (in-flight calls on the old channel).
+    pub previous_svid_grace: Duration,
 }
+
+/// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
+/// agent key keep working beside the real agent for longer.
+pub const MAX_PREVIOUS_SVID_GRACE: Duration = Duration::from_secs(300);
 
 /// The default admin socket path.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/continuity-server/private/admin.sock";
@@ -279,6 +296,20 @@ impl Config {
             ),
         };
         let key_manager = key_manager(f.key_manager.unwrap_or_default(), &data_dir)?;
+        let previous_svid_grace = match f.agent_api.and_then(|a| a.previous_svid_grace) {
+            None => crate::registry::DEFAULT_PREVIOUS_SVID_GRACE,
+            Some(v) => {
+                let d = continuity_common::duration::parse(&v)
+                    .map_err(|m| invalid("agent_api.previous_svid_grace", m))?;
+                if d > MAX_PREVIOUS_SVID_GRACE {
+                    return Err(invalid(
+                        "agent_api.previous_svid_grace",
+                        "must be at most 5m (the previous agent SVID only covers calls in flight during a renewal)",
+                    ));
+                }
+                d
+            }
+        };
         let listener = FileListener::address;
         Ok(Self {
             trust_domain,
@@ -299,6 +330,7 @@ impl Config {
             psat_clusters: psat(f.node_attestors.and_then(|n| n.k8s_psat))?,
             log_level,
             log_format: f.log_format.unwrap_or_default(),
+            previous_svid_grace,
             data_dir,
         })
     }
@@ -593,5 +625,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`ca_key_type`"), "{e}");
+        for bad in ["soon", "1h"] {
+            let e = parse(&format!(
+                "trust_domain = \"e.org\"\n[agent_api]\nprevious_svid_grace = \"{bad}\""
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("`agent_api.previous_svid_grace`"), "{e}");
+        }
+        let c =
+            parse("trust_domain = \"e.org\"\n[agent_api]\nprevious_svid_grace = \"0s\"").unwrap();
+        assert_eq!(c.previous_svid_grace, Duration::ZERO);
     }
 }

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub jwt_svids_signed: AtomicU64,
     /// Admin API calls.
     pub admin_calls: AtomicU64,
+    /// Agents flagged forked (a superseded agent SVID was presented).
+    pub agent_forks: AtomicU64,
 }
 
 impl Metrics {
@@ -48,9 +50,10 @@ impl Metrics {
                 &self.jwt_svids_signed,
             ),
             ("continuity_server_admin_calls_total", &self.admin_calls),
+            ("continuity_server_agent_forks_total", &self.agent_forks),
         ];
         let mut out = String::from(
-            "# TYPE continuity_server_attestations_total counter\n# TYPE continuity_server_x509_svids_signed_total counter\n# TYPE continuity_server_jwt_svids_signed_total counter\n# TYPE continuity_server_admin_calls_total counter\n",
+            "# TYPE continuity_server_attestations_total counter\n# TYPE continuity_server_x509_svids_signed_total counter\n# TYPE continuity_server_jwt_svids_signed_total counter\n# TYPE continuity_server_admin_calls_total counter\n# TYPE continuity_server_agent_forks_total counter\n",
         );
         for (name, c) in rows {
             out.push_str(&format!("{name} {}\n", c.load(Ordering::Relaxed)));

@@ -16,8 +16,9 @@ use tonic::{Request, Response, Status};
 
 use super::agent::token_hash;
 use super::{agent_to_proto, bundle_to_proto, entry_to_proto, registry_status};
+use crate::audit::AuditEvent;
 use crate::ca::CaManager;
-use crate::datastore::{DataStore, Entry, JoinToken};
+use crate::datastore::{DataStore, Entry, JoinToken, Write};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -68,14 +69,6 @@ impl AdminService {
             )));
         }
         Ok(format!("admin uid {uid}"))
-    }
-
-    async fn audit(&self, actor: &str, action: &str, target: &str) -> Result<(), Status> {
-        self.engines
-            .audit()
-            .record(actor, action, target, 0, "ok")
-            .await
-            .map_err(|e| Status::unavailable(format!("audit log: {e}")))
     }
 
     fn id_in_domain(&self, field: &str, value: &str) -> Result<SpiffeId, Status> {
@@ -184,11 +177,10 @@ impl EntryAdmin for AdminService {
         let entry = self.validate(e)?;
         let stored = self
             .registry
-            .create_entry(entry)
+            .create_entry(entry, &actor)
             .await
             .map_err(registry_status)?;
         tracing::info!(entry = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
-        self.audit(&actor, "entry.create", &stored.id).await?;
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
@@ -241,11 +233,10 @@ impl EntryAdmin for AdminService {
         let entry = self.validate(e)?;
         let stored = self
             .registry
-            .update_entry(entry)
+            .update_entry(entry, &actor)
             .await
             .map_err(registry_status)?;
         tracing::info!(entry = %stored.id, "entry updated");
-        self.audit(&actor, "entry.update", &stored.id).await?;
         Ok(Response::new(entry_to_proto(&stored)))
     }
 
@@ -256,11 +247,10 @@ impl EntryAdmin for AdminService {
         let actor = self.authorize(&req)?;
         let id = req.into_inner().id;
         self.registry
-            .delete_entry(&id)
+            .delete_entry(&id, &actor)
             .await
             .map_err(registry_status)?;
         tracing::info!(entry = %id, "entry deleted");
-        self.audit(&actor, "entry.delete", &id).await?;
         Ok(Response::new(DeleteEntryResponse {}))
     }
 }
@@ -291,17 +281,21 @@ impl TokenAdmin for AdminService {
         let token = crate::registry::new_uuid().map_err(rng)?;
         let idb = continuity_common::rand::array::<8>().map_err(rng)?;
         let expires_at = self.clock.unix() + ttl;
-        self.store
-            .create_join_token(JoinToken {
-                token_hash: token_hash(&token),
-                id: hex::encode(idb),
-                alias,
-                expires_at,
-            })
+        // The token and its audit record commit together, or neither does.
+        self.engines
+            .audit()
+            .commit(
+                &[Write::CreateJoinToken(JoinToken {
+                    token_hash: token_hash(&token),
+                    id: hex::encode(idb),
+                    alias,
+                    expires_at,
+                })],
+                &[AuditEvent::ok(&actor, "token.generate", "join_token")],
+            )
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         tracing::info!(expires_at, "join token generated");
-        self.audit(&actor, "token.generate", "join_token").await?;
         Ok(Response::new(GenerateTokenResponse { token, expires_at }))
     }
 }
@@ -338,11 +332,10 @@ impl AgentAdmin for AdminService {
         let actor = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
         self.registry
-            .evict_agent(&id)
+            .evict_agent(&id, &actor)
             .await
             .map_err(registry_status)?;
         tracing::info!(agent = %id, "agent evicted");
-        self.audit(&actor, "agent.evict", &id).await?;
         Ok(Response::new(EvictAgentResponse {}))
     }
 
@@ -353,11 +346,10 @@ impl AgentAdmin for AdminService {
         let actor = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
         self.registry
-            .ban_agent(&id)
+            .ban_agent(&id, &actor)
             .await
             .map_err(registry_status)?;
         tracing::info!(agent = %id, "agent banned");
-        self.audit(&actor, "agent.ban", &id).await?;
         Ok(Response::new(BanAgentResponse {}))
     }
 }

@@ -70,54 +70,54 @@ fn x509_svid(spiffe_id: &str, svid: crate::ca::SignedSvid) -> types::X509svid {
 }
 
 /// Authenticates an agent-API caller by its agent SVID and returns its current record:
-/// the SVID must be current (serial), unexpired, of an attested, unbanned agent.
-pub fn authenticate_agent<T>(
+/// the SVID must be unexpired, of an attested, unbanned agent, and current (or the previous
+/// one, briefly: see [`Registry::authenticate_agent`]; a superseded one flags a fork).
+pub async fn authenticate_agent<T>(
     trust_domain: &TrustDomain,
     registry: &Registry,
     clock: &dyn Clock,
     req: &Request<T>,
 ) -> Result<AgentRecord, Status> {
-    {
-        let leaf = req
-            .extensions()
-            .get::<PeerCerts>()
-            .and_then(|p| p.0.first().cloned())
-            .ok_or_else(|| {
-                Status::unauthenticated("this call needs an agent SVID; attest first")
-            })?;
-        let (id, not_after, serial) = continuity_common::x509::svid_facts(&leaf)
-            .map_err(|e| Status::unauthenticated(format!("agent SVID: {e}")))?;
-        if id.trust_domain() != *trust_domain || !id.path().starts_with("/continuity/agent/") {
-            return Err(Status::permission_denied(format!(
-                "{id} is not an agent of this trust domain"
-            )));
-        }
-        // A long-lived connection can outlive the certificate it was opened with.
-        if not_after <= clock.unix() {
-            return Err(Status::unauthenticated(
-                "agent SVID has expired; reconnect with a renewed SVID",
-            ));
-        }
-        let agent = registry.agent(id.as_str()).ok_or_else(|| {
-            Status::permission_denied(format!(
-                "agent {id} is not attested (evicted?); attest again"
-            ))
-        })?;
-        if agent.banned {
-            return Err(Status::permission_denied(format!("agent {id} is banned")));
-        }
-        if serial != agent.serial && serial != agent.previous_serial {
-            return Err(Status::permission_denied(format!(
-                "agent {id} presented an SVID that is no longer current"
-            )));
-        }
-        Ok(agent)
+    Ok(authenticate_serial(trust_domain, registry, clock, req)
+        .await?
+        .0)
+}
+
+/// [`authenticate_agent`], also returning the serial the caller presented.
+async fn authenticate_serial<T>(
+    trust_domain: &TrustDomain,
+    registry: &Registry,
+    clock: &dyn Clock,
+    req: &Request<T>,
+) -> Result<(AgentRecord, String), Status> {
+    let leaf = req
+        .extensions()
+        .get::<PeerCerts>()
+        .and_then(|p| p.0.first().cloned())
+        .ok_or_else(|| Status::unauthenticated("this call needs an agent SVID; attest first"))?;
+    let (id, not_after, serial) = continuity_common::x509::svid_facts(&leaf)
+        .map_err(|e| Status::unauthenticated(format!("agent SVID: {e}")))?;
+    if id.trust_domain() != *trust_domain || !id.path().starts_with("/continuity/agent/") {
+        return Err(Status::permission_denied(format!(
+            "{id} is not an agent of this trust domain"
+        )));
     }
+    // A long-lived connection can outlive the certificate it was opened with.
+    if not_after <= clock.unix() {
+        return Err(Status::unauthenticated(
+            "agent SVID has expired; reconnect with a renewed SVID",
+        ));
+    }
+    let (agent, _) = registry
+        .authenticate_agent(id.as_str(), &serial)
+        .await
+        .map_err(registry_status)?;
+    Ok((agent, serial))
 }
 
 impl AgentService {
-    fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
-        authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
+        authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req).await
     }
 
     async fn sign_agent_svid(
@@ -187,18 +187,28 @@ impl AgentService {
         let now = self.clock.unix();
         let serial =
             continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
+        // A compare-and-set on what was read above: a ban or eviction that landed while the
+        // SVID was being signed wins, and the SVID is never handed out.
         self.registry
-            .put_agent(AgentRecord {
-                spiffe_id: agent_id.to_string(),
-                attestation_type: attestation_type.into(),
-                serial,
-                previous_serial: String::new(),
-                expires_at: svid.expires_at,
-                banned: false,
-                alias,
-                created_at: existing.map_or(now, |e| e.created_at),
-                last_seen: now,
-            })
+            .attest_agent(
+                existing,
+                AgentRecord {
+                    spiffe_id: agent_id.to_string(),
+                    attestation_type: attestation_type.into(),
+                    serial,
+                    previous_serial: String::new(),
+                    expires_at: svid.expires_at,
+                    banned: false,
+                    alias,
+                    created_at: now,
+                    last_seen: now,
+                    revision: 0,
+                    serial_first_used: 0,
+                    forked: false,
+                    forked_at: 0,
+                },
+                self.x509_ttl,
+            )
             .await
             .map_err(registry_status)?;
         Ok(AttestAgentResponse {
@@ -349,18 +359,21 @@ impl AgentApi for AgentService {
         &self,
         req: Request<RenewAgentRequest>,
     ) -> Result<Response<RenewAgentResponse>, Status> {
-        let mut agent = self.authenticate(&req)?;
-        let svid = self
-            .sign_agent_svid(&agent.spiffe_id, req.into_inner().csr)
-            .await?;
-        agent.previous_serial = std::mem::take(&mut agent.serial);
-        agent.serial =
-            continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
-        agent.expires_at = svid.expires_at;
-        agent.last_seen = self.clock.unix();
+        let (agent, presented) = authenticate_serial(
+            &self.trust_domain,
+            &self.registry,
+            self.clock.as_ref(),
+            &req,
+        )
+        .await?;
         let id = agent.spiffe_id.clone();
+        let svid = self.sign_agent_svid(&id, req.into_inner().csr).await?;
+        let serial =
+            continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
+        // A compare-and-set on the record read before signing: a ban or eviction that landed
+        // meanwhile wins, and the new SVID is never handed out.
         self.registry
-            .put_agent(agent)
+            .renew_agent(agent, &presented, &serial, svid.expires_at)
             .await
             .map_err(registry_status)?;
         Ok(Response::new(RenewAgentResponse {
@@ -372,7 +385,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<SyncAuthorizedEntriesRequest>,
     ) -> Result<Response<SyncAuthorizedEntriesResponse>, Status> {
-        let agent = self.authenticate(&req)?;
+        let agent = self.authenticate(&req).await?;
         let r = self.registry.sync(&agent, req.get_ref().since_revision);
         Ok(Response::new(SyncAuthorizedEntriesResponse {
             entries: r.entries.iter().map(|e| entry_to_proto(e)).collect(),
@@ -386,7 +399,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<BatchNewX509svidRequest>,
     ) -> Result<Response<BatchNewX509svidResponse>, Status> {
-        let agent = self.authenticate(&req)?;
+        let agent = self.authenticate(&req).await?;
         let params = req.into_inner().params;
         if params.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -425,7 +438,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<NewJwtsvidRequest>,
     ) -> Result<Response<NewJwtsvidResponse>, Status> {
-        let agent = self.authenticate(&req)?;
+        let agent = self.authenticate(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(|a| a.is_empty()) {
             return Err(Status::invalid_argument(
@@ -464,9 +477,326 @@ impl AgentApi for AgentService {
         &self,
         req: Request<FetchBundleRequest>,
     ) -> Result<Response<FetchBundleResponse>, Status> {
-        self.authenticate(&req)?;
+        self.authenticate(&req).await?;
         Ok(Response::new(FetchBundleResponse {
             bundle: Some(bundle_to_proto(&self.ca.bundle())),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The renewal race: a RenewAgent whose signing blocks while the operator bans or evicts
+    //! the agent must not write its stale record back (real SQLite, in process).
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    use std::time::SystemTime;
+
+    use async_trait::async_trait;
+    use continuity_common::ManualClock;
+    use rustls_pki_types::CertificateDer;
+
+    use super::*;
+    use crate::audit::Audit;
+    use crate::ca::CaConfig;
+    use crate::datastore::SqlDataStore;
+    use crate::keys::{Kek, KeyError, KeyHandle, KeyManager, KeyType, MemoryKeyManager};
+
+    /// Makes the next signature wait at `entered`, then at `release`.
+    #[derive(Debug)]
+    struct Gate {
+        armed: AtomicBool,
+        entered: Barrier,
+        release: Barrier,
+    }
+
+    impl Gate {
+        fn pass(&self) {
+            if self.armed.swap(false, Ordering::SeqCst) {
+                self.entered.wait();
+                self.release.wait();
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct GatedKey(Arc<dyn KeyHandle>, Arc<Gate>);
+
+    impl KeyHandle for GatedKey {
+        fn id(&self) -> &str {
+            self.0.id()
+        }
+        fn key_type(&self) -> KeyType {
+            self.0.key_type()
+        }
+        fn public_key_raw(&self) -> &[u8] {
+            self.0.public_key_raw()
+        }
+        fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyError> {
+            self.1.pass();
+            self.0.sign(msg)
+        }
+        fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
+            self.1.pass();
+            self.0.sign_digest(digest)
+        }
+    }
+
+    /// A memory key manager whose keys sign through the gate.
+    #[derive(Debug)]
+    struct GatedKeys(MemoryKeyManager, Arc<Gate>);
+
+    #[async_trait]
+    impl KeyManager for GatedKeys {
+        fn kind(&self) -> &'static str {
+            "memory"
+        }
+        async fn generate(&self, id: &str, kt: KeyType) -> Result<Arc<dyn KeyHandle>, KeyError> {
+            let k = self.0.generate(id, kt).await?;
+            Ok(Arc::new(GatedKey(k, self.1.clone())))
+        }
+        async fn get(&self, id: &str) -> Result<Option<Arc<dyn KeyHandle>>, KeyError> {
+            Ok(self
+                .0
+                .get(id)
+                .await?
+                .map(|k| Arc::new(GatedKey(k, self.1.clone())) as Arc<dyn KeyHandle>))
+        }
+        async fn delete(&self, id: &str) -> Result<(), KeyError> {
+            self.0.delete(id).await
+        }
+        async fn kek(&self, id: &str) -> Result<Arc<dyn Kek>, KeyError> {
+            self.0.kek(id).await
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    struct Fixture {
+        dir: std::path::PathBuf,
+        url: String,
+        svc: AgentService,
+        gate: Arc<Gate>,
+        clock: Arc<ManualClock>,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = std::env::temp_dir().join(format!(
+            "continuity-agentrace-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
+        let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&url).await.unwrap());
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let gate = Arc::new(Gate {
+            armed: AtomicBool::new(false),
+            entered: Barrier::new(2),
+            release: Barrier::new(2),
+        });
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = CaManager::start(
+            CaConfig {
+                trust_domain: td.clone(),
+                x509_key_type: KeyType::EcP256,
+                jwt_key_type: KeyType::EcP256,
+                ttl: Duration::from_secs(24 * 3600),
+                jwt_issuer: None,
+            },
+            Arc::new(GatedKeys(MemoryKeyManager::default(), gate.clone())),
+            store.clone(),
+            clock.clone(),
+        )
+        .await
+        .unwrap();
+        let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(
+            Registry::load(store.clone(), clock.clone(), audit, metrics.clone())
+                .await
+                .unwrap(),
+        );
+        let svc = AgentService {
+            trust_domain: td,
+            ca,
+            registry,
+            store,
+            clock: clock.clone(),
+            x509_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+            metrics,
+            psat_clusters: Arc::new(vec![]),
+        };
+        Fixture {
+            dir,
+            url,
+            svc,
+            gate,
+            clock,
+        }
+    }
+
+    fn csr() -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&kp)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    /// Attests an agent; returns its ID and agent SVID (leaf DER).
+    async fn attested(svc: &AgentService) -> (String, Vec<u8>) {
+        let id = "spiffe://example.org/continuity/agent/join_token/race";
+        let r = svc
+            .issue_agent(id, join_token::ATTESTOR_TYPE, None, csr())
+            .await
+            .unwrap();
+        let Some(attest_agent_response::Step::Result(r)) = r.step else {
+            panic!("no result");
+        };
+        (id.to_string(), r.svid.unwrap().cert_chain[0].clone())
+    }
+
+    fn renew_request(leaf: &[u8]) -> Request<RenewAgentRequest> {
+        let mut req = Request::new(RenewAgentRequest { csr: csr() });
+        req.extensions_mut()
+            .insert(PeerCerts(Arc::new(vec![CertificateDer::from(
+                leaf.to_vec(),
+            )])));
+        req
+    }
+
+    /// Starts a renewal, waits until it is signing, runs `land`, releases the signer, and
+    /// returns the renewal's outcome.
+    async fn race<F: std::future::Future<Output = ()>>(
+        f: &Fixture,
+        leaf: &[u8],
+        land: F,
+    ) -> Result<Response<RenewAgentResponse>, Status> {
+        f.gate.armed.store(true, Ordering::SeqCst);
+        let svc = f.svc.clone();
+        let req = renew_request(leaf);
+        let renewal = tokio::spawn(async move { svc.renew_agent(req).await });
+        let gate = f.gate.clone();
+        tokio::task::spawn_blocking(move || gate.entered.wait())
+            .await
+            .unwrap();
+        land.await;
+        let gate = f.gate.clone();
+        tokio::task::spawn_blocking(move || gate.release.wait())
+            .await
+            .unwrap();
+        renewal.await.unwrap()
+    }
+
+    async fn reloaded(f: &Fixture, id: &str) -> Option<AgentRecord> {
+        let store = SqlDataStore::connect(&f.url).await.unwrap();
+        store.get_agent(id).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ban_landing_during_renewal_stands() {
+        let f = fixture().await;
+        let (id, leaf) = attested(&f.svc).await;
+        let registry = f.svc.registry.clone();
+        let target = id.clone();
+        let out = race(&f, &leaf, async move {
+            registry.ban_agent(&target, "admin uid 0").await.unwrap();
+        })
+        .await;
+        let err = out.expect_err("the renewal must fail once the ban landed");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("banned"), "{}", err.message());
+        assert!(f.svc.registry.agent(&id).unwrap().banned, "index");
+        assert!(reloaded(&f, &id).await.unwrap().banned, "database");
+        // And it stays refused.
+        let again = f.svc.renew_agent(renew_request(&leaf)).await.unwrap_err();
+        assert!(again.message().contains("banned"), "{}", again.message());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_eviction_landing_during_renewal_stands() {
+        let f = fixture().await;
+        let (id, leaf) = attested(&f.svc).await;
+        let registry = f.svc.registry.clone();
+        let target = id.clone();
+        let out = race(&f, &leaf, async move {
+            registry.evict_agent(&target, "admin uid 0").await.unwrap();
+        })
+        .await;
+        let err = out.expect_err("the renewal must fail once the eviction landed");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message().contains("not attested (evicted?)"),
+            "{}",
+            err.message()
+        );
+        assert!(f.svc.registry.agent(&id).is_none(), "index");
+        assert!(reloaded(&f, &id).await.is_none(), "database");
+    }
+
+    #[tokio::test]
+    async fn re_attesting_over_a_live_agent_is_audited_as_a_takeover() {
+        let f = fixture().await;
+        let (id, _) = attested(&f.svc).await;
+        let audit = f.svc.store.list_audit().await.unwrap();
+        assert!(!audit.iter().any(|r| r.action == "agent.takeover"));
+        attested(&f.svc).await;
+        let audit = f.svc.store.list_audit().await.unwrap();
+        let t = audit
+            .iter()
+            .find(|r| r.action == "agent.takeover")
+            .expect("takeover audited");
+        assert_eq!(
+            (t.actor.as_str(), t.target.as_str()),
+            ("server", id.as_str())
+        );
+        // A node whose agent is long gone (its SVID expired) is not a takeover.
+        f.clock.advance(Duration::from_secs(2 * 3600));
+        attested(&f.svc).await;
+        let n = f
+            .svc
+            .store
+            .list_audit()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|r| r.action == "agent.takeover")
+            .count();
+        assert_eq!(n, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ban_landing_during_re_attestation_stands() {
+        let f = fixture().await;
+        let (id, _) = attested(&f.svc).await;
+        f.gate.armed.store(true, Ordering::SeqCst);
+        let svc = f.svc.clone();
+        let target = id.clone();
+        let attest = tokio::spawn(async move {
+            svc.issue_agent(&target, join_token::ATTESTOR_TYPE, None, csr())
+                .await
+        });
+        let gate = f.gate.clone();
+        tokio::task::spawn_blocking(move || gate.entered.wait())
+            .await
+            .unwrap();
+        f.svc.registry.ban_agent(&id, "admin uid 0").await.unwrap();
+        let gate = f.gate.clone();
+        tokio::task::spawn_blocking(move || gate.release.wait())
+            .await
+            .unwrap();
+        let err = attest.await.unwrap().expect_err("re-attestation refused");
+        assert!(err.message().contains("banned"), "{}", err.message());
+        assert!(reloaded(&f, &id).await.unwrap().banned, "database");
     }
 }

@@ -74,7 +74,7 @@ fn actor(agent: &str, spiffe_id: &str, w: Option<&Workload>) -> String {
 impl BrokerService {
     /// Authenticates the agent, checks it hosts `entry_id` and that the entry is bound to an
     /// Engine (and to `requested` when given). Returns (engine, actor).
-    fn authorize<T>(
+    async fn authorize<T>(
         &self,
         req: &Request<T>,
         entry_id: &str,
@@ -82,7 +82,8 @@ impl BrokerService {
         w: Option<&Workload>,
     ) -> Result<(String, String), Status> {
         let agent =
-            authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)?;
+            authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)
+                .await?;
         let entry = self
             .registry
             .authorized_entry(&agent, entry_id)
@@ -112,8 +113,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (message, digest) = match (inner.message.is_empty(), inner.digest.is_empty()) {
             (false, true) => (Some(inner.message.as_slice()), None),
             (true, false) => (None, Some(inner.digest.as_slice())),
@@ -146,8 +148,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (version, ciphertext) = self
             .engines
             .encrypt(&engine, &inner.key, &inner.plaintext, &inner.aad, &actor)
@@ -168,8 +171,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (version, plaintext) = self
             .engines
             .decrypt(&engine, &inner.key, &inner.ciphertext, &inner.aad, &actor)
@@ -187,7 +191,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, _) = self.authorize(&req, &r.entry_id, &inner.engine, None)?;
+        let (engine, _) = self
+            .authorize(&req, &r.entry_id, &inner.engine, None)
+            .await?;
         let pk = self
             .engines
             .public_key(&engine, &inner.key, inner.version)
@@ -209,8 +215,9 @@ impl EngineBroker for BrokerService {
             .request
             .clone()
             .ok_or_else(|| Status::invalid_argument("request is missing"))?;
-        let (engine, actor) =
-            self.authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())?;
+        let (engine, actor) = self
+            .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
+            .await?;
         let (version, value) = self
             .engines
             .fetch_secret(&engine, &inner.name, &actor)
@@ -223,7 +230,9 @@ impl EngineBroker for BrokerService {
         &self,
         req: Request<BrokerJwks>,
     ) -> Result<Response<EngineJwks>, Status> {
-        let (engine, _) = self.authorize(&req, &req.get_ref().entry_id, "", None)?;
+        let (engine, _) = self
+            .authorize(&req, &req.get_ref().entry_id, "", None)
+            .await?;
         let jwks = self.engines.jwks(&engine).map_err(engine_status)?;
         let keys = self
             .engines
@@ -254,7 +263,8 @@ impl EngineBroker for BrokerService {
             &self.registry,
             self.clock.as_ref(),
             &req,
-        )?;
+        )
+        .await?;
         for inc in &req.get_ref().incarnations {
             // Only entries this agent hosts, bound to an Engine, count.
             let Some(entry) = self.registry.authorized_entry(&agent, &inc.entry_id) else {

@@ -70,6 +70,8 @@ pub fn agent_to_proto(a: &AgentRecord) -> types::Agent {
         created_at: a.created_at,
         last_seen: a.last_seen,
         selectors: vec![],
+        forked: a.forked,
+        forked_at: a.forked_at,
     }
 }
 
@@ -82,6 +84,11 @@ pub fn registry_status(e: RegistryError) -> Status {
             tracing::error!(error = %e, "datastore failure");
             Status::unavailable(e.to_string())
         }
+        RegistryError::NotAttested(_)
+        | RegistryError::Banned(_)
+        | RegistryError::Forked(_)
+        | RegistryError::Refused(_) => Status::permission_denied(e.to_string()),
+        RegistryError::Contended(_) => Status::unavailable(e.to_string()),
         RegistryError::Rng(_) => {
             tracing::error!(error = %e, "no randomness for a new id");
             Status::unavailable(e.to_string())

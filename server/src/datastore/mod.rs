@@ -28,6 +28,12 @@ pub enum StoreError {
     /// The database's directory could not be prepared.
     #[error("datastore: {0}")]
     Io(String),
+    /// A compare-and-set write found the row changed (or created) since it was read.
+    #[error("{0} changed concurrently")]
+    Conflict(String),
+    /// The audit log could not be appended; the write it belongs to was not applied.
+    #[error("audit log could not be written, so the change was not applied: {0}")]
+    Audit(String),
     /// A schema migration failed.
     #[error("schema migration {version} failed: {source}")]
     Migration {
@@ -103,6 +109,56 @@ pub struct AgentRecord {
     pub created_at: i64,
     /// Last authenticated call that changed state.
     pub last_seen: i64,
+    /// Compare-and-set revision: every write of the record increments it.
+    pub revision: i64,
+    /// When the current serial was first presented (0: not yet). The previous serial is
+    /// accepted until then, plus a short grace.
+    pub serial_first_used: i64,
+    /// Two lineages of this agent's SVIDs were seen: a superseded SVID was presented.
+    pub forked: bool,
+    /// When the fork was detected (0: never).
+    pub forked_at: i64,
+}
+
+/// One write of [`DataStore::apply`]; every write of a call commits in one transaction.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Inserts an entry; assigns its revision.
+    CreateEntry(Entry),
+    /// Replaces an entry; assigns a new revision; tombstones the old parent if it changed.
+    UpdateEntry(Entry),
+    /// Deletes the entry with this id, recording a tombstone.
+    DeleteEntry(String),
+    /// Stores a new join token.
+    CreateJoinToken(JoinToken),
+    /// Inserts a new agent (revision 1); [`StoreError::Conflict`] if one exists.
+    InsertAgent(AgentRecord),
+    /// Replaces an agent if its stored revision is still `revision`; [`StoreError::Conflict`]
+    /// otherwise (or if it was deleted).
+    UpdateAgent(AgentRecord),
+    /// Bans an agent unconditionally (wins over any write in flight).
+    BanAgent(String),
+    /// Deletes an agent unconditionally; [`StoreError::NotFound`] if absent.
+    DeleteAgent(String),
+    /// Inserts or replaces an Engine.
+    PutEngine(Engine),
+    /// Inserts or replaces an Engine key.
+    PutEngineKey(EngineKey),
+    /// Inserts or replaces a key version.
+    PutKeyVersion(KeyVersion),
+    /// Inserts a secret version.
+    PutSecret(Secret),
+}
+
+/// What one [`Write`] committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The entry as stored (for a delete: the removed entry) and its tombstone, if any.
+    Entry(Entry, Option<Tombstone>),
+    /// The agent as stored, with its new revision.
+    Agent(AgentRecord),
+    /// Nothing to report.
+    Done,
 }
 
 /// What a CA key is used for.
@@ -205,10 +261,8 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// Removes tokens that expired before `now`.
     async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError>;
 
-    /// Inserts or replaces an agent.
-    async fn put_agent(&self, agent: &AgentRecord) -> Result<(), StoreError>;
-    /// Deletes an agent; false if it did not exist.
-    async fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError>;
+    /// One agent, read from the database (not a cache).
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
     /// Every agent.
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
 
@@ -245,6 +299,13 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn upsert_incarnation(&self, inc: &Incarnation) -> Result<(), StoreError>;
     /// Incarnations of an Engine, oldest first.
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
+    /// Applies `writes` and appends `audit` (in `seq` order) in one transaction: all or none.
+    /// A failed audit append is [`StoreError::Audit`].
+    async fn apply(
+        &self,
+        writes: &[Write],
+        audit: &[AuditRecord],
+    ) -> Result<Vec<Applied>, StoreError>;
     /// Appends audit records (in `seq` order) in one transaction.
     async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
     /// The audit log in `seq` order.

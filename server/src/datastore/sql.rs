@@ -4,13 +4,13 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 
 use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 use super::{
-    AgentRecord, AuditRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken, KeyPurpose,
-    StoreError, Tombstone,
+    AgentRecord, Applied, AuditRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken,
+    KeyPurpose, StoreError, Tombstone, Write,
 };
 
 /// Schema migrations, in order; `{BLOB}` becomes the dialect's binary type.
@@ -65,12 +65,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
         prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
     INSERT INTO meta (name, value) VALUES ('audit_head', 0)",
     ),
+    (
+        3,
+        "ALTER TABLE agents ADD COLUMN revision BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE agents ADD COLUMN serial_first_used BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN forked BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN forked_at BIGINT NOT NULL DEFAULT 0",
+    ),
 ];
 
 /// SQL datastore (SQLite or PostgreSQL, chosen by the URL).
 #[derive(Debug, Clone)]
 pub struct SqlDataStore {
     pool: AnyPool,
+    sqlite: bool,
 }
 
 impl SqlDataStore {
@@ -96,7 +104,7 @@ impl SqlDataStore {
                 .execute(&pool)
                 .await?;
         }
-        let store = Self { pool };
+        let store = Self { pool, sqlite };
         store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
         Ok(store)
     }
@@ -189,6 +197,10 @@ fn agent_from_row(r: &AnyRow) -> Result<AgentRecord, StoreError> {
         alias: r.try_get("alias")?,
         created_at: r.try_get("created_at")?,
         last_seen: r.try_get("last_seen")?,
+        revision: r.try_get("revision")?,
+        serial_first_used: r.try_get("serial_first_used")?,
+        forked: r.try_get::<i64, _>("forked")? != 0,
+        forked_at: r.try_get("forked_at")?,
     })
 }
 
@@ -286,6 +298,288 @@ impl SqlDataStore {
         entry_from_row(&row)
     }
 
+    async fn create_entry_tx(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        mut entry: Entry,
+    ) -> Result<Entry, StoreError> {
+        entry.revision = Self::bump(tx, "entry_revision").await?;
+        Self::write_entry(tx, &entry).await?;
+        Ok(entry)
+    }
+
+    async fn update_entry_tx(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        mut entry: Entry,
+    ) -> Result<(Entry, Option<Tombstone>), StoreError> {
+        let old = Self::get_entry_tx(tx, &entry.id).await?;
+        entry.revision = Self::bump(tx, "entry_revision").await?;
+        entry.created_at = old.created_at;
+        let moved = (old.parent_id != entry.parent_id).then(|| Tombstone {
+            entry_id: old.id.clone(),
+            parent_id: old.parent_id.clone(),
+            revision: entry.revision,
+        });
+        if let Some(t) = &moved {
+            Self::tombstone(tx, t).await?;
+        }
+        Self::write_entry(tx, &entry).await?;
+        Ok((entry, moved))
+    }
+
+    async fn delete_entry_tx(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        id: &str,
+    ) -> Result<(Entry, Tombstone), StoreError> {
+        let old = Self::get_entry_tx(tx, id).await?;
+        let revision = Self::bump(tx, "entry_revision").await?;
+        sqlx::query("DELETE FROM entries WHERE id = $1")
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        let t = Tombstone {
+            entry_id: old.id.clone(),
+            parent_id: old.parent_id.clone(),
+            revision,
+        };
+        Self::tombstone(tx, &t).await?;
+        Ok((old, t))
+    }
+
+    async fn insert_agent_on(
+        c: &mut AnyConnection,
+        a: &AgentRecord,
+    ) -> Result<AgentRecord, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen,
+             revision, serial_first_used, forked, forked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12)
+             ON CONFLICT (spiffe_id) DO NOTHING RETURNING *",
+        )
+        .bind(&a.spiffe_id)
+        .bind(&a.attestation_type)
+        .bind(&a.serial)
+        .bind(&a.previous_serial)
+        .bind(a.expires_at)
+        .bind(a.banned as i64)
+        .bind(a.alias.clone())
+        .bind(a.created_at)
+        .bind(a.last_seen)
+        .bind(a.serial_first_used)
+        .bind(a.forked as i64)
+        .bind(a.forked_at)
+        .fetch_optional(&mut *c)
+        .await?
+        .ok_or_else(|| StoreError::Conflict(format!("agent {}", a.spiffe_id)))?;
+        agent_from_row(&row)
+    }
+
+    /// Compare-and-set: only the revision that was read may be replaced.
+    async fn update_agent_on(
+        c: &mut AnyConnection,
+        a: &AgentRecord,
+    ) -> Result<AgentRecord, StoreError> {
+        let row = sqlx::query(
+            "UPDATE agents SET attestation_type = $2, serial = $3, previous_serial = $4, expires_at = $5,
+             banned = $6, alias = $7, last_seen = $8, serial_first_used = $9, forked = $10, forked_at = $11,
+             revision = revision + 1
+             WHERE spiffe_id = $1 AND revision = $12 RETURNING *",
+        )
+        .bind(&a.spiffe_id)
+        .bind(&a.attestation_type)
+        .bind(&a.serial)
+        .bind(&a.previous_serial)
+        .bind(a.expires_at)
+        .bind(a.banned as i64)
+        .bind(a.alias.clone())
+        .bind(a.last_seen)
+        .bind(a.serial_first_used)
+        .bind(a.forked as i64)
+        .bind(a.forked_at)
+        .bind(a.revision)
+        .fetch_optional(&mut *c)
+        .await?
+        .ok_or_else(|| StoreError::Conflict(format!("agent {}", a.spiffe_id)))?;
+        agent_from_row(&row)
+    }
+
+    async fn apply_tx(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        w: &Write,
+    ) -> Result<Applied, StoreError> {
+        Ok(match w {
+            Write::CreateEntry(e) => {
+                Applied::Entry(Self::create_entry_tx(tx, e.clone()).await?, None)
+            }
+            Write::UpdateEntry(e) => {
+                let (e, t) = Self::update_entry_tx(tx, e.clone()).await?;
+                Applied::Entry(e, t)
+            }
+            Write::DeleteEntry(id) => {
+                let (e, t) = Self::delete_entry_tx(tx, id).await?;
+                Applied::Entry(e, Some(t))
+            }
+            Write::CreateJoinToken(t) => {
+                Self::create_join_token_on(tx, t).await?;
+                Applied::Done
+            }
+            Write::InsertAgent(a) => Applied::Agent(Self::insert_agent_on(tx, a).await?),
+            Write::UpdateAgent(a) => Applied::Agent(Self::update_agent_on(tx, a).await?),
+            Write::BanAgent(id) => {
+                let row = sqlx::query(
+                    "UPDATE agents SET banned = 1, revision = revision + 1 WHERE spiffe_id = $1 RETURNING *",
+                )
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))?;
+                Applied::Agent(agent_from_row(&row)?)
+            }
+            Write::DeleteAgent(id) => {
+                let r = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+                    .bind(id)
+                    .execute(&mut **tx)
+                    .await?;
+                if r.rows_affected() == 0 {
+                    return Err(StoreError::NotFound(format!("agent {id}")));
+                }
+                Applied::Done
+            }
+            Write::PutEngine(e) => {
+                Self::put_engine_on(tx, e).await?;
+                Applied::Done
+            }
+            Write::PutEngineKey(k) => {
+                Self::put_engine_key_on(tx, k).await?;
+                Applied::Done
+            }
+            Write::PutKeyVersion(v) => {
+                Self::put_key_version_on(tx, v).await?;
+                Applied::Done
+            }
+            Write::PutSecret(sec) => {
+                Self::put_secret_on(tx, sec).await?;
+                Applied::Done
+            }
+        })
+    }
+
+    async fn append_audit_on(
+        c: &mut AnyConnection,
+        records: &[AuditRecord],
+    ) -> Result<(), StoreError> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        for a in records {
+            sqlx::query(
+                "INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(a.seq)
+            .bind(a.time)
+            .bind(&a.actor)
+            .bind(&a.action)
+            .bind(&a.target)
+            .bind(a.key_version as i64)
+            .bind(&a.result)
+            .bind(&a.prev_hash)
+            .bind(&a.hash)
+            .execute(&mut *c)
+            .await?;
+        }
+        sqlx::query("UPDATE meta SET value = $1 WHERE name = 'audit_head'")
+            .bind(last.seq)
+            .execute(&mut *c)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_engine_on(c: &mut AnyConnection, e: &Engine) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engines (name, spiffe_id, tier, custody, exposure_override, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (name) DO UPDATE SET spiffe_id = $2, tier = $3, custody = $4, exposure_override = $5",
+        )
+        .bind(&e.name)
+        .bind(&e.spiffe_id)
+        .bind(e.tier as i64)
+        .bind(e.custody.as_str())
+        .bind(e.exposure_override as i64)
+        .bind(e.created_at)
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    async fn put_engine_key_on(c: &mut AnyConnection, k: &EngineKey) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engine_keys (engine, name, algorithm, custody, primary_version, rotation_period, destroy_grace, next_rotation_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (engine, name) DO UPDATE SET primary_version = $5, rotation_period = $6, destroy_grace = $7, next_rotation_at = $8",
+        )
+        .bind(&k.engine)
+        .bind(&k.name)
+        .bind(k.algorithm.as_str())
+        .bind(k.custody.as_str())
+        .bind(k.primary_version as i64)
+        .bind(k.rotation_period)
+        .bind(k.destroy_grace)
+        .bind(k.next_rotation_at)
+        .bind(k.created_at)
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    async fn put_key_version_on(c: &mut AnyConnection, v: &KeyVersion) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (engine, key_name, version) DO UPDATE SET state = $4, sealed = $7, destroy_at = $11",
+        )
+        .bind(&v.engine)
+        .bind(&v.key)
+        .bind(v.version as i64)
+        .bind(v.state.as_str())
+        .bind(&v.kid)
+        .bind(v.public_key.clone())
+        .bind(v.sealed.clone())
+        .bind(&v.mechanism)
+        .bind(&v.hsm_id)
+        .bind(v.created_at)
+        .bind(v.destroy_at)
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    async fn put_secret_on(c: &mut AnyConnection, sec: &Secret) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO engine_secrets (engine, name, version, sealed, mechanism, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&sec.engine)
+        .bind(&sec.name)
+        .bind(sec.version as i64)
+        .bind(sec.sealed.clone())
+        .bind(&sec.mechanism)
+        .bind(sec.created_at)
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    async fn create_join_token_on(c: &mut AnyConnection, t: &JoinToken) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, id, alias, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&t.token_hash)
+        .bind(&t.id)
+        .bind(t.alias.clone())
+        .bind(t.expires_at)
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
     async fn meta(&self, name: &str) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT value FROM meta WHERE name = $1")
             .bind(name)
@@ -296,51 +590,25 @@ impl SqlDataStore {
 
 #[async_trait]
 impl DataStore for SqlDataStore {
-    async fn create_entry(&self, mut entry: Entry) -> Result<Entry, StoreError> {
+    async fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError> {
         let mut tx = self.pool.begin().await?;
-        entry.revision = Self::bump(&mut tx, "entry_revision").await?;
-        Self::write_entry(&mut tx, &entry).await?;
+        let entry = Self::create_entry_tx(&mut tx, entry).await?;
         tx.commit().await?;
         Ok(entry)
     }
 
-    async fn update_entry(
-        &self,
-        mut entry: Entry,
-    ) -> Result<(Entry, Option<Tombstone>), StoreError> {
+    async fn update_entry(&self, entry: Entry) -> Result<(Entry, Option<Tombstone>), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let old = Self::get_entry_tx(&mut tx, &entry.id).await?;
-        entry.revision = Self::bump(&mut tx, "entry_revision").await?;
-        entry.created_at = old.created_at;
-        let moved = (old.parent_id != entry.parent_id).then(|| Tombstone {
-            entry_id: old.id.clone(),
-            parent_id: old.parent_id.clone(),
-            revision: entry.revision,
-        });
-        if let Some(t) = &moved {
-            Self::tombstone(&mut tx, t).await?;
-        }
-        Self::write_entry(&mut tx, &entry).await?;
+        let r = Self::update_entry_tx(&mut tx, entry).await?;
         tx.commit().await?;
-        Ok((entry, moved))
+        Ok(r)
     }
 
     async fn delete_entry(&self, id: &str) -> Result<(Entry, Tombstone), StoreError> {
         let mut tx = self.pool.begin().await?;
-        let old = Self::get_entry_tx(&mut tx, id).await?;
-        let revision = Self::bump(&mut tx, "entry_revision").await?;
-        sqlx::query("DELETE FROM entries WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        let t = Tombstone {
-            entry_id: old.id.clone(),
-            parent_id: old.parent_id.clone(),
-            revision,
-        };
-        Self::tombstone(&mut tx, &t).await?;
+        let r = Self::delete_entry_tx(&mut tx, id).await?;
         tx.commit().await?;
-        Ok((old, t))
+        Ok(r)
     }
 
     async fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
@@ -372,16 +640,7 @@ impl DataStore for SqlDataStore {
     }
 
     async fn create_join_token(&self, t: JoinToken) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO join_tokens (token_hash, id, alias, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&t.token_hash)
-        .bind(&t.id)
-        .bind(t.alias.clone())
-        .bind(t.expires_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Self::create_join_token_on(&mut *self.pool.acquire().await?, &t).await
     }
 
     async fn take_join_token(&self, token_hash: &str) -> Result<Option<JoinToken>, StoreError> {
@@ -409,33 +668,12 @@ impl DataStore for SqlDataStore {
         Ok(r.rows_affected())
     }
 
-    async fn put_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (spiffe_id) DO UPDATE SET attestation_type = $2, serial = $3, previous_serial = $4,
-             expires_at = $5, banned = $6, alias = $7, last_seen = $9",
-        )
-        .bind(&a.spiffe_id)
-        .bind(&a.attestation_type)
-        .bind(&a.serial)
-        .bind(&a.previous_serial)
-        .bind(a.expires_at)
-        .bind(a.banned as i64)
-        .bind(a.alias.clone())
-        .bind(a.created_at)
-        .bind(a.last_seen)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_agent(&self, spiffe_id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM agents WHERE spiffe_id = $1")
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM agents WHERE spiffe_id = $1")
             .bind(spiffe_id)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
-        Ok(r.rows_affected() > 0)
+        row.as_ref().map(agent_from_row).transpose()
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
@@ -506,19 +744,7 @@ impl DataStore for SqlDataStore {
     }
 
     async fn put_engine(&self, e: &Engine) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO engines (name, spiffe_id, tier, custody, exposure_override, created_at) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (name) DO UPDATE SET spiffe_id = $2, tier = $3, custody = $4, exposure_override = $5",
-        )
-        .bind(&e.name)
-        .bind(&e.spiffe_id)
-        .bind(e.tier as i64)
-        .bind(e.custody.as_str())
-        .bind(e.exposure_override as i64)
-        .bind(e.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Self::put_engine_on(&mut *self.pool.acquire().await?, e).await
     }
 
     async fn list_engines(&self) -> Result<Vec<Engine>, StoreError> {
@@ -540,23 +766,7 @@ impl DataStore for SqlDataStore {
     }
 
     async fn put_engine_key(&self, k: &EngineKey) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO engine_keys (engine, name, algorithm, custody, primary_version, rotation_period, destroy_grace, next_rotation_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (engine, name) DO UPDATE SET primary_version = $5, rotation_period = $6, destroy_grace = $7, next_rotation_at = $8",
-        )
-        .bind(&k.engine)
-        .bind(&k.name)
-        .bind(k.algorithm.as_str())
-        .bind(k.custody.as_str())
-        .bind(k.primary_version as i64)
-        .bind(k.rotation_period)
-        .bind(k.destroy_grace)
-        .bind(k.next_rotation_at)
-        .bind(k.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Self::put_engine_key_on(&mut *self.pool.acquire().await?, k).await
     }
 
     async fn list_engine_keys(&self) -> Result<Vec<EngineKey>, StoreError> {
@@ -581,25 +791,7 @@ impl DataStore for SqlDataStore {
     }
 
     async fn put_key_version(&self, v: &KeyVersion) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (engine, key_name, version) DO UPDATE SET state = $4, sealed = $7, destroy_at = $11",
-        )
-        .bind(&v.engine)
-        .bind(&v.key)
-        .bind(v.version as i64)
-        .bind(v.state.as_str())
-        .bind(&v.kid)
-        .bind(v.public_key.clone())
-        .bind(v.sealed.clone())
-        .bind(&v.mechanism)
-        .bind(&v.hsm_id)
-        .bind(v.created_at)
-        .bind(v.destroy_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Self::put_key_version_on(&mut *self.pool.acquire().await?, v).await
     }
 
     async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError> {
@@ -627,18 +819,7 @@ impl DataStore for SqlDataStore {
     }
 
     async fn put_secret(&self, sec: &Secret) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO engine_secrets (engine, name, version, sealed, mechanism, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&sec.engine)
-        .bind(&sec.name)
-        .bind(sec.version as i64)
-        .bind(sec.sealed.clone())
-        .bind(&sec.mechanism)
-        .bind(sec.created_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Self::put_secret_on(&mut *self.pool.acquire().await?, sec).await
     }
 
     async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError> {
@@ -706,32 +887,36 @@ impl DataStore for SqlDataStore {
             .collect()
     }
 
-    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        let Some(last) = records.last() else {
-            return Ok(());
-        };
+    async fn apply(
+        &self,
+        writes: &[Write],
+        audit: &[AuditRecord],
+    ) -> Result<Vec<Applied>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        for a in records {
-            sqlx::query(
-                "INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(a.seq)
-            .bind(a.time)
-            .bind(&a.actor)
-            .bind(&a.action)
-            .bind(&a.target)
-            .bind(a.key_version as i64)
-            .bind(&a.result)
-            .bind(&a.prev_hash)
-            .bind(&a.hash)
-            .execute(&mut *tx)
-            .await?;
+        if self.sqlite {
+            // Take SQLite's write lock first (waiting on busy_timeout) so a transaction that
+            // reads before it writes cannot fail at once with SQLITE_BUSY on the upgrade.
+            sqlx::query("UPDATE meta SET value = value WHERE name = 'audit_head'")
+                .execute(&mut *tx)
+                .await?;
         }
-        sqlx::query("UPDATE meta SET value = $1 WHERE name = 'audit_head'")
-            .bind(last.seq)
-            .execute(&mut *tx)
-            .await?;
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            out.push(Self::apply_tx(&mut tx, w).await?);
+        }
+        Self::append_audit_on(&mut tx, audit)
+            .await
+            .map_err(|e| StoreError::Audit(e.to_string()))?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        Self::append_audit_on(&mut tx, records).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -16,8 +16,8 @@ use continuity_common::{Clock, SpiffeId, TrustDomain};
 use self::model::{
     Algorithm, Custody, Engine, EngineKey, Incarnation, KeyVersion, Purpose, Secret, VersionState,
 };
-use crate::audit::Audit;
-use crate::datastore::{DataStore, StoreError};
+use crate::audit::{Audit, AuditEvent};
+use crate::datastore::{DataStore, StoreError, Write};
 use crate::keys::software::SoftwareKey;
 use crate::keys::{AesKey, KeyError, KeyHandle, KeyManager};
 
@@ -290,16 +290,18 @@ impl Engines {
             exposure_override,
             created_at: self.clock.unix(),
         };
-        self.store.put_engine(&engine).await?;
-        self.write().engines.insert(name.into(), engine.clone());
         let result = if exposure_override {
             format!("ok; exposure override: {custody} for tier {tier}")
         } else {
             "ok".into()
         };
         self.audit
-            .record(actor, "engine.create", name, 0, &result)
+            .commit(
+                &[Write::PutEngine(engine.clone())],
+                &[AuditEvent::ok(actor, "engine.create", name).result(result)],
+            )
             .await?;
+        self.write().engines.insert(name.into(), engine.clone());
         Ok(engine)
     }
 
@@ -413,8 +415,19 @@ impl Engines {
             created_at: now,
         };
         let (version, material) = self.new_version(&key, 1, now).await?;
-        self.store.put_key_version(&version).await?;
-        self.store.put_engine_key(&key).await?;
+        self.audit
+            .commit(
+                &[
+                    Write::PutKeyVersion(version.clone()),
+                    Write::PutEngineKey(key.clone()),
+                ],
+                &[
+                    AuditEvent::ok(actor, "key.create", &format!("{engine}/{name}"))
+                        .version(1)
+                        .result(format!("ok; {} {}", algorithm.as_str(), key.custody)),
+                ],
+            )
+            .await?;
         {
             let mut idx = self.write();
             idx.keys.insert((engine.into(), name.into()), key.clone());
@@ -422,15 +435,6 @@ impl Engines {
                 .insert((engine.into(), name.into(), 1), version);
         }
         self.cache(engine, name, 1, material);
-        self.audit
-            .record(
-                actor,
-                "key.create",
-                &format!("{engine}/{name}"),
-                1,
-                &format!("ok; {} {}", algorithm.as_str(), key.custody),
-            )
-            .await?;
         Ok(key)
     }
 
@@ -445,8 +449,15 @@ impl Engines {
         if key.rotation_period > 0 {
             key.next_rotation_at = now + key.rotation_period;
         }
-        self.store.put_key_version(&version).await?;
-        self.store.put_engine_key(&key).await?;
+        self.audit
+            .commit(
+                &[
+                    Write::PutKeyVersion(version.clone()),
+                    Write::PutEngineKey(key.clone()),
+                ],
+                &[AuditEvent::ok(actor, "key.rotate", &format!("{engine}/{name}")).version(next)],
+            )
+            .await?;
         {
             let mut idx = self.write();
             idx.keys.insert((engine.into(), name.into()), key.clone());
@@ -454,9 +465,6 @@ impl Engines {
                 .insert((engine.into(), name.into(), next), version);
         }
         self.cache(engine, name, next, material);
-        self.audit
-            .record(actor, "key.rotate", &format!("{engine}/{name}"), next, "ok")
-            .await?;
         Ok(key)
     }
 
@@ -491,24 +499,26 @@ impl Engines {
         } else {
             0
         };
-        self.store.put_key_version(&v).await?;
-        self.write()
-            .versions
-            .insert((engine.into(), name.into(), version), v.clone());
         let result = if to == DestroyScheduled {
             format!("ok; destroyed at {}", v.destroy_at)
         } else {
             "ok".into()
         };
         self.audit
-            .record(
-                actor,
-                &format!("key.{}", format!("{action:?}").to_lowercase()),
-                &format!("{engine}/{name}"),
-                version,
-                &result,
+            .commit(
+                &[Write::PutKeyVersion(v.clone())],
+                &[AuditEvent::ok(
+                    actor,
+                    &format!("key.{}", format!("{action:?}").to_lowercase()),
+                    &format!("{engine}/{name}"),
+                )
+                .version(version)
+                .result(result)],
             )
             .await?;
+        self.write()
+            .versions
+            .insert((engine.into(), name.into(), version), v.clone());
         Ok(key)
     }
 
@@ -530,7 +540,18 @@ impl Engines {
             }
             v.sealed = None;
             v.state = VersionState::Destroyed;
-            self.store.put_key_version(&v).await?;
+            self.audit
+                .commit(
+                    &[Write::PutKeyVersion(v.clone())],
+                    &[AuditEvent::ok(
+                        "scheduler",
+                        "key.destroyed",
+                        &format!("{}/{}", v.engine, v.key),
+                    )
+                    .version(v.version)
+                    .result("ok; material erased")],
+                )
+                .await?;
             self.material
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -538,15 +559,6 @@ impl Engines {
             self.write()
                 .versions
                 .insert((v.engine.clone(), v.key.clone(), v.version), v.clone());
-            self.audit
-                .record(
-                    "scheduler",
-                    "key.destroyed",
-                    &format!("{}/{}", v.engine, v.key),
-                    v.version,
-                    "ok; material erased",
-                )
-                .await?;
         }
         let rotate: Vec<(String, String)> = self
             .read()
@@ -956,19 +968,18 @@ impl Engines {
             mechanism: kek.mechanism().into(),
             created_at: self.clock.unix(),
         };
-        self.store.put_secret(&secret).await?;
+        self.audit
+            .commit(
+                &[Write::PutSecret(secret.clone())],
+                &[
+                    AuditEvent::ok(actor, "secret.put", &format!("{engine}/{name}"))
+                        .version(version),
+                ],
+            )
+            .await?;
         self.write()
             .secrets
             .insert((engine.into(), name.into()), secret);
-        self.audit
-            .record(
-                actor,
-                "secret.put",
-                &format!("{engine}/{name}"),
-                version,
-                "ok",
-            )
-            .await?;
         Ok(version)
     }
 
