@@ -633,7 +633,7 @@ mod tests {
             x509_ttl: Duration::from_secs(3600),
             jwt_ttl: Duration::from_secs(300),
             metrics,
-            psat_clusters: Arc::new(vec![]),
+            psat_clusters: Arc::new(continuity_attestors::k8s_psat::Validator::new(vec![])),
         };
         Fixture {
             dir,
