@@ -715,7 +715,7 @@ impl Engines {
                 Material::Signer(Arc::new(sk), Some(export))
             }
             (_, None) => {
-                let raw = Zeroizing::new(crate::keys::aes::generate()?);
+                let raw = crate::keys::aes::generate()?;
                 let kek = self.keys.kek(KEK_ID).await?;
                 v.sealed = Some(kek.seal(&raw, aad.as_bytes())?);
                 v.mechanism = kek.mechanism().into();

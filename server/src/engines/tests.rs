@@ -418,3 +418,35 @@ async fn the_nonce_budget_rotates_keys_and_survives_a_restart() {
     assert_eq!(e.key("payments", "data").unwrap().0.primary_version, 4);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn debug_of_versions_and_secrets_hides_sealed_material() {
+    let (e, _, store, dir) = engines().await;
+    e.create_engine("vault", 2, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key("vault", "data", Purpose::Encrypt, None, 0, 3600, "admin")
+        .await
+        .unwrap();
+    let (_, versions) = e.key("vault", "data").unwrap();
+    let sealed = versions[0].sealed.clone().unwrap();
+    let d = format!("{:?} {:#?} {e:?}", versions[0], versions[0]);
+    let list = format!("{:?}", &sealed[..8]);
+    assert!(!d.contains(list.trim_end_matches(']')), "{d}");
+    assert!(d.contains("redacted"), "{d}");
+    let secret = Secret {
+        engine: "vault".into(),
+        name: "db".into(),
+        version: 1,
+        sealed: vec![0xcd; 48],
+        mechanism: "aes-256-gcm".into(),
+        created_at: 0,
+    };
+    let d = format!("{secret:?}");
+    assert!(!d.contains("205"), "{d}");
+    assert!(d.contains("48 bytes"), "{d}");
+    let soft = SoftAes(Zeroizing::new(vec![0xcd; 32]));
+    assert!(!format!("{soft:?}").contains("205"));
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
