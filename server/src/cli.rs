@@ -714,7 +714,7 @@ fn key_json(k: &continuity_proto::admin::EngineKey) -> Value {
     json!({
         "engine": k.engine, "name": k.name, "purpose": k.purpose, "algorithm": k.algorithm, "custody": k.custody,
         "primary_version": k.primary_version, "rotation_period": k.rotation_period, "destroy_grace": k.destroy_grace,
-        "versions": k.versions.iter().map(|v| json!({"version": v.version, "state": v.state, "kid": v.kid, "created_at": v.created_at, "destroy_at": v.destroy_at})).collect::<Vec<_>>(),
+        "versions": k.versions.iter().map(|v| json!({"version": v.version, "state": v.state, "kid": v.kid, "created_at": v.created_at, "destroy_at": v.destroy_at, "encryptions": v.encryptions})).collect::<Vec<_>>(),
     })
 }
 
@@ -732,7 +732,15 @@ fn print_key(out: Output, k: &continuity_proto::admin::EngineKey) {
                 } else {
                     String::new()
                 };
-                println!("  v{:<4} {:<18} kid {}{when}", v.version, v.state, v.kid);
+                let count = if k.purpose == "encrypt" {
+                    format!(" encryptions {}", v.encryptions)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "  v{:<4} {:<18} kid {}{count}{when}",
+                    v.version, v.state, v.kid
+                );
             }
         }
     }

@@ -53,6 +53,8 @@ pub struct FileConfig {
     pub node_attestors: Option<FileNodeAttestors>,
     /// `[agent_api]`.
     pub agent_api: Option<FileAgentApi>,
+    /// `[engines]`.
+    pub engines: Option<FileEngines>,
 }
 
 /// `[agent_api]`.
@@ -61,6 +63,14 @@ pub struct FileConfig {
 pub struct FileAgentApi {
     /// How long an agent's previous SVID is still accepted after its successor was first used.
     pub previous_svid_grace: Option<String>,
+}
+
+/// `[engines]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEngines {
+    /// AES-GCM encryptions one key version may do before automatic rotation.
+    pub max_encryptions_per_key_version: Option<i64>,
 }
 
 /// `[node_attestors]`.
@@ -203,6 +213,8 @@ pub struct Config {
     /// `[agent_api] previous_svid_grace`: how long an agent's previous SVID is still accepted
     /// after its successor was first used (in-flight calls on the old channel).
     pub previous_svid_grace: Duration,
+    /// `[engines] max_encryptions_per_key_version`: the AES-GCM nonce budget of a key version.
+    pub max_encryptions_per_key_version: u64,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -331,6 +343,7 @@ impl Config {
             log_level,
             log_format: f.log_format.unwrap_or_default(),
             previous_svid_grace,
+            max_encryptions_per_key_version: max_encryptions(f.engines)?,
             data_dir,
         })
     }
@@ -410,6 +423,24 @@ fn psat(
         });
     }
     Ok(out)
+}
+
+/// Random 96-bit nonces are safe for about 2^32 encryptions per key; more is refused.
+const MAX_ENCRYPTIONS_LIMIT: u64 = 1 << 32;
+
+fn max_encryptions(e: Option<FileEngines>) -> Result<u64, ConfigError> {
+    let Some(n) = e.and_then(|e| e.max_encryptions_per_key_version) else {
+        return Ok(crate::engines::DEFAULT_MAX_ENCRYPTIONS_PER_KEY_VERSION);
+    };
+    match u64::try_from(n) {
+        Ok(n) if (1..=MAX_ENCRYPTIONS_LIMIT).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            "engines.max_encryptions_per_key_version",
+            format!(
+                "{n} is not between 1 and {MAX_ENCRYPTIONS_LIMIT} (2^32, the safe bound for random AES-GCM nonces)"
+            ),
+        )),
+    }
 }
 
 fn cluster_duration(
@@ -512,6 +543,7 @@ mod tests {
     fn defaults_apply() {
         let c = parse("trust_domain = \"example.org\"\ndata_dir = \"/tmp/x\"").unwrap();
         assert_eq!(c.ca_ttl, Duration::from_secs(86400));
+        assert_eq!(c.max_encryptions_per_key_version, 1 << 31);
         assert_eq!(
             c.key_manager,
             KeyManagerConfig::Disk {
@@ -550,6 +582,8 @@ mod tests {
             "pin_file",
             "[health]",
             "[metrics]",
+            "[engines]",
+            "max_encryptions_per_key_version",
         ] {
             assert!(
                 text.contains(key),
@@ -621,6 +655,20 @@ mod tests {
         assert!(e.contains("`trust_domain`"), "{e}");
         let e = parse("trust_domain = \"e.org\"\n[key_manager]\nkind = \"pkcs11\"\nmodule = \"/x.so\"\ntoken_label = \"t\"\npin = \"1234\"").unwrap_err().to_string();
         assert!(e.contains("`key_manager.pin`"), "{e}");
+        for bad in ["0", "-1", "4294967297"] {
+            let e = parse(&format!(
+                "trust_domain = \"e.org\"\n[engines]\nmax_encryptions_per_key_version = {bad}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("`engines.max_encryptions_per_key_version`"),
+                "{e}"
+            );
+        }
+        let c = parse("trust_domain = \"e.org\"\n[engines]\nmax_encryptions_per_key_version = 10")
+            .unwrap();
+        assert_eq!(c.max_encryptions_per_key_version, 10);
         let e = parse("trust_domain = \"e.org\"\nca_key_type = \"dsa\"")
             .unwrap_err()
             .to_string();

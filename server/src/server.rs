@@ -153,6 +153,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         audit,
     )
     .await?;
+    engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
     {
         // Scheduled destruction and periodic rotation of Engine keys.
         let engines = engines.clone();

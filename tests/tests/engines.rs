@@ -893,6 +893,12 @@ fn hsm_lifecycle_with_a_driven_clock() {
         // SAFETY-free PIN hand-over: a file, as an operator would.
         let pin_file = dir.join("pin");
         std::fs::write(&pin_file, std::env::var("LIFECYCLE_PIN").unwrap()).unwrap();
+        // A pin_file must be closed to group and others.
+        std::fs::set_permissions(
+            &pin_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         let keys: Arc<dyn KeyManager> = Arc::new(
             Pkcs11KeyManager::open(
                 Path::new(MODULE),

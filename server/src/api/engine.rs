@@ -331,6 +331,7 @@ fn key_pb(k: &EngineKey, versions: &[KeyVersion]) -> pb_admin::EngineKey {
                 kid: v.kid.clone(),
                 created_at: v.created_at,
                 destroy_at: v.destroy_at,
+                encryptions: v.encryptions,
             })
             .collect(),
     }

@@ -12,6 +12,7 @@ use continuity_common::{Clock, TrustDomain};
 use rcgen::Issuer;
 use tokio::sync::watch;
 
+pub mod csr;
 pub mod profile;
 
 use crate::datastore::{CaKeyRecord, CaKeyState, DataStore, KeyPurpose, StoreError};
@@ -29,9 +30,9 @@ pub enum CaError {
     /// A certificate could not be built.
     #[error("certificate profile: {0}")]
     Profile(String),
-    /// A CSR was malformed or its signature did not verify.
-    #[error("{0}")]
-    Csr(String),
+    /// A CSR was malformed, refused by the CSR policy, or its signature did not verify.
+    #[error(transparent)]
+    Csr(#[from] csr::CsrError),
     /// rcgen refused to sign.
     #[error("signing failed: {0}")]
     Sign(String),
@@ -435,7 +436,7 @@ impl CaManager {
         let not_after = (now + ttl.as_secs() as i64).min(snap.x509.record.not_after);
         let params = profile::svid_params(spiffe_id, dns_names, now - 10, not_after)?;
         let public = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
-            .map_err(|e| CaError::Csr(format!("unsupported public key: {e}")))?;
+            .map_err(|e| csr::CsrError::Malformed(format!("unsupported public key: {e}")))?;
         let cert = params
             .signed_by(&public, &snap.x509.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;
@@ -445,7 +446,8 @@ impl CaManager {
         })
     }
 
-    /// Signs an X509-SVID from a CSR (only its public key is used). Blocking.
+    /// Signs an X509-SVID from a CSR that passes the [`csr`] policy; only its public key is used
+    /// (the SANs, constraints and key usages it asks for are ignored). Blocking.
     pub fn sign_x509_svid_from_csr(
         &self,
         spiffe_id: &str,

@@ -9,7 +9,6 @@ use rcgen::{
     KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
-use x509_parser::prelude::FromDer;
 
 use super::CaError;
 use crate::keys::KeyHandle;
@@ -104,14 +103,11 @@ pub fn svid_params(
     Ok(p)
 }
 
-/// Verifies a PKCS#10 CSR's self-signature and returns its SubjectPublicKeyInfo (DER).
-/// Nothing else in the CSR is trusted: the server builds the SVID from the entry.
+/// Applies the CSR policy ([`super::csr`]: no weak keys or hashes, the self-signature must
+/// verify) and returns the CSR's SubjectPublicKeyInfo (DER). Nothing else in the CSR is
+/// trusted: the server builds the SVID from the entry.
 pub fn csr_public_key(csr_der: &[u8]) -> Result<Vec<u8>, CaError> {
-    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
-        .map_err(|e| CaError::Csr(format!("malformed CSR: {e}")))?;
-    csr.verify_signature()
-        .map_err(|_| CaError::Csr("CSR signature does not verify".into()))?;
-    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+    Ok(super::csr::check(csr_der)?)
 }
 
 /// Encodes and signs a JWT-SVID (compact JWS).

@@ -230,3 +230,46 @@ async fn jwt_svid_is_compact_jws_with_kid() {
     assert!(exp > 0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn csr_requested_extensions_are_ignored() {
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let (ca, dir) = ca(clock).await;
+    // A hostile CSR: another SPIFFE ID, a DNS name, CA basic constraints, CA key usages.
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://example.org/admin".try_into().unwrap(),
+    ));
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let csr = params.serialize_request(&kp).unwrap();
+    let svid = ca
+        .sign_x509_svid_from_csr(
+            "spiffe://example.org/web",
+            csr.der(),
+            Duration::from_secs(HOUR),
+            &[],
+        )
+        .unwrap();
+    let (_, leaf) = parse_x509_certificate(&svid.cert_der).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(
+        san.general_names,
+        vec![GeneralName::URI("spiffe://example.org/web")],
+        "only the entry's SPIFFE ID"
+    );
+    assert!(!leaf.is_ca());
+    assert!(!leaf.basic_constraints().unwrap().unwrap().value.ca);
+    let ku = leaf.key_usage().unwrap().unwrap().value;
+    assert!(ku.digital_signature() && !ku.key_cert_sign() && !ku.crl_sign());
+    // The key is the CSR's.
+    assert_eq!(
+        leaf.public_key().raw,
+        &rcgen::PublicKeyData::subject_public_key_info(&kp)[..]
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -291,6 +291,15 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn put_key_version(&self, version: &KeyVersion) -> Result<(), StoreError>;
     /// Every key version.
     async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError>;
+    /// Adds `block` to a key version's reserved encryption count (its AES-GCM nonce budget)
+    /// and returns the new total; committed before any of the block is used.
+    async fn reserve_encryptions(
+        &self,
+        engine: &str,
+        key: &str,
+        version: u32,
+        block: u64,
+    ) -> Result<u64, StoreError>;
     /// Inserts a secret version.
     async fn put_secret(&self, secret: &Secret) -> Result<(), StoreError>;
     /// Every secret version.

@@ -72,6 +72,11 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE agents ADD COLUMN forked BIGINT NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN forked_at BIGINT NOT NULL DEFAULT 0",
     ),
+    (
+        4,
+        // Encryptions reserved per key version (AES-GCM nonce budget), in blocks, before use.
+        "ALTER TABLE engine_key_versions ADD COLUMN encryptions_reserved BIGINT NOT NULL DEFAULT 0",
+    ),
 ];
 
 /// SQL datastore (SQLite or PostgreSQL, chosen by the URL).
@@ -813,9 +818,48 @@ impl DataStore for SqlDataStore {
                     hsm_id: r.try_get("hsm_id")?,
                     created_at: r.try_get("created_at")?,
                     destroy_at: r.try_get("destroy_at")?,
+                    encryptions: r.try_get::<i64, _>("encryptions_reserved")?.max(0) as u64,
                 })
             })
             .collect()
+    }
+
+    async fn reserve_encryptions(
+        &self,
+        engine: &str,
+        key: &str,
+        version: u32,
+        block: u64,
+    ) -> Result<u64, StoreError> {
+        let block = i64::try_from(block)
+            .map_err(|_| StoreError::Corrupt(format!("encryption block {block} too large")))?;
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE engine_key_versions SET encryptions_reserved = encryptions_reserved + $1
+             WHERE engine = $2 AND key_name = $3 AND version = $4",
+        )
+        .bind(block)
+        .bind(engine)
+        .bind(key)
+        .bind(version as i64)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Err(StoreError::NotFound(format!(
+                "version {version} of {engine}/{key}"
+            )));
+        }
+        let total: i64 = sqlx::query_scalar(
+            "SELECT encryptions_reserved FROM engine_key_versions
+             WHERE engine = $1 AND key_name = $2 AND version = $3",
+        )
+        .bind(engine)
+        .bind(key)
+        .bind(version as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(total.max(0) as u64)
     }
 
     async fn put_secret(&self, sec: &Secret) -> Result<(), StoreError> {

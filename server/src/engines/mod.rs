@@ -8,6 +8,7 @@
 pub mod model;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use continuity_common::secret::Zeroizing;
@@ -26,6 +27,11 @@ pub const KEK_ID: &str = "engine-kek";
 /// Default grace before a scheduled destruction.
 pub const DEFAULT_DESTROY_GRACE: i64 = 24 * 3600;
 const CIPHERTEXT_MAGIC: &[u8; 4] = b"cty1";
+/// Default AES-GCM nonce budget per key version: random 96-bit nonces stay safe for about
+/// 2^32 encryptions under one key; rotation happens well before, at 2^31.
+pub const DEFAULT_MAX_ENCRYPTIONS_PER_KEY_VERSION: u64 = 1 << 31;
+/// Encryptions reserved (persisted) at a time, so counting costs no write per encryption.
+const ENCRYPTION_BLOCK: u64 = 4096;
 
 /// Engine failures, mapped to gRPC statuses at the API edge.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +181,28 @@ pub struct Engines {
     index: RwLock<Index>,
     writes: tokio::sync::Mutex<()>,
     material: Mutex<HashMap<(String, String, u32), Material>>,
+    /// Nonce budget per key version: encryptions used and reserved in the datastore.
+    budgets: Mutex<HashMap<(String, String, u32), NonceBudget>>,
+    /// Serializes block reservations (the hot path never waits on it).
+    reserve_lock: tokio::sync::Mutex<()>,
+    max_encryptions: AtomicU64,
+}
+
+/// Encryptions of one key version: `used` never passes `reserved`, which is persisted first.
+#[derive(Debug, Clone, Copy)]
+struct NonceBudget {
+    used: u64,
+    reserved: u64,
+}
+
+/// What taking one nonce from a version's budget found.
+enum Nonce {
+    /// Taken; encrypt.
+    Taken,
+    /// The reserved block is used up: reserve another.
+    Reserve,
+    /// The version has had its maximum: rotate.
+    Exhausted,
 }
 
 impl std::fmt::Debug for Engines {
@@ -216,7 +244,16 @@ impl Engines {
             index: RwLock::new(index),
             writes: tokio::sync::Mutex::new(()),
             material: Mutex::default(),
+            budgets: Mutex::default(),
+            reserve_lock: tokio::sync::Mutex::new(()),
+            max_encryptions: AtomicU64::new(DEFAULT_MAX_ENCRYPTIONS_PER_KEY_VERSION),
         }))
+    }
+
+    /// Sets how many encryptions one key version may do before it is rotated automatically
+    /// (`[engines] max_encryptions_per_key_version`; at least 1).
+    pub fn set_max_encryptions_per_key_version(&self, max: u64) {
+        self.max_encryptions.store(max.max(1), Ordering::Relaxed);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
@@ -338,6 +375,17 @@ impl Engines {
                     ..=(engine.to_string(), name.to_string(), u32::MAX),
             )
             .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>();
+        drop(idx);
+        let budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let versions = versions
+            .into_iter()
+            .map(|mut v| {
+                if let Some(b) = budgets.get(&(v.engine.clone(), v.key.clone(), v.version)) {
+                    v.encryptions = b.used;
+                }
+                v
+            })
             .collect();
         Ok((k, versions))
     }
@@ -441,6 +489,17 @@ impl Engines {
     /// Adds a version and makes it primary.
     pub async fn rotate(&self, engine: &str, name: &str, actor: &str) -> Result<EngineKey> {
         let _w = self.writes.lock().await;
+        self.rotate_locked(engine, name, actor, "ok").await
+    }
+
+    /// [`Engines::rotate`] with the write lock held; `result` goes to the audit record.
+    async fn rotate_locked(
+        &self,
+        engine: &str,
+        name: &str,
+        actor: &str,
+        result: &str,
+    ) -> Result<EngineKey> {
         let (mut key, versions) = self.key(engine, name)?;
         let next = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
         let now = self.clock.unix();
@@ -455,7 +514,9 @@ impl Engines {
                     Write::PutKeyVersion(version.clone()),
                     Write::PutEngineKey(key.clone()),
                 ],
-                &[AuditEvent::ok(actor, "key.rotate", &format!("{engine}/{name}")).version(next)],
+                &[AuditEvent::ok(actor, "key.rotate", &format!("{engine}/{name}"))
+                    .version(next)
+                    .result(result)],
             )
             .await?;
         {
@@ -634,6 +695,7 @@ impl Engines {
             hsm_id: String::new(),
             created_at: now,
             destroy_at: 0,
+            encryptions: 0,
         };
         let material = match (key.custody, key.algorithm.key_type()) {
             (Custody::Hsm, Some(kt)) => {
@@ -661,7 +723,7 @@ impl Engines {
                 Material::Signer(Arc::new(sk), Some(export))
             }
             (_, None) => {
-                let raw = Zeroizing::new(crate::keys::aes::generate()?);
+                let raw = crate::keys::aes::generate()?;
                 let kek = self.keys.kek(KEK_ID).await?;
                 v.sealed = Some(kek.seal(&raw, aad.as_bytes())?);
                 v.mechanism = kek.mechanism().into();
@@ -786,7 +848,7 @@ impl Engines {
     ) -> Result<(u32, Vec<u8>)> {
         let target = format!("{engine}/{name}");
         let outcome = async {
-            let (key, v) = self.usable(engine, name, 0, Purpose::Encrypt)?;
+            let (key, v) = self.take_nonce(engine, name).await?;
             let Material::Aes(aes, _) = self.material(&key, &v).await? else {
                 return Err(EngineError::Precondition(format!(
                     "{target} is not an encrypt key"
@@ -850,6 +912,106 @@ impl Engines {
         self.audit_use(actor, "key.decrypt", &target, outcome.as_ref().map(|o| o.0))
             .await?;
         outcome
+    }
+
+    /// Counts one encryption against the primary version's nonce budget and returns that
+    /// version: reserves another block first when the reserved one is used up, and rotates
+    /// the key when the version has had its maximum (refusing if rotation fails).
+    async fn take_nonce(&self, engine: &str, name: &str) -> Result<(EngineKey, KeyVersion)> {
+        // Each round either takes a nonce or makes progress (a block reserved, a rotation);
+        // a few rounds cover concurrent callers doing the same.
+        for _ in 0..4 {
+            let (key, v) = self.usable(engine, name, 0, Purpose::Encrypt)?;
+            match self.try_take_nonce(&v) {
+                Nonce::Taken => return Ok((key, v)),
+                Nonce::Reserve => self.reserve_nonces(&v).await?,
+                Nonce::Exhausted => self.rotate_for_nonce_budget(&v).await?,
+            }
+        }
+        Err(EngineError::Precondition(format!(
+            "{engine}/{name}: no encryption budget after rotating; retry"
+        )))
+    }
+
+    fn try_take_nonce(&self, v: &KeyVersion) -> Nonce {
+        let max = self.max_encryptions.load(Ordering::Relaxed);
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let b = budgets
+            .entry((v.engine.clone(), v.key.clone(), v.version))
+            .or_insert(NonceBudget {
+                used: v.encryptions,
+                reserved: v.encryptions,
+            });
+        if b.used >= max {
+            Nonce::Exhausted
+        } else if b.used < b.reserved {
+            b.used += 1;
+            Nonce::Taken
+        } else {
+            Nonce::Reserve
+        }
+    }
+
+    /// Persists the next block of a version's budget (never past the maximum).
+    async fn reserve_nonces(&self, v: &KeyVersion) -> Result<()> {
+        let _r = self.reserve_lock.lock().await;
+        let id = (v.engine.clone(), v.key.clone(), v.version);
+        let max = self.max_encryptions.load(Ordering::Relaxed);
+        let block = {
+            let budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+            match budgets.get(&id) {
+                Some(b) if b.used < b.reserved || b.reserved >= max => return Ok(()),
+                Some(b) => ENCRYPTION_BLOCK.min(max - b.reserved),
+                None => return Ok(()),
+            }
+        };
+        let total = self
+            .store
+            .reserve_encryptions(&v.engine, &v.key, v.version, block)
+            .await?;
+        if let Some(b) = self
+            .budgets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&id)
+        {
+            b.reserved = b.reserved.max(total);
+        }
+        if let Some(iv) = self.write().versions.get_mut(&id) {
+            iv.encryptions = iv.encryptions.max(total);
+        }
+        Ok(())
+    }
+
+    /// Rotates a key whose primary version `v` has used its nonce budget (once, however many
+    /// callers find it exhausted); audited as key.rotate with the reason.
+    async fn rotate_for_nonce_budget(&self, v: &KeyVersion) -> Result<()> {
+        let max = self.max_encryptions.load(Ordering::Relaxed);
+        let _w = self.writes.lock().await;
+        let (key, _) = self.key(&v.engine, &v.key)?;
+        if key.primary_version != v.version {
+            return Ok(());
+        }
+        let reason = format!(
+            "ok; reason: nonce budget ({max} encryptions of v{})",
+            v.version
+        );
+        match self
+            .rotate_locked(&v.engine, &v.key, "server", &reason)
+            .await
+        {
+            Ok(k) => {
+                tracing::info!(engine = %v.engine, key = %v.key, version = k.primary_version, "key rotated: the previous version used its AES-GCM nonce budget");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(engine = %v.engine, key = %v.key, error = %e, "nonce budget used up and automatic rotation failed; encryption refused");
+                Err(EngineError::Precondition(format!(
+                    "version {} of {}/{} has used its nonce budget of {max} encryptions and automatic rotation failed ({e}); encryption is refused until the key is rotated",
+                    v.version, v.engine, v.key
+                )))
+            }
+        }
     }
 
     async fn audit_use(

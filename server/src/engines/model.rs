@@ -232,8 +232,8 @@ pub struct EngineKey {
     pub created_at: i64,
 }
 
-/// One version of a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One version of a key. `Debug` leaves out the sealed material.
+#[derive(Clone, PartialEq, Eq)]
 pub struct KeyVersion {
     /// Engine name.
     pub engine: String,
@@ -257,10 +257,13 @@ pub struct KeyVersion {
     pub created_at: i64,
     /// When a scheduled destruction happens (0 = not scheduled).
     pub destroy_at: i64,
+    /// Encryptions counted against this version's AES-GCM nonce budget. Reserved in blocks
+    /// before use, so after a restart it may exceed the encryptions done, never fall short.
+    pub encryptions: u64,
 }
 
-/// A named KV secret of an Engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A named KV secret of an Engine. `Debug` leaves out the sealed value.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
     /// Engine.
     pub engine: String,
@@ -274,6 +277,46 @@ pub struct Secret {
     pub mechanism: String,
     /// Creation time.
     pub created_at: i64,
+}
+
+impl fmt::Debug for KeyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyVersion")
+            .field("engine", &self.engine)
+            .field("key", &self.key)
+            .field("version", &self.version)
+            .field("state", &self.state)
+            .field("kid", &self.kid)
+            .field("sealed", &self.sealed.as_ref().map(|s| Redacted(s.len())))
+            .field("mechanism", &self.mechanism)
+            .field("hsm_id", &self.hsm_id)
+            .field("created_at", &self.created_at)
+            .field("destroy_at", &self.destroy_at)
+            .field("encryptions", &self.encryptions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Secret")
+            .field("engine", &self.engine)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("sealed", &Redacted(self.sealed.len()))
+            .field("mechanism", &self.mechanism)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
+}
+
+/// Shows only the length of secret (or sealed) bytes.
+struct Redacted(usize);
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<redacted, {} bytes>", self.0)
+    }
 }
 
 /// A workload that was an Engine.

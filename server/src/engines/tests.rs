@@ -282,3 +282,171 @@ async fn custody_rules_and_kv_delivery() {
     assert!(audit.iter().all(|r| !format!("{r:?}").contains("s3cret")));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A memory key manager whose KEK can be made unavailable (so new versions cannot be sealed).
+#[derive(Debug, Default)]
+struct FlakyKek {
+    inner: MemoryKeyManager,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl KeyManager for FlakyKek {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    async fn generate(
+        &self,
+        id: &str,
+        key_type: crate::keys::KeyType,
+    ) -> std::result::Result<Arc<dyn KeyHandle>, KeyError> {
+        self.inner.generate(id, key_type).await
+    }
+    async fn get(&self, id: &str) -> std::result::Result<Option<Arc<dyn KeyHandle>>, KeyError> {
+        self.inner.get(id).await
+    }
+    async fn delete(&self, id: &str) -> std::result::Result<(), KeyError> {
+        self.inner.delete(id).await
+    }
+    async fn kek(&self, id: &str) -> std::result::Result<Arc<dyn crate::keys::Kek>, KeyError> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(KeyError::Storage("KEK unavailable".into()));
+        }
+        self.inner.kek(id).await
+    }
+}
+
+async fn engines_with(
+    km: Arc<dyn KeyManager>,
+    store: Arc<dyn DataStore>,
+    max: u64,
+) -> Arc<Engines> {
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
+    let e = Engines::load(
+        TrustDomain::new("example.org").unwrap(),
+        store,
+        km,
+        clock,
+        audit,
+    )
+    .await
+    .unwrap();
+    e.set_max_encryptions_per_key_version(max);
+    e
+}
+
+fn counts(e: &Engines) -> Vec<(u32, u64)> {
+    let (_, versions) = e.key("payments", "data").unwrap();
+    versions
+        .iter()
+        .map(|v| (v.version, v.encryptions))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_nonce_budget_rotates_keys_and_survives_a_restart() {
+    let (_, _, store, dir) = engines().await;
+    let km = Arc::new(FlakyKek::default());
+    let e = engines_with(km.clone(), store.clone(), 10).await;
+    e.create_engine("payments", 1, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
+        .await
+        .unwrap();
+    let mut cts = Vec::new();
+    for i in 0..25u32 {
+        let pt = format!("record {i}");
+        let (v, ct) = e
+            .encrypt("payments", "data", pt.as_bytes(), b"", "w")
+            .await
+            .unwrap();
+        cts.push((v, pt, ct));
+    }
+    let versions: Vec<u32> = cts.iter().map(|c| c.0).collect();
+    assert_eq!(versions[..10], [1; 10]);
+    assert_eq!(versions[10..20], [2; 10]);
+    assert_eq!(versions[20..], [3; 5]);
+    assert_eq!(counts(&e), vec![(1, 10), (2, 10), (3, 5)]);
+    // Old versions still decrypt.
+    for (v, pt, ct) in &cts {
+        let (dv, out) = e.decrypt("payments", "data", ct, b"", "w").await.unwrap();
+        assert_eq!((dv, out.as_slice()), (*v, pt.as_bytes()));
+    }
+    // Automatic rotations are audited with their reason.
+    let audit = store.list_audit().await.unwrap();
+    let rotations: Vec<_> = audit.iter().filter(|r| r.action == "key.rotate").collect();
+    assert_eq!(rotations.len(), 2);
+    assert!(
+        rotations.iter().all(|r| r.result.contains("nonce budget")),
+        "{rotations:?}"
+    );
+
+    // Restart: the reserved counts come back (v3's whole reservation counts: over, never under).
+    drop(e);
+    let e = engines_with(km.clone(), store.clone(), 10).await;
+    let after = counts(&e);
+    assert_eq!(after[..2], [(1, 10), (2, 10)]);
+    assert!(after[2].1 >= 5 && after[2].1 <= 10, "{after:?}");
+
+    // v3's reservation reached the limit, so the next encryption rotates to v4.
+    let (v, ct4) = e
+        .encrypt("payments", "data", b"four", b"", "w")
+        .await
+        .unwrap();
+    assert_eq!(v, 4);
+
+    // Rotation impossible (the KEK is gone): v4 runs out and encryption is refused.
+    km.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut refused = None;
+    for _ in 0..10 {
+        match e.encrypt("payments", "data", b"x", b"", "w").await {
+            Ok((v, _)) => assert_eq!(v, 4),
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("v4's budget runs out within 10 encryptions");
+    assert!(matches!(err, EngineError::Precondition(_)), "{err:?}");
+    assert!(err.to_string().contains("nonce budget"), "{err}");
+    // Decryption keeps working.
+    let (_, out) = e.decrypt("payments", "data", &ct4, b"", "w").await.unwrap();
+    assert_eq!(out, b"four");
+    assert_eq!(e.key("payments", "data").unwrap().0.primary_version, 4);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn debug_of_versions_and_secrets_hides_sealed_material() {
+    let (e, _, store, dir) = engines().await;
+    e.create_engine("vault", 2, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key("vault", "data", Purpose::Encrypt, None, 0, 3600, "admin")
+        .await
+        .unwrap();
+    let (_, versions) = e.key("vault", "data").unwrap();
+    let sealed = versions[0].sealed.clone().unwrap();
+    let d = format!("{:?} {:#?} {e:?}", versions[0], versions[0]);
+    let list = format!("{:?}", &sealed[..8]);
+    assert!(!d.contains(list.trim_end_matches(']')), "{d}");
+    assert!(d.contains("redacted"), "{d}");
+    let secret = Secret {
+        engine: "vault".into(),
+        name: "db".into(),
+        version: 1,
+        sealed: vec![0xcd; 48],
+        mechanism: "aes-256-gcm".into(),
+        created_at: 0,
+    };
+    let d = format!("{secret:?}");
+    assert!(!d.contains("205"), "{d}");
+    assert!(d.contains("48 bytes"), "{d}");
+    let soft = SoftAes(Zeroizing::new(vec![0xcd; 32]));
+    assert!(!format!("{soft:?}").contains("205"));
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}

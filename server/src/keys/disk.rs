@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use continuity_common::fsperm::{SecureDir, secure_dir};
+use continuity_common::secret::Zeroizing;
 
 use super::software::SoftwareKey;
 use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, SoftwareKek};
@@ -57,11 +58,9 @@ impl DiskKeyManager {
 
     fn write(&self, key: &SoftwareKey) -> Result<(), KeyError> {
         let path = self.path(key.id())?;
-        let body = format!(
-            "{}\n{}\n",
-            key.key_type().as_str(),
-            STANDARD.encode(key.pkcs8())
-        );
+        // Every plaintext copy of the key (its base64, the file body) is wiped when dropped.
+        let b64 = Zeroizing::new(STANDARD.encode(key.pkcs8()));
+        let body = Zeroizing::new(format!("{}\n{}\n", key.key_type().as_str(), b64.as_str()));
         self.write_file(&path, &body)
     }
 
@@ -79,7 +78,7 @@ impl DiskKeyManager {
 
     fn read(&self, id: &str) -> Result<Option<SoftwareKey>, KeyError> {
         let path = self.path(id)?;
-        let text = match fs::read_to_string(&path) {
+        let text = match read_secret(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(storage("cannot read key file", &path, e)),
@@ -97,6 +96,21 @@ impl DiskKeyManager {
         })?;
         SoftwareKey::from_pkcs8(id, key_type, pkcs8).map(Some)
     }
+}
+
+/// Reads a key or KEK file into one buffer sized from its length (no reallocation leaves a
+/// copy behind), wiped on drop.
+fn read_secret(path: &Path) -> std::io::Result<Zeroizing<String>> {
+    use std::io::Read;
+    let f = fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    // Key files are a few KiB; a huge one is not ours.
+    if len > 64 * 1024 {
+        return Err(std::io::Error::other(format!("{len} bytes is too large")));
+    }
+    let mut text = Zeroizing::new(String::with_capacity(len as usize + 1));
+    f.take(64 * 1024).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 #[async_trait]
@@ -139,18 +153,20 @@ impl KeyManager for DiskKeyManager {
             return Ok(k.clone());
         }
         let path = self.path(id)?.with_extension("kek");
-        let raw = match fs::read_to_string(&path) {
-            Ok(text) => STANDARD.decode(text.trim()).map_err(|e| {
+        let mut raw = match read_secret(&path) {
+            Ok(text) => Zeroizing::new(STANDARD.decode(text.trim()).map_err(|e| {
                 KeyError::Storage(format!("KEK file {} is malformed: {e}", path.display()))
-            })?,
+            })?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let raw = super::aes::generate()?;
-                self.write_file(&path, &format!("{}\n", STANDARD.encode(&raw)))?;
+                let body = Zeroizing::new(format!("{}\n", STANDARD.encode(&*raw)));
+                self.write_file(&path, &body)?;
                 raw
             }
             Err(e) => return Err(storage("cannot read KEK file", &path, e)),
         };
-        let k = Arc::new(SoftwareKek(raw));
+        // Moved, not copied: the only plaintext KEK is the one SoftwareKek wipes on drop.
+        let k = Arc::new(SoftwareKek(std::mem::take(&mut *raw)));
         self.keks
             .lock()
             .unwrap_or_else(|e| e.into_inner())

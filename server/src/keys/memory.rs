@@ -52,7 +52,8 @@ impl KeyManager for MemoryKeyManager {
         if let Some(k) = keks.get(id) {
             return Ok(k.clone());
         }
-        let k = Arc::new(SoftwareKek(super::aes::generate()?));
+        let mut raw = super::aes::generate()?;
+        let k = Arc::new(SoftwareKek(std::mem::take(&mut *raw)));
         keks.insert(id.to_string(), k.clone());
         Ok(k)
     }

@@ -207,8 +207,11 @@ pub trait AesKey: Send + Sync + fmt::Debug {
 /// AES-256-GCM in software (aws-lc-rs): nonce ‖ ciphertext ‖ tag.
 pub mod aes {
     use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+    use continuity_common::secret::{Zeroize, Zeroizing};
 
     use super::KeyError;
+
+    const TAG_LEN: usize = 16;
 
     fn key(raw: &[u8]) -> Result<LessSafeKey, KeyError> {
         UnboundKey::new(&AES_256_GCM, raw)
@@ -216,27 +219,34 @@ pub mod aes {
             .map_err(|_| KeyError::Crypto("AES-256 key must be 32 bytes".into()))
     }
 
-    /// A fresh random 32-byte key.
-    pub fn generate() -> Result<Vec<u8>, KeyError> {
-        let mut k = vec![0u8; 32];
-        aws_lc_rs::rand::fill(&mut k).map_err(|_| KeyError::Crypto("no randomness".into()))?;
+    /// A fresh random 32-byte key (wiped on drop).
+    pub fn generate() -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let mut k = Zeroizing::new(vec![0u8; 32]);
+        continuity_common::rand::fill(&mut k)
+            .map_err(|e| KeyError::Crypto(format!("cannot generate an AES key: {e}")))?;
         Ok(k)
     }
 
     /// Encrypts with a random nonce.
     pub fn seal(raw: &[u8], plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| KeyError::Crypto("no randomness".into()))?;
-        let mut out = plaintext.to_vec();
-        key(raw)?
-            .seal_in_place_append_tag(
+        let nonce = continuity_common::rand::array::<NONCE_LEN>()
+            .map_err(|e| KeyError::Crypto(format!("no nonce: {e}")))?;
+        // One buffer, nonce ‖ plaintext encrypted in place ‖ tag, sized up front: the
+        // plaintext (often key material) is never left behind in a reallocated copy.
+        let mut sealed = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(plaintext);
+        let tag = key(raw)?
+            .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(aad),
-                &mut out,
+                &mut sealed[NONCE_LEN..],
             )
-            .map_err(|_| KeyError::Crypto("AES-GCM seal failed".into()))?;
-        let mut sealed = nonce.to_vec();
-        sealed.extend(out);
+            .map_err(|_| {
+                sealed.zeroize();
+                KeyError::Crypto("AES-GCM seal failed".into())
+            })?;
+        sealed.extend_from_slice(tag.as_ref());
         Ok(sealed)
     }
 
@@ -249,12 +259,15 @@ pub mod aes {
         let nonce = Nonce::try_assume_unique_for_key(nonce)
             .map_err(|_| KeyError::Crypto("bad nonce".into()))?;
         let mut buf = ct.to_vec();
-        let pt = key(raw)?
+        let len = key(raw)?
             .open_in_place(nonce, Aad::from(aad), &mut buf)
             .map_err(|_| {
                 KeyError::Crypto("authentication failed: wrong key, data or associated data".into())
-            })?;
-        Ok(pt.to_vec())
+            })?
+            .len();
+        // The plaintext stays in this one buffer (no copy left behind); the caller wipes it.
+        buf.truncate(len);
+        Ok(buf)
     }
 }
 

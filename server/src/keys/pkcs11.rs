@@ -254,27 +254,36 @@ impl Pkcs11KeyManager {
     }
 }
 
-/// The PIN, held so that it is wiped when dropped.
+/// Longest PIN file accepted (PKCS#11 PINs are short).
+const MAX_PIN_FILE: usize = 4096;
+
+/// The PIN, held so that it is wiped when dropped. A `pin_file` must be a regular file (not a
+/// symlink) owned by the server's uid or root and closed to group and others.
 fn read_pin(pin: &PinSource) -> Result<Zeroizing<String>, KeyError> {
-    let pin = match pin {
-        PinSource::Env(var) => std::env::var(var).map_err(|_| {
+    match pin {
+        PinSource::Env(var) => std::env::var(var).map(Zeroizing::new).map_err(|_| {
             KeyError::Pkcs11(format!(
                 "environment variable {var} (key_manager.pin_env) is not set"
             ))
         }),
-        PinSource::File(path) => std::fs::read_to_string(path)
-            .map(|s| {
-                let s = Zeroizing::new(s);
-                s.trim_end_matches(['\n', '\r']).to_string()
-            })
-            .map_err(|e| {
+        PinSource::File(path) => {
+            let bytes = continuity_common::fsperm::read_private_file(
+                path,
+                "key_manager.pin_file",
+                MAX_PIN_FILE,
+            )
+            .map_err(|e| KeyError::Pkcs11(e.to_string()))?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| {
                 KeyError::Pkcs11(format!(
-                    "cannot read key_manager.pin_file {}: {e}",
+                    "key_manager.pin_file {} is not UTF-8 text",
                     path.display()
                 ))
-            }),
-    }?;
-    Ok(Zeroizing::new(pin))
+            })?;
+            Ok(Zeroizing::new(
+                text.trim_end_matches(['\n', '\r']).to_string(),
+            ))
+        }
+    }
 }
 
 fn public_key_raw(s: &Session, pubh: ObjectHandle, key_type: KeyType) -> Result<Vec<u8>, KeyError> {

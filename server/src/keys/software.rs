@@ -4,6 +4,8 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 
+use continuity_common::secret::Zeroizing;
+
 use super::{KeyError, KeyHandle, KeyType};
 
 enum Inner {
@@ -11,13 +13,15 @@ enum Inner {
     Rsa(RsaKeyPair),
 }
 
-/// A private key in process memory, with its PKCS#8 encoding for persistence.
+/// A private key in process memory, with its PKCS#8 encoding for persistence. Our PKCS#8
+/// copy is wiped on drop (aws-lc wipes its own when the key pair is freed); `Debug` shows
+/// only the id and type.
 pub struct SoftwareKey {
     id: String,
     key_type: KeyType,
     inner: Inner,
     public: Vec<u8>,
-    pkcs8: Vec<u8>,
+    pkcs8: Zeroizing<Vec<u8>>,
 }
 
 impl std::fmt::Debug for SoftwareKey {
@@ -26,13 +30,6 @@ impl std::fmt::Debug for SoftwareKey {
             .field("id", &self.id)
             .field("key_type", &self.key_type)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for SoftwareKey {
-    fn drop(&mut self) {
-        // aws-lc wipes its own copy when the key pair is freed; this is ours.
-        continuity_common::secret::Zeroize::zeroize(&mut self.pkcs8);
     }
 }
 
@@ -75,8 +72,9 @@ impl SoftwareKey {
         Self::from_pkcs8(id, key_type, pkcs8)
     }
 
-    /// Loads a key from its PKCS#8 encoding.
+    /// Loads a key from its PKCS#8 encoding (taken over and wiped on drop, also on error).
     pub fn from_pkcs8(id: &str, key_type: KeyType, pkcs8: Vec<u8>) -> Result<Self, KeyError> {
+        let pkcs8 = Zeroizing::new(pkcs8);
         let bad = |e: String| {
             KeyError::Storage(format!(
                 "key {id} is not a valid {key_type} PKCS#8 key: {e}"
@@ -161,5 +159,58 @@ impl KeyHandle for SoftwareKey {
                 Ok(sig)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::keys::{KeyManager, MemoryKeyManager, SoftwareKek};
+
+    /// True if `debug` shows `secret` as a byte list, or any long run of bytes, or its hex.
+    pub(crate) fn shows_bytes(debug: &str, secret: &[u8]) -> bool {
+        let list = format!("{:?}", &secret[..8.min(secret.len())]);
+        let hex = hex::encode(&secret[..8.min(secret.len())]);
+        let longest_run = debug
+            .split(|c: char| !(c.is_ascii_digit() || c == ',' || c == ' '))
+            .map(|run| run.split(',').filter(|n| !n.trim().is_empty()).count())
+            .max()
+            .unwrap_or(0);
+        debug.contains(list.trim_end_matches(']')) || debug.contains(&hex) || longest_run >= 8
+    }
+
+    #[tokio::test]
+    async fn debug_never_shows_key_material() {
+        for kt in [KeyType::EcP256, KeyType::Rsa2048] {
+            let k = SoftwareKey::generate("ca-1", kt).unwrap();
+            let d = format!("{k:?} {k:#?}");
+            assert!(!shows_bytes(&d, k.pkcs8()), "{d}");
+            assert!(d.contains("ca-1"), "{d}");
+        }
+        let kek = SoftwareKek(vec![0xab; 32]);
+        let d = format!("{kek:?}");
+        assert!(!shows_bytes(&d, &kek.0) && !d.contains("171"), "{d}");
+
+        let km = MemoryKeyManager::default();
+        let k = km.generate("jwt-1", KeyType::EcP256).await.unwrap();
+        let kek = km.kek("engine-kek").await.unwrap();
+        let d = format!("{km:?} {k:?} {kek:?}");
+        let sk = SoftwareKey::generate("x", KeyType::EcP256).unwrap();
+        assert!(!shows_bytes(&d, sk.pkcs8()), "{d}");
+        // The key manager's own key: its PKCS#8 is not reachable from outside, so check that
+        // no byte list at all appears.
+        assert!(!shows_bytes(&d, &[0; 8]), "{d}");
+
+        let dir = std::env::temp_dir().join(format!("continuity-dbg-km-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let disk = crate::keys::DiskKeyManager::open(&dir).unwrap();
+        let k = disk.generate("ca-2", KeyType::EcP256).await.unwrap();
+        let _kek = disk.kek("engine-kek").await.unwrap();
+        let disk_key = Arc::new(disk);
+        let d = format!("{disk_key:?} {k:?}");
+        assert!(!shows_bytes(&d, &[0; 8]), "{d}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
