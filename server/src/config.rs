@@ -51,6 +51,187 @@ pub struct FileConfig {
     pub jwks: Option<FileListener>,
     /// `[node_attestors]`.
     pub node_attestors: Option<FileNodeAttestors>,
+    /// `[agent_api]`: limits on the agent-facing listener.
+    pub agent_api: Option<FileAgentApi>,
+}
+
+/// `[agent_api]`: what agents (and anything reaching `bind_address`) can make the server hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAgentApi {
+    /// Open connections in total (handshaking ones included).
+    pub max_connections: Option<u64>,
+    /// Open connections from one IP address.
+    pub max_connections_per_ip: Option<u64>,
+    /// HTTP/2 streams open at once on one connection.
+    pub max_concurrent_streams: Option<u64>,
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout: Option<String>,
+    /// Time AttestAgent waits for its first message.
+    pub first_message_timeout: Option<String>,
+    /// Time a call has to produce its response.
+    pub request_timeout: Option<String>,
+    /// HTTP/2 PING interval (also the TCP keepalive idle time).
+    pub keepalive_interval: Option<String>,
+    /// Time to wait for a PING answer before dropping the connection.
+    pub keepalive_timeout: Option<String>,
+    /// SVIDs signed per second per agent (each CSR of a batch, each JWT-SVID, each renewal).
+    pub svids_per_second: Option<f64>,
+    /// SVIDs one agent may have signed in a burst.
+    pub svid_burst: Option<u64>,
+    /// EngineBroker calls per second per agent.
+    pub engine_calls_per_second: Option<f64>,
+    /// EngineBroker calls one agent may make in a burst.
+    pub engine_call_burst: Option<u64>,
+}
+
+/// The validated `[agent_api]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentApiConfig {
+    /// Open connections in total.
+    pub max_connections: usize,
+    /// Open connections per peer IP.
+    pub max_connections_per_ip: usize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// AttestAgent first-message deadline.
+    pub first_message_timeout: Duration,
+    /// Per-call deadline.
+    pub request_timeout: Duration,
+    /// HTTP/2 PING (and TCP keepalive) interval.
+    pub keepalive_interval: Duration,
+    /// PING answer deadline.
+    pub keepalive_timeout: Duration,
+    /// Signing rate per agent.
+    pub svids_per_second: f64,
+    /// Signing burst per agent.
+    pub svid_burst: u32,
+    /// Engine call rate per agent.
+    pub engine_calls_per_second: f64,
+    /// Engine call burst per agent.
+    pub engine_call_burst: u32,
+}
+
+impl Default for AgentApiConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 8192,
+            max_connections_per_ip: 1024,
+            max_concurrent_streams: 100,
+            handshake_timeout: Duration::from_secs(10),
+            first_message_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            svids_per_second: 50.0,
+            svid_burst: 1000,
+            engine_calls_per_second: 500.0,
+            engine_call_burst: 5000,
+        }
+    }
+}
+
+impl AgentApiConfig {
+    /// Validates the table; every error names its key.
+    pub fn from_file(f: Option<FileAgentApi>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let Some(f) = f else { return Ok(d) };
+        let count = |v: Option<u64>, default: usize, key: &'static str, max: u64| match v {
+            None => Ok(default),
+            Some(n) if n >= 1 && n <= max => Ok(n as usize),
+            Some(n) => Err(invalid(key, format!("{n} is not between 1 and {max}"))),
+        };
+        let time = |v: Option<String>, default: Duration, key: &'static str| match v {
+            None => Ok(default),
+            Some(s) => {
+                let t = continuity_common::duration::parse(&s).map_err(|m| invalid(key, m))?;
+                if t.is_zero() || t > Duration::from_secs(3600) {
+                    return Err(invalid(
+                        key,
+                        format!("{s:?} must be positive and at most 1h"),
+                    ));
+                }
+                Ok(t)
+            }
+        };
+        let rate = |v: Option<f64>, default: f64, key: &'static str| match v {
+            None => Ok(default),
+            Some(r) if r.is_finite() && r > 0.0 && r <= 1e6 => Ok(r),
+            Some(r) => Err(invalid(
+                key,
+                format!("{r} must be positive (at most 1000000)"),
+            )),
+        };
+        Ok(Self {
+            max_connections: count(
+                f.max_connections,
+                d.max_connections,
+                "agent_api.max_connections",
+                1 << 20,
+            )?,
+            max_connections_per_ip: count(
+                f.max_connections_per_ip,
+                d.max_connections_per_ip,
+                "agent_api.max_connections_per_ip",
+                1 << 20,
+            )?,
+            max_concurrent_streams: count(
+                f.max_concurrent_streams,
+                d.max_concurrent_streams as usize,
+                "agent_api.max_concurrent_streams",
+                10_000,
+            )? as u32,
+            handshake_timeout: time(
+                f.handshake_timeout,
+                d.handshake_timeout,
+                "agent_api.handshake_timeout",
+            )?,
+            first_message_timeout: time(
+                f.first_message_timeout,
+                d.first_message_timeout,
+                "agent_api.first_message_timeout",
+            )?,
+            request_timeout: time(
+                f.request_timeout,
+                d.request_timeout,
+                "agent_api.request_timeout",
+            )?,
+            keepalive_interval: time(
+                f.keepalive_interval,
+                d.keepalive_interval,
+                "agent_api.keepalive_interval",
+            )?,
+            keepalive_timeout: time(
+                f.keepalive_timeout,
+                d.keepalive_timeout,
+                "agent_api.keepalive_timeout",
+            )?,
+            svids_per_second: rate(
+                f.svids_per_second,
+                d.svids_per_second,
+                "agent_api.svids_per_second",
+            )?,
+            svid_burst: count(
+                f.svid_burst,
+                d.svid_burst as usize,
+                "agent_api.svid_burst",
+                1_000_000,
+            )? as u32,
+            engine_calls_per_second: rate(
+                f.engine_calls_per_second,
+                d.engine_calls_per_second,
+                "agent_api.engine_calls_per_second",
+            )?,
+            engine_call_burst: count(
+                f.engine_call_burst,
+                d.engine_call_burst as usize,
+                "agent_api.engine_call_burst",
+                1_000_000,
+            )? as u32,
+        })
+    }
 }
 
 /// `[node_attestors]`.
@@ -186,6 +367,8 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// `[agent_api]` limits.
+    pub agent_api: AgentApiConfig,
 }
 
 /// The default admin socket path.
@@ -295,6 +478,7 @@ impl Config {
             psat_clusters: psat(f.node_attestors.and_then(|n| n.k8s_psat))?,
             log_level,
             log_format: f.log_format.unwrap_or_default(),
+            agent_api: AgentApiConfig::from_file(f.agent_api)?,
             data_dir,
         })
     }

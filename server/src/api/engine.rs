@@ -58,7 +58,16 @@ pub struct BrokerService {
     pub engines: Arc<Engines>,
     /// Time.
     pub clock: Arc<dyn Clock>,
+    /// Per-agent Engine-call rate limit.
+    pub limits: Arc<super::limits::AgentRateLimits>,
 }
+
+/// Largest EngineBroker request decoded: a ReportIncarnations of the agent's up to 10,000
+/// queued incarnations, or a Sign/Encrypt/Decrypt of a 64 KiB payload with its workload.
+pub const MAX_BROKER_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Largest EngineBroker response encoded (a JWKS, a signature, a 64 KiB plaintext).
+pub const MAX_BROKER_RESPONSE: usize = 4 * 1024 * 1024;
 
 /// Who asks, for the audit log.
 fn actor(agent: &str, spiffe_id: &str, w: Option<&Workload>) -> String {
@@ -83,6 +92,7 @@ impl BrokerService {
     ) -> Result<(String, String), Status> {
         let agent =
             authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)?;
+        self.limits.engine_call(&agent.spiffe_id)?;
         let entry = self
             .registry
             .authorized_entry(&agent, entry_id)
@@ -255,6 +265,7 @@ impl EngineBroker for BrokerService {
             self.clock.as_ref(),
             &req,
         )?;
+        self.limits.engine_call(&agent.spiffe_id)?;
         for inc in &req.get_ref().incarnations {
             // Only entries this agent hosts, bound to an Engine, count.
             let Some(entry) = self.registry.authorized_entry(&agent, &inc.entry_id) else {
