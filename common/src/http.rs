@@ -8,7 +8,8 @@
 //! closed to make room (a real probe sends its head at once, so a slowloris flood never locks
 //! it out); only when every connection is past its head is the new one refused. When accept
 //! fails (out of file descriptors: EMFILE/ENFILE) the loop backs off instead of spinning,
-//! closes the oldest connection still reading to free a descriptor, and logs once per burst.
+//! closes the oldest connection still reading to free a descriptor, and logs once per burst
+//! ([`AcceptBackoff`], also used by the server's gRPC accept loops).
 //!
 //! Invariant: `Inner::open` equals the number of live, unevicted [`Slot`]s, never more than
 //! `max_connections`; `Inner::reading` holds exactly the live slots still reading their head.
@@ -18,7 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,6 +59,38 @@ pub fn out_of_fds(e: &std::io::Error) -> bool {
     })
 }
 
+/// Back-off for a failing accept loop: a pause (longer when out of descriptors, so the loop
+/// never spins on a listener that stays readable) and a warning at most every 10 s, with the
+/// number of failures since the last one: one line per burst, not one per attempt.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptBackoff {
+    /// Records a failed accept on the listener `what` (with `open` connections); returns how
+    /// long to pause before accepting again.
+    pub fn failed(&mut self, what: &str, e: &std::io::Error, open: usize) -> Duration {
+        self.unlogged += 1;
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                listener = what,
+                error = %e,
+                open,
+                failures = self.unlogged,
+                "accept failed; backing off"
+            );
+            self.last_log = Some(Instant::now());
+            self.unlogged = 0;
+        }
+        Duration::from_millis(if out_of_fds(e) { 100 } else { 20 })
+    }
+}
+
 /// Serves `handler(path)` on `addr` with the default [`HttpLimits`] until the task is dropped.
 pub async fn serve<F, Fut>(addr: SocketAddr, handler: F) -> std::io::Result<()>
 where
@@ -84,23 +117,16 @@ where
         inner: Mutex::default(),
     });
     tokio::spawn(async move {
-        let mut failing = false;
+        let mut backoff = AcceptBackoff::default();
+        let what = format!("HTTP {addr}");
         loop {
             let sock = match listener.accept().await {
-                Ok((sock, _)) => {
-                    failing = false;
-                    sock
-                }
+                Ok((sock, _)) => sock,
                 Err(e) => {
-                    let fds = out_of_fds(&e);
-                    if !failing {
-                        tracing::warn!(%addr, error = %e, open = conns.open(), "HTTP accept failed; backing off");
-                        failing = true;
-                    }
-                    if fds {
+                    if out_of_fds(&e) {
                         conns.evict_oldest_reading();
                     }
-                    tokio::time::sleep(Duration::from_millis(if fds { 100 } else { 20 })).await;
+                    tokio::time::sleep(backoff.failed(&what, &e, conns.open())).await;
                     continue;
                 }
             };

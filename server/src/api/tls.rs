@@ -221,21 +221,14 @@ pub fn incoming(
         .with_keepalive_interval(Some(Duration::from_secs(10)))
         .with_keepalive_retries(Some(3));
     tokio::spawn(async move {
-        let mut failing = false;
+        let mut backoff = continuity_common::http::AcceptBackoff::default();
         loop {
             let tcp = match tcp_in.next().await {
                 None => break,
-                Some(Ok(t)) => {
-                    failing = false;
-                    t
-                }
+                Some(Ok(t)) => t,
                 Some(Err(e)) => {
-                    let fds = continuity_common::http::out_of_fds(&e);
-                    if !failing {
-                        tracing::warn!(error = %e, open = caps.open(), "agent API accept failed; backing off");
-                        failing = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(if fds { 100 } else { 20 })).await;
+                    let pause = backoff.failed("agent API", &e, caps.open());
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             };

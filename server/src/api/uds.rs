@@ -70,20 +70,14 @@ pub fn incoming(
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let slots = Arc::new(Semaphore::new(max.max(1)));
     tokio::spawn(async move {
-        let (mut failing, mut last_log) = (false, None::<Instant>);
+        let mut backoff = continuity_common::http::AcceptBackoff::default();
+        let mut last_log = None::<Instant>;
         loop {
             let io = match listener.accept().await {
-                Ok((s, _)) => {
-                    failing = false;
-                    s
-                }
+                Ok((s, _)) => s,
                 Err(e) => {
-                    let fds = continuity_common::http::out_of_fds(&e);
-                    if !failing {
-                        tracing::warn!(error = %e, "admin socket accept failed; backing off");
-                        failing = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(if fds { 100 } else { 20 })).await;
+                    let open = max.saturating_sub(slots.available_permits());
+                    tokio::time::sleep(backoff.failed("admin socket", &e, open)).await;
                     continue;
                 }
             };
