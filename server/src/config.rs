@@ -656,12 +656,64 @@ mod tests {
             "pin_file",
             "[health]",
             "[metrics]",
+            "[agent_api]",
+            "max_connections_per_ip",
+            "max_concurrent_streams",
+            "handshake_timeout",
+            "first_message_timeout",
+            "request_timeout",
+            "keepalive_interval",
+            "keepalive_timeout",
+            "svids_per_second",
+            "svid_burst",
+            "engine_calls_per_second",
+            "engine_call_burst",
         ] {
             assert!(
                 text.contains(key),
                 "deploy/server.full.toml does not document {key}"
             );
         }
+    }
+
+    #[test]
+    fn agent_api_defaults_and_errors_name_the_key() {
+        let c = parse("trust_domain = \"e.org\"").unwrap();
+        assert_eq!(c.agent_api, AgentApiConfig::default());
+        assert_eq!(c.agent_api.max_concurrent_streams, 100);
+        let c = parse(
+            "trust_domain = \"e.org\"\n[agent_api]\nsvid_burst = 7\nhandshake_timeout = \"2s\"",
+        )
+        .unwrap();
+        assert_eq!(c.agent_api.svid_burst, 7);
+        assert_eq!(c.agent_api.handshake_timeout, Duration::from_secs(2));
+        for (bad, key) in [
+            ("max_connections = 0", "agent_api.max_connections"),
+            (
+                "max_concurrent_streams = 100000",
+                "agent_api.max_concurrent_streams",
+            ),
+            ("handshake_timeout = \"0s\"", "agent_api.handshake_timeout"),
+            (
+                "first_message_timeout = \"soon\"",
+                "agent_api.first_message_timeout",
+            ),
+            ("svids_per_second = -1.0", "agent_api.svids_per_second"),
+            (
+                "engine_calls_per_second = nan",
+                "agent_api.engine_calls_per_second",
+            ),
+            ("svid_burst = 0", "agent_api.svid_burst"),
+        ] {
+            let e = parse(&format!("trust_domain = \"e.org\"\n[agent_api]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e = parse("trust_domain = \"e.org\"\n[agent_api]\nmax_streams = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_streams"), "{e}");
     }
 
     #[test]

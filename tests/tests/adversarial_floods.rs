@@ -267,7 +267,7 @@ async fn unfinished_handshakes_and_silent_attestations_are_cut_off() {
     )
     .await
     .expect("AttestAgent must not wait forever for its first message");
-    let e = r.err().expect("a silent AttestAgent is refused");
+    let e = r.expect_err("a silent AttestAgent is refused");
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     assert!(
         e.message().contains("agent_api.first_message_timeout"),
