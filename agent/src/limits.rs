@@ -1,13 +1,14 @@
 //! Bounds on what one workload can make the agent hold or send on: a per-caller token bucket
-//! for the calls that reach the server. (The JWT-SVID cache's LRU is
-//! [`continuity_common::lru::Lru`].)
+//! for the calls that reach the server (the buckets are
+//! [`continuity_common::ratelimit::TokenBuckets`], shared with the server; the JWT-SVID
+//! cache's LRU is [`continuity_common::lru::Lru`]).
 //!
 //! Invariant: the limiter keeps at most [`MAX_TRACKED_CALLERS`] buckets (a full bucket is the
 //! same as no bucket, so those go first).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use continuity_common::ratelimit::TokenBuckets;
 
 /// Who a rate limit applies to: its pod if the caller runs in one, else its unix uid.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -46,28 +47,9 @@ pub struct RateLimited {
     pub retry_after: Duration,
 }
 
-/// A per-caller token bucket limiter.
+/// A per-caller token bucket limiter ([`TokenBuckets`] keyed by [`CallerKey`]).
 #[derive(Debug)]
-pub struct RateLimiter {
-    rate: f64,
-    burst: u32,
-    max_callers: usize,
-    buckets: Mutex<HashMap<CallerKey, Bucket>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    /// Tokens the bucket would hold at `now`.
-    fn level(&self, now: Instant, rate: f64, burst: f64) -> f64 {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        (self.tokens + elapsed * rate).min(burst)
-    }
-}
+pub struct RateLimiter(TokenBuckets<CallerKey>);
 
 impl RateLimiter {
     /// `rate` calls per second, bursts of up to `burst` (both validated positive by the config).
@@ -77,12 +59,7 @@ impl RateLimiter {
 
     /// Like [`RateLimiter::new`], keeping at most `max_callers` buckets.
     pub fn with_capacity(rate: f64, burst: u32, max_callers: usize) -> Self {
-        Self {
-            rate,
-            burst: burst.max(1),
-            max_callers: max_callers.max(1),
-            buckets: Mutex::default(),
-        }
+        Self(TokenBuckets::new(rate, burst, max_callers))
     }
 
     /// Takes one token for `who`, or says when to retry.
@@ -92,45 +69,16 @@ impl RateLimiter {
 
     /// [`RateLimiter::admit`] at a given instant (for tests).
     pub fn admit_at(&self, who: &CallerKey, now: Instant) -> Result<(), RateLimited> {
-        let burst = f64::from(self.burst);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if !buckets.contains_key(who) && buckets.len() >= self.max_callers {
-            self.evict(&mut buckets, now);
-        }
-        let b = buckets.entry(who.clone()).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        b.tokens = b.level(now, self.rate, burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            return Ok(());
-        }
-        Err(RateLimited {
-            rate: self.rate,
-            burst: self.burst,
-            retry_after: Duration::from_secs_f64(((1.0 - b.tokens) / self.rate).min(3600.0)),
+        self.0.take_at(who, 1, now).map_err(|d| RateLimited {
+            rate: self.0.rate(),
+            burst: self.0.burst(),
+            retry_after: d.retry_after,
         })
     }
 
     /// Callers with a bucket right now.
     pub fn tracked(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Drops refilled buckets (same as absent); if none, the least recently used one.
-    fn evict(&self, buckets: &mut HashMap<CallerKey, Bucket>, now: Instant) {
-        let burst = f64::from(self.burst);
-        buckets.retain(|_, b| b.level(now, self.rate, burst) < burst);
-        if buckets.len() >= self.max_callers
-            && let Some(oldest) = buckets
-                .iter()
-                .min_by_key(|(_, b)| b.last)
-                .map(|(k, _)| k.clone())
-        {
-            buckets.remove(&oldest);
-        }
+        self.0.tracked()
     }
 }
 

@@ -9,6 +9,7 @@
 //! - [`logging`]: `log_level` / `log_format` set-up.
 //! - [`secret`]: key bytes and PINs that are wiped on drop and redacted in `Debug`.
 //! - [`rand`]: OS randomness whose failure is an error.
+//! - [`ratelimit`]: per-key token buckets in a bounded table.
 //! - [`fsperm`]: socket, state and key directories opened without following symlinks and
 //!   refused when another user could have made or changed them.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod jwt;
 pub mod logging;
 pub mod lru;
 pub mod rand;
+pub mod ratelimit;
 pub mod secret;
 pub mod spiffe_id;
 pub mod tls;

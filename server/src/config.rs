@@ -63,6 +63,30 @@ pub struct FileConfig {
 pub struct FileAgentApi {
     /// How long an agent's previous SVID is still accepted after its successor was first used.
     pub previous_svid_grace: Option<String>,
+    /// Open connections in total (handshaking ones included).
+    pub max_connections: Option<u64>,
+    /// Open connections from one IP address.
+    pub max_connections_per_ip: Option<u64>,
+    /// HTTP/2 streams open at once on one connection.
+    pub max_concurrent_streams: Option<u64>,
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout: Option<String>,
+    /// Time AttestAgent waits for its first message.
+    pub first_message_timeout: Option<String>,
+    /// Time a call has to produce its response.
+    pub request_timeout: Option<String>,
+    /// HTTP/2 PING interval (also the TCP keepalive idle time).
+    pub keepalive_interval: Option<String>,
+    /// Time to wait for a PING answer before dropping the connection.
+    pub keepalive_timeout: Option<String>,
+    /// SVIDs signed per second per agent (each CSR of a batch, each JWT-SVID, each renewal).
+    pub svids_per_second: Option<f64>,
+    /// SVIDs one agent may have signed in a burst.
+    pub svid_burst: Option<u64>,
+    /// EngineBroker calls per second per agent.
+    pub engine_calls_per_second: Option<f64>,
+    /// EngineBroker calls one agent may make in a burst.
+    pub engine_call_burst: Option<u64>,
 }
 
 /// `[engines]`.
@@ -71,6 +95,155 @@ pub struct FileAgentApi {
 pub struct FileEngines {
     /// AES-GCM encryptions one key version may do before automatic rotation.
     pub max_encryptions_per_key_version: Option<i64>,
+}
+
+/// The validated `[agent_api]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentApiConfig {
+    /// Open connections in total.
+    pub max_connections: usize,
+    /// Open connections per peer IP.
+    pub max_connections_per_ip: usize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// AttestAgent first-message deadline.
+    pub first_message_timeout: Duration,
+    /// Per-call deadline.
+    pub request_timeout: Duration,
+    /// HTTP/2 PING (and TCP keepalive) interval.
+    pub keepalive_interval: Duration,
+    /// PING answer deadline.
+    pub keepalive_timeout: Duration,
+    /// Signing rate per agent.
+    pub svids_per_second: f64,
+    /// Signing burst per agent.
+    pub svid_burst: u32,
+    /// Engine call rate per agent.
+    pub engine_calls_per_second: f64,
+    /// Engine call burst per agent.
+    pub engine_call_burst: u32,
+}
+
+impl Default for AgentApiConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 8192,
+            max_connections_per_ip: 1024,
+            max_concurrent_streams: 100,
+            handshake_timeout: Duration::from_secs(10),
+            first_message_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            svids_per_second: 50.0,
+            svid_burst: 1000,
+            engine_calls_per_second: 500.0,
+            engine_call_burst: 5000,
+        }
+    }
+}
+
+impl AgentApiConfig {
+    /// Validates the table; every error names its key.
+    pub fn from_file(f: Option<FileAgentApi>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let Some(f) = f else { return Ok(d) };
+        let count = |v: Option<u64>, default: usize, key: &'static str, max: u64| match v {
+            None => Ok(default),
+            Some(n) if n >= 1 && n <= max => Ok(n as usize),
+            Some(n) => Err(invalid(key, format!("{n} is not between 1 and {max}"))),
+        };
+        let time = |v: Option<String>, default: Duration, key: &'static str| match v {
+            None => Ok(default),
+            Some(s) => {
+                let t = continuity_common::duration::parse(&s).map_err(|m| invalid(key, m))?;
+                if t.is_zero() || t > Duration::from_secs(3600) {
+                    return Err(invalid(
+                        key,
+                        format!("{s:?} must be positive and at most 1h"),
+                    ));
+                }
+                Ok(t)
+            }
+        };
+        let rate = |v: Option<f64>, default: f64, key: &'static str| match v {
+            None => Ok(default),
+            Some(r) if r.is_finite() && r > 0.0 && r <= 1e6 => Ok(r),
+            Some(r) => Err(invalid(
+                key,
+                format!("{r} must be positive (at most 1000000)"),
+            )),
+        };
+        Ok(Self {
+            max_connections: count(
+                f.max_connections,
+                d.max_connections,
+                "agent_api.max_connections",
+                1 << 20,
+            )?,
+            max_connections_per_ip: count(
+                f.max_connections_per_ip,
+                d.max_connections_per_ip,
+                "agent_api.max_connections_per_ip",
+                1 << 20,
+            )?,
+            max_concurrent_streams: count(
+                f.max_concurrent_streams,
+                d.max_concurrent_streams as usize,
+                "agent_api.max_concurrent_streams",
+                10_000,
+            )? as u32,
+            handshake_timeout: time(
+                f.handshake_timeout,
+                d.handshake_timeout,
+                "agent_api.handshake_timeout",
+            )?,
+            first_message_timeout: time(
+                f.first_message_timeout,
+                d.first_message_timeout,
+                "agent_api.first_message_timeout",
+            )?,
+            request_timeout: time(
+                f.request_timeout,
+                d.request_timeout,
+                "agent_api.request_timeout",
+            )?,
+            keepalive_interval: time(
+                f.keepalive_interval,
+                d.keepalive_interval,
+                "agent_api.keepalive_interval",
+            )?,
+            keepalive_timeout: time(
+                f.keepalive_timeout,
+                d.keepalive_timeout,
+                "agent_api.keepalive_timeout",
+            )?,
+            svids_per_second: rate(
+                f.svids_per_second,
+                d.svids_per_second,
+                "agent_api.svids_per_second",
+            )?,
+            svid_burst: count(
+                f.svid_burst,
+                d.svid_burst as usize,
+                "agent_api.svid_burst",
+                1_000_000,
+            )? as u32,
+            engine_calls_per_second: rate(
+                f.engine_calls_per_second,
+                d.engine_calls_per_second,
+                "agent_api.engine_calls_per_second",
+            )?,
+            engine_call_burst: count(
+                f.engine_call_burst,
+                d.engine_call_burst as usize,
+                "agent_api.engine_call_burst",
+                1_000_000,
+            )? as u32,
+        })
+    }
 }
 
 /// `[node_attestors]`.
@@ -215,6 +388,8 @@ pub struct Config {
     pub previous_svid_grace: Duration,
     /// `[engines] max_encryptions_per_key_version`: the AES-GCM nonce budget of a key version.
     pub max_encryptions_per_key_version: u64,
+    /// `[agent_api]` limits.
+    pub agent_api: AgentApiConfig,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -308,7 +483,7 @@ impl Config {
             ),
         };
         let key_manager = key_manager(f.key_manager.unwrap_or_default(), &data_dir)?;
-        let previous_svid_grace = match f.agent_api.and_then(|a| a.previous_svid_grace) {
+        let previous_svid_grace = match f.agent_api.as_ref().and_then(|a| a.previous_svid_grace.clone()) {
             None => crate::registry::DEFAULT_PREVIOUS_SVID_GRACE,
             Some(v) => {
                 let d = continuity_common::duration::parse(&v)
@@ -344,6 +519,7 @@ impl Config {
             log_format: f.log_format.unwrap_or_default(),
             previous_svid_grace,
             max_encryptions_per_key_version: max_encryptions(f.engines)?,
+            agent_api: AgentApiConfig::from_file(f.agent_api)?,
             data_dir,
         })
     }
@@ -584,6 +760,18 @@ mod tests {
             "[metrics]",
             "[engines]",
             "max_encryptions_per_key_version",
+            "[agent_api]",
+            "max_connections_per_ip",
+            "max_concurrent_streams",
+            "handshake_timeout",
+            "first_message_timeout",
+            "request_timeout",
+            "keepalive_interval",
+            "keepalive_timeout",
+            "svids_per_second",
+            "svid_burst",
+            "engine_calls_per_second",
+            "engine_call_burst",
         ] {
             assert!(
                 text.contains(key),
@@ -637,6 +825,46 @@ mod tests {
             let e = c(extra, source).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains("c1"), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn agent_api_defaults_and_errors_name_the_key() {
+        let c = parse("trust_domain = \"e.org\"").unwrap();
+        assert_eq!(c.agent_api, AgentApiConfig::default());
+        assert_eq!(c.agent_api.max_concurrent_streams, 100);
+        let c = parse(
+            "trust_domain = \"e.org\"\n[agent_api]\nsvid_burst = 7\nhandshake_timeout = \"2s\"",
+        )
+        .unwrap();
+        assert_eq!(c.agent_api.svid_burst, 7);
+        assert_eq!(c.agent_api.handshake_timeout, Duration::from_secs(2));
+        for (bad, key) in [
+            ("max_connections = 0", "agent_api.max_connections"),
+            (
+                "max_concurrent_streams = 100000",
+                "agent_api.max_concurrent_streams",
+            ),
+            ("handshake_timeout = \"0s\"", "agent_api.handshake_timeout"),
+            (
+                "first_message_timeout = \"soon\"",
+                "agent_api.first_message_timeout",
+            ),
+            ("svids_per_second = -1.0", "agent_api.svids_per_second"),
+            (
+                "engine_calls_per_second = nan",
+                "agent_api.engine_calls_per_second",
+            ),
+            ("svid_burst = 0", "agent_api.svid_burst"),
+        ] {
+            let e = parse(&format!("trust_domain = \"e.org\"\n[agent_api]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e = parse("trust_domain = \"e.org\"\n[agent_api]\nmax_streams = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_streams"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,14 @@ pub struct Metrics {
     pub admin_calls: AtomicU64,
     /// Agents flagged forked (a superseded agent SVID was presented).
     pub agent_forks: AtomicU64,
+    /// Agent API connections refused at a connection cap (`[agent_api] max_connections*`).
+    pub agent_connections_refused: AtomicU64,
+    /// Agent API connections closed for not finishing the TLS handshake in time.
+    pub agent_handshake_timeouts: AtomicU64,
+    /// Signing requests refused by the per-agent rate limit (`svids_per_second`).
+    pub svid_rate_limited: AtomicU64,
+    /// EngineBroker calls refused by the per-agent rate limit (`engine_calls_per_second`).
+    pub engine_rate_limited: AtomicU64,
 }
 
 impl Metrics {
@@ -50,10 +58,26 @@ impl Metrics {
                 &self.jwt_svids_signed,
             ),
             ("continuity_server_admin_calls_total", &self.admin_calls),
+            (
+                "continuity_server_agent_connections_refused_total",
+                &self.agent_connections_refused,
+            ),
+            (
+                "continuity_server_agent_handshake_timeouts_total",
+                &self.agent_handshake_timeouts,
+            ),
+            (
+                "continuity_server_rate_limited_total{limit=\"svids_per_second\"}",
+                &self.svid_rate_limited,
+            ),
+            (
+                "continuity_server_rate_limited_total{limit=\"engine_calls_per_second\"}",
+                &self.engine_rate_limited,
+            ),
             ("continuity_server_agent_forks_total", &self.agent_forks),
         ];
         let mut out = String::from(
-            "# TYPE continuity_server_attestations_total counter\n# TYPE continuity_server_x509_svids_signed_total counter\n# TYPE continuity_server_jwt_svids_signed_total counter\n# TYPE continuity_server_admin_calls_total counter\n# TYPE continuity_server_agent_forks_total counter\n",
+            "# TYPE continuity_server_attestations_total counter\n# TYPE continuity_server_x509_svids_signed_total counter\n# TYPE continuity_server_jwt_svids_signed_total counter\n# TYPE continuity_server_admin_calls_total counter\n# TYPE continuity_server_agent_connections_refused_total counter\n# TYPE continuity_server_agent_handshake_timeouts_total counter\n# TYPE continuity_server_rate_limited_total counter\n# TYPE continuity_server_agent_forks_total counter\n",
         );
         for (name, c) in rows {
             out.push_str(&format!("{name} {}\n", c.load(Ordering::Relaxed)));

@@ -13,13 +13,14 @@ use continuity_proto::admin::entry_admin_server::EntryAdminServer;
 use continuity_proto::admin::token_admin_server::TokenAdminServer;
 use continuity_proto::agent::agent_api_server::AgentApiServer;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 
 use crate::api::admin::AdminService;
-use crate::api::agent::AgentService;
-use crate::api::engine::BrokerService;
+use crate::api::agent::{AgentService, MAX_AGENT_API_REQUEST, MAX_AGENT_API_RESPONSE};
+use crate::api::engine::{BrokerService, MAX_BROKER_REQUEST, MAX_BROKER_RESPONSE};
+use crate::api::limits::AgentRateLimits;
 use crate::api::tls::{self, ServerIdentity};
+use crate::api::uds;
 use crate::ca::{CaConfig, CaManager};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
@@ -119,6 +120,22 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Largest HTTP/2 frame accepted (the protocol's minimum maximum).
+const MAX_FRAME_SIZE: u32 = 16 * 1024;
+/// Largest HTTP/2 header list accepted (a gRPC call's headers are a few hundred bytes).
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Streams a peer may make us reset for its errors before its connection is closed.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// The HTTP/2 bounds both gRPC listeners share: streams per connection, frame and header
+/// sizes, and how many error resets a peer may cause (tonic's default is unlimited).
+fn h2_limits(b: Server, max_streams: u32) -> Server {
+    b.max_concurrent_streams(max_streams)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+}
+
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -193,6 +210,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             what: format!("bind_address {}", cfg.bind_address),
             source,
         })?;
+    let rate_limits = Arc::new(AgentRateLimits::new(&cfg.agent_api, metrics.clone()));
     let agent_service = AgentService {
         trust_domain: cfg.trust_domain.clone(),
         ca: ca.clone(),
@@ -205,12 +223,15 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         psat_clusters: Arc::new(continuity_attestors::k8s_psat::Validator::new(
             cfg.psat_clusters.clone(),
         )),
+        limits: rate_limits.clone(),
+        first_message_timeout: cfg.agent_api.first_message_timeout,
     };
     let broker = BrokerService {
         trust_domain: cfg.trust_domain.clone(),
         registry: registry.clone(),
         engines: engines.clone(),
         clock: clock.clone(),
+        limits: rate_limits,
     };
     let admin = AdminService {
         engines: engines.clone(),
@@ -300,19 +321,51 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let agent_api = Server::builder()
-        .add_service(AgentApiServer::new(agent_service))
-        .add_service(EngineBrokerServer::new(broker))
-        .serve_with_incoming_shutdown(tls::incoming(tcp, acceptor), wait(stop_rx.clone()));
-    let admin_api = Server::builder()
-        .add_service(health_service)
-        .add_service(EntryAdminServer::new(admin.clone()))
-        .add_service(TokenAdminServer::new(admin.clone()))
-        .add_service(AgentAdminServer::new(admin.clone()))
-        .add_service(BundleAdminServer::new(admin.clone()))
-        .add_service(EngineAdminServer::new(admin.clone()))
-        .add_service(AuditAdminServer::new(admin))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), wait(stop_rx));
+    // Floods and slow peers (see [agent_api] in the README): connections are capped and must
+    // finish TLS in time (tls::incoming); each connection has a bounded number of streams,
+    // bounded headers and frames, and is dropped when it stops answering PINGs; each call has
+    // a deadline and a size limit.
+    let api = &cfg.agent_api;
+    let incoming = tls::incoming(
+        tcp,
+        acceptor,
+        tls::AcceptLimits {
+            max_connections: api.max_connections,
+            max_per_ip: api.max_connections_per_ip,
+            handshake_timeout: api.handshake_timeout,
+            tcp_keepalive: api.keepalive_interval,
+        },
+        metrics.clone(),
+    );
+    let agent_api = h2_limits(Server::builder(), api.max_concurrent_streams)
+        .timeout(api.request_timeout)
+        .http2_keepalive_interval(Some(api.keepalive_interval))
+        .http2_keepalive_timeout(Some(api.keepalive_timeout))
+        .add_service(
+            AgentApiServer::new(agent_service)
+                .max_decoding_message_size(MAX_AGENT_API_REQUEST)
+                .max_encoding_message_size(MAX_AGENT_API_RESPONSE),
+        )
+        .add_service(
+            EngineBrokerServer::new(broker)
+                .max_decoding_message_size(MAX_BROKER_REQUEST)
+                .max_encoding_message_size(MAX_BROKER_RESPONSE),
+        )
+        .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
+    let m = uds::MAX_ADMIN_REQUEST;
+    let admin_api = h2_limits(Server::builder(), uds::MAX_ADMIN_STREAMS)
+        .timeout(uds::ADMIN_REQUEST_TIMEOUT)
+        .add_service(health_service.max_decoding_message_size(m))
+        .add_service(EntryAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(TokenAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(AgentAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(BundleAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(AuditAdminServer::new(admin).max_decoding_message_size(m))
+        .serve_with_incoming_shutdown(
+            uds::incoming(uds, uds::MAX_ADMIN_CONNECTIONS),
+            wait(stop_rx),
+        );
     let signal = async {
         shutdown_signal().await;
         let _ = stop_tx.send(true);

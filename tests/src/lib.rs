@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod agent_client;
+pub mod floods;
 pub mod k8s_standin;
 pub mod server;
 pub mod softhsm;

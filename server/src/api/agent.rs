@@ -29,6 +29,23 @@ use crate::registry::Registry;
 /// Most CSRs accepted in one `BatchNewX509SVID` call.
 pub const MAX_BATCH: usize = 500;
 
+/// Room budgeted for one CSR in a batch: an RSA-4096 CSR is about 1.2 KiB, a P-256 one about
+/// 250 bytes; 4 KiB leaves room for requested extensions.
+pub const CSR_BUDGET: usize = 4096;
+
+/// Room budgeted for one batch item's entry ID and protobuf framing.
+pub const ITEM_OVERHEAD: usize = 144;
+
+/// Largest AgentAPI request decoded: a full batch of [`MAX_BATCH`] CSRs of [`CSR_BUDGET`]
+/// bytes with their entry IDs (500 × 4240 = 2,120,000 bytes, about 2 MiB). Every other
+/// request (an AttestAgent message: a CSR and a join token or PSAT; a JWT-SVID request) is far
+/// smaller. A larger one is refused with ResourceExhausted before any handler runs.
+pub const MAX_AGENT_API_REQUEST: usize = MAX_BATCH * (CSR_BUDGET + ITEM_OVERHEAD);
+
+/// Largest AgentAPI response encoded: the agent decodes at most tonic's default of 4 MiB, so
+/// a larger response would fail there anyway (a full batch of 500 SVIDs is about 1 MiB).
+pub const MAX_AGENT_API_RESPONSE: usize = 4 * 1024 * 1024;
+
 /// The agent-facing service.
 #[derive(Clone)]
 pub struct AgentService {
@@ -51,6 +68,10 @@ pub struct AgentService {
     /// k8s_psat clusters and their key caches, kept for the server's lifetime (empty: the
     /// attestor is off).
     pub psat_clusters: Arc<continuity_attestors::k8s_psat::Validator>,
+    /// Per-agent signing and Engine-call rate limits.
+    pub limits: Arc<super::limits::AgentRateLimits>,
+    /// How long AttestAgent waits for its first message (`agent_api.first_message_timeout`).
+    pub first_message_timeout: Duration,
 }
 
 /// SHA-256 of a join token, hex: the only form in which tokens are stored.
@@ -318,10 +339,24 @@ impl AgentApi for AgentService {
         &self,
         req: Request<Streaming<AttestAgentRequest>>,
     ) -> Result<Response<Self::AttestAgentStream>, Status> {
+        // Only the first message is ever read (its size bounded by the service's decoding
+        // limit); a client that never sends it is cut off at the deadline.
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| {
-            Status::invalid_argument("AttestAgent needs a first message with params")
-        })?;
+        let wait = self.first_message_timeout;
+        let first = tokio::time::timeout(wait, stream.message())
+            .await
+            .map_err(|_| {
+                self.metrics.inc(&self.metrics.attestations_failed);
+                tracing::info!("agent attestation refused: no first message in time");
+                Status::deadline_exceeded(format!(
+                    "no AttestAgent params within {} (agent_api.first_message_timeout)",
+                    continuity_common::duration::format(wait)
+                ))
+            })??
+            .ok_or_else(|| {
+                Status::invalid_argument("AttestAgent needs a first message with params")
+            })?;
+        drop(stream);
         let Some(attest_agent_request::Step::Params(params)) = first.step else {
             return Err(Status::invalid_argument(
                 "the first AttestAgent message must carry params",
@@ -366,6 +401,7 @@ impl AgentApi for AgentService {
             &req,
         )
         .await?;
+        self.limits.sign(&agent.spiffe_id, 1)?;
         let id = agent.spiffe_id.clone();
         let svid = self.sign_agent_svid(&id, req.into_inner().csr).await?;
         let serial =
@@ -407,6 +443,7 @@ impl AgentApi for AgentService {
                 params.len()
             )));
         }
+        self.limits.sign(&agent.spiffe_id, params.len())?;
         // Signing may touch an HSM and is CPU-bound: split the batch across blocking threads.
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -439,6 +476,7 @@ impl AgentApi for AgentService {
         req: Request<NewJwtsvidRequest>,
     ) -> Result<Response<NewJwtsvidResponse>, Status> {
         let agent = self.authenticate(&req).await?;
+        self.limits.sign(&agent.spiffe_id, 1)?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(|a| a.is_empty()) {
             return Err(Status::invalid_argument(
@@ -632,8 +670,13 @@ mod tests {
             clock: clock.clone(),
             x509_ttl: Duration::from_secs(3600),
             jwt_ttl: Duration::from_secs(300),
-            metrics,
+            metrics: metrics.clone(),
             psat_clusters: Arc::new(continuity_attestors::k8s_psat::Validator::new(vec![])),
+            limits: Arc::new(crate::api::limits::AgentRateLimits::new(
+                &crate::config::AgentApiConfig::default(),
+                metrics,
+            )),
+            first_message_timeout: Duration::from_secs(10),
         };
         Fixture {
             dir,

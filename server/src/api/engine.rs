@@ -58,7 +58,16 @@ pub struct BrokerService {
     pub engines: Arc<Engines>,
     /// Time.
     pub clock: Arc<dyn Clock>,
+    /// Per-agent Engine-call rate limit.
+    pub limits: Arc<super::limits::AgentRateLimits>,
 }
+
+/// Largest EngineBroker request decoded: a ReportIncarnations of the agent's up to 10,000
+/// queued incarnations, or a Sign/Encrypt/Decrypt of a 64 KiB payload with its workload.
+pub const MAX_BROKER_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Largest EngineBroker response encoded (a JWKS, a signature, a 64 KiB plaintext).
+pub const MAX_BROKER_RESPONSE: usize = 4 * 1024 * 1024;
 
 /// Who asks, for the audit log.
 fn actor(agent: &str, spiffe_id: &str, w: Option<&Workload>) -> String {
@@ -84,6 +93,7 @@ impl BrokerService {
         let agent =
             authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)
                 .await?;
+        self.limits.engine_call(&agent.spiffe_id)?;
         let entry = self
             .registry
             .authorized_entry(&agent, entry_id)
@@ -265,6 +275,7 @@ impl EngineBroker for BrokerService {
             &req,
         )
         .await?;
+        self.limits.engine_call(&agent.spiffe_id)?;
         for inc in &req.get_ref().incarnations {
             // Only entries this agent hosts, bound to an Engine, count.
             let Some(entry) = self.registry.authorized_entry(&agent, &inc.entry_id) else {

@@ -4,7 +4,9 @@
 pub mod admin;
 pub mod agent;
 pub mod engine;
+pub mod limits;
 pub mod tls;
+pub mod uds;
 
 use continuity_proto::types;
 use tonic::Status;

@@ -1,11 +1,14 @@
 //! TLS 1.3 for the agent API: an accept loop that hands tonic authenticated streams (with the
-//! peer's certificates attached to every request) and a server identity that follows CA rotation.
+//! peer's certificates attached to every request) under connection caps (total and per peer
+//! IP) and a handshake deadline, and a server identity that follows CA rotation.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use continuity_common::tls::{SpiffeClientVerifier, TrustRoots};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -18,13 +21,22 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::ca::CaManager;
+use crate::metrics::Metrics;
 
 /// The certificate chain a client presented (empty before attestation).
 #[derive(Debug, Clone, Default)]
 pub struct PeerCerts(pub Arc<Vec<CertificateDer<'static>>>);
 
-/// An accepted TLS connection.
-pub struct TlsConn(TlsStream<TcpStream>, PeerCerts);
+/// An accepted TLS connection; holds its place under the connection caps until dropped.
+pub struct TlsConn(
+    TlsStream<TcpStream>,
+    PeerCerts,
+    #[expect(
+        dead_code,
+        reason = "held only to give the slot back when the connection drops"
+    )]
+    ConnSlot,
+);
 
 impl Connected for TlsConn {
     type ConnectInfo = PeerCerts;
@@ -69,27 +81,170 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client never
-/// holds up the accept loop); yields finished connections.
+/// What the accept loop holds connections to (from `[agent_api]`).
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptLimits {
+    /// Open connections in total, handshaking ones included.
+    pub max_connections: usize,
+    /// Open connections per peer IP address.
+    pub max_per_ip: usize,
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// TCP keepalive idle time (probes then every 10 s, 3 of them).
+    pub tcp_keepalive: Duration,
+}
+
+/// Why a new connection was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// `max_connections` are open.
+    #[error("{0} agent API connections are open (agent_api.max_connections)")]
+    Total(usize),
+    /// This IP address has `max_connections_per_ip` open.
+    #[error("{ip} has {max} agent API connections open (agent_api.max_connections_per_ip)")]
+    PerIp {
+        /// The peer.
+        ip: IpAddr,
+        /// The cap.
+        max: usize,
+    },
+}
+
+/// Open connections, in total and per peer IP.
+///
+/// Invariant: `total` and the per-IP counts equal the number of live [`ConnSlot`]s; an IP is
+/// in the map only while it has at least one, so the map never holds more than `total` keys.
+#[derive(Debug)]
+pub struct ConnCaps {
+    limits: AcceptLimits,
+    inner: Mutex<CapsInner>,
+}
+
+#[derive(Debug, Default)]
+struct CapsInner {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+    refused_unlogged: u64,
+    last_log: Option<Instant>,
+}
+
+/// One connection's place under the caps; given back on drop.
+#[derive(Debug)]
+pub struct ConnSlot {
+    caps: Arc<ConnCaps>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut inner = self.caps.lock();
+        inner.total = inner.total.saturating_sub(1);
+        if let Some(n) = inner.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                inner.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnCaps {
+    /// Caps with these limits.
+    pub fn new(limits: AcceptLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            inner: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CapsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Open connections right now.
+    pub fn open(&self) -> usize {
+        self.lock().total
+    }
+
+    /// A slot for a connection from `ip`, or why not (refusals are logged, rate-limited).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, Refused> {
+        let mut inner = self.lock();
+        let from_ip = inner.per_ip.get(&ip).copied().unwrap_or(0);
+        let refused = if inner.total >= self.limits.max_connections {
+            Some(Refused::Total(self.limits.max_connections))
+        } else if from_ip >= self.limits.max_per_ip {
+            Some(Refused::PerIp {
+                ip,
+                max: self.limits.max_per_ip,
+            })
+        } else {
+            None
+        };
+        if let Some(r) = refused {
+            inner.refused_unlogged += 1;
+            let now = Instant::now();
+            if inner
+                .last_log
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+            {
+                tracing::warn!(reason = %r, refused = inner.refused_unlogged, "agent API connections refused");
+                inner.refused_unlogged = 0;
+                inner.last_log = Some(now);
+            }
+            return Err(r);
+        }
+        inner.total += 1;
+        *inner.per_ip.entry(ip).or_insert(0) += 1;
+        Ok(ConnSlot {
+            caps: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Accepts TCP connections (nodelay, keepalive) under the caps of `limits` and completes TLS
+/// handshakes concurrently within `handshake_timeout` (a slow client never holds up the accept
+/// loop; pending handshakes count against the caps, so they are bounded); yields finished
+/// connections. Out of file descriptors, it backs off instead of spinning.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    limits: AcceptLimits,
+    metrics: Arc<Metrics>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsConn>> {
+    use tokio_stream::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel(128);
+    let caps = ConnCaps::new(limits);
+    let mut tcp_in = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(limits.tcp_keepalive))
+        .with_keepalive_interval(Some(Duration::from_secs(10)))
+        .with_keepalive_retries(Some(3));
     tokio::spawn(async move {
+        let mut backoff = continuity_common::http::AcceptBackoff::default();
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+            let tcp = match tcp_in.next().await {
+                None => break,
+                Some(Ok(t)) => t,
+                Some(Err(e)) => {
+                    let pause = backoff.failed("agent API", &e, caps.open());
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, conn_tx) = (acceptor.clone(), tx.clone());
+            let Ok(peer) = tcp.peer_addr() else {
+                continue;
+            };
+            let slot = match caps.admit(peer.ip().to_canonical()) {
+                Ok(s) => s,
+                Err(_) => {
+                    metrics.inc(&metrics.agent_connections_refused);
+                    continue;
+                }
+            };
+            let (acceptor, conn_tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let certs = tls
                             .get_ref()
@@ -98,11 +253,14 @@ pub fn incoming(
                             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                             .unwrap_or_default();
                         let _ = conn_tx
-                            .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)))))
+                            .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)), slot)))
                             .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        metrics.inc(&metrics.agent_handshake_timeouts);
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
             if tx.is_closed() {
