@@ -483,7 +483,11 @@ impl Config {
             ),
         };
         let key_manager = key_manager(f.key_manager.unwrap_or_default(), &data_dir)?;
-        let previous_svid_grace = match f.agent_api.as_ref().and_then(|a| a.previous_svid_grace.clone()) {
+        let previous_svid_grace = match f
+            .agent_api
+            .as_ref()
+            .and_then(|a| a.previous_svid_grace.clone())
+        {
             None => crate::registry::DEFAULT_PREVIOUS_SVID_GRACE,
             Some(v) => {
                 let d = continuity_common::duration::parse(&v)

@@ -3,8 +3,12 @@
 //! `continuity-agent` on the same server keeps syncing and serving SVIDs to a workload.
 //!
 //! This file holds the authorization attacks; the rest of the suite is in the
-//! `adversarial_*.rs` files next to it (stolen and forked agent identities, floods and slow
-//! peers, k8s_psat, CSR policy).
+//! `adversarial_*.rs` files next to it: `adversarial_agent_identity` (renewal racing a ban,
+//! stolen superseded agent keys and forks), `adversarial_floods` (10,000 idle streams, slow
+//! handshakes, silent attestations, oversized messages, per-agent rate limits, slowloris,
+//! EMFILE), `adversarial_psat` (junk and forged k8s_psat tokens, fetch discipline),
+//! `adversarial_csr` (weak keys and algorithms), `adversarial_secrets` (pin_file custody) and
+//! `adversarial_admin_audit` (admin writes whose audit record cannot be written).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
