@@ -128,7 +128,9 @@ impl Attested {
     }
 }
 
-fn jwks_keys(jwks: &Value) -> Vec<(String, Vec<u8>)> {
+/// The `(kid, SubjectPublicKeyInfo)` pairs of a JWKS document; keys without a `kid` or that are
+/// not usable JWKs are skipped.
+pub fn jwks_keys(jwks: &Value) -> Vec<(String, Vec<u8>)> {
     jwks["keys"]
         .as_array()
         .into_iter()
@@ -170,6 +172,13 @@ fn system_roots() -> Vec<Vec<u8>> {
     .find_map(|p| std::fs::read_to_string(p).ok())
     .and_then(|pem| continuity_common::x509::pem_decode_all("CERTIFICATE", &pem).ok())
     .unwrap_or_default()
+}
+
+/// The `jwks_uri` of an OIDC discovery document.
+pub fn jwks_uri(conf: &Value) -> Result<&str, PsatError> {
+    conf["jwks_uri"]
+        .as_str()
+        .ok_or_else(|| PsatError::Validator("OIDC configuration has no jwks_uri".into()))
 }
 
 fn check_allowed(cfg: &ClusterConfig, ns: &str, sa: &str) -> Result<(), PsatError> {
@@ -229,10 +238,7 @@ fn offline(cfg: &ClusterConfig, token: &str, now: i64) -> Result<Attested, PsatE
                 ),
                 &roots,
             )?;
-            let uri = conf["jwks_uri"]
-                .as_str()
-                .ok_or_else(|| PsatError::Validator("OIDC configuration has no jwks_uri".into()))?;
-            fetch_json(uri, &roots)?
+            fetch_json(jwks_uri(&conf)?, &roots)?
         }
         Validation::TokenReview { .. } => {
             return Err(PsatError::Validator("not an offline cluster".into()));
@@ -355,7 +361,13 @@ fn token_review(
             r.status
         )));
     }
-    let v: Value = serde_json::from_slice(&r.body)
+    token_review_status(cfg, &r.body)
+}
+
+/// Reads a TokenReview answer's body (the API server's JSON): the agent it authenticates, or
+/// why not. Checks the audience, the service account allow list and the node binding.
+pub fn token_review_status(cfg: &ClusterConfig, body: &[u8]) -> Result<Attested, PsatError> {
+    let v: Value = serde_json::from_slice(body)
         .map_err(|e| PsatError::Validator(format!("TokenReview: {e}")))?;
     let st = &v["status"];
     if st["authenticated"].as_bool() != Some(true) {
