@@ -643,6 +643,19 @@ def capture_bundle_show():
 shown = capture_bundle_show() if want("bundle_json") else None
 if shown:
     write("bundle_json", "bundle-show-spiffe", b"\x01" + shown)
+    # The same bundle as the GetBundle answer the CLI turned into it (a real server's CA).
+    doc = json.loads(shown)
+
+    def jwk_spki(k):
+        def num(f):
+            return int.from_bytes(base64.urlsafe_b64decode(k[f] + "=" * (-len(k[f]) % 4)), "big")
+        curve = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}[k["crv"]]
+        return ec.EllipticCurvePublicNumbers(num("x"), num("y"), curve).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    cas = [base64.b64decode(k["x5c"][0]) for k in doc["keys"] if k["use"] == "x509-svid"]
+    jwts = [(k["kid"], jwk_spki(k), 2_000_000_000) for k in doc["keys"] if k["use"] == "jwt-svid" and k["kty"] == "EC"]
+    write("bundle_json", "getbundle-answer-real-server", b"\x00" + bundle("example.org", cas, jwts, doc["spiffe_sequence"]))
 
 # ---------------------------------------------------------------- server_config
 with open(os.path.join(ROOT, "deploy", "server.full.toml"), "rb") as f:
