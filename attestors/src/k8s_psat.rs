@@ -309,11 +309,24 @@ fn discover(url: &str, issuer: &str, ca_path: Option<&PathBuf>) -> Result<KeySet
             "{conf_url} names issuer {named:?}, not {issuer:?}"
         )));
     }
-    let uri = conf["jwks_uri"]
-        .as_str()
-        .ok_or_else(|| PsatError::Validator(format!("{conf_url} has no jwks_uri")))?;
+    let uri = jwks_uri(&conf).map_err(|e| PsatError::Validator(format!("{conf_url}: {e}")))?;
     KeySet::from_jwks(&fetch_json(uri, &roots)?)
         .map_err(|e| PsatError::Validator(format!("{uri}: {e}")))
+}
+
+/// The `jwks_uri` of an OIDC discovery document.
+pub fn jwks_uri(conf: &Value) -> Result<&str, PsatError> {
+    conf["jwks_uri"]
+        .as_str()
+        .ok_or_else(|| PsatError::Validator("the OIDC configuration has no jwks_uri".into()))
+}
+
+/// The `(kid, SubjectPublicKeyInfo)` pairs of a JWKS document; keys without a `kid` or that are
+/// not usable JWKs are skipped.
+pub fn jwks_keys(jwks: &Value) -> Vec<(String, Vec<u8>)> {
+    KeySet::from_jwks(jwks)
+        .map(KeySet::into_pairs)
+        .unwrap_or_default()
 }
 
 fn fetch_json(url: &str, roots: &[Vec<u8>]) -> Result<Value, PsatError> {
@@ -442,7 +455,13 @@ fn token_review(
             r.status
         )));
     }
-    let v: Value = serde_json::from_slice(&r.body)
+    token_review_status(cfg, &r.body)
+}
+
+/// Reads a TokenReview answer's body (the API server's JSON): the agent it authenticates, or
+/// why not. Checks the audience, the service account allow list and the node binding.
+pub fn token_review_status(cfg: &ClusterConfig, body: &[u8]) -> Result<Attested, PsatError> {
+    let v: Value = serde_json::from_slice(body)
         .map_err(|e| PsatError::Validator(format!("TokenReview: {e}")))?;
     let st = &v["status"];
     if st["authenticated"].as_bool() != Some(true) {

@@ -2,10 +2,13 @@
 """Writes the seed corpora under fuzz/corpus/<target>/ and the fixed public keys and
 certificates the jwt and x509 harnesses compile in (fuzz/seeds/keys/).
 
-Run from anywhere: python3 fuzz/seeds/make_seeds.py. Needs `cryptography`; the authority seeds
-also capture what py-spiffe (PyPI `spiffe`, which scripts/setup installs) really sends, when it is
-installed. Re-running makes new keys: the tokens and certificates are re-made with them, so the
-committed files always agree with each other. Private keys are never written.
+Run from anywhere: python3 fuzz/seeds/make_seeds.py [TARGET...] (no target: all of them). Needs
+`cryptography`; the authority seeds also capture what py-spiffe (PyPI `spiffe`, which
+scripts/setup installs) really sends, when it is installed, and the csr seeds include CSRs made
+by the `openssl` CLI when it is there. Re-running makes new keys: the tokens and certificates are
+re-made with them, so the committed files always agree with each other (naming targets rewrites
+only theirs; the files under keys/ are rewritten only with jwt, x509 or oidc_json). Private keys are never
+written.
 """
 
 import base64
@@ -30,9 +33,16 @@ KEYS = os.path.join(HERE, "keys")
 CORPUS = os.path.join(FUZZ, "corpus")
 
 AUDIENCE = "spiffe://example.org/fuzz-audience"
+SELECTED = set(sys.argv[1:])
+
+
+def want(*targets):
+    return not SELECTED or any(t in SELECTED for t in targets)
 
 
 def write(target, name, data):
+    if not want(target):
+        return
     d = os.path.join(CORPUS, target)
     os.makedirs(d, exist_ok=True)
     if isinstance(data, str):
@@ -58,6 +68,8 @@ rsa1 = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ec_other = ec.generate_private_key(ec.SECP256R1())
 rsa_other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 for name, key in [("ec1", ec1), ("rsa1", rsa1), ("ec-other", ec_other), ("rsa-other", rsa_other)]:
+    if not want("jwt"):
+        break
     with open(os.path.join(KEYS, name + ".spki"), "wb") as f:
         f.write(spki(key))
 
@@ -98,10 +110,11 @@ def leaf_cert(uris, key=None, serial=2):
 ca_der = ca.public_bytes(serialization.Encoding.DER)
 leaf = leaf_cert(["spiffe://example.org/continuity/server"])
 leaf_der = leaf.public_bytes(serialization.Encoding.DER)
-with open(os.path.join(KEYS, "ca.der"), "wb") as f:
-    f.write(ca_der)
-with open(os.path.join(KEYS, "leaf.der"), "wb") as f:
-    f.write(leaf_der)
+if want("x509"):
+    with open(os.path.join(KEYS, "ca.der"), "wb") as f:
+        f.write(ca_der)
+    with open(os.path.join(KEYS, "leaf.der"), "wb") as f:
+        f.write(leaf_der)
 
 # ---------------------------------------------------------------- jwt
 def jws(header, claims, key):
@@ -376,8 +389,317 @@ def capture_py_spiffe():
     return bytes(got) if got.startswith(PREFACE) else None
 
 
-py = capture_py_spiffe()
+py = capture_py_spiffe() if want("authority") else None
 if py:
     write("authority", "py-spiffe-client", b"\x00\xff" + py)
     write("authority", "py-spiffe-client-pieces", b"\x04\x00\x09\x03\x3f\x0f" + py)
+
+# ================================================================ server-side targets
+import shutil
+import subprocess
+import time
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+
+# ---------------------------------------------------------------- csr (first byte: entry ID
+# index % 3, and (byte / 4) % 3 DNS names)
+def csr(key, algorithm=hashes.SHA256(), extensions=()):
+    b = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "continuity-agent")]))
+    for ext, critical in extensions:
+        b = b.add_extension(ext, critical=critical)
+    return b.sign(key, algorithm).public_bytes(serialization.Encoding.DER)
+
+
+hostile_exts = [
+    (x509.SubjectAlternativeName([x509.UniformResourceIdentifier("spiffe://example.org/continuity/server"),
+                                  x509.UniformResourceIdentifier("spiffe://evil.org/admin"),
+                                  x509.DNSName("evil.example.org")]), False),
+    (x509.BasicConstraints(ca=True, path_length=None), True),
+    (x509.KeyUsage(True, False, False, False, False, True, True, False, False), True),
+]
+if want("csr"):
+    write("csr", "ec-p256", b"\x00" + csr(ec.generate_private_key(ec.SECP256R1())))
+    write("csr", "ec-p384-asks-ca-and-other-ids", b"\x04" + csr(ec.generate_private_key(ec.SECP384R1()), hashes.SHA384(), hostile_exts))
+    write("csr", "rsa-2048", b"\x09" + csr(rsa.generate_private_key(public_exponent=65537, key_size=2048)))
+    write("csr", "rsa-2048-exponent-3", b"\x02" + csr(rsa.generate_private_key(public_exponent=3, key_size=2048)))
+    write("csr", "secp256k1", b"\x00" + csr(ec.generate_private_key(ec.SECP256K1())))
+    write("csr", "ed25519", b"\x05" + csr(ed25519.Ed25519PrivateKey.generate(), None))
+    good = bytearray(csr(ec.generate_private_key(ec.SECP256R1()), extensions=hostile_exts))
+    good[-3] ^= 0x01
+    write("csr", "bad-signature", b"\x00" + bytes(good))
+    write("csr", "truncated", b"\x00" + csr(ec.generate_private_key(ec.SECP256R1()))[:60])
+    # What the openssl CLI makes (another implementation; `cryptography` refuses SHA-1).
+    if shutil.which("openssl"):
+        for name, pick, args in [
+            ("openssl-ec-p256", b"\x08", ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+            ("openssl-rsa-2048-san", b"\x08", ["-newkey", "rsa:2048", "-addext",
+                                                "subjectAltName=URI:spiffe://example.org/other"]),
+            ("openssl-rsa-1024-sha1", b"\x01", ["-newkey", "rsa:1024", "-sha1"]),
+        ]:
+            with tempfile.TemporaryDirectory() as d:
+                out = os.path.join(d, "csr.der")
+                subprocess.run(["openssl", "req", "-new", "-nodes", "-subj", "/CN=agent", "-keyout",
+                                os.path.join(d, "key.pem"), "-outform", "DER", "-out", out] + args,
+                               check=True, capture_output=True)
+                with open(out, "rb") as f:
+                    write("csr", name, pick + f.read())
+    else:
+        print("make_seeds: no openssl CLI, skipping the openssl CSRs", file=sys.stderr)
+
+# ---------------------------------------------------------------- psat (first byte: mode % 2)
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+psat_claims = {
+    "aud": ["continuity-server"], "exp": 2_000_000_000, "iat": 1_700_000_000, "nbf": 1_700_000_000,
+    "iss": ISSUER, "sub": "system:serviceaccount:spire:spire-agent",
+    "kubernetes.io": {
+        "namespace": "spire",
+        "node": {"name": "kind-worker", "uid": "646e8ed6-1d53-4a8a-9e3c-5b0e0e6a1f3c"},
+        "pod": {"name": "spire-agent-7xk2p", "uid": "2c48913c-b29f-11e7-9350-020968147796"},
+        "serviceaccount": {"name": "spire-agent", "uid": "8f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b"},
+    },
+}
+
+
+def claims_with(**kw):
+    c = json.loads(json.dumps(psat_claims))
+    for k, v in kw.items():
+        if v is None:
+            c.pop(k, None)
+        else:
+            c[k] = v
+    return c
+
+
+def signable(claims, header=None):
+    """Mode 1: `<header>\\n<claims>`, which the harness signs with the cluster's key."""
+    h = header or {"alg": "ES256", "kid": "k1"}
+    return b"\x01" + json.dumps(h, separators=(",", ":")).encode() + b"\n" + json.dumps(claims).encode()
+
+
+k8s = psat_claims["kubernetes.io"]
+write("psat", "signed-valid", signable(psat_claims))
+write("psat", "signed-aud-string", signable(claims_with(aud="continuity-server")))
+write("psat", "signed-expired", signable(claims_with(exp=1_000_000_000)))
+write("psat", "signed-exp-max", signable(claims_with(exp=2**63 - 1)))
+write("psat", "signed-nbf-future", signable(claims_with(nbf=1_900_000_000)))
+write("psat", "signed-iat-future", signable(claims_with(iat=1_900_000_000)))
+write("psat", "signed-other-issuer", signable(claims_with(iss="https://evil.example.org")))
+write("psat", "signed-other-aud", signable(claims_with(aud=["api", "vault"])))
+write("psat", "signed-other-sa", signable(claims_with(**{"kubernetes.io": {**k8s, "serviceaccount": {"name": "default"}}})))
+write("psat", "signed-no-node", signable(claims_with(**{"kubernetes.io": {k: v for k, v in k8s.items() if k != "node"}})))
+write("psat", "signed-node-uid-slash", signable(claims_with(**{"kubernetes.io": {**k8s, "node": {"name": "n", "uid": "../../x"}}})))
+write("psat", "signed-unknown-kid", signable(psat_claims, {"alg": "ES256", "kid": "k2"}))
+write("psat", "signed-rs256-header", signable(psat_claims, {"alg": "RS256", "kid": "k1"}))
+write("psat", "signed-alg-none", signable(psat_claims, {"alg": "none", "kid": "k1"}))
+# Mode 0, whole payloads; the token is signed by a key the cluster does not know.
+outsider = ec.generate_private_key(ec.SECP256R1())
+real_shape = jws({"alg": "ES256", "kid": "k1"}, psat_claims, outsider)
+write("psat", "payload-foreign-key", b"\x00" + json.dumps({"cluster": "c1", "token": real_shape}).encode())
+write("psat", "payload-unknown-cluster", b"\x00" + json.dumps({"cluster": "prod", "token": real_shape}).encode())
+write("psat", "payload-as-array", b"\x00" + json.dumps(["c1", real_shape]).encode())
+write("psat", "payload-two-dots", b"\x00" + b'{"cluster":"c1","token":"a.b.c"}')
+write("psat", "payload-junk", b"\x00" + b"\x17\x03\x03garbage")
+
+
+# ---------------------------------------------------------------- oidc_json (first byte: mode % 3)
+def ec_jwk(key, kid, crv="P-256", width=32):
+    n = key.public_key().public_numbers()
+    return {"use": "sig", "kty": "EC", "kid": kid, "crv": crv, "alg": "ES256" if width == 32 else "ES384",
+            "x": b64url(n.x.to_bytes(width, "big")), "y": b64url(n.y.to_bytes(width, "big"))}
+
+
+def rsa_jwk(key, kid):
+    n = key.public_key().public_numbers()
+    return {"use": "sig", "kty": "RSA", "kid": kid, "alg": "RS256",
+            "n": b64url(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")), "e": b64url(n.e.to_bytes(3, "big"))}
+
+
+# The issuer's signing key: the harness validates one fixed token it signed (kid k1) against
+# each JWKS input; only the public key and the token are committed.
+issuer_key = ec.generate_private_key(ec.SECP256R1())
+if want("oidc_json"):
+    with open(os.path.join(KEYS, "psat-signer.spki"), "wb") as f:
+        f.write(spki(issuer_key))
+    with open(os.path.join(KEYS, "psat-token"), "w") as f:
+        f.write(jws({"alg": "ES256", "kid": "k1"}, psat_claims, issuer_key))
+# What a kube-apiserver serves at /openid/v1/jwks (RSA), plus EC keys and broken entries.
+kube_rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+write("oidc_json", "jwks-kube-apiserver", b"\x00" + json.dumps({"keys": [rsa_jwk(kube_rsa, "Zt3Yx0N5Qk3S4zJ0gJ3mWcZ0rT1k9y2Hq6lq2b0cV8E")]}).encode())
+write("oidc_json", "jwks-signer", b"\x00" + json.dumps({"keys": [rsa_jwk(kube_rsa, "r1"), ec_jwk(issuer_key, "k1")]}).encode())
+write("oidc_json", "jwks-signer-under-other-kid", b"\x00" + json.dumps({"keys": [ec_jwk(issuer_key, "k2")]}).encode())
+write("oidc_json", "jwks-ec-rsa", b"\x00" + json.dumps({"keys": [
+    ec_jwk(ec.generate_private_key(ec.SECP256R1()), "k1"),
+    ec_jwk(ec.generate_private_key(ec.SECP384R1()), "k384", "P-384", 48),
+    rsa_jwk(kube_rsa, "r1")]}).encode())
+write("oidc_json", "jwks-broken-keys", b"\x00" + json.dumps({"keys": [
+    {"kty": "EC", "crv": "P-256", "kid": "k1", "x": "AA", "y": "AA"},
+    {"kty": "RSA", "kid": "k1", "n": "AA", "e": ""},
+    {"kty": "oct", "kid": "k1", "k": "c2VjcmV0"},
+    {"kty": "EC", "crv": "P-521", "kid": "k1", "x": "AA", "y": "AA"},
+    {"kid": 7}, "not a key", None]}).encode())
+write("oidc_json", "discovery-kube-apiserver", b"\x01" + json.dumps({
+    "issuer": ISSUER, "jwks_uri": "https://172.18.0.2:6443/openid/v1/jwks",
+    "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+    "id_token_signing_alg_values_supported": ["RS256"]}).encode())
+write("oidc_json", "discovery-eks", b"\x01" + json.dumps({
+    "issuer": "https://oidc.eks.eu-west-1.amazonaws.com/id/0123456789ABCDEF0123456789ABCDEF",
+    "jwks_uri": "https://oidc.eks.eu-west-1.amazonaws.com/id/0123456789ABCDEF0123456789ABCDEF/keys",
+    "authorization_endpoint": "urn:kubernetes:programmatic_authorization",
+    "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+    "claims_supported": ["sub", "iss"], "id_token_signing_alg_values_supported": ["RS256"]}).encode())
+write("oidc_json", "discovery-no-jwks-uri", b"\x01" + json.dumps({"issuer": ISSUER, "jwks_uri": 5}).encode())
+extra = {
+    "authentication.kubernetes.io/credential-id": ["JTI=3f0a8f4e-6c1d-4b52-9d2e-1a7b9c0d2e3f"],
+    "authentication.kubernetes.io/node-name": ["kind-worker"],
+    "authentication.kubernetes.io/node-uid": [k8s["node"]["uid"]],
+    "authentication.kubernetes.io/pod-name": ["spire-agent-7xk2p"],
+    "authentication.kubernetes.io/pod-uid": [k8s["pod"]["uid"]],
+}
+review = {
+    "kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {"creationTimestamp": None},
+    "spec": {"token": real_shape, "audiences": ["continuity-server"]},
+    "status": {"authenticated": True, "audiences": ["continuity-server"],
+               "user": {"username": "system:serviceaccount:spire:spire-agent", "uid": k8s["serviceaccount"]["uid"],
+                        "groups": ["system:serviceaccounts", "system:serviceaccounts:spire", "system:authenticated"],
+                        "extra": extra}},
+}
+write("oidc_json", "tokenreview-authenticated", b"\x02" + json.dumps(review).encode())
+write("oidc_json", "tokenreview-refused", b"\x02" + json.dumps({**review, "status": {
+    "user": {}, "error": "[invalid bearer token, service account token has expired]"}}).encode())
+write("oidc_json", "tokenreview-user-not-sa", b"\x02" + json.dumps({**review, "status": {
+    **review["status"], "user": {"username": "kubernetes-admin", "groups": ["system:masters"], "extra": extra}}}).encode())
+write("oidc_json", "tokenreview-sa-with-colons", b"\x02" + json.dumps({**review, "status": {
+    **review["status"], "user": {**review["status"]["user"], "username": "system:serviceaccount:spire:spire-agent:x"}}}).encode())
+
+
+# ---------------------------------------------------------------- bundle_json (first byte: mode % 2)
+def bundle_doc(cas, jwt_keys, seq, hint):
+    """The shape `bundle show --format spiffe` prints (continuity_common::jwk::spiffe_bundle)."""
+    def members(pub):
+        n = pub.public_numbers()
+        if isinstance(pub, ec.EllipticCurvePublicKey):
+            w = (pub.curve.key_size + 7) // 8
+            return {"kty": "EC", "crv": {256: "P-256", 384: "P-384"}[pub.curve.key_size],
+                    "x": b64url(n.x.to_bytes(w, "big")), "y": b64url(n.y.to_bytes(w, "big"))}
+        return {"kty": "RSA", "n": b64url(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")),
+                "e": b64url(n.e.to_bytes((n.e.bit_length() + 7) // 8, "big"))}
+    keys = []
+    for der in cas:
+        cert = x509.load_der_x509_certificate(der)
+        keys.append({**members(cert.public_key()), "use": "x509-svid", "x5c": [b64(der)]})
+    for kid, key in jwt_keys:
+        keys.append({**members(key.public_key()), "kid": kid, "use": "jwt-svid"})
+    return {"keys": keys, "spiffe_sequence": seq, "spiffe_refresh_hint": hint}
+
+
+rsa_ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+rsa_ca = (
+    x509.CertificateBuilder()
+    .subject_name(ca_name).issuer_name(ca_name)
+    .public_key(rsa_ca_key.public_key()).serial_number(9)
+    .not_valid_before(not_before).not_valid_after(not_after)
+    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    .sign(rsa_ca_key, hashes.SHA256())
+).public_bytes(serialization.Encoding.DER)
+jwt_p256 = ec.generate_private_key(ec.SECP256R1())
+jwt_p384 = ec.generate_private_key(ec.SECP384R1())
+write("bundle_json", "getbundle-answer", b"\x00" + bundle("example.org", [ca_der, rsa_ca],
+      [("Xk2b9n3mQ0qL1pV7tR4sYw", spki(jwt_p256), 2_000_000_000), ("p384", spki(jwt_p384), 2_000_000_000)], 12))
+write("bundle_json", "getbundle-answer-garbage", b"\x00" + bundle("example.org", [ca_der, b"\x30\x00"], [("bad", b"\x30\x03\x02\x01\x00", 1)], 13))
+write("bundle_json", "getbundle-answer-empty", b"\x00" + bundle("example.org", [], [], 0))
+write("bundle_json", "bundle-doc", b"\x01" + json.dumps(bundle_doc([ca_der, rsa_ca], [("Xk2b9n3mQ0qL1pV7tR4sYw", jwt_p256)], 12, 300), indent=2).encode())
+write("bundle_json", "jwks-only", b"\x01" + json.dumps({"keys": [ec_jwk(jwt_p384, "p384", "P-384", 48), rsa_jwk(rsa_ca_key, "r")]}).encode())
+
+
+def capture_bundle_show():
+    """What the real `continuity-server bundle show --format spiffe` prints, when it is built."""
+    exe = os.environ.get("CONTINUITY_SERVER") or os.path.join(
+        os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"), "debug", "continuity-server")
+    if not os.access(exe, os.X_OK):
+        print("make_seeds: no continuity-server binary, skipping the captured bundle", file=sys.stderr)
+        return None
+    d = tempfile.mkdtemp()
+    sock = os.path.join(d, "admin", "admin.sock")
+    cfg = os.path.join(d, "server.toml")
+    with open(cfg, "w") as f:
+        f.write(f'trust_domain = "example.org"\ndata_dir = "{d}/data"\nbind_address = "127.0.0.1:0"\n'
+                f'admin_socket = "{sock}"\n[key_manager]\nkind = "memory"\n')
+    srv = subprocess.Popen([exe, "run", "--config", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            r = subprocess.run([exe, "--socket", sock, "bundle", "show", "--format", "spiffe"], capture_output=True)
+            if r.returncode == 0 and r.stdout.startswith(b"{"):
+                return r.stdout
+            time.sleep(0.1)
+        return None
+    finally:
+        srv.terminate()
+        srv.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+shown = capture_bundle_show() if want("bundle_json") else None
+if shown:
+    write("bundle_json", "bundle-show-spiffe", b"\x01" + shown)
+    # The same bundle as the GetBundle answer the CLI turned into it (a real server's CA).
+    doc = json.loads(shown)
+
+    def jwk_spki(k):
+        def num(f):
+            return int.from_bytes(base64.urlsafe_b64decode(k[f] + "=" * (-len(k[f]) % 4)), "big")
+        curve = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}[k["crv"]]
+        return ec.EllipticCurvePublicNumbers(num("x"), num("y"), curve).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    cas = [base64.b64decode(k["x5c"][0]) for k in doc["keys"] if k["use"] == "x509-svid"]
+    jwts = [(k["kid"], jwk_spki(k), 2_000_000_000) for k in doc["keys"] if k["use"] == "jwt-svid" and k["kty"] == "EC"]
+    write("bundle_json", "getbundle-answer-real-server", b"\x00" + bundle("example.org", cas, jwts, doc["spiffe_sequence"]))
+
+# ---------------------------------------------------------------- server_config
+with open(os.path.join(ROOT, "deploy", "server.full.toml"), "rb") as f:
+    write("server_config", "server.full.toml", f.read())
+write("server_config", "minimal.toml", 'trust_domain = "example.org"\n')
+write("server_config", "psat-clusters.toml", """trust_domain = "example.org"
+data_dir = "/tmp/continuity"
+ca_ttl = "7d"
+default_x509_svid_ttl = "1h 30m"
+default_jwt_svid_ttl = "300"
+
+[node_attestors.k8s_psat.clusters.offline]
+service_account_allow_list = ["spire:spire-agent", "kube-system:agent"]
+jwks_path = "/etc/continuity/jwks.json"
+issuer = "https://kubernetes.default.svc.cluster.local"
+
+[node_attestors.k8s_psat.clusters.discovery]
+service_account_allow_list = ["spire:spire-agent"]
+audience = "other"
+oidc_discovery_url = "https://oidc.example.com/c"
+oidc_ca_path = "/etc/continuity/oidc-ca.pem"
+
+[node_attestors.k8s_psat.clusters."review.prod"]
+service_account_allow_list = ["spire:spire-agent"]
+token_review_api_server = "https://kubernetes.default.svc"
+token_review_ca_path = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+token_review_token_path = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+""")
+write("server_config", "pkcs11.toml", """trust_domain = "example.org"
+ca_key_type = "rsa-4096"
+log_level = "debug"
+log_format = "json"
+
+[datastore]
+url = "postgres://continuity@db:5432/continuity"
+
+[key_manager]
+kind = "pkcs11"
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "continuity"
+pin_file = "/etc/continuity/pkcs11.pin"
+""")
+write("server_config", "refused-pin-in-file.toml", 'trust_domain = "example.org"\n[key_manager]\nkind = "pkcs11"\npin = "1234"\n')
+write("server_config", "refused-ttls.toml", 'trust_domain = "example.org"\nca_ttl = "1h"\ndefault_x509_svid_ttl = "2h"\n')
+write("server_config", "huge-ttl.toml", 'trust_domain = "example.org"\nca_ttl = "18446744073709551615"\ndefault_x509_svid_ttl = "1h"\n')
+
 print("make_seeds: wrote", CORPUS, "and", KEYS)

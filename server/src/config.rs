@@ -395,6 +395,8 @@ pub struct Config {
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
 /// agent key keep working beside the real agent for longer.
 pub const MAX_PREVIOUS_SVID_GRACE: Duration = Duration::from_secs(300);
+/// The longest `ca_ttl` accepted: 100 years.
+const MAX_CA_TTL: Duration = Duration::from_secs(36_500 * 86_400);
 
 /// The default admin socket path.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/continuity-server/private/admin.sock";
@@ -446,6 +448,10 @@ impl Config {
         )?;
         if ca_ttl < Duration::from_secs(60) {
             return Err(invalid("ca_ttl", "must be at least 1m"));
+        }
+        // The CA adds it to now as i64 Unix seconds and writes the sum into certificates.
+        if ca_ttl > MAX_CA_TTL {
+            return Err(invalid("ca_ttl", "must be at most 36500d (100 years)"));
         }
         for (key, d) in [
             ("default_x509_svid_ttl", x509),
@@ -916,5 +922,18 @@ mod tests {
         let c =
             parse("trust_domain = \"e.org\"\n[agent_api]\nprevious_svid_grace = \"0s\"").unwrap();
         assert_eq!(c.previous_svid_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_ca_ttl_the_ca_cannot_add_to_now_is_refused() {
+        // The server_config fuzz target refuses these: u64::MAX seconds became -1 as i64 in
+        // the CA, and 2^63 - 808 overflowed now + ttl (a panic in debug builds).
+        for ttl in ["18446744073709551615", "9223372036854775000", "36501d"] {
+            let e = parse(&format!("trust_domain = \"e.org\"\nca_ttl = \"{ttl}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`ca_ttl`") && e.contains("at most"), "{e}");
+        }
+        assert!(parse("trust_domain = \"e.org\"\nca_ttl = \"36500d\"").is_ok());
     }
 }

@@ -41,6 +41,11 @@ impl KeySet {
         Ok(Self(keys))
     }
 
+    /// The `(kid, SubjectPublicKeyInfo)` pairs.
+    pub fn into_pairs(self) -> Vec<(String, Vec<u8>)> {
+        self.0
+    }
+
     /// The key named `kid`.
     pub fn get(&self, kid: &str) -> Option<&[u8]> {
         self.0
