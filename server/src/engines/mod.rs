@@ -975,6 +975,9 @@ impl Engines {
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&id)
         {
+            // Ours is the block just below `total`; anything between what we had and it was
+            // reserved by another server on the same datastore and counts as used.
+            b.used = b.used.max(total.saturating_sub(block));
             b.reserved = b.reserved.max(total);
         }
         if let Some(iv) = self.write().versions.get_mut(&id) {
