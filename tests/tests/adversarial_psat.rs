@@ -463,7 +463,11 @@ async fn junk_psat_attempts_make_no_token_review_request() {
     for (r, needle) in results {
         let e = r.expect_err(needle);
         assert_eq!(e.code(), Code::PermissionDenied, "{needle}: {e}");
-        assert!(e.message().contains(needle), "{needle:?} in {:?}", e.message());
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} in {:?}",
+            e.message()
+        );
     }
     assert_eq!(
         reviews.load(Ordering::SeqCst),

@@ -514,9 +514,11 @@ impl Engines {
                     Write::PutKeyVersion(version.clone()),
                     Write::PutEngineKey(key.clone()),
                 ],
-                &[AuditEvent::ok(actor, "key.rotate", &format!("{engine}/{name}"))
-                    .version(next)
-                    .result(result)],
+                &[
+                    AuditEvent::ok(actor, "key.rotate", &format!("{engine}/{name}"))
+                        .version(next)
+                        .result(result),
+                ],
             )
             .await?;
         {
