@@ -6,8 +6,10 @@
 //!
 //! Offline validation checks the token's shape and claims before it looks up a key
 //! (`claims`), and keeps discovered keys in a per-cluster cache with a bounded refresh rate
-//! (`keys`), so junk tokens cost no fetch. It cannot tell that the pod the token is bound to has
-//! been deleted (the token stays valid until `exp`); TokenReview can, and is the recommended mode.
+//! (`keys`), so junk tokens cost no fetch. TokenReview makes the same checks (bar the
+//! signature) before it asks the API server, so junk costs the API server no request either.
+//! Offline validation cannot tell that the pod the token is bound to has been deleted (the
+//! token stays valid until `exp`); TokenReview can, and is the recommended mode.
 
 mod claims;
 mod keys;
@@ -252,11 +254,9 @@ impl Validator {
                 ca_path,
                 token_path,
             } => {
-                if p.token.len() > MAX_TOKEN_BYTES {
-                    return Err(PsatError::Token(format!(
-                        "token is more than {MAX_TOKEN_BYTES} bytes"
-                    )));
-                }
+                // The API server has the last word, but a token that is not even a current,
+                // node-bound service-account JWT for our audience costs it no request.
+                claims::check(&p.token, cfg, cfg.issuer.as_deref(), now)?;
                 token_review(cfg, &p.token, api_server, ca_path, token_path)
             }
         }

@@ -385,3 +385,100 @@ async fn a_discovery_document_for_another_issuer_or_an_oversized_jwks_gives_no_k
     assert_eq!(e.code(), Code::Unavailable, "{e}");
     assert!(e.message().contains("larger than"), "{e}");
 }
+
+/// TokenReview (the recommended mode) is a network call to the API server: junk attempts —
+/// not a JWT, expired, for another audience, not bound to a node — are refused from their
+/// shape and claims and make no TokenReview request; a well-formed token makes exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_psat_attempts_make_no_token_review_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let reviews = Arc::new(AtomicUsize::new(0));
+    let r = reviews.clone();
+    let (port, ca) = https_json(move |_, _, _, body| {
+        r.fetch_add(1, Ordering::SeqCst);
+        let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let status = serde_json::json!({"authenticated": true, "audiences": [AUD],
+            "user": {"username": format!("system:serviceaccount:{NS}:{SA}"), "extra": {
+                "authentication.kubernetes.io/node-uid": ["node-uid-1"]}}});
+        (
+            201,
+            serde_json::json!({"kind": "TokenReview", "spec": req["spec"], "status": status}),
+        )
+    })
+    .await;
+    std::fs::write(dir.path().join("api-ca.pem"), ca).unwrap();
+    std::fs::write(dir.path().join("reviewer"), "reviewer-token").unwrap();
+    let s = server(
+        dir.path(),
+        &format!(
+            "[node_attestors.k8s_psat.clusters.c1]\nservice_account_allow_list = [\"{NS}:{SA}\"]\ntoken_review_api_server = \"https://127.0.0.1:{port}\"\ntoken_review_ca_path = \"{}\"\ntoken_review_token_path = \"{}\"\n",
+            dir.path().join("api-ca.pem").display(),
+            dir.path().join("reviewer").display()
+        ),
+    );
+    let (key, _) = issuer("k1");
+    let iss = "https://kubernetes.default.svc";
+    let mut cases: Vec<(Vec<u8>, &'static str)> = Vec::new();
+    for i in 0..200u64 {
+        cases.push(match i % 5 {
+            0 => (
+                payload(
+                    "c1",
+                    &String::from_utf8_lossy(&junk_bytes(i, 40)).replace('"', ""),
+                ),
+                "not a signed JWT",
+            ),
+            1 => (
+                payload(
+                    "c1",
+                    &token(&key, "k1", iss, |c| {
+                        c["exp"] = (now() - 3600).into();
+                        c["iat"] = (now() - 7200).into();
+                    }),
+                ),
+                "expired",
+            ),
+            2 => (
+                payload("c1", &token(&key, "k1", iss, |c| c["aud"] = "api".into())),
+                "audience",
+            ),
+            3 => (
+                payload(
+                    "c1",
+                    &token(&key, "k1", iss, |c| c["kubernetes.io"]["node"] = "x".into()),
+                ),
+                "not bound to a node",
+            ),
+            _ => (payload("c1", "a.b.c"), "not a signed JWT"),
+        });
+    }
+    let results: Vec<_> = futures_util::stream::iter(cases)
+        .map(|(p, needle)| {
+            let s = &s;
+            async move { (attest(s, p).await, needle) }
+        })
+        .buffer_unordered(20)
+        .collect()
+        .await;
+    for (r, needle) in results {
+        let e = r.expect_err(needle);
+        assert_eq!(e.code(), Code::PermissionDenied, "{needle}: {e}");
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} in {:?}",
+            e.message()
+        );
+    }
+    assert_eq!(
+        reviews.load(Ordering::SeqCst),
+        0,
+        "junk attempts made TokenReview requests"
+    );
+    assert_eq!(
+        attest(&s, payload("c1", &token(&key, "k1", iss, |_| {})))
+            .await
+            .unwrap(),
+        "spiffe://example.org/continuity/agent/k8s_psat/c1/node-uid-1"
+    );
+    assert_eq!(reviews.load(Ordering::SeqCst), 1);
+}

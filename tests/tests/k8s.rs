@@ -724,12 +724,40 @@ async fn k8s_psat_with_the_issuer_jwks_offline() {
 #[tokio::test]
 async fn k8s_psat_with_a_token_review_stand_in() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, ca) = https_json(|method, path, bearer, body| {
+    // Projected-token-shaped JWTs (the server checks shape and claims before it asks the API
+    // server); the stand-in answers by the kid, which names the case.
+    let (key, _) = issuer("k");
+    let jwt = |case: &str| {
+        es256_jwt(
+            &key,
+            case,
+            &sa_claims(
+                "https://k",
+                "continuity-server",
+                "continuity",
+                "continuity-agent",
+                "node-uid-2",
+                now() + 600,
+            ),
+        )
+    };
+    let (good, bogus, wrong_aud, wrong_sa) =
+        (jwt("good"), jwt("bogus"), jwt("wrong-aud"), jwt("wrong-sa"));
+    let case_of = |token: &str| -> String {
+        use base64::Engine;
+        let h = token.split('.').next().unwrap_or_default();
+        let h = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(h)
+            .unwrap_or_default();
+        let h: serde_json::Value = serde_json::from_slice(&h).unwrap_or_default();
+        h["kid"].as_str().unwrap_or_default().to_string()
+    };
+    let (port, ca) = https_json(move |method, path, bearer, body| {
         assert_eq!((method, path), ("POST", "/apis/authentication.k8s.io/v1/tokenreviews"));
         assert_eq!(bearer, Some("reviewer-token"));
         let req: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(req["kind"], "TokenReview");
-        let token = req["spec"]["token"].as_str().unwrap().to_string();
+        let token = case_of(req["spec"]["token"].as_str().unwrap());
         let (ok, user, aud) = match token.as_str() {
             "good" => (true, "system:serviceaccount:continuity:continuity-agent", "continuity-server"),
             "wrong-aud" => (true, "system:serviceaccount:continuity:continuity-agent", "api"),
@@ -760,13 +788,13 @@ async fn k8s_psat_with_a_token_review_stand_in() {
         ),
     );
     assert_eq!(
-        psat(&s, "c2", "good").await.unwrap(),
+        psat(&s, "c2", &good).await.unwrap(),
         "spiffe://example.org/continuity/agent/k8s_psat/c2/node-uid-2"
     );
     for (token, needle) in [
-        ("bogus", "invalid bearer token"),
-        ("wrong-aud", "audience"),
-        ("wrong-sa", "not allowed"),
+        (&bogus, "invalid bearer token"),
+        (&wrong_aud, "audience"),
+        (&wrong_sa, "not allowed"),
     ] {
         let e = psat(&s, "c2", token).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);

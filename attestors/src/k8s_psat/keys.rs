@@ -15,6 +15,9 @@ use super::PsatError;
 pub const STALE_GRACE: Duration = Duration::from_secs(3600);
 /// Longest an attempt waits for a fetch another attempt has in flight.
 const FETCH_WAIT: Duration = Duration::from_secs(15);
+/// Most attempts waiting (each on a blocking thread) for a fetch in flight; more, or any
+/// while a usable key set is cached, are answered from the cache at once.
+pub const MAX_WAITERS: usize = 32;
 
 /// Keys by `kid`, as SubjectPublicKeyInfo DER.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,6 +72,7 @@ struct State {
     keys: Option<(KeySet, Instant)>,
     last_attempt: Option<Instant>,
     in_flight: bool,
+    waiters: usize,
     last_error: Option<String>,
 }
 
@@ -105,14 +109,19 @@ impl KeyCache {
             {
                 return Ok(k.to_vec());
             }
-            if st.in_flight {
+            // Waiting holds a blocking thread, and any junk token with a fresh `kid` gets
+            // here: wait only when there is nothing usable to answer from, and only a few.
+            let usable = age.is_some_and(|a| a < self.ttl.saturating_add(STALE_GRACE));
+            if st.in_flight && !usable && st.waiters < MAX_WAITERS {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !left.is_zero() {
+                    st.waiters += 1;
                     st = self
                         .fetched
                         .wait_timeout(st, left)
                         .map(|(g, _)| g)
                         .unwrap_or_else(|e| e.into_inner().0);
+                    st.waiters -= 1;
                     continue;
                 }
             }
@@ -244,6 +253,84 @@ mod tests {
             assert!(matches!(r, Err(PsatError::Validator(_))));
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    /// A fetch in flight that only ends when told to.
+    fn blocked_fetch(
+        cache: &KeyCache,
+        kid: &'static str,
+        now: Instant,
+        release: std::sync::mpsc::Receiver<()>,
+        started: std::sync::mpsc::Sender<()>,
+    ) -> Result<Vec<u8>, PsatError> {
+        cache.key(kid, now, move || {
+            let _ = started.send(());
+            let _ = release.recv_timeout(Duration::from_secs(60));
+            Ok(set(kid))
+        })
+    }
+
+    #[test]
+    fn attempts_do_not_wait_on_a_fetch_in_flight_when_keys_are_cached() {
+        let cache = KeyCache::new(Duration::from_secs(300), Duration::from_secs(30));
+        let t0 = Instant::now();
+        cache.key("a", t0, || Ok(set("a"))).unwrap();
+        let later = t0 + Duration::from_secs(31);
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            // An unknown kid refreshes; the issuer is slow.
+            let fetcher = s.spawn(|| blocked_fetch(&cache, "b", later, release_rx, started_tx));
+            started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            // Junk kids and the cached kid are answered at once, not after the fetch.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            for kid in ["junk1", "junk2", "a"] {
+                let (cache, done_tx) = (&cache, done_tx.clone());
+                s.spawn(move || done_tx.send((kid, cache.key(kid, later, || unreachable!()))));
+            }
+            for _ in 0..3 {
+                let (kid, r) = done_rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .expect("an attempt waited for the fetch in flight");
+                match kid {
+                    "a" => assert_eq!(r.unwrap(), b"a"),
+                    _ => assert!(r.unwrap_err().to_string().contains("unknown key id")),
+                }
+            }
+            release_tx.send(()).unwrap();
+            assert_eq!(fetcher.join().unwrap().unwrap(), b"b");
+        });
+    }
+
+    #[test]
+    fn at_most_max_waiters_wait_for_the_first_fetch() {
+        let cache = KeyCache::new(Duration::from_secs(300), Duration::from_secs(30));
+        let now = Instant::now();
+        let (release_tx, release_rx) = std::sync::mpsc::channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let fetcher = s.spawn(|| blocked_fetch(&cache, "a", now, release_rx, started_tx));
+            started_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let extra = 8;
+            for _ in 0..MAX_WAITERS + extra {
+                let (cache, done_tx) = (&cache, done_tx.clone());
+                s.spawn(move || done_tx.send(cache.key("a", now, || unreachable!())));
+            }
+            // Those beyond the cap are refused at once (retry), not parked on a thread.
+            for _ in 0..extra {
+                let r = done_rx
+                    .recv_timeout(Duration::from_secs(5))
+                    .expect("more than MAX_WAITERS attempts waited");
+                assert!(matches!(r, Err(PsatError::Validator(_))), "{r:?}");
+            }
+            release_tx.send(()).unwrap();
+            for _ in 0..MAX_WAITERS {
+                let r = done_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+                assert_eq!(r.unwrap(), b"a");
+            }
+            assert_eq!(fetcher.join().unwrap().unwrap(), b"a");
+        });
     }
 
     #[test]

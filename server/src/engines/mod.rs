@@ -32,6 +32,8 @@ const CIPHERTEXT_MAGIC: &[u8; 4] = b"cty1";
 pub const DEFAULT_MAX_ENCRYPTIONS_PER_KEY_VERSION: u64 = 1 << 31;
 /// Encryptions reserved (persisted) at a time, so counting costs no write per encryption.
 const ENCRYPTION_BLOCK: u64 = 4096;
+/// After an automatic rotation failed, callers are refused this long without trying again.
+const ROTATION_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Engine failures, mapped to gRPC statuses at the API edge.
 #[derive(Debug, thiserror::Error)]
@@ -186,7 +188,13 @@ pub struct Engines {
     /// Serializes block reservations (the hot path never waits on it).
     reserve_lock: tokio::sync::Mutex<()>,
     max_encryptions: AtomicU64,
+    /// Key versions whose automatic rotation failed: when, and the refusal (one entry per
+    /// exhausted primary version, so bounded by the keys the admin created).
+    rotation_failures: Mutex<HashMap<(String, String, u32), RotationFailure>>,
 }
+
+/// When an automatic rotation failed, and the refusal given meanwhile.
+type RotationFailure = (std::time::Instant, String);
 
 /// Encryptions of one key version: `used` never passes `reserved`, which is persisted first.
 #[derive(Debug, Clone, Copy)]
@@ -247,6 +255,7 @@ impl Engines {
             budgets: Mutex::default(),
             reserve_lock: tokio::sync::Mutex::new(()),
             max_encryptions: AtomicU64::new(DEFAULT_MAX_ENCRYPTIONS_PER_KEY_VERSION),
+            rotation_failures: Mutex::default(),
         }))
     }
 
@@ -977,6 +986,9 @@ impl Engines {
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(&id)
         {
+            // Ours is the block just below `total`; anything between what we had and it was
+            // reserved by another server on the same datastore and counts as used.
+            b.used = b.used.max(total.saturating_sub(block));
             b.reserved = b.reserved.max(total);
         }
         if let Some(iv) = self.write().versions.get_mut(&id) {
@@ -989,7 +1001,26 @@ impl Engines {
     /// callers find it exhausted); audited as key.rotate with the reason.
     async fn rotate_for_nonce_budget(&self, v: &KeyVersion) -> Result<()> {
         let max = self.max_encryptions.load(Ordering::Relaxed);
+        let id = (v.engine.clone(), v.key.clone(), v.version);
+        // A rotation that just failed is not retried by every caller (each would queue on the
+        // write lock, call the KEK or HSM and log): they are refused with its reason.
+        let recent_failure = || {
+            let failures = self
+                .rotation_failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            failures
+                .get(&id)
+                .filter(|(at, _)| at.elapsed() < ROTATION_RETRY)
+                .map(|(_, msg)| EngineError::Precondition(msg.clone()))
+        };
+        if let Some(e) = recent_failure() {
+            return Err(e);
+        }
         let _w = self.writes.lock().await;
+        if let Some(e) = recent_failure() {
+            return Err(e);
+        }
         let (key, _) = self.key(&v.engine, &v.key)?;
         if key.primary_version != v.version {
             return Ok(());
@@ -1008,10 +1039,15 @@ impl Engines {
             }
             Err(e) => {
                 tracing::error!(engine = %v.engine, key = %v.key, error = %e, "nonce budget used up and automatic rotation failed; encryption refused");
-                Err(EngineError::Precondition(format!(
+                let msg = format!(
                     "version {} of {}/{} has used its nonce budget of {max} encryptions and automatic rotation failed ({e}); encryption is refused until the key is rotated",
                     v.version, v.engine, v.key
-                )))
+                );
+                self.rotation_failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, (std::time::Instant::now(), msg.clone()));
+                Err(EngineError::Precondition(msg))
             }
         }
     }

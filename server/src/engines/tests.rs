@@ -288,6 +288,7 @@ async fn custody_rules_and_kv_delivery() {
 struct FlakyKek {
     inner: MemoryKeyManager,
     broken: std::sync::atomic::AtomicBool,
+    kek_calls: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -309,6 +310,8 @@ impl KeyManager for FlakyKek {
         self.inner.delete(id).await
     }
     async fn kek(&self, id: &str) -> std::result::Result<Arc<dyn crate::keys::Kek>, KeyError> {
+        self.kek_calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(KeyError::Storage("KEK unavailable".into()));
         }
@@ -416,6 +419,71 @@ async fn the_nonce_budget_rotates_keys_and_survives_a_restart() {
     let (_, out) = e.decrypt("payments", "data", &ct4, b"", "w").await.unwrap();
     assert_eq!(out, b"four");
     assert_eq!(e.key("payments", "data").unwrap().0.primary_version, 4);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A used-up budget whose rotation fails (KEK unavailable): the many callers that find it
+/// are refused with the reason, but only one of them tries the rotation (no storm on the KEK,
+/// the write lock and the log).
+#[tokio::test]
+async fn a_failed_budget_rotation_is_not_retried_by_every_caller() {
+    let (_, _, store, dir) = engines().await;
+    let km = Arc::new(FlakyKek::default());
+    let e = engines_with(km.clone(), store.clone(), 2).await;
+    e.create_engine("payments", 1, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        e.encrypt("payments", "data", b"x", b"", "w").await.unwrap();
+    }
+    km.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = km.kek_calls.load(std::sync::atomic::Ordering::SeqCst);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let e = e.clone();
+        calls.spawn(async move { e.encrypt("payments", "data", b"x", b"", "w").await });
+    }
+    while let Some(r) = calls.join_next().await {
+        let err = r.unwrap().unwrap_err();
+        assert!(matches!(err, EngineError::Precondition(_)), "{err:?}");
+        assert!(err.to_string().contains("rotation failed"), "{err}");
+    }
+    let tries = km.kek_calls.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(
+        tries, 1,
+        "50 refused encryptions tried the rotation {tries} times"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Two servers on one datastore (HA): each reserves its own blocks, and what the other
+/// reserved counts against the version's budget here too, so together they never pass it.
+#[tokio::test]
+async fn the_nonce_budget_holds_across_servers_sharing_a_datastore() {
+    let (_, _, store, dir) = engines().await;
+    let km = Arc::new(FlakyKek::default());
+    let a = engines_with(km.clone(), store.clone(), 10).await;
+    a.create_engine("payments", 1, None, None, false, "admin")
+        .await
+        .unwrap();
+    a.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
+        .await
+        .unwrap();
+    let b = engines_with(km.clone(), store.clone(), 10).await;
+    // Nonces taken directly: each server's audit head is its own (see the report), and the
+    // budget is what is under test.
+    for _ in 0..10 {
+        let (_, v) = a.take_nonce("payments", "data").await.unwrap();
+        assert_eq!(v.version, 1);
+    }
+    let (_, v) = b.take_nonce("payments", "data").await.unwrap();
+    assert_ne!(
+        v.version, 1,
+        "server B used v1 past its budget of 10 (server A used all 10)"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
