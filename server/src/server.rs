@@ -334,6 +334,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             max_per_ip: api.max_connections_per_ip,
             handshake_timeout: api.handshake_timeout,
             tcp_keepalive: api.keepalive_interval,
+            // Attestation only: the handshake, the first message, and the call itself.
+            anonymous_lifetime: api.handshake_timeout
+                + api.first_message_timeout
+                + api.request_timeout,
         },
         metrics.clone(),
     );

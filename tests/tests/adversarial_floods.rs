@@ -678,3 +678,65 @@ async fn out_of_file_descriptors_the_server_backs_off_and_recovers() {
     );
     drop(running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_without_a_client_certificate_are_capped_and_short_lived() {
+    // Lifetime of a cert-less connection: handshake + first message + request = 1 + 1 + 2 s;
+    // they may hold a quarter of max_connections (10 of 40).
+    let (_d, server, agent) = env_with(
+        "[agent_api]\nmax_connections = 40\nmax_connections_per_ip = 40\nhandshake_timeout = \"1s\"\nfirst_message_timeout = \"1s\"\nrequest_timeout = \"2s\"\n",
+    );
+    agent_serves(&agent, "spiffe://example.org/floods/first", 30).await;
+    let good = attest(&server.addr, server.bundle_der(), &server.token(None))
+        .await
+        .unwrap();
+    // Let the attestation's own cert-less connection close before counting.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // 15 cert-less connections that finish TLS and the HTTP/2 preface, then idle (a peer that
+    // answers PINGs would look the same: keepalive never closes it).
+    let start = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..15 {
+        let mut tls = tls_connect("127.0.0.2", &server.addr, server.bundle_der(), None).await;
+        held.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = tls.write_all(floods::PREFACE).await;
+            let _ = tls.write_all(&floods::frame(0x4, 0, 0, &[])).await;
+            let mut buf = [0u8; 4096];
+            let read_to_end = async {
+                loop {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(30), read_to_end).await;
+            start.elapsed()
+        }));
+    }
+    // While the anonymous share is full, an attested agent still gets a new connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut c =
+        agent_client::authenticated(&server.addr, server.bundle_der(), &good.chain, &good.key)
+            .await;
+    c.fetch_bundle(FetchBundleRequest {})
+        .await
+        .expect("an attested agent is served while cert-less connections hold their share");
+
+    let mut closed = Vec::new();
+    for h in held {
+        closed.push(h.await.unwrap());
+    }
+    closed.sort();
+    assert!(
+        closed[4] < Duration::from_millis(1500),
+        "cert-less connections beyond a quarter of max_connections must be closed at once: {closed:?}"
+    );
+    assert!(
+        closed[5] >= Duration::from_secs(3) && closed[14] < Duration::from_secs(10),
+        "cert-less connections must be closed at their lifetime (4 s): {closed:?}"
+    );
+    agent_keeps_working(&server, &agent, "after-anonymous-flood").await;
+}

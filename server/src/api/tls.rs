@@ -27,7 +27,9 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, Default)]
 pub struct PeerCerts(pub Arc<Vec<CertificateDer<'static>>>);
 
-/// An accepted TLS connection; holds its place under the connection caps until dropped.
+/// An accepted TLS connection; holds its place under the connection caps until dropped. A
+/// connection without a client certificate (only AttestAgent is served on it) also has a
+/// deadline after which every read and write fails, so the connection closes.
 pub struct TlsConn(
     TlsStream<TcpStream>,
     PeerCerts,
@@ -36,7 +38,22 @@ pub struct TlsConn(
         reason = "held only to give the slot back when the connection drops"
     )]
     ConnSlot,
+    Option<Pin<Box<tokio::time::Sleep>>>,
 );
+
+impl TlsConn {
+    /// Fails with TimedOut once an anonymous connection's lifetime is over (and registers the
+    /// waker, so an idle connection is woken and closed at its deadline).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let deadline = self.3.as_mut()?;
+        deadline.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection without a client certificate outlived its lifetime",
+            )
+        })
+    }
+}
 
 impl Connected for TlsConn {
     type ConnectInfo = PeerCerts;
@@ -51,6 +68,9 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
@@ -61,6 +81,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -74,6 +97,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -92,6 +118,24 @@ pub struct AcceptLimits {
     pub handshake_timeout: Duration,
     /// TCP keepalive idle time (probes then every 10 s, 3 of them).
     pub tcp_keepalive: Duration,
+    /// Lifetime of a connection without a client certificate: it only serves AttestAgent, so
+    /// it cannot hold a place under the caps for long.
+    pub anonymous_lifetime: Duration,
+}
+
+/// The share of `max_connections` that connections without a client certificate may hold
+/// (1/`ANONYMOUS_SHARE`), so attested agents always find room.
+pub const ANONYMOUS_SHARE: usize = 4;
+
+/// What per-IP caps count: the address for IPv4, the /64 for IPv6 (one host gets a whole /64).
+pub fn cap_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
 }
 
 /// Why a new connection was refused.
@@ -100,6 +144,11 @@ pub enum Refused {
     /// `max_connections` are open.
     #[error("{0} agent API connections are open (agent_api.max_connections)")]
     Total(usize),
+    /// Connections without a client certificate hold their share of `max_connections`.
+    #[error(
+        "{0} agent API connections without a client certificate are open (1/4 of agent_api.max_connections)"
+    )]
+    Anonymous(usize),
     /// This IP address has `max_connections_per_ip` open.
     #[error("{ip} has {max} agent API connections open (agent_api.max_connections_per_ip)")]
     PerIp {
@@ -123,6 +172,7 @@ pub struct ConnCaps {
 #[derive(Debug, Default)]
 struct CapsInner {
     total: usize,
+    anonymous: usize,
     per_ip: HashMap<IpAddr, usize>,
     refused_unlogged: u64,
     last_log: Option<Instant>,
@@ -133,12 +183,30 @@ struct CapsInner {
 pub struct ConnSlot {
     caps: Arc<ConnCaps>,
     ip: IpAddr,
+    anonymous: bool,
+}
+
+impl ConnSlot {
+    /// Marks the connection as having no client certificate, under the anonymous share.
+    pub fn anonymous(&mut self) -> Result<(), Refused> {
+        let mut inner = self.caps.lock();
+        let max = (self.caps.limits.max_connections / ANONYMOUS_SHARE).max(1);
+        if inner.anonymous >= max {
+            return Err(Refused::Anonymous(max));
+        }
+        inner.anonymous += 1;
+        self.anonymous = true;
+        Ok(())
+    }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         let mut inner = self.caps.lock();
         inner.total = inner.total.saturating_sub(1);
+        if self.anonymous {
+            inner.anonymous = inner.anonymous.saturating_sub(1);
+        }
         if let Some(n) = inner.per_ip.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -198,6 +266,7 @@ impl ConnCaps {
         Ok(ConnSlot {
             caps: self.clone(),
             ip,
+            anonymous: false,
         })
     }
 }
@@ -235,7 +304,7 @@ pub fn incoming(
             let Ok(peer) = tcp.peer_addr() else {
                 continue;
             };
-            let slot = match caps.admit(peer.ip().to_canonical()) {
+            let mut slot = match caps.admit(cap_key(peer.ip())) {
                 Ok(s) => s,
                 Err(_) => {
                     metrics.inc(&metrics.agent_connections_refused);
@@ -252,8 +321,18 @@ pub fn incoming(
                             .peer_certificates()
                             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                             .unwrap_or_default();
+                        let deadline = if Vec::is_empty(&certs) {
+                            if let Err(r) = slot.anonymous() {
+                                metrics.inc(&metrics.agent_connections_refused);
+                                tracing::debug!(%peer, reason = %r, "connection refused");
+                                return;
+                            }
+                            Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)))
+                        } else {
+                            None
+                        };
                         let _ = conn_tx
-                            .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)), slot)))
+                            .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)), slot, deadline)))
                             .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -370,5 +449,40 @@ impl ServerIdentity {
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(cfg)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_ip_caps_count_an_ipv6_64_as_one_peer() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(cap_key(a), cap_key(b));
+        assert_ne!(cap_key(a), cap_key(c));
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(cap_key(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn connections_without_a_certificate_hold_at_most_a_quarter() {
+        let caps = ConnCaps::new(AcceptLimits {
+            max_connections: 8,
+            max_per_ip: 8,
+            handshake_timeout: Duration::from_secs(1),
+            tcp_keepalive: Duration::from_secs(60),
+            anonymous_lifetime: Duration::from_secs(1),
+        });
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let mut slots: Vec<_> = (0..3).map(|_| caps.admit(ip).unwrap()).collect();
+        slots[0].anonymous().unwrap();
+        slots[1].anonymous().unwrap();
+        assert_eq!(slots[2].anonymous(), Err(Refused::Anonymous(2)));
+        drop(slots.remove(0));
+        slots[1].anonymous().unwrap();
+        assert_eq!(caps.open(), 2);
     }
 }
