@@ -334,20 +334,12 @@ mod tests {
     use continuity_common::ManualClock;
 
     use super::*;
-    use crate::datastore::{JoinToken, SqlDataStore};
+    use crate::datastore::JoinToken;
 
     #[tokio::test]
     async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues() {
-        let dir = std::env::temp_dir().join(format!(
-            "continuity-audit-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
-        let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&url).await.unwrap());
+        let (dir, url, store) = crate::datastore::scratch_sqlite("audit").await;
+        let store: Arc<dyn DataStore> = Arc::new(store);
         let raw = sqlx::AnyPool::connect(&url).await.unwrap();
         sqlx::query("CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN NEW.action = 'token.generate' BEGIN SELECT RAISE(ABORT, 'refused'); END")
             .execute(&raw)

@@ -624,16 +624,8 @@ mod tests {
     }
 
     async fn fixture() -> Fixture {
-        let dir = std::env::temp_dir().join(format!(
-            "continuity-agentrace-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
-        let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&url).await.unwrap());
+        let (dir, url, store) = crate::datastore::scratch_sqlite("agentrace").await;
+        let store: Arc<dyn DataStore> = Arc::new(store);
         let clock = Arc::new(ManualClock::new(SystemTime::now()));
         let gate = Arc::new(Gate {
             armed: AtomicBool::new(false),

@@ -8,26 +8,12 @@ use continuity_common::{ManualClock, TrustDomain};
 use x509_parser::prelude::*;
 
 use super::*;
-use crate::datastore::SqlDataStore;
 use crate::keys::MemoryKeyManager;
 
 const HOUR: u64 = 3600;
 
 async fn ca(clock: Arc<ManualClock>) -> (Arc<CaManager>, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "continuity-ca-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let store = SqlDataStore::connect(&format!(
-        "sqlite://{}?mode=rwc",
-        dir.join("ds.sqlite3").display()
-    ))
-    .await
-    .unwrap();
+    let (dir, _, store) = crate::datastore::scratch_sqlite("ca").await;
     let cfg = CaConfig {
         trust_domain: TrustDomain::new("example.org").unwrap(),
         x509_key_type: KeyType::EcP256,

@@ -12,6 +12,8 @@ use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 mod sql;
 
 pub use sql::SqlDataStore;
+#[cfg(test)]
+pub(crate) use sql::scratch_sqlite;
 
 /// Datastore failures.
 #[derive(Debug, thiserror::Error)]

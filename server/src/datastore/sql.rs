@@ -995,25 +995,33 @@ fn parse<T: std::str::FromStr<Err = String>>(s: String) -> Result<T, StoreError>
     s.parse().map_err(StoreError::Corrupt)
 }
 
+/// A throwaway SQLite datastore for unit tests: a fresh directory under the system temp dir
+/// named after `what` (remove it when done), the store's URL, and the store.
+#[cfg(test)]
+pub(crate) async fn scratch_sqlite(what: &str) -> (std::path::PathBuf, String, SqlDataStore) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "continuity-{what}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
+    let store = SqlDataStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("scratch datastore {url}: {e}"));
+    (dir, url, store)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     async fn store() -> (SqlDataStore, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "continuity-ds-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
-        (SqlDataStore::connect(&url).await.unwrap(), dir)
-    }
-
-    fn rand_suffix() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
+        let (dir, _, store) = scratch_sqlite("ds").await;
+        (store, dir)
     }
 
     fn entry(id: &str, parent: &str) -> Entry {

@@ -7,7 +7,6 @@ use continuity_common::{ManualClock, TrustDomain};
 
 use super::model::{Algorithm, Custody, Purpose, VersionState};
 use super::*;
-use crate::datastore::SqlDataStore;
 use crate::keys::MemoryKeyManager;
 
 async fn engines() -> (
@@ -16,22 +15,8 @@ async fn engines() -> (
     Arc<dyn DataStore>,
     std::path::PathBuf,
 ) {
-    let dir = std::env::temp_dir().join(format!(
-        "continuity-engines-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let store: Arc<dyn DataStore> = Arc::new(
-        SqlDataStore::connect(&format!(
-            "sqlite://{}?mode=rwc",
-            dir.join("ds.sqlite3").display()
-        ))
-        .await
-        .unwrap(),
-    );
+    let (dir, _, store) = crate::datastore::scratch_sqlite("engines").await;
+    let store: Arc<dyn DataStore> = Arc::new(store);
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
     let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
     let e = Engines::load(
