@@ -324,6 +324,28 @@ async fn engines_with(
     e
 }
 
+/// Engines with a nonce budget of `max` per key version over a KEK that tests can break, and
+/// the Engine `payments` with the AES key `data`.
+async fn budgeted_key(
+    max: u64,
+) -> (
+    Arc<Engines>,
+    Arc<FlakyKek>,
+    Arc<dyn DataStore>,
+    std::path::PathBuf,
+) {
+    let (_, _, store, dir) = engines().await;
+    let km = Arc::new(FlakyKek::default());
+    let e = engines_with(km.clone(), store.clone(), max).await;
+    e.create_engine("payments", 1, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
+        .await
+        .unwrap();
+    (e, km, store, dir)
+}
+
 fn counts(e: &Engines) -> Vec<(u32, u64)> {
     let (_, versions) = e.key("payments", "data").unwrap();
     versions
@@ -334,15 +356,7 @@ fn counts(e: &Engines) -> Vec<(u32, u64)> {
 
 #[tokio::test]
 async fn the_nonce_budget_rotates_keys_and_survives_a_restart() {
-    let (_, _, store, dir) = engines().await;
-    let km = Arc::new(FlakyKek::default());
-    let e = engines_with(km.clone(), store.clone(), 10).await;
-    e.create_engine("payments", 1, None, None, false, "admin")
-        .await
-        .unwrap();
-    e.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
-        .await
-        .unwrap();
+    let (e, km, store, dir) = budgeted_key(10).await;
     let mut cts = Vec::new();
     for i in 0..25u32 {
         let pt = format!("record {i}");
@@ -412,15 +426,7 @@ async fn the_nonce_budget_rotates_keys_and_survives_a_restart() {
 /// the write lock and the log).
 #[tokio::test]
 async fn a_failed_budget_rotation_is_not_retried_by_every_caller() {
-    let (_, _, store, dir) = engines().await;
-    let km = Arc::new(FlakyKek::default());
-    let e = engines_with(km.clone(), store.clone(), 2).await;
-    e.create_engine("payments", 1, None, None, false, "admin")
-        .await
-        .unwrap();
-    e.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
-        .await
-        .unwrap();
+    let (e, km, _, dir) = budgeted_key(2).await;
     for _ in 0..2 {
         e.encrypt("payments", "data", b"x", b"", "w").await.unwrap();
     }
@@ -448,15 +454,7 @@ async fn a_failed_budget_rotation_is_not_retried_by_every_caller() {
 /// reserved counts against the version's budget here too, so together they never pass it.
 #[tokio::test]
 async fn the_nonce_budget_holds_across_servers_sharing_a_datastore() {
-    let (_, _, store, dir) = engines().await;
-    let km = Arc::new(FlakyKek::default());
-    let a = engines_with(km.clone(), store.clone(), 10).await;
-    a.create_engine("payments", 1, None, None, false, "admin")
-        .await
-        .unwrap();
-    a.create_key("payments", "data", Purpose::Encrypt, None, 0, 3600, "admin")
-        .await
-        .unwrap();
+    let (a, km, store, dir) = budgeted_key(10).await;
     let b = engines_with(km.clone(), store.clone(), 10).await;
     // Nonces taken directly: each server's audit head is its own (see the report), and the
     // budget is what is under test.
