@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::bin;
 use crate::server::TestServer;
+use crate::{bin, run_until_exit};
 
 /// A running agent; killed on drop. State survives in `dir` for restarts.
 pub struct TestAgent {
@@ -28,37 +28,6 @@ pub fn open_up(dir: &Path) {
         let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755));
         p = d.parent();
     }
-}
-
-/// Runs `cmd` (stdout discarded, stderr captured) until it exits or `limit` passes (then kills
-/// it); `Some((success, stderr))` if it exited by itself.
-pub fn run_until_exit(mut cmd: Command, limit: Duration) -> Option<(bool, String)> {
-    use std::io::Read;
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let err = reader.join().unwrap();
-    status.map(|st| (st.success(), err))
 }
 
 impl TestAgent {

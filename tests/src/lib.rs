@@ -11,6 +11,8 @@ pub mod server;
 pub mod softhsm;
 
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Directory holding the workspace's built binaries (target/debug or target/release).
 pub fn bin_dir() -> PathBuf {
@@ -97,4 +99,35 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Runs `cmd` (stdout discarded, stderr captured) until it exits or `limit` passes (then kills
+/// it); `Some((success, stderr))` if it exited by itself.
+pub fn run_until_exit(mut cmd: Command, limit: Duration) -> Option<(bool, String)> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = reader.join().unwrap();
+    status.map(|st| (st.success(), err))
 }

@@ -60,7 +60,7 @@ impl TestServer {
         cmd.args(["run", "--config"])
             .arg(self.dir.join("server.toml"))
             .envs(self.opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        crate::agent::run_until_exit(cmd, limit)
+        crate::run_until_exit(cmd, limit)
     }
 
     /// Writes server.toml in `dir` (data in `dir/data`, admin socket in `dir/admin`) without
