@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::admin::AdminService;
 use super::agent::authenticate_agent;
-use crate::engines::model::{
+use crate::model::engine::{
     Algorithm, Custody, Engine as EngineModel, EngineKey, Incarnation as IncarnationModel,
     KeyVersion, Purpose,
 };

@@ -5,7 +5,8 @@
 //! cached unsealed only in memory (software custody) or stays in the token (HSM custody).
 //! Every admin action and key use goes to the audit log.
 
-pub mod model;
+/// The Engine domain types, which live in the leaf [`crate::model::engine`].
+pub use crate::model::engine as model;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use continuity_common::secret::Zeroizing;
 use continuity_common::{Clock, SpiffeId, TrustDomain};
 
-use self::model::{
+use crate::model::engine::{
     Algorithm, Custody, Engine, EngineKey, Incarnation, KeyVersion, Purpose, Secret, VersionState,
 };
 use crate::audit::{Audit, AuditEvent};
