@@ -5,9 +5,11 @@ use std::time::{Duration, SystemTime};
 
 use continuity_common::{ManualClock, TrustDomain};
 
-use super::model::{Algorithm, Custody, Purpose, VersionState};
-use super::*;
-use crate::keys::MemoryKeyManager;
+use super::model::{Algorithm, Custody, Purpose, Secret, VersionState};
+use super::{EngineError, Engines, PublicKey, VersionAction};
+use crate::audit::Audit;
+use crate::datastore::DataStore;
+use crate::keys::{KeyError, KeyHandle, KeyManager, MemoryKeyManager, SoftwareKek};
 
 async fn engines() -> (
     Arc<Engines>,
@@ -55,7 +57,14 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
         .await
         .unwrap();
 
-    // Data encrypted under v1 still decrypts after rotation to v2.
+    old_versions_decrypt_after_rotation(&e).await;
+    signatures_follow_rotation_and_disabling(&e).await;
+    destroy_restore_and_erasure_after_grace(&e, &clock, store.as_ref()).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Data encrypted under v1 still decrypts after rotation to v2.
+async fn old_versions_decrypt_after_rotation(e: &Engines) {
     let (v, ct1) = e
         .encrypt("payments", "data", b"card 4111", b"ctx", "w")
         .await
@@ -84,9 +93,11 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
         e.decrypt("payments", "data", &ct1, b"other", "w").await,
         Err(EngineError::Invalid(_))
     ));
+}
 
-    // v1 signatures verify while v1 is enabled, v1 still signs after rotation, a disabled
-    // version refuses.
+/// v1 signatures verify while v1 is enabled, v1 still signs after rotation, a disabled
+/// version refuses (and leaves the JWKS).
+async fn signatures_follow_rotation_and_disabling(e: &Engines) {
     let s1 = e
         .sign("payments", "signing", 0, Some(b"m1"), None, "w")
         .await
@@ -132,7 +143,14 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
         1,
         "disabled versions leave the JWKS"
     );
+}
 
+/// Destroy → restore within grace → DISABLED, material intact; destroyed for good after it.
+async fn destroy_restore_and_erasure_after_grace(
+    e: &Engines,
+    clock: &ManualClock,
+    store: &dyn DataStore,
+) {
     // Destroy → restore within grace → DISABLED, material intact.
     e.set_state("payments", "signing", 1, VersionAction::Destroy, "admin")
         .await
@@ -179,7 +197,6 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
     assert!(v2.sealed.is_some() && v2.mechanism == "aes-256-gcm");
     let verification = e.audit().verify().await.unwrap();
     assert!(verification.problem.is_none(), "{verification:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -496,7 +513,8 @@ async fn debug_of_versions_and_secrets_hides_sealed_material() {
     let d = format!("{secret:?}");
     assert!(!d.contains("205"), "{d}");
     assert!(d.contains("48 bytes"), "{d}");
-    let soft = SoftAes(Zeroizing::new(vec![0xcd; 32]));
+    // The software AES key of transit and kv versions is the key manager's KEK wrapper.
+    let soft = SoftwareKek(vec![0xcd; 32]);
     assert!(!format!("{soft:?}").contains("205"));
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
