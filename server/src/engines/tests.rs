@@ -519,3 +519,44 @@ async fn debug_of_versions_and_secrets_hides_sealed_material() {
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The at-rest and ciphertext formats are the ones existing data was written in: version
+/// material sealed under the KEK bound to `continuity/engine/<e>/<k>/v<n>`, ciphertexts
+/// `cty1` ‖ version ‖ nonce ‖ ciphertext ‖ tag under `binding ‖ 0 ‖ aad`.
+#[tokio::test]
+async fn sealed_material_and_ciphertexts_keep_their_format() {
+    let (_, _, store, dir) = engines().await;
+    let km = Arc::new(MemoryKeyManager::default());
+    let e = engines_with(km.clone(), store, 1 << 20).await;
+    e.create_engine("vault", 2, None, None, false, "admin")
+        .await
+        .unwrap();
+    let kek = km.kek(super::KEK_ID).await.unwrap();
+    for (name, purpose) in [("data", Purpose::Encrypt), ("signing", Purpose::Sign)] {
+        e.create_key("vault", name, purpose, None, 0, 0, "admin")
+            .await
+            .unwrap();
+        // KV custody delivers the raw material: the sealed copy is exactly it.
+        let (_, raw) = e.fetch_secret("vault", name, "w").await.unwrap();
+        let (_, versions) = e.key("vault", name).unwrap();
+        let binding = format!("continuity/engine/vault/{name}/v1");
+        let sealed = versions[0].sealed.as_ref().unwrap();
+        assert_eq!(kek.open(sealed, binding.as_bytes()).unwrap(), raw);
+    }
+    let (_, raw) = e.fetch_secret("vault", "data", "w").await.unwrap();
+    let aad = b"continuity/engine/vault/data/v1\0ctx";
+    let (_, ct) = e
+        .encrypt("vault", "data", b"pt", b"ctx", "w")
+        .await
+        .unwrap();
+    assert_eq!(&ct[..8], b"cty1\0\0\0\x01");
+    assert_eq!(crate::keys::aes::open(&raw, &ct[8..], aad).unwrap(), b"pt");
+    // A ciphertext made outside the service in that format decrypts inside it.
+    let mut old = b"cty1\0\0\0\x01".to_vec();
+    old.extend(crate::keys::aes::seal(&raw, b"old", aad).unwrap());
+    assert_eq!(
+        e.decrypt("vault", "data", &old, b"ctx", "w").await.unwrap(),
+        (1, b"old".to_vec())
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
