@@ -16,8 +16,11 @@ use crate::model::engine::{Custody, Engine, EngineKey, KeyVersion, Secret};
 /// operation takes the one it needs without copying the others.
 #[derive(Default)]
 pub(super) struct Index {
+    /// Engines by name.
     pub(super) engines: BTreeMap<String, Engine>,
+    /// Keys by (engine, key).
     pub(super) keys: BTreeMap<(String, String), Arc<EngineKey>>,
+    /// Key versions by (engine, key, version).
     pub(super) versions: BTreeMap<(String, String, u32), Arc<KeyVersion>>,
     /// Latest version of each secret.
     pub(super) secrets: BTreeMap<(String, String), Secret>,
@@ -101,10 +104,12 @@ fn key_not_found(engine: &str, name: &str) -> EngineError {
 }
 
 impl Engines {
+    /// The index, for reading (a poisoned lock is recovered: every write leaves it whole).
     pub(super) fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
         self.index.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The index, for changing (only after the change was committed to the datastore).
     pub(super) fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }

@@ -22,6 +22,7 @@ impl Engines {
         outcome
     }
 
+    /// Records one key use: the version used and "ok", or version 0 and the refusal.
     async fn audit_use(
         &self,
         actor: &str,
