@@ -17,6 +17,7 @@ pub mod datastore;
 pub mod engines;
 pub mod keys;
 pub mod metrics;
+pub mod model;
 pub mod registry;
 pub mod server;
 

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use continuity_attestors::Selector;
 
-use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
+use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 mod sql;
 

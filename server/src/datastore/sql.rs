@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyConnection, AnyPool, Row};
 
-use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
+use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 use super::{
     AgentRecord, Applied, AuditRecord, CaKeyRecord, CaKeyState, DataStore, Entry, JoinToken,

@@ -5,9 +5,11 @@ use std::time::{Duration, SystemTime};
 
 use continuity_common::{ManualClock, TrustDomain};
 
-use super::model::{Algorithm, Custody, Purpose, VersionState};
-use super::*;
-use crate::keys::MemoryKeyManager;
+use super::model::{Algorithm, Custody, Purpose, Secret, VersionState};
+use super::{EngineError, Engines, PublicKey, VersionAction};
+use crate::audit::Audit;
+use crate::datastore::DataStore;
+use crate::keys::{KeyError, KeyHandle, KeyManager, MemoryKeyManager, SoftwareKek};
 
 async fn engines() -> (
     Arc<Engines>,
@@ -55,7 +57,14 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
         .await
         .unwrap();
 
-    // Data encrypted under v1 still decrypts after rotation to v2.
+    old_versions_decrypt_after_rotation(&e).await;
+    signatures_follow_rotation_and_disabling(&e).await;
+    destroy_restore_and_erasure_after_grace(&e, &clock, store.as_ref()).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Data encrypted under v1 still decrypts after rotation to v2.
+async fn old_versions_decrypt_after_rotation(e: &Engines) {
     let (v, ct1) = e
         .encrypt("payments", "data", b"card 4111", b"ctx", "w")
         .await
@@ -84,9 +93,11 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
         e.decrypt("payments", "data", &ct1, b"other", "w").await,
         Err(EngineError::Invalid(_))
     ));
+}
 
-    // v1 signatures verify while v1 is enabled, v1 still signs after rotation, a disabled
-    // version refuses.
+/// v1 signatures verify while v1 is enabled, v1 still signs after rotation, a disabled
+/// version refuses (and leaves the JWKS).
+async fn signatures_follow_rotation_and_disabling(e: &Engines) {
     let s1 = e
         .sign("payments", "signing", 0, Some(b"m1"), None, "w")
         .await
@@ -132,7 +143,14 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
         1,
         "disabled versions leave the JWKS"
     );
+}
 
+/// Destroy → restore within grace → DISABLED, material intact; destroyed for good after it.
+async fn destroy_restore_and_erasure_after_grace(
+    e: &Engines,
+    clock: &ManualClock,
+    store: &dyn DataStore,
+) {
     // Destroy → restore within grace → DISABLED, material intact.
     e.set_state("payments", "signing", 1, VersionAction::Destroy, "admin")
         .await
@@ -179,7 +197,6 @@ async fn rotation_disable_destroy_restore_and_erasure_after_grace() {
     assert!(v2.sealed.is_some() && v2.mechanism == "aes-256-gcm");
     let verification = e.audit().verify().await.unwrap();
     assert!(verification.problem.is_none(), "{verification:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -496,8 +513,50 @@ async fn debug_of_versions_and_secrets_hides_sealed_material() {
     let d = format!("{secret:?}");
     assert!(!d.contains("205"), "{d}");
     assert!(d.contains("48 bytes"), "{d}");
-    let soft = SoftAes(Zeroizing::new(vec![0xcd; 32]));
+    // The software AES key of transit and kv versions is the key manager's KEK wrapper.
+    let soft = SoftwareKek(vec![0xcd; 32]);
     assert!(!format!("{soft:?}").contains("205"));
     drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The at-rest and ciphertext formats are the ones existing data was written in: version
+/// material sealed under the KEK bound to `continuity/engine/<e>/<k>/v<n>`, ciphertexts
+/// `cty1` ‖ version ‖ nonce ‖ ciphertext ‖ tag under `binding ‖ 0 ‖ aad`.
+#[tokio::test]
+async fn sealed_material_and_ciphertexts_keep_their_format() {
+    let (_, _, store, dir) = engines().await;
+    let km = Arc::new(MemoryKeyManager::default());
+    let e = engines_with(km.clone(), store, 1 << 20).await;
+    e.create_engine("vault", 2, None, None, false, "admin")
+        .await
+        .unwrap();
+    let kek = km.kek(super::KEK_ID).await.unwrap();
+    for (name, purpose) in [("data", Purpose::Encrypt), ("signing", Purpose::Sign)] {
+        e.create_key("vault", name, purpose, None, 0, 0, "admin")
+            .await
+            .unwrap();
+        // KV custody delivers the raw material: the sealed copy is exactly it.
+        let (_, raw) = e.fetch_secret("vault", name, "w").await.unwrap();
+        let (_, versions) = e.key("vault", name).unwrap();
+        let binding = format!("continuity/engine/vault/{name}/v1");
+        let sealed = versions[0].sealed.as_ref().unwrap();
+        assert_eq!(kek.open(sealed, binding.as_bytes()).unwrap(), raw);
+    }
+    let (_, raw) = e.fetch_secret("vault", "data", "w").await.unwrap();
+    let aad = b"continuity/engine/vault/data/v1\0ctx";
+    let (_, ct) = e
+        .encrypt("vault", "data", b"pt", b"ctx", "w")
+        .await
+        .unwrap();
+    assert_eq!(&ct[..8], b"cty1\0\0\0\x01");
+    assert_eq!(crate::keys::aes::open(&raw, &ct[8..], aad).unwrap(), b"pt");
+    // A ciphertext made outside the service in that format decrypts inside it.
+    let mut old = b"cty1\0\0\0\x01".to_vec();
+    old.extend(crate::keys::aes::seal(&raw, b"old", aad).unwrap());
+    assert_eq!(
+        e.decrypt("vault", "data", &old, b"ctx", "w").await.unwrap(),
+        (1, b"old".to_vec())
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

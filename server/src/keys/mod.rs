@@ -298,6 +298,17 @@ impl Kek for SoftwareKek {
     }
 }
 
+/// The same wrapper serves as a software AES-256-GCM key (transit and kv custody Engine
+/// keys): one AES implementation, one at-rest format (nonce ‖ ciphertext ‖ tag).
+impl AesKey for SoftwareKek {
+    fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        aes::seal(&self.0, plaintext, aad)
+    }
+    fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        aes::open(&self.0, sealed, aad)
+    }
+}
+
 /// Builds the key manager named by the config (the static plugin catalog).
 pub fn from_config(cfg: &KeyManagerConfig) -> Result<Arc<dyn KeyManager>, KeyError> {
     Ok(match cfg {
