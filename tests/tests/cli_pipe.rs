@@ -64,13 +64,31 @@ fn server_cmd(s: &TestServer, args: &[&str]) -> Command {
 fn server_commands_exit_quietly_on_a_closed_pipe() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(&dir.path().join("server"), ServerOptions::default());
+    // 100 entries with 8 long DNS names each: more than a pipe buffer (64 KiB) of output.
     for i in 0..100 {
-        s.create_entry(
-            &format!("spiffe://example.org/pipe/{i}"),
-            ALIAS,
-            &[&format!("unix:uid:{i}")],
+        let (id, sel) = (
+            format!("spiffe://example.org/pipe/{i}"),
+            format!("unix:uid:{i}"),
         );
+        let names: Vec<String> = (0..8)
+            .map(|k| format!("host-{i}-{k}.a-rather-long-name-to-fill-the-pipe.example.org"))
+            .collect();
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--parent-id",
+            ALIAS,
+            "--selector",
+            &sel,
+        ];
+        for n in &names {
+            args.extend(["--dns-name", n]);
+        }
+        s.cli_ok(&args);
     }
+    assert!(s.cli_ok(&["entry", "show"]).len() > 64 * 1024);
     for args in [
         &["entry", "show"][..],
         &["entry", "show", "--output", "json"],
