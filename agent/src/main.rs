@@ -1,24 +1,27 @@
 //! `continuity-agent`: run the node agent, or talk to a running one through the Workload API.
 #![forbid(unsafe_code)]
 
+use std::io::Write;
+use std::process::ExitCode;
+
 use clap::Parser;
 use continuity_agent::Config;
-use continuity_agent::cli::{self, Cli, Command};
+use continuity_agent::cli::{self, Cli, CliError, Command};
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("Error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
     let result: anyhow::Result<()> = rt.block_on(async {
         match &cli.command {
+            Command::Run { .. } if cli.socket_path.is_some() => Err(anyhow::anyhow!(
+                "--socket-path is for client commands; the agent serves socket_path from agent.toml"
+            )),
             Command::Run { config, join_token } => {
                 let cfg = Config::load(config)?;
                 continuity_common::logging::init(&cfg.log_level, cfg.log_format);
@@ -29,10 +32,20 @@ fn main() -> std::process::ExitCode {
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout left (`… | head`): nothing more to say, like any Unix filter.
+        Err(e)
+            if e.downcast_ref::<CliError>()
+                .is_some_and(CliError::is_broken_pipe) =>
+        {
+            ExitCode::SUCCESS
         }
+        Err(e) => fail(&format!("{e:#}")),
     }
+}
+
+/// Reports `message` on stderr (ignoring a closed stderr) and fails.
+fn fail(message: &str) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "Error: {message}");
+    ExitCode::FAILURE
 }

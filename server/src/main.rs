@@ -1,21 +1,21 @@
 //! `continuity-server`: run the trust domain's authority, or administer a running one.
 #![forbid(unsafe_code)]
 
+use std::io::Write;
+use std::process::ExitCode;
+
 use clap::Parser;
 use continuity_server::Config;
-use continuity_server::cli::{self, Cli, Command};
+use continuity_server::cli::{self, Cli, CliError, Command};
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("Error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
     let result: anyhow::Result<()> = rt.block_on(async {
         match &cli.command {
@@ -29,10 +29,20 @@ fn main() -> std::process::ExitCode {
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout left (`… | head`): nothing more to say, like any Unix filter.
+        Err(e)
+            if e.downcast_ref::<CliError>()
+                .is_some_and(CliError::is_broken_pipe) =>
+        {
+            ExitCode::SUCCESS
         }
+        Err(e) => fail(&format!("{e:#}")),
     }
+}
+
+/// Reports `message` on stderr (ignoring a closed stderr) and fails.
+fn fail(message: &str) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "Error: {message}");
+    ExitCode::FAILURE
 }

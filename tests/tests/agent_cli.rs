@@ -198,3 +198,86 @@ async fn reflection_lists_the_workload_api_and_watch_streams() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn socket_path_is_one_global_flag_with_the_env_fallback() {
+    let agent = |args: &[&str], env: Option<&str>| {
+        let mut c = Command::new(continuity_tests::bin("continuity-agent"));
+        c.args(args).env_remove("SPIFFE_ENDPOINT_SOCKET");
+        if let Some(e) = env {
+            c.env("SPIFFE_ENDPOINT_SOCKET", e);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let flag = "/nonexistent/flag.sock";
+    // Accepted where each command took it before, and before the command too.
+    for args in [
+        &["healthcheck", "--socket-path", flag][..],
+        &["api", "fetch", "x509", "--socket-path", flag],
+        &[
+            "api",
+            "fetch",
+            "jwt",
+            "--audience",
+            "a",
+            "--socket-path",
+            flag,
+        ],
+        &[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            "a",
+            "--svid",
+            "x",
+            "--socket-path",
+            flag,
+        ],
+        &["api", "watch", "--socket-path", flag],
+        &["engine", "jwks", "--socket-path", flag],
+        &[
+            "engine",
+            "sign",
+            "--key",
+            "k",
+            "--digest",
+            "00",
+            "--socket-path",
+            flag,
+        ],
+        &["--socket-path", flag, "api", "fetch", "x509"],
+        &["engine", "--socket-path", flag, "jwks"],
+    ] {
+        let (code, err) = agent(args, Some("unix:///nonexistent/env.sock"));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot reach the Workload API at /nonexistent/flag.sock"),
+            "{args:?}: the flag wins over the environment: {err}"
+        );
+    }
+    let (_, err) = agent(
+        &["api", "fetch", "x509"],
+        Some("unix:///nonexistent/env.sock"),
+    );
+    assert!(err.contains("at /nonexistent/env.sock"), "{err}");
+    let (_, err) = agent(&["engine", "jwks"], Some("unix:/nonexistent/env2.sock"));
+    assert!(err.contains("at /nonexistent/env2.sock"), "{err}");
+    // `run` serves the socket its config names; the client flag is refused there.
+    let (code, err) = agent(
+        &[
+            "run",
+            "--config",
+            "/nonexistent.toml",
+            "--socket-path",
+            flag,
+        ],
+        None,
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--socket-path"), "{err}");
+}

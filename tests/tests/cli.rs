@@ -280,3 +280,50 @@ fn healthcheck_and_http_endpoints() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot reach the server"));
 }
+
+#[test]
+fn malformed_domain_values_are_refused_before_connecting_naming_the_valid_ones() {
+    let server = |args: &[&str]| {
+        Command::new(bin("continuity-server"))
+            .args(["--socket", "/nonexistent/admin.sock"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (args, valid) in [
+        (
+            &["engine", "create", "e", "--tier", "1", "--custody", "vault"][..],
+            "hsm, transit, kv",
+        ),
+        (
+            &["engine", "key", "create", "e", "k", "--purpose", "mac"],
+            "sign, encrypt",
+        ),
+        (
+            &[
+                "engine",
+                "key",
+                "create",
+                "e",
+                "k",
+                "--purpose",
+                "sign",
+                "--algorithm",
+                "ed25519",
+            ],
+            "ec-p256, rsa-2048, rsa-3072, aes-256-gcm",
+        ),
+        (&["entry", "show", "--selector", "nocolon"], "TYPE:VALUE"),
+        (&["entry", "show", "--output", "yaml"], "text, json"),
+        (&["bundle", "show", "--format", "der"], "pem, spiffe"),
+    ] {
+        let out = server(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: clap refuses: {err}");
+        assert!(err.contains(valid), "{args:?} names {valid}: {err}");
+        assert!(
+            !err.contains("cannot reach"),
+            "{args:?}: no request made: {err}"
+        );
+    }
+}

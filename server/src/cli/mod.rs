@@ -1,0 +1,119 @@
+//! The `continuity-server` command line: `run`, `healthcheck`, and the admin commands that talk
+//! to a running server over its admin socket.
+//!
+//! One module per command group; each prints through a serde view ([`output::View`]) used for
+//! both `--output json` and the text form, and returns write errors instead of panicking, so
+//! `continuity-server entry show | head -1` exits quietly ([`CliError::is_broken_pipe`]).
+
+mod agent;
+mod audit;
+mod bundle;
+mod engine;
+mod entry;
+mod error;
+mod key;
+mod output;
+mod parse;
+mod token;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tonic::transport::Channel;
+
+pub use self::agent::AgentCommand;
+pub use self::audit::AuditCommand;
+pub use self::bundle::{BundleCommand, BundleFormat};
+pub use self::engine::{EngineCommand, SecretCommand};
+pub use self::entry::{EntryCommand, EntryFields};
+pub use self::error::CliError;
+pub use self::key::{KeyCommand, VersionArgs};
+pub use self::output::Output;
+pub use self::token::TokenCommand;
+use crate::config::DEFAULT_ADMIN_SOCKET;
+
+/// The Continuity server: the trust domain's authority.
+#[derive(Debug, Parser)]
+#[command(name = "continuity-server", version, about)]
+pub struct Cli {
+    /// Admin socket of the running server.
+    #[arg(long, global = true, default_value = DEFAULT_ADMIN_SOCKET)]
+    pub socket: PathBuf,
+    /// Output format of show/list commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server.
+    Run {
+        /// Path to server.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check that a running server answers on its admin socket.
+    Healthcheck,
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(EntryCommand),
+    /// The trust bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Engines: persistent identities of logical services and their keys.
+    #[command(subcommand)]
+    Engine(EngineCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// Runs an admin command (everything but `run`).
+pub async fn admin(cli: Cli) -> Result<(), CliError> {
+    let ch = channel(&cli).await?;
+    let out = cli.output;
+    match cli.command {
+        Command::Run { .. } => Err(CliError::Argument(
+            "`run` starts a server; it is not an admin command".into(),
+        )),
+        Command::Healthcheck => healthcheck(ch).await,
+        Command::Token(cmd) => token::run(ch, out, cmd).await,
+        Command::Entry(cmd) => entry::run(ch, out, cmd).await,
+        Command::Bundle(cmd) => bundle::run(ch, cmd).await,
+        Command::Agent(cmd) => agent::run(ch, out, cmd).await,
+        Command::Engine(cmd) => engine::run(ch, out, cmd).await,
+        Command::Audit(cmd) => audit::run(ch, out, cmd).await,
+    }
+}
+
+async fn channel(cli: &Cli) -> Result<Channel, CliError> {
+    continuity_common::grpc::uds_channel(&cli.socket)
+        .await
+        .map_err(|source| CliError::Connect {
+            socket: cli.socket.clone(),
+            source,
+        })
+}
+
+async fn healthcheck(ch: Channel) -> Result<(), CliError> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let r = HealthClient::new(ch).check(request).await?.into_inner();
+    if r.status != ServingStatus::Serving as i32 {
+        return Err(tonic::Status::unavailable("server is not serving").into());
+    }
+    output::say("Server is healthy.")
+}
