@@ -7,7 +7,7 @@ use continuity_proto::types;
 
 use super::error::CliError;
 /// The domain enums the admin commands take, parsed with their own `FromStr`.
-pub use crate::engines::model::{Algorithm, Custody, Purpose};
+pub use crate::model::engine::{Algorithm, Custody, Purpose};
 
 /// Parses with the domain type's `FromStr`, whose message lists the valid spellings
 /// (`custody "x" is not one of hsm, transit, kv`).
