@@ -28,6 +28,16 @@ use crate::limits::RateLimited;
 use crate::storage::Storage;
 use continuity_common::lru::Lru;
 
+/// The Agent API client on the authenticated channel.
+type AgentApi =
+    continuity_proto::agent::agent_api_client::AgentApiClient<tonic::transport::Channel>;
+/// The Engine broker client on the authenticated channel.
+type Broker =
+    continuity_proto::engine::engine_broker_client::EngineBrokerClient<tonic::transport::Channel>;
+
+/// Longest a JWT-SVID fetch from the server may take (connecting included).
+pub const JWT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Most CSRs sent in one batch (the server's limit).
 pub const MAX_BATCH: usize = 500;
 
@@ -266,7 +276,10 @@ pub struct Manager {
     storage: Storage,
     clock: Arc<dyn Clock>,
     sync_interval: Duration,
-    state: tokio::sync::Mutex<PersistedState>,
+    /// What the agent holds. Locked only briefly, never across a server call.
+    state: Mutex<PersistedState>,
+    /// Serializes sync rounds; held across server calls, so nothing else may wait on it.
+    sync_round: tokio::sync::Mutex<()>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// JWT-SVIDs by (entry, audiences), least recently used dropped first.
     jwts: Arc<Mutex<Lru<JwtKey, CachedJwt>>>,
@@ -309,7 +322,8 @@ impl Manager {
             storage,
             clock,
             sync_interval,
-            state: tokio::sync::Mutex::new(state),
+            state: Mutex::new(state),
+            sync_round: tokio::sync::Mutex::new(()),
             snapshot,
             jwts: Arc::new(Mutex::new(Lru::new(jwt_cache_size))),
             jwt_fetches: Fetches::default(),
@@ -341,39 +355,47 @@ impl Manager {
                     self.connected
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                     backoff = Duration::from_millis(500);
-                    self.next_wake().await
+                    self.next_wake()
                 }
                 Err(e) => {
                     self.connected
                         .store(false, std::sync::atomic::Ordering::Relaxed);
                     if e.status().is_none() {
-                        self.client.reset().await;
+                        self.client.reset();
                     }
                     tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving from cache");
                     let wait = backoff.mul_f64(0.75 + 0.5 * jitter());
                     backoff = (backoff * 2).min(Duration::from_secs(30));
-                    wait.min(self.next_wake().await)
+                    wait.min(self.next_wake())
                 }
             };
             tokio::time::sleep(wait).await;
         }
     }
 
+    /// The state, locked (poison is ignored: every writer leaves it consistent). Never held
+    /// across an `.await`: a plain mutex makes a guard kept over a server call a compile error
+    /// in the `Send` sync task.
+    fn state(&self) -> std::sync::MutexGuard<'_, PersistedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Time until the next sync or rotation is due.
-    async fn next_wake(&self) -> Duration {
-        let st = self.state.lock().await;
+    fn next_wake(&self) -> Duration {
         let now_ms = self
             .clock
             .now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let interval = self.sync_interval.mul_f64(0.9 + 0.2 * jitter());
-        let next_rotation = st
-            .svids
-            .values()
-            .chain(st.agent_svid.iter())
-            .map(|s| s.rotate_at)
-            .min();
+        let next_rotation = {
+            let st = self.state();
+            st.svids
+                .values()
+                .chain(st.agent_svid.iter())
+                .map(|s| s.rotate_at)
+                .min()
+        };
         match next_rotation {
             Some(at) => {
                 // `at` may come from the state file: saturate, never overflow.
@@ -386,7 +408,7 @@ impl Manager {
         }
     }
 
-    async fn save(&self, st: &PersistedState) {
+    fn save(&self, st: &PersistedState) {
         // Written in place (the state is borrowed, not copied) on this worker thread, which
         // tokio hands its other tasks to meanwhile.
         if let Err(e) = tokio::task::block_in_place(|| self.storage.save(st)) {
@@ -400,61 +422,94 @@ impl Manager {
             .send_replace(Arc::new(Snapshot::build(st, Some(&prev))));
     }
 
-    /// One round with the server.
+    /// One round with the server. Each step reads what it needs under a short lock, calls the
+    /// server with the lock released, and applies the answer under a short lock; rounds are
+    /// serialized by their own mutex, which nothing on the Workload API path takes.
     pub async fn sync_once(&self) -> Result<(), ClientError> {
-        let mut st = self.state.lock().await;
-        let agent_svid = st
+        let _round = self.sync_round.lock().await;
+        let agent_svid = self
+            .state()
             .agent_svid
             .clone()
             .ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
         let mut api = self.client.api(&agent_svid).await?;
         let now = self.clock.unix();
-        let mut changed = false;
-
-        if now >= agent_svid.rotate_at {
-            let (key, csr) = tokio::task::spawn_blocking(new_key_and_csr)
-                .await
-                .map_err(|e| ClientError::Protocol(e.to_string()))?
-                .map_err(ClientError::Protocol)?;
-            let r = api
-                .renew_agent(RenewAgentRequest { csr })
-                .await?
-                .into_inner();
-            let svid = r
-                .svid
-                .ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
-            st.agent_svid =
-                Some(svid_from_proto(svid, key).map_err(|e| ClientError::Protocol(e.to_string()))?);
-            *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = st.agent_svid.clone();
-            self.save(&st).await;
-            tracing::info!("agent SVID renewed");
-            if let Some(s) = st.agent_svid.as_ref() {
-                api = self.client.api(s).await?;
-            }
+        let current = if now >= agent_svid.rotate_at {
+            let svid = self.renew_agent(&mut api).await?;
+            api = self.client.api(&svid).await?;
+            svid
+        } else {
+            agent_svid
+        };
+        let mut changed = self.sync_bundle(&mut api).await?;
+        changed |= self.sync_entries(&mut api).await?;
+        let bundle_changed = changed;
+        changed |= self.refresh_svids(&mut api, now, bundle_changed).await?;
+        // Engine JWKS and incarnation reports: a failure here must not lose the SVIDs above.
+        changed |= self.sync_engines(&current).await;
+        if changed {
+            let st = self.state();
+            self.publish(&st);
+            self.save(&st);
         }
+        Ok(())
+    }
 
+    /// Renews the agent SVID, persists it, and returns it.
+    async fn renew_agent(&self, api: &mut AgentApi) -> Result<Svid, ClientError> {
+        let (key, csr) = tokio::task::spawn_blocking(new_key_and_csr)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(ClientError::Protocol)?;
+        let r = api
+            .renew_agent(RenewAgentRequest { csr })
+            .await?
+            .into_inner();
+        let svid = r
+            .svid
+            .ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
+        let svid = svid_from_proto(svid, key).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = Some(svid.clone());
+        {
+            let mut st = self.state();
+            st.agent_svid = Some(svid.clone());
+            self.save(&st);
+        }
+        tracing::info!("agent SVID renewed");
+        Ok(svid)
+    }
+
+    /// Fetches the bundle; true if it changed.
+    async fn sync_bundle(&self, api: &mut AgentApi) -> Result<bool, ClientError> {
         let bundle = api
             .fetch_bundle(FetchBundleRequest {})
             .await?
             .into_inner()
             .bundle;
-        if let Some(b) = bundle
-            && b.sequence_number != st.bundle.sequence
-        {
-            st.bundle = b.into();
-            self.client
-                .roots()
-                .replace(st.bundle.x509_authorities.clone());
-            changed = true;
-            tracing::info!(sequence = st.bundle.sequence, "bundle updated");
+        let Some(b) = bundle else {
+            return Ok(false);
+        };
+        let mut st = self.state();
+        if b.sequence_number == st.bundle.sequence {
+            return Ok(false);
         }
+        st.bundle = b.into();
+        self.client
+            .roots()
+            .replace(st.bundle.x509_authorities.clone());
+        tracing::info!(sequence = st.bundle.sequence, "bundle updated");
+        Ok(true)
+    }
 
+    /// Pulls entry changes since the revision held; true if the entries changed.
+    async fn sync_entries(&self, api: &mut AgentApi) -> Result<bool, ClientError> {
+        let since_revision = self.state().revision;
         let sync = api
-            .sync_authorized_entries(SyncAuthorizedEntriesRequest {
-                since_revision: st.revision,
-            })
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision })
             .await?
             .into_inner();
+        let mut st = self.state();
+        let mut changed = false;
         if sync.full {
             let keep: std::collections::HashSet<&str> =
                 sync.entries.iter().map(|e| e.id.as_str()).collect();
@@ -475,51 +530,17 @@ impl Manager {
             }
         }
         st.revision = sync.revision;
-        let live: std::collections::HashSet<String> = st.entries.keys().cloned().collect();
+        let st = &mut *st;
         let before = st.svids.len();
-        st.svids.retain(|id, _| live.contains(id));
+        st.svids.retain(|id, _| st.entries.contains_key(id));
         changed |= st.svids.len() != before;
-
-        let bundle_changed = changed;
-        changed |= self
-            .refresh_svids(&mut st, &mut api, now, bundle_changed)
-            .await?;
-        // Engine JWKS and incarnation reports: a failure here must not lose the SVIDs above.
-        let current = st.agent_svid.clone().unwrap_or(agent_svid);
-        match self.client.broker(&current).await {
-            Ok(mut broker) => {
-                match self.refresh_engine_jwks(&mut st, &mut broker).await {
-                    Ok(c) => changed |= c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "refreshing Engine JWKS failed; keeping the cached ones")
-                    }
-                }
-                if let Err(e) = self.flush_incarnations(&mut broker).await {
-                    tracing::warn!(error = %e, "reporting incarnations failed; will retry");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "Engine broker unavailable"),
-        }
-        if changed {
-            self.publish(&st);
-            self.save(&st).await;
-        }
-        Ok(())
+        Ok(changed)
     }
 
-    /// Signs new SVIDs for entries without one, due for rotation, or signed by a CA that left
-    /// the bundle.
-    async fn refresh_svids(
-        &self,
-        st: &mut PersistedState,
-        api: &mut continuity_proto::agent::agent_api_client::AgentApiClient<
-            tonic::transport::Channel,
-        >,
-        now: i64,
-        bundle_changed: bool,
-    ) -> Result<bool, ClientError> {
-        let due: Vec<String> = st
-            .entries
+    /// Entries without an SVID, due for rotation, or signed by a CA that left the bundle.
+    fn due_svids(&self, now: i64, bundle_changed: bool) -> Vec<String> {
+        let st = self.state();
+        st.entries
             .keys()
             .filter(|id| match st.svids.get(*id) {
                 None => true,
@@ -530,10 +551,17 @@ impl Manager {
                 }
             })
             .cloned()
-            .collect();
-        if due.is_empty() {
-            return Ok(false);
-        }
+            .collect()
+    }
+
+    /// Signs new SVIDs for the entries that are due; true if any arrived.
+    async fn refresh_svids(
+        &self,
+        api: &mut AgentApi,
+        now: i64,
+        bundle_changed: bool,
+    ) -> Result<bool, ClientError> {
+        let due = self.due_svids(now, bundle_changed);
         let mut changed = false;
         for chunk in due.chunks(MAX_BATCH) {
             let ids = chunk.to_vec();
@@ -556,43 +584,78 @@ impl Manager {
                 .batch_new_x509svid(BatchNewX509svidRequest { params })
                 .await?
                 .into_inner();
-            let mut keys: HashMap<String, SecretBytes> =
-                keys.into_iter().map(|(id, k, _)| (id, k)).collect();
-            for r in resp.results {
-                match (r.status.as_ref().map(|s| s.code), r.svid) {
-                    (Some(0), Some(svid)) => {
-                        if let Some(key) = keys.remove(&r.entry_id) {
-                            match svid_from_proto(svid, key) {
-                                Ok(svid) => {
-                                    st.svids.insert(r.entry_id.clone(), svid);
-                                    changed = true;
-                                }
-                                Err(e) => {
-                                    tracing::warn!(entry = %r.entry_id, error = %e, "unusable SVID from the server")
-                                }
-                            }
-                        }
-                    }
-                    (_, _) => {
-                        let msg = r.status.map(|s| s.message).unwrap_or_default();
-                        tracing::warn!(entry = %r.entry_id, reason = %msg, "server did not sign an SVID");
-                    }
-                }
-            }
+            let keys = keys.into_iter().map(|(id, k, _)| (id, k)).collect();
+            changed |= self.apply_svids(resp.results, keys);
         }
         Ok(changed)
     }
 
-    /// Fetches the JWKS of every Engine this node's entries are bound to.
-    async fn refresh_engine_jwks(
+    /// Stores the SVIDs the server signed (for entries still held); true if any was stored.
+    fn apply_svids(
         &self,
-        st: &mut PersistedState,
-        broker: &mut continuity_proto::engine::engine_broker_client::EngineBrokerClient<
-            tonic::transport::Channel,
-        >,
-    ) -> Result<bool, ClientError> {
+        results: Vec<continuity_proto::agent::BatchNewX509svidResult>,
+        mut keys: HashMap<String, SecretBytes>,
+    ) -> bool {
+        let mut st = self.state();
+        let mut changed = false;
+        for r in results {
+            match (r.status.as_ref().map(|s| s.code), r.svid) {
+                (Some(0), Some(svid)) => {
+                    let Some(key) = keys.remove(&r.entry_id) else {
+                        continue;
+                    };
+                    match svid_from_proto(svid, key) {
+                        Ok(svid) if st.entries.contains_key(&r.entry_id) => {
+                            st.svids.insert(r.entry_id.clone(), svid);
+                            changed = true;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(entry = %r.entry_id, error = %e, "unusable SVID from the server")
+                        }
+                    }
+                }
+                (_, _) => {
+                    let msg = r.status.map(|s| s.message).unwrap_or_default();
+                    tracing::warn!(entry = %r.entry_id, reason = %msg, "server did not sign an SVID");
+                }
+            }
+        }
+        changed
+    }
+
+    /// Refreshes Engine JWKS and reports incarnations (failures are logged, never fatal);
+    /// true if the JWKS changed.
+    async fn sync_engines(&self, agent_svid: &Svid) -> bool {
+        let mut broker = match self.client.broker(agent_svid).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "Engine broker unavailable");
+                return false;
+            }
+        };
+        let changed = match self.refresh_engine_jwks(&mut broker).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "refreshing Engine JWKS failed; keeping the cached ones");
+                false
+            }
+        };
+        if let Err(e) = self.flush_incarnations(&mut broker).await {
+            tracing::warn!(error = %e, "reporting incarnations failed; will retry");
+        }
+        changed
+    }
+
+    /// Fetches the JWKS of every Engine this node's entries are bound to.
+    async fn refresh_engine_jwks(&self, broker: &mut Broker) -> Result<bool, ClientError> {
         let mut by_engine: std::collections::BTreeMap<String, String> = Default::default();
-        for e in st.entries.values().filter(|e| !e.engine.is_empty()) {
+        for e in self
+            .state()
+            .entries
+            .values()
+            .filter(|e| !e.engine.is_empty())
+        {
             by_engine
                 .entry(e.engine.clone())
                 .or_insert_with(|| e.id.clone());
@@ -619,6 +682,7 @@ impl Manager {
             };
             fresh.insert(engine, jwks);
         }
+        let mut st = self.state();
         if fresh != st.engine_jwks {
             st.engine_jwks = fresh;
             return Ok(true);
@@ -778,15 +842,20 @@ async fn fetch_jwt(
 ) -> JwtResult {
     let agent_svid = agent_svid.ok_or(JwtFetchError::NotAttested)?;
     let server = |e: ClientError| JwtFetchError::Server(Arc::new(e));
-    let mut api = client.api(&agent_svid).await.map_err(server)?;
-    let r = api
-        .new_jwtsvid(NewJwtsvidRequest {
+    let call = async {
+        let mut api = client.api(&agent_svid).await?;
+        let req = NewJwtsvidRequest {
             entry_id: key.0.clone(),
             audience: key.1.clone(),
-        })
+        };
+        Ok::<_, ClientError>(api.new_jwtsvid(req).await?.into_inner())
+    };
+    // A stalled server fails this fetch (as unreachable: a cached token is served) instead of
+    // holding every caller of this key.
+    let r = tokio::time::timeout(JWT_FETCH_TIMEOUT, call)
         .await
-        .map_err(|s| server(s.into()))?
-        .into_inner();
+        .map_err(|_| server(ClientError::Timeout(JWT_FETCH_TIMEOUT)))?
+        .map_err(server)?;
     let c = CachedJwt {
         token: r.token,
         issued_at: now,
