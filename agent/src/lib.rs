@@ -15,6 +15,7 @@ pub mod config;
 pub mod endpoints;
 pub mod limits;
 pub mod manager;
+pub mod peer;
 pub mod storage;
 
 pub use agent::run;
