@@ -13,7 +13,7 @@ use crate::endpoints;
 use crate::endpoints::workload::WorkloadHandler;
 use crate::limits::RateLimiter;
 use crate::manager::Manager;
-use crate::manager::cache::PersistedState;
+use crate::state::PersistedState;
 use crate::storage::{Storage, StorageError};
 
 /// Why the agent could not start or stopped with an error.

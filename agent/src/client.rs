@@ -13,7 +13,7 @@ use continuity_proto::engine::engine_broker_client::EngineBrokerClient;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 
-use crate::manager::cache::{BundleState, Svid};
+use crate::state::{BundleState, Svid};
 
 /// Failures talking to the server.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +183,7 @@ impl ServerClient {
             continuity_common::tls::client_config(self.roots.clone(), self.server_id.clone(), None)?
         };
         let mut client = AgentApiClient::new(self.channel(cfg).await?);
-        let (key, csr) = crate::manager::new_key_and_csr().map_err(ClientError::Protocol)?;
+        let (key, csr) = crate::svid::new_key_and_csr().map_err(ClientError::Protocol)?;
         let req = AttestAgentRequest {
             step: Some(attest_agent_request::Step::Params(
                 attest_agent_request::Params {
@@ -216,7 +216,7 @@ impl ServerClient {
             .ok_or_else(|| ClientError::Protocol("no bundle in the result".into()))?;
         Ok(Attested {
             agent_id: svid.spiffe_id.clone(),
-            svid: crate::manager::svid_from_proto(svid, key)
+            svid: crate::svid::svid_from_proto(svid, key)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?,
             bundle: bundle.into(),
         })
