@@ -46,10 +46,7 @@ impl Manager {
         }
     }
 
-    pub(super) async fn flush_incarnations(
-        &self,
-        broker: &mut Broker,
-    ) -> Result<(), ClientError> {
+    pub(super) async fn flush_incarnations(&self, broker: &mut Broker) -> Result<(), ClientError> {
         let batch = std::mem::take(
             &mut self
                 .incarnations
