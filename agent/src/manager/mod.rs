@@ -6,6 +6,11 @@
 //! revision, asks for SVIDs in batches of at most 500 CSRs, renews the agent SVID at
 //! half-life, and backs off exponentially while the server is unreachable — serving what it
 //! holds in the meantime.
+//!
+//! One module per concern: `sync` (the loop and one round), `renewal` (agent and workload
+//! SVIDs), `engines` (Engine JWKS), `incarnations` (reports), `jwt` (the JWT-SVID cache) over
+//! `fetches` (single-flight), and [`cache`] (the published snapshot). The state lock is held
+//! only to read or apply, never across a server call.
 
 pub mod cache;
 mod engines;
