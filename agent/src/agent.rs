@@ -7,13 +7,13 @@ use continuity_common::tls::TrustRoots;
 use continuity_common::{Clock, SystemClock};
 
 use crate::attestor::Attestors;
-use crate::client::{ClientError, ServerClient};
-use crate::config::{Bootstrap, Config, NodeAttestor};
+use crate::client::{Attested, ClientError, ServerClient};
+use crate::config::{Bootstrap, Config, NodeAttestor, WorkloadApiConfig};
 use crate::endpoints;
 use crate::endpoints::workload::WorkloadHandler;
 use crate::limits::RateLimiter;
 use crate::manager::Manager;
-use crate::manager::cache::PersistedState;
+use crate::state::PersistedState;
 use crate::storage::{Storage, StorageError};
 
 /// Why the agent could not start or stopped with an error.
@@ -51,12 +51,9 @@ pub enum RunError {
     Listener(String),
 }
 
-async fn attest(
-    cfg: &Config,
-    client: &ServerClient,
-    token: &str,
-) -> Result<PersistedState, RunError> {
-    let insecure = match &cfg.bootstrap {
+/// Loads the trust bundle into the client's roots; true for an insecure bootstrap.
+fn bootstrap_roots(cfg: &Config, client: &ServerClient) -> Result<bool, RunError> {
+    match &cfg.bootstrap {
         Bootstrap::TrustBundle(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| RunError::TrustBundle {
                 path: p.display().to_string(),
@@ -76,40 +73,56 @@ async fn attest(
                 });
             }
             client.roots().replace(roots);
-            false
+            Ok(false)
         }
         Bootstrap::Insecure => {
             tracing::warn!(
                 "insecure_bootstrap: the server is not authenticated for this first attestation"
             );
-            true
+            Ok(true)
         }
-    };
+    }
+}
+
+/// One attestation attempt with the configured node attestor.
+async fn attest_once(
+    cfg: &Config,
+    client: &ServerClient,
+    token: &str,
+    insecure: bool,
+) -> Result<Result<Attested, ClientError>, RunError> {
+    Ok(match &cfg.node_attestor {
+        NodeAttestor::JoinToken => {
+            client
+                .attest("join_token", token.as_bytes().to_vec(), insecure)
+                .await
+        }
+        NodeAttestor::K8sPsat {
+            cluster,
+            token_path,
+        } => {
+            // Read fresh on every attempt: the kubelet rotates projected tokens.
+            let t = std::fs::read_to_string(token_path).map_err(|e| RunError::TrustBundle {
+                path: token_path.display().to_string(),
+                reason: format!("cannot read the projected service-account token: {e}"),
+            })?;
+            let payload = serde_json::json!({"cluster": cluster, "token": t.trim()}).to_string();
+            client
+                .attest("k8s_psat", payload.into_bytes(), insecure)
+                .await
+        }
+    })
+}
+
+async fn attest(
+    cfg: &Config,
+    client: &ServerClient,
+    token: &str,
+) -> Result<PersistedState, RunError> {
+    let insecure = bootstrap_roots(cfg, client)?;
     let mut backoff = Duration::from_millis(250);
     loop {
-        let attempt = match &cfg.node_attestor {
-            NodeAttestor::JoinToken => {
-                client
-                    .attest("join_token", token.as_bytes().to_vec(), insecure)
-                    .await
-            }
-            NodeAttestor::K8sPsat {
-                cluster,
-                token_path,
-            } => {
-                // Read fresh on every attempt: the kubelet rotates projected tokens.
-                let t = std::fs::read_to_string(token_path).map_err(|e| RunError::TrustBundle {
-                    path: token_path.display().to_string(),
-                    reason: format!("cannot read the projected service-account token: {e}"),
-                })?;
-                let payload =
-                    serde_json::json!({"cluster": cluster, "token": t.trim()}).to_string();
-                client
-                    .attest("k8s_psat", payload.into_bytes(), insecure)
-                    .await
-            }
-        };
-        match attempt {
+        match attest_once(cfg, client, token, insecure).await? {
             Ok(a) => {
                 tracing::info!(agent = %a.agent_id, "attested to the server");
                 return Ok(PersistedState {
@@ -142,6 +155,79 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// The persisted state, or (first start, or no agent SVID kept) a fresh attestation, saved.
+async fn load_or_attest(
+    cfg: &Config,
+    storage: &Storage,
+    client: &ServerClient,
+    join_token: Option<String>,
+) -> Result<PersistedState, RunError> {
+    if let Some(s) = storage.load()?
+        && s.agent_svid.is_some()
+    {
+        tracing::info!(agent = %s.agent_id, entries = s.entries.len(), "resuming from persisted state");
+        return Ok(s);
+    }
+    let token = match cfg.node_attestor {
+        NodeAttestor::JoinToken => join_token
+            .or_else(|| cfg.join_token.as_ref().map(|t| t.expose().to_string()))
+            .ok_or(RunError::NoJoinToken)?,
+        NodeAttestor::K8sPsat { .. } => String::new(),
+    };
+    let s = attest(cfg, client, &token).await?;
+    storage.save(&s)?;
+    Ok(s)
+}
+
+fn log_fd_limit(limits: &WorkloadApiConfig) {
+    match endpoints::conns::raise_fd_limit() {
+        Some(n) => tracing::info!(
+            open_files = n,
+            max_connections = limits.max_connections,
+            "open-files limit (RLIMIT_NOFILE soft limit, raised to the hard limit)"
+        ),
+        None => tracing::warn!("cannot read the open-files limit (RLIMIT_NOFILE)"),
+    }
+}
+
+/// Serves `/live` and `/ready` (ready once a bundle is held) on `addr`.
+async fn serve_health(addr: std::net::SocketAddr, m: Arc<Manager>) -> Result<(), RunError> {
+    continuity_common::http::serve(addr, move |path| {
+        let ready = !m.snapshot().bundle.x509.is_empty();
+        async move {
+            match path.as_str() {
+                "/live" => (200, "text/plain", "live\n".into()),
+                "/ready" if ready => (200, "text/plain", "ready\n".into()),
+                "/ready" => (503, "text/plain", "no bundle yet\n".into()),
+                _ => (404, "text/plain", "not found\n".into()),
+            }
+        }
+    })
+    .await
+    .map_err(|e| RunError::Listener(format!("health.bind_address {addr}: {e}")))
+}
+
+/// Serves `/metrics` (Prometheus text) on `addr`.
+async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Manager>) -> Result<(), RunError> {
+    continuity_common::http::serve(addr, move |path| {
+        let snap = m.snapshot();
+        let body = format!(
+            "# TYPE continuity_agent_cached_svids gauge\ncontinuity_agent_cached_svids {}\n# TYPE continuity_agent_server_connected gauge\ncontinuity_agent_server_connected {}\n# TYPE continuity_agent_bundle_sequence gauge\ncontinuity_agent_bundle_sequence {}\n",
+            snap.identities.len(),
+            m.connected() as u8,
+            snap.bundle.sequence
+        );
+        async move {
+            match path.as_str() {
+                "/metrics" => (200, "text/plain; version=0.0.4", body),
+                _ => (404, "text/plain", "not found\n".into()),
+            }
+        }
+    })
+    .await
+    .map_err(|e| RunError::Listener(format!("metrics.bind_address {addr}: {e}")))
+}
+
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -154,32 +240,9 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
         )
         .map_err(RunError::Attest)?,
     );
-    let state = match storage.load()? {
-        Some(s) if s.agent_svid.is_some() => {
-            tracing::info!(agent = %s.agent_id, entries = s.entries.len(), "resuming from persisted state");
-            s
-        }
-        _ => {
-            let token = match cfg.node_attestor {
-                NodeAttestor::JoinToken => join_token
-                    .or_else(|| cfg.join_token.as_ref().map(|t| t.expose().to_string()))
-                    .ok_or(RunError::NoJoinToken)?,
-                NodeAttestor::K8sPsat { .. } => String::new(),
-            };
-            let s = attest(&cfg, &client, &token).await?;
-            storage.save(&s)?;
-            s
-        }
-    };
+    let state = load_or_attest(&cfg, &storage, &client, join_token).await?;
     let limits = &cfg.workload_api;
-    match endpoints::conns::raise_fd_limit() {
-        Some(n) => tracing::info!(
-            open_files = n,
-            max_connections = limits.max_connections,
-            "open-files limit (RLIMIT_NOFILE soft limit, raised to the hard limit)"
-        ),
-        None => tracing::warn!("cannot read the open-files limit (RLIMIT_NOFILE)"),
-    }
+    log_fd_limit(limits);
     let manager = Manager::new(
         client,
         storage,
@@ -195,44 +258,12 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
             source,
         })?;
     tokio::spawn(manager.clone().run());
-
     if let Some(addr) = cfg.health_address {
-        let m = manager.clone();
-        continuity_common::http::serve(addr, move |path| {
-            let ready = !m.snapshot().bundle.x509.is_empty();
-            async move {
-                match path.as_str() {
-                    "/live" => (200, "text/plain", "live\n".into()),
-                    "/ready" if ready => (200, "text/plain", "ready\n".into()),
-                    "/ready" => (503, "text/plain", "no bundle yet\n".into()),
-                    _ => (404, "text/plain", "not found\n".into()),
-                }
-            }
-        })
-        .await
-        .map_err(|e| RunError::Listener(format!("health.bind_address {addr}: {e}")))?;
+        serve_health(addr, manager.clone()).await?;
     }
     if let Some(addr) = cfg.metrics_address {
-        let m = manager.clone();
-        continuity_common::http::serve(addr, move |path| {
-            let snap = m.snapshot();
-            let body = format!(
-                "# TYPE continuity_agent_cached_svids gauge\ncontinuity_agent_cached_svids {}\n# TYPE continuity_agent_server_connected gauge\ncontinuity_agent_server_connected {}\n# TYPE continuity_agent_bundle_sequence gauge\ncontinuity_agent_bundle_sequence {}\n",
-                snap.identities.len(),
-                m.connected() as u8,
-                snap.bundle.sequence
-            );
-            async move {
-                match path.as_str() {
-                    "/metrics" => (200, "text/plain; version=0.0.4", body),
-                    _ => (404, "text/plain", "not found\n".into()),
-                }
-            }
-        })
-        .await
-        .map_err(|e| RunError::Listener(format!("metrics.bind_address {addr}: {e}")))?;
+        serve_metrics(addr, manager.clone()).await?;
     }
-
     let attestor: Arc<dyn crate::attestor::WorkloadAttestor> =
         Attestors::new(cfg.unix.clone(), cfg.k8s.clone());
     // One limiter for everything a workload can make reach the server.

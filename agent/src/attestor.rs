@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use continuity_attestors::Selector;
 use continuity_attestors::unix::{FileId, UnixAttestor};
 
-use crate::endpoints::peer::Peer;
+use crate::peer::Peer;
 
 /// Turns a connected peer into selectors (the Workload API's view of attestation).
 pub trait WorkloadAttestor: Send + Sync + 'static {

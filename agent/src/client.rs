@@ -13,7 +13,7 @@ use continuity_proto::engine::engine_broker_client::EngineBrokerClient;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 
-use crate::manager::cache::{BundleState, Svid};
+use crate::state::{BundleState, Svid};
 
 /// Failures talking to the server.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,9 @@ pub enum ClientError {
     /// The server answered with something unusable.
     #[error("unexpected answer from the server: {0}")]
     Protocol(String),
+    /// The server did not answer in time (it is counted as unreachable, not as a refusal).
+    #[error("the server did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 impl From<tonic::Status> for ClientError {
@@ -60,7 +63,9 @@ pub struct ServerClient {
     server_id: SpiffeId,
     roots: TrustRoots,
     /// The channel and the leaf certificate (DER) of the agent SVID it authenticates with.
-    conn: tokio::sync::Mutex<Option<(bytes::Bytes, Channel)>>,
+    /// A plain mutex, never held across a connect: a caller that finds no channel for its SVID
+    /// connects on its own, so a connect stalled by the server stalls only its own caller.
+    conn: std::sync::Mutex<Option<(bytes::Bytes, Channel)>>,
 }
 
 /// The result of a node attestation.
@@ -88,7 +93,7 @@ impl ServerClient {
             addr,
             server_id,
             roots,
-            conn: tokio::sync::Mutex::new(None),
+            conn: std::sync::Mutex::new(None),
         })
     }
 
@@ -123,8 +128,7 @@ impl ServerClient {
             .first()
             .ok_or_else(|| ClientError::Protocol("the agent SVID has no certificate".into()))?
             .clone();
-        let mut conn = self.conn.lock().await;
-        if let Some((s, c)) = conn.as_ref()
+        if let Some((s, c)) = self.conn().as_ref()
             && *s == leaf
         {
             return Ok(c.clone());
@@ -141,13 +145,18 @@ impl ServerClient {
             Some((chain, key)),
         )?;
         let channel = self.channel(cfg).await?;
-        *conn = Some((leaf, channel.clone()));
+        // Concurrent connects for one SVID: the last one stays; the others serve their caller.
+        *self.conn() = Some((leaf, channel.clone()));
         Ok(channel)
     }
 
+    fn conn(&self) -> std::sync::MutexGuard<'_, Option<(bytes::Bytes, Channel)>> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Forgets the current connection (after a transport failure or an agent SVID change).
-    pub async fn reset(&self) {
-        *self.conn.lock().await = None;
+    pub fn reset(&self) {
+        *self.conn() = None;
     }
 
     /// Attests with the node attestor `kind` and its `payload` (a join token, a k8s_psat
@@ -174,7 +183,7 @@ impl ServerClient {
             continuity_common::tls::client_config(self.roots.clone(), self.server_id.clone(), None)?
         };
         let mut client = AgentApiClient::new(self.channel(cfg).await?);
-        let (key, csr) = crate::manager::new_key_and_csr().map_err(ClientError::Protocol)?;
+        let (key, csr) = crate::svid::new_key_and_csr().map_err(ClientError::Protocol)?;
         let req = AttestAgentRequest {
             step: Some(attest_agent_request::Step::Params(
                 attest_agent_request::Params {
@@ -207,7 +216,7 @@ impl ServerClient {
             .ok_or_else(|| ClientError::Protocol("no bundle in the result".into()))?;
         Ok(Attested {
             agent_id: svid.spiffe_id.clone(),
-            svid: crate::manager::svid_from_proto(svid, key)
+            svid: crate::svid::svid_from_proto(svid, key)
                 .map_err(|e| ClientError::Protocol(e.to_string()))?,
             bundle: bundle.into(),
         })

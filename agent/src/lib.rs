@@ -5,6 +5,8 @@
 //! Modules, top-down: [`config`] → [`agent`] (wiring) → [`endpoints`] (Workload API) /
 //! [`manager`] (sync, cache, rotation) → [`client`] (server API) / [`storage`] (data_dir) /
 //! [`attestor`] (workload attestation); [`limits`] bounds what a workload can make it hold.
+//! Leaves shared by several of those: [`state`] (what is persisted), [`svid`] (building SVIDs),
+//! [`peer`] (who is on the other end of a Workload API connection).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -15,7 +17,10 @@ pub mod config;
 pub mod endpoints;
 pub mod limits;
 pub mod manager;
+pub mod peer;
+pub mod state;
 pub mod storage;
+pub mod svid;
 
 pub use agent::run;
 pub use config::Config;

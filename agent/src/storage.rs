@@ -11,7 +11,7 @@ use continuity_common::fsperm::{FsPermError, SecureDir, secure_dir};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manager::cache::PersistedState;
+use crate::state::PersistedState;
 
 /// State file name inside `data_dir`.
 pub const STATE_FILE: &str = "agent-state.json";

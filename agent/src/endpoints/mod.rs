@@ -3,7 +3,7 @@
 pub mod authority;
 pub mod conns;
 pub mod engine;
-pub mod peer;
+pub use crate::peer;
 pub mod workload;
 
 use std::io;

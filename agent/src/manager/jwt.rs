@@ -1,0 +1,152 @@
+//! JWT-SVIDs: a bounded cache by (entry, audiences), served until half-life; misses go to the
+//! server once per key (single-flight), with their own timeout, and never wait on the state.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use continuity_common::lru::Lru;
+use continuity_proto::agent::NewJwtsvidRequest;
+
+use super::Manager;
+use crate::client::{ClientError, ServerClient};
+use crate::limits::RateLimited;
+use crate::state::Svid;
+
+/// Longest a JWT-SVID fetch from the server may take (connecting included).
+pub const JWT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A cached JWT-SVID (a bearer token: redacted in `Debug`).
+#[derive(Clone)]
+pub(super) struct CachedJwt {
+    token: String,
+    issued_at: i64,
+    expires_at: i64,
+}
+
+impl std::fmt::Debug for CachedJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedJwt")
+            .field("issued_at", &self.issued_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a JWT-SVID could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JwtFetchError {
+    /// The server refused, or could not be reached.
+    #[error(transparent)]
+    Server(Arc<ClientError>),
+    /// No agent SVID to call the server with.
+    #[error("the agent is not attested")]
+    NotAttested,
+    /// The caller's rate limit for calls reaching the server is used up.
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+    /// The fetch task died (a bug); the next call tries again.
+    #[error("the JWT-SVID fetch failed: {0}")]
+    Failed(String),
+}
+
+/// The JWT-SVID cache key: entry id and sorted, deduplicated audiences.
+pub(super) type JwtKey = (String, Vec<String>);
+/// The outcome of one JWT-SVID fetch, shared by every caller that waited on it.
+pub(super) type JwtResult = Result<CachedJwt, JwtFetchError>;
+
+impl Manager {
+    /// A JWT-SVID for `identity` and `audience`: from the cache until half-life, else from the
+    /// server; while the server is unreachable (or the caller's rate limit is used up) a
+    /// cached token is served until it expires. `admit` is asked before a call would reach the
+    /// server; concurrent misses for one key wait on one call (and only the first is asked).
+    pub async fn jwt_svid(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+        admit: &(dyn Fn() -> Result<(), RateLimited> + Send + Sync),
+    ) -> Result<String, JwtFetchError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let key: JwtKey = (entry_id.to_string(), aud);
+        let now = self.clock.unix();
+        let cached = {
+            let mut jwts = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+            let c = jwts.get(&key).cloned();
+            if c.as_ref().is_some_and(|c| now >= c.expires_at) {
+                jwts.remove(&key);
+            }
+            c.filter(|c| now < c.expires_at)
+        };
+        if let Some(c) = &cached
+            && now
+                < c.issued_at
+                    .saturating_add(c.expires_at.saturating_sub(c.issued_at) / 2)
+        {
+            return Ok(c.token.clone());
+        }
+        let start = || {
+            let agent_svid = self
+                .agent_svid
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            fetch_jwt(
+                self.client.clone(),
+                agent_svid,
+                self.jwts.clone(),
+                key.clone(),
+                now,
+            )
+        };
+        let share = match self.jwt_fetches.join(&key, admit, start, |e| {
+            Err(JwtFetchError::Failed(e.to_string()))
+        }) {
+            Ok(s) => s,
+            Err(e) => return cached.map(|c| c.token).ok_or(e.into()),
+        };
+        match share.wait().await {
+            Ok(c) => Ok(c.token),
+            // Unreachable (not refused): serve the cached token while it lasts.
+            Err(JwtFetchError::Server(e)) if e.status().is_none() => {
+                cached.map(|c| c.token).ok_or(JwtFetchError::Server(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Asks the server for a JWT-SVID and caches it (runs as its own task: no caller cancels it).
+async fn fetch_jwt(
+    client: Arc<ServerClient>,
+    agent_svid: Option<Svid>,
+    jwts: Arc<Mutex<Lru<JwtKey, CachedJwt>>>,
+    key: JwtKey,
+    now: i64,
+) -> JwtResult {
+    let agent_svid = agent_svid.ok_or(JwtFetchError::NotAttested)?;
+    let server = |e: ClientError| JwtFetchError::Server(Arc::new(e));
+    let call = async {
+        let mut api = client.api(&agent_svid).await?;
+        let req = NewJwtsvidRequest {
+            entry_id: key.0.clone(),
+            audience: key.1.clone(),
+        };
+        Ok::<_, ClientError>(api.new_jwtsvid(req).await?.into_inner())
+    };
+    // A stalled server fails this fetch (as unreachable: a cached token is served) instead of
+    // holding every caller of this key.
+    let r = tokio::time::timeout(JWT_FETCH_TIMEOUT, call)
+        .await
+        .map_err(|_| server(ClientError::Timeout(JWT_FETCH_TIMEOUT)))?
+        .map_err(server)?;
+    let c = CachedJwt {
+        token: r.token,
+        issued_at: now,
+        expires_at: r.expires_at,
+    };
+    jwts.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, c.clone());
+    Ok(c)
+}

@@ -1,0 +1,128 @@
+//! SVID renewal: the agent SVID at half-life, and workload SVIDs that are missing, due, or
+//! signed by a CA that left the bundle, signed in batches of at most [`MAX_BATCH`] CSRs.
+
+use std::collections::HashMap;
+
+use continuity_common::secret::SecretBytes;
+use continuity_proto::agent::{BatchNewX509svidRequest, NewX509svidParams, RenewAgentRequest};
+
+use super::{AgentApi, Manager};
+use crate::client::ClientError;
+use crate::state::Svid;
+use crate::svid::{issued_by_bundle, new_key_and_csr, svid_from_proto};
+
+/// Most CSRs sent in one batch (the server's limit).
+pub const MAX_BATCH: usize = 500;
+
+impl Manager {
+    /// Renews the agent SVID, persists it, and returns it.
+    pub(super) async fn renew_agent(&self, api: &mut AgentApi) -> Result<Svid, ClientError> {
+        let (key, csr) = tokio::task::spawn_blocking(new_key_and_csr)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(ClientError::Protocol)?;
+        let r = api
+            .renew_agent(RenewAgentRequest { csr })
+            .await?
+            .into_inner();
+        let svid = r
+            .svid
+            .ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
+        let svid = svid_from_proto(svid, key).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = Some(svid.clone());
+        {
+            let mut st = self.state();
+            st.agent_svid = Some(svid.clone());
+            self.save(&st);
+        }
+        tracing::info!("agent SVID renewed");
+        Ok(svid)
+    }
+
+    /// Entries without an SVID, due for rotation, or signed by a CA that left the bundle.
+    fn due_svids(&self, now: i64, bundle_changed: bool) -> Vec<String> {
+        let st = self.state();
+        st.entries
+            .keys()
+            .filter(|id| match st.svids.get(*id) {
+                None => true,
+                Some(s) => {
+                    now >= s.rotate_at
+                        || (bundle_changed
+                            && !issued_by_bundle(&s.chain, &st.bundle.x509_authorities))
+                }
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Signs new SVIDs for the entries that are due; true if any arrived.
+    pub(super) async fn refresh_svids(
+        &self,
+        api: &mut AgentApi,
+        now: i64,
+        bundle_changed: bool,
+    ) -> Result<bool, ClientError> {
+        let due = self.due_svids(now, bundle_changed);
+        let mut changed = false;
+        for chunk in due.chunks(MAX_BATCH) {
+            let ids = chunk.to_vec();
+            let keys = tokio::task::spawn_blocking(move || {
+                ids.into_iter()
+                    .map(|id| new_key_and_csr().map(|(k, c)| (id, k, c)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .map_err(ClientError::Protocol)?;
+            let params = keys
+                .iter()
+                .map(|(id, _, csr)| NewX509svidParams {
+                    entry_id: id.clone(),
+                    csr: csr.clone(),
+                })
+                .collect();
+            let resp = api
+                .batch_new_x509svid(BatchNewX509svidRequest { params })
+                .await?
+                .into_inner();
+            let keys = keys.into_iter().map(|(id, k, _)| (id, k)).collect();
+            changed |= self.apply_svids(resp.results, keys);
+        }
+        Ok(changed)
+    }
+
+    /// Stores the SVIDs the server signed (for entries still held); true if any was stored.
+    fn apply_svids(
+        &self,
+        results: Vec<continuity_proto::agent::BatchNewX509svidResult>,
+        mut keys: HashMap<String, SecretBytes>,
+    ) -> bool {
+        let mut st = self.state();
+        let mut changed = false;
+        for r in results {
+            match (r.status.as_ref().map(|s| s.code), r.svid) {
+                (Some(0), Some(svid)) => {
+                    let Some(key) = keys.remove(&r.entry_id) else {
+                        continue;
+                    };
+                    match svid_from_proto(svid, key) {
+                        Ok(svid) if st.entries.contains_key(&r.entry_id) => {
+                            st.svids.insert(r.entry_id.clone(), svid);
+                            changed = true;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(entry = %r.entry_id, error = %e, "unusable SVID from the server")
+                        }
+                    }
+                }
+                (_, _) => {
+                    let msg = r.status.map(|s| s.message).unwrap_or_default();
+                    tracing::warn!(entry = %r.entry_id, reason = %msg, "server did not sign an SVID");
+                }
+            }
+        }
+        changed
+    }
+}

@@ -1,0 +1,163 @@
+//! The sync loop: wakes at the sync interval (with jitter) or when an SVID is due, runs one
+//! round with the server, and backs off exponentially while the server is unreachable.
+
+use std::time::Duration;
+
+use continuity_proto::agent::{FetchBundleRequest, SyncAuthorizedEntriesRequest};
+
+use super::{AgentApi, Manager};
+use crate::client::ClientError;
+use crate::state::Entry;
+
+/// A random fraction in [0, 1) (spreads syncs and retries; not a secret).
+fn jitter() -> f64 {
+    continuity_common::rand::jitter_fraction()
+}
+
+impl Manager {
+    /// Runs the sync loop forever.
+    pub async fn run(self: std::sync::Arc<Self>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let wait = match self.sync_once().await {
+                Ok(()) => {
+                    self.connected
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    backoff = Duration::from_millis(500);
+                    self.next_wake()
+                }
+                Err(e) => {
+                    self.connected
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                    if e.status().is_none() {
+                        self.client.reset();
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving from cache");
+                    let wait = backoff.mul_f64(0.75 + 0.5 * jitter());
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    wait.min(self.next_wake())
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Time until the next sync or rotation is due.
+    fn next_wake(&self) -> Duration {
+        let now_ms = self
+            .clock
+            .now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let interval = self.sync_interval.mul_f64(0.9 + 0.2 * jitter());
+        let next_rotation = {
+            let st = self.state();
+            st.svids
+                .values()
+                .chain(st.agent_svid.iter())
+                .map(|s| s.rotate_at)
+                .min()
+        };
+        match next_rotation {
+            Some(at) => {
+                // `at` may come from the state file: saturate, never overflow.
+                let until = Duration::from_millis(
+                    at.saturating_mul(1000).saturating_sub(now_ms).max(50) as u64,
+                );
+                interval.min(until)
+            }
+            None => interval,
+        }
+    }
+
+    /// One round with the server. Each step reads what it needs under a short lock, calls the
+    /// server with the lock released, and applies the answer under a short lock; rounds are
+    /// serialized by their own mutex, which nothing on the Workload API path takes.
+    pub async fn sync_once(&self) -> Result<(), ClientError> {
+        let _round = self.sync_round.lock().await;
+        let agent_svid = self
+            .state()
+            .agent_svid
+            .clone()
+            .ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
+        let mut api = self.client.api(&agent_svid).await?;
+        let now = self.clock.unix();
+        let current = if now >= agent_svid.rotate_at {
+            let svid = self.renew_agent(&mut api).await?;
+            api = self.client.api(&svid).await?;
+            svid
+        } else {
+            agent_svid
+        };
+        let mut changed = self.sync_bundle(&mut api).await?;
+        changed |= self.sync_entries(&mut api).await?;
+        let bundle_changed = changed;
+        changed |= self.refresh_svids(&mut api, now, bundle_changed).await?;
+        // Engine JWKS and incarnation reports: a failure here must not lose the SVIDs above.
+        changed |= self.sync_engines(&current).await;
+        if changed {
+            let st = self.state();
+            self.publish(&st);
+            self.save(&st);
+        }
+        Ok(())
+    }
+
+    /// Fetches the bundle; true if it changed.
+    async fn sync_bundle(&self, api: &mut AgentApi) -> Result<bool, ClientError> {
+        let bundle = api
+            .fetch_bundle(FetchBundleRequest {})
+            .await?
+            .into_inner()
+            .bundle;
+        let Some(b) = bundle else {
+            return Ok(false);
+        };
+        let mut st = self.state();
+        if b.sequence_number == st.bundle.sequence {
+            return Ok(false);
+        }
+        st.bundle = b.into();
+        self.client
+            .roots()
+            .replace(st.bundle.x509_authorities.clone());
+        tracing::info!(sequence = st.bundle.sequence, "bundle updated");
+        Ok(true)
+    }
+
+    /// Pulls entry changes since the revision held; true if the entries changed.
+    async fn sync_entries(&self, api: &mut AgentApi) -> Result<bool, ClientError> {
+        let since_revision = self.state().revision;
+        let sync = api
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision })
+            .await?
+            .into_inner();
+        let mut st = self.state();
+        let mut changed = false;
+        if sync.full {
+            let keep: std::collections::HashSet<&str> =
+                sync.entries.iter().map(|e| e.id.as_str()).collect();
+            let before = st.entries.len();
+            st.entries.retain(|id, _| keep.contains(id.as_str()));
+            changed |= st.entries.len() != before;
+        }
+        for id in &sync.removed_entry_ids {
+            changed |= st.entries.remove(id).is_some();
+        }
+        for e in sync.entries {
+            let e = Entry::from(e);
+            if st.entries.get(&e.id) != Some(&e) {
+                // A changed entry (new SPIFFE ID, TTL...) needs a new SVID.
+                st.svids.remove(&e.id);
+                st.entries.insert(e.id.clone(), e);
+                changed = true;
+            }
+        }
+        st.revision = sync.revision;
+        let st = &mut *st;
+        let before = st.svids.len();
+        st.svids.retain(|id, _| st.entries.contains_key(id));
+        changed |= st.svids.len() != before;
+        Ok(changed)
+    }
+}
