@@ -8,7 +8,9 @@ use std::time::Duration;
 use continuity_common::Clock;
 
 use crate::audit::{Audit, AuditEvent};
-use crate::datastore::{AgentRecord, Applied, DataStore, Entry, StoreError, Tombstone, Write};
+use crate::datastore::{
+    AgentRecord, AgentStore, Applied, Entry, EntryStore, StoreError, Tombstone, Write,
+};
 use crate::metrics::Metrics;
 
 /// How long the previous agent SVID is still accepted after the current one was first used:
@@ -135,7 +137,8 @@ pub struct SyncResult {
 
 /// Entries and agents, indexed in memory, written through to the datastore.
 pub struct Registry {
-    store: Arc<dyn DataStore>,
+    /// Re-reads an agent record when a compare-and-set lost.
+    agents: Arc<dyn AgentStore>,
     clock: Arc<dyn Clock>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
@@ -167,27 +170,28 @@ pub fn new_uuid() -> Result<String, continuity_common::rand::RngError> {
 }
 
 impl Registry {
-    /// Loads entries, tombstones and agents from the datastore; admin writes are audited in
-    /// `audit` (in the same transaction), agent forks counted in `metrics`.
+    /// Loads entries and tombstones from `entries` and agents from `agents`; admin writes are
+    /// audited in `audit` (in the same transaction), agent forks counted in `metrics`.
     pub async fn load(
-        store: Arc<dyn DataStore>,
+        entries: &dyn EntryStore,
+        agents: Arc<dyn AgentStore>,
         clock: Arc<dyn Clock>,
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, RegistryError> {
         let mut index = Index::default();
-        for e in store.list_entries().await? {
+        for e in entries.list_entries().await? {
             index.insert(e);
         }
-        for t in store.list_tombstones().await? {
+        for t in entries.list_tombstones().await? {
             index.tombstone(t);
         }
-        index.revision = index.revision.max(store.entry_revision().await?);
-        for a in store.list_agents().await? {
+        index.revision = index.revision.max(entries.entry_revision().await?);
+        for a in agents.list_agents().await? {
             index.agents.insert(a.spiffe_id.clone(), a);
         }
         Ok(Self {
-            store,
+            agents,
             clock,
             audit,
             metrics,
@@ -434,7 +438,7 @@ impl Registry {
                 }
                 Err(StoreError::Conflict(_)) if attempt < AGENT_CAS_ATTEMPTS => {
                     tracing::debug!(agent = %id, "agent record changed since it was read; reading it again");
-                    current = self.store.get_agent(id).await?;
+                    current = self.agents.get_agent(id).await?;
                     self.refresh_agent(id, current.clone());
                     change = f(current.as_ref())?;
                 }

@@ -18,7 +18,7 @@ use super::agent::token_hash;
 use super::{agent_to_proto, bundle_to_proto, entry_to_proto, registry_status};
 use crate::audit::AuditEvent;
 use crate::ca::CaManager;
-use crate::datastore::{DataStore, Entry, JoinToken, Write};
+use crate::datastore::{Entry, JoinToken, JoinTokenStore, Write};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -36,8 +36,8 @@ pub struct AdminService {
     pub registry: Arc<Registry>,
     /// CA (bundle).
     pub ca: Arc<CaManager>,
-    /// Datastore (tokens).
-    pub store: Arc<dyn DataStore>,
+    /// Join tokens (new tokens are written through the audited commit).
+    pub store: Arc<dyn JoinTokenStore>,
     /// Time.
     pub clock: Arc<dyn Clock>,
     /// Counters.

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::tls::PeerCerts;
 use super::{bundle_to_proto, ca_status, entry_to_proto, registry_status};
 use crate::ca::CaManager;
-use crate::datastore::{AgentRecord, DataStore};
+use crate::datastore::{AgentRecord, JoinTokenStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -55,8 +55,8 @@ pub struct AgentService {
     pub ca: Arc<CaManager>,
     /// Entries and agents.
     pub registry: Arc<Registry>,
-    /// Datastore (join tokens).
-    pub store: Arc<dyn DataStore>,
+    /// Join tokens.
+    pub store: Arc<dyn JoinTokenStore>,
     /// Time.
     pub clock: Arc<dyn Clock>,
     /// Default X509-SVID TTL (also the agent SVID TTL).
@@ -538,7 +538,7 @@ mod tests {
     use super::*;
     use crate::audit::Audit;
     use crate::ca::CaConfig;
-    use crate::datastore::SqlDataStore;
+    use crate::datastore::{AgentStore, DataStore, SqlDataStore};
     use crate::keys::{Kek, KeyError, KeyHandle, KeyManager, KeyType, MemoryKeyManager};
 
     /// Makes the next signature wait at `entered`, then at `release`.
@@ -618,6 +618,7 @@ mod tests {
     struct Fixture {
         dir: std::path::PathBuf,
         url: String,
+        store: Arc<dyn DataStore>,
         svc: AgentService,
         gate: Arc<Gate>,
         clock: Arc<ManualClock>,
@@ -650,15 +651,21 @@ mod tests {
         let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(
-            Registry::load(store.clone(), clock.clone(), audit, metrics.clone())
-                .await
-                .unwrap(),
+            Registry::load(
+                &*store,
+                store.clone(),
+                clock.clone(),
+                audit,
+                metrics.clone(),
+            )
+            .await
+            .unwrap(),
         );
         let svc = AgentService {
             trust_domain: td,
             ca,
             registry,
-            store,
+            store: store.clone(),
             clock: clock.clone(),
             x509_ttl: Duration::from_secs(3600),
             jwt_ttl: Duration::from_secs(300),
@@ -673,6 +680,7 @@ mod tests {
         Fixture {
             dir,
             url,
+            store,
             svc,
             gate,
             clock,
@@ -783,10 +791,10 @@ mod tests {
     async fn re_attesting_over_a_live_agent_is_audited_as_a_takeover() {
         let f = fixture().await;
         let (id, _) = attested(&f.svc).await;
-        let audit = f.svc.store.list_audit().await.unwrap();
+        let audit = f.store.list_audit().await.unwrap();
         assert!(!audit.iter().any(|r| r.action == "agent.takeover"));
         attested(&f.svc).await;
-        let audit = f.svc.store.list_audit().await.unwrap();
+        let audit = f.store.list_audit().await.unwrap();
         let t = audit
             .iter()
             .find(|r| r.action == "agent.takeover")
@@ -799,7 +807,6 @@ mod tests {
         f.clock.advance(Duration::from_secs(2 * 3600));
         attested(&f.svc).await;
         let n = f
-            .svc
             .store
             .list_audit()
             .await
