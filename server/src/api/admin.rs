@@ -211,7 +211,7 @@ impl EntryAdmin for AdminService {
         let entries = self.registry.entries(|e| {
             (f.spiffe_id.is_empty() || e.spiffe_id == f.spiffe_id)
                 && (f.parent_id.is_empty() || e.parent_id == f.parent_id)
-                && selectors.iter().all(|s| e.selectors.contains(s))
+                && continuity_common::selector::subset(&selectors, &e.selectors)
         });
         Ok(Response::new(ListEntriesResponse {
             entries: entries.iter().map(|e| entry_to_proto(e)).collect(),
