@@ -93,7 +93,7 @@ impl BrokerService {
         let agent =
             authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)
                 .await?;
-        self.limits.engine_call(&agent.spiffe_id)?;
+        self.limits.engine_call(agent.spiffe_id.as_str())?;
         let entry = self
             .registry
             .authorized_entry(&agent, entry_id)
@@ -111,7 +111,10 @@ impl BrokerService {
                 "entry {entry_id} is bound to Engine {engine}, not {requested}"
             )));
         }
-        Ok((engine, actor(&agent.spiffe_id, &entry.spiffe_id, w)))
+        Ok((
+            engine,
+            actor(agent.spiffe_id.as_str(), entry.spiffe_id.as_str(), w),
+        ))
     }
 }
 
@@ -275,7 +278,7 @@ impl EngineBroker for BrokerService {
             &req,
         )
         .await?;
-        self.limits.engine_call(&agent.spiffe_id)?;
+        self.limits.engine_call(agent.spiffe_id.as_str())?;
         for inc in &req.get_ref().incarnations {
             // Only entries this agent hosts, bound to an Engine, count.
             let Some(entry) = self.registry.authorized_entry(&agent, &inc.entry_id) else {
@@ -294,7 +297,7 @@ impl EngineBroker for BrokerService {
                 .record_incarnation(IncarnationModel {
                     engine,
                     entry_id: inc.entry_id.clone(),
-                    agent_id: agent.spiffe_id.clone(),
+                    agent_id: agent.spiffe_id.to_string(),
                     workload_id: w.id,
                     pid: w.pid,
                     uid: w.uid,

@@ -7,12 +7,13 @@
 //! the server keeps an in-memory index updated by its own writes (see `registry`).
 
 use async_trait::async_trait;
-use continuity_attestors::Selector;
+use continuity_common::SpiffeId;
 
 use crate::engines::model::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 mod sql;
 
+pub use crate::entry::{Entry, Tombstone};
 pub use sql::SqlDataStore;
 #[cfg(test)]
 pub(crate) use sql::scratch_sqlite;
@@ -48,37 +49,6 @@ pub enum StoreError {
     },
 }
 
-/// A registration entry as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// Stable id.
-    pub id: String,
-    /// The SPIFFE ID workloads matching this entry receive.
-    pub spiffe_id: String,
-    /// The agent (or node alias) this entry is for.
-    pub parent_id: String,
-    /// All must match the workload.
-    pub selectors: Vec<Selector>,
-    /// X509-SVID TTL in seconds; 0 = server default.
-    pub x509_svid_ttl: i32,
-    /// JWT-SVID TTL in seconds; 0 = server default.
-    pub jwt_svid_ttl: i32,
-    /// DNS SANs.
-    pub dns_names: Vec<String>,
-    /// Hint passed to workloads.
-    pub hint: String,
-    /// Whether the workload gets admin rights.
-    pub admin: bool,
-    /// Engine the entry is bound to, if any.
-    pub engine: Option<String>,
-    /// Trust domains the workload federates with.
-    pub federates_with: Vec<String>,
-    /// Revision at which the entry last changed.
-    pub revision: i64,
-    /// Creation time, Unix seconds.
-    pub created_at: i64,
-}
-
 /// A join token as stored: only a hash of the secret is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinToken {
@@ -87,7 +57,7 @@ pub struct JoinToken {
     /// Public id used in the agent ID.
     pub id: String,
     /// Optional node alias SPIFFE ID.
-    pub alias: Option<String>,
+    pub alias: Option<SpiffeId>,
     /// Expiry, Unix seconds.
     pub expires_at: i64,
 }
@@ -96,7 +66,7 @@ pub struct JoinToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
     /// The agent's SPIFFE ID.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// Node attestor type.
     pub attestation_type: String,
     /// Serial of the current agent SVID (hex).
@@ -108,7 +78,7 @@ pub struct AgentRecord {
     /// Banned agents are refused and cannot re-attest.
     pub banned: bool,
     /// Node alias from the join token.
-    pub alias: Option<String>,
+    pub alias: Option<SpiffeId>,
     /// First attestation.
     pub created_at: i64,
     /// Last authenticated call that changed state.
@@ -206,17 +176,6 @@ pub struct CaKeyRecord {
     pub not_before: i64,
     /// Validity end, Unix seconds.
     pub not_after: i64,
-}
-
-/// An entry deletion (or move to another parent), kept so incremental syncs can report it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tombstone {
-    /// The removed entry.
-    pub entry_id: String,
-    /// The parent it was removed from.
-    pub parent_id: String,
-    /// Revision of the removal.
-    pub revision: i64,
 }
 
 /// One record of the append-only, hash-chained audit log.

@@ -4,18 +4,19 @@ use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::SqlDataStore;
+use super::{SqlDataStore, id_column, optional_id_column};
 use crate::datastore::{AgentRecord, AgentStore, JoinToken, JoinTokenStore, StoreError};
 
 pub(super) fn agent_from_row(r: &AnyRow) -> Result<AgentRecord, StoreError> {
+    let row = format!("agent {:?}", r.try_get::<String, _>("spiffe_id")?);
     Ok(AgentRecord {
-        spiffe_id: r.try_get("spiffe_id")?,
+        spiffe_id: id_column(r, "spiffe_id", &row)?,
         attestation_type: r.try_get("attestation_type")?,
         serial: r.try_get("serial")?,
         previous_serial: r.try_get("previous_serial")?,
         expires_at: r.try_get("expires_at")?,
         banned: r.try_get::<i64, _>("banned")? != 0,
-        alias: r.try_get("alias")?,
+        alias: optional_id_column(r, "alias", &row)?,
         created_at: r.try_get("created_at")?,
         last_seen: r.try_get("last_seen")?,
         revision: r.try_get("revision")?,
@@ -36,13 +37,13 @@ impl SqlDataStore {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12)
              ON CONFLICT (spiffe_id) DO NOTHING RETURNING *",
         )
-        .bind(&a.spiffe_id)
+        .bind(a.spiffe_id.as_str())
         .bind(&a.attestation_type)
         .bind(&a.serial)
         .bind(&a.previous_serial)
         .bind(a.expires_at)
         .bind(a.banned as i64)
-        .bind(a.alias.clone())
+        .bind(a.alias.as_ref().map(|a| a.as_str().to_string()))
         .bind(a.created_at)
         .bind(a.last_seen)
         .bind(a.serial_first_used)
@@ -65,13 +66,13 @@ impl SqlDataStore {
              revision = revision + 1
              WHERE spiffe_id = $1 AND revision = $12 RETURNING *",
         )
-        .bind(&a.spiffe_id)
+        .bind(a.spiffe_id.as_str())
         .bind(&a.attestation_type)
         .bind(&a.serial)
         .bind(&a.previous_serial)
         .bind(a.expires_at)
         .bind(a.banned as i64)
-        .bind(a.alias.clone())
+        .bind(a.alias.as_ref().map(|a| a.as_str().to_string()))
         .bind(a.last_seen)
         .bind(a.serial_first_used)
         .bind(a.forked as i64)
@@ -119,7 +120,7 @@ impl SqlDataStore {
         )
         .bind(&t.token_hash)
         .bind(&t.id)
-        .bind(t.alias.clone())
+        .bind(t.alias.as_ref().map(|a| a.as_str().to_string()))
         .bind(t.expires_at)
         .execute(&mut *c)
         .await?;
@@ -158,10 +159,11 @@ impl JoinTokenStore for SqlDataStore {
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| {
+            let id: String = r.try_get("id")?;
             Ok(JoinToken {
                 token_hash: r.try_get("token_hash")?,
-                id: r.try_get("id")?,
-                alias: r.try_get("alias")?,
+                alias: optional_id_column(&r, "alias", &format!("join token {id}"))?,
+                id,
                 expires_at: r.try_get("expires_at")?,
             })
         })

@@ -4,14 +4,16 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, json_list, to_json};
+use super::{SqlDataStore, id_column, json_list, to_json};
 use crate::datastore::{Entry, EntryStore, StoreError, Tombstone};
 
 fn entry_from_row(r: &AnyRow) -> Result<Entry, StoreError> {
+    let id: String = r.try_get("id")?;
+    let row = format!("entry {id}");
     Ok(Entry {
-        id: r.try_get("id")?,
-        spiffe_id: r.try_get("spiffe_id")?,
-        parent_id: r.try_get("parent_id")?,
+        spiffe_id: id_column(r, "spiffe_id", &row)?,
+        parent_id: id_column(r, "parent_id", &row)?,
+        id,
         selectors: json_list(&r.try_get::<String, _>("selectors")?, "entry selectors")?,
         x509_svid_ttl: r.try_get::<i64, _>("x509_svid_ttl")? as i32,
         jwt_svid_ttl: r.try_get::<i64, _>("jwt_svid_ttl")? as i32,
@@ -41,8 +43,8 @@ impl SqlDataStore {
     ) -> Result<(), StoreError> {
         sqlx::query(ENTRY_UPSERT)
             .bind(&e.id)
-            .bind(&e.spiffe_id)
-            .bind(&e.parent_id)
+            .bind(e.spiffe_id.as_str())
+            .bind(e.parent_id.as_str())
             .bind(to_json(&e.selectors))
             .bind(e.x509_svid_ttl as i64)
             .bind(e.jwt_svid_ttl as i64)
@@ -66,7 +68,7 @@ impl SqlDataStore {
             "INSERT INTO entry_tombstones (entry_id, parent_id, revision) VALUES ($1, $2, $3)",
         )
         .bind(&t.entry_id)
-        .bind(&t.parent_id)
+        .bind(t.parent_id.as_str())
         .bind(t.revision)
         .execute(&mut **tx)
         .await?;
@@ -171,10 +173,13 @@ impl EntryStore for SqlDataStore {
         .await?;
         rows.iter()
             .map(|r| {
+                let entry_id: String = r.try_get("entry_id")?;
+                let revision: i64 = r.try_get("revision")?;
+                let row = format!("tombstone of entry {entry_id} at revision {revision}");
                 Ok(Tombstone {
-                    entry_id: r.try_get("entry_id")?,
-                    parent_id: r.try_get("parent_id")?,
-                    revision: r.try_get("revision")?,
+                    parent_id: id_column(r, "parent_id", &row)?,
+                    entry_id,
+                    revision,
                 })
             })
             .collect()

@@ -10,8 +10,9 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use sqlx::AnyPool;
-use sqlx::any::AnyPoolOptions;
+use continuity_common::SpiffeId;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
 
 use super::{Applied, StoreError, StoreHealth, Write};
 
@@ -70,6 +71,22 @@ fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
 
 fn json_list<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<Vec<T>, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// The SPIFFE ID in `column` of the row `row` names (e.g. "entry 42"): a stored value that no
+/// longer parses is [`StoreError::Corrupt`] naming the row and column, never a panic.
+fn id_column(r: &AnyRow, column: &str, row: &str) -> Result<SpiffeId, StoreError> {
+    let raw: String = r.try_get(column)?;
+    SpiffeId::new(&raw).map_err(|e| StoreError::Corrupt(format!("{row}: {column}: {e}")))
+}
+
+/// [`id_column`] for a nullable column.
+fn optional_id_column(r: &AnyRow, column: &str, row: &str) -> Result<Option<SpiffeId>, StoreError> {
+    let raw: Option<String> = r.try_get(column)?;
+    raw.map(|raw| {
+        SpiffeId::new(&raw).map_err(|e| StoreError::Corrupt(format!("{row}: {column}: {e}")))
+    })
+    .transpose()
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

@@ -1,18 +1,22 @@
 //! Unit tests of the SQL datastore.
 
 use super::*;
-use crate::datastore::{Entry, EntryStore, JoinToken, JoinTokenStore};
+use crate::datastore::{AgentStore, Entry, EntryStore, JoinToken, JoinTokenStore};
 
 async fn store() -> (SqlDataStore, std::path::PathBuf) {
     let (dir, _, store) = scratch_sqlite("ds").await;
     (store, dir)
 }
 
+fn id_of(s: &str) -> SpiffeId {
+    SpiffeId::new(s).unwrap()
+}
+
 fn entry(id: &str, parent: &str) -> Entry {
     Entry {
         id: id.into(),
-        spiffe_id: "spiffe://example.org/w".into(),
-        parent_id: parent.into(),
+        spiffe_id: id_of("spiffe://example.org/w"),
+        parent_id: id_of(parent),
         selectors: vec![continuity_attestors::Selector::raw("unix", "uid:1000")],
         x509_svid_ttl: 0,
         jwt_svid_ttl: 0,
@@ -39,9 +43,9 @@ async fn entries_revisions_and_tombstones() {
         .unwrap();
     assert!(b.revision > a.revision);
     let mut moved = b.clone();
-    moved.parent_id = "spiffe://example.org/p2".into();
+    moved.parent_id = id_of("spiffe://example.org/p2");
     let (_, t) = s.update_entry(moved).await.unwrap();
-    assert_eq!(t.unwrap().parent_id, "spiffe://example.org/p1");
+    assert_eq!(t.unwrap().parent_id.as_str(), "spiffe://example.org/p1");
     let (_, t) = s.delete_entry("a").await.unwrap();
     assert_eq!(t.entry_id, "a");
     assert_eq!(s.list_entries().await.unwrap().len(), 1);
@@ -69,5 +73,42 @@ async fn join_token_taken_once() {
     s.create_join_token(t.clone()).await.unwrap();
     assert_eq!(s.take_join_token("h").await.unwrap(), Some(t));
     assert_eq!(s.take_join_token("h").await.unwrap(), None);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_row_with_a_bad_id_is_an_error_naming_the_row() {
+    let (s, dir) = store().await;
+    s.create_entry(entry("good", "spiffe://example.org/p1"))
+        .await
+        .unwrap();
+    // Someone with write access to the datastore plants rows whose IDs do not parse.
+    sqlx::query("UPDATE entries SET parent_id = 'spiffe://example.org/../x' WHERE id = 'good'")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let e = s.list_entries().await.unwrap_err().to_string();
+    assert!(e.contains("entry good: parent_id: "), "{e}");
+    sqlx::query(
+        "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen)
+         VALUES ('spiffe://example.org/continuity/agent/x', 'join_token', 's', '', 0, 0, 'not an id', 0, 0)",
+    )
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let e = s.list_agents().await.unwrap_err().to_string();
+    assert!(
+        e.contains("agent \"spiffe://example.org/continuity/agent/x\": alias: "),
+        "{e}"
+    );
+    sqlx::query("INSERT INTO entry_tombstones (entry_id, parent_id, revision) VALUES ('t', '', 7)")
+        .execute(&s.pool)
+        .await
+        .unwrap();
+    let e = s.list_tombstones().await.unwrap_err().to_string();
+    assert!(
+        e.contains("tombstone of entry t at revision 7: parent_id: "),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
