@@ -9,6 +9,7 @@
 //! - [`logging`]: `log_level` / `log_format` set-up.
 //! - [`secret`]: key bytes and PINs that are wiped on drop and redacted in `Debug`.
 //! - [`rand`]: OS randomness whose failure is an error.
+//! - [`selector`]: the selector-set match shared by agent and server.
 //! - [`ratelimit`]: per-key token buckets in a bounded table.
 //! - [`fsperm`]: socket, state and key directories opened without following symlinks and
 //!   refused when another user could have made or changed them.
@@ -29,6 +30,7 @@ pub mod lru;
 pub mod rand;
 pub mod ratelimit;
 pub mod secret;
+pub mod selector;
 pub mod spiffe_id;
 pub mod tls;
 pub mod x509;

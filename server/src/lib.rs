@@ -5,7 +5,8 @@
 //! agent API over TLS 1.3 and the admin API on a private Unix socket.
 //!
 //! Modules, top-down: [`config`] → [`server`] (wiring) → [`api`] (edges) → [`registry`]
-//! (in-memory index) / [`ca`] (authority) → [`datastore`] / [`keys`] (persistence).
+//! (in-memory index) / [`ca`] (authority) → [`datastore`] / [`keys`] (persistence); [`entry`]
+//! holds the registration entry and its rules, below all of them.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod engines;
+pub mod entry;
 pub mod keys;
 pub mod metrics;
 pub mod model;

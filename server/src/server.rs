@@ -158,9 +158,15 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let audit = crate::audit::Audit::load(store.clone(), clock.clone()).await?;
     let registry = Arc::new(
-        Registry::load(store.clone(), clock.clone(), audit.clone(), metrics.clone())
-            .await?
-            .with_previous_svid_grace(cfg.previous_svid_grace),
+        Registry::load(
+            &*store,
+            store.clone(),
+            clock.clone(),
+            audit.clone(),
+            metrics.clone(),
+        )
+        .await?
+        .with_previous_svid_grace(cfg.previous_svid_grace),
     );
     let engines = Engines::load(
         cfg.trust_domain.clone(),

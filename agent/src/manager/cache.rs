@@ -57,7 +57,7 @@ impl Identity {
     /// Whether a workload with `selectors` may have this identity (all of the entry's selectors
     /// are among the workload's).
     pub fn matches(&self, selectors: &HashSet<Selector>) -> bool {
-        !self.selectors.is_empty() && self.selectors.iter().all(|s| selectors.contains(s))
+        continuity_common::selector::matches(&self.selectors, selectors)
     }
 }
 

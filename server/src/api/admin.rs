@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use continuity_attestors::Selector;
-use continuity_common::{Clock, SpiffeId, TrustDomain};
+use continuity_common::{Clock, TrustDomain};
 use continuity_proto::admin::agent_admin_server::AgentAdmin;
 use continuity_proto::admin::bundle_admin_server::BundleAdmin;
 use continuity_proto::admin::entry_admin_server::EntryAdmin;
@@ -18,7 +18,8 @@ use super::agent::token_hash;
 use super::{agent_to_proto, bundle_to_proto, entry_to_proto, registry_status};
 use crate::audit::AuditEvent;
 use crate::ca::CaManager;
-use crate::datastore::{DataStore, Entry, JoinToken, Write};
+use crate::datastore::{JoinToken, JoinTokenStore, Write};
+use crate::entry::{Entry, EntryError, EntryFilter, EntryRequest, id_in_domain};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -36,8 +37,8 @@ pub struct AdminService {
     pub registry: Arc<Registry>,
     /// CA (bundle).
     pub ca: Arc<CaManager>,
-    /// Datastore (tokens).
-    pub store: Arc<dyn DataStore>,
+    /// Join tokens (new tokens are written through the audited commit).
+    pub store: Arc<dyn JoinTokenStore>,
     /// Time.
     pub clock: Arc<dyn Clock>,
     /// Counters.
@@ -71,95 +72,42 @@ impl AdminService {
         Ok(format!("admin uid {uid}"))
     }
 
-    fn id_in_domain(&self, field: &str, value: &str) -> Result<SpiffeId, Status> {
-        let id =
-            SpiffeId::new(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
-        if id.trust_domain() != self.trust_domain {
-            return Err(Status::invalid_argument(format!(
-                "{field}: {id} is not in trust domain {}",
-                self.trust_domain
-            )));
-        }
-        Ok(id)
-    }
-
-    /// Validates a wire entry into a stored one (id and revision are left for the registry).
+    /// Validates a wire entry into a stored one by the domain rules (id and revision are left
+    /// for the registry).
     fn validate(&self, e: types::Entry) -> Result<Entry, Status> {
-        let spiffe_id = self.id_in_domain("spiffe_id", &e.spiffe_id)?;
-        if spiffe_id.path().is_empty() {
-            return Err(Status::invalid_argument(
-                "spiffe_id: a workload ID needs a path",
-            ));
-        }
-        if spiffe_id.path().starts_with("/continuity/") {
-            return Err(Status::invalid_argument(format!(
-                "spiffe_id: {spiffe_id} is under /continuity/, which is reserved for agents and the server"
-            )));
-        }
-        let parent_id = self.id_in_domain("parent_id", &e.parent_id)?;
-        if e.selectors.is_empty() {
-            return Err(Status::invalid_argument(
-                "at least one selector is required (e.g. unix:uid:1000)",
-            ));
-        }
-        let selectors = e
+        entry_request(e)
+            .validate(&self.trust_domain, |name| self.engines.engine(name).is_ok())
+            .map_err(entry_status)
+    }
+}
+
+/// The domain's view of a wire entry: the same strings, not yet checked.
+fn entry_request(e: types::Entry) -> EntryRequest {
+    EntryRequest {
+        id: e.id,
+        spiffe_id: e.spiffe_id,
+        parent_id: e.parent_id,
+        selectors: e
             .selectors
-            .iter()
-            .map(|s| {
-                Selector::new(&s.r#type, &s.value)
-                    .map_err(|err| Status::invalid_argument(err.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if e.x509_svid_ttl < 0 || e.jwt_svid_ttl < 0 {
-            return Err(Status::invalid_argument("SVID TTLs must not be negative"));
-        }
-        for d in &e.dns_names {
-            let ok = !d.is_empty()
-                && d.len() <= 253
-                && d.split('.').enumerate().all(|(i, l)| {
-                    (i == 0 && l == "*")
-                        || (!l.is_empty()
-                            && l.len() <= 63
-                            && !l.starts_with('-')
-                            && !l.ends_with('-')
-                            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-                });
-            if !ok {
-                return Err(Status::invalid_argument(format!(
-                    "dns_name {d:?} is not a valid DNS name"
-                )));
-            }
-        }
-        for td in &e.federates_with {
-            TrustDomain::new(td)
-                .map_err(|err| Status::invalid_argument(format!("federates_with: {err}")))?;
-        }
-        let engine = match e.engine.as_str() {
-            "" => None,
-            name => {
-                self.engines.engine(name).map_err(|_| {
-                    Status::not_found(format!(
-                        "engine {name:?} does not exist; create it with `engine create`"
-                    ))
-                })?;
-                Some(name.to_string())
-            }
-        };
-        Ok(Entry {
-            id: e.id,
-            spiffe_id: spiffe_id.to_string(),
-            parent_id: parent_id.to_string(),
-            selectors,
-            x509_svid_ttl: e.x509_svid_ttl,
-            jwt_svid_ttl: e.jwt_svid_ttl,
-            dns_names: e.dns_names,
-            hint: e.hint,
-            admin: e.admin,
-            engine,
-            federates_with: e.federates_with,
-            revision: 0,
-            created_at: 0,
-        })
+            .into_iter()
+            .map(|s| (s.r#type, s.value))
+            .collect(),
+        x509_svid_ttl: e.x509_svid_ttl,
+        jwt_svid_ttl: e.jwt_svid_ttl,
+        dns_names: e.dns_names,
+        hint: e.hint,
+        admin: e.admin,
+        engine: e.engine,
+        federates_with: e.federates_with,
+    }
+}
+
+/// Maps a refused entry to its gRPC status: a missing Engine is NotFound, the rest
+/// InvalidArgument.
+fn entry_status(e: EntryError) -> Status {
+    match e {
+        EntryError::NoSuchEngine(_) => Status::not_found(e.to_string()),
+        other => Status::invalid_argument(other.to_string()),
     }
 }
 
@@ -203,16 +151,16 @@ impl EntryAdmin for AdminService {
     ) -> Result<Response<ListEntriesResponse>, Status> {
         self.authorize(&req)?;
         let f = req.into_inner();
-        let selectors: Vec<Selector> = f
-            .selectors
-            .iter()
-            .map(|s| Selector::raw(&s.r#type, s.value.clone()))
-            .collect();
-        let entries = self.registry.entries(|e| {
-            (f.spiffe_id.is_empty() || e.spiffe_id == f.spiffe_id)
-                && (f.parent_id.is_empty() || e.parent_id == f.parent_id)
-                && selectors.iter().all(|s| e.selectors.contains(s))
-        });
+        let filter = EntryFilter {
+            selectors: f
+                .selectors
+                .iter()
+                .map(|s| Selector::raw(&s.r#type, s.value.clone()))
+                .collect(),
+            spiffe_id: f.spiffe_id,
+            parent_id: f.parent_id,
+        };
+        let entries = self.registry.entries(|e| filter.matches(e));
         Ok(Response::new(ListEntriesResponse {
             entries: entries.iter().map(|e| entry_to_proto(e)).collect(),
         }))
@@ -275,7 +223,7 @@ impl TokenAdmin for AdminService {
         };
         let alias = match r.spiffe_id.as_str() {
             "" => None,
-            s => Some(self.id_in_domain("spiffe_id", s)?.to_string()),
+            s => Some(id_in_domain(&self.trust_domain, "spiffe_id", s).map_err(entry_status)?),
         };
         let rng = |e: continuity_common::rand::RngError| Status::unavailable(e.to_string());
         let token = crate::registry::new_uuid().map_err(rng)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use continuity_attestors::join_token;
-use continuity_common::{Clock, TrustDomain};
+use continuity_common::{Clock, SpiffeId, TrustDomain};
 use continuity_proto::agent::agent_api_server::AgentApi;
 use continuity_proto::agent::{
     AttestAgentRequest, AttestAgentResponse, BatchNewX509svidRequest, BatchNewX509svidResponse,
@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::tls::PeerCerts;
 use super::{bundle_to_proto, ca_status, entry_to_proto, registry_status};
 use crate::ca::CaManager;
-use crate::datastore::{AgentRecord, DataStore};
+use crate::datastore::{AgentRecord, JoinTokenStore};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 
@@ -55,8 +55,8 @@ pub struct AgentService {
     pub ca: Arc<CaManager>,
     /// Entries and agents.
     pub registry: Arc<Registry>,
-    /// Datastore (join tokens).
-    pub store: Arc<dyn DataStore>,
+    /// Join tokens.
+    pub store: Arc<dyn JoinTokenStore>,
     /// Time.
     pub clock: Arc<dyn Clock>,
     /// Default X509-SVID TTL (also the agent SVID TTL).
@@ -130,7 +130,7 @@ async fn authenticate_serial<T>(
         ));
     }
     let (agent, _) = registry
-        .authenticate_agent(id.as_str(), &serial)
+        .authenticate_agent(&id, &serial)
         .await
         .map_err(registry_status)?;
     Ok((agent, serial))
@@ -181,7 +181,6 @@ impl AgentService {
             .trust_domain
             .id(&join_token::agent_path(&record.id))
             .map_err(|e| Status::internal(e.to_string()))?;
-        let agent_id = agent_id.to_string();
         let response = self
             .issue_agent(&agent_id, join_token::ATTESTOR_TYPE, record.alias, csr)
             .await?;
@@ -193,18 +192,18 @@ impl AgentService {
     /// from the CSR, records (or refreshes) the agent, and answers with SVID and bundle.
     async fn issue_agent(
         &self,
-        agent_id: &str,
+        agent_id: &SpiffeId,
         attestation_type: &str,
-        alias: Option<String>,
+        alias: Option<SpiffeId>,
         csr: Vec<u8>,
     ) -> Result<AttestAgentResponse, Status> {
-        let existing = self.registry.agent(agent_id);
+        let existing = self.registry.agent(agent_id.as_str());
         if existing.as_ref().is_some_and(|a| a.banned) {
             return Err(Status::permission_denied(format!(
                 "agent {agent_id} is banned"
             )));
         }
-        let svid = self.sign_agent_svid(agent_id, csr).await?;
+        let svid = self.sign_agent_svid(agent_id.as_str(), csr).await?;
         let now = self.clock.unix();
         let serial =
             continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
@@ -214,7 +213,7 @@ impl AgentService {
             .attest_agent(
                 existing,
                 AgentRecord {
-                    spiffe_id: agent_id.to_string(),
+                    spiffe_id: agent_id.clone(),
                     attestation_type: attestation_type.into(),
                     serial,
                     previous_serial: String::new(),
@@ -235,7 +234,7 @@ impl AgentService {
         Ok(AttestAgentResponse {
             step: Some(attest_agent_response::Step::Result(
                 attest_agent_response::Result {
-                    svid: Some(x509_svid(agent_id, svid)),
+                    svid: Some(x509_svid(agent_id.as_str(), svid)),
                     bundle: Some(bundle_to_proto(&self.ca.bundle())),
                 },
             )),
@@ -262,7 +261,6 @@ impl AgentService {
             .trust_domain
             .id(&a.agent_path())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let agent_id = agent_id.to_string();
         let response = self
             .issue_agent(
                 &agent_id,
@@ -306,7 +304,7 @@ impl AgentService {
                     _ => self.x509_ttl,
                 };
                 match self.ca.sign_x509_svid_from_csr(
-                    &entry.spiffe_id,
+                    entry.spiffe_id.as_str(),
                     &p.csr,
                     ttl,
                     &entry.dns_names,
@@ -317,7 +315,7 @@ impl AgentService {
                             code: 0,
                             message: String::new(),
                         }),
-                        svid: Some(x509_svid(&entry.spiffe_id, svid)),
+                        svid: Some(x509_svid(entry.spiffe_id.as_str(), svid)),
                     },
                     Err(e @ crate::ca::CaError::Csr(_)) => {
                         fail(tonic::Code::InvalidArgument, e.to_string())
@@ -401,9 +399,11 @@ impl AgentApi for AgentService {
             &req,
         )
         .await?;
-        self.limits.sign(&agent.spiffe_id, 1)?;
+        self.limits.sign(agent.spiffe_id.as_str(), 1)?;
         let id = agent.spiffe_id.clone();
-        let svid = self.sign_agent_svid(&id, req.into_inner().csr).await?;
+        let svid = self
+            .sign_agent_svid(id.as_str(), req.into_inner().csr)
+            .await?;
         let serial =
             continuity_common::x509::serial_hex(&svid.cert_der).map_err(Status::internal)?;
         // A compare-and-set on the record read before signing: a ban or eviction that landed
@@ -413,7 +413,7 @@ impl AgentApi for AgentService {
             .await
             .map_err(registry_status)?;
         Ok(Response::new(RenewAgentResponse {
-            svid: Some(x509_svid(&id, svid)),
+            svid: Some(x509_svid(id.as_str(), svid)),
         }))
     }
 
@@ -443,7 +443,7 @@ impl AgentApi for AgentService {
                 params.len()
             )));
         }
-        self.limits.sign(&agent.spiffe_id, params.len())?;
+        self.limits.sign(agent.spiffe_id.as_str(), params.len())?;
         // Signing may touch an HSM and is CPU-bound: split the batch across blocking threads.
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -476,7 +476,7 @@ impl AgentApi for AgentService {
         req: Request<NewJwtsvidRequest>,
     ) -> Result<Response<NewJwtsvidResponse>, Status> {
         let agent = self.authenticate(&req).await?;
-        self.limits.sign(&agent.spiffe_id, 1)?;
+        self.limits.sign(agent.spiffe_id.as_str(), 1)?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.audience.iter().any(|a| a.is_empty()) {
             return Err(Status::invalid_argument(
@@ -498,13 +498,13 @@ impl AgentApi for AgentService {
         };
         let (ca, sub, aud) = (self.ca.clone(), entry.spiffe_id.clone(), r.audience);
         let (token, expires_at) =
-            tokio::task::spawn_blocking(move || ca.sign_jwt_svid(&sub, &aud, ttl))
+            tokio::task::spawn_blocking(move || ca.sign_jwt_svid(sub.as_str(), &aud, ttl))
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(ca_status)?;
         self.metrics.inc(&self.metrics.jwt_svids_signed);
         Ok(Response::new(NewJwtsvidResponse {
-            spiffe_id: entry.spiffe_id.clone(),
+            spiffe_id: entry.spiffe_id.to_string(),
             token,
             issued_at: self.clock.unix(),
             expires_at,
@@ -538,7 +538,7 @@ mod tests {
     use super::*;
     use crate::audit::Audit;
     use crate::ca::CaConfig;
-    use crate::datastore::SqlDataStore;
+    use crate::datastore::{AgentStore, DataStore, SqlDataStore};
     use crate::keys::{Kek, KeyError, KeyHandle, KeyManager, KeyType, MemoryKeyManager};
 
     /// Makes the next signature wait at `entered`, then at `release`.
@@ -618,6 +618,7 @@ mod tests {
     struct Fixture {
         dir: std::path::PathBuf,
         url: String,
+        store: Arc<dyn DataStore>,
         svc: AgentService,
         gate: Arc<Gate>,
         clock: Arc<ManualClock>,
@@ -650,15 +651,21 @@ mod tests {
         let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(
-            Registry::load(store.clone(), clock.clone(), audit, metrics.clone())
-                .await
-                .unwrap(),
+            Registry::load(
+                &*store,
+                store.clone(),
+                clock.clone(),
+                audit,
+                metrics.clone(),
+            )
+            .await
+            .unwrap(),
         );
         let svc = AgentService {
             trust_domain: td,
             ca,
             registry,
-            store,
+            store: store.clone(),
             clock: clock.clone(),
             x509_ttl: Duration::from_secs(3600),
             jwt_ttl: Duration::from_secs(300),
@@ -673,6 +680,7 @@ mod tests {
         Fixture {
             dir,
             url,
+            store,
             svc,
             gate,
             clock,
@@ -692,7 +700,12 @@ mod tests {
     async fn attested(svc: &AgentService) -> (String, Vec<u8>) {
         let id = "spiffe://example.org/continuity/agent/join_token/race";
         let r = svc
-            .issue_agent(id, join_token::ATTESTOR_TYPE, None, csr())
+            .issue_agent(
+                &SpiffeId::new(id).unwrap(),
+                join_token::ATTESTOR_TYPE,
+                None,
+                csr(),
+            )
             .await
             .unwrap();
         let Some(attest_agent_response::Step::Result(r)) = r.step else {
@@ -783,10 +796,10 @@ mod tests {
     async fn re_attesting_over_a_live_agent_is_audited_as_a_takeover() {
         let f = fixture().await;
         let (id, _) = attested(&f.svc).await;
-        let audit = f.svc.store.list_audit().await.unwrap();
+        let audit = f.store.list_audit().await.unwrap();
         assert!(!audit.iter().any(|r| r.action == "agent.takeover"));
         attested(&f.svc).await;
-        let audit = f.svc.store.list_audit().await.unwrap();
+        let audit = f.store.list_audit().await.unwrap();
         let t = audit
             .iter()
             .find(|r| r.action == "agent.takeover")
@@ -799,7 +812,6 @@ mod tests {
         f.clock.advance(Duration::from_secs(2 * 3600));
         attested(&f.svc).await;
         let n = f
-            .svc
             .store
             .list_audit()
             .await
@@ -818,8 +830,13 @@ mod tests {
         let svc = f.svc.clone();
         let target = id.clone();
         let attest = tokio::spawn(async move {
-            svc.issue_agent(&target, join_token::ATTESTOR_TYPE, None, csr())
-                .await
+            svc.issue_agent(
+                &SpiffeId::new(&target).unwrap(),
+                join_token::ATTESTOR_TYPE,
+                None,
+                csr(),
+            )
+            .await
         });
         let gate = f.gate.clone();
         tokio::task::spawn_blocking(move || gate.entered.wait())

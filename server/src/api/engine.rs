@@ -114,7 +114,7 @@ impl BrokerService {
         let agent =
             authenticate_agent(&self.trust_domain, &self.registry, self.clock.as_ref(), req)
                 .await?;
-        self.limits.engine_call(&agent.spiffe_id)?;
+        self.limits.engine_call(agent.spiffe_id.as_str())?;
         let entry = self
             .registry
             .authorized_entry(&agent, entry_id)
@@ -132,7 +132,10 @@ impl BrokerService {
                 "entry {entry_id} is bound to Engine {engine}, not {requested}"
             )));
         }
-        Ok((engine, actor(&agent.spiffe_id, &entry.spiffe_id, w)))
+        Ok((
+            engine,
+            actor(agent.spiffe_id.as_str(), entry.spiffe_id.as_str(), w),
+        ))
     }
 }
 
@@ -274,7 +277,7 @@ impl EngineBroker for BrokerService {
             &req,
         )
         .await?;
-        self.limits.engine_call(&agent.spiffe_id)?;
+        self.limits.engine_call(agent.spiffe_id.as_str())?;
         for inc in &req.get_ref().incarnations {
             // Only entries this agent hosts, bound to an Engine, count.
             let Some(entry) = self.registry.authorized_entry(&agent, &inc.entry_id) else {
@@ -285,7 +288,7 @@ impl EngineBroker for BrokerService {
             };
             let seen = self.engines.sighting_time(inc.seen_at);
             self.engines
-                .record_incarnation(incarnation(engine, &agent.spiffe_id, inc, seen))
+                .record_incarnation(incarnation(engine, agent.spiffe_id.as_str(), inc, seen))
                 .await
                 .map_err(engine_status)?;
         }

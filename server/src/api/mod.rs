@@ -38,8 +38,8 @@ pub fn bundle_to_proto(b: &Bundle) -> types::Bundle {
 pub fn entry_to_proto(e: &Entry) -> types::Entry {
     types::Entry {
         id: e.id.clone(),
-        spiffe_id: e.spiffe_id.clone(),
-        parent_id: e.parent_id.clone(),
+        spiffe_id: e.spiffe_id.to_string(),
+        parent_id: e.parent_id.to_string(),
         selectors: e
             .selectors
             .iter()
@@ -63,12 +63,16 @@ pub fn entry_to_proto(e: &Entry) -> types::Entry {
 /// The wire form of an agent.
 pub fn agent_to_proto(a: &AgentRecord) -> types::Agent {
     types::Agent {
-        spiffe_id: a.spiffe_id.clone(),
+        spiffe_id: a.spiffe_id.to_string(),
         attestation_type: a.attestation_type.clone(),
         serial_number: a.serial.clone(),
         expires_at: a.expires_at,
         banned: a.banned,
-        alias: a.alias.clone().unwrap_or_default(),
+        alias: a
+            .alias
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         created_at: a.created_at,
         last_seen: a.last_seen,
         selectors: vec![],

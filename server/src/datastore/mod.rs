@@ -1,16 +1,19 @@
 //! Persistence: entries, join tokens, attested agents, CA key metadata and bundle sequence.
 //!
-//! One trait, [`DataStore`]; [`SqlDataStore`] implements it over sqlx's `Any` driver so the same
-//! SQL serves SQLite (the embedded default) and PostgreSQL. Reads on hot paths never come here:
+//! One narrow trait per consumer ([`EntryStore`], [`AgentStore`], [`JoinTokenStore`],
+//! [`CaStore`], [`EngineStore`], [`AuditStore`], [`StoreHealth`]) and their union
+//! [`DataStore`]; [`SqlDataStore`] implements them over sqlx's `Any` driver so the same SQL
+//! serves SQLite (the embedded default) and PostgreSQL. Reads on hot paths never come here:
 //! the server keeps an in-memory index updated by its own writes (see `registry`).
 
 use async_trait::async_trait;
-use continuity_attestors::Selector;
+use continuity_common::SpiffeId;
 
 use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 mod sql;
 
+pub use crate::entry::{Entry, Tombstone};
 pub use sql::SqlDataStore;
 #[cfg(test)]
 pub(crate) use sql::scratch_sqlite;
@@ -46,37 +49,6 @@ pub enum StoreError {
     },
 }
 
-/// A registration entry as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// Stable id.
-    pub id: String,
-    /// The SPIFFE ID workloads matching this entry receive.
-    pub spiffe_id: String,
-    /// The agent (or node alias) this entry is for.
-    pub parent_id: String,
-    /// All must match the workload.
-    pub selectors: Vec<Selector>,
-    /// X509-SVID TTL in seconds; 0 = server default.
-    pub x509_svid_ttl: i32,
-    /// JWT-SVID TTL in seconds; 0 = server default.
-    pub jwt_svid_ttl: i32,
-    /// DNS SANs.
-    pub dns_names: Vec<String>,
-    /// Hint passed to workloads.
-    pub hint: String,
-    /// Whether the workload gets admin rights.
-    pub admin: bool,
-    /// Engine the entry is bound to, if any.
-    pub engine: Option<String>,
-    /// Trust domains the workload federates with.
-    pub federates_with: Vec<String>,
-    /// Revision at which the entry last changed.
-    pub revision: i64,
-    /// Creation time, Unix seconds.
-    pub created_at: i64,
-}
-
 /// A join token as stored: only a hash of the secret is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinToken {
@@ -85,7 +57,7 @@ pub struct JoinToken {
     /// Public id used in the agent ID.
     pub id: String,
     /// Optional node alias SPIFFE ID.
-    pub alias: Option<String>,
+    pub alias: Option<SpiffeId>,
     /// Expiry, Unix seconds.
     pub expires_at: i64,
 }
@@ -94,7 +66,7 @@ pub struct JoinToken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentRecord {
     /// The agent's SPIFFE ID.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// Node attestor type.
     pub attestation_type: String,
     /// Serial of the current agent SVID (hex).
@@ -106,7 +78,7 @@ pub struct AgentRecord {
     /// Banned agents are refused and cannot re-attest.
     pub banned: bool,
     /// Node alias from the join token.
-    pub alias: Option<String>,
+    pub alias: Option<SpiffeId>,
     /// First attestation.
     pub created_at: i64,
     /// Last authenticated call that changed state.
@@ -206,17 +178,6 @@ pub struct CaKeyRecord {
     pub not_after: i64,
 }
 
-/// An entry deletion (or move to another parent), kept so incremental syncs can report it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tombstone {
-    /// The removed entry.
-    pub entry_id: String,
-    /// The parent it was removed from.
-    pub parent_id: String,
-    /// Revision of the removal.
-    pub revision: i64,
-}
-
 /// One record of the append-only, hash-chained audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -240,9 +201,10 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
-/// The persistence interface of the server.
+/// Registration entries, their tombstones and the entry revision (the registry's and the admin
+/// API's view).
 #[async_trait]
-pub trait DataStore: Send + Sync + std::fmt::Debug {
+pub trait EntryStore: Send + Sync + std::fmt::Debug {
     /// Inserts an entry; assigns its revision. Returns the stored entry.
     async fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
     /// Replaces an entry; assigns a new revision; records a tombstone if the parent changed.
@@ -255,19 +217,31 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn list_tombstones(&self) -> Result<Vec<Tombstone>, StoreError>;
     /// The current entry revision.
     async fn entry_revision(&self) -> Result<i64, StoreError>;
+}
 
+/// Attested agents (the registry's view; writes go through [`AuditStore::apply`]).
+#[async_trait]
+pub trait AgentStore: Send + Sync + std::fmt::Debug {
+    /// One agent, read from the database (not a cache).
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    /// Every agent.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+}
+
+/// Join tokens (node attestation and the pruning task).
+#[async_trait]
+pub trait JoinTokenStore: Send + Sync + std::fmt::Debug {
     /// Stores a new join token.
     async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError>;
     /// Atomically removes and returns the token with this hash (at most one caller gets it).
     async fn take_join_token(&self, token_hash: &str) -> Result<Option<JoinToken>, StoreError>;
     /// Removes tokens that expired before `now`.
     async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError>;
+}
 
-    /// One agent, read from the database (not a cache).
-    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError>;
-    /// Every agent.
-    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
-
+/// The CA's journal of key metadata and the bundle sequence number.
+#[async_trait]
+pub trait CaStore: Send + Sync + std::fmt::Debug {
     /// Inserts or replaces CA key metadata.
     async fn put_ca_key(&self, key: &CaKeyRecord) -> Result<(), StoreError>;
     /// Deletes CA key metadata.
@@ -278,9 +252,11 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn next_bundle_sequence(&self) -> Result<u64, StoreError>;
     /// The current bundle sequence number.
     async fn bundle_sequence(&self) -> Result<u64, StoreError>;
-    /// Cheap liveness query.
-    async fn ping(&self) -> Result<(), StoreError>;
+}
 
+/// Engines, their keys, key versions (with encryption reservations), secrets and incarnations.
+#[async_trait]
+pub trait EngineStore: Send + Sync + std::fmt::Debug {
     /// Inserts or replaces an Engine.
     async fn put_engine(&self, engine: &Engine) -> Result<(), StoreError>;
     /// Every Engine.
@@ -310,6 +286,11 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn upsert_incarnation(&self, inc: &Incarnation) -> Result<(), StoreError>;
     /// Incarnations of an Engine, oldest first.
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
+}
+
+/// The audit log and the audited transaction every state change goes through.
+#[async_trait]
+pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// Applies `writes` and appends `audit` (in `seq` order) in one transaction: all or none.
     /// A failed audit append is [`StoreError::Audit`].
     async fn apply(
@@ -323,4 +304,30 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError>;
     /// The `seq` of the last appended record, kept apart from the log so a deleted tail shows.
     async fn audit_head(&self) -> Result<i64, StoreError>;
+}
+
+/// Whether the datastore answers (the health endpoint's readiness).
+#[async_trait]
+pub trait StoreHealth: Send + Sync + std::fmt::Debug {
+    /// Cheap liveness query.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The whole persistence interface of the server: every narrow store at once. Code holding an
+/// `Arc<dyn DataStore>` hands each consumer the narrow trait object it needs (trait upcasting).
+pub trait DataStore:
+    EntryStore + AgentStore + JoinTokenStore + CaStore + EngineStore + AuditStore + StoreHealth
+{
+}
+
+impl<T> DataStore for T where
+    T: EntryStore
+        + AgentStore
+        + JoinTokenStore
+        + CaStore
+        + EngineStore
+        + AuditStore
+        + StoreHealth
+        + ?Sized
+{
 }

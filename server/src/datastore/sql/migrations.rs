@@ -1,0 +1,110 @@
+//! The schema, as an ordered list of migrations applied once each.
+
+use super::{SqlDataStore, StoreError};
+
+/// Schema migrations, in order; `{BLOB}` becomes the dialect's binary type.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+    "CREATE TABLE entries (
+        id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL, x509_svid_ttl BIGINT NOT NULL, jwt_svid_ttl BIGINT NOT NULL,
+        dns_names TEXT NOT NULL, hint TEXT NOT NULL, admin BIGINT NOT NULL, engine TEXT,
+        federates_with TEXT NOT NULL, revision BIGINT NOT NULL, created_at BIGINT NOT NULL);
+    CREATE INDEX entries_parent ON entries (parent_id);
+    CREATE TABLE entry_tombstones (entry_id TEXT NOT NULL, parent_id TEXT NOT NULL, revision BIGINT NOT NULL);
+    CREATE TABLE join_tokens (token_hash TEXT PRIMARY KEY, id TEXT NOT NULL, alias TEXT, expires_at BIGINT NOT NULL);
+    CREATE TABLE agents (
+        spiffe_id TEXT PRIMARY KEY, attestation_type TEXT NOT NULL, serial TEXT NOT NULL,
+        previous_serial TEXT NOT NULL, expires_at BIGINT NOT NULL, banned BIGINT NOT NULL,
+        alias TEXT, created_at BIGINT NOT NULL, last_seen BIGINT NOT NULL);
+    CREATE TABLE ca_keys (
+        key_id TEXT PRIMARY KEY, purpose TEXT NOT NULL, state TEXT NOT NULL, key_type TEXT NOT NULL,
+        cert_der {BLOB} NOT NULL, public_key {BLOB} NOT NULL, kid TEXT NOT NULL,
+        not_before BIGINT NOT NULL, not_after BIGINT NOT NULL);
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO meta (name, value) VALUES ('entry_revision', 0);
+    INSERT INTO meta (name, value) VALUES ('bundle_sequence', 0)",
+    ),
+    (
+        2,
+        "CREATE TABLE engines (
+        name TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, tier BIGINT NOT NULL, custody TEXT NOT NULL,
+        exposure_override BIGINT NOT NULL, created_at BIGINT NOT NULL);
+    CREATE TABLE engine_keys (
+        engine TEXT NOT NULL, name TEXT NOT NULL, algorithm TEXT NOT NULL, custody TEXT NOT NULL,
+        primary_version BIGINT NOT NULL, rotation_period BIGINT NOT NULL, destroy_grace BIGINT NOT NULL,
+        next_rotation_at BIGINT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (engine, name));
+    CREATE TABLE engine_key_versions (
+        engine TEXT NOT NULL, key_name TEXT NOT NULL, version BIGINT NOT NULL, state TEXT NOT NULL,
+        kid TEXT NOT NULL, public_key {BLOB} NOT NULL, sealed {BLOB}, mechanism TEXT NOT NULL,
+        hsm_id TEXT NOT NULL, created_at BIGINT NOT NULL, destroy_at BIGINT NOT NULL,
+        PRIMARY KEY (engine, key_name, version));
+    CREATE TABLE engine_secrets (
+        engine TEXT NOT NULL, name TEXT NOT NULL, version BIGINT NOT NULL, sealed {BLOB} NOT NULL,
+        mechanism TEXT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (engine, name, version));
+    CREATE TABLE incarnations (
+        engine TEXT NOT NULL, entry_id TEXT NOT NULL, agent_id TEXT NOT NULL, workload_id TEXT NOT NULL,
+        pid BIGINT NOT NULL, uid BIGINT NOT NULL, selectors TEXT NOT NULL,
+        first_seen BIGINT NOT NULL, last_seen BIGINT NOT NULL,
+        PRIMARY KEY (engine, entry_id, agent_id, workload_id));
+    CREATE TABLE audit_log (
+        seq BIGINT PRIMARY KEY, time BIGINT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL, key_version BIGINT NOT NULL, result TEXT NOT NULL,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+    INSERT INTO meta (name, value) VALUES ('audit_head', 0)",
+    ),
+    (
+        3,
+        "ALTER TABLE agents ADD COLUMN revision BIGINT NOT NULL DEFAULT 1;
+    ALTER TABLE agents ADD COLUMN serial_first_used BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN forked BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN forked_at BIGINT NOT NULL DEFAULT 0",
+    ),
+    (
+        4,
+        // Encryptions reserved per key version (AES-GCM nonce budget), in blocks, before use.
+        "ALTER TABLE engine_key_versions ADD COLUMN encryptions_reserved BIGINT NOT NULL DEFAULT 0",
+    ),
+];
+
+impl SqlDataStore {
+    pub(super) async fn migrate(&self, blob: &str) -> Result<(), StoreError> {
+        sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+            .execute(&self.pool)
+            .await?;
+        for (version, sql) in MIGRATIONS {
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(*version)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if done.is_some() {
+                continue;
+            }
+            let wrap = |source| StoreError::Migration {
+                version: *version,
+                source,
+            };
+            let mut tx = self.pool.begin().await.map_err(wrap)?;
+            for stmt in sql
+                .replace("{BLOB}", blob)
+                .split(';')
+                .filter(|s| !s.trim().is_empty())
+            {
+                sqlx::query(stmt).execute(&mut *tx).await.map_err(wrap)?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(*version)
+                .bind(continuity_common::clock::unix_seconds(
+                    std::time::SystemTime::now(),
+                ))
+                .execute(&mut *tx)
+                .await
+                .map_err(wrap)?;
+            tx.commit().await.map_err(wrap)?;
+            tracing::info!(version, "datastore schema migrated");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,358 @@
+//! The in-memory index of entries and agents, kept in step with the datastore by the writes
+//! themselves, so an agent sync or an SVID authorization never costs a database query.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use continuity_common::{Clock, SpiffeId};
+
+use crate::audit::{Audit, AuditEvent};
+use crate::datastore::{
+    AgentRecord, AgentStore, Applied, Entry, EntryStore, StoreError, Tombstone, Write,
+};
+use crate::metrics::Metrics;
+
+mod agents;
+
+pub use agents::{AgentChange, SerialUse};
+
+/// How long the previous agent SVID is still accepted after the current one was first used:
+/// calls already in flight on the agent's old channel when it switched after a renewal.
+pub const DEFAULT_PREVIOUS_SVID_GRACE: Duration = Duration::from_secs(30);
+
+/// The audit actor of what the server decides by itself.
+pub const SERVER_ACTOR: &str = "server";
+
+/// Registry failures, mapped to gRPC statuses at the API edge.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The datastore failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An identical entry already exists.
+    #[error("an entry with the same SPIFFE ID, parent ID and selectors already exists: {0}")]
+    Duplicate(String),
+    /// No such entry or agent.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// No randomness for an id.
+    #[error(transparent)]
+    Rng(#[from] continuity_common::rand::RngError),
+    /// The agent has no record (never attested, or evicted).
+    #[error("agent {0} is not attested (evicted?); attest again")]
+    NotAttested(String),
+    /// The agent is banned.
+    #[error("agent {0} is banned")]
+    Banned(String),
+    /// A superseded SVID of the agent was presented: two lineages exist.
+    #[error(
+        "agent identity forked: {0}; a superseded agent SVID was presented, so its key is held by more than one party: ban or evict it and re-attest"
+    )]
+    Forked(String),
+    /// The presented SVID may not do this.
+    #[error("{0}")]
+    Refused(String),
+    /// The agent record kept changing under a read-modify-write.
+    #[error("agent {0} changed concurrently too often; retry")]
+    Contended(String),
+}
+
+impl RegistryError {
+    fn from_store(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(m) => Self::NotFound(m),
+            other => Self::Store(other),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<String, Arc<Entry>>,
+    by_parent: HashMap<SpiffeId, BTreeSet<String>>,
+    /// Sorted by revision.
+    tombstones: Vec<Tombstone>,
+    revision: i64,
+    agents: HashMap<String, AgentRecord>,
+}
+
+impl Index {
+    fn insert(&mut self, e: Entry) {
+        self.revision = self.revision.max(e.revision);
+        self.by_parent
+            .entry(e.parent_id.clone())
+            .or_default()
+            .insert(e.id.clone());
+        self.entries.insert(e.id.clone(), Arc::new(e));
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Entry>> {
+        let old = self.entries.remove(id)?;
+        if let Some(set) = self.by_parent.get_mut(&old.parent_id) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_parent.remove(&old.parent_id);
+            }
+        }
+        Some(old)
+    }
+
+    fn tombstone(&mut self, t: Tombstone) {
+        self.revision = self.revision.max(t.revision);
+        self.tombstones.push(t);
+    }
+}
+
+/// What an agent needs to bring its entry cache up to date.
+#[derive(Debug, Clone, Default)]
+pub struct SyncResult {
+    /// Entries changed after the agent's revision (or all of them when `full`).
+    pub entries: Vec<Arc<Entry>>,
+    /// Entries the agent must drop.
+    pub removed: Vec<String>,
+    /// The revision the agent holds after applying this.
+    pub revision: i64,
+    /// Whether `entries` is the complete set.
+    pub full: bool,
+}
+
+/// Entries and agents, indexed in memory, written through to the datastore.
+pub struct Registry {
+    /// Re-reads an agent record when a compare-and-set lost.
+    agents: Arc<dyn AgentStore>,
+    clock: Arc<dyn Clock>,
+    audit: Arc<Audit>,
+    metrics: Arc<Metrics>,
+    previous_svid_grace: i64,
+    index: RwLock<Index>,
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+/// A new random id (UUID v4 form).
+pub fn new_uuid() -> Result<String, continuity_common::rand::RngError> {
+    let mut b = continuity_common::rand::array::<16>()?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+impl Registry {
+    /// Loads entries and tombstones from `entries` and agents from `agents`; admin writes are
+    /// audited in `audit` (in the same transaction), agent forks counted in `metrics`.
+    pub async fn load(
+        entries: &dyn EntryStore,
+        agents: Arc<dyn AgentStore>,
+        clock: Arc<dyn Clock>,
+        audit: Arc<Audit>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, RegistryError> {
+        let mut index = Index::default();
+        for e in entries.list_entries().await? {
+            index.insert(e);
+        }
+        for t in entries.list_tombstones().await? {
+            index.tombstone(t);
+        }
+        index.revision = index.revision.max(entries.entry_revision().await?);
+        for a in agents.list_agents().await? {
+            index.agents.insert(a.spiffe_id.to_string(), a);
+        }
+        Ok(Self {
+            agents,
+            clock,
+            audit,
+            metrics,
+            previous_svid_grace: DEFAULT_PREVIOUS_SVID_GRACE.as_secs() as i64,
+            index: RwLock::new(index),
+            writes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The same registry accepting the previous agent SVID for `grace` after the current one
+    /// was first used.
+    pub fn with_previous_svid_grace(mut self, grace: Duration) -> Self {
+        self.previous_svid_grace = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Applies one write with its audit record; nothing is applied if the audit fails.
+    async fn commit(&self, w: Write, ev: AuditEvent) -> Result<Applied, RegistryError> {
+        let mut applied = self
+            .audit
+            .commit(&[w], &[ev])
+            .await
+            .map_err(RegistryError::from_store)?;
+        applied
+            .pop()
+            .ok_or_else(|| RegistryError::Store(StoreError::Corrupt("no write result".into())))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates an entry (id and revision assigned here), audited as `actor`.
+    pub async fn create_entry(
+        &self,
+        mut e: Entry,
+        actor: &str,
+    ) -> Result<Arc<Entry>, RegistryError> {
+        let _w = self.writes.lock().await;
+        if let Some(dup) = self.find_duplicate(&e, None) {
+            return Err(RegistryError::Duplicate(dup));
+        }
+        e.id = new_uuid()?;
+        e.created_at = self.clock.unix();
+        let ev = AuditEvent::ok(actor, "entry.create", &e.id);
+        let Applied::Entry(stored, _) = self.commit(Write::CreateEntry(e), ev).await? else {
+            return Err(RegistryError::Store(StoreError::Corrupt(
+                "entry write result".into(),
+            )));
+        };
+        let arc = Arc::new(stored.clone());
+        self.write().insert(stored);
+        Ok(arc)
+    }
+
+    /// Replaces an entry, audited as `actor`.
+    pub async fn update_entry(&self, e: Entry, actor: &str) -> Result<Arc<Entry>, RegistryError> {
+        let _w = self.writes.lock().await;
+        if self.entry(&e.id).is_none() {
+            return Err(RegistryError::NotFound(format!("entry {}", e.id)));
+        }
+        if let Some(dup) = self.find_duplicate(&e, Some(&e.id)) {
+            return Err(RegistryError::Duplicate(dup));
+        }
+        let ev = AuditEvent::ok(actor, "entry.update", &e.id);
+        let Applied::Entry(stored, moved) = self.commit(Write::UpdateEntry(e), ev).await? else {
+            return Err(RegistryError::Store(StoreError::Corrupt(
+                "entry write result".into(),
+            )));
+        };
+        let arc = Arc::new(stored.clone());
+        let mut idx = self.write();
+        idx.remove(&stored.id);
+        if let Some(t) = moved {
+            idx.tombstone(t);
+        }
+        idx.insert(stored);
+        Ok(arc)
+    }
+
+    /// Deletes an entry, audited as `actor`.
+    pub async fn delete_entry(&self, id: &str, actor: &str) -> Result<Arc<Entry>, RegistryError> {
+        let _w = self.writes.lock().await;
+        if self.entry(id).is_none() {
+            return Err(RegistryError::NotFound(format!("entry {id}")));
+        }
+        let ev = AuditEvent::ok(actor, "entry.delete", id);
+        let Applied::Entry(old, t) = self.commit(Write::DeleteEntry(id.into()), ev).await? else {
+            return Err(RegistryError::Store(StoreError::Corrupt(
+                "entry write result".into(),
+            )));
+        };
+        let mut idx = self.write();
+        idx.remove(id);
+        if let Some(t) = t {
+            idx.tombstone(t);
+        }
+        Ok(Arc::new(old))
+    }
+
+    fn find_duplicate(&self, e: &Entry, except: Option<&str>) -> Option<String> {
+        let idx = self.read();
+        let ids = idx.by_parent.get(&e.parent_id)?;
+        ids.iter()
+            .filter_map(|id| idx.entries.get(id))
+            .find(|o| Some(o.id.as_str()) != except && o.same_registration(e))
+            .map(|o| o.id.clone())
+    }
+
+    /// One entry by id.
+    pub fn entry(&self, id: &str) -> Option<Arc<Entry>> {
+        self.read().entries.get(id).cloned()
+    }
+
+    /// Every entry matching the filter closure, ordered by SPIFFE ID then id.
+    pub fn entries(&self, filter: impl Fn(&Entry) -> bool) -> Vec<Arc<Entry>> {
+        let mut out: Vec<_> = self
+            .read()
+            .entries
+            .values()
+            .filter(|e| filter(e))
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
+        out
+    }
+
+    /// The parent IDs through which `agent` is authorized: itself and its node alias.
+    fn parents(agent: &AgentRecord) -> Vec<&SpiffeId> {
+        let mut p = vec![&agent.spiffe_id];
+        if let Some(a) = &agent.alias {
+            p.push(a);
+        }
+        p
+    }
+
+    /// The entry `id` if `agent` may obtain SVIDs for it.
+    pub fn authorized_entry(&self, agent: &AgentRecord, id: &str) -> Option<Arc<Entry>> {
+        let e = self.entry(id)?;
+        Self::parents(agent).contains(&&e.parent_id).then_some(e)
+    }
+
+    /// Entries authorized for `agent` that changed after `since` (everything when `since` is 0).
+    pub fn sync(&self, agent: &AgentRecord, since: i64) -> SyncResult {
+        let idx = self.read();
+        let full = since <= 0;
+        let mut out = SyncResult {
+            revision: idx.revision,
+            full,
+            ..Default::default()
+        };
+        for parent in Self::parents(agent) {
+            for id in idx.by_parent.get(parent).into_iter().flatten() {
+                if let Some(e) = idx.entries.get(id).filter(|e| full || e.revision > since) {
+                    out.entries.push(e.clone());
+                }
+            }
+            if !full {
+                let start = idx.tombstones.partition_point(|t| t.revision <= since);
+                for t in &idx.tombstones[start..] {
+                    let still_here = idx
+                        .entries
+                        .get(&t.entry_id)
+                        .is_some_and(|e| Self::parents(agent).contains(&&e.parent_id));
+                    if t.parent_id == *parent && !still_here {
+                        out.removed.push(t.entry_id.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The current entry revision.
+    pub fn revision(&self) -> i64 {
+        self.read().revision
+    }
+}
