@@ -9,6 +9,7 @@ use continuity_common::logging::LogFormat;
 use serde::Deserialize;
 
 use crate::keys::KeyType;
+pub use crate::keys::config::{FileKeyManager, KeyManagerConfig, PinSource};
 
 use continuity_common::config::invalid;
 pub use continuity_common::config::{ConfigError, FileListener};
@@ -298,54 +299,6 @@ pub struct FileDatastore {
     pub url: Option<String>,
 }
 
-/// `[key_manager]` table.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileKeyManager {
-    /// memory | disk | pkcs11.
-    pub kind: Option<String>,
-    /// PKCS#11 module path.
-    pub module: Option<PathBuf>,
-    /// PKCS#11 token label.
-    pub token_label: Option<String>,
-    /// Environment variable holding the user PIN.
-    pub pin_env: Option<String>,
-    /// File holding the user PIN.
-    pub pin_file: Option<PathBuf>,
-    /// Present only to refuse it with a helpful message: PINs never live in the config.
-    pub pin: Option<toml::Value>,
-}
-
-/// Where the user PIN of a PKCS#11 token comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PinSource {
-    /// An environment variable.
-    Env(String),
-    /// A file (trailing newline ignored).
-    File(PathBuf),
-}
-
-/// The key manager chosen by `[key_manager] kind`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyManagerConfig {
-    /// Keys in memory only; lost at restart.
-    Memory,
-    /// PKCS#8 key files (0600) under `data_dir/keys`.
-    Disk {
-        /// The key directory.
-        dir: PathBuf,
-    },
-    /// Keys generated and used inside a PKCS#11 token.
-    Pkcs11 {
-        /// The module (.so) path.
-        module: PathBuf,
-        /// The token's label.
-        token_label: String,
-        /// Where the PIN comes from.
-        pin: PinSource,
-    },
-}
-
 /// The validated server configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -488,7 +441,7 @@ impl Config {
                 data_dir.join("datastore.sqlite3").display()
             ),
         };
-        let key_manager = key_manager(f.key_manager.unwrap_or_default(), &data_dir)?;
+        let key_manager = KeyManagerConfig::from_file(f.key_manager.unwrap_or_default(), &data_dir)?;
         let previous_svid_grace = match f
             .agent_api
             .as_ref()
@@ -650,71 +603,6 @@ fn socket_addr(s: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {
 
 fn duration(v: Option<&str>, default: &str, key: &'static str) -> Result<Duration, ConfigError> {
     continuity_common::duration::parse(v.unwrap_or(default)).map_err(|m| invalid(key, m))
-}
-
-fn key_manager(k: FileKeyManager, data_dir: &Path) -> Result<KeyManagerConfig, ConfigError> {
-    if k.pin.is_some() {
-        return Err(invalid(
-            "key_manager.pin",
-            "a PIN is never read from the config file; set pin_env or pin_file instead",
-        ));
-    }
-    let kind = k.kind.as_deref().unwrap_or("disk");
-    let pkcs11_only = k.module.is_some()
-        || k.token_label.is_some()
-        || k.pin_env.is_some()
-        || k.pin_file.is_some();
-    match kind {
-        "memory" | "disk" if pkcs11_only => Err(invalid(
-            "key_manager.kind",
-            format!(
-                "module/token_label/pin_env/pin_file only apply to kind = \"pkcs11\", not {kind:?}"
-            ),
-        )),
-        "memory" => Ok(KeyManagerConfig::Memory),
-        "disk" => Ok(KeyManagerConfig::Disk {
-            dir: data_dir.join("keys"),
-        }),
-        "pkcs11" => {
-            let module = k.module.ok_or_else(|| {
-                invalid(
-                    "key_manager.module",
-                    "is required with kind = \"pkcs11\" (e.g. /usr/lib/softhsm/libsofthsm2.so)",
-                )
-            })?;
-            let token_label = k.token_label.ok_or_else(|| {
-                invalid(
-                    "key_manager.token_label",
-                    "is required with kind = \"pkcs11\"",
-                )
-            })?;
-            let pin = match (k.pin_env, k.pin_file) {
-                (Some(e), None) => PinSource::Env(e),
-                (None, Some(f)) => PinSource::File(f),
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "key_manager.pin_env",
-                        "set pin_env or pin_file, not both",
-                    ));
-                }
-                (None, None) => {
-                    return Err(invalid(
-                        "key_manager.pin_env",
-                        "pin_env or pin_file is required with kind = \"pkcs11\"",
-                    ));
-                }
-            };
-            Ok(KeyManagerConfig::Pkcs11 {
-                module,
-                token_label,
-                pin,
-            })
-        }
-        other => Err(invalid(
-            "key_manager.kind",
-            format!("{other:?} is not one of \"memory\", \"disk\", \"pkcs11\""),
-        )),
-    }
 }
 
 #[cfg(test)]
