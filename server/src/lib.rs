@@ -18,6 +18,7 @@ pub mod engines;
 pub mod keys;
 pub mod metrics;
 pub mod registry;
+pub mod scheduler;
 pub mod server;
 
 pub use config::Config;
