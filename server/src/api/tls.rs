@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use continuity_common::Clock;
 use continuity_common::tls::{SpiffeClientVerifier, TrustRoots};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -304,7 +305,7 @@ pub fn incoming(
             let Ok(peer) = tcp.peer_addr() else {
                 continue;
             };
-            let mut slot = match caps.admit(cap_key(peer.ip())) {
+            let slot = match caps.admit(cap_key(peer.ip())) {
                 Ok(s) => s,
                 Err(_) => {
                     metrics.inc(&metrics.agent_connections_refused);
@@ -312,36 +313,9 @@ pub fn incoming(
                 }
             };
             let (acceptor, conn_tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let certs = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                            .unwrap_or_default();
-                        let deadline = if Vec::is_empty(&certs) {
-                            if let Err(r) = slot.anonymous() {
-                                metrics.inc(&metrics.agent_connections_refused);
-                                tracing::debug!(%peer, reason = %r, "connection refused");
-                                return;
-                            }
-                            Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)))
-                        } else {
-                            None
-                        };
-                        let _ = conn_tx
-                            .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)), slot, deadline)))
-                            .await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => {
-                        metrics.inc(&metrics.agent_handshake_timeouts);
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                    }
-                }
-            });
+            tokio::spawn(handshake(
+                tcp, peer, slot, acceptor, limits, conn_tx, metrics,
+            ));
             if tx.is_closed() {
                 break;
             }
@@ -350,10 +324,65 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// Completes one TLS handshake within `handshake_timeout` and hands the connection to tonic;
+/// a connection without a client certificate gets the anonymous share and lifetime.
+async fn handshake(
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    mut slot: ConnSlot,
+    acceptor: TlsAcceptor,
+    limits: AcceptLimits,
+    conn_tx: tokio::sync::mpsc::Sender<io::Result<TlsConn>>,
+    metrics: Arc<Metrics>,
+) {
+    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => {
+            let certs = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let deadline = if Vec::is_empty(&certs) {
+                if let Err(r) = slot.anonymous() {
+                    metrics.inc(&metrics.agent_connections_refused);
+                    tracing::debug!(%peer, reason = %r, "connection refused");
+                    return;
+                }
+                Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)))
+            } else {
+                None
+            };
+            let _ = conn_tx
+                .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)), slot, deadline)))
+                .await;
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => {
+            metrics.inc(&metrics.agent_handshake_timeouts);
+            tracing::debug!(%peer, "TLS handshake timed out");
+        }
+    }
+}
+
 /// The server's own SVID (`spiffe://<td>/continuity/server`), swapped in place on renewal.
-#[derive(Debug)]
 pub struct ServerIdentity {
     current: RwLock<Arc<CertifiedKey>>,
+    /// When `current` expires (Unix seconds) and which X.509 CA key signed it.
+    issued: Mutex<(i64, Option<String>)>,
+    /// Held across a renewal: the CA watcher and the scheduler never renew at once.
+    renewing: tokio::sync::Mutex<()>,
+    ca: Arc<CaManager>,
+    clock: Arc<dyn Clock>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ResolvesServerCert for ServerIdentity {
@@ -393,51 +422,78 @@ fn issue(ca: &CaManager, ttl: Duration) -> Result<(Arc<CertifiedKey>, i64), TlsE
 }
 
 impl ServerIdentity {
-    /// Issues the first server SVID and keeps it fresh: renewed at half-life and whenever the
-    /// active CA changes. Also keeps `roots` equal to the bundle's X.509 authorities.
+    /// Issues the first server SVID and follows the CA: keeps `roots` equal to the bundle's
+    /// X.509 authorities and renews whenever the active CA changes. Renewal at half-life is
+    /// periodic work: schedule [`ServerIdentity::renew`] every [`ServerIdentity::renew_in`].
     pub async fn start(
         ca: Arc<CaManager>,
         roots: TrustRoots,
         ttl: Duration,
+        clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, TlsError> {
         let ca2 = ca.clone();
-        let (ck, mut expires) = tokio::task::spawn_blocking(move || issue(&ca2, ttl))
+        let (ck, expires) = tokio::task::spawn_blocking(move || issue(&ca2, ttl))
             .await
             .map_err(|e| TlsError::Issue(e.to_string()))??;
         let me = Arc::new(Self {
             current: RwLock::new(ck),
+            issued: Mutex::new((expires, ca.active_x509_key_id())),
+            renewing: tokio::sync::Mutex::new(()),
+            ca: ca.clone(),
+            clock,
+            ttl,
         });
         roots.replace(ca.bundle().x509_authorities.clone());
         let weak = Arc::downgrade(&me);
         let mut bundle_rx = ca.subscribe();
         tokio::spawn(async move {
-            let mut issued_by = ca.active_x509_key_id();
-            loop {
-                let now = continuity_common::clock::unix_seconds(std::time::SystemTime::now());
-                let half = Duration::from_secs(((expires - now) / 2).max(1) as u64);
-                tokio::select! {
-                    changed = bundle_rx.changed() => {
-                        if changed.is_err() { return; }
-                        roots.replace(bundle_rx.borrow_and_update().x509_authorities.clone());
-                        if ca.active_x509_key_id() == issued_by { continue; }
-                    }
-                    _ = tokio::time::sleep(half) => {}
-                }
+            while bundle_rx.changed().await.is_ok() {
+                roots.replace(bundle_rx.borrow_and_update().x509_authorities.clone());
                 let Some(me) = weak.upgrade() else { return };
-                let ca2 = ca.clone();
-                match tokio::task::spawn_blocking(move || issue(&ca2, ttl)).await {
-                    Ok(Ok((ck, exp))) => {
-                        *me.current.write().unwrap_or_else(|e| e.into_inner()) = ck;
-                        expires = exp;
-                        issued_by = ca.active_x509_key_id();
-                        tracing::info!("server SVID renewed");
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "server SVID renewal failed"),
-                    Err(e) => tracing::error!(error = %e, "server SVID renewal panicked"),
+                if ca.active_x509_key_id() == me.issued().1 {
+                    continue;
+                }
+                if let Err(e) = me.renew().await {
+                    tracing::error!(error = %e, "server SVID renewal failed");
                 }
             }
         });
         Ok(me)
+    }
+
+    fn issued(&self) -> (i64, Option<String>) {
+        self.issued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Half the remaining life of the current SVID by the injected clock (at least 1 s): when
+    /// the next renewal is due.
+    pub fn renew_in(&self) -> Duration {
+        let (expires, _) = self.issued();
+        Duration::from_secs(((expires - self.clock.unix()) / 2).max(1) as u64)
+    }
+
+    /// Issues a new server SVID and swaps it in. A panic of the signing task is logged here
+    /// (and the current SVID kept); a signing error is returned.
+    pub async fn renew(&self) -> Result<(), TlsError> {
+        let _one_at_a_time = self.renewing.lock().await;
+        let (ca, ttl) = (self.ca.clone(), self.ttl);
+        match tokio::task::spawn_blocking(move || issue(&ca, ttl)).await {
+            Ok(Ok((ck, exp))) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = ck;
+                *self.issued.lock().unwrap_or_else(|e| e.into_inner()) =
+                    (exp, self.ca.active_x509_key_id());
+                tracing::info!("server SVID renewed");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "server SVID renewal panicked");
+                Ok(())
+            }
+        }
     }
 
     /// A TLS 1.3-only acceptor that asks for (but does not require) agent SVIDs.
@@ -453,36 +509,5 @@ impl ServerIdentity {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn per_ip_caps_count_an_ipv6_64_as_one_peer() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(cap_key(a), cap_key(b));
-        assert_ne!(cap_key(a), cap_key(c));
-        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
-        assert_eq!(cap_key(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
-    }
-
-    #[test]
-    fn connections_without_a_certificate_hold_at_most_a_quarter() {
-        let caps = ConnCaps::new(AcceptLimits {
-            max_connections: 8,
-            max_per_ip: 8,
-            handshake_timeout: Duration::from_secs(1),
-            tcp_keepalive: Duration::from_secs(60),
-            anonymous_lifetime: Duration::from_secs(1),
-        });
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let mut slots: Vec<_> = (0..3).map(|_| caps.admit(ip).unwrap()).collect();
-        slots[0].anonymous().unwrap();
-        slots[1].anonymous().unwrap();
-        assert_eq!(slots[2].anonymous(), Err(Refused::Anonymous(2)));
-        drop(slots.remove(0));
-        slots[1].anonymous().unwrap();
-        assert_eq!(caps.open(), 2);
-    }
-}
+#[path = "tls_tests.rs"]
+mod tests;
