@@ -387,12 +387,7 @@ impl std::fmt::Debug for ServerIdentity {
 
 impl ResolvesServerCert for ServerIdentity {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        Some(self.resolve_current())
     }
 }
 
@@ -459,6 +454,14 @@ impl ServerIdentity {
             }
         });
         Ok(me)
+    }
+
+    /// The certificate handshakes are answered with right now.
+    fn resolve_current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn issued(&self) -> (i64, Option<String>) {
