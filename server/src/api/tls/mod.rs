@@ -512,5 +512,4 @@ impl ServerIdentity {
 }
 
 #[cfg(test)]
-#[path = "tls_tests.rs"]
 mod tests;
