@@ -21,6 +21,7 @@ pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod registry;
+pub mod scheduler;
 pub mod server;
 
 pub use config::Config;

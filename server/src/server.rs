@@ -1,10 +1,16 @@
-//! Wiring: datastore, key manager, CA, registry, the two gRPC listeners, health and metrics.
+//! Wiring: datastore, key manager, CA, registry, Engines, the periodic jobs, the two gRPC
+//! listeners, and the health, metrics and JWKS HTTP listeners.
+//!
+//! Each subsystem is built by its own function that returns its handle (and, for listeners,
+//! the future that serves it), so [`run`] reads as the list of them.
 
+use std::future::Future;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use continuity_common::fsperm::{FsPermError, SecureDir, secure_dir};
+use continuity_common::http::Reply;
 use continuity_common::tls::TrustRoots;
 use continuity_common::{Clock, SystemClock};
 use continuity_proto::admin::agent_admin_server::AgentAdminServer;
@@ -25,9 +31,10 @@ use crate::ca::{CaConfig, CaManager};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::engines::Engines;
-use crate::keys::{self, KeyType};
+use crate::keys::{self, KeyManager, KeyType};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::scheduler::{FailureLevel, Job, Scheduler};
 use continuity_proto::admin::audit_admin_server::AuditAdminServer;
 use continuity_proto::admin::engine_admin_server::EngineAdminServer;
 use continuity_proto::engine::engine_broker_server::EngineBrokerServer;
@@ -136,25 +143,60 @@ fn h2_limits(b: Server, max_streams: u32) -> Server {
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
 }
 
+/// The subsystems every API serves from: built once at start, shared by handle.
+struct Core {
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn DataStore>,
+    key_manager: Arc<dyn KeyManager>,
+    ca: Arc<CaManager>,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    engines: Arc<Engines>,
+}
+
+/// A gRPC server, running until shutdown is signalled.
+type Serving = std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let core = core(&cfg, Arc::new(SystemClock)).await?;
+    let roots = TrustRoots::default();
+    let identity = ServerIdentity::start(
+        core.ca.clone(),
+        roots.clone(),
+        cfg.default_x509_svid_ttl,
+        core.clock.clone(),
+    )
+    .await?;
+    let _jobs = scheduler(&core, &identity).spawn();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
+    let admin_api = admin_api(&cfg, &core, stop_rx).await?;
+    http_listeners(&cfg, &core).await?;
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        bind_address = %cfg.bind_address,
+        admin_socket = %cfg.admin_socket.display(),
+        key_manager = core.key_manager.kind(),
+        "server ready"
+    );
+    let signal = async {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    a?;
+    b?;
+    Ok(())
+}
+
+/// The data directory, datastore, key manager and CA, audit log, registry and Engines.
+async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
     let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&cfg.datastore_url).await?);
     let key_manager = keys::from_config(&cfg.key_manager)?;
-    let ca = CaManager::start(
-        CaConfig {
-            trust_domain: cfg.trust_domain.clone(),
-            x509_key_type: cfg.ca_key_type,
-            jwt_key_type: KeyType::EcP256,
-            ttl: cfg.ca_ttl,
-            jwt_issuer: cfg.jwt_issuer.clone(),
-        },
-        key_manager.clone(),
-        store.clone(),
-        clock.clone(),
-    )
-    .await?;
+    let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone()).await?;
     let metrics = Arc::new(Metrics::default());
     let audit = crate::audit::Audit::load(store.clone(), clock.clone()).await?;
     let registry = Arc::new(
@@ -177,38 +219,107 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     )
     .await?;
     engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
-    {
-        // Scheduled destruction and periodic rotation of Engine keys.
-        let engines = engines.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                if let Err(e) = engines.tick().await {
-                    tracing::error!(error = %e, "Engine key lifecycle step failed; will retry");
-                }
-            }
-        });
-    }
+    Ok(Core {
+        clock,
+        store,
+        key_manager,
+        ca,
+        metrics,
+        registry,
+        engines,
+    })
+}
 
-    // CA rotation and join-token pruning.
-    {
-        let (ca, store, clock) = (ca.clone(), store.clone(), clock.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(ca.next_check_in()).await;
-                if let Err(e) = ca.rotate().await {
-                    tracing::error!(error = %e, "CA rotation failed; will retry");
-                }
-                if let Err(e) = store.prune_join_tokens(clock.unix()).await {
-                    tracing::warn!(error = %e, "pruning expired join tokens failed");
-                }
-            }
-        });
-    }
+/// The CA: X.509 and JWT authorities kept in the key manager, records in the datastore.
+async fn authority(
+    cfg: &Config,
+    key_manager: Arc<dyn KeyManager>,
+    store: Arc<dyn DataStore>,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<CaManager>, RunError> {
+    let ca_cfg = CaConfig {
+        trust_domain: cfg.trust_domain.clone(),
+        x509_key_type: cfg.ca_key_type,
+        jwt_key_type: KeyType::EcP256,
+        ttl: cfg.ca_ttl,
+        jwt_issuer: cfg.jwt_issuer.clone(),
+    };
+    Ok(CaManager::start(ca_cfg, key_manager, store, clock).await?)
+}
 
-    let roots = TrustRoots::default();
-    let identity =
-        ServerIdentity::start(ca.clone(), roots.clone(), cfg.default_x509_svid_ttl).await?;
+/// Period of the Engine key lifecycle step (scheduled destruction, periodic rotation).
+const ENGINE_TICK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The server's periodic work: CA rotation, join-token pruning, Engine key ticks and server
+/// SVID renewal, each with jitter on the injected clock.
+fn scheduler(core: &Core, identity: &Arc<ServerIdentity>) -> Scheduler {
+    let mut s = Scheduler::new(core.clock.clone());
+    let ca = core.ca.clone();
+    s.add(Job::every(
+        "ca-rotation",
+        ca.next_check_in(),
+        "CA rotation failed; will retry",
+        move || {
+            let ca = ca.clone();
+            async move { ca.rotate().await.map(drop).map_err(Into::into) }
+        },
+    ));
+    let (store, clock) = (core.store.clone(), core.clock.clone());
+    s.add(
+        Job::every(
+            "join-token-pruning",
+            core.ca.next_check_in(),
+            "pruning expired join tokens failed",
+            move || {
+                let (store, now) = (store.clone(), clock.unix());
+                async move {
+                    store
+                        .prune_join_tokens(now)
+                        .await
+                        .map(drop)
+                        .map_err(Into::into)
+                }
+            },
+        )
+        .failures_at(FailureLevel::Warn),
+    );
+    let engines = core.engines.clone();
+    s.add(Job::every(
+        "engine-key-lifecycle",
+        ENGINE_TICK,
+        "Engine key lifecycle step failed; will retry",
+        move || {
+            let engines = engines.clone();
+            async move { engines.tick().await.map(drop).map_err(Into::into) }
+        },
+    ));
+    let (renew, due) = (identity.clone(), identity.clone());
+    s.add(Job::dynamic(
+        "server-svid-renewal",
+        move || due.renew_in(),
+        "server SVID renewal failed",
+        move || {
+            let identity = renew.clone();
+            async move { identity.renew().await.map_err(Into::into) }
+        },
+    ));
+    s
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// The agent API (AgentApi and EngineBroker over TLS 1.3): binds `bind_address` and returns
+/// the server future.
+async fn agent_api(
+    cfg: &Config,
+    core: &Core,
+    identity: &Arc<ServerIdentity>,
+    roots: TrustRoots,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Serving, RunError> {
     let acceptor = identity.acceptor(roots)?;
     let tcp = TcpListener::bind(cfg.bind_address)
         .await
@@ -216,117 +327,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             what: format!("bind_address {}", cfg.bind_address),
             source,
         })?;
-    let rate_limits = Arc::new(AgentRateLimits::new(&cfg.agent_api, metrics.clone()));
-    let agent_service = AgentService {
-        trust_domain: cfg.trust_domain.clone(),
-        ca: ca.clone(),
-        registry: registry.clone(),
-        store: store.clone(),
-        clock: clock.clone(),
-        x509_ttl: cfg.default_x509_svid_ttl,
-        jwt_ttl: cfg.default_jwt_svid_ttl,
-        metrics: metrics.clone(),
-        psat_clusters: Arc::new(continuity_attestors::k8s_psat::Validator::new(
-            cfg.psat_clusters.clone(),
-        )),
-        limits: rate_limits.clone(),
-        first_message_timeout: cfg.agent_api.first_message_timeout,
-    };
-    let broker = BrokerService {
-        trust_domain: cfg.trust_domain.clone(),
-        registry: registry.clone(),
-        engines: engines.clone(),
-        clock: clock.clone(),
-        limits: rate_limits,
-    };
-    let admin = AdminService {
-        engines: engines.clone(),
-        trust_domain: cfg.trust_domain.clone(),
-        registry,
-        ca: ca.clone(),
-        store: store.clone(),
-        clock,
-        metrics: metrics.clone(),
-        owner_uid: own_uid(),
-    };
-    let uds = bind_admin_socket(&cfg.admin_socket).await?;
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-
-    if let Some(addr) = cfg.health_address {
-        let store = store.clone();
-        continuity_common::http::serve(addr, move |path| {
-            let store = store.clone();
-            async move {
-                match path.as_str() {
-                    "/live" => (200, "text/plain", "live\n".into()),
-                    "/ready" => match store.ping().await {
-                        Ok(()) => (200, "text/plain", "ready\n".into()),
-                        Err(e) => (503, "text/plain", format!("datastore unavailable: {e}\n")),
-                    },
-                    _ => (404, "text/plain", "not found\n".into()),
-                }
-            }
-        })
-        .await
-        .map_err(|source| RunError::Bind {
-            what: format!("health.bind_address {addr}"),
-            source,
-        })?;
-    }
-    if let Some(addr) = cfg.metrics_address {
-        let metrics = metrics.clone();
-        continuity_common::http::serve(addr, move |path| {
-            let body = metrics.render();
-            async move {
-                match path.as_str() {
-                    "/metrics" => (200, "text/plain; version=0.0.4", body),
-                    _ => (404, "text/plain", "not found\n".into()),
-                }
-            }
-        })
-        .await
-        .map_err(|source| RunError::Bind {
-            what: format!("metrics.bind_address {addr}"),
-            source,
-        })?;
-    }
-
-    if let Some(addr) = cfg.jwks_address {
-        let engines = engines.clone();
-        continuity_common::http::serve(addr, move |path| {
-            let reply = match path
-                .strip_prefix("/engines/")
-                .and_then(|p| p.strip_suffix("/jwks.json"))
-            {
-                Some(name) => match engines.jwks(name) {
-                    Ok(j) => (200, "application/json", j.to_string()),
-                    Err(e) => (404, "text/plain", format!("{e}\n")),
-                },
-                None => (404, "text/plain", "GET /engines/<name>/jwks.json\n".into()),
-            };
-            async move { reply }
-        })
-        .await
-        .map_err(|source| RunError::Bind {
-            what: format!("jwks.bind_address {addr}"),
-            source,
-        })?;
-    }
-
-    tracing::info!(
-        trust_domain = %cfg.trust_domain,
-        bind_address = %cfg.bind_address,
-        admin_socket = %cfg.admin_socket.display(),
-        key_manager = key_manager.kind(),
-        "server ready"
-    );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
+    let (agent, broker) = agent_services(cfg, core);
     // Floods and slow peers (see [agent_api] in the README): connections are capped and must
     // finish TLS in time (tls::incoming); each connection has a bounded number of streams,
     // bounded headers and frames, and is dropped when it stops answering PINGs; each call has
@@ -345,14 +346,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
                 + api.first_message_timeout
                 + api.request_timeout,
         },
-        metrics.clone(),
+        core.metrics.clone(),
     );
-    let agent_api = h2_limits(Server::builder(), api.max_concurrent_streams)
+    let serving = h2_limits(Server::builder(), api.max_concurrent_streams)
         .timeout(api.request_timeout)
         .http2_keepalive_interval(Some(api.keepalive_interval))
         .http2_keepalive_timeout(Some(api.keepalive_timeout))
         .add_service(
-            AgentApiServer::new(agent_service)
+            AgentApiServer::new(agent)
                 .max_decoding_message_size(MAX_AGENT_API_REQUEST)
                 .max_encoding_message_size(MAX_AGENT_API_RESPONSE),
         )
@@ -361,9 +362,62 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
                 .max_decoding_message_size(MAX_BROKER_REQUEST)
                 .max_encoding_message_size(MAX_BROKER_RESPONSE),
         )
-        .serve_with_incoming_shutdown(incoming, wait(stop_rx.clone()));
+        .serve_with_incoming_shutdown(incoming, stopped(stop));
+    Ok(Box::pin(serving))
+}
+
+/// The two services of the agent API, sharing one set of per-agent rate limits.
+fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
+    let limits = Arc::new(AgentRateLimits::new(&cfg.agent_api, core.metrics.clone()));
+    let agent = AgentService {
+        trust_domain: cfg.trust_domain.clone(),
+        ca: core.ca.clone(),
+        registry: core.registry.clone(),
+        store: core.store.clone(),
+        clock: core.clock.clone(),
+        x509_ttl: cfg.default_x509_svid_ttl,
+        jwt_ttl: cfg.default_jwt_svid_ttl,
+        metrics: core.metrics.clone(),
+        psat_clusters: Arc::new(continuity_attestors::k8s_psat::Validator::new(
+            cfg.psat_clusters.clone(),
+        )),
+        limits: limits.clone(),
+        first_message_timeout: cfg.agent_api.first_message_timeout,
+    };
+    let broker = BrokerService {
+        trust_domain: cfg.trust_domain.clone(),
+        registry: core.registry.clone(),
+        engines: core.engines.clone(),
+        clock: core.clock.clone(),
+        limits,
+    };
+    (agent, broker)
+}
+
+/// The admin API and gRPC health on the private Unix socket: binds `admin_socket` and returns
+/// the server future.
+async fn admin_api(
+    cfg: &Config,
+    core: &Core,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Serving, RunError> {
+    let admin = AdminService {
+        engines: core.engines.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        registry: core.registry.clone(),
+        ca: core.ca.clone(),
+        store: core.store.clone(),
+        clock: core.clock.clone(),
+        metrics: core.metrics.clone(),
+        owner_uid: own_uid(),
+    };
+    let uds = bind_admin_socket(&cfg.admin_socket).await?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let m = uds::MAX_ADMIN_REQUEST;
-    let admin_api = h2_limits(Server::builder(), uds::MAX_ADMIN_STREAMS)
+    let serving = h2_limits(Server::builder(), uds::MAX_ADMIN_STREAMS)
         .timeout(uds::ADMIN_REQUEST_TIMEOUT)
         .add_service(health_service.max_decoding_message_size(m))
         .add_service(EntryAdminServer::new(admin.clone()).max_decoding_message_size(m))
@@ -374,15 +428,72 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         .add_service(AuditAdminServer::new(admin).max_decoding_message_size(m))
         .serve_with_incoming_shutdown(
             uds::incoming(uds, uds::MAX_ADMIN_CONNECTIONS),
-            wait(stop_rx),
+            stopped(stop),
         );
-    let signal = async {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
+    Ok(Box::pin(serving))
+}
+
+/// The optional HTTP listeners: health (`/live`, `/ready`), metrics and Engine JWKS.
+async fn http_listeners(cfg: &Config, core: &Core) -> Result<(), RunError> {
+    let bind = |key: &str, addr: std::net::SocketAddr| {
+        let what = format!("{key} {addr}");
+        move |source| RunError::Bind { what, source }
     };
-    let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
-    let _ = std::fs::remove_file(&cfg.admin_socket);
-    a?;
-    b?;
+    if let Some(addr) = cfg.health_address {
+        let store = core.store.clone();
+        continuity_common::http::serve(addr, move |path| health_reply(store.clone(), path))
+            .await
+            .map_err(bind("health.bind_address", addr))?;
+    }
+    if let Some(addr) = cfg.metrics_address {
+        let metrics = core.metrics.clone();
+        continuity_common::http::serve(addr, move |path| {
+            std::future::ready(metrics_reply(&metrics, &path))
+        })
+        .await
+        .map_err(bind("metrics.bind_address", addr))?;
+    }
+    if let Some(addr) = cfg.jwks_address {
+        let engines = core.engines.clone();
+        continuity_common::http::serve(addr, move |path| {
+            std::future::ready(jwks_reply(&engines, &path))
+        })
+        .await
+        .map_err(bind("jwks.bind_address", addr))?;
+    }
     Ok(())
+}
+
+/// `/live` always; `/ready` while the datastore answers.
+async fn health_reply(store: Arc<dyn DataStore>, path: String) -> Reply {
+    match path.as_str() {
+        "/live" => (200, "text/plain", "live\n".into()),
+        "/ready" => match store.ping().await {
+            Ok(()) => (200, "text/plain", "ready\n".into()),
+            Err(e) => (503, "text/plain", format!("datastore unavailable: {e}\n")),
+        },
+        _ => (404, "text/plain", "not found\n".into()),
+    }
+}
+
+/// `/metrics` in the Prometheus text format.
+fn metrics_reply(metrics: &Metrics, path: &str) -> Reply {
+    match path {
+        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
+        _ => (404, "text/plain", "not found\n".into()),
+    }
+}
+
+/// `/engines/<name>/jwks.json`: an Engine's public signing keys.
+fn jwks_reply(engines: &Engines, path: &str) -> Reply {
+    match path
+        .strip_prefix("/engines/")
+        .and_then(|p| p.strip_suffix("/jwks.json"))
+    {
+        Some(name) => match engines.jwks(name) {
+            Ok(j) => (200, "application/json", j.to_string()),
+            Err(e) => (404, "text/plain", format!("{e}\n")),
+        },
+        None => (404, "text/plain", "GET /engines/<name>/jwks.json\n".into()),
+    }
 }

@@ -12,8 +12,11 @@ use continuity_common::{Clock, TrustDomain};
 use rcgen::Issuer;
 use tokio::sync::watch;
 
+mod bundle;
 pub mod csr;
 pub mod profile;
+
+pub use bundle::{Bundle, JwtAuthority};
 
 use crate::datastore::{CaKeyRecord, CaKeyState, DataStore, KeyPurpose, StoreError};
 use crate::keys::{KeyError, KeyHandle, KeyManager, KeyType, RcgenKey};
@@ -54,52 +57,6 @@ pub struct CaConfig {
     pub ttl: Duration,
     /// `iss` claim of JWT-SVIDs.
     pub jwt_issuer: Option<String>,
-}
-
-/// A JWT signing key as published in the bundle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JwtAuthority {
-    /// `kid`.
-    pub key_id: String,
-    /// SubjectPublicKeyInfo, DER.
-    pub public_key: Vec<u8>,
-    /// Unix seconds.
-    pub expires_at: i64,
-}
-
-/// The trust bundle: every CA certificate and JWT key still needed to verify.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bundle {
-    /// The trust domain.
-    pub trust_domain: TrustDomain,
-    /// Root CA certificates, DER, oldest first.
-    pub x509_authorities: Vec<Vec<u8>>,
-    /// JWT keys, oldest first.
-    pub jwt_authorities: Vec<JwtAuthority>,
-    /// Bumped on every change.
-    pub sequence: u64,
-    /// How often relying parties should refresh, seconds.
-    pub refresh_hint: i64,
-}
-
-impl Bundle {
-    /// The SPIFFE bundle document (JWKS with x509-svid and jwt-svid keys).
-    pub fn to_spiffe_json(&self) -> Result<serde_json::Value, continuity_common::jwk::JwkError> {
-        let jwt: Vec<_> = self
-            .jwt_authorities
-            .iter()
-            .map(|k| continuity_common::jwk::JwtAuthority {
-                key_id: &k.key_id,
-                public_key: &k.public_key,
-            })
-            .collect();
-        continuity_common::jwk::spiffe_bundle(
-            &self.x509_authorities,
-            &jwt,
-            self.sequence,
-            self.refresh_hint,
-        )
-    }
 }
 
 /// An X509-SVID fresh from the CA.

@@ -37,6 +37,17 @@ fn leaf_key_spki() -> Vec<u8> {
     rcgen::PublicKeyData::subject_public_key_info(&kp)
 }
 
+/// A one-hour SVID for `spiffe://example.org/w` with a fresh key.
+fn sign_workload(ca: &CaManager) -> SignedSvid {
+    ca.sign_x509_svid(
+        "spiffe://example.org/w",
+        &leaf_key_spki(),
+        Duration::from_secs(HOUR),
+        &[],
+    )
+    .unwrap()
+}
+
 /// True if `cert` is signed by one of the bundle's CA certificates.
 fn verifies_against(bundle: &Bundle, cert: &[u8]) -> bool {
     let (_, leaf) = parse_x509_certificate(cert).unwrap();
@@ -54,14 +65,7 @@ async fn scheduled_rotation_prepare_activate_drop() {
     assert_eq!(b0.x509_authorities.len(), 1);
     assert_eq!(b0.jwt_authorities.len(), 1);
     let first_ca = ca.active_x509_key_id().unwrap();
-    let svid_before = ca
-        .sign_x509_svid(
-            "spiffe://example.org/w",
-            &leaf_key_spki(),
-            Duration::from_secs(HOUR),
-            &[],
-        )
-        .unwrap();
+    let svid_before = sign_workload(&ca);
 
     // Before half-life nothing happens.
     clock.advance(Duration::from_secs(11 * HOUR));
@@ -86,14 +90,7 @@ async fn scheduled_rotation_prepare_activate_drop() {
         2,
         "old CA stays while its SVIDs may be valid"
     );
-    let svid_after = ca
-        .sign_x509_svid(
-            "spiffe://example.org/w",
-            &leaf_key_spki(),
-            Duration::from_secs(HOUR),
-            &[],
-        )
-        .unwrap();
+    let svid_after = sign_workload(&ca);
     assert!(
         verifies_against(&b2, &svid_before.cert_der),
         "SVID from the old CA verifies during the overlap"

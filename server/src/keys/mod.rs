@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub mod config;
 mod disk;
 mod memory;
 mod pkcs11;
@@ -19,7 +20,7 @@ pub use disk::DiskKeyManager;
 pub use memory::MemoryKeyManager;
 pub use pkcs11::Pkcs11KeyManager;
 
-use crate::config::KeyManagerConfig;
+pub use config::{FileKeyManager, KeyManagerConfig, PinSource};
 
 /// A key type the CA and JWT signer can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -16,8 +16,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType};
-use crate::config::PinSource;
+use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType, PinSource};
 
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];

@@ -6,22 +6,22 @@ use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use continuity_common::tls::{SpiffeClientVerifier, TrustRoots};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-use crate::ca::CaManager;
 use crate::metrics::Metrics;
+
+mod identity;
+
+pub use identity::{ServerIdentity, TlsError};
 
 /// The certificate chain a client presented (empty before attestation).
 #[derive(Debug, Clone, Default)]
@@ -304,7 +304,7 @@ pub fn incoming(
             let Ok(peer) = tcp.peer_addr() else {
                 continue;
             };
-            let mut slot = match caps.admit(cap_key(peer.ip())) {
+            let slot = match caps.admit(cap_key(peer.ip())) {
                 Ok(s) => s,
                 Err(_) => {
                     metrics.inc(&metrics.agent_connections_refused);
@@ -312,36 +312,9 @@ pub fn incoming(
                 }
             };
             let (acceptor, conn_tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let certs = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-                            .unwrap_or_default();
-                        let deadline = if Vec::is_empty(&certs) {
-                            if let Err(r) = slot.anonymous() {
-                                metrics.inc(&metrics.agent_connections_refused);
-                                tracing::debug!(%peer, reason = %r, "connection refused");
-                                return;
-                            }
-                            Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)))
-                        } else {
-                            None
-                        };
-                        let _ = conn_tx
-                            .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)), slot, deadline)))
-                            .await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => {
-                        metrics.inc(&metrics.agent_handshake_timeouts);
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                    }
-                }
-            });
+            tokio::spawn(handshake(
+                tcp, peer, slot, acceptor, limits, conn_tx, metrics,
+            ));
             if tx.is_closed() {
                 break;
             }
@@ -350,139 +323,46 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The server's own SVID (`spiffe://<td>/continuity/server`), swapped in place on renewal.
-#[derive(Debug)]
-pub struct ServerIdentity {
-    current: RwLock<Arc<CertifiedKey>>,
-}
-
-impl ResolvesServerCert for ServerIdentity {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
-    }
-}
-
-/// Errors building the server's TLS identity.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// Signing the server SVID failed.
-    #[error("cannot issue the server SVID: {0}")]
-    Issue(String),
-    /// rustls rejected the configuration.
-    #[error("TLS configuration: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-fn issue(ca: &CaManager, ttl: Duration) -> Result<(Arc<CertifiedKey>, i64), TlsError> {
-    let kp = rcgen::KeyPair::generate().map_err(|e| TlsError::Issue(e.to_string()))?;
-    let id = format!("spiffe://{}/continuity/server", ca.trust_domain().name());
-    let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
-    let svid = ca
-        .sign_x509_svid(&id, &spki, ttl, &[])
-        .map_err(|e| TlsError::Issue(e.to_string()))?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(kp.serialize_der()));
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let signing = provider.key_provider.load_private_key(key)?;
-    let ck = CertifiedKey::new(vec![CertificateDer::from(svid.cert_der)], signing);
-    Ok((Arc::new(ck), svid.expires_at))
-}
-
-impl ServerIdentity {
-    /// Issues the first server SVID and keeps it fresh: renewed at half-life and whenever the
-    /// active CA changes. Also keeps `roots` equal to the bundle's X.509 authorities.
-    pub async fn start(
-        ca: Arc<CaManager>,
-        roots: TrustRoots,
-        ttl: Duration,
-    ) -> Result<Arc<Self>, TlsError> {
-        let ca2 = ca.clone();
-        let (ck, mut expires) = tokio::task::spawn_blocking(move || issue(&ca2, ttl))
-            .await
-            .map_err(|e| TlsError::Issue(e.to_string()))??;
-        let me = Arc::new(Self {
-            current: RwLock::new(ck),
-        });
-        roots.replace(ca.bundle().x509_authorities.clone());
-        let weak = Arc::downgrade(&me);
-        let mut bundle_rx = ca.subscribe();
-        tokio::spawn(async move {
-            let mut issued_by = ca.active_x509_key_id();
-            loop {
-                let now = continuity_common::clock::unix_seconds(std::time::SystemTime::now());
-                let half = Duration::from_secs(((expires - now) / 2).max(1) as u64);
-                tokio::select! {
-                    changed = bundle_rx.changed() => {
-                        if changed.is_err() { return; }
-                        roots.replace(bundle_rx.borrow_and_update().x509_authorities.clone());
-                        if ca.active_x509_key_id() == issued_by { continue; }
-                    }
-                    _ = tokio::time::sleep(half) => {}
+/// Completes one TLS handshake within `handshake_timeout` and hands the connection to tonic;
+/// a connection without a client certificate gets the anonymous share and lifetime.
+async fn handshake(
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+    mut slot: ConnSlot,
+    acceptor: TlsAcceptor,
+    limits: AcceptLimits,
+    conn_tx: tokio::sync::mpsc::Sender<io::Result<TlsConn>>,
+    metrics: Arc<Metrics>,
+) {
+    match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => {
+            let certs = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                .unwrap_or_default();
+            let deadline = if Vec::is_empty(&certs) {
+                if let Err(r) = slot.anonymous() {
+                    metrics.inc(&metrics.agent_connections_refused);
+                    tracing::debug!(%peer, reason = %r, "connection refused");
+                    return;
                 }
-                let Some(me) = weak.upgrade() else { return };
-                let ca2 = ca.clone();
-                match tokio::task::spawn_blocking(move || issue(&ca2, ttl)).await {
-                    Ok(Ok((ck, exp))) => {
-                        *me.current.write().unwrap_or_else(|e| e.into_inner()) = ck;
-                        expires = exp;
-                        issued_by = ca.active_x509_key_id();
-                        tracing::info!("server SVID renewed");
-                    }
-                    Ok(Err(e)) => tracing::error!(error = %e, "server SVID renewal failed"),
-                    Err(e) => tracing::error!(error = %e, "server SVID renewal panicked"),
-                }
-            }
-        });
-        Ok(me)
-    }
-
-    /// A TLS 1.3-only acceptor that asks for (but does not require) agent SVIDs.
-    pub fn acceptor(self: &Arc<Self>, roots: TrustRoots) -> Result<TlsAcceptor, TlsError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(roots)))
-            .with_cert_resolver(self.clone());
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(cfg)))
+                Some(Box::pin(tokio::time::sleep(limits.anonymous_lifetime)))
+            } else {
+                None
+            };
+            let _ = conn_tx
+                .send(Ok(TlsConn(tls, PeerCerts(Arc::new(certs)), slot, deadline)))
+                .await;
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => {
+            metrics.inc(&metrics.agent_handshake_timeouts);
+            tracing::debug!(%peer, "TLS handshake timed out");
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn per_ip_caps_count_an_ipv6_64_as_one_peer() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(cap_key(a), cap_key(b));
-        assert_ne!(cap_key(a), cap_key(c));
-        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
-        assert_eq!(cap_key(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
-    }
-
-    #[test]
-    fn connections_without_a_certificate_hold_at_most_a_quarter() {
-        let caps = ConnCaps::new(AcceptLimits {
-            max_connections: 8,
-            max_per_ip: 8,
-            handshake_timeout: Duration::from_secs(1),
-            tcp_keepalive: Duration::from_secs(60),
-            anonymous_lifetime: Duration::from_secs(1),
-        });
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let mut slots: Vec<_> = (0..3).map(|_| caps.admit(ip).unwrap()).collect();
-        slots[0].anonymous().unwrap();
-        slots[1].anonymous().unwrap();
-        assert_eq!(slots[2].anonymous(), Err(Refused::Anonymous(2)));
-        drop(slots.remove(0));
-        slots[1].anonymous().unwrap();
-        assert_eq!(caps.open(), 2);
-    }
-}
+mod tests;
