@@ -353,14 +353,30 @@ impl WorkloadHandler {
                 .iter()
                 .map(|i| X509svid {
                     spiffe_id: i.spiffe_id.clone(),
-                    x509_svid: i.x509_svid.to_vec(),
-                    x509_svid_key: i.key.expose().to_vec(),
-                    bundle: snap.bundle.x509.to_vec(),
+                    // Shared with the cache (reference counts): nothing is copied per message.
+                    x509_svid: i.x509_svid.clone(),
+                    x509_svid_key: i.key.share(),
+                    bundle: snap.bundle.x509.clone(),
                     hint: i.hint.clone(),
                 })
                 .collect(),
             crl: vec![],
             federated_bundles: HashMap::new(),
+        }
+    }
+
+    fn x509_bundles_response(snap: &Snapshot) -> X509BundlesResponse {
+        let b = &snap.bundle;
+        X509BundlesResponse {
+            crl: vec![],
+            bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.clone())]),
+        }
+    }
+
+    fn jwt_bundles_response(snap: &Snapshot) -> JwtBundlesResponse {
+        let b = &snap.bundle;
+        JwtBundlesResponse {
+            bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.clone())]),
         }
     }
 }
@@ -472,14 +488,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             return Err(no_identity());
         }
         let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            let b = &snap.bundle;
-            (
-                b.sequence,
-                X509BundlesResponse {
-                    crl: vec![],
-                    bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.to_vec())]),
-                },
-            )
+            (snap.bundle.sequence, Self::x509_bundles_response(snap))
         };
         let (k, first) = build(&snap, &[]);
         Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
@@ -545,13 +554,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             return Err(no_identity());
         }
         let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            let b = &snap.bundle;
-            (
-                b.sequence,
-                JwtBundlesResponse {
-                    bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.to_vec())]),
-                },
-            )
+            (snap.bundle.sequence, Self::jwt_bundles_response(snap))
         };
         let (k, first) = build(&snap, &[]);
         Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
@@ -654,6 +657,88 @@ mod tests {
             }
             self.running.fetch_sub(1, Ordering::SeqCst);
         }
+    }
+
+    /// A snapshot as the cache builds it: one identity with a two-certificate chain.
+    fn cached_snapshot() -> Snapshot {
+        use crate::manager::cache::{BundleState, Entry, JwtKey, PersistedState, Svid};
+        use bytes::Bytes;
+        use continuity_common::secret::SecretBytes;
+        let mut st = PersistedState {
+            bundle: BundleState {
+                trust_domain: "example.org".into(),
+                x509_authorities: vec![b"ca-1".to_vec(), b"ca-2".to_vec()],
+                jwt_authorities: vec![JwtKey {
+                    kid: "k1".into(),
+                    public_key: b"spki".to_vec(),
+                    expires_at: 10,
+                }],
+                sequence: 3,
+            },
+            ..Default::default()
+        };
+        st.entries.insert(
+            "e1".into(),
+            Entry {
+                id: "e1".into(),
+                spiffe_id: "spiffe://example.org/w".into(),
+                selectors: vec![Selector::raw("unix", "uid:0")],
+                x509_svid_ttl: 0,
+                jwt_svid_ttl: 0,
+                hint: String::new(),
+                engine: String::new(),
+                revision: 1,
+            },
+        );
+        st.svids.insert(
+            "e1".into(),
+            Svid {
+                chain: vec![Bytes::from_static(b"leaf"), Bytes::from_static(b"inter")],
+                key: SecretBytes::new(b"pkcs8-key".to_vec()),
+                expires_at: 10,
+                issued_at: 0,
+                rotate_at: 5,
+            },
+        );
+        Snapshot::build(&st, None)
+    }
+
+    #[test]
+    fn responses_share_the_cached_chain_key_and_bundle() {
+        let snap = cached_snapshot();
+        let ids = snap.identities.clone();
+        assert_eq!(ids.len(), 1);
+        let (a, b) = (
+            WorkloadHandler::x509_response(&snap, &ids),
+            WorkloadHandler::x509_response(&snap, &ids),
+        );
+        let (a, b) = (&a.svids[0], &b.svids[0]);
+        assert_eq!(&a.x509_svid[..], b"leafinter");
+        assert_eq!(&a.x509_svid_key[..], b"pkcs8-key");
+        assert_eq!(&a.bundle[..], b"ca-1ca-2");
+        // Two messages, one buffer each: the cache's (reference counts, not copies).
+        assert_eq!(a.x509_svid.as_ptr(), b.x509_svid.as_ptr());
+        assert_eq!(a.x509_svid.as_ptr(), ids[0].x509_svid.as_ptr());
+        assert_eq!(a.x509_svid_key.as_ptr(), b.x509_svid_key.as_ptr());
+        assert_eq!(a.x509_svid_key.as_ptr(), ids[0].key.expose().as_ptr());
+        assert_eq!(a.bundle.as_ptr(), b.bundle.as_ptr());
+        assert_eq!(a.bundle.as_ptr(), snap.bundle.x509.as_ptr());
+
+        let td = "spiffe://example.org";
+        let (a, b) = (
+            WorkloadHandler::x509_bundles_response(&snap),
+            WorkloadHandler::x509_bundles_response(&snap),
+        );
+        assert_eq!(a.bundles[td].as_ptr(), b.bundles[td].as_ptr());
+        assert_eq!(a.bundles[td].as_ptr(), snap.bundle.x509.as_ptr());
+
+        let (a, b) = (
+            WorkloadHandler::jwt_bundles_response(&snap),
+            WorkloadHandler::jwt_bundles_response(&snap),
+        );
+        assert!(a.bundles[td].starts_with(b"{"));
+        assert_eq!(a.bundles[td].as_ptr(), b.bundles[td].as_ptr());
+        assert_eq!(a.bundles[td].as_ptr(), snap.bundle.jwks.as_ptr());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
