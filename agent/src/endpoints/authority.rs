@@ -211,81 +211,101 @@ impl<S> AuthorityFix<S> {
             if self.backlog {
                 return Ok(());
             }
-            match self.state {
-                State::Preface(left) => {
-                    let n = left.min(self.input.len());
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    self.output.extend_from_slice(&self.input.split_to(n));
-                    self.state = if left == n {
-                        State::FrameHeader
-                    } else {
-                        State::Preface(left - n)
-                    };
-                }
-                State::Passthrough(left) => {
-                    let n = left.min(self.input.len());
-                    if n == 0 && left > 0 {
-                        return Ok(());
-                    }
-                    self.output.extend_from_slice(&self.input.split_to(n));
-                    self.state = if left == n {
-                        if std::mem::take(&mut self.completes_block) {
-                            self.activity.mark();
-                        }
-                        State::FrameHeader
-                    } else {
-                        State::Passthrough(left - n)
-                    };
-                }
-                State::FrameHeader => {
-                    if self.input.len() < FRAME_HEADER {
-                        return Ok(());
-                    }
-                    let h = &self.input[..FRAME_HEADER];
-                    let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
-                    let (kind, flags) = (h[3], h[4]);
-                    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                    if len > MAX_FRAME {
-                        return Err(Violation::FrameTooLarge(len));
-                    }
-                    if self.block.is_some() && kind != CONTINUATION {
-                        return Err(Violation::Interleaved(kind));
-                    }
-                    let headers = kind == HEADERS || (kind == CONTINUATION && self.block.is_some());
-                    if headers && self.mode != Mode::Passthrough {
-                        if self.mode == Mode::Undecided {
-                            if self.raw_block.len() + FRAME_HEADER + len > MAX_RAW_BLOCK {
-                                return Err(Violation::BlockTooLarge);
-                            }
-                            self.raw_block
-                                .extend_from_slice(&self.input[..FRAME_HEADER]);
-                        }
-                        self.input.advance(FRAME_HEADER);
-                        self.frame = (kind, flags, stream);
-                        self.state = State::HeaderPayload { remaining: len };
-                    } else {
-                        self.output
-                            .extend_from_slice(&self.input.split_to(FRAME_HEADER));
-                        self.completes_block =
-                            (kind == HEADERS || kind == CONTINUATION) && flags & END_HEADERS != 0;
-                        self.state = State::Passthrough(len);
-                    }
-                }
-                State::HeaderPayload { remaining } => {
-                    if self.input.len() < remaining {
-                        return Ok(());
-                    }
-                    let payload = self.input.split_to(remaining);
-                    self.state = State::FrameHeader;
-                    if self.mode == Mode::Undecided {
-                        self.raw_block.extend_from_slice(&payload);
-                    }
-                    self.header_frame(&payload)?;
-                }
+            let progressed = match self.state {
+                State::Preface(left) => self.preface(left),
+                State::Passthrough(left) => self.pass_payload(left),
+                State::FrameHeader => self.frame_header()?,
+                State::HeaderPayload { remaining } => self.header_payload(remaining)?,
+            };
+            if !progressed {
+                return Ok(());
             }
         }
+    }
+
+    /// Passes up to `left` bytes of the connection preface on; false when input ran out.
+    fn preface(&mut self, left: usize) -> bool {
+        let n = left.min(self.input.len());
+        if n == 0 {
+            return false;
+        }
+        self.output.extend_from_slice(&self.input.split_to(n));
+        self.state = if left == n {
+            State::FrameHeader
+        } else {
+            State::Preface(left - n)
+        };
+        true
+    }
+
+    /// Passes up to `left` bytes of a frame's payload on; false when input ran out.
+    fn pass_payload(&mut self, left: usize) -> bool {
+        let n = left.min(self.input.len());
+        if n == 0 && left > 0 {
+            return false;
+        }
+        self.output.extend_from_slice(&self.input.split_to(n));
+        self.state = if left == n {
+            if std::mem::take(&mut self.completes_block) {
+                self.activity.mark();
+            }
+            State::FrameHeader
+        } else {
+            State::Passthrough(left - n)
+        };
+        true
+    }
+
+    /// Reads a frame header and decides whether its payload is collected (a header block we
+    /// may rewrite) or passed through; false when the header is not all here yet.
+    fn frame_header(&mut self) -> Result<bool, Violation> {
+        if self.input.len() < FRAME_HEADER {
+            return Ok(false);
+        }
+        let h = &self.input[..FRAME_HEADER];
+        let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
+        let (kind, flags) = (h[3], h[4]);
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        if len > MAX_FRAME {
+            return Err(Violation::FrameTooLarge(len));
+        }
+        if self.block.is_some() && kind != CONTINUATION {
+            return Err(Violation::Interleaved(kind));
+        }
+        let headers = kind == HEADERS || (kind == CONTINUATION && self.block.is_some());
+        if headers && self.mode != Mode::Passthrough {
+            if self.mode == Mode::Undecided {
+                if self.raw_block.len() + FRAME_HEADER + len > MAX_RAW_BLOCK {
+                    return Err(Violation::BlockTooLarge);
+                }
+                self.raw_block
+                    .extend_from_slice(&self.input[..FRAME_HEADER]);
+            }
+            self.input.advance(FRAME_HEADER);
+            self.frame = (kind, flags, stream);
+            self.state = State::HeaderPayload { remaining: len };
+        } else {
+            self.output
+                .extend_from_slice(&self.input.split_to(FRAME_HEADER));
+            self.completes_block =
+                (kind == HEADERS || kind == CONTINUATION) && flags & END_HEADERS != 0;
+            self.state = State::Passthrough(len);
+        }
+        Ok(true)
+    }
+
+    /// Takes a whole header frame's payload once it is here; false until then.
+    fn header_payload(&mut self, remaining: usize) -> Result<bool, Violation> {
+        if self.input.len() < remaining {
+            return Ok(false);
+        }
+        let payload = self.input.split_to(remaining);
+        self.state = State::FrameHeader;
+        if self.mode == Mode::Undecided {
+            self.raw_block.extend_from_slice(&payload);
+        }
+        self.header_frame(&payload)?;
+        Ok(true)
     }
 
     fn header_frame(&mut self, payload: &[u8]) -> Result<(), Violation> {
