@@ -25,13 +25,15 @@
 //! an amplifier.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use self::hpack::{encode_literal, valid_authority};
+
+mod async_io;
+mod hpack;
 
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER: usize = 9;
@@ -474,101 +476,6 @@ fn bounded_decoder() -> loona_hpack::Decoder<'static> {
     let mut d = loona_hpack::Decoder::new();
     d.set_max_allowed_table_size(HEADER_TABLE_SIZE);
     d
-}
-
-/// Whether h2 would accept this `:authority`.
-fn valid_authority(v: &[u8]) -> bool {
-    http::uri::Authority::try_from(v).is_ok()
-}
-
-/// HPACK integer with an `prefix`-bit prefix, first byte OR-ed with `mask`.
-fn encode_int(out: &mut Vec<u8>, mut value: usize, prefix: u8, mask: u8) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(mask | value as u8);
-        return;
-    }
-    out.push(mask | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128 + 128) as u8);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
-/// "Literal Header Field without Indexing — New Name" (RFC 7541 §6.2.2), no Huffman.
-fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x00);
-    encode_int(out, name.len(), 7, 0);
-    out.extend_from_slice(name);
-    encode_int(out, value.len(), 7, 0);
-    out.extend_from_slice(value);
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let me = &mut *self;
-        loop {
-            if !me.output.is_empty() {
-                let n = me.output.len().min(buf.remaining());
-                buf.put_slice(&me.output.split_to(n));
-                return Poll::Ready(Ok(()));
-            }
-            if me.backlog {
-                me.run()?;
-                continue;
-            }
-            if me.eof {
-                return Poll::Ready(Ok(()));
-            }
-            let mut tmp = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut tmp);
-            match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {
-                    if rb.filled().is_empty() {
-                        me.eof = true;
-                        continue;
-                    }
-                    me.received = me.received.saturating_add(rb.filled().len() as u64);
-                    me.input.extend_from_slice(rb.filled());
-                    me.run()?;
-                }
-            }
-        }
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }
 
 #[cfg(test)]

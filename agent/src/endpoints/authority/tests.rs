@@ -1,3 +1,4 @@
+use super::hpack::encode_int;
 use super::*;
 use tokio::io::AsyncReadExt;
 
