@@ -1,5 +1,8 @@
+use super::caller::AttestGate;
 use super::*;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// Attestations that block until released, counting how many run at once.
 struct Stuck {
