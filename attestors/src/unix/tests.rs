@@ -1,3 +1,4 @@
+use super::exe::same_mount_ns;
 use super::*;
 
 fn me() -> ExeIdentity {
