@@ -72,43 +72,46 @@ fn a_psat_whose_exp_is_i64_max_does_not_overflow() {
     assert_eq!(r.unwrap().service_account, "agent");
 }
 
-/// Each of these is refused from its shape and claims alone: the JWKS file does not exist,
-/// so reaching it would be a Validator error instead of a Token one.
-#[test]
-fn junk_is_refused_before_any_key_is_looked_up() {
-    let cfg = cluster("/nonexistent/jwks.json".into());
-    let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
-    let es = r#"{"alg":"ES256","kid":"k"}"#;
-    let with = |f: &dyn Fn(&mut Value)| {
-        let mut c = good_claims();
-        f(&mut c);
-        signed(&kp, es, &c)
-    };
-    let cases: Vec<(String, &str)> = vec![
+/// Tokens (with what the refusal names) that are not a usable signed JWT: too long, not three
+/// parts, no or a wrong algorithm, a missing, empty or overlong kid.
+fn malformed_tokens(kp: &EcdsaKeyPair) -> Vec<(String, &'static str)> {
+    vec![
         ("x".repeat(MAX_TOKEN_BYTES + 1), "more than"),
         ("not a token".into(), "three dot-separated parts"),
         ("a.b.c".into(), "not a signed JWT"),
         (
-            signed(&kp, r#"{"alg":"none","kid":"k"}"#, &good_claims()),
+            signed(kp, r#"{"alg":"none","kid":"k"}"#, &good_claims()),
             "algorithm",
         ),
         (
-            signed(&kp, r#"{"alg":"HS256","kid":"k"}"#, &good_claims()),
+            signed(kp, r#"{"alg":"HS256","kid":"k"}"#, &good_claims()),
             "algorithm",
         ),
-        (signed(&kp, r#"{"alg":"ES256"}"#, &good_claims()), "kid"),
+        (signed(kp, r#"{"alg":"ES256"}"#, &good_claims()), "kid"),
         (
-            signed(&kp, r#"{"alg":"ES256","kid":""}"#, &good_claims()),
+            signed(kp, r#"{"alg":"ES256","kid":""}"#, &good_claims()),
             "kid",
         ),
         (
             signed(
-                &kp,
+                kp,
                 &format!(r#"{{"alg":"ES256","kid":"{}"}}"#, "k".repeat(300)),
                 &good_claims(),
             ),
             "kid is longer",
         ),
+    ]
+}
+
+/// Signed tokens (with what the refusal names) whose claims are wrong: issuer, audience,
+/// times, node binding, shape.
+fn tokens_with_bad_claims(kp: &EcdsaKeyPair) -> Vec<(String, &'static str)> {
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut c = good_claims();
+        f(&mut c);
+        signed(kp, r#"{"alg":"ES256","kid":"k"}"#, &c)
+    };
+    vec![
         (with(&|c| c["iss"] = "https://evil".into()), "issuer"),
         (
             with(&|c| {
@@ -138,7 +141,18 @@ fn junk_is_refused_before_any_key_is_looked_up() {
             with(&|c| c["kubernetes.io"] = "x".into()),
             "not a service-account token",
         ),
-    ];
+    ]
+}
+
+/// Each of these is refused from its shape and claims alone: the JWKS file does not exist,
+/// so reaching it would be a Validator error instead of a Token one.
+#[test]
+fn junk_is_refused_before_any_key_is_looked_up() {
+    let cfg = cluster("/nonexistent/jwks.json".into());
+    let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+    let es = r#"{"alg":"ES256","kid":"k"}"#;
+    let mut cases = malformed_tokens(&kp);
+    cases.extend(tokens_with_bad_claims(&kp));
     for (token, needle) in cases {
         let e = validate(&payload(&token), std::slice::from_ref(&cfg), NOW).unwrap_err();
         assert!(matches!(e, PsatError::Token(_)), "{needle}: {e}");

@@ -7,6 +7,13 @@ const OTHER_UID: &str = "a2830d0d-b0f0-4ff0-81b5-0ee4e299cf80";
 
 /// Real placements, from the host's cgroup root.
 fn real_world() -> Vec<(&'static str, String)> {
+    let mut all = node_placements();
+    all.extend(kind_and_mixed_placements());
+    all
+}
+
+/// Real placements on a plain node (cgroup v1 and v2, cgroupfs and systemd drivers).
+fn node_placements() -> Vec<(&'static str, String)> {
     let u = UID.replace('-', "_");
     vec![
         (
@@ -45,6 +52,13 @@ fn real_world() -> Vec<(&'static str, String)> {
             "v2 cgroupfs, containerd",
             format!("0::/kubepods/burstable/pod{UID}/{CID}"),
         ),
+    ]
+}
+
+/// Real placements in kind nodes (a kubelet inside a container) and mixed v1 files.
+fn kind_and_mixed_placements() -> Vec<(&'static str, String)> {
+    let u = UID.replace('-', "_");
+    vec![
         (
             "kind node (nested kubelet slice)",
             format!(
@@ -132,8 +146,16 @@ fn processes_outside_pods_have_no_pod() {
 
 /// Forged placements, written from the host's cgroup root.
 fn forgeries() -> Vec<(&'static str, String)> {
+    let mut all = misplaced_forgeries();
+    all.extend(misshapen_forgeries());
+    all.extend(malformed_forgeries());
+    all.extend(mixed_line_forgeries());
+    all
+}
+
+/// Pod-like paths in the wrong place: under a user's delegation or a service, too deep.
+fn misplaced_forgeries() -> Vec<(&'static str, String)> {
     let u = UID.replace('-', "_");
-    let good = format!("0::/kubepods/besteffort/pod{UID}/{CID}");
     vec![
         (
             "user@.service delegation",
@@ -165,6 +187,13 @@ fn forgeries() -> Vec<(&'static str, String)> {
             "kubepods not at the root (under a non-node prefix)",
             format!("0::/machine.slice/kubepods/pod{UID}/{CID}"),
         ),
+    ]
+}
+
+/// Pod-like paths of the wrong shape: extra levels, misnamed slices, a missing `.scope`.
+fn misshapen_forgeries() -> Vec<(&'static str, String)> {
+    let u = UID.replace('-', "_");
+    vec![
         (
             "node prefix with a short id",
             format!("0::/docker/abc/kubepods/pod{UID}/{CID}"),
@@ -211,6 +240,12 @@ fn forgeries() -> Vec<(&'static str, String)> {
             "systemd container without .scope",
             format!("0::/kubepods.slice/kubepods-pod{u}.slice/{CID}"),
         ),
+    ]
+}
+
+/// Paths that are not clean: dot segments, empty or relative paths, altered container ids.
+fn malformed_forgeries() -> Vec<(&'static str, String)> {
+    vec![
         (
             "dot-dot segments",
             format!("0::/user.slice/../kubepods/besteffort/pod{UID}/{CID}"),
@@ -230,6 +265,13 @@ fn forgeries() -> Vec<(&'static str, String)> {
             "prefix of a container id",
             format!("0::/kubepods/pod{UID}/{}", &CID[..63]),
         ),
+    ]
+}
+
+/// Files whose lines disagree, or one of whose lines is forged or malformed.
+fn mixed_line_forgeries() -> Vec<(&'static str, String)> {
+    let good = format!("0::/kubepods/besteffort/pod{UID}/{CID}");
+    vec![
         (
             "mixed lines, one forged",
             format!(
@@ -375,29 +417,10 @@ fn namespaced_paths_below_the_agents_ancestors_name_pods() {
     }
 }
 
-#[test]
-fn namespaced_paths_below_ancestors_are_only_pods() {
+/// Paths below one of the agent's ancestors that name no pod at any climb.
+fn never_pods_below_ancestors() -> Vec<(&'static str, String)> {
     let u = UID.replace('-', "_");
-    let d = 4;
-    // Real from the root (j == d), but no kubepods level sits below another one.
-    for (what, rest) in [
-        (
-            "a kubepods level below an ancestor",
-            format!("kubepods/besteffort/pod{UID}/{CID}"),
-        ),
-        (
-            "a kubepods.slice below an ancestor",
-            format!("kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{CID}.scope"),
-        ),
-    ] {
-        for j in 0..d {
-            let text = format!("0::/{}{rest}", "../".repeat(j));
-            assert_eq!(parse(&text, d), None, "{what} at j = {j}: {text}");
-        }
-        let text = format!("0::/{}{rest}", "../".repeat(d));
-        assert_eq!(parse(&text, d), want(), "{what} at j = d: {text}");
-    }
-    for (what, rest) in [
+    vec![
         (
             "a user delegation below an ancestor",
             format!("user.slice/user-1000.slice/user@1000.service/app.slice/pod{UID}/{CID}"),
@@ -448,7 +471,32 @@ fn namespaced_paths_below_ancestors_are_only_pods() {
                 "kubepods-besteffort.slice/../kubepods-besteffort-pod{u}.slice/cri-containerd-{CID}.scope"
             ),
         ),
+    ]
+}
+
+#[test]
+fn namespaced_paths_below_ancestors_are_only_pods() {
+    let u = UID.replace('-', "_");
+    let d = 4;
+    // Real from the root (j == d), but no kubepods level sits below another one.
+    for (what, rest) in [
+        (
+            "a kubepods level below an ancestor",
+            format!("kubepods/besteffort/pod{UID}/{CID}"),
+        ),
+        (
+            "a kubepods.slice below an ancestor",
+            format!("kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{CID}.scope"),
+        ),
     ] {
+        for j in 0..d {
+            let text = format!("0::/{}{rest}", "../".repeat(j));
+            assert_eq!(parse(&text, d), None, "{what} at j = {j}: {text}");
+        }
+        let text = format!("0::/{}{rest}", "../".repeat(d));
+        assert_eq!(parse(&text, d), want(), "{what} at j = d: {text}");
+    }
+    for (what, rest) in never_pods_below_ancestors() {
         for j in 0..=d + 1 {
             let text = format!("0::/{}{rest}", "../".repeat(j));
             assert_eq!(parse(&text, d), None, "{what} at j = {j}: {text}");
