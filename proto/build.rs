@@ -1,5 +1,15 @@
 //! Compiles the .proto files with protox (pure Rust), so no system `protoc` is needed.
 
+/// Workload API messages with `bytes` fields (every one of them is generated as `Bytes`).
+const WORKLOAD_BYTES_MESSAGES: [&str; 6] = [
+    ".X509SVIDResponse",
+    ".X509SVID",
+    ".X509BundlesResponse",
+    ".JWTBundlesResponse",
+    ".WITSVID",
+    ".WITBundlesResponse",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/workload.proto",
@@ -18,7 +28,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("continuity_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure()
+    // The Workload API's byte fields are `bytes::Bytes`, so the agent shares each identity's
+    // cached chain, key and bundle with every message (a reference count, not a copy). The
+    // proto has no package: its messages are named from the root.
+    let mut build = tonic_prost_build::configure();
+    for m in WORKLOAD_BYTES_MESSAGES {
+        build = build.bytes(m);
+    }
+    build
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

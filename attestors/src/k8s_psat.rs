@@ -12,9 +12,9 @@
 //! token stays valid until `exp`); TokenReview can, and is the recommended mode.
 
 mod claims;
+mod discovery;
 mod keys;
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 
 use crate::Selector;
 pub use claims::{CLOCK_SKEW_SECS, MAX_KID_BYTES, MAX_TOKEN_BYTES, check_times};
+use discovery::{discover, read_json_file};
+pub use discovery::{jwks_keys, jwks_uri};
 pub use keys::{KeyCache, KeySet, STALE_GRACE};
 
 /// The attestation data type string on the wire.
@@ -285,93 +287,6 @@ fn verified(
     finish(cfg, a)
 }
 
-/// OIDC discovery: the configuration document at `url`, whose `issuer` must be `issuer`, then
-/// its `jwks_uri`.
-fn discover(url: &str, issuer: &str, ca_path: Option<&PathBuf>) -> Result<KeySet, PsatError> {
-    let roots = match ca_path {
-        Some(p) => {
-            let pem = std::fs::read_to_string(p)
-                .map_err(|e| PsatError::Validator(format!("oidc_ca_path {}: {e}", p.display())))?;
-            continuity_common::x509::pem_decode_all("CERTIFICATE", &pem)
-                .map_err(PsatError::Validator)?
-        }
-        None => system_roots(),
-    };
-    let conf_url = format!(
-        "{}/.well-known/openid-configuration",
-        url.trim_end_matches('/')
-    );
-    let conf = fetch_json(&conf_url, &roots)?;
-    // OpenID Connect Discovery 1.0 §4.3: the document's issuer is the issuer, exactly.
-    let named = conf["issuer"].as_str().unwrap_or_default();
-    if named != issuer {
-        return Err(PsatError::Validator(format!(
-            "{conf_url} names issuer {named:?}, not {issuer:?}"
-        )));
-    }
-    let uri = jwks_uri(&conf).map_err(|e| PsatError::Validator(format!("{conf_url}: {e}")))?;
-    KeySet::from_jwks(&fetch_json(uri, &roots)?)
-        .map_err(|e| PsatError::Validator(format!("{uri}: {e}")))
-}
-
-/// The `jwks_uri` of an OIDC discovery document.
-pub fn jwks_uri(conf: &Value) -> Result<&str, PsatError> {
-    conf["jwks_uri"]
-        .as_str()
-        .ok_or_else(|| PsatError::Validator("the OIDC configuration has no jwks_uri".into()))
-}
-
-/// The `(kid, SubjectPublicKeyInfo)` pairs of a JWKS document; keys without a `kid` or that are
-/// not usable JWKs are skipped.
-pub fn jwks_keys(jwks: &Value) -> Vec<(String, Vec<u8>)> {
-    KeySet::from_jwks(jwks)
-        .map(KeySet::into_pairs)
-        .unwrap_or_default()
-}
-
-fn fetch_json(url: &str, roots: &[Vec<u8>]) -> Result<Value, PsatError> {
-    let r = https::request_capped(
-        "GET",
-        url,
-        &ServerTrust::Roots(roots.to_vec()),
-        None,
-        None,
-        Duration::from_secs(5),
-        MAX_DOCUMENT_BYTES,
-    )
-    .map_err(|e| PsatError::Validator(e.to_string()))?;
-    if r.status != 200 {
-        return Err(PsatError::Validator(format!(
-            "GET {url} answered {}",
-            r.status
-        )));
-    }
-    serde_json::from_slice(&r.body).map_err(|e| PsatError::Validator(format!("{url}: {e}")))
-}
-
-fn read_json_file(path: &PathBuf, key: &str) -> Result<Value, PsatError> {
-    let fail = |e: String| PsatError::Validator(format!("{key} {}: {e}", path.display()));
-    let mut text = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_DOCUMENT_BYTES as u64 + 1).read_to_end(&mut text))
-        .map_err(|e| fail(e.to_string()))?;
-    if text.len() > MAX_DOCUMENT_BYTES {
-        return Err(fail(format!("larger than {MAX_DOCUMENT_BYTES} bytes")));
-    }
-    serde_json::from_slice(&text).map_err(|e| fail(e.to_string()))
-}
-
-fn system_roots() -> Vec<Vec<u8>> {
-    [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(p).ok())
-    .and_then(|pem| continuity_common::x509::pem_decode_all("CERTIFICATE", &pem).ok())
-    .unwrap_or_default()
-}
-
 fn check_allowed(cfg: &ClusterConfig, ns: &str, sa: &str) -> Result<(), PsatError> {
     let who = format!("{ns}:{sa}");
     if cfg.service_account_allow_list.contains(&who) {
@@ -506,158 +421,4 @@ pub fn token_review_status(cfg: &ClusterConfig, body: &[u8]) -> Result<Attested,
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
-
-    /// base64url without padding (attestors has no base64 dependency of its own).
-    fn b64url(data: &[u8]) -> String {
-        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for c in data.chunks(3) {
-            let n = c
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
-            for i in 0..=c.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
-    }
-
-    const NOW: i64 = 1_700_000_000;
-
-    fn signed(kp: &EcdsaKeyPair, header: &str, claims: &Value) -> String {
-        let input = format!(
-            "{}.{}",
-            b64url(header.as_bytes()),
-            b64url(claims.to_string().as_bytes())
-        );
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let sig = kp.sign(&rng, input.as_bytes()).unwrap();
-        format!("{input}.{}", b64url(sig.as_ref()))
-    }
-
-    fn good_claims() -> Value {
-        serde_json::json!({"iss": "https://k", "aud": ["continuity-server"], "exp": NOW + 600,
-            "iat": NOW - 60, "nbf": NOW - 60,
-            "kubernetes.io": {"namespace": "spire", "serviceaccount": {"name": "agent"},
-            "pod": {"name": "p", "uid": "u"}, "node": {"name": "n",
-            "uid": "0b3c2a44-59d0-4c3b-8c6f-5f0c8d1a2e3f"}}})
-    }
-
-    fn cluster(path: PathBuf) -> ClusterConfig {
-        ClusterConfig {
-            name: "c".into(),
-            service_account_allow_list: vec!["spire:agent".into()],
-            audience: DEFAULT_AUDIENCE.into(),
-            issuer: Some("https://k".into()),
-            validation: Validation::JwksFile(path),
-        }
-    }
-
-    fn payload(token: &str) -> Vec<u8> {
-        serde_json::to_vec(&Payload {
-            cluster: "c".into(),
-            token: token.into(),
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn a_psat_whose_exp_is_i64_max_does_not_overflow() {
-        let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
-        let point = kp.public_key().as_ref();
-        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k",
-            "x": b64url(&point[1..33]), "y": b64url(&point[33..])}]});
-        let path = std::env::temp_dir().join(format!("psat-jwks-{}.json", std::process::id()));
-        std::fs::write(&path, jwks.to_string()).unwrap();
-        let mut claims = good_claims();
-        claims["exp"] = i64::MAX.into();
-        let token = signed(&kp, r#"{"alg":"ES256","kid":"k"}"#, &claims);
-        let r = validate(&payload(&token), &[cluster(path.clone())], NOW);
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(r.unwrap().service_account, "agent");
-    }
-
-    /// Each of these is refused from its shape and claims alone: the JWKS file does not exist,
-    /// so reaching it would be a Validator error instead of a Token one.
-    #[test]
-    fn junk_is_refused_before_any_key_is_looked_up() {
-        let cfg = cluster("/nonexistent/jwks.json".into());
-        let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
-        let es = r#"{"alg":"ES256","kid":"k"}"#;
-        let with = |f: &dyn Fn(&mut Value)| {
-            let mut c = good_claims();
-            f(&mut c);
-            signed(&kp, es, &c)
-        };
-        let cases: Vec<(String, &str)> = vec![
-            ("x".repeat(MAX_TOKEN_BYTES + 1), "more than"),
-            ("not a token".into(), "three dot-separated parts"),
-            ("a.b.c".into(), "not a signed JWT"),
-            (
-                signed(&kp, r#"{"alg":"none","kid":"k"}"#, &good_claims()),
-                "algorithm",
-            ),
-            (
-                signed(&kp, r#"{"alg":"HS256","kid":"k"}"#, &good_claims()),
-                "algorithm",
-            ),
-            (signed(&kp, r#"{"alg":"ES256"}"#, &good_claims()), "kid"),
-            (
-                signed(&kp, r#"{"alg":"ES256","kid":""}"#, &good_claims()),
-                "kid",
-            ),
-            (
-                signed(
-                    &kp,
-                    &format!(r#"{{"alg":"ES256","kid":"{}"}}"#, "k".repeat(300)),
-                    &good_claims(),
-                ),
-                "kid is longer",
-            ),
-            (with(&|c| c["iss"] = "https://evil".into()), "issuer"),
-            (
-                with(&|c| {
-                    c.as_object_mut().unwrap().remove("iss");
-                }),
-                "no iss",
-            ),
-            (with(&|c| c["aud"] = "api".into()), "audience"),
-            (with(&|c| c["exp"] = (NOW - 3600).into()), "expired"),
-            (
-                with(&|c| c["nbf"] = (NOW + 3600).into()),
-                "not valid before",
-            ),
-            (
-                with(&|c| c["iat"] = (NOW + 3600).into()),
-                "issued in the future",
-            ),
-            (
-                with(&|c| c["kubernetes.io"]["node"] = Value::Null),
-                "not bound to a node",
-            ),
-            (
-                with(&|c| c["kubernetes.io"]["node"]["uid"] = "../x".into()),
-                "not bound to a node",
-            ),
-            (
-                with(&|c| c["kubernetes.io"] = "x".into()),
-                "not a service-account token",
-            ),
-        ];
-        for (token, needle) in cases {
-            let e = validate(&payload(&token), std::slice::from_ref(&cfg), NOW).unwrap_err();
-            assert!(matches!(e, PsatError::Token(_)), "{needle}: {e}");
-            assert!(e.to_string().contains(needle), "{needle:?} in {e}");
-        }
-        let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
-        let e = validate(&big, std::slice::from_ref(&cfg), NOW).unwrap_err();
-        assert!(matches!(e, PsatError::Payload(_)), "{e}");
-        // A well-formed token does reach the keys.
-        let e = validate(&payload(&signed(&kp, es, &good_claims())), &[cfg], NOW).unwrap_err();
-        assert!(matches!(e, PsatError::Validator(_)), "{e}");
-    }
-}
+mod tests;

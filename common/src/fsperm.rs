@@ -27,6 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
+pub use self::private_file::read_private_file;
+
+mod private_file;
+
 /// Why a directory or a file in it cannot be trusted or used.
 #[derive(Debug, thiserror::Error)]
 pub enum FsPermError {
@@ -300,77 +304,6 @@ impl SecureDir {
     }
 }
 
-/// Reads a small secret file (a PIN): opened `O_NOFOLLOW` (a symlink is refused), it must be
-/// a regular file owned by the service's euid or root, not readable or writable by group or
-/// others, and at most `max_len` bytes. The bytes are read into one buffer sized up front (no
-/// reallocation leaves copies behind) that is wiped on drop.
-pub fn read_private_file(
-    path: &Path,
-    what: &str,
-    max_len: usize,
-) -> Result<zeroize::Zeroizing<Vec<u8>>, FsPermError> {
-    let walk = Walk {
-        euid: rustix::process::geteuid().as_raw(),
-        path: path.to_path_buf(),
-    };
-    // NONBLOCK: a FIFO must not hang the open; it is refused as not a regular file.
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat(CWD, path, flags, Mode::empty()).map_err(|e| match e {
-        Errno::LOOP => FsPermError::BadPath {
-            what: what.into(),
-            path: path.into(),
-            reason: "is a symbolic link; configure the file itself",
-        },
-        e => walk.io(what, "open", e),
-    })?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| walk.io(what, "stat", e))?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return Err(FsPermError::WrongType {
-            what: what.into(),
-            path: path.into(),
-            expected: "regular file",
-            uid: st.st_uid,
-            mode: perm(&st),
-        });
-    }
-    walk.check_owner(what, &st)?;
-    if st.st_mode & 0o077 != 0 {
-        return Err(FsPermError::Exposed {
-            what: what.into(),
-            path: path.into(),
-            uid: st.st_uid,
-            mode: perm(&st),
-        });
-    }
-    let size = usize::try_from(st.st_size).unwrap_or(usize::MAX);
-    if size > max_len {
-        return Err(FsPermError::BadPath {
-            what: what.into(),
-            path: path.into(),
-            reason: "is larger than a secret of this kind can be",
-        });
-    }
-    // One more byte than the file holds, so reaching the end never grows the buffer.
-    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(size + 1));
-    File::from(fd)
-        .take(max_len as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| FsPermError::Io {
-            what: what.into(),
-            path: path.into(),
-            op: "read",
-            source: e,
-        })?;
-    if bytes.len() > max_len {
-        return Err(FsPermError::BadPath {
-            what: what.into(),
-            path: path.into(),
-            reason: "is larger than a secret of this kind can be",
-        });
-    }
-    Ok(bytes)
-}
-
 /// The state of a walk down the path: who we are and how far we got.
 struct Walk {
     euid: u32,
@@ -515,97 +448,4 @@ fn perm(st: &Stat) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("fsperm-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir(&d).unwrap();
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        d
-    }
-
-    fn mode(p: &Path) -> u32 {
-        std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
-    }
-
-    #[test]
-    fn creates_missing_components_with_exact_modes() {
-        let d = tmp("create");
-        let target = d.join("a/b/private");
-        let dir = secure_dir(&target, 0o700, "test dir").unwrap();
-        assert_eq!(mode(&d.join("a")), 0o755);
-        assert_eq!(mode(&d.join("a/b")), 0o755);
-        assert_eq!(mode(&target), 0o700);
-        dir.write_atomic("state", 0o600, |f| std::io::Write::write_all(f, b"x"))
-            .unwrap();
-        assert_eq!(mode(&target.join("state")), 0o600);
-        assert_eq!(
-            dir.read(OsStr::new("state")).unwrap().as_deref(),
-            Some(&b"x"[..])
-        );
-        // Reopening its own directory works and narrows a widened-but-safe mode.
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
-        secure_dir(&target, 0o700, "test dir").unwrap();
-        assert_eq!(mode(&target), 0o700);
-        let _ = std::fs::remove_dir_all(d);
-    }
-
-    #[test]
-    fn refuses_writable_symlinked_and_foreign_directories() {
-        let d = tmp("refuse");
-        let open = d.join("open");
-        std::fs::create_dir(&open).unwrap();
-        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = secure_dir(&open, 0o755, "test dir")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("mode 0777") && e.contains(&*open.to_string_lossy()),
-            "{e}"
-        );
-        // Also as a parent on the way.
-        let e = secure_dir(&open.join("sub"), 0o755, "test dir")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("parent directory") && e.contains("0777"), "{e}");
-        assert!(!open.join("sub").exists());
-
-        let real = d.join("real");
-        std::fs::create_dir(&real).unwrap();
-        let link = d.join("link");
-        std::os::unix::fs::symlink(&real, &link).unwrap();
-        let e = secure_dir(&link, 0o755, "test dir")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("symbolic link"), "{e}");
-
-        if rustix::process::geteuid().is_root() {
-            let theirs = d.join("theirs");
-            std::fs::create_dir(&theirs).unwrap();
-            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
-            let e = secure_dir(&theirs, 0o755, "test dir")
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains("owned by uid 65534 (expected 0)"), "{e}");
-        }
-        let _ = std::fs::remove_dir_all(d);
-    }
-
-    #[test]
-    fn removes_only_sockets() {
-        let d = tmp("sock");
-        let dir = secure_dir(&d.join("s"), 0o755, "test dir").unwrap();
-        std::fs::write(d.join("s/file"), b"").unwrap();
-        assert!(dir.remove_socket(OsStr::new("file")).is_err());
-        assert!(d.join("s/file").exists());
-        let sock = std::os::unix::net::UnixListener::bind(d.join("s/api.sock")).unwrap();
-        drop(sock);
-        assert!(dir.socket_exists(OsStr::new("api.sock")).unwrap());
-        dir.remove_socket(OsStr::new("api.sock")).unwrap();
-        assert!(!d.join("s/api.sock").exists());
-        let _ = std::fs::remove_dir_all(d);
-    }
-}
+mod tests;

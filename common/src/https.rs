@@ -96,31 +96,80 @@ pub fn request_capped(
     timeout: Duration,
     max_response: usize,
 ) -> Result<Response, HttpError> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else {
-        return Err(HttpError::Url(url.into()));
-    };
-    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/" } else { path };
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (
-            h.trim_matches(['[', ']']).to_string(),
-            p.parse::<u16>().map_err(|_| HttpError::Url(url.into()))?,
-        ),
-        _ => (hostport.to_string(), if tls { 443 } else { 80 }),
-    };
+    let target = Target::parse(url)?;
     let io = |e: String| HttpError::Io {
         url: url.into(),
         reason: e,
     };
-    let tcp = TcpStream::connect((host.as_str(), port)).map_err(|e| io(e.to_string()))?;
+    let tcp =
+        TcpStream::connect((target.host.as_str(), target.port)).map_err(|e| io(e.to_string()))?;
     tcp.set_read_timeout(Some(timeout))
         .map_err(|e| io(e.to_string()))?;
     tcp.set_write_timeout(Some(timeout))
         .map_err(|e| io(e.to_string()))?;
+    let head = request_head(method, &target, bearer, body);
+    let exchange = |s: &mut dyn ReadWrite| exchange(s, &head, body, timeout, max_response);
+    let raw = if target.tls {
+        let cfg = tls_config(trust).map_err(io)?;
+        let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+            .map_err(|e| io(e.to_string()))?;
+        let conn =
+            rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| io(e.to_string()))?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        exchange(&mut stream).map_err(io)?
+    } else {
+        let mut tcp = tcp;
+        exchange(&mut tcp).map_err(io)?
+    };
+    parse_response(url, &raw)
+}
+
+/// Where a URL points: scheme, host, port, and the `Host` and request-target it is sent with.
+struct Target<'a> {
+    tls: bool,
+    host: String,
+    port: u16,
+    hostport: &'a str,
+    path: &'a str,
+}
+
+impl<'a> Target<'a> {
+    /// Splits `http(s)://host[:port]/path` (an IPv6 host in brackets).
+    fn parse(url: &'a str) -> Result<Self, HttpError> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(HttpError::Url(url.into()));
+        };
+        let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let path = if path.is_empty() { "/" } else { path };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (
+                h.trim_matches(['[', ']']).to_string(),
+                p.parse::<u16>().map_err(|_| HttpError::Url(url.into()))?,
+            ),
+            _ => (hostport.to_string(), if tls { 443 } else { 80 }),
+        };
+        Ok(Self {
+            tls,
+            host,
+            port,
+            hostport,
+            path,
+        })
+    }
+}
+
+/// The request line and headers, up to and including the empty line.
+fn request_head(
+    method: &str,
+    target: &Target<'_>,
+    bearer: Option<&str>,
+    body: Option<(&str, &[u8])>,
+) -> String {
+    let (path, hostport) = (target.path, target.hostport);
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nAccept: application/json\r\nConnection: close\r\n"
     );
@@ -134,50 +183,47 @@ pub fn request_capped(
         ));
     }
     head.push_str("\r\n");
-    let mut raw = Vec::new();
-    let mut exchange = |s: &mut dyn ReadWrite| -> Result<(), String> {
-        s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
-        if let Some((_, b)) = body {
-            s.write_all(b).map_err(|e| e.to_string())?;
-        }
-        s.flush().map_err(|e| e.to_string())?;
-        let mut buf = [0u8; 16 * 1024];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => return Ok(()),
-                Ok(n) => {
-                    raw.extend_from_slice(&buf[..n]);
-                    if raw.len() > max_response {
-                        return Err(format!("response larger than {max_response} bytes"));
-                    }
-                }
-                // A peer closing TLS without close_notify after a complete response is common.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(format!("no answer within {}s", timeout.as_secs()));
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    if tls {
-        let cfg = tls_config(trust).map_err(io)?;
-        let name =
-            rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| io(e.to_string()))?;
-        let conn =
-            rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| io(e.to_string()))?;
-        let mut stream = rustls::StreamOwned::new(conn, tcp);
-        exchange(&mut stream).map_err(io)?;
-    } else {
-        let mut tcp = tcp;
-        exchange(&mut tcp).map_err(io)?;
+    head
+}
+
+/// Writes the request and reads the response until the peer closes (at most `max_response`
+/// bytes, each read within `timeout`).
+fn exchange(
+    s: &mut dyn ReadWrite,
+    head: &str,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+    max_response: usize,
+) -> Result<Vec<u8>, String> {
+    s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    if let Some((_, b)) = body {
+        s.write_all(b).map_err(|e| e.to_string())?;
     }
-    parse_response(url, &raw)
+    s.flush().map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(raw),
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                if raw.len() > max_response {
+                    return Err(format!("response larger than {max_response} bytes"));
+                }
+            }
+            // A peer closing TLS without close_notify after a complete response is common.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(raw),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!("no answer within {}s", timeout.as_secs()));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 trait ReadWrite: Read + Write {}
@@ -214,30 +260,7 @@ fn parse_response(url: &str, raw: &[u8]) -> Result<Response, HttpError> {
     }
     let rest = &raw[split + 4..];
     let body = if chunked {
-        let mut out = Vec::new();
-        let mut r = rest;
-        loop {
-            let end = r
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .ok_or_else(|| bad("truncated chunk"))?;
-            let size_text = std::str::from_utf8(&r[..end]).map_err(|_| bad("bad chunk size"))?;
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| bad("bad chunk size"))?;
-            r = r.get(end + 2..).ok_or_else(|| bad("truncated chunk"))?;
-            if size == 0 {
-                break;
-            }
-            // The size is the peer's: never add to it unchecked (ffffffffffffffff + 2 wraps).
-            let (chunk, after) = size
-                .checked_add(2)
-                .and_then(|total| r.get(..total))
-                .map(|c| (&c[..size], &r[c.len()..]))
-                .ok_or_else(|| bad("truncated chunk"))?;
-            out.extend_from_slice(chunk);
-            r = after;
-        }
-        out
+        dechunk(rest, &bad)?
     } else {
         match length {
             Some(n) if n <= rest.len() => rest[..n].to_vec(),
@@ -246,6 +269,32 @@ fn parse_response(url: &str, raw: &[u8]) -> Result<Response, HttpError> {
         }
     };
     Ok(Response { status, body })
+}
+
+/// The body of a chunked response (chunk extensions ignored, trailers not read).
+fn dechunk(mut r: &[u8], bad: &dyn Fn(&str) -> HttpError) -> Result<Vec<u8>, HttpError> {
+    let mut out = Vec::new();
+    loop {
+        let end = r
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| bad("truncated chunk"))?;
+        let size_text = std::str::from_utf8(&r[..end]).map_err(|_| bad("bad chunk size"))?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunk size"))?;
+        r = r.get(end + 2..).ok_or_else(|| bad("truncated chunk"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        // The size is the peer's: never add to it unchecked (ffffffffffffffff + 2 wraps).
+        let (chunk, after) = size
+            .checked_add(2)
+            .and_then(|total| r.get(..total))
+            .map(|c| (&c[..size], &r[c.len()..]))
+            .ok_or_else(|| bad("truncated chunk"))?;
+        out.extend_from_slice(chunk);
+        r = after;
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,13 @@ impl SecretBytes {
         &self.0
     }
 
+    /// The same allocation as a [`Bytes`] (a reference count, no copy), for a message about
+    /// to be encoded. It is still wiped when the last holder, these included, drops it; but
+    /// `Bytes` shows its contents in `Debug`, so do not keep or log it.
+    pub fn share(&self) -> Bytes {
+        self.0.clone()
+    }
+
     /// Number of bytes.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -105,6 +112,7 @@ mod tests {
         let c = s.clone();
         assert_eq!(s.expose().as_ptr(), c.expose().as_ptr());
         assert_eq!(c.expose(), &[7; 64][..]);
+        assert_eq!(s.share().as_ptr(), s.expose().as_ptr());
     }
 
     #[test]

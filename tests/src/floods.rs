@@ -154,98 +154,137 @@ pub async fn flood_streams(
     path: &str,
     n: usize,
 ) -> Flood {
-    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (rd, wr) = tokio::io::split(tls);
     let report = Arc::new(Mutex::new(FloodReport::default()));
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (ctl_tx, ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let (settings_tx, settings_rx) = tokio::sync::oneshot::channel::<()>();
-    let r2 = report.clone();
-    let reader = tokio::spawn(async move {
-        let mut settings_tx = Some(settings_tx);
-        let mut head = [0u8; 9];
-        loop {
-            if rd.read_exact(&mut head).await.is_err() {
-                r2.lock().unwrap().closed = true;
-                return;
+    let reader = tokio::spawn(read_answers(rd, report.clone(), ctl_tx, settings_tx));
+    let streams = OpenStreams {
+        block: grpc_headers(path),
+        n,
+        settings: settings_rx,
+        control: ctl_rx,
+        report: report.clone(),
+    };
+    let writer = tokio::spawn(streams.write(wr));
+    Flood {
+        report,
+        tasks: vec![reader, writer],
+    }
+}
+
+type FloodTls = tokio_rustls::client::TlsStream<TcpStream>;
+type Control = tokio::sync::mpsc::UnboundedSender<Vec<u8>>;
+
+/// The flood's reading half: notes what the server answers and queues the acknowledgements
+/// of its SETTINGS and PINGs on `ctl_tx`.
+async fn read_answers(
+    mut rd: tokio::io::ReadHalf<FloodTls>,
+    report: Arc<Mutex<FloodReport>>,
+    ctl_tx: Control,
+    settings_tx: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut settings_tx = Some(settings_tx);
+    let mut head = [0u8; 9];
+    loop {
+        if rd.read_exact(&mut head).await.is_err() {
+            report.lock().unwrap().closed = true;
+            return;
+        }
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        let (kind, flags) = (head[3], head[4]);
+        let mut payload = vec![0u8; len];
+        if rd.read_exact(&mut payload).await.is_err() {
+            report.lock().unwrap().closed = true;
+            return;
+        }
+        let mut r = report.lock().unwrap();
+        note_answer(&mut r, kind, flags, &payload, &ctl_tx, &mut settings_tx);
+    }
+}
+
+/// Records one server frame in the report (and acknowledges SETTINGS and PING).
+fn note_answer(
+    r: &mut FloodReport,
+    kind: u8,
+    flags: u8,
+    payload: &[u8],
+    ctl_tx: &Control,
+    settings_tx: &mut Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    match kind {
+        0x4 if flags & 1 == 0 => {
+            for p in payload.chunks_exact(6) {
+                if u16::from_be_bytes([p[0], p[1]]) == 3 {
+                    r.max_concurrent_streams = Some(u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+                }
             }
-            let len =
-                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-            let (kind, flags) = (head[3], head[4]);
-            let mut payload = vec![0u8; len];
-            if rd.read_exact(&mut payload).await.is_err() {
-                r2.lock().unwrap().closed = true;
-                return;
-            }
-            let mut r = r2.lock().unwrap();
-            match kind {
-                0x4 if flags & 1 == 0 => {
-                    for p in payload.chunks_exact(6) {
-                        if u16::from_be_bytes([p[0], p[1]]) == 3 {
-                            r.max_concurrent_streams =
-                                Some(u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
-                        }
-                    }
-                    let _ = ctl_tx.send(frame(0x4, 1, 0, &[]));
-                    if let Some(t) = settings_tx.take() {
-                        let _ = t.send(());
-                    }
-                }
-                0x3 if payload.len() == 4 => {
-                    if u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) == 7 {
-                        r.refused += 1;
-                    } else {
-                        r.reset_other += 1;
-                    }
-                }
-                0x6 if flags & 1 == 0 => {
-                    let _ = ctl_tx.send(frame(0x6, 1, 0, &payload));
-                }
-                0x7 if payload.len() >= 8 => {
-                    r.goaway_last = Some(
-                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
-                            & 0x7fff_ffff,
-                    );
-                }
-                _ => {}
+            let _ = ctl_tx.send(frame(0x4, 1, 0, &[]));
+            if let Some(t) = settings_tx.take() {
+                let _ = t.send(());
             }
         }
-    });
-    let r3 = report.clone();
-    let block = grpc_headers(path);
-    let writer = tokio::spawn(async move {
+        0x3 if payload.len() == 4 => {
+            if u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) == 7 {
+                r.refused += 1;
+            } else {
+                r.reset_other += 1;
+            }
+        }
+        0x6 if flags & 1 == 0 => {
+            let _ = ctl_tx.send(frame(0x6, 1, 0, payload));
+        }
+        0x7 if payload.len() >= 8 => {
+            r.goaway_last = Some(
+                u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff,
+            );
+        }
+        _ => {}
+    }
+}
+
+/// The flood's writing half: the preface, then (once the server's SETTINGS came) `n`
+/// header-only streams, with the reader's acknowledgements in between.
+struct OpenStreams {
+    block: Vec<u8>,
+    n: usize,
+    settings: tokio::sync::oneshot::Receiver<()>,
+    control: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    report: Arc<Mutex<FloodReport>>,
+}
+
+impl OpenStreams {
+    async fn write(mut self, mut wr: tokio::io::WriteHalf<FloodTls>) {
         let mut hello = PREFACE.to_vec();
         hello.extend(frame(0x4, 0, 0, &[]));
         if wr.write_all(&hello).await.is_err() {
             return;
         }
-        if settings_rx.await.is_err() {
+        if self.settings.await.is_err() {
             return;
         }
-        while let Ok(f) = ctl_rx.try_recv() {
+        while let Ok(f) = self.control.try_recv() {
             let _ = wr.write_all(&f).await;
         }
-        for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        for chunk in (0..self.n).collect::<Vec<_>>().chunks(200) {
             let mut out = Vec::new();
             for i in chunk {
-                out.extend(frame(0x1, 0x4, (2 * *i + 1) as u32, &block));
+                out.extend(frame(0x1, 0x4, (2 * *i + 1) as u32, &self.block));
             }
             if wr.write_all(&out).await.is_err() {
                 return;
             }
-            r3.lock().unwrap().opened += chunk.len();
-            while let Ok(f) = ctl_rx.try_recv() {
+            self.report.lock().unwrap().opened += chunk.len();
+            while let Ok(f) = self.control.try_recv() {
                 let _ = wr.write_all(&f).await;
             }
         }
         let _ = wr.flush().await;
-        while let Some(f) = ctl_rx.recv().await {
+        while let Some(f) = self.control.recv().await {
             if wr.write_all(&f).await.is_err() {
                 return;
             }
         }
-    });
-    Flood {
-        report,
-        tasks: vec![reader, writer],
     }
 }
 

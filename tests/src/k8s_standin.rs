@@ -34,63 +34,82 @@ where
             };
             let (acceptor, handler) = (acceptor.clone(), handler.clone());
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                let (head_end, length) = loop {
-                    let Ok(n) = tls.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..i]).to_string();
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        break (i + 4, len);
-                    }
-                };
-                while buf.len() < head_end + length {
-                    let Ok(n) = tls.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let mut first = head.lines().next().unwrap_or_default().split_whitespace();
-                let (method, path) = (
-                    first.next().unwrap_or_default().to_string(),
-                    first.next().unwrap_or_default().to_string(),
-                );
-                let bearer = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Authorization: Bearer ").map(str::to_string));
-                let body = &buf[head_end..(head_end + length).min(buf.len())];
-                let (status, json) = handler(&method, &path, bearer.as_deref(), body);
-                let body = json.to_string();
-                let resp = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(resp.as_bytes()).await;
-                let _ = tls.shutdown().await;
+                answer_one(tls, &*handler).await;
             });
         }
     });
     (port, cert_pem)
+}
+
+type StandinTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Reads one request from `tls`, answers it with `handler` and closes the connection.
+async fn answer_one<F>(mut tls: StandinTls, handler: &F)
+where
+    F: Fn(&str, &str, Option<&str>, &[u8]) -> (u16, serde_json::Value),
+{
+    let Some((buf, head_end, length)) = read_request(&mut tls).await else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut first = head.lines().next().unwrap_or_default().split_whitespace();
+    let (method, path) = (
+        first.next().unwrap_or_default().to_string(),
+        first.next().unwrap_or_default().to_string(),
+    );
+    let bearer = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Authorization: Bearer ").map(str::to_string));
+    let body = &buf[head_end..(head_end + length).min(buf.len())];
+    let (status, json) = handler(&method, &path, bearer.as_deref(), body);
+    let body = json.to_string();
+    let resp = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tls.write_all(resp.as_bytes()).await;
+    let _ = tls.shutdown().await;
+}
+
+/// Reads a request's head and its `Content-Length` bytes of body (fewer if the client stops):
+/// (bytes read, end of the head, body length). None if the client left before the head ended.
+async fn read_request(tls: &mut StandinTls) -> Option<(Vec<u8>, usize, usize)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (head_end, length) = loop {
+        let Ok(n) = tls.read(&mut chunk).await else {
+            return None;
+        };
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            break (i + 4, len);
+        }
+    };
+    while buf.len() < head_end + length {
+        let Ok(n) = tls.read(&mut chunk).await else {
+            return None;
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some((buf, head_end, length))
 }
 
 /// Signs a JWT (ES256) with `key` for the given claims.

@@ -3,8 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
 use continuity_attestors::Selector;
 use continuity_common::Clock;
@@ -14,13 +13,18 @@ use futures_util::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::WorkloadConnInfo;
 use super::conns::StreamGuard;
 use crate::attestor::WorkloadAttestor;
 use crate::config::WorkloadApiConfig;
-use crate::limits::{CallerKey, RateLimited, RateLimiter};
+use crate::limits::{RateLimited, RateLimiter};
 use crate::manager::JwtFetchError;
 use crate::manager::cache::{Identity, Snapshot};
+
+pub use self::caller::{
+    ATTESTATION_TIMEOUT, Caller, MAX_ATTESTATIONS, MAX_ATTESTATIONS_PER_UID, attest_caller,
+};
+
+mod caller;
 
 /// The metadata key every Workload API call must carry with value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -76,206 +80,6 @@ impl IdentityCache for crate::manager::Manager {
         workload: &dyn Fn() -> continuity_proto::engine::Workload,
     ) {
         crate::manager::Manager::report_incarnation(self, entry_id, workload_id, workload)
-    }
-}
-
-/// The attested caller of one request: its selectors and its process.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// Selectors from attestation.
-    pub selectors: Arc<HashSet<Selector>>,
-    /// The process.
-    pub peer: Arc<super::peer::Peer>,
-    /// Stable id of the process (pid + start time).
-    pub workload_id: Arc<str>,
-    /// Keeps the connection counted busy while this call (or its response stream) lives.
-    pub call: Option<Arc<StreamGuard>>,
-}
-
-impl Caller {
-    /// The pod UID from the `k8s:pod-uid` selector, if the caller runs in a pod.
-    fn pod_uid(&self) -> Option<&str> {
-        self.selectors
-            .iter()
-            .find(|s| s.kind == "k8s" && s.value.starts_with("pod-uid:"))
-            .map(|s| &s.value["pod-uid:".len()..])
-    }
-
-    /// Who the rate limits count this caller as: its pod if it has one, else its uid.
-    pub fn rate_key(&self) -> CallerKey {
-        match self.pod_uid() {
-            Some(p) => CallerKey::Pod(p.to_string()),
-            None => CallerKey::Uid(self.peer.uid),
-        }
-    }
-
-    /// The workload description sent to the server (audit, incarnations).
-    pub fn workload(&self) -> continuity_proto::engine::Workload {
-        let mut selectors: Vec<_> = self.selectors.iter().cloned().collect();
-        selectors.sort();
-        continuity_proto::engine::Workload {
-            // A pod is named by its UID (it is the runtime unit); other processes by pid + start.
-            id: self
-                .pod_uid()
-                .map_or_else(|| self.workload_id.to_string(), |p| format!("pod:{p}")),
-            pid: self.peer.pid,
-            uid: self.peer.uid,
-            selectors: selectors
-                .into_iter()
-                .map(|s| continuity_proto::types::Selector {
-                    r#type: s.kind,
-                    value: s.value,
-                })
-                .collect(),
-        }
-    }
-}
-
-/// Attests the caller of `req` once per connection (Unavailable when attestation fails).
-pub async fn attest_caller<T>(
-    req: &Request<T>,
-    attestor: &Arc<dyn WorkloadAttestor>,
-) -> Result<Caller, Status> {
-    let conn = req
-        .extensions()
-        .get::<WorkloadConnInfo>()
-        .cloned()
-        .ok_or_else(|| Status::unavailable("workload attestation failed: no peer information"))?;
-    let call = Arc::new(conn.calls.open());
-    let info = conn.info;
-    let peer = info.peer.clone().ok_or_else(|| {
-        Status::unavailable("workload attestation failed: peer credentials unavailable")
-    })?;
-    let attestor = attestor.clone();
-    let p = peer.clone();
-    let uid = peer.uid;
-    let selectors = info
-        .selectors
-        .get_or_try_init(|| async move {
-            let result = ATTEST_GATE.run(uid, move || attestor.attest(&p)).await?;
-            match result {
-                Ok(s) => Ok(s),
-                Err(e) => {
-                    tracing::info!(error = %e, "workload attestation failed");
-                    Err(Status::unavailable(format!(
-                        "workload attestation failed: {e}"
-                    )))
-                }
-            }
-        })
-        .await?
-        .clone();
-    let workload_id = info.workload_id.clone();
-    Ok(Caller {
-        selectors,
-        peer,
-        workload_id,
-        call: Some(call),
-    })
-}
-
-/// Attestations running at once, in all.
-pub const MAX_ATTESTATIONS: usize = 64;
-/// Attestations running at once for one uid.
-pub const MAX_ATTESTATIONS_PER_UID: usize = 8;
-/// Longest an attestation may take, waiting for its turn included (then Unavailable).
-pub const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(10);
-
-static ATTEST_GATE: std::sync::LazyLock<AttestGate> = std::sync::LazyLock::new(|| {
-    AttestGate::new(
-        MAX_ATTESTATIONS,
-        MAX_ATTESTATIONS_PER_UID,
-        ATTESTATION_TIMEOUT,
-    )
-});
-
-/// Bounds blocking attestations: in all, per uid, and in time. A permit is held by the
-/// blocking task itself, so one stuck past the timeout still counts until it returns.
-/// Invariant: a uid's entry lives while `users` (counted under the lock) is above zero.
-struct AttestGate {
-    global: Arc<tokio::sync::Semaphore>,
-    max: usize,
-    per_uid: usize,
-    timeout: Duration,
-    uids: Arc<Mutex<UidSemaphores>>,
-}
-
-type UidSemaphores = HashMap<u32, (Arc<tokio::sync::Semaphore>, usize)>;
-
-/// One caller's use of its uid's semaphore (held until its attestation returns); the last
-/// one out removes the entry.
-struct UidUse {
-    uids: Arc<Mutex<UidSemaphores>>,
-    uid: u32,
-    sem: Arc<tokio::sync::Semaphore>,
-}
-
-impl Drop for UidUse {
-    fn drop(&mut self) {
-        let mut uids = self.uids.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = uids.get_mut(&self.uid) {
-            e.1 = e.1.saturating_sub(1);
-            if e.1 == 0 {
-                uids.remove(&self.uid);
-            }
-        }
-    }
-}
-
-impl AttestGate {
-    fn new(global: usize, per_uid: usize, timeout: Duration) -> Self {
-        Self {
-            global: Arc::new(tokio::sync::Semaphore::new(global)),
-            max: global,
-            per_uid,
-            timeout,
-            uids: Arc::default(),
-        }
-    }
-
-    fn join(&self, uid: u32) -> UidUse {
-        let mut uids = self.uids.lock().unwrap_or_else(|e| e.into_inner());
-        let e = uids
-            .entry(uid)
-            .or_insert_with(|| (Arc::new(tokio::sync::Semaphore::new(self.per_uid)), 0));
-        e.1 += 1;
-        UidUse {
-            uids: self.uids.clone(),
-            uid,
-            sem: e.0.clone(),
-        }
-    }
-
-    /// Runs `f` on a blocking thread once both a uid and a global permit are free, or fails
-    /// with Unavailable when that and `f` together take longer than the timeout.
-    async fn run<T: Send + 'static>(
-        &self,
-        uid: u32,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Status> {
-        let busy = || {
-            Status::unavailable(format!(
-                "workload attestation timed out after {:?} (at most {} at once, {} per uid)",
-                self.timeout, self.max, self.per_uid
-            ))
-        };
-        let work = async {
-            let u = self.join(uid);
-            let mine = u.sem.clone().acquire_owned().await;
-            let all = self.global.clone().acquire_owned().await;
-            let (Ok(mine), Ok(all)) = (mine, all) else {
-                return Err(Status::unavailable("workload attestation is shutting down"));
-            };
-            tokio::task::spawn_blocking(move || {
-                let _held = (mine, all, u);
-                f()
-            })
-            .await
-            .map_err(|e| Status::unavailable(format!("workload attestation failed: {e}")))
-        };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .unwrap_or_else(|_| Err(busy()))
     }
 }
 
@@ -353,14 +157,30 @@ impl WorkloadHandler {
                 .iter()
                 .map(|i| X509svid {
                     spiffe_id: i.spiffe_id.clone(),
-                    x509_svid: i.x509_svid.to_vec(),
-                    x509_svid_key: i.key.expose().to_vec(),
-                    bundle: snap.bundle.x509.to_vec(),
+                    // Shared with the cache (reference counts): nothing is copied per message.
+                    x509_svid: i.x509_svid.clone(),
+                    x509_svid_key: i.key.share(),
+                    bundle: snap.bundle.x509.clone(),
                     hint: i.hint.clone(),
                 })
                 .collect(),
             crl: vec![],
             federated_bundles: HashMap::new(),
+        }
+    }
+
+    fn x509_bundles_response(snap: &Snapshot) -> X509BundlesResponse {
+        let b = &snap.bundle;
+        X509BundlesResponse {
+            crl: vec![],
+            bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.clone())]),
+        }
+    }
+
+    fn jwt_bundles_response(snap: &Snapshot) -> JwtBundlesResponse {
+        let b = &snap.bundle;
+        JwtBundlesResponse {
+            bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.clone())]),
         }
     }
 }
@@ -472,14 +292,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             return Err(no_identity());
         }
         let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            let b = &snap.bundle;
-            (
-                b.sequence,
-                X509BundlesResponse {
-                    crl: vec![],
-                    bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.to_vec())]),
-                },
-            )
+            (snap.bundle.sequence, Self::x509_bundles_response(snap))
         };
         let (k, first) = build(&snap, &[]);
         Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
@@ -545,13 +358,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             return Err(no_identity());
         }
         let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            let b = &snap.bundle;
-            (
-                b.sequence,
-                JwtBundlesResponse {
-                    bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.to_vec())]),
-                },
-            )
+            (snap.bundle.sequence, Self::jwt_bundles_response(snap))
         };
         let (k, first) = build(&snap, &[]);
         Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
@@ -632,75 +439,4 @@ fn to_value(v: serde_json::Value) -> prost_types::Value {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// Attestations that block until released, counting how many run at once.
-    struct Stuck {
-        running: AtomicUsize,
-        peak: AtomicUsize,
-        release: (Mutex<bool>, std::sync::Condvar),
-    }
-
-    impl Stuck {
-        fn attest(&self) {
-            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-            self.peak.fetch_max(now, Ordering::SeqCst);
-            let (m, cv) = &self.release;
-            let mut go = m.lock().unwrap();
-            while !*go {
-                go = cv.wait(go).unwrap();
-            }
-            self.running.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn attestations_are_bounded_in_all_per_uid_and_in_time() {
-        let gate = Arc::new(AttestGate::new(4, 2, Duration::from_millis(300)));
-        let stuck = Arc::new(Stuck {
-            running: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-            release: (Mutex::new(false), std::sync::Condvar::new()),
-        });
-        let mut calls = Vec::new();
-        for i in 0..12u32 {
-            let (g, s) = (gate.clone(), stuck.clone());
-            // uid 1 floods; uids 2 and 3 call a few times.
-            let uid = if i < 8 { 1 } else { 2 + i % 2 };
-            calls.push(tokio::spawn(
-                async move { g.run(uid, move || s.attest()).await },
-            ));
-        }
-        let mut timed_out = 0;
-        for c in calls {
-            let err = c.await.unwrap().unwrap_err();
-            assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-            assert!(err.message().contains("timed out"), "{err}");
-            timed_out += 1;
-        }
-        assert_eq!(timed_out, 12);
-        // uid 1 got at most 2 threads; 2 + 2 for the others: never more than 4 in all.
-        assert_eq!(stuck.peak.load(Ordering::SeqCst), 4);
-        // Timed out, but still stuck: their permits are held until they return.
-        let (g, s) = (gate.clone(), stuck.clone());
-        assert!(g.run(5, move || s.attest()).await.is_err());
-        {
-            let (m, cv) = &stuck.release;
-            *m.lock().unwrap() = true;
-            cv.notify_all();
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while stuck.running.load(Ordering::SeqCst) > 0 {
-            assert!(std::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(gate.run(1, || 7).await.unwrap(), 7);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(
-            gate.uids.lock().unwrap().is_empty(),
-            "per-uid entries are dropped"
-        );
-    }
-}
+mod tests;

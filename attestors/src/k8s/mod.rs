@@ -147,37 +147,8 @@ impl K8sAttestor {
         {
             return Ok(v.clone());
         }
-        let trust = if self.cfg.insecure_skip_kubelet_verify {
-            ServerTrust::InsecureSkipVerify
-        } else {
-            let path = self.cfg.kubelet_ca_path.as_ref().ok_or_else(|| {
-                K8sError::Kubelet(
-                    "kubelet_ca_path is required unless insecure_skip_kubelet_verify = true".into(),
-                )
-            })?;
-            let pem = std::fs::read_to_string(path).map_err(|e| {
-                K8sError::Kubelet(format!("kubelet_ca_path {}: {e}", path.display()))
-            })?;
-            ServerTrust::Roots(
-                continuity_common::x509::pem_decode_all("CERTIFICATE", &pem)
-                    .map_err(K8sError::Kubelet)?,
-            )
-        };
-        let token = if self.cfg.kubelet_url.starts_with("https://") {
-            Some(
-                std::fs::read_to_string(&self.cfg.token_path)
-                    .map_err(|e| {
-                        K8sError::Kubelet(format!(
-                            "token_path {}: {e}",
-                            self.cfg.token_path.display()
-                        ))
-                    })?
-                    .trim()
-                    .to_string(),
-            )
-        } else {
-            None
-        };
+        let trust = self.kubelet_trust()?;
+        let token = self.kubelet_token()?;
         let url = format!("{}/pods", self.cfg.kubelet_url.trim_end_matches('/'));
         let r = https::request(
             "GET",
@@ -199,6 +170,36 @@ impl K8sAttestor {
         let v = std::sync::Arc::new(v);
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), v.clone()));
         Ok(v)
+    }
+
+    /// How the kubelet's certificate is checked: `kubelet_ca_path`, unless verification is
+    /// off.
+    fn kubelet_trust(&self) -> Result<ServerTrust, K8sError> {
+        if self.cfg.insecure_skip_kubelet_verify {
+            return Ok(ServerTrust::InsecureSkipVerify);
+        }
+        let path = self.cfg.kubelet_ca_path.as_ref().ok_or_else(|| {
+            K8sError::Kubelet(
+                "kubelet_ca_path is required unless insecure_skip_kubelet_verify = true".into(),
+            )
+        })?;
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| K8sError::Kubelet(format!("kubelet_ca_path {}: {e}", path.display())))?;
+        Ok(ServerTrust::Roots(
+            continuity_common::x509::pem_decode_all("CERTIFICATE", &pem)
+                .map_err(K8sError::Kubelet)?,
+        ))
+    }
+
+    /// The bearer token sent to an HTTPS kubelet (`token_path`); none over plain HTTP.
+    fn kubelet_token(&self) -> Result<Option<String>, K8sError> {
+        if !self.cfg.kubelet_url.starts_with("https://") {
+            return Ok(None);
+        }
+        let token = std::fs::read_to_string(&self.cfg.token_path).map_err(|e| {
+            K8sError::Kubelet(format!("token_path {}: {e}", self.cfg.token_path.display()))
+        })?;
+        Ok(Some(token.trim().to_string()))
     }
 
     /// Selectors of process `pid`; none (and no error) when it is not in a pod.

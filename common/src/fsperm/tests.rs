@@ -1,0 +1,92 @@
+use super::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fsperm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn creates_missing_components_with_exact_modes() {
+    let d = tmp("create");
+    let target = d.join("a/b/private");
+    let dir = secure_dir(&target, 0o700, "test dir").unwrap();
+    assert_eq!(mode(&d.join("a")), 0o755);
+    assert_eq!(mode(&d.join("a/b")), 0o755);
+    assert_eq!(mode(&target), 0o700);
+    dir.write_atomic("state", 0o600, |f| std::io::Write::write_all(f, b"x"))
+        .unwrap();
+    assert_eq!(mode(&target.join("state")), 0o600);
+    assert_eq!(
+        dir.read(OsStr::new("state")).unwrap().as_deref(),
+        Some(&b"x"[..])
+    );
+    // Reopening its own directory works and narrows a widened-but-safe mode.
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+    secure_dir(&target, 0o700, "test dir").unwrap();
+    assert_eq!(mode(&target), 0o700);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn refuses_writable_symlinked_and_foreign_directories() {
+    let d = tmp("refuse");
+    let open = d.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = secure_dir(&open, 0o755, "test dir")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mode 0777") && e.contains(&*open.to_string_lossy()),
+        "{e}"
+    );
+    // Also as a parent on the way.
+    let e = secure_dir(&open.join("sub"), 0o755, "test dir")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("parent directory") && e.contains("0777"), "{e}");
+    assert!(!open.join("sub").exists());
+
+    let real = d.join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = d.join("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let e = secure_dir(&link, 0o755, "test dir")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("symbolic link"), "{e}");
+
+    if rustix::process::geteuid().is_root() {
+        let theirs = d.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let e = secure_dir(&theirs, 0o755, "test dir")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("owned by uid 65534 (expected 0)"), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn removes_only_sockets() {
+    let d = tmp("sock");
+    let dir = secure_dir(&d.join("s"), 0o755, "test dir").unwrap();
+    std::fs::write(d.join("s/file"), b"").unwrap();
+    assert!(dir.remove_socket(OsStr::new("file")).is_err());
+    assert!(d.join("s/file").exists());
+    let sock = std::os::unix::net::UnixListener::bind(d.join("s/api.sock")).unwrap();
+    drop(sock);
+    assert!(dir.socket_exists(OsStr::new("api.sock")).unwrap());
+    dir.remove_socket(OsStr::new("api.sock")).unwrap();
+    assert!(!d.join("s/api.sock").exists());
+    let _ = std::fs::remove_dir_all(d);
+}
