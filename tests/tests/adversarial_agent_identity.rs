@@ -2,7 +2,7 @@
 //! beside the real agent. The hostile agent here is a hand-built TLS client (tonic + rustls)
 //! that attests with a join token and renews as it likes; the server is the real binary.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! the health endpoint, and running out of file descriptors. Throughout, a real
 //! continuity-agent keeps syncing and getting SVIDs (or a second agent keeps being served).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use std::collections::HashSet;
 use std::io::{Read, Write};

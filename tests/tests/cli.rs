@@ -1,6 +1,6 @@
 //! The `continuity-server` command line: config errors, admin commands, health endpoints.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use std::process::Command;
 

@@ -1,7 +1,7 @@
 //! Engines end to end: a real server and agent, workloads as separate processes and uids,
 //! SoftHSM2 for HSM custody, openssl for verification.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -1,7 +1,7 @@
 //! Key custody of the trust domain's own keys: PKCS#11 on a throwaway SoftHSM2 token, and the
 //! disk key manager, both across a server restart.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use continuity_proto::agent::{BatchNewX509svidRequest, NewX509svidParams};
 use continuity_tests::agent_client::{attest, key_and_csr};

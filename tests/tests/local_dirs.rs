@@ -3,7 +3,7 @@
 //! the path, its owner and its mode, and a layout they create themselves has private modes and
 //! survives a restart.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt, chown, symlink};
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! The Workload API of a real agent, against a real server, with unmodified SPIFFE clients.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;

@@ -1,7 +1,7 @@
 //! Exhaustion by workloads, against the real agent and server: floods of idle connections,
 //! of distinct JWT-SVID audiences and of EngineAPI calls are bounded by `[workload_api]`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines)]
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;

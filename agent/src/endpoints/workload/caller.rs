@@ -19,7 +19,7 @@ pub struct Caller {
     /// Selectors from attestation.
     pub selectors: Arc<HashSet<Selector>>,
     /// The process.
-    pub peer: Arc<crate::endpoints::peer::Peer>,
+    pub peer: Arc<crate::peer::Peer>,
     /// Stable id of the process (pid + start time).
     pub workload_id: Arc<str>,
     /// Keeps the connection counted busy while this call (or its response stream) lives.

@@ -315,7 +315,7 @@ async fn a_ban_landing_during_re_attestation_stands() {
             None,
             csr(),
         )
-            .await
+        .await
     });
     let gate = f.gate.clone();
     tokio::task::spawn_blocking(move || gate.entered.wait())
