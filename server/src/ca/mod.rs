@@ -18,7 +18,7 @@ pub mod profile;
 
 pub use bundle::{Bundle, JwtAuthority};
 
-use crate::datastore::{CaKeyRecord, CaKeyState, DataStore, KeyPurpose, StoreError};
+use crate::datastore::{CaKeyRecord, CaKeyState, CaStore, KeyPurpose, StoreError};
 use crate::keys::{KeyError, KeyHandle, KeyManager, KeyType, RcgenKey};
 
 /// CA failures.
@@ -91,7 +91,7 @@ struct Snapshot {
 pub struct CaManager {
     cfg: CaConfig,
     keys: Arc<dyn KeyManager>,
-    store: Arc<dyn DataStore>,
+    store: Arc<dyn CaStore>,
     clock: Arc<dyn Clock>,
     current: RwLock<Option<Arc<Snapshot>>>,
     rotate_lock: tokio::sync::Mutex<()>,
@@ -117,7 +117,7 @@ impl CaManager {
     pub async fn start(
         cfg: CaConfig,
         keys: Arc<dyn KeyManager>,
-        store: Arc<dyn DataStore>,
+        store: Arc<dyn CaStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, CaError> {
         let empty = Arc::new(Bundle {

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use continuity_common::{Clock, TrustDomain};
 
 use crate::audit::Audit;
-use crate::datastore::{DataStore, StoreError};
+use crate::datastore::{EngineStore, StoreError};
 use crate::keys::{KeyError, KeyManager};
 
 pub use self::lifecycle::VersionAction;
@@ -86,7 +86,7 @@ type VersionId = (String, String, u32);
 /// The Engine registry and key service.
 pub struct Engines {
     trust_domain: TrustDomain,
-    store: Arc<dyn DataStore>,
+    store: Arc<dyn EngineStore>,
     keys: Arc<dyn KeyManager>,
     clock: Arc<dyn Clock>,
     audit: Arc<Audit>,
@@ -114,7 +114,7 @@ impl Engines {
     /// Loads Engines, keys, versions and secrets.
     pub async fn load(
         trust_domain: TrustDomain,
-        store: Arc<dyn DataStore>,
+        store: Arc<dyn EngineStore>,
         keys: Arc<dyn KeyManager>,
         clock: Arc<dyn Clock>,
         audit: Arc<Audit>,

@@ -9,7 +9,7 @@ use continuity_common::SpiffeId;
 
 use super::{EngineError, Engines, Result, custody};
 use crate::audit::AuditEvent;
-use crate::datastore::{DataStore, Write};
+use crate::datastore::{EngineStore, Write};
 use crate::model::engine::{Custody, Engine, EngineKey, KeyVersion, Secret};
 
 /// Everything the service knows, in memory. Keys and versions are shared (`Arc`) so an
@@ -28,7 +28,7 @@ pub(super) struct Index {
 
 impl Index {
     /// Reads Engines, keys, versions and secrets from the datastore.
-    pub(super) async fn load(store: &dyn DataStore) -> Result<Self> {
+    pub(super) async fn load(store: &dyn EngineStore) -> Result<Self> {
         let mut index = Self::default();
         for e in store.list_engines().await? {
             index.engines.insert(e.name.clone(), e);
