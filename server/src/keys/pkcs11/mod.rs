@@ -662,5 +662,4 @@ impl Pkcs11KeyManager {
 }
 
 #[cfg(test)]
-#[path = "pkcs11_tests.rs"]
 mod tests;
