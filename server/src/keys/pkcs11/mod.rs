@@ -21,11 +21,17 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
-use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
 use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType};
 use crate::config::PinSource;
+
+mod aes;
+mod key;
+mod token;
+
+use key::Pkcs11Key;
+use token::Token;
 
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
@@ -33,130 +39,6 @@ const LABEL_PREFIX: &str = "continuity/";
 
 fn ck(context: &str) -> impl Fn(CkError) -> KeyError + '_ {
     move |e| KeyError::Pkcs11(format!("{context}: {e}"))
-}
-
-/// The token, its login and a pool of sessions; shared by every key handle.
-struct Token {
-    /// Always Some until drop, which finalizes the module.
-    ctx: Option<Pkcs11>,
-    slot: Slot,
-    /// Open sessions, each logged in (the login is per token). Sessions are only closed on
-    /// drop, so the session objects created through them live as long as the token.
-    pool: Mutex<Vec<Session>>,
-    /// Session-object copies of private keys, by key id.
-    copies: Mutex<HashMap<String, ObjectHandle>>,
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token")
-            .field("slot", &self.slot)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Token {
-    fn drop(&mut self) {
-        // Sessions close first (taking the session objects with them); then the library is
-        // finalized, as PKCS#11 asks of every application.
-        self.pool.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        if let Some(ctx) = self.ctx.take()
-            && let Err(e) = ctx.finalize()
-        {
-            tracing::warn!(error = %e, "PKCS#11 finalize failed");
-        }
-    }
-}
-
-impl Token {
-    fn ctx(&self) -> Result<&Pkcs11, KeyError> {
-        self.ctx
-            .as_ref()
-            .ok_or_else(|| KeyError::Pkcs11("module already finalized".into()))
-    }
-
-    /// Runs `f` with a pooled (or newly opened) logged-in session.
-    fn with_session<T>(
-        &self,
-        f: impl FnOnce(&Session) -> Result<T, KeyError>,
-    ) -> Result<T, KeyError> {
-        let pooled = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let session = match pooled {
-            Some(s) => s,
-            None => self
-                .ctx()?
-                .open_rw_session(self.slot)
-                .map_err(ck("open session"))?,
-        };
-        let out = f(&session);
-        self.pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(session);
-        out
-    }
-
-    /// The token object (not a session copy) of `class` labelled for `id`.
-    fn find(
-        &self,
-        s: &Session,
-        id: &str,
-        class: ObjectClass,
-    ) -> Result<Option<ObjectHandle>, KeyError> {
-        let label = format!("{LABEL_PREFIX}{id}");
-        let found = s
-            .find_objects(&[
-                Attribute::Class(class),
-                Attribute::Token(true),
-                Attribute::Label(label.into_bytes()),
-            ])
-            .map_err(ck("find object"))?;
-        Ok(found.into_iter().next())
-    }
-
-    /// Any object (token object or session copy) of `class` labelled for `id`.
-    fn find_any(
-        &self,
-        s: &Session,
-        id: &str,
-        class: ObjectClass,
-    ) -> Result<Option<ObjectHandle>, KeyError> {
-        let label = format!("{LABEL_PREFIX}{id}");
-        let found = s
-            .find_objects(&[
-                Attribute::Class(class),
-                Attribute::Label(label.into_bytes()),
-            ])
-            .map_err(ck("find object"))?;
-        Ok(found.into_iter().next())
-    }
-
-    /// The handle to sign with for the private key `id` (token object `private`): its
-    /// session-object copy, made once; the token object itself if the token refuses a copy.
-    fn signing_handle(&self, s: &Session, id: &str, private: ObjectHandle) -> ObjectHandle {
-        let mut copies = self.copies.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = copies.get(id) {
-            return *h;
-        }
-        match s.copy_object(private, &[Attribute::Token(false)]) {
-            Ok(h) => {
-                copies.insert(id.to_string(), h);
-                h
-            }
-            Err(e) => {
-                tracing::debug!(key = id, error = %e, "no session copy of the key; signing with the token object");
-                private
-            }
-        }
-    }
-
-    /// Forgets the session copy of `id` (its object is destroyed by the caller).
-    fn forget_copy(&self, id: &str) {
-        self.copies
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-    }
 }
 
 /// Keys inside a PKCS#11 token.
@@ -213,44 +95,7 @@ impl Pkcs11KeyManager {
         id: &str,
         key_type: KeyType,
     ) -> Result<Pkcs11Key, KeyError> {
-        let label = format!("{LABEL_PREFIX}{id}").into_bytes();
-        let common_private = vec![
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Sign(true),
-            Attribute::Label(label.clone()),
-            Attribute::Id(id.as_bytes().to_vec()),
-        ];
-        let mut public = vec![
-            Attribute::Token(true),
-            Attribute::Private(false),
-            Attribute::Verify(true),
-            Attribute::Label(label),
-            Attribute::Id(id.as_bytes().to_vec()),
-        ];
-        let mechanism = match key_type {
-            KeyType::EcP256 | KeyType::EcP384 => {
-                let params = if key_type == KeyType::EcP256 {
-                    P256_PARAMS
-                } else {
-                    P384_PARAMS
-                };
-                public.push(Attribute::EcParams(params.to_vec()));
-                Mechanism::EccKeyPairGen
-            }
-            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
-                let bits: u64 = match key_type {
-                    KeyType::Rsa2048 => 2048,
-                    KeyType::Rsa3072 => 3072,
-                    _ => 4096,
-                };
-                public.push(Attribute::ModulusBits(bits.into()));
-                public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
-                Mechanism::RsaPkcsKeyPairGen
-            }
-        };
+        let (mechanism, public, common_private) = key_templates(id, key_type);
         let (pubh, privh) = token.with_session(|s| {
             s.generate_key_pair(&mechanism, &public, &common_private)
                 .map_err(|e| KeyError::Generate {
@@ -315,6 +160,52 @@ impl Pkcs11KeyManager {
             }))
         })
     }
+}
+
+/// The mechanism and the public and private templates of a new token key pair.
+fn key_templates(
+    id: &str,
+    key_type: KeyType,
+) -> (Mechanism<'static>, Vec<Attribute>, Vec<Attribute>) {
+    let label = format!("{LABEL_PREFIX}{id}").into_bytes();
+    let common_private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Label(label.clone()),
+        Attribute::Id(id.as_bytes().to_vec()),
+    ];
+    let mut public = vec![
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::Label(label),
+        Attribute::Id(id.as_bytes().to_vec()),
+    ];
+    let mechanism = match key_type {
+        KeyType::EcP256 | KeyType::EcP384 => {
+            let params = if key_type == KeyType::EcP256 {
+                P256_PARAMS
+            } else {
+                P384_PARAMS
+            };
+            public.push(Attribute::EcParams(params.to_vec()));
+            Mechanism::EccKeyPairGen
+        }
+        KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
+            let bits: u64 = match key_type {
+                KeyType::Rsa2048 => 2048,
+                KeyType::Rsa3072 => 3072,
+                _ => 4096,
+            };
+            public.push(Attribute::ModulusBits(bits.into()));
+            public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
+            Mechanism::RsaPkcsKeyPairGen
+        }
+    };
+    (mechanism, public, common_private)
 }
 
 /// Longest PIN file accepted (PKCS#11 PINs are short).
@@ -455,209 +346,6 @@ impl KeyManager for Pkcs11KeyManager {
 
     fn is_hsm(&self) -> bool {
         true
-    }
-}
-
-/// A private key object inside the token.
-pub struct Pkcs11Key {
-    id: String,
-    key_type: KeyType,
-    public: Vec<u8>,
-    /// The object C_Sign uses: the key's session copy, or its token object.
-    private: ObjectHandle,
-    token: Arc<Token>,
-}
-
-impl std::fmt::Debug for Pkcs11Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11Key")
-            .field("id", &self.id)
-            .field("key_type", &self.key_type)
-            .finish_non_exhaustive()
-    }
-}
-
-impl KeyHandle for Pkcs11Key {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn key_type(&self) -> KeyType {
-        self.key_type
-    }
-
-    fn public_key_raw(&self) -> &[u8] {
-        &self.public
-    }
-
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let err = |e: CkError| KeyError::Sign {
-            id: self.id.clone(),
-            reason: e.to_string(),
-        };
-        self.token.with_session(|s| match self.key_type {
-            // SoftHSM lacks CKM_ECDSA_SHA256: hash here, sign the digest with CKM_ECDSA.
-            KeyType::EcP256 | KeyType::EcP384 => {
-                let alg = if self.key_type == KeyType::EcP256 {
-                    &aws_lc_rs::digest::SHA256
-                } else {
-                    &aws_lc_rs::digest::SHA384
-                };
-                let digest = aws_lc_rs::digest::digest(alg, msg);
-                let fixed = s
-                    .sign(&Mechanism::Ecdsa, self.private, digest.as_ref())
-                    .map_err(err)?;
-                continuity_common::der::ecdsa_fixed_to_der(&fixed).map_err(|e| KeyError::Sign {
-                    id: self.id.clone(),
-                    reason: e.to_string(),
-                })
-            }
-            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => s
-                .sign(&Mechanism::Sha256RsaPkcs, self.private, msg)
-                .map_err(err),
-        })
-    }
-
-    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let err = |reason: String| KeyError::Sign {
-            id: self.id.clone(),
-            reason,
-        };
-        if digest.len() != 32 {
-            return Err(err("a SHA-256 digest is 32 bytes".into()));
-        }
-        self.token.with_session(|s| match self.key_type {
-            KeyType::EcP256 => {
-                let fixed = s
-                    .sign(&Mechanism::Ecdsa, self.private, digest)
-                    .map_err(|e| err(e.to_string()))?;
-                continuity_common::der::ecdsa_fixed_to_der(&fixed).map_err(|e| err(e.to_string()))
-            }
-            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
-                // PKCS#1 v1.5 over a digest: DigestInfo(SHA-256) ‖ digest, signed with CKM_RSA_PKCS.
-                let mut info = SHA256_DIGEST_INFO.to_vec();
-                info.extend_from_slice(digest);
-                s.sign(&Mechanism::RsaPkcs, self.private, &info)
-                    .map_err(|e| err(e.to_string()))
-            }
-            KeyType::EcP384 => Err(err("digest signing is for P-256 and RSA keys".into())),
-        })
-    }
-}
-
-/// DER prefix of a PKCS#1 DigestInfo for SHA-256.
-const SHA256_DIGEST_INFO: &[u8] = &[
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
-    0x00, 0x04, 0x20,
-];
-
-/// An AES-256 secret key object inside the token, used with CKM_AES_GCM.
-pub struct Pkcs11Aes {
-    id: String,
-    handle: ObjectHandle,
-    token: Arc<Token>,
-}
-
-impl std::fmt::Debug for Pkcs11Aes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11Aes")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
-    }
-}
-
-const GCM_NONCE: usize = 12;
-
-impl AesKey for Pkcs11Aes {
-    fn encrypt(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let mut nonce = [0u8; GCM_NONCE];
-        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| KeyError::Crypto("no randomness".into()))?;
-        let mut iv = nonce;
-        let ct = self.token.with_session(|s| {
-            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into())
-                .map_err(ck("GCM parameters"))?;
-            s.encrypt(&Mechanism::AesGcm(params), self.handle, plaintext)
-                .map_err(ck("AES-GCM encrypt"))
-        })?;
-        let mut out = nonce.to_vec();
-        out.extend(ct);
-        Ok(out)
-    }
-
-    fn decrypt(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
-        if sealed.len() < GCM_NONCE + 16 {
-            return Err(KeyError::Crypto("sealed data too short".into()));
-        }
-        let (nonce, ct) = sealed.split_at(GCM_NONCE);
-        let mut iv = [0u8; GCM_NONCE];
-        iv.copy_from_slice(nonce);
-        self.token.with_session(|s| {
-            let params = cryptoki::mechanism::aead::GcmParams::new(&mut iv, aad, 128.into())
-                .map_err(ck("GCM parameters"))?;
-            s.decrypt(&Mechanism::AesGcm(params), self.handle, ct)
-                .map_err(|_| {
-                    KeyError::Crypto(
-                        "authentication failed: wrong key, data or associated data".into(),
-                    )
-                })
-        })
-    }
-}
-
-impl Kek for Pkcs11Aes {
-    fn mechanism(&self) -> &'static str {
-        "pkcs11:CKM_AES_GCM"
-    }
-    fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
-        self.encrypt(plaintext, aad)
-    }
-    fn open(&self, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, KeyError> {
-        self.decrypt(sealed, aad)
-    }
-}
-
-impl Pkcs11KeyManager {
-    fn generate_aes_blocking(token: &Arc<Token>, id: &str) -> Result<Pkcs11Aes, KeyError> {
-        let template = [
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::ValueLen(32.into()),
-            Attribute::Label(format!("{LABEL_PREFIX}{id}").into_bytes()),
-            Attribute::Id(id.as_bytes().to_vec()),
-        ];
-        let handle = token.with_session(|s| {
-            s.generate_key(&Mechanism::AesKeyGen, &template)
-                .map_err(ck("generate AES key"))
-        })?;
-        Ok(Pkcs11Aes {
-            id: id.into(),
-            handle,
-            token: token.clone(),
-        })
-    }
-
-    fn get_aes_blocking(token: &Arc<Token>, id: &str) -> Result<Option<Pkcs11Aes>, KeyError> {
-        let found = token.with_session(|s| token.find(s, id, ObjectClass::SECRET_KEY))?;
-        Ok(found.map(|handle| Pkcs11Aes {
-            id: id.into(),
-            handle,
-            token: token.clone(),
-        }))
-    }
-
-    async fn aes_blocking<T: Send + 'static>(
-        &self,
-        id: &str,
-        f: fn(&Arc<Token>, &str) -> Result<T, KeyError>,
-    ) -> Result<T, KeyError> {
-        let (token, id) = (self.token.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || f(&token, &id))
-            .await
-            .map_err(|e| KeyError::Pkcs11(e.to_string()))?
     }
 }
 
