@@ -2,7 +2,10 @@
 //! what, which key version, the result; never key material or plaintext. `verify` recomputes
 //! the chain and names the first record that was edited, deleted or moved.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+
+use async_trait::async_trait;
 
 use continuity_common::Clock;
 
@@ -57,80 +60,159 @@ impl AuditEvent {
     }
 }
 
+/// The datastore operations the audit log needs (every [`DataStore`] has them).
+#[async_trait]
+pub trait AuditBackend: Send + Sync {
+    /// [`DataStore::apply`].
+    async fn apply(
+        &self,
+        writes: &[Write],
+        audit: &[AuditRecord],
+    ) -> Result<Vec<Applied>, StoreError>;
+    /// [`DataStore::append_audit_batch`].
+    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// [`DataStore::list_audit`].
+    async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError>;
+    /// [`DataStore::audit_head`].
+    async fn audit_head(&self) -> Result<i64, StoreError>;
+}
+
+#[async_trait]
+impl AuditBackend for Arc<dyn DataStore> {
+    async fn apply(
+        &self,
+        writes: &[Write],
+        audit: &[AuditRecord],
+    ) -> Result<Vec<Applied>, StoreError> {
+        self.as_ref().apply(writes, audit).await
+    }
+    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        self.as_ref().append_audit_batch(records).await
+    }
+    async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
+        self.as_ref().list_audit().await
+    }
+    async fn audit_head(&self) -> Result<i64, StoreError> {
+        self.as_ref().audit_head().await
+    }
+}
+
+/// Most key-use records committed in one transaction.
+const MAX_BATCH: usize = 512;
+
 /// The audit log.
 ///
-/// Key-use appends ([`Audit::record`]) use group commit: a record is chained in memory under
-/// a short lock, and whoever then holds the flush lock writes every pending record in one
-/// transaction. `record` returns only once its own record is committed, so the log is durable
-/// per call while concurrent key uses share one database commit.
-///
-/// Admin writes go through [`Audit::commit`]: the write and its records (and whatever is
-/// pending) commit in one transaction, or none of it does and the chain continues as if the
-/// records never existed.
+/// Every append is durable before its caller returns, and appends are group-committed: a
+/// caller queues its job and, if no commit is in flight, starts the writer; the writer takes
+/// every key use queued so far ([`Audit::record`]), chains and commits them in one
+/// transaction, wakes each of their callers with the result, and goes on while jobs are
+/// queued. An admin write ([`Audit::commit`]) is its own transaction (its write and its
+/// records, all or none), in queue order with the key uses around it. Records are chained
+/// when their batch is taken, from the last committed record, so hash-chain order is commit
+/// order and a failed batch leaves no trace. The writer is a task of its own, so a caller
+/// that gives up waiting cannot strand the callers batched with it.
 pub struct Audit {
-    store: Arc<dyn DataStore>,
+    backend: Arc<dyn AuditBackend>,
     clock: Arc<dyn Clock>,
-    head: std::sync::Mutex<Head>,
-    flush: tokio::sync::Mutex<()>,
+    state: Arc<std::sync::Mutex<State>>,
 }
 
-struct Head {
-    /// seq and hash of the last chained record (committed or pending).
+/// The queue and the chain head, shared with the writer task.
+struct State {
+    /// seq and hash of the last committed record.
     seq: i64,
     hash: String,
-    /// Chained, not yet committed key-use records, with their tickets, in seq order.
-    pending: Vec<(u64, AuditRecord)>,
-    next_ticket: u64,
-    /// Every pending ticket up to this one is committed.
-    committed_ticket: u64,
-    /// seq and hash of the last committed record.
-    committed_seq: i64,
-    committed_hash: String,
+    /// Jobs not yet taken by the writer, in arrival order.
+    queue: VecDeque<Job>,
+    /// A writer task is running (it clears this when it finds the queue empty).
+    writing: bool,
 }
 
-impl Head {
-    fn chain(&mut self, time: i64, ev: &AuditEvent) -> AuditRecord {
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T, StoreError>>;
+
+enum Job {
+    /// One key use.
+    Use {
+        time: i64,
+        event: AuditEvent,
+        done: Reply<()>,
+    },
+    /// An admin write with its records.
+    Admin {
+        time: i64,
+        writes: Vec<Write>,
+        events: Vec<AuditEvent>,
+        done: Reply<Vec<Applied>>,
+    },
+}
+
+/// What the writer commits next: key uses, or one admin write.
+enum Batch {
+    Uses(Vec<AuditRecord>, Vec<Reply<()>>),
+    Admin(Vec<Write>, Vec<AuditRecord>, Reply<Vec<Applied>>),
+}
+
+impl State {
+    fn chain(&self, prev: Option<&AuditRecord>, time: i64, ev: &AuditEvent) -> AuditRecord {
+        let (seq, prev_hash) = prev.map_or((self.seq, &self.hash), |r| (r.seq, &r.hash));
         let mut r = AuditRecord {
-            seq: self.seq + 1,
+            seq: seq + 1,
             time,
             actor: ev.actor.clone(),
             action: ev.action.clone(),
             target: ev.target.clone(),
             key_version: ev.key_version,
             result: ev.result.clone(),
-            prev_hash: self.hash.clone(),
+            prev_hash: prev_hash.clone(),
             hash: String::new(),
         };
         r.hash = chain_hash(&r);
-        self.seq = r.seq;
-        self.hash = r.hash.clone();
         r
     }
 
-    /// Puts `taken` (a failed batch) back in front of the pending records and chains them
-    /// all again from the last committed record.
-    fn restore(&mut self, taken: Vec<(u64, AuditRecord)>) {
-        let rest = std::mem::take(&mut self.pending);
-        self.pending = taken;
-        self.pending.extend(rest);
-        self.seq = self.committed_seq;
-        self.hash = self.committed_hash.clone();
-        for (_, r) in self.pending.iter_mut() {
-            r.seq = self.seq + 1;
-            r.prev_hash = self.hash.clone();
-            r.hash = chain_hash(r);
-            self.seq = r.seq;
-            self.hash = r.hash.clone();
+    /// The next batch, chained from the last committed record; None (and the writer stops)
+    /// when nothing is queued.
+    fn take(&mut self) -> Option<Batch> {
+        let Some(front) = self.queue.pop_front() else {
+            self.writing = false;
+            return None;
+        };
+        let mut records: Vec<AuditRecord> = Vec::new();
+        match front {
+            Job::Admin {
+                time,
+                writes,
+                events,
+                done,
+            } => {
+                for ev in &events {
+                    let r = self.chain(records.last(), time, ev);
+                    records.push(r);
+                }
+                Some(Batch::Admin(writes, records, done))
+            }
+            Job::Use { time, event, done } => {
+                let mut replies = vec![done];
+                records.push(self.chain(None, time, &event));
+                while records.len() < MAX_BATCH
+                    && matches!(self.queue.front(), Some(Job::Use { .. }))
+                {
+                    let Some(Job::Use { time, event, done }) = self.queue.pop_front() else {
+                        break;
+                    };
+                    let r = self.chain(records.last(), time, &event);
+                    records.push(r);
+                    replies.push(done);
+                }
+                Some(Batch::Uses(records, replies))
+            }
         }
     }
 
-    fn committed(&mut self, taken: &[(u64, AuditRecord)], last: Option<&AuditRecord>) {
-        if let Some((t, _)) = taken.last() {
-            self.committed_ticket = self.committed_ticket.max(*t);
-        }
-        if let Some(r) = last {
-            self.committed_seq = r.seq;
-            self.committed_hash = r.hash.clone();
+    fn committed(&mut self, records: &[AuditRecord]) {
+        if let Some(last) = records.last() {
+            self.seq = last.seq;
+            self.hash = last.hash.clone();
         }
     }
 }
@@ -158,32 +240,115 @@ fn chain_hash(r: &AuditRecord) -> String {
     ))
 }
 
+/// A copy of `e` for another caller of the same failed batch, with the same message
+/// (`Database` and `Migration` hold a `sqlx::Error`, which cannot be cloned).
+fn share(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::NotFound(s) => StoreError::NotFound(s.clone()),
+        StoreError::Corrupt(s) => StoreError::Corrupt(s.clone()),
+        StoreError::Io(s) => StoreError::Io(s.clone()),
+        StoreError::Conflict(s) => StoreError::Conflict(s.clone()),
+        StoreError::Audit(s) => StoreError::Audit(s.clone()),
+        StoreError::Database(inner) => StoreError::Io(inner.to_string()),
+        StoreError::Migration { .. } => StoreError::Corrupt(e.to_string()),
+    }
+}
+
+/// Armed while the writer runs: if it ends any other way (a panic, the runtime shutting
+/// down), the queued jobs are dropped (their callers get an error) and the next caller
+/// starts a new writer.
+struct Stopped(Option<Arc<std::sync::Mutex<State>>>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(state) = self.0.take() {
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            st.queue.clear();
+            st.writing = false;
+        }
+    }
+}
+
+/// Wakes every caller of a key-use batch with its result: the first gets the error itself,
+/// the others a copy.
+fn answer(replies: Vec<Reply<()>>, result: Result<(), StoreError>) {
+    let mut replies = replies.into_iter();
+    let first = replies.next();
+    for r in replies {
+        let _ = r.send(result.as_ref().map(|_| ()).map_err(share));
+    }
+    if let Some(first) = first {
+        let _ = first.send(result);
+    }
+}
+
+/// The writer: commits queued batches until the queue is empty.
+async fn write_queued(backend: Arc<dyn AuditBackend>, state: Arc<std::sync::Mutex<State>>) {
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    let mut stopped = Stopped(Some(state.clone()));
+    loop {
+        let Some(batch) = lock().take() else {
+            // take() cleared `writing` under the lock: a new caller starts a new writer.
+            stopped.0 = None;
+            return;
+        };
+        match batch {
+            Batch::Uses(records, replies) => {
+                let result = backend.append_audit_batch(&records).await;
+                if result.is_ok() {
+                    lock().committed(&records);
+                }
+                answer(replies, result);
+            }
+            Batch::Admin(writes, records, done) => {
+                let result = backend.apply(&writes, &records).await;
+                if result.is_ok() {
+                    lock().committed(&records);
+                }
+                let _ = done.send(result);
+            }
+        }
+    }
+}
+
 impl Audit {
     /// Opens the log, continuing its chain.
     pub async fn load(
         store: Arc<dyn DataStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StoreError> {
-        let last = store.list_audit().await?.pop();
+        Self::with_backend(Arc::new(store), clock).await
+    }
+
+    /// [`Audit::load`] over any [`AuditBackend`].
+    pub async fn with_backend(
+        backend: Arc<dyn AuditBackend>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, StoreError> {
+        let last = backend.list_audit().await?.pop();
         let (seq, hash) = last.map(|r| (r.seq, r.hash)).unwrap_or_default();
         Ok(Arc::new(Self {
-            store,
+            backend,
             clock,
-            head: std::sync::Mutex::new(Head {
+            state: Arc::new(std::sync::Mutex::new(State {
                 seq,
-                hash: hash.clone(),
-                pending: Vec::new(),
-                next_ticket: 1,
-                committed_ticket: 0,
-                committed_seq: seq,
-                committed_hash: hash,
-            }),
-            flush: tokio::sync::Mutex::new(()),
+                hash,
+                queue: VecDeque::new(),
+                writing: false,
+            })),
         }))
     }
 
-    fn head(&self) -> std::sync::MutexGuard<'_, Head> {
-        self.head.lock().unwrap_or_else(|e| e.into_inner())
+    /// Queues `job` and starts the writer unless one is running.
+    fn enqueue(&self, job: Job) {
+        let start = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.queue.push_back(job);
+            !std::mem::replace(&mut st.writing, true)
+        };
+        if start {
+            tokio::spawn(write_queued(self.backend.clone(), self.state.clone()));
+        }
     }
 
     /// Appends one record (a key use); returns once it is committed.
@@ -195,37 +360,19 @@ impl Audit {
         key_version: u32,
         result: &str,
     ) -> Result<(), StoreError> {
-        let ev = AuditEvent::ok(actor, action, target)
+        let event = AuditEvent::ok(actor, action, target)
             .version(key_version)
             .result(result);
-        let mine = {
-            let now = self.clock.unix();
-            let mut head = self.head();
-            let r = head.chain(now, &ev);
-            let ticket = head.next_ticket;
-            head.next_ticket += 1;
-            head.pending.push((ticket, r));
-            ticket
-        };
-        let _flushing = self.flush.lock().await;
-        let taken = {
-            let mut head = self.head();
-            if head.committed_ticket >= mine {
-                return Ok(());
-            }
-            std::mem::take(&mut head.pending)
-        };
-        let batch: Vec<AuditRecord> = taken.iter().map(|(_, r)| r.clone()).collect();
-        if let Err(e) = self.store.append_audit_batch(&batch).await {
-            // Put them back in order so a later flush retries them; the chain stays intact.
-            self.head().restore(taken);
-            return Err(e);
-        }
-        self.head().committed(&taken, batch.last());
-        Ok(())
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.enqueue(Job::Use {
+            time: self.clock.unix(),
+            event,
+            done,
+        });
+        wait.await.unwrap_or_else(|_| Err(writer_gone()))
     }
 
-    /// Applies `writes` and appends `events` (after any pending key-use records) in one
+    /// Applies `writes` and appends `events` (after every key use queued before it) in one
     /// datastore transaction. On failure nothing is applied and the chain continues as if
     /// `events` had never been chained.
     pub async fn commit(
@@ -234,36 +381,21 @@ impl Audit {
         events: &[AuditEvent],
     ) -> Result<Vec<Applied>, StoreError> {
         if events.is_empty() {
-            return self.store.apply(writes, &[]).await;
+            return self.backend.apply(writes, &[]).await;
         }
-        let _flushing = self.flush.lock().await;
-        let (taken, batch) = {
-            let now = self.clock.unix();
-            let mut head = self.head();
-            let taken = std::mem::take(&mut head.pending);
-            let mut batch: Vec<AuditRecord> = taken.iter().map(|(_, r)| r.clone()).collect();
-            for ev in events {
-                let r = head.chain(now, ev);
-                batch.push(r);
-            }
-            (taken, batch)
-        };
-        match self.store.apply(writes, &batch).await {
-            Ok(applied) => {
-                self.head().committed(&taken, batch.last());
-                Ok(applied)
-            }
-            Err(e) => {
-                // Records chained behind ours while the transaction ran are chained again.
-                self.head().restore(taken);
-                Err(e)
-            }
-        }
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.enqueue(Job::Admin {
+            time: self.clock.unix(),
+            writes: writes.to_vec(),
+            events: events.to_vec(),
+            done,
+        });
+        wait.await.unwrap_or_else(|_| Err(writer_gone()))
     }
 
     /// Records, oldest first; the last `limit` when limit > 0.
     pub async fn records(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut all = self.store.list_audit().await?;
+        let mut all = self.backend.list_audit().await?;
         if limit > 0 && all.len() as i64 > limit {
             all.drain(..all.len() - limit as usize);
         }
@@ -272,8 +404,8 @@ impl Audit {
 
     /// Recomputes the chain.
     pub async fn verify(&self) -> Result<Verification, StoreError> {
-        let records = self.store.list_audit().await?;
-        let head = self.store.audit_head().await?;
+        let records = self.backend.list_audit().await?;
+        let head = self.backend.audit_head().await?;
         let mut prev = String::new();
         let mut expected = 1;
         for r in &records {
@@ -327,55 +459,11 @@ impl Audit {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::SystemTime;
-
-    use continuity_common::ManualClock;
-
-    use super::*;
-    use crate::datastore::JoinToken;
-
-    #[tokio::test]
-    async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues() {
-        let (dir, url, store) = crate::datastore::scratch_sqlite("audit").await;
-        let store: Arc<dyn DataStore> = Arc::new(store);
-        let raw = sqlx::AnyPool::connect(&url).await.unwrap();
-        sqlx::query("CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN NEW.action = 'token.generate' BEGIN SELECT RAISE(ABORT, 'refused'); END")
-            .execute(&raw)
-            .await
-            .unwrap();
-        let clock = Arc::new(ManualClock::new(SystemTime::now()));
-        let audit = Audit::load(store.clone(), clock).await.unwrap();
-        audit.record("a", "key.sign", "e/k", 1, "ok").await.unwrap();
-        let token = JoinToken {
-            token_hash: "h".into(),
-            id: "i".into(),
-            alias: None,
-            expires_at: 1,
-        };
-        let err = audit
-            .commit(
-                &[Write::CreateJoinToken(token)],
-                &[AuditEvent::ok("admin", "token.generate", "join_token")],
-            )
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Audit(_)), "{err}");
-        assert_eq!(
-            store.take_join_token("h").await.unwrap(),
-            None,
-            "not applied"
-        );
-        audit.record("a", "key.sign", "e/k", 1, "ok").await.unwrap();
-        let v = audit.verify().await.unwrap();
-        assert_eq!(
-            v,
-            Verification {
-                records: 2,
-                problem: None
-            }
-        );
-        let _ = std::fs::remove_dir_all(dir);
-    }
+/// The writer task ended without answering (the runtime is shutting down).
+fn writer_gone() -> StoreError {
+    StoreError::Io("the audit log writer stopped before committing".into())
 }
+
+#[cfg(test)]
+#[path = "audit_tests.rs"]
+mod tests;

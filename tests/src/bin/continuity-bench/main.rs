@@ -4,10 +4,15 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod engine;
+mod engine_floor;
+mod hsm;
 mod report;
 mod scale;
+mod scale_server;
 mod signing;
 mod workload;
+mod workload_rows;
 
 use std::time::{Duration, Instant};
 
@@ -45,7 +50,7 @@ impl Plan {
                 latency_samples: 2000,
                 seconds: 4.0,
                 memory_steps: [100, 1000, 10_000],
-                agents: 1000,
+                agents: 10_000,
                 entries_per_alias: 100,
                 full_sync_entries: 10_000,
             }
@@ -89,14 +94,22 @@ pub fn wait_for<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
 /// Quiet logs: benchmarks measure the work, not the logging.
 pub const QUIET_SERVER: &str = "log_level = \"warn\"\n";
 
+/// Child processes the suite starts from its own binary: `--<name> args…`.
+fn child(args: &[String]) -> bool {
+    let rest = args.get(2..).unwrap_or_default();
+    match args.get(1).map(String::as_str) {
+        Some("--floor-server") => workload::floor_server_child(rest),
+        Some("--pkcs11-floor") => hsm::pkcs11_floor_child(rest),
+        Some("--engine-tls-echo") => engine_floor::tls_echo_child(rest),
+        Some("--engine-uds-echo") => engine_floor::uds_echo_child(rest),
+        _ => return false,
+    }
+    true
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--floor-server") {
-        workload::floor_server_child(&args[2..]);
-        return;
-    }
-    if args.get(1).map(String::as_str) == Some("--pkcs11-floor") {
-        signing::pkcs11_floor_child(&args[2..]);
+    if child(&args) {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -110,20 +123,10 @@ fn main() {
     report::write(&metrics, &out).unwrap();
 }
 
-async fn run(plan: Plan) -> Vec<Metric> {
-    let dir = tempfile::tempdir().unwrap();
-    continuity_tests::agent::open_up(dir.path());
-    eprintln!(
-        "continuity-bench: {} run, {} cores, binaries from {}",
-        if plan.quick { "quick" } else { "full" },
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        continuity_tests::bin_dir().display()
-    );
-    let mut m = Vec::new();
-
-    // A server and an agent, one entry for this uid bound to an Engine with transit keys.
+/// A server and an agent, one entry for this uid bound to an Engine with transit keys.
+fn main_pair(dir: &std::path::Path) -> (TestServer, TestAgent) {
     let server = TestServer::start(
-        &dir.path().join("server"),
+        &dir.join("server"),
         ServerOptions {
             extra_toml: QUIET_SERVER.into(),
             ..Default::default()
@@ -140,6 +143,7 @@ async fn run(plan: Plan) -> Vec<Metric> {
         "--purpose",
         "sign",
     ]);
+    let selector = format!("unix:uid:{}", uid());
     server.cli_ok(&[
         "entry",
         "create",
@@ -148,12 +152,12 @@ async fn run(plan: Plan) -> Vec<Metric> {
         "--parent-id",
         alias,
         "--selector",
-        &format!("unix:uid:{}", uid()),
+        &selector,
         "--engine",
         "bench",
     ]);
-    let mut agent = TestAgent::start_with(
-        &dir.path().join("agent"),
+    let agent = TestAgent::start_with(
+        &dir.join("agent"),
         &server,
         &server.token(Some(alias)),
         "log_level = \"warn\"\nsync_interval = \"1s\"",
@@ -161,155 +165,36 @@ async fn run(plan: Plan) -> Vec<Metric> {
     wait_for(20, "agent serves", || {
         agent.cli(&["api", "fetch", "x509"]).status.success()
     });
+    (server, agent)
+}
 
-    eprintln!("[1/8] Workload API latency and throughput");
-    m.extend(workload_metrics(&plan, &agent, dir.path()).await);
-    eprintln!("[2/8] SVID signing (disk, pkcs11)");
-    m.extend(signing::metrics(&plan, &server, dir.path()).await);
-    eprintln!("[3/8] Engine ops");
-    m.extend(signing::engine_metrics(&plan, &agent, "transit").await);
-    eprintln!("[4/8] recovery");
+async fn run(plan: Plan) -> Vec<Metric> {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    continuity_tests::agent::open_up(dir);
+    eprintln!(
+        "continuity-bench: {} run, {} cores, binaries from {}",
+        if plan.quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        continuity_tests::bin_dir().display()
+    );
+    let (server, mut agent) = main_pair(dir);
+    let mut m = Vec::new();
+    eprintln!("[1/6] Workload API latency and throughput");
+    m.extend(workload_rows::metrics(&plan, &agent, dir).await);
+    eprintln!("[2/6] SVID signing (disk, pkcs11) and Engine ops (hsm)");
+    m.extend(signing::metrics(&plan, &server, dir).await);
+    eprintln!("[3/6] Engine ops (transit)");
+    m.extend(engine::metrics(&plan, &agent.socket, "transit", dir, None).await);
+    eprintln!("[4/6] recovery");
     m.push(recovery(&mut agent, &server).await);
     drop(agent);
     drop(server);
-    eprintln!("[5/8] agent memory and SVID storm");
-    m.extend(scale::agent_memory(&plan, dir.path()).await);
-    eprintln!("[6/8] server scale");
-    m.extend(scale::server_scale(&plan, dir.path()).await);
+    eprintln!("[5/6] agent memory, SVID storm, Workload API during rotation");
+    m.extend(scale::agent_memory(&plan, dir).await);
+    eprintln!("[6/6] server scale");
+    m.extend(scale_server::server_scale(&plan, dir).await);
     m
-}
-
-async fn workload_metrics(plan: &Plan, agent: &TestAgent, dir: &std::path::Path) -> Vec<Metric> {
-    use workload::*;
-    let sock = agent.socket.clone();
-    // Warm up the agent's JWT cache, and copy its real messages into the floor server.
-    let mut c = client(&sock).await;
-    let x509 = c
-        .fetch_x509svid(req(continuity_proto::workload::X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner()
-        .message()
-        .await
-        .unwrap()
-        .unwrap();
-    let jwt = c
-        .fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest {
-            audience: vec!["bench".into()],
-            spiffe_id: String::new(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let (floor_sock, mut floor_child) = start_floor(&dir.join("floor.sock"), x509, jwt).await;
-    let n = plan.latency_samples;
-    let mut out = Vec::new();
-    for conc in [1usize, 16] {
-        let (s1, s2) = (sock.clone(), floor_sock.clone());
-        let (fp50, fp99, _) = measure(n, conc, move || {
-            let p = s2.clone();
-            async move { connect_and_fetch(&p).await }
-        })
-        .await;
-        let (p50, p99, _) = measure(n, conc, move || {
-            let p = s1.clone();
-            async move { connect_and_fetch(&p).await }
-        })
-        .await;
-        out.push(
-            Metric::new(
-                format!("workload: connect+attest+first X509 p50, {conc} client(s)"),
-                p50,
-                "us",
-            )
-            .floor("tonic UDS fixed message", fp50),
-        );
-        out.push(
-            Metric::new(
-                format!("workload: connect+attest+first X509 p99, {conc} client(s)"),
-                p99,
-                "us",
-            )
-            .floor("tonic UDS fixed message", fp99)
-            .target("<= 1.5x floor"),
-        );
-    }
-    // Unary calls on kept connections.
-    let mut fc = client(&floor_sock).await;
-    let mut ac = client(&sock).await;
-    let mut fl = Vec::new();
-    let mut al = Vec::new();
-    for _ in 0..n {
-        fl.push(jwt_on(&mut fc).await);
-        al.push(jwt_on(&mut ac).await);
-    }
-    out.push(
-        Metric::new(
-            "workload: FetchJWTSVID (cached) p50",
-            report::percentile(&mut al, 50.0),
-            "us",
-        )
-        .floor("tonic UDS unary", report::percentile(&mut fl, 50.0)),
-    );
-    out.push(
-        Metric::new(
-            "workload: FetchJWTSVID (cached) p99",
-            report::percentile(&mut al, 99.0),
-            "us",
-        )
-        .floor("tonic UDS unary", report::percentile(&mut fl, 99.0)),
-    );
-    let token = ac
-        .fetch_jwtsvid(req(continuity_proto::workload::JwtsvidRequest {
-            audience: vec!["bench".into()],
-            spiffe_id: String::new(),
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .svids[0]
-        .svid
-        .clone();
-    let mut vl = Vec::new();
-    let mut vf = Vec::new();
-    for _ in 0..n {
-        let r = continuity_proto::workload::ValidateJwtsvidRequest {
-            audience: "bench".into(),
-            svid: token.clone(),
-        };
-        let t = Instant::now();
-        ac.validate_jwtsvid(req(r.clone())).await.unwrap();
-        vl.push(t.elapsed().as_secs_f64() * 1e6);
-        let t = Instant::now();
-        fc.validate_jwtsvid(req(r)).await.unwrap();
-        vf.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    out.push(
-        Metric::new(
-            "workload: ValidateJWTSVID p50",
-            report::percentile(&mut vl, 50.0),
-            "us",
-        )
-        .floor("tonic UDS unary", report::percentile(&mut vf, 50.0)),
-    );
-    out.push(
-        Metric::new(
-            "workload: ValidateJWTSVID p99",
-            report::percentile(&mut vl, 99.0),
-            "us",
-        )
-        .floor("tonic UDS unary", report::percentile(&mut vf, 99.0)),
-    );
-    let ft = throughput(&floor_sock, 16, plan.seconds).await;
-    let at = throughput(&sock, 16, plan.seconds).await;
-    out.push(
-        Metric::new("workload: X509 fetches/s, 16 clients", at, "ops/s")
-            .floor("tonic UDS fixed message", ft)
-            .target(">= 10000/s"),
-    );
-    let _ = floor_child.kill();
-    let _ = floor_child.wait();
-    out
 }
 
 async fn recovery(agent: &mut TestAgent, server: &TestServer) -> Metric {

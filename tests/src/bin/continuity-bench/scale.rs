@@ -4,15 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use continuity_proto::admin::token_admin_client::TokenAdminClient;
-use continuity_proto::agent::SyncAuthorizedEntriesRequest;
 use continuity_tests::agent::TestAgent;
-use continuity_tests::agent_client::attest;
 use continuity_tests::server::{ServerOptions, TestServer};
 
 use crate::report::{Metric, percentile};
 use crate::signing::create_entries;
-use crate::{Plan, QUIET_SERVER, cpu_seconds, rss};
+use crate::{Plan, QUIET_SERVER, rss, uid};
 
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
@@ -46,7 +43,9 @@ async fn wait_cached(port: u16, n: usize, secs: u64) -> Duration {
     t.elapsed()
 }
 
-pub async fn agent_memory(plan: &Plan, dir: &Path) -> Vec<Metric> {
+/// A server and an agent with a metrics port, one entry for this uid (so the Workload API
+/// serves it) under the agent's alias.
+async fn mem_pair(dir: &Path, port: u16, alias: &str) -> (TestServer, TestAgent) {
     let server = TestServer::start(
         &dir.join("server-mem"),
         ServerOptions {
@@ -54,17 +53,25 @@ pub async fn agent_memory(plan: &Plan, dir: &Path) -> Vec<Metric> {
             ..Default::default()
         },
     );
-    let alias = "spiffe://example.org/node/mem";
-    let port = continuity_tests::free_port();
     let extra = format!(
         "log_level = \"warn\"\nsync_interval = \"1s\"\n[metrics]\nbind_address = \"127.0.0.1:{port}\""
     );
-    let mut agent = TestAgent::start_with(
+    let agent = TestAgent::start_with(
         &dir.join("agent-mem"),
         &server,
         &server.token(Some(alias)),
         &extra,
     );
+    create_entries(&server, alias, 1, "mem-me", &format!("unix:uid:{}", uid())).await;
+    wait_cached(port, 1, 60).await;
+    (server, agent)
+}
+
+/// Agent RSS and bytes per cached identity at each step of `plan.memory_steps`.
+pub async fn agent_memory(plan: &Plan, dir: &Path) -> Vec<Metric> {
+    let alias = "spiffe://example.org/node/mem";
+    let port = continuity_tests::free_port();
+    let (server, mut agent) = mem_pair(dir, port, alias).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base = rss(agent.pid().unwrap());
     let mut out = vec![
@@ -73,34 +80,67 @@ pub async fn agent_memory(plan: &Plan, dir: &Path) -> Vec<Metric> {
     ];
     let mut have = 0;
     for n in plan.memory_steps {
-        create_entries(
-            &server,
-            alias,
-            n - have,
-            &format!("mem{n}"),
-            "unix:uid:9999",
-        )
-        .await;
+        let prefix = format!("mem{n}");
+        create_entries(&server, alias, n - have, &prefix, "unix:uid:9999").await;
         have = n;
-        wait_cached(port, n, 600).await;
+        wait_cached(port, n + 1, 600).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let r = rss(agent.pid().unwrap());
+        let per = (r.saturating_sub(base)) as f64 / n as f64;
         out.push(Metric::new(
             format!("agent: RSS with {n} cached SVIDs"),
             r as f64 / 1048576.0,
             "MiB",
         ));
         out.push(
-            Metric::new(
-                format!("agent: bytes per cached identity ({n})"),
-                (r.saturating_sub(base)) as f64 / n as f64,
-                "B",
-            )
-            .target("<= 4096 B"),
+            Metric::new(format!("agent: bytes per cached identity ({n})"), per, "B")
+                .target("<= 4096 B"),
         );
     }
-    // SVID storm: the agent must re-obtain every SVID at once (its cached SVIDs cleared, as
-    // after an authority change), keys and CSRs included.
+    out.extend(storm(&mut agent, port, have + 1).await);
+    out
+}
+
+/// FetchX509SVID latencies (µs) from `clients` kept connections until `stop`; a client
+/// records only after its first answer (before it the agent may hold no SVID for it).
+fn fetchers(
+    sock: &Path,
+    clients: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<f64>>> {
+    use std::sync::atomic::Ordering;
+    (0..clients)
+        .map(|_| {
+            let (sock, stop) = (sock.to_path_buf(), stop.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let (mut answered, mut conn) = (false, None);
+                while !stop.load(Ordering::Relaxed) {
+                    match crate::workload::try_fetch(&mut conn, &sock).await {
+                        Some(us) if answered => lat.push(us),
+                        Some(_) => answered = true,
+                        None => tokio::time::sleep(Duration::from_millis(5)).await,
+                    }
+                }
+                lat
+            })
+        })
+        .collect()
+}
+
+async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<f64>>>) -> Vec<f64> {
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// The SVID storm: the agent must re-obtain every SVID at once (its cached SVIDs cleared, as
+/// after an authority change), keys and CSRs included; meanwhile clients fetch through the
+/// Workload API, held against the same fetches on the idle agent afterwards.
+async fn storm(agent: &mut TestAgent, port: u16, have: usize) -> Vec<Metric> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     agent.stop();
     let state_path = agent.dir.join("data/agent-state.json");
     let mut state: serde_json::Value =
@@ -108,168 +148,31 @@ pub async fn agent_memory(plan: &Plan, dir: &Path) -> Vec<Metric> {
     state["state"]["svids"] = serde_json::json!({});
     std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
     agent.spawn();
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = fetchers(&agent.socket, 4, stop.clone());
     let t = wait_cached(port, have, 600).await;
-    out.push(
+    stop.store(true, Ordering::Relaxed);
+    let mut during = collect(busy).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let idle = fetchers(&agent.socket, 4, stop.clone());
+    tokio::time::sleep(t.max(Duration::from_secs(1))).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut idle = collect(idle).await;
+    vec![
         Metric::new(
             format!("storm: one agent re-obtains {have} SVIDs"),
             t.as_secs_f64() * 1e3,
             "ms",
         )
         .target("10k in <= 5 s"),
-    );
-    out
-}
-
-pub async fn server_scale(plan: &Plan, dir: &Path) -> Vec<Metric> {
-    let server = TestServer::start(
-        &dir.join("server-scale"),
-        ServerOptions {
-            extra_toml: QUIET_SERVER.into(),
-            ..Default::default()
-        },
-    );
-    let aliases = plan.agents.div_ceil(10);
-    for a in 0..aliases {
-        create_entries(
-            &server,
-            &format!("spiffe://example.org/node/a{a}"),
-            plan.entries_per_alias,
-            &format!("a{a}"),
-            "unix:uid:1000",
+        Metric::new(
+            format!(
+                "storm: Workload API X509 p99 while {have} SVIDs rotate ({} fetches)",
+                during.len()
+            ),
+            percentile(&mut during, 99.0),
+            "us",
         )
-        .await;
-    }
-    let ch = continuity_common::grpc::uds_channel(&server.socket)
-        .await
-        .unwrap();
-    let bundle = server.bundle_der();
-    let mut agents = Vec::new();
-    let mut tasks = Vec::new();
-    let sem = Arc::new(tokio::sync::Semaphore::new(16));
-    for i in 0..plan.agents {
-        let (mut tc, addr, bundle, sem) = (
-            TokenAdminClient::new(ch.clone()),
-            server.addr.clone(),
-            bundle.clone(),
-            sem.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let _p = sem.acquire().await.unwrap();
-            let alias = format!("spiffe://example.org/node/a{}", i % aliases);
-            let token = tc
-                .generate_token(continuity_proto::admin::GenerateTokenRequest {
-                    spiffe_id: alias,
-                    ttl: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .token;
-            attest(&addr, bundle, &token).await.unwrap()
-        }));
-    }
-    for t in tasks {
-        agents.push(t.await.unwrap());
-    }
-    // Initial full sync of every agent.
-    let mut revisions = Vec::new();
-    for a in agents.iter_mut() {
-        let r = a
-            .client
-            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.entries.len(), plan.entries_per_alias);
-        revisions.push(r.revision);
-    }
-    // Steady state: every agent syncs incrementally once a second (jittered start).
-    let pid = server.pid().unwrap();
-    let cpu0 = cpu_seconds(pid);
-    let t0 = Instant::now();
-    let secs = plan.seconds * 2.0;
-    let n_agents = plan.agents.max(1);
-    let mut tasks = Vec::new();
-    for (i, mut a) in agents.into_iter().enumerate() {
-        let rev = revisions[i];
-        tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis((i * 1000 / n_agents) as u64)).await;
-            let deadline = Instant::now() + Duration::from_secs_f64(secs);
-            let mut lat = Vec::new();
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                let r = a
-                    .client
-                    .sync_authorized_entries(SyncAuthorizedEntriesRequest {
-                        since_revision: rev,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
-                assert!(r.entries.is_empty());
-                tokio::time::sleep(Duration::from_secs(1).saturating_sub(t.elapsed())).await;
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
-    let server_rss = rss(pid) as f64 / 1048576.0;
-    let n = plan.agents;
-    let e = plan.entries_per_alias;
-    let mut out = vec![
-        Metric::new(
-            format!("server: incremental sync p50, {n} agents x {e} entries"),
-            percentile(&mut lat, 50.0),
-            "ms",
-        ),
-        Metric::new(
-            format!("server: incremental sync p99, {n} agents x {e} entries"),
-            percentile(&mut lat, 99.0),
-            "ms",
-        )
-        .target("<= 50 ms"),
-        Metric::new(
-            format!("server: CPU during steady sync ({n} syncs/s)"),
-            cpu,
-            "% core",
-        ),
-        Metric::new(
-            format!("server: RSS with {n} agents, {} entries", aliases * e),
-            server_rss,
-            "MiB",
-        )
-        .target("<= 512 MiB"),
-    ];
-    // Full sync of a large entry set by one agent.
-    let big = "spiffe://example.org/node/big";
-    create_entries(&server, big, plan.full_sync_entries, "big", "unix:uid:1000").await;
-    let mut a = attest(&server.addr, server.bundle_der(), &server.token(Some(big)))
-        .await
-        .unwrap();
-    let mut full = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        let r = a
-            .client
-            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
-            .await
-            .unwrap()
-            .into_inner();
-        full.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(r.entries.len(), plan.full_sync_entries);
-    }
-    out.push(Metric::new(
-        format!(
-            "server: full sync of {} entries (p50 of 5)",
-            plan.full_sync_entries
-        ),
-        percentile(&mut full, 50.0),
-        "ms",
-    ));
-    out
+        .floor("same agent idle, p99", percentile(&mut idle, 99.0)),
+    ]
 }

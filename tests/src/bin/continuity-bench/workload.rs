@@ -15,8 +15,6 @@ use futures_util::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::report::percentile;
-
 /// The floor: answers every call at once with a fixed message.
 pub struct FloorServer {
     x509: X509svidResponse,
@@ -165,15 +163,14 @@ pub async fn connect_and_fetch(path: &Path) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
-/// Runs `op` `n` times from `conc` concurrent tasks; returns (p50 µs, p99 µs, ops/s).
-pub async fn measure<F, Fut>(n: usize, conc: usize, op: F) -> (f64, f64, f64)
+/// Runs `op` `n` times from `conc` concurrent tasks; returns every sample (µs).
+pub async fn measure<F, Fut>(n: usize, conc: usize, op: F) -> Vec<f64>
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = f64> + Send,
 {
     let op = Arc::new(op);
     let per = n.div_ceil(conc);
-    let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conc {
         let op = op.clone();
@@ -189,10 +186,7 @@ where
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
-    let p50 = percentile(&mut all, 50.0);
-    let p99 = percentile(&mut all, 99.0);
-    (p50, p99, rate)
+    all
 }
 
 /// Unary FetchJWTSVID on a kept connection; µs.
@@ -207,9 +201,9 @@ pub async fn jwt_on(c: &mut SpiffeWorkloadApiClient<Channel>) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
-/// Throughput of FetchX509SVID first messages over kept connections from `clients` tasks for
-/// `secs`; fetches/s.
-pub async fn throughput(path: &Path, clients: usize, secs: f64) -> f64 {
+/// FetchX509SVID first messages over kept connections from `clients` tasks for `secs`;
+/// returns (fetches, fetches/s).
+pub async fn throughput(path: &Path, clients: usize, secs: f64) -> (u64, f64) {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -218,12 +212,7 @@ pub async fn throughput(path: &Path, clients: usize, secs: f64) -> f64 {
             let mut c = client(&path).await;
             let mut n = 0u64;
             while Instant::now() < deadline {
-                let mut s = c
-                    .fetch_x509svid(req(X509svidRequest {}))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                s.message().await.unwrap().unwrap();
+                fetch_on(&mut c).await;
                 n += 1;
             }
             n
@@ -234,5 +223,46 @@ pub async fn throughput(path: &Path, clients: usize, secs: f64) -> f64 {
     for t in tasks {
         total += t.await.unwrap();
     }
-    total as f64 / start.elapsed().as_secs_f64().max(secs)
+    (
+        total,
+        total as f64 / start.elapsed().as_secs_f64().max(secs),
+    )
+}
+
+/// One FetchX509SVID first message on a kept connection; µs.
+pub async fn fetch_on(c: &mut SpiffeWorkloadApiClient<Channel>) -> f64 {
+    let t = Instant::now();
+    let mut s = c
+        .fetch_x509svid(req(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    s.message().await.unwrap().unwrap();
+    t.elapsed().as_secs_f64() * 1e6
+}
+
+/// One FetchX509SVID first message on a kept connection, connected first when there is
+/// none and dropped after a failure; µs, or None when no SVID came within 5 s.
+pub async fn try_fetch(
+    conn: &mut Option<SpiffeWorkloadApiClient<Channel>>,
+    path: &Path,
+) -> Option<f64> {
+    if conn.is_none() {
+        let ch = continuity_common::grpc::uds_channel(path).await.ok()?;
+        *conn = Some(SpiffeWorkloadApiClient::new(ch));
+    }
+    let c = conn.as_mut()?;
+    let t = Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(5), async {
+        let s = c.fetch_x509svid(req(X509svidRequest {})).await.ok()?;
+        s.into_inner().message().await.ok().flatten()
+    })
+    .await;
+    match first {
+        Ok(Some(m)) if !m.svids.is_empty() => Some(t.elapsed().as_secs_f64() * 1e6),
+        _ => {
+            *conn = None;
+            None
+        }
+    }
 }

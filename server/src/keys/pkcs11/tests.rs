@@ -1,0 +1,122 @@
+//! Tests of the pkcs11 key manager on a throwaway SoftHSM2 token. PKCS#11 modules read
+//! SOFTHSM2_CONF when loaded, so the checks run in a child process (this test binary running
+//! the ignored helper) with it set.
+
+use super::*;
+
+const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+#[test]
+fn keys_sign_through_a_sensitive_session_copy_that_dies_with_the_key() {
+    if !Path::new(MODULE).exists() {
+        eprintln!("SoftHSM2 is not installed ({MODULE}); scripts/setup installs it");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("continuity-pkcs11-unit-{}", std::process::id()));
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let init = std::process::Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "unit",
+            "--so-pin",
+            "87654321",
+            "--pin",
+            "4321",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "keys::pkcs11::tests::session_copy_helper",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .env("UNIT_TOKEN_PIN", "4321")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && text.contains("HELPER OK"),
+        "helper failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+#[ignore = "helper: run by keys_sign_through_a_sensitive_session_copy_that_dies_with_the_key"]
+async fn session_copy_helper() {
+    let km = Pkcs11KeyManager::open(
+        Path::new(MODULE),
+        "unit",
+        &PinSource::Env("UNIT_TOKEN_PIN".into()),
+    )
+    .unwrap();
+    let key = km.generate("k1", KeyType::EcP256).await.unwrap();
+    let check = |key: &Arc<dyn KeyHandle>| {
+        let sig = key.sign(b"message").unwrap();
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            key.public_key_raw(),
+        )
+        .verify(b"message", &sig)
+        .unwrap();
+    };
+    check(&key);
+    // The object C_Sign uses is a session copy: not on the token, still sensitive and
+    // never extractable.
+    let copy = *km.token.copies.lock().unwrap().get("k1").unwrap();
+    let attrs = km
+        .token
+        .with_session(|s| {
+            s.get_attributes(
+                copy,
+                &[
+                    AttributeType::Token,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                ],
+            )
+            .map_err(ck("attributes"))
+        })
+        .unwrap();
+    for a in &attrs {
+        match a {
+            Attribute::Token(v) => assert!(!v, "the copy is a session object"),
+            Attribute::Sensitive(v) => assert!(v, "the copy is sensitive"),
+            Attribute::Extractable(v) => assert!(!v, "the copy is not extractable"),
+            _ => {}
+        }
+    }
+    assert_eq!(attrs.len(), 3);
+    // Found again by label (one copy, not a copy of the copy), and still signing.
+    let again = km.get("k1").await.unwrap().unwrap();
+    check(&again);
+    assert_eq!(km.token.copies.lock().unwrap().len(), 1);
+    // Deleting the key destroys the copy too: neither handle signs any more.
+    km.delete("k1").await.unwrap();
+    assert!(key.sign(b"message").is_err(), "a deleted key still signs");
+    assert!(again.sign(b"message").is_err(), "a deleted key still signs");
+    assert!(km.get("k1").await.unwrap().is_none());
+    println!("HELPER OK");
+}
