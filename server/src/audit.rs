@@ -5,11 +5,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-
 use continuity_common::Clock;
 
-use crate::datastore::{Applied, AuditRecord, DataStore, StoreError, Write};
+use crate::datastore::{Applied, AuditRecord, AuditStore, StoreError, Write};
 
 /// What `audit verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,43 +58,6 @@ impl AuditEvent {
     }
 }
 
-/// The datastore operations the audit log needs (every [`DataStore`] has them).
-#[async_trait]
-pub trait AuditBackend: Send + Sync {
-    /// [`DataStore::apply`].
-    async fn apply(
-        &self,
-        writes: &[Write],
-        audit: &[AuditRecord],
-    ) -> Result<Vec<Applied>, StoreError>;
-    /// [`DataStore::append_audit_batch`].
-    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
-    /// [`DataStore::list_audit`].
-    async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError>;
-    /// [`DataStore::audit_head`].
-    async fn audit_head(&self) -> Result<i64, StoreError>;
-}
-
-#[async_trait]
-impl AuditBackend for Arc<dyn DataStore> {
-    async fn apply(
-        &self,
-        writes: &[Write],
-        audit: &[AuditRecord],
-    ) -> Result<Vec<Applied>, StoreError> {
-        self.as_ref().apply(writes, audit).await
-    }
-    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
-        self.as_ref().append_audit_batch(records).await
-    }
-    async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
-        self.as_ref().list_audit().await
-    }
-    async fn audit_head(&self) -> Result<i64, StoreError> {
-        self.as_ref().audit_head().await
-    }
-}
-
 /// Most key-use records committed in one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -112,7 +73,7 @@ const MAX_BATCH: usize = 512;
 /// order and a failed batch leaves no trace. The writer is a task of its own, so a caller
 /// that gives up waiting cannot strand the callers batched with it.
 pub struct Audit {
-    backend: Arc<dyn AuditBackend>,
+    backend: Arc<dyn AuditStore>,
     clock: Arc<dyn Clock>,
     state: Arc<std::sync::Mutex<State>>,
 }
@@ -283,7 +244,7 @@ fn answer(replies: Vec<Reply<()>>, result: Result<(), StoreError>) {
 }
 
 /// The writer: commits queued batches until the queue is empty.
-async fn write_queued(backend: Arc<dyn AuditBackend>, state: Arc<std::sync::Mutex<State>>) {
+async fn write_queued(backend: Arc<dyn AuditStore>, state: Arc<std::sync::Mutex<State>>) {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let mut stopped = Stopped(Some(state.clone()));
     loop {
@@ -314,15 +275,7 @@ async fn write_queued(backend: Arc<dyn AuditBackend>, state: Arc<std::sync::Mute
 impl Audit {
     /// Opens the log, continuing its chain.
     pub async fn load(
-        store: Arc<dyn DataStore>,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Arc<Self>, StoreError> {
-        Self::with_backend(Arc::new(store), clock).await
-    }
-
-    /// [`Audit::load`] over any [`AuditBackend`].
-    pub async fn with_backend(
-        backend: Arc<dyn AuditBackend>,
+        backend: Arc<dyn AuditStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StoreError> {
         let last = backend.list_audit().await?.pop();

@@ -7,7 +7,7 @@ use continuity_common::ManualClock;
 use async_trait::async_trait;
 
 use super::*;
-use crate::datastore::JoinToken;
+use crate::datastore::{DataStore, JoinToken};
 
 #[tokio::test]
 async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues() {
@@ -54,6 +54,7 @@ async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues() {
 
 /// A store that counts key-use transactions, holds each one open for a while (so callers
 /// queue behind it) and can fail the next one.
+#[derive(Debug)]
 struct Counting {
     inner: Arc<dyn DataStore>,
     batches: std::sync::atomic::AtomicUsize,
@@ -61,7 +62,7 @@ struct Counting {
 }
 
 #[async_trait]
-impl AuditBackend for Counting {
+impl AuditStore for Counting {
     async fn apply(
         &self,
         writes: &[Write],
@@ -94,7 +95,7 @@ async fn counting() -> (std::path::PathBuf, Arc<Counting>, Arc<Audit>) {
         fail_next: false.into(),
     });
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
-    let audit = Audit::with_backend(backend.clone(), clock).await.unwrap();
+    let audit = Audit::load(backend.clone(), clock).await.unwrap();
     (dir, backend, audit)
 }
 

@@ -23,8 +23,8 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
-use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType};
 use super::PinSource;
+use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType};
 
 mod aes;
 mod key;
