@@ -15,7 +15,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::agent::token_hash;
-use super::{agent_to_proto, bundle_to_proto, entry_to_proto, registry_status};
+use super::{agent_to_proto, bundle_to_proto, entry_to_proto, registry_status, to_completion};
 use crate::audit::AuditEvent;
 use crate::ca::CaManager;
 use crate::datastore::{JoinToken, JoinTokenStore, Write};
@@ -123,11 +123,14 @@ impl EntryAdmin for AdminService {
             .entry
             .ok_or_else(|| Status::invalid_argument("entry is missing"))?;
         let entry = self.validate(e)?;
-        let stored = self
-            .registry
-            .create_entry(entry, &actor)
-            .await
-            .map_err(registry_status)?;
+        let registry = self.registry.clone();
+        let stored = to_completion(async move {
+            registry
+                .create_entry(entry, &actor)
+                .await
+                .map_err(registry_status)
+        })
+        .await?;
         tracing::info!(entry = %stored.id, spiffe_id = %stored.spiffe_id, "entry created");
         Ok(Response::new(entry_to_proto(&stored)))
     }
@@ -179,11 +182,14 @@ impl EntryAdmin for AdminService {
             return Err(Status::invalid_argument("entry id is required to update"));
         }
         let entry = self.validate(e)?;
-        let stored = self
-            .registry
-            .update_entry(entry, &actor)
-            .await
-            .map_err(registry_status)?;
+        let registry = self.registry.clone();
+        let stored = to_completion(async move {
+            registry
+                .update_entry(entry, &actor)
+                .await
+                .map_err(registry_status)
+        })
+        .await?;
         tracing::info!(entry = %stored.id, "entry updated");
         Ok(Response::new(entry_to_proto(&stored)))
     }
@@ -194,10 +200,14 @@ impl EntryAdmin for AdminService {
     ) -> Result<Response<DeleteEntryResponse>, Status> {
         let actor = self.authorize(&req)?;
         let id = req.into_inner().id;
-        self.registry
-            .delete_entry(&id, &actor)
-            .await
-            .map_err(registry_status)?;
+        let (registry, target) = (self.registry.clone(), id.clone());
+        to_completion(async move {
+            registry
+                .delete_entry(&target, &actor)
+                .await
+                .map_err(registry_status)
+        })
+        .await?;
         tracing::info!(entry = %id, "entry deleted");
         Ok(Response::new(DeleteEntryResponse {}))
     }
@@ -279,10 +289,14 @@ impl AgentAdmin for AdminService {
     ) -> Result<Response<EvictAgentResponse>, Status> {
         let actor = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
-        self.registry
-            .evict_agent(&id, &actor)
-            .await
-            .map_err(registry_status)?;
+        let (registry, target) = (self.registry.clone(), id.clone());
+        to_completion(async move {
+            registry
+                .evict_agent(&target, &actor)
+                .await
+                .map_err(registry_status)
+        })
+        .await?;
         tracing::info!(agent = %id, "agent evicted");
         Ok(Response::new(EvictAgentResponse {}))
     }
@@ -293,10 +307,14 @@ impl AgentAdmin for AdminService {
     ) -> Result<Response<BanAgentResponse>, Status> {
         let actor = self.authorize(&req)?;
         let id = req.into_inner().spiffe_id;
-        self.registry
-            .ban_agent(&id, &actor)
-            .await
-            .map_err(registry_status)?;
+        let (registry, target) = (self.registry.clone(), id.clone());
+        to_completion(async move {
+            registry
+                .ban_agent(&target, &actor)
+                .await
+                .map_err(registry_status)
+        })
+        .await?;
         tracing::info!(agent = %id, "agent banned");
         Ok(Response::new(BanAgentResponse {}))
     }

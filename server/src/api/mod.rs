@@ -81,6 +81,18 @@ pub fn agent_to_proto(a: &AgentRecord) -> types::Agent {
     }
 }
 
+/// Runs an audited write to completion even if its RPC is cancelled: the datastore commit and
+/// the in-memory update after it must never be separated by a client that went away.
+pub async fn to_completion<T, F>(write: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+{
+    tokio::spawn(write)
+        .await
+        .map_err(|e| Status::internal(format!("the write task failed: {e}")))?
+}
+
 /// Maps registry errors to gRPC statuses.
 pub fn registry_status(e: RegistryError) -> Status {
     match e {

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::engine_status;
 use crate::api::admin::AdminService;
+use crate::api::to_completion;
 use crate::engines::VersionAction;
 use crate::model::engine::{
     Algorithm, Custody, Engine as EngineModel, EngineKey, Incarnation as IncarnationModel,
@@ -87,19 +88,22 @@ impl EngineAdmin for AdminService {
             "" => None,
             c => Some(parse::<Custody>(c)?),
         };
-        let spiffe_id = Some(r.spiffe_id.as_str()).filter(|s| !s.is_empty());
-        let e = self
-            .engines
-            .create_engine(
-                &r.name,
-                r.tier,
-                custody,
-                spiffe_id,
-                r.allow_exposure,
-                &actor,
-            )
-            .await
-            .map_err(engine_status)?;
+        let engines = self.engines.clone();
+        let e = to_completion(async move {
+            let spiffe_id = Some(r.spiffe_id.as_str()).filter(|s| !s.is_empty());
+            engines
+                .create_engine(
+                    &r.name,
+                    r.tier,
+                    custody,
+                    spiffe_id,
+                    r.allow_exposure,
+                    &actor,
+                )
+                .await
+                .map_err(engine_status)
+        })
+        .await?;
         Ok(Response::new(engine_pb(&e)))
     }
 
@@ -151,19 +155,22 @@ impl EngineAdmin for AdminService {
             "" => None,
             a => Some(parse::<Algorithm>(a)?),
         };
-        let k = self
-            .engines
-            .create_key(
-                &r.engine,
-                &r.name,
-                purpose,
-                algorithm,
-                r.rotation_period,
-                r.destroy_grace,
-                &actor,
-            )
-            .await
-            .map_err(engine_status)?;
+        let engines = self.engines.clone();
+        let k = to_completion(async move {
+            engines
+                .create_key(
+                    &r.engine,
+                    &r.name,
+                    purpose,
+                    algorithm,
+                    r.rotation_period,
+                    r.destroy_grace,
+                    &actor,
+                )
+                .await
+                .map_err(engine_status)
+        })
+        .await?;
         let (k, v) = self
             .engines
             .key(&k.engine, &k.name)
@@ -191,10 +198,14 @@ impl EngineAdmin for AdminService {
     ) -> Result<Response<pb_admin::EngineKey>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
-        self.engines
-            .rotate(&r.engine, &r.name, &actor)
-            .await
-            .map_err(engine_status)?;
+        let (engines, target) = (self.engines.clone(), r.clone());
+        to_completion(async move {
+            engines
+                .rotate(&target.engine, &target.name, &actor)
+                .await
+                .map_err(engine_status)
+        })
+        .await?;
         let (k, v) = self
             .engines
             .key(&r.engine, &r.name)
@@ -209,10 +220,14 @@ impl EngineAdmin for AdminService {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
         let action = parse::<VersionAction>(&r.action)?;
-        self.engines
-            .set_state(&r.engine, &r.name, r.version, action, &actor)
-            .await
-            .map_err(engine_status)?;
+        let (engines, target) = (self.engines.clone(), r.clone());
+        to_completion(async move {
+            engines
+                .set_state(&target.engine, &target.name, target.version, action, &actor)
+                .await
+                .map_err(engine_status)
+        })
+        .await?;
         let (k, v) = self
             .engines
             .key(&r.engine, &r.name)
@@ -226,11 +241,14 @@ impl EngineAdmin for AdminService {
     ) -> Result<Response<pb_admin::PutSecretResponse>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
-        let version = self
-            .engines
-            .put_secret(&r.engine, &r.name, &r.value, &actor)
-            .await
-            .map_err(engine_status)?;
+        let engines = self.engines.clone();
+        let version = to_completion(async move {
+            engines
+                .put_secret(&r.engine, &r.name, &r.value, &actor)
+                .await
+                .map_err(engine_status)
+        })
+        .await?;
         Ok(Response::new(pb_admin::PutSecretResponse { version }))
     }
 }
