@@ -85,7 +85,7 @@ async fn session_copy_helper() {
     check(&key);
     // The object C_Sign uses is a session copy: not on the token, still sensitive and
     // never extractable.
-    let copy = *km.token.copies.lock().unwrap().get("k1").unwrap();
+    let (_, copy) = *km.token.copies.lock().unwrap().get("k1").unwrap();
     let attrs = km
         .token
         .with_session(|s| {
@@ -118,5 +118,12 @@ async fn session_copy_helper() {
     assert!(key.sign(b"message").is_err(), "a deleted key still signs");
     assert!(again.sign(b"message").is_err(), "a deleted key still signs");
     assert!(km.get("k1").await.unwrap().is_none());
+    // A key generated again under an id whose earlier objects were left behind (a commit that
+    // failed after generation) signs with its own private key, not the earlier one's copy.
+    let first = km.generate("k2", KeyType::EcP256).await.unwrap();
+    check(&first);
+    let second = km.generate("k2", KeyType::EcP256).await.unwrap();
+    assert_ne!(first.public_key_raw(), second.public_key_raw());
+    check(&second);
     println!("HELPER OK");
 }

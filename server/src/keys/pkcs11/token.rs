@@ -20,8 +20,8 @@ pub(super) struct Token {
     /// Open sessions, each logged in (the login is per token). Sessions are only closed on
     /// drop, so the session objects created through them live as long as the token.
     pub(super) pool: Mutex<Vec<Session>>,
-    /// Session-object copies of private keys, by key id.
-    pub(super) copies: Mutex<HashMap<String, ObjectHandle>>,
+    /// Session-object copies of private keys, by key id: (token object copied, its copy).
+    pub(super) copies: Mutex<HashMap<String, (ObjectHandle, ObjectHandle)>>,
 }
 
 impl std::fmt::Debug for Token {
@@ -109,7 +109,9 @@ impl Token {
     }
 
     /// The handle to sign with for the private key `id` (token object `private`): its
-    /// session-object copy, made once; the token object itself if the token refuses a copy.
+    /// session-object copy, made once per token object (a key generated again under the same
+    /// id gets a fresh copy, and the stale one is destroyed); the token object itself if the
+    /// token refuses a copy.
     pub(super) fn signing_handle(
         &self,
         s: &Session,
@@ -117,12 +119,19 @@ impl Token {
         private: ObjectHandle,
     ) -> ObjectHandle {
         let mut copies = self.copies.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = copies.get(id) {
-            return *h;
+        match copies.get(id) {
+            Some((of, copy)) if *of == private => return *copy,
+            Some((_, stale)) => {
+                if let Err(e) = s.destroy_object(*stale) {
+                    tracing::debug!(key = id, error = %e, "destroying a stale session copy");
+                }
+                copies.remove(id);
+            }
+            None => {}
         }
         match s.copy_object(private, &[Attribute::Token(false)]) {
             Ok(h) => {
-                copies.insert(id.to_string(), h);
+                copies.insert(id.to_string(), (private, h));
                 h
             }
             Err(e) => {
