@@ -50,6 +50,12 @@ impl ManualClock {
         let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
         *now += d;
     }
+
+    /// Moves the clock back by `d` (a wall clock corrected backwards).
+    pub fn rewind(&self, d: Duration) {
+        let mut now = self.now.lock().unwrap_or_else(|e| e.into_inner());
+        *now -= d;
+    }
 }
 
 impl Clock for ManualClock {

@@ -192,11 +192,18 @@ impl Scheduler {
     }
 
     /// Runs, one after another, every job due by the clock's now, and schedules each one period
-    /// after it finished (a failed run included). Returns how many ran.
+    /// after it finished (a failed run included). Returns how many ran. A due time further
+    /// away than one full period (the clock was set back) is brought back to one period from
+    /// now, so a backwards clock step never postpones a job by the size of the step.
     pub async fn run_due(&mut self) -> usize {
         let now = self.clock.now();
         let mut ran = 0;
         for i in 0..self.jobs.len() {
+            let job = &self.jobs[i].job;
+            let longest = jittered((job.period)(), job.jitter, 1.0);
+            if self.jobs[i].due > now + longest {
+                self.jobs[i].due = self.next_due(job);
+            }
             if self.jobs[i].due > now {
                 continue;
             }
@@ -223,14 +230,26 @@ impl Scheduler {
             .min(self.poll)
     }
 
-    /// Runs the jobs for as long as the returned task lives.
-    pub fn spawn(mut self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            loop {
-                self.run_due().await;
-                tokio::time::sleep(self.sleep_for()).await;
-            }
-        })
+    /// Runs the jobs, each in a loop of its own (a job that hangs holds up no other), for as
+    /// long as the returned tasks live.
+    pub fn spawn(self) -> Vec<tokio::task::JoinHandle<()>> {
+        let (clock, poll) = (self.clock, self.poll);
+        self.jobs
+            .into_iter()
+            .map(|one| {
+                let mut alone = Scheduler {
+                    clock: clock.clone(),
+                    jobs: vec![one],
+                    poll,
+                };
+                tokio::spawn(async move {
+                    loop {
+                        alone.run_due().await;
+                        tokio::time::sleep(alone.sleep_for()).await;
+                    }
+                })
+            })
+            .collect()
     }
 }
 

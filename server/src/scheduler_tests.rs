@@ -164,5 +164,52 @@ async fn the_spawned_loop_follows_the_injected_clock() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    task.abort();
+    for t in task {
+        t.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_clock_set_back_does_not_postpone_a_job_by_the_step() {
+    let clock = clock();
+    let mut s = Scheduler::new(clock.clone());
+    let (job, runs) = counting("rotate", Duration::from_secs(60), |_| false);
+    s.add(job.with_jitter(0.0));
+    // The wall clock is corrected a day backwards: the job is still due within one period.
+    clock.rewind(Duration::from_secs(86_400));
+    assert_eq!(s.run_due().await, 0);
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(s.run_due().await, 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_job_that_hangs_holds_up_no_other_job() {
+    let clock = clock();
+    let mut s = Scheduler::new(clock.clone()).with_poll(Duration::from_millis(10));
+    s.add(
+        Job::every("hangs", Duration::from_secs(10), "hung", || {
+            std::future::pending::<JobResult>()
+        })
+        .with_jitter(0.0),
+    );
+    let (job, runs) = counting("renew", Duration::from_secs(10), |_| false);
+    s.add(job.with_jitter(0.0));
+    let tasks = s.spawn();
+    for _ in 0..3 {
+        clock.advance(Duration::from_secs(10));
+        let before = runs.load(Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while runs.load(Ordering::SeqCst) == before && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "the other job kept its schedule"
+    );
+    for t in tasks {
+        t.abort();
+    }
 }
