@@ -61,6 +61,23 @@ async fn throughput(sock: &Path, clients: usize, secs: f64) -> f64 {
     total as f64 / start.elapsed().as_secs_f64()
 }
 
+/// p50 (µs) of appending 256 bytes to a file in `dir` and `fdatasync`ing it: the durable
+/// commit every audited key use waits for (the floor chain has none).
+pub fn fdatasync_p50(dir: &Path) -> f64 {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut lat = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&[7u8; 256]).unwrap();
+        f.sync_data().unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = std::fs::remove_file(&path);
+    percentile(&mut lat, 50.0)
+}
+
 /// EngineAPI.Sign rows for `custody` on the agent at `agent_sock`; the floor chain's far end
 /// signs with `hsm` when given, in process otherwise.
 pub async fn metrics(

@@ -9,7 +9,7 @@ use continuity_tests::server::{ServerOptions, TestServer};
 
 use crate::report::{Metric, percentile};
 use crate::signing::create_entries;
-use crate::{Plan, QUIET_SERVER, rss, uid};
+use crate::{Plan, QUIET_AGENT, QUIET_SERVER, rss, uid};
 
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
@@ -44,8 +44,8 @@ async fn wait_cached(port: u16, n: usize, secs: u64) -> Duration {
 }
 
 /// A server and an agent with a metrics port, one entry for this uid (so the Workload API
-/// serves it) under the agent's alias.
-async fn mem_pair(dir: &Path, port: u16, alias: &str) -> (TestServer, TestAgent) {
+/// serves it) under the agent's alias; returns that entry's id too.
+async fn mem_pair(dir: &Path, port: u16, alias: &str) -> (TestServer, TestAgent, String) {
     let server = TestServer::start(
         &dir.join("server-mem"),
         ServerOptions {
@@ -54,7 +54,7 @@ async fn mem_pair(dir: &Path, port: u16, alias: &str) -> (TestServer, TestAgent)
         },
     );
     let extra = format!(
-        "log_level = \"warn\"\nsync_interval = \"1s\"\n[metrics]\nbind_address = \"127.0.0.1:{port}\""
+        "sync_interval = \"1s\"\n{QUIET_AGENT}[metrics]\nbind_address = \"127.0.0.1:{port}\""
     );
     let agent = TestAgent::start_with(
         &dir.join("agent-mem"),
@@ -62,16 +62,16 @@ async fn mem_pair(dir: &Path, port: u16, alias: &str) -> (TestServer, TestAgent)
         &server.token(Some(alias)),
         &extra,
     );
-    create_entries(&server, alias, 1, "mem-me", &format!("unix:uid:{}", uid())).await;
+    let mine = create_entries(&server, alias, 1, "mem-me", &format!("unix:uid:{}", uid())).await;
     wait_cached(port, 1, 60).await;
-    (server, agent)
+    (server, agent, mine[0].clone())
 }
 
 /// Agent RSS and bytes per cached identity at each step of `plan.memory_steps`.
 pub async fn agent_memory(plan: &Plan, dir: &Path) -> Vec<Metric> {
     let alias = "spiffe://example.org/node/mem";
     let port = continuity_tests::free_port();
-    let (server, mut agent) = mem_pair(dir, port, alias).await;
+    let (server, mut agent, mine) = mem_pair(dir, port, alias).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let base = rss(agent.pid().unwrap());
     let mut out = vec![
@@ -97,7 +97,7 @@ pub async fn agent_memory(plan: &Plan, dir: &Path) -> Vec<Metric> {
                 .target("<= 4096 B"),
         );
     }
-    out.extend(storm(&mut agent, port, have + 1).await);
+    out.extend(storm(&mut agent, port, have, &mine).await);
     out
 }
 
@@ -136,21 +136,23 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<Vec<f64>>>) -> Vec<f64> {
     all
 }
 
-/// The SVID storm: the agent must re-obtain every SVID at once (its cached SVIDs cleared, as
-/// after an authority change), keys and CSRs included; meanwhile clients fetch through the
-/// Workload API, held against the same fetches on the idle agent afterwards.
-async fn storm(agent: &mut TestAgent, port: u16, have: usize) -> Vec<Metric> {
+/// The SVID storm: the agent must re-obtain `have` SVIDs at once (its cached SVIDs cleared,
+/// as after an authority change, but for the one of entry `mine`), keys and CSRs included;
+/// meanwhile clients fetch `mine` through the Workload API, held against the same fetches on
+/// the idle agent afterwards.
+async fn storm(agent: &mut TestAgent, port: u16, have: usize, mine: &str) -> Vec<Metric> {
     use std::sync::atomic::{AtomicBool, Ordering};
     agent.stop();
     let state_path = agent.dir.join("data/agent-state.json");
     let mut state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
-    state["state"]["svids"] = serde_json::json!({});
+    let kept = state["state"]["svids"][mine].take();
+    state["state"]["svids"] = serde_json::json!({ mine: kept });
     std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
     agent.spawn();
     let stop = Arc::new(AtomicBool::new(false));
     let busy = fetchers(&agent.socket, 4, stop.clone());
-    let t = wait_cached(port, have, 600).await;
+    let t = wait_cached(port, have + 1, 600).await;
     stop.store(true, Ordering::Relaxed);
     let mut during = collect(busy).await;
     let stop = Arc::new(AtomicBool::new(false));

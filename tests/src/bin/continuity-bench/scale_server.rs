@@ -32,7 +32,7 @@ fn scale_server(dir: &Path, plan: &Plan) -> TestServer {
         &dir.join("server-scale"),
         ServerOptions {
             extra_toml: format!(
-                "{QUIET_SERVER}[agent_api]\nmax_connections = {conns}\nmax_connections_per_ip = {conns}\n"
+                "{QUIET_SERVER}max_connections = {conns}\nmax_connections_per_ip = {conns}\n"
             ),
             ..Default::default()
         },

@@ -221,7 +221,7 @@ fn hsm_engine_agent(hsm_server: &TestServer, dir: &Path) -> TestAgent {
         &dir.join("agent-hsm"),
         hsm_server,
         &hsm_server.token(Some(alias)),
-        "log_level = \"warn\"",
+        crate::QUIET_AGENT,
     );
     wait_for(20, "hsm agent serves", || {
         agent.cli(&["engine", "jwks"]).status.success()
