@@ -30,6 +30,7 @@ pub mod jwk;
 pub mod jwt;
 pub mod logging;
 pub mod lru;
+pub mod output;
 pub mod rand;
 pub mod ratelimit;
 pub mod secret;

@@ -20,15 +20,15 @@ pub enum CliError {
     /// A view could not be turned into JSON.
     #[error("cannot render the output as JSON: {0}")]
     Render(#[from] serde_json::Error),
-    /// Writing to stdout failed (a closed pipe is [`CliError::is_broken_pipe`]).
-    #[error("cannot write to stdout: {0}")]
-    Stdout(std::io::Error),
+    /// Printing the result failed (a closed pipe is [`CliError::is_broken_pipe`]).
+    #[error(transparent)]
+    Output(#[from] continuity_common::output::OutputError),
 }
 
 impl CliError {
     /// The reader of stdout went away (`… | head`): the conventional answer is a quiet exit.
     pub fn is_broken_pipe(&self) -> bool {
-        matches!(self, Self::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+        matches!(self, Self::Output(e) if e.is_broken_pipe())
     }
 }
 

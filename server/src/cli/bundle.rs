@@ -44,7 +44,7 @@ pub async fn run(ch: Channel, cmd: BundleCommand) -> Result<(), CliError> {
                 .iter()
                 .map(|c| continuity_common::x509::pem_encode("CERTIFICATE", c))
                 .collect();
-            raw(&pem)
+            raw(pem.as_bytes())
         }
         BundleFormat::Spiffe => {
             let jwt: Vec<_> = b
