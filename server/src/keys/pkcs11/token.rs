@@ -80,15 +80,7 @@ impl Token {
         id: &str,
         class: ObjectClass,
     ) -> Result<Option<ObjectHandle>, KeyError> {
-        let label = format!("{LABEL_PREFIX}{id}");
-        let found = s
-            .find_objects(&[
-                Attribute::Class(class),
-                Attribute::Token(true),
-                Attribute::Label(label.into_bytes()),
-            ])
-            .map_err(ck("find object"))?;
-        Ok(found.into_iter().next())
+        self.find_labelled(s, id, class, Some(Attribute::Token(true)))
     }
 
     /// Any object (token object or session copy) of `class` labelled for `id`.
@@ -98,13 +90,24 @@ impl Token {
         id: &str,
         class: ObjectClass,
     ) -> Result<Option<ObjectHandle>, KeyError> {
+        self.find_labelled(s, id, class, None)
+    }
+
+    /// The first object of `class` labelled for `id` (and matching `extra`, if given).
+    fn find_labelled(
+        &self,
+        s: &Session,
+        id: &str,
+        class: ObjectClass,
+        extra: Option<Attribute>,
+    ) -> Result<Option<ObjectHandle>, KeyError> {
         let label = format!("{LABEL_PREFIX}{id}");
-        let found = s
-            .find_objects(&[
-                Attribute::Class(class),
-                Attribute::Label(label.into_bytes()),
-            ])
-            .map_err(ck("find object"))?;
+        let mut template = vec![
+            Attribute::Class(class),
+            Attribute::Label(label.into_bytes()),
+        ];
+        template.extend(extra);
+        let found = s.find_objects(&template).map_err(ck("find object"))?;
         Ok(found.into_iter().next())
     }
 
