@@ -319,6 +319,12 @@ impl KeyManager for FlakyKek {
         }
         self.inner.kek(id).await
     }
+    async fn mac_key(
+        &self,
+        id: &str,
+    ) -> std::result::Result<Arc<dyn crate::keys::MacKey>, KeyError> {
+        self.inner.mac_key(id).await
+    }
 }
 
 async fn engines_with(

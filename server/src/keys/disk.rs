@@ -14,7 +14,7 @@ use continuity_common::fsperm::{SecureDir, secure_dir};
 use continuity_common::secret::Zeroizing;
 
 use super::software::SoftwareKey;
-use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, SoftwareKek};
+use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, MacKey, SoftwareKek, SoftwareMac};
 
 /// Keys as files under a directory; they survive restarts.
 #[derive(Debug)]
@@ -24,6 +24,7 @@ pub struct DiskKeyManager {
     secure: SecureDir,
     cache: Mutex<HashMap<String, Arc<SoftwareKey>>>,
     keks: Mutex<HashMap<String, Arc<SoftwareKek>>>,
+    macs: Mutex<HashMap<String, Arc<SoftwareMac>>>,
 }
 
 fn storage(what: &str, path: &Path, e: std::io::Error) -> KeyError {
@@ -41,6 +42,7 @@ impl DiskKeyManager {
             secure,
             cache: Mutex::default(),
             keks: Mutex::default(),
+            macs: Mutex::default(),
         })
     }
 
@@ -74,6 +76,24 @@ impl DiskKeyManager {
         self.secure
             .write_atomic(name, 0o600, |f| f.write_all(body.as_bytes()))
             .map_err(|e| KeyError::Storage(e.to_string()))
+    }
+
+    /// The 32 random bytes kept in `<id>.<ext>` (base64, 0600), made on first use. Callers hold
+    /// their cache lock, so two first uses cannot write two different keys.
+    fn secret_file(&self, id: &str, ext: &str, what: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let path = self.path(id)?.with_extension(ext);
+        match read_secret(&path) {
+            Ok(text) => Ok(Zeroizing::new(STANDARD.decode(text.trim()).map_err(
+                |e| KeyError::Storage(format!("{what} file {} is malformed: {e}", path.display())),
+            )?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let raw = super::aes::generate()?;
+                let body = Zeroizing::new(format!("{}\n", STANDARD.encode(&*raw)));
+                self.write_file(&path, &body)?;
+                Ok(raw)
+            }
+            Err(e) => Err(storage(&format!("cannot read {what} file"), &path, e)),
+        }
     }
 
     fn read(&self, id: &str) -> Result<Option<SoftwareKey>, KeyError> {
@@ -149,28 +169,24 @@ impl KeyManager for DiskKeyManager {
     }
 
     async fn kek(&self, id: &str) -> Result<Arc<dyn Kek>, KeyError> {
-        if let Some(k) = self.keks.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+        let mut keks = self.keks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keks.get(id) {
             return Ok(k.clone());
         }
-        let path = self.path(id)?.with_extension("kek");
-        let mut raw = match read_secret(&path) {
-            Ok(text) => Zeroizing::new(STANDARD.decode(text.trim()).map_err(|e| {
-                KeyError::Storage(format!("KEK file {} is malformed: {e}", path.display()))
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let raw = super::aes::generate()?;
-                let body = Zeroizing::new(format!("{}\n", STANDARD.encode(&*raw)));
-                self.write_file(&path, &body)?;
-                raw
-            }
-            Err(e) => return Err(storage("cannot read KEK file", &path, e)),
-        };
+        let mut raw = self.secret_file(id, "kek", "KEK")?;
         // Moved, not copied: the only plaintext KEK is the one SoftwareKek wipes on drop.
         let k = Arc::new(SoftwareKek(std::mem::take(&mut *raw)));
-        self.keks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.to_string(), k.clone());
+        keks.insert(id.to_string(), k.clone());
+        Ok(k)
+    }
+
+    async fn mac_key(&self, id: &str) -> Result<Arc<dyn MacKey>, KeyError> {
+        let mut macs = self.macs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = macs.get(id) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(SoftwareMac::new(&self.secret_file(id, "mac", "MAC key")?));
+        macs.insert(id.to_string(), k.clone());
         Ok(k)
     }
 
@@ -208,6 +224,34 @@ mod tests {
         assert_eq!(k.public_key_raw(), k2.public_key_raw());
         km2.delete("ca-1").await.unwrap();
         assert!(km2.get("ca-1").await.unwrap().is_none());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn mac_keys_live_in_0600_files_and_survive_reopen() {
+        let dir = tempfile_dir().with_extension("mac");
+        let km = DiskKeyManager::open(&dir).unwrap();
+        let tag = km.mac_key("record-mac").await.unwrap().mac(b"row").unwrap();
+        let mode = fs::metadata(dir.join("record-mac.mac"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let km2 = DiskKeyManager::open(&dir).unwrap();
+        let again = km2.mac_key("record-mac").await.unwrap();
+        assert_eq!(again.mac(b"row").unwrap(), tag);
+        assert!(again.verify(b"row", &tag).unwrap());
+        assert!(!again.verify(b"row!", &tag).unwrap());
+        assert_ne!(
+            km2.mac_key("audit-mac").await.unwrap().mac(b"row").unwrap(),
+            tag
+        );
+        fs::write(dir.join("broken.mac"), "not base64!").unwrap();
+        let err = km2.mac_key("broken").await.unwrap_err().to_string();
+        assert!(
+            err.contains("MAC key file") && err.contains("malformed"),
+            "{err}"
+        );
         let _ = fs::remove_dir_all(dir);
     }
 

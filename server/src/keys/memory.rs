@@ -6,13 +6,14 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::software::SoftwareKey;
-use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, SoftwareKek};
+use super::{Kek, KeyError, KeyHandle, KeyManager, KeyType, MacKey, SoftwareKek, SoftwareMac};
 
 /// Keys in process memory; a restart starts a new CA.
 #[derive(Debug, Default)]
 pub struct MemoryKeyManager {
     keys: Mutex<HashMap<String, Arc<SoftwareKey>>>,
     keks: Mutex<HashMap<String, Arc<SoftwareKek>>>,
+    macs: Mutex<HashMap<String, Arc<SoftwareMac>>>,
 }
 
 #[async_trait]
@@ -56,5 +57,28 @@ impl KeyManager for MemoryKeyManager {
         let k = Arc::new(SoftwareKek(std::mem::take(&mut *raw)));
         keks.insert(id.to_string(), k.clone());
         Ok(k)
+    }
+
+    async fn mac_key(&self, id: &str) -> Result<Arc<dyn MacKey>, KeyError> {
+        let mut macs = self.macs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = macs.get(id) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(SoftwareMac::new(&super::aes::generate()?));
+        macs.insert(id.to_string(), k.clone());
+        Ok(k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn mac_keys_are_made_once_per_id() {
+        let km = MemoryKeyManager::default();
+        let tag = km.mac_key("a").await.unwrap().mac(b"row").unwrap();
+        assert_eq!(km.mac_key("a").await.unwrap().mac(b"row").unwrap(), tag);
+        assert_ne!(km.mac_key("b").await.unwrap().mac(b"row").unwrap(), tag);
     }
 }

@@ -185,6 +185,57 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
     fn is_hsm(&self) -> bool {
         false
     }
+    /// The HMAC-SHA256 key `id`, created on first use: record MACs and the audit chain are
+    /// keyed with keys the datastore never holds (pkcs11: a non-extractable generic secret used
+    /// inside the token; disk: a 0600 key file; memory: process memory).
+    async fn mac_key(&self, id: &str) -> Result<Arc<dyn MacKey>, KeyError>;
+}
+
+/// An HMAC-SHA256 key held by the key manager.
+pub trait MacKey: Send + Sync + fmt::Debug {
+    /// The mechanism, recorded where a tag is kept.
+    fn mechanism(&self) -> &'static str;
+    /// The 32-byte HMAC-SHA256 tag of `data`. Blocking (pkcs11 computes it in the token).
+    fn mac(&self, data: &[u8]) -> Result<[u8; MAC_LEN], KeyError>;
+    /// Whether `tag` is the tag of `data`, compared in constant time. Blocking.
+    fn verify(&self, data: &[u8], tag: &[u8]) -> Result<bool, KeyError> {
+        let want = self.mac(data)?;
+        Ok(aws_lc_rs::constant_time::verify_slices_are_equal(&want, tag).is_ok())
+    }
+}
+
+/// Length of an HMAC-SHA256 tag.
+pub const MAC_LEN: usize = 32;
+
+/// HMAC-SHA256 in software (memory and disk key managers); aws-lc-rs wipes the key on drop.
+pub struct SoftwareMac(aws_lc_rs::hmac::Key);
+
+impl SoftwareMac {
+    /// A MAC key from 32 raw bytes.
+    pub fn new(raw: &[u8]) -> Self {
+        Self(aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, raw))
+    }
+}
+
+impl fmt::Debug for SoftwareMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SoftwareMac(..)")
+    }
+}
+
+impl MacKey for SoftwareMac {
+    fn mechanism(&self) -> &'static str {
+        "hmac-sha256"
+    }
+    fn mac(&self, data: &[u8]) -> Result<[u8; MAC_LEN], KeyError> {
+        let tag = aws_lc_rs::hmac::sign(&self.0, data);
+        tag.as_ref()
+            .try_into()
+            .map_err(|_| KeyError::Crypto("HMAC-SHA256 tag is not 32 bytes".into()))
+    }
+    fn verify(&self, data: &[u8], tag: &[u8]) -> Result<bool, KeyError> {
+        Ok(aws_lc_rs::hmac::verify(&self.0, data, tag).is_ok())
+    }
 }
 
 /// A key-encryption key: authenticated encryption of key material at rest.

@@ -86,6 +86,9 @@ impl KeyManager for GatedKeys {
     async fn kek(&self, id: &str) -> Result<Arc<dyn Kek>, KeyError> {
         self.0.kek(id).await
     }
+    async fn mac_key(&self, id: &str) -> Result<Arc<dyn crate::keys::MacKey>, KeyError> {
+        self.0.mac_key(id).await
+    }
 }
 
 impl Drop for Fixture {

@@ -24,10 +24,11 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
 use super::PinSource;
-use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType};
+use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType, MacKey};
 
 mod aes;
 mod key;
+mod mac;
 mod token;
 
 use key::Pkcs11Key;
@@ -346,6 +347,13 @@ impl KeyManager for Pkcs11KeyManager {
 
     fn is_hsm(&self) -> bool {
         true
+    }
+
+    async fn mac_key(&self, id: &str) -> Result<Arc<dyn MacKey>, KeyError> {
+        // One key per id even when two first uses race: generation runs under one lock.
+        static CREATE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = CREATE.lock().await;
+        Ok(Arc::new(self.aes_blocking(id, mac::get_or_generate).await?))
     }
 }
 

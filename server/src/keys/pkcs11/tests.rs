@@ -125,5 +125,54 @@ async fn session_copy_helper() {
     let second = km.generate("k2", KeyType::EcP256).await.unwrap();
     assert_ne!(first.public_key_raw(), second.public_key_raw());
     check(&second);
+    mac_keys_stay_in_the_token(&km).await;
     println!("HELPER OK");
+}
+
+/// HMAC keys: made once per id inside the token, sensitive and never extractable, found again
+/// by label (same tags), a different id is a different key, and a wrong tag does not verify.
+async fn mac_keys_stay_in_the_token(km: &Pkcs11KeyManager) {
+    let m = km.mac_key("record-mac").await.unwrap();
+    let tag = m.mac(b"row").unwrap();
+    assert!(m.verify(b"row", &tag).unwrap());
+    assert!(!m.verify(b"rov", &tag).unwrap());
+    assert!(!m.verify(b"row", &tag[..31]).unwrap());
+    let again = km.mac_key("record-mac").await.unwrap();
+    assert_eq!(
+        again.mac(b"row").unwrap(),
+        tag,
+        "found again, not made anew"
+    );
+    let other = km.mac_key("audit-mac").await.unwrap();
+    assert_ne!(other.mac(b"row").unwrap(), tag);
+    // The AES key and key pair namespaces do not collide with MAC keys of the same id.
+    let kek = km.kek("record-mac").await.unwrap();
+    assert!(kek.seal(b"x", b"").is_ok());
+    assert_eq!(
+        km.mac_key("record-mac").await.unwrap().mac(b"row").unwrap(),
+        tag
+    );
+    let handle = km
+        .token
+        .with_session(|s| km.token.find(s, "hmac/record-mac", ObjectClass::SECRET_KEY))
+        .unwrap()
+        .unwrap();
+    let attrs = km
+        .token
+        .with_session(|s| {
+            s.get_attributes(
+                handle,
+                &[AttributeType::Sensitive, AttributeType::Extractable],
+            )
+            .map_err(ck("attributes"))
+        })
+        .unwrap();
+    assert_eq!(attrs.len(), 2);
+    for a in &attrs {
+        match a {
+            Attribute::Sensitive(v) => assert!(v, "the MAC key is sensitive"),
+            Attribute::Extractable(v) => assert!(!v, "the MAC key is not extractable"),
+            _ => {}
+        }
+    }
 }

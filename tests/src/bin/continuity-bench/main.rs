@@ -1,4 +1,4 @@
-//! `continuity-bench [--quick]`: Continuity's benchmark suite. Starts the real binaries on
+//! `continuity-bench [--quick] [--only GROUP]`: Continuity's benchmark suite. Starts the real binaries on
 //! loopback and temporary sockets, measures each figure next to a floor measured in the same
 //! run on the same machine, prints a table and writes target/bench/summary.json.
 #![forbid(unsafe_code)]
@@ -24,6 +24,8 @@ use report::Metric;
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
+    /// Only this group runs (`--only workload|signing|engine|recovery|scale|server`).
+    pub only: Option<&'static str>,
     pub latency_samples: usize,
     pub seconds: f64,
     pub memory_steps: [usize; 3],
@@ -37,6 +39,7 @@ impl Plan {
         if quick {
             Self {
                 quick,
+                only: None,
                 latency_samples: 400,
                 seconds: 1.5,
                 memory_steps: [100, 1000, 2000],
@@ -47,6 +50,7 @@ impl Plan {
         } else {
             Self {
                 quick,
+                only: None,
                 latency_samples: 2000,
                 seconds: 4.0,
                 memory_steps: [100, 1000, 10_000],
@@ -120,7 +124,12 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let plan = Plan::new(quick);
+    let mut plan = Plan::new(quick);
+    plan.only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|g| &*String::leak(g.clone()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -185,27 +194,40 @@ async fn run(plan: Plan) -> Vec<Metric> {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         continuity_tests::bin_dir().display()
     );
+    let runs = |group: &str| plan.only.is_none_or(|o| o == group);
     let (server, mut agent) = main_pair(dir);
     let mut m = Vec::new();
-    eprintln!("[1/6] Workload API latency and throughput");
-    m.extend(workload_rows::metrics(&plan, &agent, dir).await);
-    eprintln!("[2/6] SVID signing (disk, pkcs11) and Engine ops (hsm)");
-    m.extend(signing::metrics(&plan, &server, dir).await);
-    eprintln!("[3/6] Engine ops (transit)");
-    m.extend(engine::metrics(&plan, &agent.socket, "transit", dir, None).await);
-    m.push(Metric::new(
-        "disk: 256 B append + fdatasync p50 (one audit commit)",
-        engine::fdatasync_p50(dir),
-        "us",
-    ));
-    eprintln!("[4/6] recovery");
-    m.push(recovery(&mut agent, &server).await);
+    if runs("workload") {
+        eprintln!("[1/6] Workload API latency and throughput");
+        m.extend(workload_rows::metrics(&plan, &agent, dir).await);
+    }
+    if runs("signing") {
+        eprintln!("[2/6] SVID signing (disk, pkcs11) and Engine ops (hsm)");
+        m.extend(signing::metrics(&plan, &server, dir).await);
+    }
+    if runs("engine") {
+        eprintln!("[3/6] Engine ops (transit)");
+        m.extend(engine::metrics(&plan, &agent.socket, "transit", dir, None).await);
+        m.push(Metric::new(
+            "disk: 256 B append + fdatasync p50 (one audit commit)",
+            engine::fdatasync_p50(dir),
+            "us",
+        ));
+    }
+    if runs("recovery") {
+        eprintln!("[4/6] recovery");
+        m.push(recovery(&mut agent, &server).await);
+    }
     drop(agent);
     drop(server);
-    eprintln!("[5/6] agent memory, SVID storm, Workload API during rotation");
-    m.extend(scale::agent_memory(&plan, dir).await);
-    eprintln!("[6/6] server scale");
-    m.extend(scale_server::server_scale(&plan, dir).await);
+    if runs("scale") {
+        eprintln!("[5/6] agent memory, SVID storm, Workload API during rotation");
+        m.extend(scale::agent_memory(&plan, dir).await);
+    }
+    if runs("server") {
+        eprintln!("[6/6] server scale");
+        m.extend(scale_server::server_scale(&plan, dir).await);
+    }
     m
 }
 
