@@ -23,7 +23,15 @@ use crate::peer::Peer;
 /// Turns a connected peer into selectors (the Workload API's view of attestation).
 pub trait WorkloadAttestor: Send + Sync + 'static {
     /// Selectors of the peer; an error means attestation failed (the caller gets Unavailable).
+    /// Blocking: it reads /proc and may stat the executable on the workload's file system.
     fn attest(&self, peer: &Peer) -> Result<Arc<HashSet<Selector>>, String>;
+
+    /// The selectors remembered for this very process, when they can be confirmed without
+    /// blocking (None: call [`WorkloadAttestor::attest`] on a blocking thread).
+    fn attest_cached(&self, peer: &Peer) -> Option<Arc<HashSet<Selector>>> {
+        let _ = peer;
+        None
+    }
 }
 
 /// How long a cached attestation is trusted without re-reading /proc.
@@ -64,6 +72,14 @@ impl Attestors {
         })
     }
 
+    fn cached(&self, key: &ProcessKey) -> Option<Arc<HashSet<Selector>>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(key)
+            .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+            .map(|(s, _)| s.clone())
+    }
+
     fn key(peer: &Peer) -> Option<ProcessKey> {
         Some(ProcessKey {
             pid: peer.pid,
@@ -92,13 +108,7 @@ impl Attestors {
 impl WorkloadAttestor for Attestors {
     fn attest(&self, peer: &Peer) -> Result<Arc<HashSet<Selector>>, String> {
         let key = Self::key(peer);
-        let cached = key.as_ref().and_then(|k| {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache
-                .get(k)
-                .filter(|(_, at)| at.elapsed() < CACHE_TTL)
-                .map(|(s, _)| s.clone())
-        });
+        let cached = key.as_ref().and_then(|k| self.cached(k));
         let selectors = match cached {
             Some(s) => s,
             None => {
@@ -128,5 +138,50 @@ impl WorkloadAttestor for Attestors {
             ));
         }
         Ok(selectors)
+    }
+
+    /// A cache hit confirmed with the same checks as [`WorkloadAttestor::attest`], made the
+    /// way accept made them (procfs and `statx` without sync): the executable is still the
+    /// one recorded at accept and the process is still the one that connected.
+    fn attest_cached(&self, peer: &Peer) -> Option<Arc<HashSet<Selector>>> {
+        let selectors = self.cached(&Self::key(peer)?)?;
+        (peer.exe_unchanged_now() && peer.still_same_process()).then_some(selectors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn attestors() -> Arc<Attestors> {
+        let unix = continuity_attestors::unix::UnixConfig {
+            discover_workload_path: false,
+            ..Default::default()
+        };
+        Attestors::new(Some(unix), None)
+    }
+
+    #[tokio::test]
+    async fn a_cached_result_is_confirmed_in_place_only_for_the_same_executable() {
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let a_peer = Peer::of(&a).unwrap();
+        let att = attestors();
+        assert!(att.attest_cached(&a_peer).is_none(), "nothing cached yet");
+        let fresh = att.attest(&a_peer).unwrap();
+        assert_eq!(att.attest_cached(&a_peer).unwrap(), fresh);
+        // A process recorded at accept with another executable (it exec'd since) is not
+        // confirmed from the cache: the blocking path decides (and refuses it).
+        let (c, _d) = tokio::net::UnixStream::pair().unwrap();
+        let mut other = Peer::of(&c).unwrap();
+        if let Some(e) = other.exe.as_mut() {
+            e.file.ino ^= 1;
+        }
+        att.cache.lock().unwrap().insert(
+            Attestors::key(&other).unwrap(),
+            (fresh.clone(), Instant::now()),
+        );
+        assert!(att.attest_cached(&other).is_none());
+        assert!(att.attest(&other).is_err());
     }
 }

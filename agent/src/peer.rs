@@ -117,6 +117,14 @@ impl Peer {
         )
     }
 
+    /// Whether the process still runs the executable recorded at accept, read the way accept
+    /// read it (never blocking on the executable's file system); false when either is unknown.
+    pub fn exe_unchanged_now(&self) -> bool {
+        self.exe
+            .as_ref()
+            .is_some_and(|e| exe_file(self.pid).is_some_and(|(_, now)| now == e.file))
+    }
+
     /// True if the process that connected is still alive under the same pid (checked after
     /// reading /proc, so what was read belonged to it).
     pub fn still_same_process(&self) -> bool {
@@ -135,6 +143,14 @@ impl Peer {
 /// hostile FUSE mount cannot block the caller): path and identity come from one `O_PATH`
 /// descriptor, so they describe the same inode.
 fn exe_at_accept(pid: u32) -> Option<ExeIdentity> {
+    let (fd, file) = exe_file(pid)?;
+    let path: PathBuf = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    Some(ExeIdentity { path, file })
+}
+
+/// An `O_PATH` descriptor of the executable `pid` runs now, and its identity from `statx`
+/// with `AT_STATX_DONT_SYNC`: neither opens the file nor asks its file system.
+fn exe_file(pid: u32) -> Option<(OwnedFd, FileId)> {
     use rustix::fs::{AtFlags, Mode, OFlags, StatxFlags};
     let fd = rustix::fs::open(
         format!("/proc/{pid}/exe"),
@@ -153,19 +169,16 @@ fn exe_at_accept(pid: u32) -> Option<ExeIdentity> {
     if !StatxFlags::from_bits_retain(st.stx_mask).contains(want) {
         return None;
     }
-    let path: PathBuf = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-    Some(ExeIdentity {
-        path,
-        file: FileId {
-            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
-            ino: st.stx_ino,
-            size: st.stx_size,
-            mtime: st.stx_mtime.tv_sec,
-            mtime_nsec: i64::from(st.stx_mtime.tv_nsec),
-            ctime: st.stx_ctime.tv_sec,
-            ctime_nsec: i64::from(st.stx_ctime.tv_nsec),
-        },
-    })
+    let file = FileId {
+        dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+        ino: st.stx_ino,
+        size: st.stx_size,
+        mtime: st.stx_mtime.tv_sec,
+        mtime_nsec: i64::from(st.stx_mtime.tv_nsec),
+        ctime: st.stx_ctime.tv_sec,
+        ctime_nsec: i64::from(st.stx_ctime.tv_nsec),
+    };
+    Some((fd, file))
 }
 
 /// What a Workload API request knows about its connection.
@@ -196,5 +209,6 @@ mod tests {
         assert_eq!(exe.file, FileId::of(&m));
         assert!(peer.still_same_process());
         assert!(continuity_attestors::unix::exe_unchanged(peer.pid, exe).is_ok());
+        assert!(peer.exe_unchanged_now());
     }
 }

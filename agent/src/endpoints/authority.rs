@@ -389,6 +389,17 @@ impl<S> AuthorityFix<S> {
     }
 
     fn emit_block(&mut self, stream: u32, end_stream: bool, block: &[u8]) -> Result<(), Violation> {
+        if self.mode == Mode::Undecided
+            && hpack::scan_first_block(block, MAX_HEADER_LIST_SIZE as usize, HEADER_TABLE_SIZE)
+                == hpack::FirstBlock::Acceptable
+        {
+            // The common case, decided without an HPACK decoder (which builds a Huffman table
+            // for every string it decodes): pass the client's own bytes on.
+            self.activity.mark();
+            self.output.extend_from_slice(&std::mem::take(&mut self.raw_block));
+            self.mode = Mode::Passthrough;
+            return Ok(());
+        }
         let headers = self.decode_block(block)?;
         self.activity.mark();
         if self.mode == Mode::Undecided {

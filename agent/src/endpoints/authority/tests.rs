@@ -310,3 +310,88 @@ async fn a_socket_path_client_has_every_block_rewritten() {
         vec![b"localhost".to_vec(), b"localhost".to_vec()]
     );
 }
+
+mod first_block_scan {
+    use super::super::hpack::{FirstBlock, HUFFMAN_AUTHORITY, encode_int, scan_first_block};
+    use super::*;
+
+    fn scan(block: &[u8]) -> FirstBlock {
+        scan_first_block(block, MAX_HEADER_LIST_SIZE as usize, HEADER_TABLE_SIZE)
+    }
+
+    /// A literal field with a Huffman-coded name (new name, without indexing) and a raw value.
+    fn huffman_named(name: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut b = vec![0x00];
+        encode_int(&mut b, name.len(), 7, 0x80);
+        b.extend_from_slice(name);
+        encode_int(&mut b, value.len(), 7, 0);
+        b.extend_from_slice(value);
+        b
+    }
+
+    #[test]
+    fn the_huffman_coded_authority_name_is_exact() {
+        let mut d = loona_hpack::huffman::HuffmanDecoder::new();
+        assert_eq!(d.decode(&HUFFMAN_AUTHORITY).unwrap(), b":authority");
+    }
+
+    #[test]
+    fn only_blocks_whose_every_authority_h2_accepts_skip_the_decoder() {
+        let mut enc = loona_hpack::Encoder::new();
+        let good = enc.encode(vec![
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"localhost"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+            (b"workload.spiffe.io", b"true"),
+        ]);
+        assert_eq!(scan(&good), FirstBlock::Acceptable);
+        let mut enc = loona_hpack::Encoder::new();
+        let socket_path = enc.encode(vec![
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"tmp%2Fagent%2Fapi.sock"),
+        ]);
+        assert_eq!(scan(&socket_path), FirstBlock::Decode);
+        // The name spelled in Huffman code is still `:authority`.
+        assert_eq!(
+            scan(&huffman_named(&HUFFMAN_AUTHORITY, b"tmp%2Fapi.sock")),
+            FirstBlock::Decode
+        );
+        assert_eq!(
+            scan(&huffman_named(&HUFFMAN_AUTHORITY, b"localhost")),
+            FirstBlock::Acceptable
+        );
+        // The static `:authority` (empty value), an invalid one entered into the table and
+        // then referenced, a size update, an index beyond the table, a truncated string.
+        assert_eq!(scan(&[0x81]), FirstBlock::Decode);
+        let mut entered = vec![0x41];
+        encode_int(&mut entered, 3, 7, 0);
+        entered.extend_from_slice(b"a b");
+        assert_eq!(scan(&entered), FirstBlock::Decode);
+        let mut entered_ok = vec![0x41];
+        encode_int(&mut entered_ok, 9, 7, 0);
+        entered_ok.extend_from_slice(b"localhost");
+        entered_ok.push(0xbe);
+        assert_eq!(scan(&entered_ok), FirstBlock::Acceptable);
+        assert_eq!(scan(&[0x3f, 0xe1, 0x1f, 0x82]), FirstBlock::Decode);
+        assert_eq!(scan(&[0xbe]), FirstBlock::Decode);
+        assert_eq!(scan(&[0x04, 0x05, b'/', b'a']), FirstBlock::Decode);
+    }
+
+    #[test]
+    fn blocks_over_the_budget_or_evicting_are_left_to_the_decoder() {
+        assert_eq!(scan(&bomb(10_000)), FirstBlock::Decode);
+        // Two ~3 KB entries: the second would evict the first.
+        let mut block = Vec::new();
+        for name in [b"x", b"y"] {
+            block.push(0x40);
+            encode_int(&mut block, 1, 7, 0);
+            block.extend_from_slice(name);
+            encode_int(&mut block, 3000, 7, 0);
+            block.extend(std::iter::repeat_n(b'a', 3000));
+        }
+        assert_eq!(scan(&block), FirstBlock::Decode);
+        // The same fields decode fine: the shortcut only ever declines.
+        let mut d = bounded_decoder();
+        assert_eq!(d.decode(&block).unwrap().len(), 2);
+    }
+}

@@ -86,6 +86,11 @@ pub async fn attest_caller<T>(
     let selectors = info
         .selectors
         .get_or_try_init(|| async move {
+            // A process seen before is confirmed in place; only a fresh attestation (or one
+            // the cache cannot confirm) takes a permit and a blocking thread.
+            if let Some(s) = attestor.attest_cached(&p) {
+                return Ok(s);
+            }
             let result = ATTEST_GATE.run(uid, move || attestor.attest(&p)).await?;
             match result {
                 Ok(s) => Ok(s),
