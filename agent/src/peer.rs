@@ -47,6 +47,8 @@ pub struct Peer {
     pub gid: u32,
     /// Process id at connect time.
     pub pid: u32,
+    /// The process's pidfs inode, when its binding has one: unique for the boot.
+    pub process: Option<u64>,
     /// Process binding.
     pub binding: Binding,
     /// Process start time (clock ticks since boot) at accept time.
@@ -57,12 +59,74 @@ pub struct Peer {
 
 static LOGGED_MODE: AtomicBool = AtomicBool::new(false);
 
-/// Reads the "Pid:" line of `/proc/self/fdinfo/<fd>` for a pidfd (-1 once the process exited).
-fn pidfd_pid(fd: &OwnedFd) -> Option<i64> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse().ok())
+/// `PID_FS_MAGIC`: pidfds live on pidfs (Linux ≥ 6.9), where every pidfd of one process shares
+/// one inode whose number is never reused during the boot.
+const PIDFS_MAGIC: i64 = 0x5049_4446;
+
+/// The pidfs inode of a pidfd: a name for the process that no later process can take (None
+/// on kernels whose pidfds share an anonymous inode).
+#[allow(clippy::useless_conversion)] // `f_type`'s integer type differs between architectures
+fn pidfs_inode(fd: &OwnedFd) -> Option<u64> {
+    static PIDFS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let pidfs = *PIDFS
+        .get_or_init(|| rustix::fs::fstatfs(fd).is_ok_and(|s| i64::from(s.f_type) == PIDFS_MAGIC));
+    if !pidfs {
+        return None;
+    }
+    rustix::fs::fstat(fd).ok().map(|st| st.st_ino)
+}
+
+/// Facts about processes that never change while they live (start time, pod), remembered by
+/// pidfs inode so that a process that connects again costs no procfs read. Bounded: cleared
+/// when full (a miss only costs the read again).
+#[derive(Debug)]
+pub struct Memo<T>(std::sync::Mutex<std::collections::HashMap<u64, T>>);
+
+/// Most processes a [`Memo`] remembers.
+const MEMO_MAX: usize = 4096;
+
+impl<T: Clone> Memo<T> {
+    /// An empty memo.
+    pub fn new() -> Self {
+        Self(std::sync::Mutex::default())
+    }
+
+    /// The value for `process` (a pidfs inode), computed by `f` the first time; always `f()`
+    /// when the process has no such name.
+    pub fn get_or(&self, process: Option<u64>, f: impl FnOnce() -> T) -> T {
+        let Some(key) = process else {
+            return f();
+        };
+        if let Some(v) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return v.clone();
+        }
+        let v = f();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MEMO_MAX {
+            map.clear();
+        }
+        map.insert(key, v.clone());
+        v
+    }
+}
+
+impl<T: Clone> Default for Memo<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether the process behind a pidfd has exited (its pidfd polls readable).
+fn pidfd_exited(fd: &OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // An error (EINTR among them) is taken as "cannot tell": exited, so attestation fails
+    // safe and the client retries.
+    poll(&mut fds, Some(&now)).map_or(true, |n| n > 0)
 }
 
 impl Peer {
@@ -96,12 +160,20 @@ impl Peer {
                 }
             }
         };
-        let start_time = continuity_attestors::unix::start_time(pid);
+        static START_TIMES: std::sync::LazyLock<Memo<Option<u64>>> =
+            std::sync::LazyLock::new(Memo::new);
+        let process = match &binding {
+            Binding::PeerPidfd(fd) => pidfs_inode(fd),
+            _ => None,
+        };
+        let start_time =
+            START_TIMES.get_or(process, || continuity_attestors::unix::start_time(pid));
         let exe = exe_at_accept(pid);
         Ok(Self {
             uid,
             gid,
             pid,
+            process,
             binding,
             start_time,
             exe,
@@ -129,9 +201,10 @@ impl Peer {
     /// reading /proc, so what was read belonged to it).
     pub fn still_same_process(&self) -> bool {
         match &self.binding {
-            Binding::PeerPidfd(fd) => pidfd_pid(fd) == Some(self.pid as i64),
+            // The pidfd names the very process that connected: alive means still it.
+            Binding::PeerPidfd(fd) => !pidfd_exited(fd),
             Binding::PidfdOpen(fd, start) => {
-                pidfd_pid(fd) == Some(self.pid as i64)
+                !pidfd_exited(fd)
                     && continuity_attestors::unix::start_time(self.pid) == Some(*start)
             }
             Binding::None => false,
@@ -210,5 +283,62 @@ mod tests {
         assert!(peer.still_same_process());
         assert!(continuity_attestors::unix::exe_unchanged(peer.pid, exe).is_ok());
         assert!(peer.exe_unchanged_now());
+        // A second connection of the same process is the same pidfs process (kernel ≥ 6.9).
+        let (c, _d) = UnixStream::pair().unwrap();
+        let again = Peer::of(&c).unwrap();
+        assert_eq!(again.process, peer.process);
+        assert_eq!(again.start_time, peer.start_time);
+    }
+
+    #[test]
+    fn an_exited_process_is_no_longer_the_one_that_connected() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        assert!(!pidfd_exited(&fd));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(pidfd_exited(&fd));
+    }
+
+    #[test]
+    fn a_memo_computes_once_per_process_and_always_without_a_name() {
+        let memo = Memo::new();
+        let mut calls = 0;
+        assert_eq!(
+            memo.get_or(Some(7), || {
+                calls += 1;
+                1
+            }),
+            1
+        );
+        assert_eq!(
+            memo.get_or(Some(7), || {
+                calls += 1;
+                2
+            }),
+            1
+        );
+        assert_eq!(
+            memo.get_or(None, || {
+                calls += 1;
+                3
+            }),
+            3
+        );
+        assert_eq!(
+            memo.get_or(None, || {
+                calls += 1;
+                4
+            }),
+            4
+        );
+        assert_eq!(calls, 3);
     }
 }

@@ -396,7 +396,8 @@ impl<S> AuthorityFix<S> {
             // The common case, decided without an HPACK decoder (which builds a Huffman table
             // for every string it decodes): pass the client's own bytes on.
             self.activity.mark();
-            self.output.extend_from_slice(&std::mem::take(&mut self.raw_block));
+            self.output
+                .extend_from_slice(&std::mem::take(&mut self.raw_block));
             self.mode = Mode::Passthrough;
             return Ok(());
         }

@@ -186,7 +186,10 @@ fn admit(stream: UnixStream, tracker: &Arc<Tracker>) -> Option<WorkloadConn> {
     let scope = peer
         .as_ref()
         .map_or(CallerKey::Uid(conns::UNKNOWN_UID), |p| {
-            pod_of(p.pid).map_or(CallerKey::Uid(p.uid), CallerKey::Pod)
+            static PODS: std::sync::LazyLock<peer::Memo<Option<String>>> =
+                std::sync::LazyLock::new(peer::Memo::new);
+            PODS.get_or(p.process, || pod_of(p.pid))
+                .map_or(CallerKey::Uid(p.uid), CallerKey::Pod)
         });
     let io = AuthorityFix::new(stream);
     // Refusals are logged (rate-limited) by the tracker.

@@ -229,7 +229,11 @@ fn string<'a>(p: &mut &'a [u8]) -> Option<(&'a [u8], bool)> {
 
 /// Decoded length of a string, bounded above for Huffman (no code is shorter than 5 bits).
 fn decoded_bound(raw: &[u8], huffman: bool) -> usize {
-    if huffman { raw.len() * 8 / 5 } else { raw.len() }
+    if huffman {
+        raw.len() * 8 / 5
+    } else {
+        raw.len()
+    }
 }
 
 /// Whether an `:authority` value is one h2 accepts (Huffman-decoded first if need be).

@@ -113,6 +113,7 @@ fn child(args: &[String]) -> bool {
         Some("--pkcs11-floor") => hsm::pkcs11_floor_child(rest),
         Some("--engine-tls-echo") => engine_floor::tls_echo_child(rest),
         Some("--engine-uds-echo") => engine_floor::uds_echo_child(rest),
+        Some("--connect-loop") => workload::connect_loop_child(rest),
         _ => return false,
     }
     true

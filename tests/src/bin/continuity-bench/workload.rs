@@ -163,6 +163,40 @@ pub async fn connect_and_fetch(path: &Path) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
+/// Child side of `--connect-loop SOCKET SECONDS CLIENTS`: connect+attest+first X509 in a loop
+/// from CLIENTS tasks for SECONDS, then prints the count; for `perf record -p <agent>`.
+pub fn connect_loop_child(args: &[String]) {
+    let path = PathBuf::from(&args[0]);
+    let secs: f64 = args[1].parse().unwrap();
+    let clients: usize = args[2].parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = rt.block_on(async move {
+        let deadline = Instant::now() + Duration::from_secs_f64(secs);
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let path = path.clone();
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        connect_and_fetch(&path).await;
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for t in tasks {
+            n += t.await.unwrap();
+        }
+        n
+    });
+    println!("{n} connections");
+}
+
 /// Runs `op` `n` times from `conc` concurrent tasks; returns every sample (µs).
 pub async fn measure<F, Fut>(n: usize, conc: usize, op: F) -> Vec<f64>
 where

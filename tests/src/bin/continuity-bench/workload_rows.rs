@@ -61,11 +61,18 @@ async fn connect_samples(sock: &Path, n: usize, conc: usize) -> Vec<f64> {
     .await
 }
 
+/// Rounds the floor's and the agent's samples alternate in, so that both see the same
+/// background load (a build on the other core, a sync round) rather than one each.
+const ROUNDS: usize = 10;
+
 async fn connect_rows(n: usize, sock: &Path, floor: &Path) -> Vec<Metric> {
     let mut out = Vec::new();
     for conc in [1usize, 16] {
-        let mut fl = connect_samples(floor, n, conc).await;
-        let mut al = connect_samples(sock, n, conc).await;
+        let (mut fl, mut al) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..ROUNDS {
+            fl.extend(connect_samples(floor, n / ROUNDS, conc).await);
+            al.extend(connect_samples(sock, n / ROUNDS, conc).await);
+        }
         let name = format!("workload: connect+attest+first X509 {{p}}, {conc} client(s)");
         out.extend(pair(&name, FIXED, &mut al, &mut fl, true));
     }
