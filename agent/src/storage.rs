@@ -132,7 +132,11 @@ mod tests {
         assert!(s.load().unwrap().is_none());
         s.save(&state()).unwrap();
         // What a writer killed between create and rename leaves behind.
-        std::fs::write(d.join(".agent-state.json.4242.0.tmp"), b"{\"version\":1,\"sta").unwrap();
+        std::fs::write(
+            d.join(".agent-state.json.4242.0.tmp"),
+            b"{\"version\":1,\"sta",
+        )
+        .unwrap();
         let back = s.load().unwrap().unwrap();
         assert_eq!(back.agent_id, state().agent_id);
         assert_eq!(back.revision, 7);
@@ -145,9 +149,10 @@ mod tests {
         let (d, s) = scratch("torn");
         s.save(&state()).unwrap();
         let whole = std::fs::read(d.join(STATE_FILE)).unwrap();
-        let newer = String::from_utf8(whole.clone())
-            .unwrap()
-            .replacen("\"version\":1", "\"version\":2", 1);
+        let newer =
+            String::from_utf8(whole.clone())
+                .unwrap()
+                .replacen("\"version\":1", "\"version\":2", 1);
         let cases: [(&[u8], &str); 4] = [
             (b"", "0 bytes, no state: a write was cut short"),
             (b"\n\n", "2 bytes, no state"),

@@ -1,4 +1,9 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    missing_docs
+)]
 //! Crash safety: the real server (SQLite) and agent, killed with SIGKILL at random moments
 //! under load from several concurrent clients, lose nothing they acknowledged.
 //!
@@ -102,6 +107,16 @@ struct Ledger {
     /// Join tokens an agent attested with (acknowledged).
     used_tokens: Vec<String>,
     acked: Counts,
+    /// Failed calls by status code (while the server was down, mostly Unavailable).
+    failures: std::collections::BTreeMap<String, (u64, String)>,
+}
+
+impl Ledger {
+    fn failed(&mut self, s: &tonic::Status) {
+        let f = self.failures.entry(format!("{:?}", s.code())).or_default();
+        f.0 += 1;
+        f.1 = s.message().chars().take(120).collect();
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -122,11 +137,8 @@ struct Load {
 
 async fn admin_channel(server: &std::path::Path) -> Channel {
     loop {
-        if let Ok(Ok(ch)) = tokio::time::timeout(
-            CALL_LIMIT,
-            continuity_common::grpc::uds_channel(server),
-        )
-        .await
+        if let Ok(Ok(ch)) =
+            tokio::time::timeout(CALL_LIMIT, continuity_common::grpc::uds_channel(server)).await
         {
             return ch;
         }
@@ -140,7 +152,9 @@ async fn call<T>(
 ) -> Result<T, tonic::Status> {
     match tokio::time::timeout(CALL_LIMIT, f).await {
         Ok(r) => r.map(tonic::Response::into_inner),
-        Err(_) => Err(tonic::Status::unavailable("no answer within the call limit")),
+        Err(_) => Err(tonic::Status::unavailable(
+            "no answer within the call limit",
+        )),
     }
 }
 
@@ -148,6 +162,7 @@ async fn call<T>(
 /// signs and saves them too) until told to stop.
 async fn entry_writer(
     socket: std::path::PathBuf,
+    phase: &'static str,
     w: usize,
     mut rng: Rng,
     ledger: Arc<Mutex<Ledger>>,
@@ -161,7 +176,7 @@ async fn entry_writer(
         let failed = if live.len() < 3 || pick < 4 {
             n += 1;
             let template = Entry {
-                spiffe_id: format!("spiffe://example.org/crash/w{w}/{n}"),
+                spiffe_id: format!("spiffe://example.org/crash/{phase}/w{w}/{n}"),
                 parent_id: ALIAS.into(),
                 selectors: vec![Selector {
                     r#type: "unix".into(),
@@ -193,7 +208,8 @@ async fn entry_writer(
                     );
                     false
                 }
-                Err(_) => {
+                Err(s) => {
+                    l.failed(&s);
                     l.unacked_creates.insert(template.spiffe_id);
                     true
                 }
@@ -255,7 +271,10 @@ fn settle(
             f.maybe.clear();
             gone(live);
         }
-        Err(_) => l.entries.get_mut(id).unwrap().maybe.push(to),
+        Err(s) => {
+            l.failed(&s);
+            l.entries.get_mut(id).unwrap().maybe.push(to);
+        }
     }
     failed
 }
@@ -345,11 +364,8 @@ async fn token_user(
 async fn signer(socket: std::path::PathBuf, signatures: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let Ok(Ok(ch)) = tokio::time::timeout(
-            CALL_LIMIT,
-            continuity_common::grpc::uds_channel(&socket),
-        )
-        .await
+        let Ok(Ok(ch)) =
+            tokio::time::timeout(CALL_LIMIT, continuity_common::grpc::uds_channel(&socket)).await
         else {
             tokio::time::sleep(Duration::from_millis(30)).await;
             continue;
@@ -376,7 +392,12 @@ async fn signer(socket: std::path::PathBuf, signatures: Arc<AtomicU64>, stop: Ar
     }
 }
 
-fn start_load(server: &TestServer, agent_socket: &std::path::Path, seed: u64) -> Load {
+fn start_load(
+    server: &TestServer,
+    agent_socket: &std::path::Path,
+    phase: &'static str,
+    seed: u64,
+) -> Load {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let signatures = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -384,6 +405,7 @@ fn start_load(server: &TestServer, agent_socket: &std::path::Path, seed: u64) ->
     for w in 0..ENTRY_WRITERS {
         tasks.push(tokio::spawn(entry_writer(
             server.socket.clone(),
+            phase,
             w,
             Rng(seed ^ (w as u64 + 1).wrapping_mul(0x1234_5678_9abc)),
             ledger.clone(),
@@ -425,7 +447,15 @@ impl Load {
 
 /// Every acknowledged entry write is there with its last acknowledged content (or the
 /// content of a later call that failed), deleted ones are gone, and nothing else appeared.
-async fn check_entries(server: &TestServer, ledger: &Ledger) {
+async fn check_entries(server: &TestServer, phase: &str, ledger: &Ledger) {
+    // Only a server that went away fails a call; anything else is a bug the kills exposed.
+    for code in ledger.failures.keys() {
+        assert!(
+            ["Unknown", "Unavailable", "Cancelled"].contains(&code.as_str()),
+            "entry calls failed other than by a lost connection: {:?}",
+            ledger.failures
+        );
+    }
     let mut c = EntryAdminClient::new(admin_channel(&server.socket).await);
     let all = call(c.list_entries(ListEntriesRequest {
         parent_id: ALIAS.into(),
@@ -450,7 +480,9 @@ async fn check_entries(server: &TestServer, ledger: &Ledger) {
         }
     }
     for e in &all {
-        if e.spiffe_id.starts_with("spiffe://example.org/crash/") {
+        if e.spiffe_id
+            .starts_with(&format!("spiffe://example.org/crash/{phase}/"))
+        {
             assert!(
                 ledger.entries.contains_key(&e.id) || ledger.unacked_creates.contains(&e.spiffe_id),
                 "entry {} ({}) was never created by a client",
@@ -491,9 +523,7 @@ async fn check_audit(server: &TestServer, signatures: u64) {
         .records;
     let audited = records
         .iter()
-        .filter(|r| {
-            r.action == "key.sign" && r.result == "ok" && r.target.starts_with(ENGINE)
-        })
+        .filter(|r| r.action == "key.sign" && r.result == "ok" && r.target.starts_with(ENGINE))
         .count() as u64;
     assert!(
         audited >= signatures,
@@ -504,15 +534,20 @@ async fn check_audit(server: &TestServer, signatures: u64) {
 fn summary(phase: &str, ledger: &Ledger, signatures: u64, kills: usize, took: Duration) {
     let c = ledger.acked;
     println!(
-        "{phase}: {kills} kills in {:.1}s; acknowledged: {} entry creates, {} updates, {} deletes, {} tokens, {} attestations, {signatures} Engine signatures; {} entry writes in flight at a kill",
+        "{phase}: {kills} kills in {:.1}s; acknowledged: {} entry creates, {} updates, {} deletes, {} tokens, {} attestations, {signatures} Engine signatures; {} entry writes in flight at a kill; failed entry calls: {:?}",
         took.as_secs_f64(),
         c.creates,
         c.updates,
         c.deletes,
         c.tokens,
         c.attestations,
-        ledger.entries.values().filter(|f| !f.maybe.is_empty()).count()
-            + ledger.unacked_creates.len()
+        ledger
+            .entries
+            .values()
+            .filter(|f| !f.maybe.is_empty())
+            .count()
+            + ledger.unacked_creates.len(),
+        ledger.failures
     );
 }
 
@@ -553,7 +588,11 @@ async fn wait_signing(agent: &TestAgent) {
                 message: b"ready".to_vec(),
                 ..Default::default()
             };
-            if EngineApiClient::new(ch).sign(with_header(req)).await.is_ok() {
+            if EngineApiClient::new(ch)
+                .sign(with_header(req))
+                .await
+                .is_ok()
+            {
                 return;
             }
         }
@@ -577,7 +616,13 @@ async fn nothing_acknowledged_is_lost_when_server_and_agent_are_killed() {
     let mut server = TestServer::start(&dir.path().join("server"), opts);
     server.cli_ok(&["engine", "create", ENGINE, "--tier", "1"]);
     server.cli_ok(&[
-        "engine", "key", "create", ENGINE, "signing", "--purpose", "sign",
+        "engine",
+        "key",
+        "create",
+        ENGINE,
+        "signing",
+        "--purpose",
+        "sign",
     ]);
     server.create_entry_with_engine(ALIAS, &format!("unix:uid:{}", uid()), ENGINE);
     let mut agent = TestAgent::start_with(
@@ -591,7 +636,7 @@ async fn nothing_acknowledged_is_lost_when_server_and_agent_are_killed() {
 
     // Phase 1: the server is killed under load.
     let started = Instant::now();
-    let load = start_load(&server, &agent.socket, seed);
+    let load = start_load(&server, &agent.socket, "server-kills", seed);
     let mut kill_rng = Rng(rng.next());
     let server = tokio::task::spawn_blocking(move || {
         for _ in 0..SERVER_KILLS {
@@ -618,13 +663,13 @@ async fn nothing_acknowledged_is_lost_when_server_and_agent_are_killed() {
         "too little load got through to show anything: {:?}, {signatures} signatures",
         ledger.acked
     );
-    check_entries(&server, &ledger).await;
+    check_entries(&server, "server-kills", &ledger).await;
     check_tokens(&server, &ledger).await;
     check_audit(&server, signatures).await;
 
     // Phase 2: the agent is killed while it syncs, renews and serves workloads.
     let started = Instant::now();
-    let load = start_load(&server, &agent.socket, rng.next());
+    let load = start_load(&server, &agent.socket, "agent-kills", rng.next());
     let mut kill_rng = Rng(rng.next());
     for _ in 0..AGENT_KILLS {
         tokio::time::sleep(kill_rng.millis(100, 600)).await;
@@ -634,7 +679,11 @@ async fn nothing_acknowledged_is_lost_when_server_and_agent_are_killed() {
         })
         .await
         .unwrap();
-        assert_eq!(state_agent_id(&agent), agent_id, "the agent changed identity");
+        assert_eq!(
+            state_agent_id(&agent),
+            agent_id,
+            "the agent changed identity"
+        );
         agent = tokio::task::spawn_blocking(move || {
             agent.spawn();
             agent
@@ -644,6 +693,12 @@ async fn nothing_acknowledged_is_lost_when_server_and_agent_are_killed() {
         assert_eq!(workload_svid(&agent, 10).await, WORKLOAD_ID);
     }
     let (ledger2, signatures2) = load.finish().await;
+    let renewals = agent.log().matches("agent SVID renewed").count();
+    println!("agent: {renewals} agent SVID renewals in all, across the kills");
+    assert!(
+        renewals >= 3,
+        "the agent SVID was renewed only {renewals} times: the kills did not meet a rotation"
+    );
     let ledger2 = std::mem::take(&mut *ledger2.lock().unwrap());
     summary(
         "agent",
@@ -656,7 +711,9 @@ async fn nothing_acknowledged_is_lost_when_server_and_agent_are_killed() {
         signatures2 > 10,
         "too few signatures got through: {signatures2}"
     );
-    check_entries(&server, &ledger2).await;
+    check_entries(&server, "agent-kills", &ledger2).await;
+    check_entries(&server, "server-kills", &ledger).await;
+    check_tokens(&server, &ledger2).await;
     check_audit(&server, signatures + signatures2 + 1).await;
     assert!(
         !agent.log().contains("forked"),

@@ -1,6 +1,6 @@
 use super::*;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("fsperm-{name}-{}", std::process::id()));

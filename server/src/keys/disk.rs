@@ -85,7 +85,10 @@ impl DiskKeyManager {
         match read_secret(&path) {
             Ok(text) => {
                 let malformed = |why: String| {
-                    KeyError::Storage(format!("{what} file {} is malformed: {why}", path.display()))
+                    KeyError::Storage(format!(
+                        "{what} file {} is malformed: {why}",
+                        path.display()
+                    ))
                 };
                 let raw = Zeroizing::new(
                     STANDARD
