@@ -340,7 +340,7 @@ async fn token_user(
         };
         n += 1;
         ledger.lock().unwrap().acked.tokens += 1;
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             ledger.lock().unwrap().fresh_tokens.push(token);
             continue;
         }
