@@ -730,6 +730,20 @@ async fn nothing_acknowledged_is_lost_when_server_and_agent_are_killed() {
     // With the server gone, the agent restarts from its state file and serves its cache.
     let mut server = server;
     server.stop();
+    // Nothing half-written: the SQLite file the kills left behind is whole.
+    let db = server.dir.join("data").join("datastore.sqlite3");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("PRAGMA integrity_check; PRAGMA journal_mode;")
+        .output()
+        .expect("run sqlite3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok\nwal",
+        "{}: {}",
+        db.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     agent.restart();
     assert_eq!(state_agent_id(&agent), agent_id);
     assert_eq!(workload_svid(&agent, 10).await, WORKLOAD_ID);

@@ -25,8 +25,12 @@
 //! revision bump and tombstone, agent compare-and-set writes, Engine key creation, rotation
 //! and version-state changes, secrets — each an [`AuditStore::apply`] together with its audit
 //! records; the encryption-budget reservation and the bundle sequence bump have their own
-//! transactions; a join token is used by one `DELETE ... RETURNING` statement. PostgreSQL is
-//! durable at commit by default (`synchronous_commit=on`) and is left as configured.
+//! transactions; a join token is used by one `DELETE ... RETURNING` statement before the agent
+//! is recorded (a crash in between burns the token, never lets it be used twice). The CA's
+//! switch to its next authority is two single-row writes, retire then activate, so a crash in
+//! between leaves a prepared authority the next start activates, never two active ones.
+//! PostgreSQL is durable at commit by default (`synchronous_commit=on`) and is left as
+//! configured.
 //!
 //! [`DataStore`]: crate::datastore::DataStore
 //! [`AuditStore::apply`]: crate::datastore::AuditStore::apply
