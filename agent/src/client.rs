@@ -38,6 +38,11 @@ pub enum ClientError {
     /// The server did not answer in time (it is counted as unreachable, not as a refusal).
     #[error("the server did not answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// A renewed agent SVID could not be saved in data_dir, so it is not used.
+    #[error(
+        "cannot save the renewed agent SVID ({0}); keeping the current one until data_dir is writable"
+    )]
+    Persist(String),
 }
 
 impl From<tonic::Status> for ClientError {

@@ -70,10 +70,27 @@ impl Storage {
         let Some(bytes) = self.dir.read(OsStr::new(STATE_FILE))? else {
             return Ok(None);
         };
-        let v: Versioned = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+        // Never a fresh identity over a state that is there but unreadable: the agent stops
+        // and says so. Temp files a killed writer left (`.agent-state.json.*.tmp`) are never
+        // read; the file itself is only ever replaced whole.
+        let corrupt = |reason: String| StorageError::Corrupt {
             path: self.path(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(corrupt(format!(
+                "{} bytes, no state: a write was cut short, by an older version or a full disk",
+                bytes.len()
+            )));
+        }
+        let v: Versioned =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not a state: {e}")))?;
+        if v.version != 1 {
+            return Err(corrupt(format!(
+                "state version {} is not 1: written by another version of the agent",
+                v.version
+            )));
+        }
         Ok(Some(v.state))
     }
 
@@ -87,5 +104,69 @@ impl Storage {
             w.flush()
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> (PathBuf, Storage) {
+        let d = std::env::temp_dir().join(format!("agent-storage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let s = Storage::open(&d).unwrap();
+        (d, s)
+    }
+
+    fn state() -> PersistedState {
+        PersistedState {
+            agent_id: "spiffe://example.org/spire/agent/join_token/t".into(),
+            revision: 7,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_saved_state_loads_back_and_stray_temp_files_are_ignored() {
+        let (d, s) = scratch("roundtrip");
+        assert!(s.load().unwrap().is_none());
+        s.save(&state()).unwrap();
+        // What a writer killed between create and rename leaves behind.
+        std::fs::write(
+            d.join(".agent-state.json.4242.0.tmp"),
+            b"{\"version\":1,\"sta",
+        )
+        .unwrap();
+        let back = s.load().unwrap().unwrap();
+        assert_eq!(back.agent_id, state().agent_id);
+        assert_eq!(back.revision, 7);
+        s.save(&back).unwrap();
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_torn_state_file_is_a_clear_error_never_a_fresh_start() {
+        let (d, s) = scratch("torn");
+        s.save(&state()).unwrap();
+        let whole = std::fs::read(d.join(STATE_FILE)).unwrap();
+        let newer =
+            String::from_utf8(whole.clone())
+                .unwrap()
+                .replacen("\"version\":1", "\"version\":2", 1);
+        let cases: [(&[u8], &str); 4] = [
+            (b"", "0 bytes, no state: a write was cut short"),
+            (b"\n\n", "2 bytes, no state"),
+            (&whole[..whole.len() / 2], "not a state: EOF while parsing"),
+            (newer.as_bytes(), "state version 2 is not 1"),
+        ];
+        for (bytes, want) in cases {
+            std::fs::write(d.join(STATE_FILE), bytes).unwrap();
+            let err = s.load().unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("agent-state.json is corrupt"),
+                "{want}: {err}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(d);
     }
 }

@@ -280,6 +280,16 @@ impl SecureDir {
         result
     }
 
+    /// Removes the file `name` (not following a symlink; absent is fine) and fsyncs the
+    /// directory, so the removal survives a crash.
+    pub fn remove_file(&self, name: &OsStr) -> Result<(), FsPermError> {
+        match rustix::fs::unlinkat(&self.fd, name, AtFlags::empty()) {
+            Ok(()) => rustix::fs::fsync(&self.fd).map_err(|e| self.io(OsStr::new(""), "sync", e)),
+            Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(self.io(name, "remove", e)),
+        }
+    }
+
     fn io(&self, name: &OsStr, op: &'static str, e: Errno) -> FsPermError {
         self.io_std(name, op, e.into())
     }

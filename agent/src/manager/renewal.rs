@@ -29,12 +29,18 @@ impl Manager {
             .svid
             .ok_or_else(|| ClientError::Protocol("no SVID in RenewAgent".into()))?;
         let svid = svid_from_proto(svid, key).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = Some(svid.clone());
+        // On disk before its first use: the server takes the previous SVID back only while the
+        // new one is unused, so an agent that used an unsaved SVID and then crashed would come
+        // back with the previous one and be flagged as a forked (cloned) agent.
         {
             let mut st = self.state();
-            st.agent_svid = Some(svid.clone());
-            self.save(&st);
+            let previous = st.agent_svid.replace(svid.clone());
+            if let Err(e) = tokio::task::block_in_place(|| self.storage.save(&st)) {
+                st.agent_svid = previous;
+                return Err(ClientError::Persist(e.to_string()));
+            }
         }
+        *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = Some(svid.clone());
         tracing::info!("agent SVID renewed");
         Ok(svid)
     }

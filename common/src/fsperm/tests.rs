@@ -1,4 +1,5 @@
 use super::*;
+use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 fn tmp(name: &str) -> PathBuf {
@@ -88,5 +89,44 @@ fn removes_only_sockets() {
     assert!(dir.socket_exists(OsStr::new("api.sock")).unwrap());
     dir.remove_socket(OsStr::new("api.sock")).unwrap();
     assert!(!d.join("s/api.sock").exists());
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn atomic_writes_keep_the_old_file_until_the_new_one_is_whole() {
+    let d = tmp("atomic");
+    let dir = secure_dir(&d.join("s"), 0o700, "test dir").unwrap();
+    dir.write_atomic("state", 0o600, |f| f.write_all(b"old"))
+        .unwrap();
+    // A writer that fails half way (a full disk) leaves the old file and no temp file.
+    let err = dir
+        .write_atomic("state", 0o600, |f| {
+            f.write_all(b"ne")?;
+            Err(std::io::Error::other("disk full"))
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("disk full"), "{err}");
+    assert_eq!(dir.read(OsStr::new("state")).unwrap().unwrap(), b"old");
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d.join("s"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(), ["state"]);
+    // A temp file a killed writer left behind is neither read nor in the way.
+    std::fs::write(d.join("s/.state.1.0.tmp"), b"torn").unwrap();
+    dir.write_atomic("state", 0o600, |f| f.write_all(b"new"))
+        .unwrap();
+    assert_eq!(dir.read(OsStr::new("state")).unwrap().unwrap(), b"new");
+    assert_eq!(mode(&d.join("s/state")), 0o600);
+    // Removal is durable and idempotent, and removes a link, never its target.
+    dir.remove_file(OsStr::new("state")).unwrap();
+    dir.remove_file(OsStr::new("state")).unwrap();
+    std::os::unix::fs::symlink(d.join("s/.state.1.0.tmp"), d.join("s/link")).unwrap();
+    dir.remove_file(OsStr::new("link")).unwrap();
+    assert_eq!(names(), [".state.1.0.tmp"]);
     let _ = std::fs::remove_dir_all(d);
 }

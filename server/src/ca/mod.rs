@@ -219,8 +219,11 @@ impl CaManager {
                     records.push(r);
                     changed = true;
                 } else if let Some(p) = p.filter(|_| now >= nb + life * 5 / 6) {
-                    self.set_state(&mut records[p], CaKeyState::Active).await?;
+                    // Retired first: a crash between the two writes leaves no active and one
+                    // prepared authority, which the next start activates (above), never two
+                    // active ones.
                     self.set_state(&mut records[a], CaKeyState::Retired).await?;
+                    self.set_state(&mut records[p], CaKeyState::Active).await?;
                     // The retired private key never signs again.
                     self.keys.delete(&records[a].key_id).await?;
                     tracing::info!(key_id = %records[p].key_id, ?purpose, "authority activated");

@@ -83,9 +83,25 @@ impl DiskKeyManager {
     fn secret_file(&self, id: &str, ext: &str, what: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
         let path = self.path(id)?.with_extension(ext);
         match read_secret(&path) {
-            Ok(text) => Ok(Zeroizing::new(STANDARD.decode(text.trim()).map_err(
-                |e| KeyError::Storage(format!("{what} file {} is malformed: {e}", path.display())),
-            )?)),
+            Ok(text) => {
+                let malformed = |why: String| {
+                    KeyError::Storage(format!(
+                        "{what} file {} is malformed: {why}",
+                        path.display()
+                    ))
+                };
+                let raw = Zeroizing::new(
+                    STANDARD
+                        .decode(text.trim())
+                        .map_err(|e| malformed(e.to_string()))?,
+                );
+                // An empty or cut-short file (a torn write of an older version) is never taken
+                // for a shorter key.
+                if raw.len() != 32 {
+                    return Err(malformed(format!("{} bytes, expected 32", raw.len())));
+                }
+                Ok(raw)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let raw = super::aes::generate()?;
                 let body = Zeroizing::new(format!("{}\n", STANDARD.encode(&*raw)));
@@ -196,11 +212,11 @@ impl KeyManager for DiskKeyManager {
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
         let path = self.path(id)?;
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(storage("cannot delete key file", &path, e)),
-        }
+        let name = path.file_name().unwrap_or_default();
+        // Durable: the directory is fsynced, so a deleted key does not come back after a crash.
+        self.secure
+            .remove_file(name)
+            .map_err(|e| KeyError::Storage(format!("cannot delete key file: {e}")))
     }
 }
 
@@ -246,6 +262,21 @@ mod tests {
             km2.mac_key("audit-mac").await.unwrap().mac(b"row").unwrap(),
             tag
         );
+        // A torn write (empty or cut short) is an error naming the file, never a short key.
+        for (i, torn) in ["", "\n", "AAAA\n"].into_iter().enumerate() {
+            fs::write(dir.join(format!("torn{i}.mac")), torn).unwrap();
+            fs::write(dir.join(format!("torn{i}.kek")), torn).unwrap();
+            let err = km2.mac_key(&format!("torn{i}")).await.unwrap_err();
+            let err = err.to_string();
+            assert!(
+                err.contains(&format!("torn{i}.mac")) && err.contains("malformed"),
+                "{torn:?}: {err}"
+            );
+            let Err(err) = km2.kek(&format!("torn{i}")).await else {
+                panic!("{torn:?}: a torn KEK file was accepted");
+            };
+            assert!(err.to_string().contains("KEK file"), "{torn:?}: {err}");
+        }
         fs::write(dir.join("broken.mac"), "not base64!").unwrap();
         let err = km2.mac_key("broken").await.unwrap_err().to_string();
         assert!(

@@ -4,6 +4,34 @@
 //! [`audit`] (with the audited transaction [`AuditStore::apply`]); the pool, the dialect and
 //! [`migrations`] live here.
 //!
+//! # Durability (SQLite)
+//!
+//! A kill -9 (or a power cut) at any moment loses no acknowledged write and leaves nothing
+//! half-written. Every SQLite connection of the pool runs with:
+//!
+//! - `journal_mode=WAL`: a commit appends its pages and a commit frame to the `-wal` file; a
+//!   torn tail (a transaction cut short) has no valid commit frame and is ignored when the
+//!   next connection recovers the log, so a transaction is all or nothing. Readers never block
+//!   the single writer, which the group-committed audit log needs.
+//! - `synchronous=FULL`: the WAL is fsynced at every commit, before the commit returns, so an
+//!   acknowledged write survives an operating-system crash or power loss too, not only the death
+//!   of the process (`NORMAL` would already survive kill -9, since the page cache outlives the
+//!   process, but could lose the last commits on power loss; the group commit of the audit log
+//!   keeps the cost of one fsync per commit small).
+//! - `busy_timeout=5s`: a writer waits for the write lock instead of failing at once with
+//!   `SQLITE_BUSY` (a CLI reading the file while the server writes, a second pool connection).
+//!
+//! Every multi-row change that must be atomic is one transaction: entry writes with their
+//! revision bump and tombstone, agent compare-and-set writes, Engine key creation, rotation
+//! and version-state changes, secrets — each an [`AuditStore::apply`] together with its audit
+//! records; the encryption-budget reservation and the bundle sequence bump have their own
+//! transactions; a join token is used by one `DELETE ... RETURNING` statement before the agent
+//! is recorded (a crash in between burns the token, never lets it be used twice). The CA's
+//! switch to its next authority is two single-row writes, retire then activate, so a crash in
+//! between leaves a prepared authority the next start activates, never two active ones.
+//! PostgreSQL is durable at commit by default (`synchronous_commit=on`) and is left as
+//! configured.
+//!
 //! [`DataStore`]: crate::datastore::DataStore
 //! [`AuditStore::apply`]: crate::datastore::AuditStore::apply
 
@@ -48,18 +76,37 @@ impl SqlDataStore {
         }
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        for pragma in SQLITE_PRAGMAS {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await?;
         if sqlite {
-            sqlx::query("PRAGMA journal_mode=WAL")
-                .execute(&pool)
+            // Persistent in the file: set once; SQLite answers the mode it is now in.
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode=WAL")
+                .fetch_one(&pool)
                 .await?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(StoreError::Io(format!(
+                    "{url}: SQLite cannot use write-ahead logging here (journal_mode is {mode}); put the datastore on a local file system"
+                )));
+            }
         }
         let store = Self { pool, sqlite };
         store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
         Ok(store)
     }
 }
+
+/// Run on every new SQLite connection (see the module doc: durability).
+const SQLITE_PRAGMAS: [&str; 2] = ["PRAGMA synchronous = FULL", "PRAGMA busy_timeout = 5000"];
 
 fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     let rest = url
@@ -190,5 +237,38 @@ impl StoreHealth for SqlDataStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod durability_tests {
+    /// Every connection of the pool (not only the first) commits durably: WAL, fsync at each
+    /// commit, and waits for the write lock.
+    #[tokio::test]
+    async fn sqlite_connections_are_durable() {
+        let (dir, _url, store) = super::scratch_sqlite("durability").await;
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(store.pool.acquire().await.unwrap());
+        }
+        for c in &mut conns {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+            assert_eq!(mode, "wal");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+            assert_eq!(sync, 2, "synchronous=FULL");
+            let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+                .fetch_one(&mut **c)
+                .await
+                .unwrap();
+            assert_eq!(busy, 5000);
+        }
+        drop(conns);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
