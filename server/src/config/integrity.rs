@@ -33,3 +33,24 @@ pub fn verify_interval(f: Option<FileIntegrity>) -> Result<Duration, ConfigError
     }
     Ok(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interval(v: &str) -> Result<Duration, ConfigError> {
+        verify_interval(Some(FileIntegrity {
+            verify_interval: Some(v.into()),
+        }))
+    }
+
+    #[test]
+    fn default_is_hourly_and_errors_name_the_key() {
+        assert_eq!(verify_interval(None).unwrap(), Duration::from_secs(3600));
+        assert_eq!(interval("10m").unwrap(), Duration::from_secs(600));
+        let e = interval("1s").unwrap_err().to_string();
+        assert!(e.contains("integrity.verify_interval") && e.contains("10s"), "{e}");
+        let e = interval("soon").unwrap_err().to_string();
+        assert!(e.contains("integrity.verify_interval"), "{e}");
+    }
+}
