@@ -49,7 +49,10 @@ mod tests {
         assert_eq!(verify_interval(None).unwrap(), Duration::from_secs(3600));
         assert_eq!(interval("10m").unwrap(), Duration::from_secs(600));
         let e = interval("1s").unwrap_err().to_string();
-        assert!(e.contains("integrity.verify_interval") && e.contains("10s"), "{e}");
+        assert!(
+            e.contains("integrity.verify_interval") && e.contains("10s"),
+            "{e}"
+        );
         let e = interval("soon").unwrap_err().to_string();
         assert!(e.contains("integrity.verify_interval"), "{e}");
     }
