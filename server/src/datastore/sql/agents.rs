@@ -4,8 +4,7 @@ use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::integrity::Table;
-use super::{SqlDataStore, id_column, optional_id_column};
+use super::{SqlDataStore, Table, id_column, optional_id_column};
 use crate::datastore::{AgentRecord, AgentStore, Canon, JoinToken, JoinTokenStore, StoreError};
 
 /// The agents table, MACed (ban and fork state and the revision included).

@@ -4,8 +4,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::SqlDataStore;
-use super::integrity::Table;
+use super::{SqlDataStore, Table};
 use crate::datastore::{CaKeyRecord, CaKeyState, CaStore, Canon, KeyPurpose, StoreError};
 
 /// The CA journal, MACed: the bundle is built from these rows.

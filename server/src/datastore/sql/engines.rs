@@ -10,8 +10,7 @@ use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::integrity::Table;
-use super::{SqlDataStore, json_list, parse, to_json};
+use super::{SqlDataStore, Table, json_list, parse, to_json};
 use crate::datastore::{Canon, EngineStore, StoreError};
 use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 

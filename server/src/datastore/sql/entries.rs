@@ -4,8 +4,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::integrity::Table;
-use super::{SqlDataStore, id_column, json_list, to_json};
+use super::{SqlDataStore, Table, id_column, json_list, to_json};
 use crate::datastore::{Canon, Entry, EntryStore, StoreError, Tombstone};
 
 /// The entries table, MACed.

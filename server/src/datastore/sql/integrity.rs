@@ -10,21 +10,9 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, agents, ca, engines, entries};
+use super::{SqlDataStore, Table, agents, ca, engines, entries};
 use crate::datastore::seal::{Canon, KeyPart};
 use crate::datastore::{BadRow, BadRows, IntegrityReport, IntegrityStore, StoreError};
-
-/// A MACed table: how to read every row and turn one into its canonical encoding.
-pub(super) struct Table {
-    /// The table's name.
-    pub name: &'static str,
-    /// Its primary-key columns.
-    pub pk: &'static [&'static str],
-    /// Every row of it that is MACed.
-    pub select: &'static str,
-    /// Decodes a row and encodes it canonically.
-    pub canon: fn(&AnyRow) -> Result<Canon, StoreError>,
-}
 
 /// Every MACed table.
 pub(super) const TABLES: &[Table] = &[

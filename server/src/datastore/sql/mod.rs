@@ -14,7 +14,7 @@ use continuity_common::SpiffeId;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{Applied, BadRows, RecordSealer, StoreError, StoreHealth, Write};
+use super::{Applied, BadRows, Canon, RecordSealer, StoreError, StoreHealth, Write};
 
 mod agents;
 mod audit;
@@ -71,6 +71,18 @@ impl SqlDataStore {
         store.upgraded = store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
         Ok(store)
     }
+}
+
+/// A MACed table: how to read every row and turn one into its canonical encoding.
+pub(crate) struct Table {
+    /// The table's name.
+    pub(crate) name: &'static str,
+    /// Its primary-key columns.
+    pub(crate) pk: &'static [&'static str],
+    /// Every row of it that is MACed.
+    pub(crate) select: &'static str,
+    /// Decodes a row and encodes it canonically.
+    pub(crate) canon: fn(&AnyRow) -> Result<Canon, StoreError>,
 }
 
 fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
