@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use continuity_common::{ManualClock, TrustDomain};
 use continuity_server::ca::{CaConfig, CaManager, profile};
-use continuity_server::datastore::SqlDataStore;
-use continuity_server::keys::{KeyType, MemoryKeyManager};
+use continuity_server::datastore::{RecordSealer, SqlDataStore};
+use continuity_server::keys::{KeyType, MemoryKeyManager, SoftwareMac};
 use libfuzzer_sys::fuzz_target;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::*;
@@ -44,10 +44,10 @@ fn ca() -> &'static Ca {
             .expect("a tokio runtime");
         let dir = std::env::temp_dir().join(format!("continuity-fuzz-csr-{}", std::process::id()));
         let ca = rt.block_on(async {
-            let store = SqlDataStore::connect(&format!(
-                "sqlite://{}?mode=rwc",
-                dir.join("ds.sqlite3").display()
-            ))
+            let store = SqlDataStore::connect(
+                &format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display()),
+                RecordSealer::new(Arc::new(SoftwareMac::new(&[1; 32]))),
+            )
             .await
             .expect("a datastore");
             let cfg = CaConfig {

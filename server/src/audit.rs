@@ -210,6 +210,11 @@ fn share(e: &StoreError) -> StoreError {
         StoreError::Io(s) => StoreError::Io(s.clone()),
         StoreError::Conflict(s) => StoreError::Conflict(s.clone()),
         StoreError::Audit(s) => StoreError::Audit(s.clone()),
+        StoreError::Integrity { table, key } => StoreError::Integrity {
+            table: table.clone(),
+            key: key.clone(),
+        },
+        StoreError::MacKey(s) => StoreError::MacKey(s.clone()),
         StoreError::Database(inner) => StoreError::Io(inner.to_string()),
         StoreError::Migration { .. } => StoreError::Corrupt(e.to_string()),
     }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod datastore;
 pub mod engines;
 pub mod entry;
+pub mod integrity;
 pub mod keys;
 pub mod metrics;
 pub mod model;

@@ -1,6 +1,9 @@
 //! Prometheus counters served at `[metrics] bind_address` (`/metrics`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::datastore::BadRows;
 
 /// The server's counters.
 #[derive(Debug, Default)]
@@ -25,6 +28,8 @@ pub struct Metrics {
     pub svid_rate_limited: AtomicU64,
     /// EngineBroker calls refused by the per-agent rate limit (`engine_calls_per_second`).
     pub engine_rate_limited: AtomicU64,
+    /// The datastore's known bad rows (`continuity_integrity_bad_rows` gauge).
+    bad_rows: OnceLock<Arc<BadRows>>,
 }
 
 impl Metrics {
@@ -36,6 +41,11 @@ impl Metrics {
     /// Adds `n`.
     pub fn add(&self, c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Shows the count of `bad` as the `continuity_integrity_bad_rows` gauge.
+    pub fn watch_bad_rows(&self, bad: Arc<BadRows>) {
+        let _ = self.bad_rows.set(bad);
     }
 
     /// The Prometheus text exposition.
@@ -82,6 +92,10 @@ impl Metrics {
         for (name, c) in rows {
             out.push_str(&format!("{name} {}\n", c.load(Ordering::Relaxed)));
         }
+        let bad = self.bad_rows.get().map_or(0, |b| b.count());
+        out.push_str(&format!(
+            "# TYPE continuity_integrity_bad_rows gauge\ncontinuity_integrity_bad_rows {bad}\n"
+        ));
         out
     }
 }

@@ -16,6 +16,7 @@ use continuity_common::{Clock, SystemClock};
 use continuity_proto::admin::agent_admin_server::AgentAdminServer;
 use continuity_proto::admin::bundle_admin_server::BundleAdminServer;
 use continuity_proto::admin::entry_admin_server::EntryAdminServer;
+use continuity_proto::admin::integrity_admin_server::IntegrityAdminServer;
 use continuity_proto::admin::token_admin_server::TokenAdminServer;
 use continuity_proto::agent::agent_api_server::AgentApiServer;
 use tokio::net::{TcpListener, UnixListener};
@@ -31,6 +32,7 @@ use crate::ca::{CaConfig, CaManager};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::engines::Engines;
+use crate::integrity;
 use crate::keys::{self, KeyManager, KeyType};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -168,7 +170,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         core.clock.clone(),
     )
     .await?;
-    let _jobs = scheduler(&core, &identity).spawn();
+    let mut jobs = scheduler(&core, &identity);
+    jobs.add(integrity::job(
+        core.store.clone(),
+        cfg.integrity_verify_interval,
+    ));
+    let _jobs = jobs.spawn();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
@@ -194,11 +201,16 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 /// The data directory, datastore, key manager and CA, audit log, registry and Engines.
 async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
-    let store: Arc<dyn DataStore> = Arc::new(SqlDataStore::connect(&cfg.datastore_url).await?);
     let key_manager = keys::from_config(&cfg.key_manager)?;
-    let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone()).await?;
+    let sealer = integrity::sealer(&*key_manager).await?;
+    let store: Arc<dyn DataStore> =
+        Arc::new(SqlDataStore::connect(&cfg.datastore_url, sealer).await?);
     let metrics = Arc::new(Metrics::default());
+    metrics.watch_bad_rows(store.bad_rows());
     let audit = crate::audit::Audit::load(store.clone(), clock.clone()).await?;
+    integrity::audit_upgrade(&*store, &audit).await?;
+    integrity::spawn_reporter(store.bad_rows(), audit.clone());
+    let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone()).await?;
     let registry = Arc::new(
         Registry::load(
             &*store,
@@ -425,7 +437,11 @@ async fn admin_api(
         .add_service(AgentAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(BundleAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
-        .add_service(AuditAdminServer::new(admin).max_decoding_message_size(m))
+        .add_service(AuditAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(IntegrityAdminServer::new(integrity::IntegrityService {
+            admin,
+            store: core.store.clone(),
+        }))
         .serve_with_incoming_shutdown(
             uds::incoming(uds, uds::MAX_ADMIN_CONNECTIONS),
             stopped(stop),
@@ -464,12 +480,16 @@ async fn http_listeners(cfg: &Config, core: &Core) -> Result<(), RunError> {
     Ok(())
 }
 
-/// `/live` always; `/ready` while the datastore answers.
+/// `/live` always; `/ready` while the datastore answers and no row is known to have failed
+/// its record MAC.
 async fn health_reply(store: Arc<dyn DataStore>, path: String) -> Reply {
     match path.as_str() {
         "/live" => (200, "text/plain", "live\n".into()),
         "/ready" => match store.ping().await {
-            Ok(()) => (200, "text/plain", "ready\n".into()),
+            Ok(()) => match integrity::degraded(&store.bad_rows()) {
+                None => (200, "text/plain", "ready\n".into()),
+                Some(why) => (503, "text/plain", why),
+            },
             Err(e) => (503, "text/plain", format!("datastore unavailable: {e}\n")),
         },
         _ => (404, "text/plain", "not found\n".into()),

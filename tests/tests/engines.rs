@@ -908,10 +908,10 @@ fn hsm_lifecycle_with_a_driven_clock() {
             .unwrap(),
         );
         let store: Arc<dyn DataStore> = Arc::new(
-            SqlDataStore::connect(&format!(
-                "sqlite://{}?mode=rwc",
-                dir.join("ds.sqlite3").display()
-            ))
+            SqlDataStore::connect(
+                &format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display()),
+                continuity_server::integrity::sealer(&*keys).await.unwrap(),
+            )
             .await
             .unwrap(),
         );

@@ -200,7 +200,16 @@ async fn disk_keys_are_0600_and_survive_restart() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(files.len(), 2);
+    // The CA and JWT keys, beside the HMAC keys (`*.mac`: record MACs, audit chain).
+    let signing_keys = files
+        .iter()
+        .filter(|f| f.extension().is_none_or(|x| x != "mac"))
+        .count();
+    assert_eq!(signing_keys, 2, "{files:?}");
+    assert!(
+        files.iter().any(|f| f.ends_with("record-mac.mac")),
+        "{files:?}"
+    );
     for f in files {
         assert_eq!(
             std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,

@@ -25,10 +25,7 @@ pub fn engine_status(e: EngineError) -> Status {
         EngineError::Invalid(m) => Status::invalid_argument(m),
         EngineError::Denied(m) => Status::permission_denied(m),
         EngineError::Precondition(m) => Status::failed_precondition(m),
-        EngineError::Store(e) => {
-            tracing::error!(error = %e, "datastore failure");
-            Status::unavailable(e.to_string())
-        }
+        EngineError::Store(e) => super::store_status(&e),
         EngineError::Key(e) => {
             tracing::error!(error = %e, "key manager failure");
             Status::internal(e.to_string())

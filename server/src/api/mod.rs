@@ -12,7 +12,7 @@ use continuity_proto::types;
 use tonic::Status;
 
 use crate::ca::{Bundle, CaError};
-use crate::datastore::{AgentRecord, Entry};
+use crate::datastore::{AgentRecord, Entry, StoreError};
 use crate::registry::RegistryError;
 
 /// The wire form of a bundle.
@@ -98,10 +98,7 @@ pub fn registry_status(e: RegistryError) -> Status {
     match e {
         RegistryError::Duplicate(_) => Status::already_exists(e.to_string()),
         RegistryError::NotFound(_) => Status::not_found(e.to_string()),
-        RegistryError::Store(_) => {
-            tracing::error!(error = %e, "datastore failure");
-            Status::unavailable(e.to_string())
-        }
+        RegistryError::Store(e) => store_status(&e),
         RegistryError::NotAttested(_)
         | RegistryError::Banned(_)
         | RegistryError::Forked(_)
@@ -109,6 +106,18 @@ pub fn registry_status(e: RegistryError) -> Status {
         RegistryError::Contended(_) => Status::unavailable(e.to_string()),
         RegistryError::Rng(_) => {
             tracing::error!(error = %e, "no randomness for a new id");
+            Status::unavailable(e.to_string())
+        }
+    }
+}
+
+/// Maps datastore errors to gRPC statuses: a row that failed its record MAC is `DataLoss`
+/// naming the row; anything else is `Unavailable`.
+pub fn store_status(e: &StoreError) -> Status {
+    match e {
+        StoreError::Integrity { .. } => Status::data_loss(e.to_string()),
+        _ => {
+            tracing::error!(error = %e, "datastore failure");
             Status::unavailable(e.to_string())
         }
     }

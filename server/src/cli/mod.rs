@@ -11,6 +11,7 @@ mod bundle;
 mod engine;
 mod entry;
 mod error;
+mod integrity;
 mod key;
 mod output;
 mod parse;
@@ -27,6 +28,7 @@ pub use self::bundle::{BundleCommand, BundleFormat};
 pub use self::engine::{EngineCommand, SecretCommand};
 pub use self::entry::{EntryCommand, EntryFields};
 pub use self::error::CliError;
+pub use self::integrity::IntegrityCommand;
 pub use self::key::{KeyCommand, VersionArgs};
 pub use self::output::Output;
 pub use self::token::TokenCommand;
@@ -76,6 +78,9 @@ pub enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Integrity at rest: the record MACs of the datastore.
+    #[command(subcommand)]
+    Integrity(IntegrityCommand),
 }
 
 /// Runs an admin command (everything but `run`).
@@ -93,6 +98,7 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
         Command::Agent(cmd) => agent::run(ch, out, cmd).await,
         Command::Engine(cmd) => engine::run(ch, out, cmd).await,
         Command::Audit(cmd) => audit::run(ch, out, cmd).await,
+        Command::Integrity(cmd) => integrity::run(ch, out, cmd).await,
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod agent_api;
 mod engines;
+mod integrity;
 mod psat;
 #[cfg(test)]
 mod tests;
@@ -68,6 +69,8 @@ pub struct FileConfig {
     pub agent_api: Option<FileAgentApi>,
     /// `[engines]`.
     pub engines: Option<FileEngines>,
+    /// `[integrity]`.
+    pub integrity: Option<integrity::FileIntegrity>,
 }
 
 /// `[datastore]` table.
@@ -122,6 +125,8 @@ pub struct Config {
     pub max_encryptions_per_key_version: u64,
     /// `[agent_api]` limits.
     pub agent_api: AgentApiConfig,
+    /// `[integrity] verify_interval`: period of the record-MAC verifier.
+    pub integrity_verify_interval: Duration,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -197,6 +202,7 @@ impl Config {
             previous_svid_grace,
             max_encryptions_per_key_version: engines::max_encryptions(f.engines)?,
             agent_api: AgentApiConfig::from_file(f.agent_api)?,
+            integrity_verify_interval: integrity::verify_interval(f.integrity)?,
             data_dir,
         })
     }

@@ -51,6 +51,8 @@ fn full_example_documents_every_key_and_parses() {
         "[metrics]",
         "[engines]",
         "max_encryptions_per_key_version",
+        "[integrity]",
+        "verify_interval",
         "[agent_api]",
         "max_connections_per_ip",
         "max_concurrent_streams",

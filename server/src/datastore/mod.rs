@@ -11,12 +11,16 @@ use continuity_common::SpiffeId;
 
 use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
+mod bad_rows;
+mod seal;
 mod sql;
 
 pub use crate::entry::{Entry, Tombstone};
+pub use bad_rows::{BadRow, BadRows};
+pub use seal::{Canon, Failure, RecordSealer};
 pub use sql::SqlDataStore;
 #[cfg(test)]
-pub(crate) use sql::scratch_sqlite;
+pub(crate) use sql::{scratch_sqlite, test_sealer};
 
 /// Datastore failures.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,20 @@ pub enum StoreError {
     /// The audit log could not be appended; the write it belongs to was not applied.
     #[error("audit log could not be written, so the change was not applied: {0}")]
     Audit(String),
+    /// A row failed its record MAC (edited, forged, moved under another key, or unsealed):
+    /// it is not used, and it is reported.
+    #[error(
+        "datastore row {key} of {table} failed its integrity check (record MAC); it is not used"
+    )]
+    Integrity {
+        /// The table.
+        table: String,
+        /// The row's primary key.
+        key: String,
+    },
+    /// The record-MAC key could not compute or check a tag.
+    #[error("record MAC key: {0}")]
+    MacKey(String),
     /// A schema migration failed.
     #[error("schema migration {version} failed: {source}")]
     Migration {
@@ -306,6 +324,28 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     async fn audit_head(&self) -> Result<i64, StoreError>;
 }
 
+/// What a full integrity check of the MACed tables found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntegrityReport {
+    /// Rows checked.
+    pub rows: u64,
+    /// Rows that failed, ordered by table and key.
+    pub bad: Vec<BadRow>,
+}
+
+/// Record MACs: the known bad rows, the full re-check, and what the upgrade sealed.
+#[async_trait]
+pub trait IntegrityStore: Send + Sync + std::fmt::Debug {
+    /// The shared set of rows known to have failed their check.
+    fn bad_rows(&self) -> std::sync::Arc<BadRows>;
+    /// Re-reads every MACed table and checks every row (the set of known bad rows is
+    /// replaced by what this finds).
+    async fn verify_integrity(&self) -> Result<IntegrityReport, StoreError>;
+    /// Rows sealed by the upgrade to record MACs when this store was opened (None: no
+    /// upgrade happened now).
+    fn upgraded_rows(&self) -> Option<u64>;
+}
+
 /// Whether the datastore answers (the health endpoint's readiness).
 #[async_trait]
 pub trait StoreHealth: Send + Sync + std::fmt::Debug {
@@ -316,7 +356,14 @@ pub trait StoreHealth: Send + Sync + std::fmt::Debug {
 /// The whole persistence interface of the server: every narrow store at once. Code holding an
 /// `Arc<dyn DataStore>` hands each consumer the narrow trait object it needs (trait upcasting).
 pub trait DataStore:
-    EntryStore + AgentStore + JoinTokenStore + CaStore + EngineStore + AuditStore + StoreHealth
+    EntryStore
+    + AgentStore
+    + JoinTokenStore
+    + CaStore
+    + EngineStore
+    + AuditStore
+    + StoreHealth
+    + IntegrityStore
 {
 }
 
@@ -328,6 +375,7 @@ impl<T> DataStore for T where
         + EngineStore
         + AuditStore
         + StoreHealth
+        + IntegrityStore
         + ?Sized
 {
 }

@@ -229,7 +229,9 @@ async fn race<F: std::future::Future<Output = ()>>(
 }
 
 async fn reloaded(f: &Fixture, id: &str) -> Option<AgentRecord> {
-    let store = SqlDataStore::connect(&f.url).await.unwrap();
+    let store = SqlDataStore::connect(&f.url, crate::datastore::test_sealer())
+        .await
+        .unwrap();
     store.get_agent(id).await.unwrap()
 }
 

@@ -56,7 +56,7 @@ impl AuditStore for SqlDataStore {
         }
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
-            out.push(Self::apply_tx(&mut tx, w).await?);
+            out.push(self.apply_tx(&mut tx, w).await?);
         }
         Self::append_audit_on(&mut tx, audit)
             .await

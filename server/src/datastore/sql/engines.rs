@@ -1,18 +1,202 @@
 //! Engines, Engine keys, key versions (and their encryption reservations), secrets and
 //! incarnations.
+//!
+//! Every row is MACed (see `integrity`); writes store every column from a record that was
+//! read intact, and a write that keeps stored columns (a key version's reservations, an
+//! incarnation's first sighting) reads and checks the row first, so no tampered column is
+//! ever re-sealed.
 
 use async_trait::async_trait;
+use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{SqlDataStore, json_list, parse, to_json};
-use crate::datastore::{EngineStore, StoreError};
+use super::{SqlDataStore, Table, json_list, parse, to_json};
+use crate::datastore::{Canon, EngineStore, StoreError};
 use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
+/// The Engines table, MACed.
+pub(super) const ENGINES: Table = Table {
+    name: "engines",
+    pk: &["name"],
+    select: "SELECT name, spiffe_id, tier, custody, exposure_override, created_at, mac FROM engines",
+    canon: |r| engine_from_row(r).map(|e| engine_canon(&e)),
+};
+
+/// The Engine keys, MACed (custody included).
+pub(super) const ENGINE_KEYS: Table = Table {
+    name: "engine_keys",
+    pk: &["engine", "name"],
+    select: "SELECT engine, name, algorithm, custody, primary_version, rotation_period, destroy_grace, next_rotation_at, created_at, mac FROM engine_keys",
+    canon: |r| engine_key_from_row(r).map(|k| engine_key_canon(&k)),
+};
+
+/// The key versions, MACed (state, sealed material, hsm_id, destroy_at and reservations).
+pub(super) const KEY_VERSIONS: Table = Table {
+    name: "engine_key_versions",
+    pk: &["engine", "key_name", "version"],
+    select: "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions",
+    canon: |r| key_version_from_row(r).map(|v| key_version_canon(&v)),
+};
+
+/// The Engine secrets, MACed.
+pub(super) const SECRETS: Table = Table {
+    name: "engine_secrets",
+    pk: &["engine", "name", "version"],
+    select: "SELECT engine, name, version, sealed, mechanism, created_at, mac FROM engine_secrets",
+    canon: |r| secret_from_row(r).map(|s| secret_canon(&s)),
+};
+
+/// The incarnations, MACed.
+pub(super) const INCARNATIONS: Table = Table {
+    name: "incarnations",
+    pk: &["engine", "entry_id", "agent_id", "workload_id"],
+    select: "SELECT engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac FROM incarnations",
+    canon: |r| incarnation_from_row(r).map(|i| incarnation_canon(&i)),
+};
+
+fn engine_canon(e: &Engine) -> Canon {
+    Canon::new("engines")
+        .key(&e.name)
+        .text(&e.spiffe_id)
+        .int(i64::from(e.tier))
+        .text(e.custody.as_str())
+        .int(i64::from(e.exposure_override))
+        .int(e.created_at)
+}
+
+fn engine_key_canon(k: &EngineKey) -> Canon {
+    Canon::new("engine_keys")
+        .key(&k.engine)
+        .key(&k.name)
+        .text(k.algorithm.as_str())
+        .text(k.custody.as_str())
+        .int(i64::from(k.primary_version))
+        .int(k.rotation_period)
+        .int(k.destroy_grace)
+        .int(k.next_rotation_at)
+        .int(k.created_at)
+}
+
+fn key_version_canon(v: &KeyVersion) -> Canon {
+    Canon::new("engine_key_versions")
+        .key(&v.engine)
+        .key(&v.key)
+        .key_int(i64::from(v.version))
+        .text(v.state.as_str())
+        .text(&v.kid)
+        .bytes(&v.public_key)
+        .opt_bytes(v.sealed.as_deref())
+        .text(&v.mechanism)
+        .text(&v.hsm_id)
+        .int(v.created_at)
+        .int(v.destroy_at)
+        .int(i64::try_from(v.encryptions).unwrap_or(i64::MAX))
+}
+
+fn secret_canon(s: &Secret) -> Canon {
+    Canon::new("engine_secrets")
+        .key(&s.engine)
+        .key(&s.name)
+        .key_int(i64::from(s.version))
+        .bytes(&s.sealed)
+        .text(&s.mechanism)
+        .int(s.created_at)
+}
+
+fn incarnation_canon(i: &Incarnation) -> Canon {
+    Canon::new("incarnations")
+        .key(&i.engine)
+        .key(&i.entry_id)
+        .key(&i.agent_id)
+        .key(&i.workload_id)
+        .int(i64::from(i.pid))
+        .int(i64::from(i.uid))
+        .text(&to_json(&i.selectors))
+        .int(i.first_seen)
+        .int(i.last_seen)
+}
+
+fn engine_from_row(r: &AnyRow) -> Result<Engine, StoreError> {
+    Ok(Engine {
+        name: r.try_get("name")?,
+        spiffe_id: r.try_get("spiffe_id")?,
+        tier: r.try_get::<i64, _>("tier")? as i32,
+        custody: parse(r.try_get::<String, _>("custody")?)?,
+        exposure_override: r.try_get::<i64, _>("exposure_override")? != 0,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn engine_key_from_row(r: &AnyRow) -> Result<EngineKey, StoreError> {
+    Ok(EngineKey {
+        engine: r.try_get("engine")?,
+        name: r.try_get("name")?,
+        algorithm: parse(r.try_get::<String, _>("algorithm")?)?,
+        custody: parse(r.try_get::<String, _>("custody")?)?,
+        primary_version: r.try_get::<i64, _>("primary_version")? as u32,
+        rotation_period: r.try_get("rotation_period")?,
+        destroy_grace: r.try_get("destroy_grace")?,
+        next_rotation_at: r.try_get("next_rotation_at")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn key_version_from_row(r: &AnyRow) -> Result<KeyVersion, StoreError> {
+    Ok(KeyVersion {
+        engine: r.try_get("engine")?,
+        key: r.try_get("key_name")?,
+        version: r.try_get::<i64, _>("version")? as u32,
+        state: parse(r.try_get::<String, _>("state")?)?,
+        kid: r.try_get("kid")?,
+        public_key: r.try_get("public_key")?,
+        sealed: r.try_get("sealed")?,
+        mechanism: r.try_get("mechanism")?,
+        hsm_id: r.try_get("hsm_id")?,
+        created_at: r.try_get("created_at")?,
+        destroy_at: r.try_get("destroy_at")?,
+        encryptions: r.try_get::<i64, _>("encryptions_reserved")?.max(0) as u64,
+    })
+}
+
+fn secret_from_row(r: &AnyRow) -> Result<Secret, StoreError> {
+    Ok(Secret {
+        engine: r.try_get("engine")?,
+        name: r.try_get("name")?,
+        version: r.try_get::<i64, _>("version")? as u32,
+        sealed: r.try_get("sealed")?,
+        mechanism: r.try_get("mechanism")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn incarnation_from_row(r: &AnyRow) -> Result<Incarnation, StoreError> {
+    Ok(Incarnation {
+        engine: r.try_get("engine")?,
+        entry_id: r.try_get("entry_id")?,
+        agent_id: r.try_get("agent_id")?,
+        workload_id: r.try_get("workload_id")?,
+        pid: r.try_get::<i64, _>("pid")? as u32,
+        uid: r.try_get::<i64, _>("uid")? as u32,
+        selectors: json_list(
+            &r.try_get::<String, _>("selectors")?,
+            "incarnation selectors",
+        )?,
+        first_seen: r.try_get("first_seen")?,
+        last_seen: r.try_get("last_seen")?,
+    })
+}
+
 impl SqlDataStore {
-    pub(super) async fn put_engine_on(c: &mut AnyConnection, e: &Engine) -> Result<(), StoreError> {
+    pub(super) async fn put_engine_on(
+        &self,
+        c: &mut AnyConnection,
+        e: &Engine,
+    ) -> Result<(), StoreError> {
+        let mac = self.seal(&engine_canon(e))?;
         sqlx::query(
-            "INSERT INTO engines (name, spiffe_id, tier, custody, exposure_override, created_at) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (name) DO UPDATE SET spiffe_id = $2, tier = $3, custody = $4, exposure_override = $5",
+            "INSERT INTO engines (name, spiffe_id, tier, custody, exposure_override, created_at, mac) VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (name) DO UPDATE SET spiffe_id = $2, tier = $3, custody = $4, exposure_override = $5,
+             created_at = $6, mac = $7",
         )
         .bind(&e.name)
         .bind(&e.spiffe_id)
@@ -20,19 +204,23 @@ impl SqlDataStore {
         .bind(e.custody.as_str())
         .bind(e.exposure_override as i64)
         .bind(e.created_at)
+        .bind(mac)
         .execute(&mut *c)
         .await?;
         Ok(())
     }
 
     pub(super) async fn put_engine_key_on(
+        &self,
         c: &mut AnyConnection,
         k: &EngineKey,
     ) -> Result<(), StoreError> {
+        let mac = self.seal(&engine_key_canon(k))?;
         sqlx::query(
-            "INSERT INTO engine_keys (engine, name, algorithm, custody, primary_version, rotation_period, destroy_grace, next_rotation_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (engine, name) DO UPDATE SET primary_version = $5, rotation_period = $6, destroy_grace = $7, next_rotation_at = $8",
+            "INSERT INTO engine_keys (engine, name, algorithm, custody, primary_version, rotation_period, destroy_grace, next_rotation_at, created_at, mac)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (engine, name) DO UPDATE SET algorithm = $3, custody = $4, primary_version = $5,
+             rotation_period = $6, destroy_grace = $7, next_rotation_at = $8, created_at = $9, mac = $10",
         )
         .bind(&k.engine)
         .bind(&k.name)
@@ -43,19 +231,44 @@ impl SqlDataStore {
         .bind(k.destroy_grace)
         .bind(k.next_rotation_at)
         .bind(k.created_at)
+        .bind(mac)
         .execute(&mut *c)
         .await?;
         Ok(())
     }
 
+    /// Inserts or replaces a key version. Its encryption reservations stay as stored (they
+    /// only grow, through [`EngineStore::reserve_encryptions`]), read from the row checked.
     pub(super) async fn put_key_version_on(
+        &self,
         c: &mut AnyConnection,
         v: &KeyVersion,
     ) -> Result<(), StoreError> {
+        let stored = sqlx::query(
+            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
+        )
+        .bind(&v.engine)
+        .bind(&v.key)
+        .bind(v.version as i64)
+        .fetch_optional(&mut *c)
+        .await?;
+        let encryptions = match stored {
+            Some(r) => {
+                self.checked(&r, key_version_from_row, key_version_canon)?
+                    .encryptions
+            }
+            None => 0,
+        };
+        let v = KeyVersion {
+            encryptions,
+            ..v.clone()
+        };
+        let mac = self.seal(&key_version_canon(&v))?;
         sqlx::query(
-            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (engine, key_name, version) DO UPDATE SET state = $4, sealed = $7, destroy_at = $11",
+            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (engine, key_name, version) DO UPDATE SET state = $4, kid = $5, public_key = $6, sealed = $7,
+             mechanism = $8, hsm_id = $9, created_at = $10, destroy_at = $11, encryptions_reserved = $12, mac = $13",
         )
         .bind(&v.engine)
         .bind(&v.key)
@@ -68,17 +281,21 @@ impl SqlDataStore {
         .bind(&v.hsm_id)
         .bind(v.created_at)
         .bind(v.destroy_at)
+        .bind(i64::try_from(encryptions).unwrap_or(i64::MAX))
+        .bind(mac)
         .execute(&mut *c)
         .await?;
         Ok(())
     }
 
     pub(super) async fn put_secret_on(
+        &self,
         c: &mut AnyConnection,
         sec: &Secret,
     ) -> Result<(), StoreError> {
+        let mac = self.seal(&secret_canon(sec))?;
         sqlx::query(
-            "INSERT INTO engine_secrets (engine, name, version, sealed, mechanism, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO engine_secrets (engine, name, version, sealed, mechanism, created_at, mac) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&sec.engine)
         .bind(&sec.name)
@@ -86,6 +303,35 @@ impl SqlDataStore {
         .bind(sec.sealed.clone())
         .bind(&sec.mechanism)
         .bind(sec.created_at)
+        .bind(mac)
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    /// Writes an incarnation (every column) and its MAC.
+    async fn write_incarnation(
+        &self,
+        c: &mut AnyConnection,
+        i: &Incarnation,
+    ) -> Result<(), StoreError> {
+        let mac = self.seal(&incarnation_canon(i))?;
+        sqlx::query(
+            "INSERT INTO incarnations (engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (engine, entry_id, agent_id, workload_id) DO UPDATE SET pid = $5, uid = $6,
+             selectors = $7, first_seen = $8, last_seen = $9, mac = $10",
+        )
+        .bind(&i.engine)
+        .bind(&i.entry_id)
+        .bind(&i.agent_id)
+        .bind(&i.workload_id)
+        .bind(i.pid as i64)
+        .bind(i.uid as i64)
+        .bind(to_json(&i.selectors))
+        .bind(i.first_seen)
+        .bind(i.last_seen)
+        .bind(mac)
         .execute(&mut *c)
         .await?;
         Ok(())
@@ -95,79 +341,42 @@ impl SqlDataStore {
 #[async_trait]
 impl EngineStore for SqlDataStore {
     async fn put_engine(&self, e: &Engine) -> Result<(), StoreError> {
-        Self::put_engine_on(&mut *self.pool.acquire().await?, e).await
+        self.put_engine_on(&mut *self.pool.acquire().await?, e)
+            .await
     }
 
     async fn list_engines(&self) -> Result<Vec<Engine>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM engines ORDER BY name")
+        let rows = sqlx::query("SELECT name, spiffe_id, tier, custody, exposure_override, created_at, mac FROM engines ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Engine {
-                    name: r.try_get("name")?,
-                    spiffe_id: r.try_get("spiffe_id")?,
-                    tier: r.try_get::<i64, _>("tier")? as i32,
-                    custody: parse(r.try_get::<String, _>("custody")?)?,
-                    exposure_override: r.try_get::<i64, _>("exposure_override")? != 0,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
+        self.screen(&rows, engine_from_row, engine_canon)
     }
 
     async fn put_engine_key(&self, k: &EngineKey) -> Result<(), StoreError> {
-        Self::put_engine_key_on(&mut *self.pool.acquire().await?, k).await
+        self.put_engine_key_on(&mut *self.pool.acquire().await?, k)
+            .await
     }
 
     async fn list_engine_keys(&self) -> Result<Vec<EngineKey>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM engine_keys ORDER BY engine, name")
+        let rows = sqlx::query("SELECT engine, name, algorithm, custody, primary_version, rotation_period, destroy_grace, next_rotation_at, created_at, mac FROM engine_keys ORDER BY engine, name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EngineKey {
-                    engine: r.try_get("engine")?,
-                    name: r.try_get("name")?,
-                    algorithm: parse(r.try_get::<String, _>("algorithm")?)?,
-                    custody: parse(r.try_get::<String, _>("custody")?)?,
-                    primary_version: r.try_get::<i64, _>("primary_version")? as u32,
-                    rotation_period: r.try_get("rotation_period")?,
-                    destroy_grace: r.try_get("destroy_grace")?,
-                    next_rotation_at: r.try_get("next_rotation_at")?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
+        self.screen(&rows, engine_key_from_row, engine_key_canon)
     }
 
     async fn put_key_version(&self, v: &KeyVersion) -> Result<(), StoreError> {
-        Self::put_key_version_on(&mut *self.pool.acquire().await?, v).await
+        let mut tx = self.pool.begin().await?;
+        self.put_key_version_on(&mut tx, v).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError> {
         let rows =
-            sqlx::query("SELECT * FROM engine_key_versions ORDER BY engine, key_name, version")
+            sqlx::query("SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions ORDER BY engine, key_name, version")
                 .fetch_all(&self.pool)
                 .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(KeyVersion {
-                    engine: r.try_get("engine")?,
-                    key: r.try_get("key_name")?,
-                    version: r.try_get::<i64, _>("version")? as u32,
-                    state: parse(r.try_get::<String, _>("state")?)?,
-                    kid: r.try_get("kid")?,
-                    public_key: r.try_get("public_key")?,
-                    sealed: r.try_get("sealed")?,
-                    mechanism: r.try_get("mechanism")?,
-                    hsm_id: r.try_get("hsm_id")?,
-                    created_at: r.try_get("created_at")?,
-                    destroy_at: r.try_get("destroy_at")?,
-                    encryptions: r.try_get::<i64, _>("encryptions_reserved")?.max(0) as u64,
-                })
-            })
-            .collect()
+        self.screen(&rows, key_version_from_row, key_version_canon)
     }
 
     async fn reserve_encryptions(
@@ -180,6 +389,8 @@ impl EngineStore for SqlDataStore {
         let block = i64::try_from(block)
             .map_err(|_| StoreError::Corrupt(format!("encryption block {block} too large")))?;
         let mut tx = self.pool.begin().await?;
+        // The increment first (it takes SQLite's write lock), then the row: its MAC must hold
+        // for the count before the increment, and is then sealed for the new count.
         let updated = sqlx::query(
             "UPDATE engine_key_versions SET encryptions_reserved = encryptions_reserved + $1
              WHERE engine = $2 AND key_name = $3 AND version = $4",
@@ -195,85 +406,83 @@ impl EngineStore for SqlDataStore {
                 "version {version} of {engine}/{key}"
             )));
         }
-        let total: i64 = sqlx::query_scalar(
-            "SELECT encryptions_reserved FROM engine_key_versions
-             WHERE engine = $1 AND key_name = $2 AND version = $3",
+        let row = sqlx::query(
+            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
         )
         .bind(engine)
         .bind(key)
         .bind(version as i64)
         .fetch_one(&mut *tx)
         .await?;
+        let before = |r: &AnyRow| {
+            let mut v = key_version_from_row(r)?;
+            v.encryptions = v.encryptions.saturating_sub(block as u64);
+            Ok(v)
+        };
+        let mut v = self.checked(&row, before, key_version_canon)?;
+        v.encryptions += block as u64;
+        sqlx::query(
+            "UPDATE engine_key_versions SET mac = $1 WHERE engine = $2 AND key_name = $3 AND version = $4",
+        )
+        .bind(self.seal(&key_version_canon(&v))?)
+        .bind(engine)
+        .bind(key)
+        .bind(version as i64)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        Ok(total.max(0) as u64)
+        Ok(v.encryptions)
     }
 
     async fn put_secret(&self, sec: &Secret) -> Result<(), StoreError> {
-        Self::put_secret_on(&mut *self.pool.acquire().await?, sec).await
+        self.put_secret_on(&mut *self.pool.acquire().await?, sec)
+            .await
     }
 
     async fn list_secrets(&self) -> Result<Vec<Secret>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM engine_secrets ORDER BY engine, name, version")
+        let rows = sqlx::query("SELECT engine, name, version, sealed, mechanism, created_at, mac FROM engine_secrets ORDER BY engine, name, version")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Secret {
-                    engine: r.try_get("engine")?,
-                    name: r.try_get("name")?,
-                    version: r.try_get::<i64, _>("version")? as u32,
-                    sealed: r.try_get("sealed")?,
-                    mechanism: r.try_get("mechanism")?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
+        self.screen(&rows, secret_from_row, secret_canon)
     }
 
     async fn upsert_incarnation(&self, i: &Incarnation) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO incarnations (engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-             ON CONFLICT (engine, entry_id, agent_id, workload_id) DO UPDATE SET last_seen = $9",
+        // A sighting keeps the first one's first_seen: read it (checked) and write it back.
+        let mut tx = self.pool.begin().await?;
+        if self.sqlite {
+            // Take SQLite's write lock before the read (see AuditStore::apply).
+            sqlx::query("UPDATE meta SET value = value WHERE name = 'entry_revision'")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let stored = sqlx::query(
+            "SELECT engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac FROM incarnations WHERE engine = $1 AND entry_id = $2 AND agent_id = $3 AND workload_id = $4",
         )
         .bind(&i.engine)
         .bind(&i.entry_id)
         .bind(&i.agent_id)
         .bind(&i.workload_id)
-        .bind(i.pid as i64)
-        .bind(i.uid as i64)
-        .bind(to_json(&i.selectors))
-        .bind(i.first_seen)
-        .bind(i.last_seen)
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        let next = match stored {
+            Some(r) => Incarnation {
+                last_seen: i.last_seen,
+                ..self.checked(&r, incarnation_from_row, incarnation_canon)?
+            },
+            None => i.clone(),
+        };
+        self.write_incarnation(&mut tx, &next).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError> {
         let rows = sqlx::query(
-            "SELECT * FROM incarnations WHERE engine = $1 ORDER BY first_seen, workload_id",
+            "SELECT engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac FROM incarnations WHERE engine = $1 ORDER BY first_seen, workload_id",
         )
         .bind(engine)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Incarnation {
-                    engine: r.try_get("engine")?,
-                    entry_id: r.try_get("entry_id")?,
-                    agent_id: r.try_get("agent_id")?,
-                    workload_id: r.try_get("workload_id")?,
-                    pid: r.try_get::<i64, _>("pid")? as u32,
-                    uid: r.try_get::<i64, _>("uid")? as u32,
-                    selectors: json_list(
-                        &r.try_get::<String, _>("selectors")?,
-                        "incarnation selectors",
-                    )?,
-                    first_seen: r.try_get("first_seen")?,
-                    last_seen: r.try_get("last_seen")?,
-                })
-            })
-            .collect()
+        self.screen(&rows, incarnation_from_row, incarnation_canon)
     }
 }

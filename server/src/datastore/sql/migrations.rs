@@ -66,10 +66,33 @@ const MIGRATIONS: &[(i64, &str)] = &[
         // Encryptions reserved per key version (AES-GCM nonce budget), in blocks, before use.
         "ALTER TABLE engine_key_versions ADD COLUMN encryptions_reserved BIGINT NOT NULL DEFAULT 0",
     ),
+    (
+        5,
+        // Record MACs (HMAC-SHA256 under the key manager's "record-mac" key) over each row's
+        // table, primary key and content; NULL only until the upgrade seals existing rows.
+        "ALTER TABLE entries ADD COLUMN mac {BLOB};
+    ALTER TABLE entry_tombstones ADD COLUMN mac {BLOB};
+    ALTER TABLE join_tokens ADD COLUMN mac {BLOB};
+    ALTER TABLE agents ADD COLUMN mac {BLOB};
+    ALTER TABLE ca_keys ADD COLUMN mac {BLOB};
+    ALTER TABLE meta ADD COLUMN mac {BLOB};
+    ALTER TABLE engines ADD COLUMN mac {BLOB};
+    ALTER TABLE engine_keys ADD COLUMN mac {BLOB};
+    ALTER TABLE engine_key_versions ADD COLUMN mac {BLOB};
+    ALTER TABLE engine_secrets ADD COLUMN mac {BLOB};
+    ALTER TABLE incarnations ADD COLUMN mac {BLOB}",
+    ),
 ];
 
+/// The migration that adds record MACs; existing rows are sealed in its transaction.
+const RECORD_MACS: i64 = 5;
+
 impl SqlDataStore {
-    pub(super) async fn migrate(&self, blob: &str) -> Result<(), StoreError> {
+    /// Applies every migration not yet applied. Returns how many existing rows the record-MAC
+    /// upgrade sealed, when it ran now on a datastore made before it (None otherwise).
+    pub(super) async fn migrate(&self, blob: &str) -> Result<Option<u64>, StoreError> {
+        let mut fresh = false;
+        let mut upgraded = None;
         sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
             .execute(&self.pool)
             .await?;
@@ -94,6 +117,10 @@ impl SqlDataStore {
             {
                 sqlx::query(stmt).execute(&mut *tx).await.map_err(wrap)?;
             }
+            fresh |= *version == 1;
+            if *version == RECORD_MACS {
+                upgraded = Some(self.seal_unsealed_rows(&mut tx).await.map_err(wrap)?);
+            }
             sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(*version)
                 .bind(continuity_common::clock::unix_seconds(
@@ -105,6 +132,12 @@ impl SqlDataStore {
             tx.commit().await.map_err(wrap)?;
             tracing::info!(version, "datastore schema migrated");
         }
-        Ok(())
+        if let Some(rows) = upgraded.filter(|_| !fresh) {
+            tracing::warn!(
+                rows,
+                "datastore upgraded to record MACs: existing rows sealed once"
+            );
+        }
+        Ok(upgraded.filter(|_| !fresh))
     }
 }

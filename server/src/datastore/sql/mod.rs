@@ -42,13 +42,14 @@ use continuity_common::SpiffeId;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{Applied, StoreError, StoreHealth, Write};
+use super::{Applied, BadRows, Canon, RecordSealer, StoreError, StoreHealth, Write};
 
 mod agents;
 mod audit;
 mod ca;
 mod engines;
 mod entries;
+mod integrity;
 mod migrations;
 #[cfg(test)]
 mod tests;
@@ -58,11 +59,16 @@ mod tests;
 pub struct SqlDataStore {
     pool: AnyPool,
     sqlite: bool,
+    sealer: RecordSealer,
+    bad: std::sync::Arc<BadRows>,
+    upgraded: Option<u64>,
 }
 
 impl SqlDataStore {
-    /// Connects (creating the SQLite file and its directory as needed) and migrates the schema.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    /// Connects (creating the SQLite file and its directory as needed), migrates the schema,
+    /// and seals (once) the rows of a datastore made before record MACs. Rows are sealed and
+    /// checked with `sealer`.
+    pub async fn connect(url: &str, sealer: RecordSealer) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let sqlite = url.starts_with("sqlite:");
         // The directory of a SQLite file is private (0700) and refused if another user could
@@ -99,14 +105,32 @@ impl SqlDataStore {
                 )));
             }
         }
-        let store = Self { pool, sqlite };
-        store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
+        let mut store = Self {
+            pool,
+            sqlite,
+            sealer,
+            bad: std::sync::Arc::default(),
+            upgraded: None,
+        };
+        store.upgraded = store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
         Ok(store)
     }
 }
 
 /// Run on every new SQLite connection (see the module doc: durability).
 const SQLITE_PRAGMAS: [&str; 2] = ["PRAGMA synchronous = FULL", "PRAGMA busy_timeout = 5000"];
+
+/// A MACed table: how to read every row and turn one into its canonical encoding.
+pub(crate) struct Table {
+    /// The table's name.
+    pub(crate) name: &'static str,
+    /// Its primary-key columns.
+    pub(crate) pk: &'static [&'static str],
+    /// Every row of it that is MACed.
+    pub(crate) select: &'static str,
+    /// Decodes a row and encodes it canonically.
+    pub(crate) canon: fn(&AnyRow) -> Result<Canon, StoreError>,
+}
 
 fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
     let rest = url
@@ -162,46 +186,47 @@ impl SqlDataStore {
 
     /// One write of an [`AuditStore::apply`](crate::datastore::AuditStore::apply) transaction.
     async fn apply_tx(
+        &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         w: &Write,
     ) -> Result<Applied, StoreError> {
         Ok(match w {
             Write::CreateEntry(e) => {
-                Applied::Entry(Self::create_entry_tx(tx, e.clone()).await?, None)
+                Applied::Entry(self.create_entry_tx(tx, e.clone()).await?, None)
             }
             Write::UpdateEntry(e) => {
-                let (e, t) = Self::update_entry_tx(tx, e.clone()).await?;
+                let (e, t) = self.update_entry_tx(tx, e.clone()).await?;
                 Applied::Entry(e, t)
             }
             Write::DeleteEntry(id) => {
-                let (e, t) = Self::delete_entry_tx(tx, id).await?;
+                let (e, t) = self.delete_entry_tx(tx, id).await?;
                 Applied::Entry(e, Some(t))
             }
             Write::CreateJoinToken(t) => {
-                Self::create_join_token_on(tx, t).await?;
+                self.create_join_token_on(tx, t).await?;
                 Applied::Done
             }
-            Write::InsertAgent(a) => Applied::Agent(Self::insert_agent_on(tx, a).await?),
-            Write::UpdateAgent(a) => Applied::Agent(Self::update_agent_on(tx, a).await?),
-            Write::BanAgent(id) => Applied::Agent(Self::ban_agent_on(tx, id).await?),
+            Write::InsertAgent(a) => Applied::Agent(self.insert_agent_on(tx, a).await?),
+            Write::UpdateAgent(a) => Applied::Agent(self.update_agent_on(tx, a).await?),
+            Write::BanAgent(id) => Applied::Agent(self.ban_agent_on(tx, id).await?),
             Write::DeleteAgent(id) => {
                 Self::delete_agent_on(tx, id).await?;
                 Applied::Done
             }
             Write::PutEngine(e) => {
-                Self::put_engine_on(tx, e).await?;
+                self.put_engine_on(tx, e).await?;
                 Applied::Done
             }
             Write::PutEngineKey(k) => {
-                Self::put_engine_key_on(tx, k).await?;
+                self.put_engine_key_on(tx, k).await?;
                 Applied::Done
             }
             Write::PutKeyVersion(v) => {
-                Self::put_key_version_on(tx, v).await?;
+                self.put_key_version_on(tx, v).await?;
                 Applied::Done
             }
             Write::PutSecret(sec) => {
-                Self::put_secret_on(tx, sec).await?;
+                self.put_secret_on(tx, sec).await?;
                 Applied::Done
             }
         })
@@ -210,6 +235,12 @@ impl SqlDataStore {
 
 fn parse<T: std::str::FromStr<Err = String>>(s: String) -> Result<T, StoreError> {
     s.parse().map_err(StoreError::Corrupt)
+}
+
+/// The record sealer of unit tests: a fixed software key.
+#[cfg(test)]
+pub(crate) fn test_sealer() -> RecordSealer {
+    RecordSealer::new(std::sync::Arc::new(crate::keys::SoftwareMac::new(&[5; 32])))
 }
 
 /// A throwaway SQLite datastore for unit tests: a fresh directory under the system temp dir
@@ -226,7 +257,7 @@ pub(crate) async fn scratch_sqlite(what: &str) -> (std::path::PathBuf, String, S
             .map_or(0, |d| d.as_nanos())
     ));
     let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
-    let store = SqlDataStore::connect(&url)
+    let store = SqlDataStore::connect(&url, test_sealer())
         .await
         .unwrap_or_else(|e| panic!("scratch datastore {url}: {e}"));
     (dir, url, store)

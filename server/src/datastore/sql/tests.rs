@@ -56,7 +56,7 @@ async fn entries_revisions_and_tombstones() {
     ));
     // Reopening migrates nothing twice and keeps the data.
     let url = format!("sqlite://{}?mode=rwc", dir.join("ds.sqlite3").display());
-    let s2 = SqlDataStore::connect(&url).await.unwrap();
+    let s2 = SqlDataStore::connect(&url, test_sealer()).await.unwrap();
     assert_eq!(s2.entry_revision().await.unwrap(), 4);
     let _ = std::fs::remove_dir_all(dir);
 }

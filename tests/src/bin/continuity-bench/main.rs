@@ -7,6 +7,7 @@
 mod engine;
 mod engine_floor;
 mod hsm;
+mod record_macs;
 mod report;
 mod scale;
 mod scale_server;
@@ -24,7 +25,7 @@ use report::Metric;
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
-    /// Only this group runs (`--only workload|signing|engine|recovery|scale|server`).
+    /// Only this group runs (`--only workload|signing|engine|recovery|scale|server|macs`).
     pub only: Option<&'static str>,
     pub latency_samples: usize,
     pub seconds: f64,
@@ -196,8 +197,15 @@ async fn run(plan: Plan) -> Vec<Metric> {
         continuity_tests::bin_dir().display()
     );
     let runs = |group: &str| plan.only.is_none_or(|o| o == group);
-    let (server, mut agent) = main_pair(dir);
     let mut m = Vec::new();
+    if runs("macs") {
+        eprintln!("[0/6] record MACs: Engine sign and entry writes, MACs on vs off");
+        m.extend(record_macs::metrics(&plan, dir).await);
+        if plan.only.is_some() {
+            return m;
+        }
+    }
+    let (server, mut agent) = main_pair(dir);
     if runs("workload") {
         eprintln!("[1/6] Workload API latency and throughput");
         m.extend(workload_rows::metrics(&plan, &agent, dir).await);

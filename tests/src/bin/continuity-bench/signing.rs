@@ -127,7 +127,10 @@ async fn floor_ca(dir: &Path) -> Arc<continuity_server::ca::CaManager> {
         "sqlite://{}?mode=rwc",
         dir.join("floor-ca.sqlite3").display()
     );
-    let store = SqlDataStore::connect(&url).await.unwrap();
+    let sealer = continuity_server::datastore::RecordSealer::new(std::sync::Arc::new(
+        continuity_server::keys::SoftwareMac::new(&[3; 32]),
+    ));
+    let store = SqlDataStore::connect(&url, sealer).await.unwrap();
     let config = CaConfig {
         trust_domain: continuity_common::TrustDomain::new("example.org").unwrap(),
         x509_key_type: KeyType::EcP256,
