@@ -390,6 +390,7 @@ fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
         engines: core.engines.clone(),
         clock: core.clock.clone(),
         limits,
+        sightings: crate::engines::Sightings::start(core.engines.clone()),
     };
     (agent, broker)
 }
