@@ -426,7 +426,8 @@ async fn admin_api(
         .add_service(AgentAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(BundleAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
-        .add_service(AuditAdminServer::new(admin).max_decoding_message_size(m))
+        .add_service(AuditAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(crate::backup::BackupService::server(cfg, admin).max_decoding_message_size(m))
         .serve_with_incoming_shutdown(
             uds::incoming(uds, uds::MAX_ADMIN_CONNECTIONS),
             stopped(stop),

@@ -15,6 +15,7 @@ mod sql;
 
 pub use crate::entry::{Entry, Tombstone};
 pub use sql::SqlDataStore;
+pub use sql::backup::TableDump;
 #[cfg(test)]
 pub(crate) use sql::scratch_sqlite;
 

@@ -18,6 +18,7 @@ use super::{Applied, StoreError, StoreHealth, Write};
 
 mod agents;
 mod audit;
+pub(super) mod backup;
 mod ca;
 mod engines;
 mod entries;
