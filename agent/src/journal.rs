@@ -100,7 +100,9 @@ impl Journal {
             .append(true)
             .create(true)
             .mode(0o600)
-            .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32,
+            )
             .open(&path)
             .map_err(|source| FsPermError::Io {
                 what: "incarnation journal".into(),
@@ -148,7 +150,10 @@ mod tests {
         let torn = encode_line(b"four");
         bytes.extend_from_slice(&torn.as_bytes()[..torn.len() / 2]);
         let (recs, d) = parse(&bytes);
-        assert_eq!(recs, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            recs,
+            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
         assert!(d.torn_tail);
         assert_eq!(d.corrupt, 0);
         let (recs, d) = parse(&edited);
@@ -183,7 +188,10 @@ mod tests {
         assert_eq!(recs, vec![b"a".to_vec(), b"b".to_vec()]);
         assert_eq!(d, Dropped::default());
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(data.join("j")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(data.join("j"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_dir_all(&data).unwrap();
     }

@@ -27,7 +27,10 @@ const SLOW_SYNC: &str = "sync_interval = \"1h\"\n";
 fn wait_for<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(secs), "timed out: {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out: {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -36,8 +39,24 @@ fn wait_for<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
 /// agent that has its JWKS cached.
 fn setup(dir: &Path) -> (TestServer, TestAgent) {
     let s = TestServer::start(&dir.join("server"), ServerOptions::default());
-    s.cli_ok(&["engine", "create", "orders", "--tier", "2", "--custody", "transit"]);
-    s.cli_ok(&["engine", "key", "create", "orders", "signing", "--purpose", "sign"]);
+    s.cli_ok(&[
+        "engine",
+        "create",
+        "orders",
+        "--tier",
+        "2",
+        "--custody",
+        "transit",
+    ]);
+    s.cli_ok(&[
+        "engine",
+        "key",
+        "create",
+        "orders",
+        "signing",
+        "--purpose",
+        "sign",
+    ]);
     s.create_entry_with_engine(ALIAS, &format!("unix:uid:{}", uid()), "orders");
     let agent = TestAgent::start_with(&dir.join("agent"), &s, &s.token(Some(ALIAS)), SLOW_SYNC);
     wait_for(20, "Engine JWKS cached", || {
@@ -80,8 +99,12 @@ fn verify(agent: &TestAgent) -> u32 {
             sig.to_str().unwrap(),
         ],
     );
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("not valid") || text.contains("invalid") || !out.status.success(), "{text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("not valid") || text.contains("invalid") || !out.status.success(),
+        "{text}"
+    );
     pid
 }
 
@@ -109,9 +132,20 @@ fn a_sign_just_before_an_agent_kill_is_listed() {
     std::fs::write(&msg, "pay 10").unwrap();
     let (pid, out) = run_with_pid(
         &agent,
-        &["engine", "sign", "--key", "signing", "--message-file", msg.to_str().unwrap()],
+        &[
+            "engine",
+            "sign",
+            "--key",
+            "signing",
+            "--message-file",
+            msg.to_str().unwrap(),
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // SIGKILL right after the use, before any sync could report it.
     agent.stop();
     wait_for(10, "the sign is listed in engine incarnations", || {
@@ -154,7 +188,10 @@ fn a_torn_journal_tail_is_dropped_and_earlier_reports_kept() {
     let second = verify(&agent);
     agent.stop();
     // A crash in the middle of an append: half a line, no newline.
-    let mut f = std::fs::OpenOptions::new().append(true).open(journal(&agent)).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(journal(&agent))
+        .unwrap();
     f.write_all(b"0123456789abcdef CgVvcmRlc").unwrap();
     drop(f);
     s.spawn();

@@ -171,18 +171,22 @@ impl PassphraseKeys {
     }
 
     /// Opens what [`PassphraseKeys::seal_files`] sealed.
-    pub fn open_files(&self, sealed: &[u8]) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>, BackupError> {
-        let plain = Zeroizing::new(
-            crate::keys::aes::open(&self.aes, sealed, KEYS_AAD)
-                .map_err(|_| BackupError::new("the sealed key files do not open under this passphrase"))?,
-        );
+    pub fn open_files(
+        &self,
+        sealed: &[u8],
+    ) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>, BackupError> {
+        let plain = Zeroizing::new(crate::keys::aes::open(&self.aes, sealed, KEYS_AAD).map_err(
+            |_| BackupError::new("the sealed key files do not open under this passphrase"),
+        )?);
         let map: serde_json::Map<String, Value> = serde_json::from_slice(&plain)
             .map_err(|e| BackupError::new(format!("the sealed key files are malformed: {e}")))?;
         map.into_iter()
             .map(|(n, v)| {
-                let b = STANDARD.decode(v.as_str().unwrap_or_default()).map_err(|e| {
-                    BackupError::new(format!("key file {n} in the backup is malformed: {e}"))
-                })?;
+                let b = STANDARD
+                    .decode(v.as_str().unwrap_or_default())
+                    .map_err(|e| {
+                        BackupError::new(format!("key file {n} in the backup is malformed: {e}"))
+                    })?;
                 Ok((n, Zeroizing::new(b)))
             })
             .collect()
@@ -230,7 +234,12 @@ pub fn encode(b: &Backup, keys: Option<&PassphraseKeys>) -> Vec<u8> {
         }
     }
     if let Some(s) = &b.sealed_keys {
-        line(&mut out, &Line::Keys { sealed: STANDARD.encode(s) });
+        line(
+            &mut out,
+            &Line::Keys {
+                sealed: STANDARD.encode(s),
+            },
+        );
         lines += 1;
     }
     if !b.hsm_labels.is_empty() {
@@ -258,7 +267,12 @@ fn check_trailer(bytes: &[u8]) -> Result<(&[u8], u64, Option<String>), BackupErr
         return Err(truncated());
     };
     let (body, last) = bytes.split_at(body_end);
-    let Ok(Line::Trailer { lines, sha256, hmac }) = serde_json::from_slice::<Line>(last) else {
+    let Ok(Line::Trailer {
+        lines,
+        sha256,
+        hmac,
+    }) = serde_json::from_slice::<Line>(last)
+    else {
         return Err(truncated());
     };
     if sha256_hex(body) != sha256 {
@@ -285,7 +299,9 @@ pub fn decode(
                 .map_err(|e| BackupError::new(format!("line {} of the backup: {e}", i + 1)))
         });
     let Some(Ok(Line::Header(header))) = parsed.next() else {
-        return Err(BackupError::new("the file is not a Continuity backup (no header)"));
+        return Err(BackupError::new(
+            "the file is not a Continuity backup (no header)",
+        ));
     };
     if header.format != FORMAT || header.version != VERSION {
         return Err(BackupError::new(format!(
@@ -336,15 +352,16 @@ fn add_line(b: &mut Backup, l: Line) -> Result<(), BackupError> {
             t.rows.push(r);
         }
         Line::Keys { sealed } => {
-            b.sealed_keys = Some(
-                STANDARD
-                    .decode(sealed)
-                    .map_err(|e| BackupError::new(format!("the sealed keys are malformed: {e}")))?,
-            );
+            b.sealed_keys =
+                Some(STANDARD.decode(sealed).map_err(|e| {
+                    BackupError::new(format!("the sealed keys are malformed: {e}"))
+                })?);
         }
         Line::HsmLabels(l) => b.hsm_labels = l,
         Line::Header(_) | Line::Trailer { .. } => {
-            return Err(BackupError::new("a second header or trailer inside the backup"));
+            return Err(BackupError::new(
+                "a second header or trailer inside the backup",
+            ));
         }
     }
     Ok(())
@@ -378,3 +395,6 @@ fn passphrase_keys(
     }
     Ok(Some(keys))
 }
+
+#[cfg(test)]
+mod tests;

@@ -170,7 +170,9 @@ fn write_key_files(
 async fn load(cfg: &Config, b: &Backup) -> Result<usize, BackupError> {
     let store_err = |e: crate::datastore::StoreError| BackupError::new(e.to_string());
     secure_dir(&cfg.data_dir, 0o700, "data_dir").map_err(|e| BackupError::new(e.to_string()))?;
-    let store = SqlDataStore::connect(&cfg.datastore_url).await.map_err(store_err)?;
+    let store = SqlDataStore::connect(&cfg.datastore_url)
+        .await
+        .map_err(store_err)?;
     let version = store.schema_version().await.map_err(store_err)?;
     if version != b.header.schema_version {
         return Err(BackupError::new(format!(
@@ -200,10 +202,13 @@ async fn load(cfg: &Config, b: &Backup) -> Result<usize, BackupError> {
 
 /// Removes what a failed restore wrote (data_dir was empty before it started).
 fn undo(cfg: &Config) {
-    for d in [Some(cfg.data_dir.clone()), match &cfg.key_manager {
-        KeyManagerConfig::Disk { dir } => Some(dir.clone()),
-        _ => None,
-    }]
+    for d in [
+        Some(cfg.data_dir.clone()),
+        match &cfg.key_manager {
+            KeyManagerConfig::Disk { dir } => Some(dir.clone()),
+            _ => None,
+        },
+    ]
     .into_iter()
     .flatten()
     {

@@ -49,9 +49,13 @@ impl BackupService {
                 "the disk key manager's keys go into a backup only sealed under a passphrase: give --passphrase-file",
             ));
         }
-        let v = self.admin.engines.audit().verify().await.map_err(|e| {
-            Status::unavailable(format!("cannot read the audit log: {e}"))
-        })?;
+        let v = self
+            .admin
+            .engines
+            .audit()
+            .verify()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read the audit log: {e}")))?;
         if let Some((seq, reason)) = v.problem {
             return Err(Status::failed_precondition(format!(
                 "the audit log does not verify (record {seq}: {reason}); no backup was made"
@@ -68,7 +72,11 @@ impl BackupService {
             .dump()
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let kdf = if passphrase.is_empty() { None } else { Some(new_kdf().map_err(internal)?) };
+        let kdf = if passphrase.is_empty() {
+            None
+        } else {
+            Some(new_kdf().map_err(internal)?)
+        };
         let keys = match &kdf {
             Some(k) => {
                 let k = k.clone();
@@ -83,9 +91,10 @@ impl BackupService {
         };
         // Key files are read after the snapshot: every key its rows name already exists.
         let sealed_keys = match (&self.key_manager, &keys) {
-            (KeyManagerConfig::Disk { dir }, Some(k)) => {
-                Some(k.seal_files(&key_files(dir).map_err(internal)?).map_err(internal)?)
-            }
+            (KeyManagerConfig::Disk { dir }, Some(k)) => Some(
+                k.seal_files(&key_files(dir).map_err(internal)?)
+                    .map_err(internal)?,
+            ),
             _ => None,
         };
         let hsm_labels = match self.key_manager {

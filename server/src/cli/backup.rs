@@ -55,7 +55,10 @@ fn passphrase(path: Option<&Path>) -> Result<Option<Vec<u8>>, CliError> {
         }
     }
     if p.is_empty() {
-        return Err(arg(format!("--passphrase-file {} is empty", path.display())));
+        return Err(arg(format!(
+            "--passphrase-file {} is empty",
+            path.display()
+        )));
     }
     Ok(Some(p))
 }
@@ -95,7 +98,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
 }
 
 /// `backup create`.
-pub async fn create(ch: Channel, file: &Path, passphrase_file: Option<&Path>) -> Result<(), CliError> {
+pub async fn create(
+    ch: Channel,
+    file: &Path,
+    passphrase_file: Option<&Path>,
+) -> Result<(), CliError> {
     let passphrase = passphrase(passphrase_file)?.unwrap_or_default();
     let mut stream = BackupAdminClient::new(ch)
         .create_backup(CreateBackupRequest { passphrase })

@@ -30,7 +30,9 @@ fn is_ident(s: &str) -> bool {
 }
 
 fn bad_name(s: &str) -> StoreError {
-    StoreError::Corrupt(format!("{s:?} is not a table or column name this server writes"))
+    StoreError::Corrupt(format!(
+        "{s:?} is not a table or column name this server writes"
+    ))
 }
 
 /// One value of `row` at `i` as JSON.
@@ -154,7 +156,11 @@ impl SqlDataStore {
                     t.name
                 )));
             };
-            if let Some((c, _)) = t.columns.iter().find(|(c, _)| !have.iter().any(|(h, _)| h == c)) {
+            if let Some((c, _)) = t
+                .columns
+                .iter()
+                .find(|(c, _)| !have.iter().any(|(h, _)| h == c))
+            {
                 return Err(StoreError::Corrupt(format!(
                     "the backup has a column {}.{c} this server's schema does not",
                     t.name
