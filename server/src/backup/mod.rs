@@ -49,6 +49,9 @@ impl BackupError {
     }
 }
 
+/// Key files opened from a backup: (file name, content, wiped on drop).
+pub type KeyFiles = Vec<(String, Zeroizing<Vec<u8>>)>;
+
 /// The first line of a backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Header {
@@ -171,10 +174,7 @@ impl PassphraseKeys {
     }
 
     /// Opens what [`PassphraseKeys::seal_files`] sealed.
-    pub fn open_files(
-        &self,
-        sealed: &[u8],
-    ) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>, BackupError> {
+    pub fn open_files(&self, sealed: &[u8]) -> Result<KeyFiles, BackupError> {
         let plain = Zeroizing::new(crate::keys::aes::open(&self.aes, sealed, KEYS_AAD).map_err(
             |_| BackupError::new("the sealed key files do not open under this passphrase"),
         )?);

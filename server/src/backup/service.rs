@@ -41,14 +41,8 @@ impl BackupService {
         })
     }
 
-    /// Builds the whole file.
-    async fn build(&self, passphrase: Vec<u8>) -> Result<Vec<u8>, Status> {
-        let disk = matches!(self.key_manager, KeyManagerConfig::Disk { .. });
-        if disk && passphrase.is_empty() {
-            return Err(Status::invalid_argument(
-                "the disk key manager's keys go into a backup only sealed under a passphrase: give --passphrase-file",
-            ));
-        }
+    /// Verifies the audit chain, then snapshots every table: (schema version, tables).
+    async fn snapshot(&self) -> Result<(i64, Vec<TableDump>), Status> {
         let v = self
             .admin
             .engines
@@ -61,32 +55,35 @@ impl BackupService {
                 "the audit log does not verify (record {seq}: {reason}); no backup was made"
             )));
         }
+        let unavailable = |e: crate::datastore::StoreError| Status::unavailable(e.to_string());
         let store = SqlDataStore::connect(&self.datastore_url)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let schema_version = store
-            .schema_version()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        let tables = store
-            .dump()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(unavailable)?;
+        let schema_version = store.schema_version().await.map_err(unavailable)?;
+        Ok((schema_version, store.dump().await.map_err(unavailable)?))
+    }
+
+    /// Builds the whole file.
+    async fn build(&self, passphrase: Vec<u8>) -> Result<Vec<u8>, Status> {
+        let disk = matches!(self.key_manager, KeyManagerConfig::Disk { .. });
+        if disk && passphrase.is_empty() {
+            return Err(Status::invalid_argument(
+                "the disk key manager's keys go into a backup only sealed under a passphrase: give --passphrase-file",
+            ));
+        }
+        let (schema_version, tables) = self.snapshot().await?;
         let kdf = if passphrase.is_empty() {
             None
         } else {
             Some(new_kdf().map_err(internal)?)
         };
-        let keys = match &kdf {
-            Some(k) => {
-                let k = k.clone();
-                Some(
-                    tokio::task::spawn_blocking(move || PassphraseKeys::derive(&passphrase, &k))
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?
-                        .map_err(internal)?,
-                )
-            }
+        let keys = match kdf.clone() {
+            Some(k) => Some(
+                tokio::task::spawn_blocking(move || PassphraseKeys::derive(&passphrase, &k))
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(internal)?,
+            ),
             None => None,
         };
         // Key files are read after the snapshot: every key its rows name already exists.
@@ -101,16 +98,17 @@ impl BackupService {
             KeyManagerConfig::Pkcs11 { .. } => hsm_labels(&tables),
             _ => Vec::new(),
         };
+        let header = Header {
+            format: FORMAT.into(),
+            version: VERSION,
+            created_at: self.admin.clock.unix(),
+            trust_domain: self.trust_domain.clone(),
+            key_manager: kind(&self.key_manager).into(),
+            schema_version,
+            kdf,
+        };
         let backup = Backup {
-            header: Header {
-                format: FORMAT.into(),
-                version: VERSION,
-                created_at: self.admin.clock.unix(),
-                trust_domain: self.trust_domain.clone(),
-                key_manager: kind(&self.key_manager).into(),
-                schema_version,
-                kdf,
-            },
+            header,
             tables,
             sealed_keys,
             hsm_labels,

@@ -113,7 +113,7 @@ pub async fn create(
         bytes.extend_from_slice(&chunk.data);
     }
     write_atomic(file, &bytes)?;
-    output::say(&format!(
+    output::say(format!(
         "Backup written to {} ({} bytes).",
         file.display(),
         bytes.len()
@@ -132,7 +132,7 @@ pub async fn restore(
     let r = crate::backup::restore::restore(&cfg, &bytes, pass)
         .await
         .map_err(|e| arg(format!("{}: {e}", file.display())))?;
-    output::say(&format!(
+    output::say(format!(
         "Restored {} tables ({} rows), {} key files{} into {}.",
         r.tables,
         r.rows,
