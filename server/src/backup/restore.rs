@@ -133,10 +133,14 @@ async fn check_token(cfg: &Config, b: &Backup) -> Result<usize, BackupError> {
         .map_err(|e| BackupError::new(format!("cannot open the token: {e}")))?;
     let mut missing = Vec::new();
     for label in &b.hsm_labels {
-        match km.get(label).await {
-            Ok(Some(_)) => {}
-            Ok(None) => missing.push(label.clone()),
+        // A signing key pair, or an AES key (HSM-custody encryption keys).
+        let found = match km.get(label).await {
+            Ok(Some(_)) => true,
+            Ok(None) => matches!(km.get_aes(label).await, Ok(Some(_))),
             Err(e) => return Err(BackupError::new(format!("token key {label}: {e}"))),
+        };
+        if !found {
+            missing.push(label.clone());
         }
     }
     if !missing.is_empty() {

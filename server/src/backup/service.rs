@@ -164,9 +164,12 @@ fn hsm_labels(tables: &[TableDump]) -> Vec<String> {
         let Some(i) = t.columns.iter().position(|(c, _)| c == column) else {
             continue;
         };
+        // A destroyed version's token object is gone on purpose.
+        let state = t.columns.iter().position(|(c, _)| c == "state");
         out.extend(
             t.rows
                 .iter()
+                .filter(|r| state.is_none_or(|s| r[s].as_str() != Some("DESTROYED")))
                 .filter_map(|r| r[i].as_str())
                 .filter(|s| !s.is_empty())
                 .map(String::from),
