@@ -25,7 +25,8 @@ pub const MAX_RECORD: usize = 64 * 1024;
 pub struct Journal {
     dir: SecureDir,
     name: String,
-    file: Arc<File>,
+    /// Open once a record was appended (no file exists while nothing is owed).
+    file: Option<Arc<File>>,
 }
 
 /// What loading found besides the records.
@@ -78,11 +79,10 @@ impl Journal {
             Some(bytes) => parse(&bytes),
             None => (Vec::new(), Dropped::default()),
         };
-        let file = Arc::new(Self::append_handle(&dir, name)?);
         let mut j = Self {
             dir,
             name: name.into(),
-            file,
+            file: None,
         };
         if dropped != Dropped::default() {
             j.replace(&records)?;
@@ -115,12 +115,36 @@ impl Journal {
     /// Appends one record (one `write` of its whole line); returns the file for the caller
     /// to fsync outside its locks.
     pub fn append(&mut self, record: &[u8]) -> std::io::Result<Arc<File>> {
-        (&*self.file).write_all(encode_line(record).as_bytes())?;
-        Ok(self.file.clone())
+        let file = match &self.file {
+            Some(f) => f.clone(),
+            None => {
+                let f = Arc::new(
+                    Self::append_handle(&self.dir, &self.name).map_err(std::io::Error::other)?,
+                );
+                self.file = Some(f.clone());
+                f
+            }
+        };
+        (&*file).write_all(encode_line(record).as_bytes())?;
+        Ok(file)
     }
 
-    /// Replaces the journal's content with `records`, atomically.
+    /// Replaces the journal's content with `records`, atomically (no records: the file is
+    /// removed).
     pub fn replace(&mut self, records: &[Vec<u8>]) -> Result<(), FsPermError> {
+        self.file = None;
+        if records.is_empty() {
+            let path = Self::path(&self.dir, &self.name);
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(FsPermError::Io {
+                    what: "incarnation journal".into(),
+                    path,
+                    op: "remove",
+                    source: e,
+                }),
+                _ => Ok(()),
+            };
+        }
         self.dir.write_atomic(&self.name, 0o600, |f| {
             let mut body = String::new();
             for r in records {
@@ -128,7 +152,7 @@ impl Journal {
             }
             f.write_all(body.as_bytes())
         })?;
-        self.file = Arc::new(Self::append_handle(&self.dir, &self.name)?);
+        self.file = Some(Arc::new(Self::append_handle(&self.dir, &self.name)?));
         Ok(())
     }
 }
