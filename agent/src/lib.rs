@@ -18,6 +18,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod endpoints;
+pub mod journal;
 pub mod limits;
 pub mod manager;
 pub mod peer;

@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod backup;
 pub mod ca;
 pub mod cli;
 pub mod config;

@@ -150,6 +150,8 @@ struct Core {
     clock: Arc<dyn Clock>,
     store: Arc<dyn DataStore>,
     key_manager: Arc<dyn KeyManager>,
+    /// Record MACs (the backup snapshot opens the datastore with it).
+    sealer: crate::datastore::RecordSealer,
     ca: Arc<CaManager>,
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
@@ -204,7 +206,7 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     let key_manager = keys::from_config(&cfg.key_manager)?;
     let sealer = integrity::sealer(&*key_manager).await?;
     let store: Arc<dyn DataStore> =
-        Arc::new(SqlDataStore::connect(&cfg.datastore_url, sealer).await?);
+        Arc::new(SqlDataStore::connect(&cfg.datastore_url, sealer.clone()).await?);
     let metrics = Arc::new(Metrics::default());
     metrics.watch_bad_rows(store.bad_rows());
     let audit = crate::audit::Audit::load(store.clone(), clock.clone()).await?;
@@ -235,6 +237,7 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         clock,
         store,
         key_manager,
+        sealer,
         ca,
         metrics,
         registry,
@@ -402,6 +405,7 @@ fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
         engines: core.engines.clone(),
         clock: core.clock.clone(),
         limits,
+        sightings: crate::engines::Sightings::start(core.engines.clone()),
     };
     (agent, broker)
 }
@@ -439,9 +443,10 @@ async fn admin_api(
         .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(AuditAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(IntegrityAdminServer::new(integrity::IntegrityService {
-            admin,
+            admin: admin.clone(),
             store: core.store.clone(),
         }))
+        .add_service(crate::backup::BackupService::server(cfg, admin, core.sealer.clone()).max_decoding_message_size(m))
         .serve_with_incoming_shutdown(
             uds::incoming(uds, uds::MAX_ADMIN_CONNECTIONS),
             stopped(stop),

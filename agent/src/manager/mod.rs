@@ -92,8 +92,9 @@ impl Manager {
         let snap = Arc::new(Snapshot::build(&state, None));
         let (snapshot, _) = watch::channel(snap);
         let agent_svid = std::sync::RwLock::new(state.agent_svid.clone());
+        let incarnations = Mutex::new(IncarnationQueue::open(storage.path().parent()));
         Arc::new(Self {
-            incarnations: Mutex::default(),
+            incarnations,
             agent_svid,
             client,
             storage,

@@ -13,7 +13,7 @@ use continuity_proto::engine::*;
 use tonic::{Request, Response, Status};
 
 use super::agent::authenticate_agent;
-use crate::engines::{EngineError, Engines, message_or_digest};
+use crate::engines::{EngineError, Engines, Sightings, message_or_digest};
 use crate::model::engine::Incarnation as IncarnationModel;
 use crate::registry::Registry;
 
@@ -51,6 +51,8 @@ pub struct BrokerService {
     pub clock: Arc<dyn Clock>,
     /// Per-agent Engine-call rate limit.
     pub limits: Arc<super::limits::AgentRateLimits>,
+    /// Incarnations recorded from the calls served here (off the hot path).
+    pub sightings: Arc<Sightings>,
 }
 
 /// Largest EngineBroker request decoded: a ReportIncarnations of the agent's up to 10,000
@@ -128,6 +130,20 @@ impl BrokerService {
             return Err(Status::permission_denied(format!(
                 "entry {entry_id} is bound to Engine {engine}, not {requested}"
             )));
+        }
+        // The server records the incarnation itself: it does not depend on the agent's report.
+        if let Some(w) = w.filter(|w| !w.id.is_empty()) {
+            let agent_id = agent.spiffe_id.as_str();
+            let now = self.engines.sighting_time(0);
+            self.sightings
+                .note([&engine, entry_id, agent_id, &w.id], now, || {
+                    let inc = Incarnation {
+                        entry_id: entry_id.into(),
+                        workload: Some(w.clone()),
+                        seen_at: now,
+                    };
+                    incarnation(engine.clone(), agent_id, &inc, now)
+                });
         }
         Ok((
             engine,

@@ -7,6 +7,7 @@
 
 mod agent;
 mod audit;
+mod backup;
 mod bundle;
 mod engine;
 mod entry;
@@ -24,6 +25,7 @@ use tonic::transport::Channel;
 
 pub use self::agent::AgentCommand;
 pub use self::audit::AuditCommand;
+pub use self::backup::BackupCommand;
 pub use self::bundle::{BundleCommand, BundleFormat};
 pub use self::engine::{EngineCommand, SecretCommand};
 pub use self::entry::{EntryCommand, EntryFields};
@@ -81,10 +83,22 @@ pub enum Command {
     /// Integrity at rest: the record MACs of the datastore.
     #[command(subcommand)]
     Integrity(IntegrityCommand),
+    /// Backups: create one from the running server, restore one into an empty data_dir.
+    #[command(subcommand)]
+    Backup(BackupCommand),
 }
 
 /// Runs an admin command (everything but `run`).
 pub async fn admin(cli: Cli) -> Result<(), CliError> {
+    // Offline: the server must not be running, so there is no socket to reach.
+    if let Command::Backup(BackupCommand::Restore {
+        file,
+        config,
+        passphrase_file,
+    }) = &cli.command
+    {
+        return backup::restore(file, config, passphrase_file.as_deref()).await;
+    }
     let ch = channel(&cli).await?;
     let out = cli.output;
     match cli.command {
@@ -99,6 +113,11 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
         Command::Engine(cmd) => engine::run(ch, out, cmd).await,
         Command::Audit(cmd) => audit::run(ch, out, cmd).await,
         Command::Integrity(cmd) => integrity::run(ch, out, cmd).await,
+        Command::Backup(BackupCommand::Create {
+            file,
+            passphrase_file,
+        }) => backup::create(ch, &file, passphrase_file.as_deref()).await,
+        Command::Backup(BackupCommand::Restore { .. }) => Ok(()),
     }
 }
 

@@ -19,6 +19,7 @@ pub use crate::entry::{Entry, Tombstone};
 pub use bad_rows::{BadRow, BadRows};
 pub use seal::{Canon, Failure, RecordSealer};
 pub use sql::SqlDataStore;
+pub use sql::backup::TableDump;
 #[cfg(test)]
 pub(crate) use sql::{scratch_sqlite, test_sealer};
 

@@ -39,6 +39,7 @@ use crate::audit::Audit;
 use crate::datastore::{EngineStore, StoreError};
 use crate::keys::{KeyError, KeyManager};
 
+pub use self::incarnations::{SIGHTING_COALESCE_SECS, Sightings};
 pub use self::lifecycle::VersionAction;
 pub use self::operations::{PublicKey, Signature, ToSign, message_or_digest};
 /// The Engine domain types, which live in the leaf [`crate::model::engine`].

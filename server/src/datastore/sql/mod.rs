@@ -46,6 +46,7 @@ use super::{Applied, BadRows, Canon, RecordSealer, StoreError, StoreHealth, Writ
 
 mod agents;
 mod audit;
+pub(super) mod backup;
 mod ca;
 mod engines;
 mod entries;
