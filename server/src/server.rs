@@ -446,7 +446,10 @@ async fn admin_api(
             admin: admin.clone(),
             store: core.store.clone(),
         }))
-        .add_service(crate::backup::BackupService::server(cfg, admin, core.sealer.clone()).max_decoding_message_size(m))
+        .add_service(
+            crate::backup::BackupService::server(cfg, admin, core.sealer.clone())
+                .max_decoding_message_size(m),
+        )
         .serve_with_incoming_shutdown(
             uds::incoming(uds, uds::MAX_ADMIN_CONNECTIONS),
             stopped(stop),
