@@ -1,6 +1,20 @@
-//! The audit log: append-only, hash-chained records of admin actions and key uses — who,
-//! what, which key version, the result; never key material or plaintext. `verify` recomputes
-//! the chain and names the first record that was edited, deleted or moved.
+//! The audit log: append-only, keyed-hash-chained records of admin actions and key uses — who,
+//! what, which key version, the result; never key material or plaintext.
+//!
+//! Each record's hash is HMAC-SHA256 under the key manager's `audit-mac` key over a canonical
+//! encoding of the record and the previous hash ([`chain`]), so a datastore writer, who never
+//! holds the key, cannot edit, insert or reorder records undetected. Sequence numbers and the
+//! head come from the datastore, read in each append's transaction ([`AuditStore`]), so
+//! several servers can share one log. Signed [`checkpoint`]s of the head, kept outside the
+//! datastore, show a tail cut back together with the stored head. [`verify`] names what it
+//! finds.
+//!
+//! Upgrade from the plain SHA-256 chain: the old records are kept as they are; at the first
+//! start with the key, the plain chain is verified and an anchor record (`audit.keyed`, saying
+//! what the check found) is appended with the keyed hash. Its HMAC covers the last plain hash,
+//! so the old records cannot be changed afterwards either; `audit verify` checks records
+//! before the anchor as plain SHA-256 and every later one as keyed. A log that holds no keyed
+//! record although checkpoints exist was rewritten: it is not anchored again.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -8,15 +22,18 @@ use std::sync::Arc;
 use continuity_common::Clock;
 
 use crate::datastore::{Applied, AuditRecord, AuditStore, StoreError, Write};
+use crate::keys::MacKey;
 
-/// What `audit verify` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verification {
-    /// Records checked.
-    pub records: i64,
-    /// The first bad record and why (None: the chain is intact).
-    pub problem: Option<(i64, String)>,
-}
+pub mod chain;
+pub mod checkpoint;
+mod integrity;
+pub mod verify;
+
+pub use chain::AUDIT_MAC_KEY;
+use chain::KeyedChain;
+pub use checkpoint::{CHECKPOINT_KEY, Checkpoint, CheckpointError, Checkpoints};
+pub use integrity::{ExportedCheckpoint, checkpoint_job};
+pub use verify::{Finding, FindingKind, Verification};
 
 /// One audit record to append, before it is chained.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,24 +82,24 @@ const MAX_BATCH: usize = 512;
 ///
 /// Every append is durable before its caller returns, and appends are group-committed: a
 /// caller queues its job and, if no commit is in flight, starts the writer; the writer takes
-/// every key use queued so far ([`Audit::record`]), chains and commits them in one
-/// transaction, wakes each of their callers with the result, and goes on while jobs are
-/// queued. An admin write ([`Audit::commit`]) is its own transaction (its write and its
-/// records, all or none), in queue order with the key uses around it. Records are chained
-/// when their batch is taken, from the last committed record, so hash-chain order is commit
-/// order and a failed batch leaves no trace. The writer is a task of its own, so a caller
-/// that gives up waiting cannot strand the callers batched with it.
+/// every key use queued so far ([`Audit::record`]) and commits them in one transaction, wakes
+/// each of their callers with the result, and goes on while jobs are queued. An admin write
+/// ([`Audit::commit`]) is its own transaction (its write and its records, all or none), in
+/// queue order with the key uses around it. Records are numbered and chained inside their
+/// transaction, after the head the datastore holds, so chain order is commit order, a failed
+/// batch leaves no trace, and a commit whose outcome was lost cannot leave this server on a
+/// stale head. The writer is a task of its own, so a caller that gives up waiting cannot
+/// strand the callers batched with it.
 pub struct Audit {
     backend: Arc<dyn AuditStore>,
     clock: Arc<dyn Clock>,
+    chain: Arc<KeyedChain>,
+    checkpoints: Option<Arc<Checkpoints>>,
     state: Arc<std::sync::Mutex<State>>,
 }
 
-/// The queue and the chain head, shared with the writer task.
+/// The queue, shared with the writer task.
 struct State {
-    /// seq and hash of the last committed record.
-    seq: i64,
-    hash: String,
     /// Jobs not yet taken by the writer, in arrival order.
     queue: VecDeque<Job>,
     /// A writer task is running (it clears this when it finds the queue empty).
@@ -113,32 +130,28 @@ enum Batch {
     Admin(Vec<Write>, Vec<AuditRecord>, Reply<Vec<Applied>>),
 }
 
-impl State {
-    fn chain(&self, prev: Option<&AuditRecord>, time: i64, ev: &AuditEvent) -> AuditRecord {
-        let (seq, prev_hash) = prev.map_or((self.seq, &self.hash), |r| (r.seq, &r.hash));
-        let mut r = AuditRecord {
-            seq: seq + 1,
-            time,
-            actor: ev.actor.clone(),
-            action: ev.action.clone(),
-            target: ev.target.clone(),
-            key_version: ev.key_version,
-            result: ev.result.clone(),
-            prev_hash: prev_hash.clone(),
-            hash: String::new(),
-        };
-        r.hash = chain_hash(&r);
-        r
+/// A record not yet numbered nor chained (the datastore's append does both).
+fn unlinked(time: i64, ev: AuditEvent) -> AuditRecord {
+    AuditRecord {
+        seq: 0,
+        time,
+        actor: ev.actor,
+        action: ev.action,
+        target: ev.target,
+        key_version: ev.key_version,
+        result: ev.result,
+        prev_hash: String::new(),
+        hash: String::new(),
     }
+}
 
-    /// The next batch, chained from the last committed record; None (and the writer stops)
-    /// when nothing is queued.
+impl State {
+    /// The next batch; None (and the writer stops) when nothing is queued.
     fn take(&mut self) -> Option<Batch> {
         let Some(front) = self.queue.pop_front() else {
             self.writing = false;
             return None;
         };
-        let mut records: Vec<AuditRecord> = Vec::new();
         match front {
             Job::Admin {
                 time,
@@ -146,34 +159,23 @@ impl State {
                 events,
                 done,
             } => {
-                for ev in &events {
-                    let r = self.chain(records.last(), time, ev);
-                    records.push(r);
-                }
+                let records = events.into_iter().map(|ev| unlinked(time, ev)).collect();
                 Some(Batch::Admin(writes, records, done))
             }
             Job::Use { time, event, done } => {
                 let mut replies = vec![done];
-                records.push(self.chain(None, time, &event));
+                let mut records = vec![unlinked(time, event)];
                 while records.len() < MAX_BATCH
                     && matches!(self.queue.front(), Some(Job::Use { .. }))
                 {
                     let Some(Job::Use { time, event, done }) = self.queue.pop_front() else {
                         break;
                     };
-                    let r = self.chain(records.last(), time, &event);
-                    records.push(r);
+                    records.push(unlinked(time, event));
                     replies.push(done);
                 }
                 Some(Batch::Uses(records, replies))
             }
-        }
-    }
-
-    fn committed(&mut self, records: &[AuditRecord]) {
-        if let Some(last) = records.last() {
-            self.seq = last.seq;
-            self.hash = last.hash.clone();
         }
     }
 }
@@ -182,23 +184,6 @@ impl std::fmt::Debug for Audit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Audit").finish_non_exhaustive()
     }
-}
-
-fn chain_hash(r: &AuditRecord) -> String {
-    let fields = serde_json::json!([
-        r.seq,
-        r.time,
-        r.actor,
-        r.action,
-        r.target,
-        r.key_version,
-        r.result,
-        r.prev_hash
-    ]);
-    hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        fields.to_string().as_bytes(),
-    ))
 }
 
 /// A copy of `e` for another caller of the same failed batch, with the same message
@@ -249,7 +234,11 @@ fn answer(replies: Vec<Reply<()>>, result: Result<(), StoreError>) {
 }
 
 /// The writer: commits queued batches until the queue is empty.
-async fn write_queued(backend: Arc<dyn AuditStore>, state: Arc<std::sync::Mutex<State>>) {
+async fn write_queued(
+    backend: Arc<dyn AuditStore>,
+    chain: Arc<KeyedChain>,
+    state: Arc<std::sync::Mutex<State>>,
+) {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let mut stopped = Stopped(Some(state.clone()));
     loop {
@@ -259,18 +248,12 @@ async fn write_queued(backend: Arc<dyn AuditStore>, state: Arc<std::sync::Mutex<
             return;
         };
         match batch {
-            Batch::Uses(records, replies) => {
-                let result = backend.append_audit_batch(&records).await;
-                if result.is_ok() {
-                    lock().committed(&records);
-                }
+            Batch::Uses(mut records, replies) => {
+                let result = backend.append_audit_batch(&mut records, &*chain).await;
                 answer(replies, result);
             }
-            Batch::Admin(writes, records, done) => {
-                let result = backend.apply(&writes, &records).await;
-                if result.is_ok() {
-                    lock().committed(&records);
-                }
+            Batch::Admin(writes, mut records, done) => {
+                let result = backend.apply(&writes, &mut records, &*chain).await;
                 let _ = done.send(result);
             }
         }
@@ -278,23 +261,27 @@ async fn write_queued(backend: Arc<dyn AuditStore>, state: Arc<std::sync::Mutex<
 }
 
 impl Audit {
-    /// Opens the log, continuing its chain.
+    /// Opens the log, keyed with `mac` (the key manager's [`AUDIT_MAC_KEY`]); `checkpoints`
+    /// (None in tests without a data_dir) are written and checked outside the datastore. A
+    /// log still on the plain SHA-256 chain is anchored once (see the module doc).
     pub async fn load(
         backend: Arc<dyn AuditStore>,
         clock: Arc<dyn Clock>,
+        mac: Arc<dyn MacKey>,
+        checkpoints: Option<Checkpoints>,
     ) -> Result<Arc<Self>, StoreError> {
-        let last = backend.list_audit().await?.pop();
-        let (seq, hash) = last.map(|r| (r.seq, r.hash)).unwrap_or_default();
-        Ok(Arc::new(Self {
+        let audit = Arc::new(Self {
             backend,
             clock,
+            chain: Arc::new(KeyedChain::new(mac)),
+            checkpoints: checkpoints.map(Arc::new),
             state: Arc::new(std::sync::Mutex::new(State {
-                seq,
-                hash,
                 queue: VecDeque::new(),
                 writing: false,
             })),
-        }))
+        });
+        audit.anchor_plain_chain().await?;
+        Ok(audit)
     }
 
     /// Queues `job` and starts the writer unless one is running.
@@ -305,7 +292,11 @@ impl Audit {
             !std::mem::replace(&mut st.writing, true)
         };
         if start {
-            tokio::spawn(write_queued(self.backend.clone(), self.state.clone()));
+            tokio::spawn(write_queued(
+                self.backend.clone(),
+                self.chain.clone(),
+                self.state.clone(),
+            ));
         }
     }
 
@@ -339,7 +330,7 @@ impl Audit {
         events: &[AuditEvent],
     ) -> Result<Vec<Applied>, StoreError> {
         if events.is_empty() {
-            return self.backend.apply(writes, &[]).await;
+            return self.backend.apply(writes, &mut [], &*self.chain).await;
         }
         let (done, wait) = tokio::sync::oneshot::channel();
         self.enqueue(Job::Admin {
@@ -354,66 +345,11 @@ impl Audit {
     /// Records, oldest first; the last `limit` when limit > 0.
     pub async fn records(&self, limit: i64) -> Result<Vec<AuditRecord>, StoreError> {
         let mut all = self.backend.list_audit().await?;
-        if limit > 0 && all.len() as i64 > limit {
-            all.drain(..all.len() - limit as usize);
+        let keep = usize::try_from(limit).unwrap_or(0);
+        if keep > 0 && all.len() > keep {
+            all.drain(..all.len() - keep);
         }
         Ok(all)
-    }
-
-    /// Recomputes the chain.
-    pub async fn verify(&self) -> Result<Verification, StoreError> {
-        let records = self.backend.list_audit().await?;
-        let head = self.backend.audit_head().await?;
-        let mut prev = String::new();
-        let mut expected = 1;
-        for r in &records {
-            let problem = if r.seq != expected {
-                Some((
-                    expected,
-                    format!(
-                        "record {expected} is missing (the next record is {})",
-                        r.seq
-                    ),
-                ))
-            } else if r.prev_hash != prev {
-                Some((
-                    r.seq,
-                    format!(
-                        "record {} does not follow record {} (moved, or the record before it was replaced)",
-                        r.seq,
-                        r.seq - 1
-                    ),
-                ))
-            } else if chain_hash(r) != r.hash {
-                Some((
-                    r.seq,
-                    format!("record {} was modified after it was written", r.seq),
-                ))
-            } else {
-                None
-            };
-            if problem.is_some() {
-                return Ok(Verification {
-                    records: records.len() as i64,
-                    problem,
-                });
-            }
-            prev = r.hash.clone();
-            expected += 1;
-        }
-        if head >= expected {
-            return Ok(Verification {
-                records: records.len() as i64,
-                problem: Some((
-                    expected,
-                    format!("records {expected}..={head} were deleted from the end of the log"),
-                )),
-            });
-        }
-        Ok(Verification {
-            records: records.len() as i64,
-            problem: None,
-        })
     }
 }
 

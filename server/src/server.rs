@@ -10,7 +10,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use continuity_common::fsperm::{FsPermError, SecureDir, secure_dir};
-use continuity_common::http::Reply;
 use continuity_common::tls::TrustRoots;
 use continuity_common::{Clock, SystemClock};
 use continuity_proto::admin::agent_admin_server::AgentAdminServer;
@@ -37,6 +36,8 @@ use crate::keys::{self, KeyManager, KeyType};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::scheduler::{FailureLevel, Job, Scheduler};
+
+mod http;
 use continuity_proto::admin::audit_admin_server::AuditAdminServer;
 use continuity_proto::admin::engine_admin_server::EngineAdminServer;
 use continuity_proto::engine::engine_broker_server::EngineBrokerServer;
@@ -62,6 +63,9 @@ pub enum RunError {
     /// The registry could not load.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
+    /// The audit log's checkpoints could not be set up.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::audit::CheckpointError),
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -172,7 +176,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         core.clock.clone(),
     )
     .await?;
-    let mut jobs = scheduler(&core, &identity);
+    let mut jobs = scheduler(&core, &identity, cfg.audit.checkpoint_interval);
     jobs.add(integrity::job(
         core.store.clone(),
         cfg.integrity_verify_interval,
@@ -181,7 +185,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
-    http_listeners(&cfg, &core).await?;
+    http::http_listeners(&cfg, &core).await?;
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         bind_address = %cfg.bind_address,
@@ -209,7 +213,9 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         Arc::new(SqlDataStore::connect(&cfg.datastore_url, sealer.clone()).await?);
     let metrics = Arc::new(Metrics::default());
     metrics.watch_bad_rows(store.bad_rows());
-    let audit = crate::audit::Audit::load(store.clone(), clock.clone()).await?;
+    let audit =
+        crate::audit::Audit::open(&cfg.data_dir, &key_manager, store.clone(), clock.clone())
+            .await?;
     integrity::audit_upgrade(&*store, &audit).await?;
     integrity::spawn_reporter(store.bad_rows(), audit.clone());
     let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone()).await?;
@@ -267,7 +273,11 @@ const ENGINE_TICK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The server's periodic work: CA rotation, join-token pruning, Engine key ticks and server
 /// SVID renewal, each with jitter on the injected clock.
-fn scheduler(core: &Core, identity: &Arc<ServerIdentity>) -> Scheduler {
+fn scheduler(
+    core: &Core,
+    identity: &Arc<ServerIdentity>,
+    checkpoint_interval: std::time::Duration,
+) -> Scheduler {
     let mut s = Scheduler::new(core.clock.clone());
     let ca = core.ca.clone();
     s.add(Job::every(
@@ -307,6 +317,10 @@ fn scheduler(core: &Core, identity: &Arc<ServerIdentity>) -> Scheduler {
             let engines = engines.clone();
             async move { engines.tick().await.map(drop).map_err(Into::into) }
         },
+    ));
+    s.add(crate::audit::checkpoint_job(
+        core.engines.audit().clone(),
+        checkpoint_interval,
     ));
     let (renew, due) = (identity.clone(), identity.clone());
     s.add(Job::dynamic(
@@ -455,73 +469,4 @@ async fn admin_api(
             stopped(stop),
         );
     Ok(Box::pin(serving))
-}
-
-/// The optional HTTP listeners: health (`/live`, `/ready`), metrics and Engine JWKS.
-async fn http_listeners(cfg: &Config, core: &Core) -> Result<(), RunError> {
-    let bind = |key: &str, addr: std::net::SocketAddr| {
-        let what = format!("{key} {addr}");
-        move |source| RunError::Bind { what, source }
-    };
-    if let Some(addr) = cfg.health_address {
-        let store = core.store.clone();
-        continuity_common::http::serve(addr, move |path| health_reply(store.clone(), path))
-            .await
-            .map_err(bind("health.bind_address", addr))?;
-    }
-    if let Some(addr) = cfg.metrics_address {
-        let metrics = core.metrics.clone();
-        continuity_common::http::serve(addr, move |path| {
-            std::future::ready(metrics_reply(&metrics, &path))
-        })
-        .await
-        .map_err(bind("metrics.bind_address", addr))?;
-    }
-    if let Some(addr) = cfg.jwks_address {
-        let engines = core.engines.clone();
-        continuity_common::http::serve(addr, move |path| {
-            std::future::ready(jwks_reply(&engines, &path))
-        })
-        .await
-        .map_err(bind("jwks.bind_address", addr))?;
-    }
-    Ok(())
-}
-
-/// `/live` always; `/ready` while the datastore answers and no row is known to have failed
-/// its record MAC.
-async fn health_reply(store: Arc<dyn DataStore>, path: String) -> Reply {
-    match path.as_str() {
-        "/live" => (200, "text/plain", "live\n".into()),
-        "/ready" => match store.ping().await {
-            Ok(()) => match integrity::degraded(&store.bad_rows()) {
-                None => (200, "text/plain", "ready\n".into()),
-                Some(why) => (503, "text/plain", why),
-            },
-            Err(e) => (503, "text/plain", format!("datastore unavailable: {e}\n")),
-        },
-        _ => (404, "text/plain", "not found\n".into()),
-    }
-}
-
-/// `/metrics` in the Prometheus text format.
-fn metrics_reply(metrics: &Metrics, path: &str) -> Reply {
-    match path {
-        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
-        _ => (404, "text/plain", "not found\n".into()),
-    }
-}
-
-/// `/engines/<name>/jwks.json`: an Engine's public signing keys.
-fn jwks_reply(engines: &Engines, path: &str) -> Reply {
-    match path
-        .strip_prefix("/engines/")
-        .and_then(|p| p.strip_suffix("/jwks.json"))
-    {
-        Some(name) => match engines.jwks(name) {
-            Ok(j) => (200, "application/json", j.to_string()),
-            Err(e) => (404, "text/plain", format!("{e}\n")),
-        },
-        None => (404, "text/plain", "GET /engines/<name>/jwks.json\n".into()),
-    }
 }

@@ -511,11 +511,12 @@ async fn check_tokens(server: &TestServer, ledger: &Ledger) {
     }
 }
 
-/// The audit chain verifies, and holds a successful sign record for every signature a
+/// Every record MAC and the audit chain (against the checkpoints the killed servers left)
+/// verify, and the log holds a successful sign record for every signature a
 /// workload was given (a key use is answered only once it is durably audited).
 async fn check_audit(server: &TestServer, signatures: u64) {
     server.cli_ok(&["audit", "verify"]);
-    // INTEGRITY-VERIFY: add `server.cli_ok(&["integrity", "verify"]);` here once it is on main.
+    server.cli_ok(&["integrity", "verify"]);
     let mut c = AuditAdminClient::new(admin_channel(&server.socket).await);
     let records = call(c.show_audit(ShowAuditRequest { limit: 0 }))
         .await

@@ -916,7 +916,14 @@ fn hsm_lifecycle_with_a_driven_clock() {
             .unwrap(),
         );
         let clock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
-        let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
+        let audit = Audit::load(
+            store.clone(),
+            clock.clone(),
+            std::sync::Arc::new(continuity_server::keys::SoftwareMac::new(&[7; 32])),
+            None,
+        )
+        .await
+        .unwrap();
         let engines = Engines::load(
             TrustDomain::new("example.org").unwrap(),
             store.clone(),

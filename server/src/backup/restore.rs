@@ -117,7 +117,7 @@ pub async fn restore(
         let sealer = crate::integrity::sealer(&*km)
             .await
             .map_err(|e| BackupError::new(format!("cannot open the record MAC key: {e}")))?;
-        let rows = load(cfg, sealer, &backup).await?;
+        let rows = load(cfg, &km, sealer, &backup).await?;
         Ok(Restored {
             tables: backup.tables.len(),
             rows,
@@ -183,6 +183,7 @@ fn write_key_files(
 /// Loads every table and verifies the audit chain of the result; returns the rows loaded.
 async fn load(
     cfg: &Config,
+    km: &Arc<dyn crate::keys::KeyManager>,
     sealer: crate::datastore::RecordSealer,
     b: &Backup,
 ) -> Result<usize, BackupError> {
@@ -206,13 +207,23 @@ async fn load(
         )));
     }
     store.load(&b.tables).await.map_err(store_err)?;
-    let audit = crate::audit::Audit::load(Arc::new(store.clone()), Arc::new(SystemClock))
-        .await
-        .map_err(store_err)?;
-    let v = audit.verify().await.map_err(store_err)?;
-    if let Some((seq, reason)) = v.problem {
+    // Keyed with the restored (or token-held) audit-mac key; the first checkpoint of the
+    // new data_dir anchors the restored head.
+    let audit = crate::audit::Audit::open(
+        &cfg.data_dir,
+        km,
+        Arc::new(store.clone()),
+        Arc::new(SystemClock),
+    )
+    .await
+    .map_err(|e| BackupError::new(format!("the restored audit log cannot be opened: {e}")))?;
+    let v = audit.verify(&[]).await.map_err(store_err)?;
+    if let Some(f) = v.findings.first() {
         return Err(BackupError::new(format!(
-            "the restored audit log does not verify (record {seq}: {reason}); the restore was undone"
+            "the restored audit log does not verify ({} finding(s), first at record {}: {}); the restore was undone",
+            v.findings.len(),
+            f.seq,
+            f.detail
         )));
     }
     Ok(b.tables.iter().map(|t| t.rows.len()).sum())

@@ -54,12 +54,15 @@ impl BackupService {
             .admin
             .engines
             .audit()
-            .verify()
+            .verify(&[])
             .await
             .map_err(|e| Status::unavailable(format!("cannot read the audit log: {e}")))?;
-        if let Some((seq, reason)) = v.problem {
+        if let Some(f) = v.findings.first() {
             return Err(Status::failed_precondition(format!(
-                "the audit log does not verify (record {seq}: {reason}); no backup was made"
+                "the audit log does not verify ({} finding(s), first at record {}: {}); no backup was made",
+                v.findings.len(),
+                f.seq,
+                f.detail
             )));
         }
         let unavailable = |e: crate::datastore::StoreError| Status::unavailable(e.to_string());

@@ -4,6 +4,7 @@
 //! `[key_manager]` table belongs to [`crate::keys::config`].
 
 mod agent_api;
+mod audit;
 mod engines;
 mod integrity;
 mod psat;
@@ -21,6 +22,7 @@ use serde::Deserialize;
 use crate::keys::KeyType;
 pub use crate::keys::config::{FileKeyManager, KeyManagerConfig, PinSource};
 pub use agent_api::{AgentApiConfig, FileAgentApi};
+pub use audit::{AuditConfig, DEFAULT_CHECKPOINT_INTERVAL, FileAudit};
 pub use engines::FileEngines;
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
 
@@ -71,6 +73,8 @@ pub struct FileConfig {
     pub engines: Option<FileEngines>,
     /// `[integrity]`.
     pub integrity: Option<integrity::FileIntegrity>,
+    /// `[audit]`.
+    pub audit: Option<FileAudit>,
 }
 
 /// `[datastore]` table.
@@ -127,6 +131,8 @@ pub struct Config {
     pub agent_api: AgentApiConfig,
     /// `[integrity] verify_interval`: period of the record-MAC verifier.
     pub integrity_verify_interval: Duration,
+    /// `[audit]`: checkpoints of the audit log.
+    pub audit: AuditConfig,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -203,6 +209,7 @@ impl Config {
             max_encryptions_per_key_version: engines::max_encryptions(f.engines)?,
             agent_api: AgentApiConfig::from_file(f.agent_api)?,
             integrity_verify_interval: integrity::verify_interval(f.integrity)?,
+            audit: AuditConfig::from_file(f.audit)?,
             data_dir,
         })
     }

@@ -216,7 +216,8 @@ pub struct AuditRecord {
     pub result: String,
     /// Hash of the previous record (hex; empty for the first).
     pub prev_hash: String,
-    /// SHA-256 over this record's fields and `prev_hash` (hex).
+    /// HMAC-SHA256 (the `audit-mac` key) over this record's canonical encoding, `prev_hash`
+    /// included (hex); records written before the keyed chain carry plain SHA-256.
     pub hash: String,
 }
 
@@ -307,22 +308,49 @@ pub trait EngineStore: Send + Sync + std::fmt::Debug {
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
 }
 
+/// The last record of the audit log as the datastore holds it (seq 0 and an empty hash: none).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditHead {
+    /// `seq` of the last appended record.
+    pub seq: i64,
+    /// Its hash.
+    pub hash: String,
+}
+
+/// Numbers new audit records after the head and links them onto the chain; called by the
+/// datastore inside the append transaction, once the head is read and locked.
+pub trait AuditLinker: Send + Sync {
+    /// Sets `seq`, `prev_hash` and `hash` of each of `records`, in order, after `head`.
+    fn link(&self, head: &AuditHead, records: &mut [AuditRecord]) -> Result<(), StoreError>;
+}
+
 /// The audit log and the audited transaction every state change goes through.
+///
+/// Sequence numbers come from the datastore: an append reads the head (seq, hash) in its own
+/// write transaction (SQLite: the write lock is taken first; PostgreSQL: `SELECT … FOR UPDATE`
+/// on the head row), links its records with the [`AuditLinker`] and writes them and the new
+/// head before it commits, so several servers can share one log.
 #[async_trait]
 pub trait AuditStore: Send + Sync + std::fmt::Debug {
-    /// Applies `writes` and appends `audit` (in `seq` order) in one transaction: all or none.
-    /// A failed audit append is [`StoreError::Audit`].
+    /// Applies `writes` and appends `audit`, linked after the head by `link`, in one
+    /// transaction: all or none. A failed audit append is [`StoreError::Audit`]. On success
+    /// `audit` holds the records as written.
     async fn apply(
         &self,
         writes: &[Write],
-        audit: &[AuditRecord],
+        audit: &mut [AuditRecord],
+        link: &dyn AuditLinker,
     ) -> Result<Vec<Applied>, StoreError>;
-    /// Appends audit records (in `seq` order) in one transaction.
-    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError>;
+    /// Appends audit records, linked after the head by `link`, in one transaction.
+    async fn append_audit_batch(
+        &self,
+        records: &mut [AuditRecord],
+        link: &dyn AuditLinker,
+    ) -> Result<(), StoreError>;
     /// The audit log in `seq` order.
     async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError>;
-    /// The `seq` of the last appended record, kept apart from the log so a deleted tail shows.
-    async fn audit_head(&self) -> Result<i64, StoreError>;
+    /// The head, kept apart from the log so a deleted tail shows.
+    async fn audit_head(&self) -> Result<AuditHead, StoreError>;
 }
 
 /// What a full integrity check of the MACed tables found.

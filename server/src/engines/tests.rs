@@ -20,7 +20,14 @@ async fn engines() -> (
     let (dir, _, store) = crate::datastore::scratch_sqlite("engines").await;
     let store: Arc<dyn DataStore> = Arc::new(store);
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
-    let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
+    let audit = Audit::load(
+        store.clone(),
+        clock.clone(),
+        std::sync::Arc::new(crate::keys::SoftwareMac::new(&[7; 32])),
+        None,
+    )
+    .await
+    .unwrap();
     let e = Engines::load(
         TrustDomain::new("example.org").unwrap(),
         store.clone(),
@@ -195,8 +202,8 @@ async fn destroy_restore_and_erasure_after_grace(
         .find(|v| v.key == "signing" && v.version == 2)
         .unwrap();
     assert!(v2.sealed.is_some() && v2.mechanism == "aes-256-gcm");
-    let verification = e.audit().verify().await.unwrap();
-    assert!(verification.problem.is_none(), "{verification:?}");
+    let verification = e.audit().verify(&[]).await.unwrap();
+    assert!(verification.intact(), "{verification:?}");
 }
 
 #[tokio::test]
@@ -333,7 +340,14 @@ async fn engines_with(
     max: u64,
 ) -> Arc<Engines> {
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
-    let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
+    let audit = Audit::load(
+        store.clone(),
+        clock.clone(),
+        std::sync::Arc::new(crate::keys::SoftwareMac::new(&[7; 32])),
+        None,
+    )
+    .await
+    .unwrap();
     let e = Engines::load(
         TrustDomain::new("example.org").unwrap(),
         store,

@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::engine_status;
 use crate::api::admin::AdminService;
 use crate::api::to_completion;
+use crate::audit::ExportedCheckpoint;
 use crate::engines::VersionAction;
 use crate::model::engine::{
     Algorithm, Custody, Engine as EngineModel, EngineKey, Incarnation as IncarnationModel,
@@ -288,18 +289,60 @@ impl AuditAdmin for AdminService {
         req: Request<pb_admin::VerifyAuditRequest>,
     ) -> Result<Response<pb_admin::VerifyAuditResponse>, Status> {
         self.authorize(&req)?;
+        let exported: Vec<ExportedCheckpoint> = req
+            .into_inner()
+            .checkpoints
+            .into_iter()
+            .map(|c| ExportedCheckpoint {
+                name: c.name,
+                text: c.text,
+            })
+            .collect();
         let v = self
             .engines
             .audit()
-            .verify()
+            .verify(&exported)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let (bad_seq, reason) = v.problem.clone().unwrap_or_default();
+        let first = v.findings.first();
         Ok(Response::new(pb_admin::VerifyAuditResponse {
-            ok: v.problem.is_none(),
+            ok: v.intact(),
             records: v.records,
-            bad_seq,
-            reason,
+            bad_seq: first.map_or(0, |f| f.seq),
+            reason: first.map(|f| f.detail.clone()).unwrap_or_default(),
+            checkpoints: v.checkpoints as i64,
+            findings: v
+                .findings
+                .iter()
+                .map(|f| pb_admin::AuditFinding {
+                    seq: f.seq,
+                    kind: f.kind.as_str().into(),
+                    detail: f.detail.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn checkpoint_audit(
+        &self,
+        req: Request<pb_admin::CheckpointAuditRequest>,
+    ) -> Result<Response<pb_admin::AuditCheckpoint>, Status> {
+        self.authorize(&req)?;
+        let (cp, file) = self
+            .engines
+            .audit()
+            .checkpoint()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb_admin::AuditCheckpoint {
+            json: cp.to_json(),
+            seq: cp.seq,
+            head: cp.head,
+            time: cp.time,
+            key_id: cp.key_id,
+            public_key: cp.public_key,
+            signature: cp.signature,
+            file: file.display().to_string(),
         }))
     }
 }

@@ -1,20 +1,51 @@
 //! The audit log, and the audited transaction every state change goes through.
+//!
+//! Every append reads the head row (`audit_head`) inside its own write transaction, links its
+//! records after it and writes them and the new head before it commits: the sequence numbers
+//! come from the datastore, so two servers (or two writers) sharing one log serialize on the
+//! head row and never reuse a number, and a commit whose outcome was never reported cannot
+//! leave a writer on a stale head.
 
 use async_trait::async_trait;
 use sqlx::{AnyConnection, Row};
 
 use super::SqlDataStore;
-use crate::datastore::{Applied, AuditRecord, AuditStore, StoreError, Write};
+use crate::datastore::{
+    Applied, AuditHead, AuditLinker, AuditRecord, AuditStore, StoreError, Write,
+};
 
 impl SqlDataStore {
+    /// Takes the write lock on the head row and reads it. SQLite: a no-op UPDATE first, so
+    /// the transaction holds SQLite's write lock (waiting on busy_timeout) before it reads;
+    /// PostgreSQL: `SELECT … FOR UPDATE`.
+    async fn lock_head(&self, c: &mut AnyConnection) -> Result<AuditHead, StoreError> {
+        let query = if self.sqlite {
+            sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+                .execute(&mut *c)
+                .await?;
+            "SELECT seq, hash FROM audit_head WHERE id = 1"
+        } else {
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
+        };
+        let row = sqlx::query(query).fetch_one(&mut *c).await?;
+        Ok(AuditHead {
+            seq: row.try_get("seq")?,
+            hash: row.try_get("hash")?,
+        })
+    }
+
+    /// Links `records` after `head` and writes them and the new head.
     async fn append_audit_on(
         c: &mut AnyConnection,
-        records: &[AuditRecord],
+        head: &AuditHead,
+        records: &mut [AuditRecord],
+        link: &dyn AuditLinker,
     ) -> Result<(), StoreError> {
-        let Some(last) = records.last() else {
+        if records.is_empty() {
             return Ok(());
-        };
-        for a in records {
+        }
+        link.link(head, records)?;
+        for a in records.iter() {
             sqlx::query(
                 "INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
@@ -24,17 +55,20 @@ impl SqlDataStore {
             .bind(&a.actor)
             .bind(&a.action)
             .bind(&a.target)
-            .bind(a.key_version as i64)
+            .bind(i64::from(a.key_version))
             .bind(&a.result)
             .bind(&a.prev_hash)
             .bind(&a.hash)
             .execute(&mut *c)
             .await?;
         }
-        sqlx::query("UPDATE meta SET value = $1 WHERE name = 'audit_head'")
-            .bind(last.seq)
-            .execute(&mut *c)
-            .await?;
+        if let Some(last) = records.last() {
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(last.seq)
+                .bind(&last.hash)
+                .execute(&mut *c)
+                .await?;
+        }
         Ok(())
     }
 }
@@ -44,39 +78,54 @@ impl AuditStore for SqlDataStore {
     async fn apply(
         &self,
         writes: &[Write],
-        audit: &[AuditRecord],
+        audit: &mut [AuditRecord],
+        link: &dyn AuditLinker,
     ) -> Result<Vec<Applied>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        if self.sqlite {
-            // Take SQLite's write lock first (waiting on busy_timeout) so a transaction that
-            // reads before it writes cannot fail at once with SQLITE_BUSY on the upgrade.
-            sqlx::query("UPDATE meta SET value = value WHERE name = 'audit_head'")
-                .execute(&mut *tx)
-                .await?;
-        }
+        // The head is locked before any write, so the transaction never upgrades a read lock
+        // (SQLITE_BUSY at once) and audited writes serialize in chain order.
+        let head = if self.sqlite || !audit.is_empty() {
+            Some(self.lock_head(&mut tx).await?)
+        } else {
+            None
+        };
         let mut out = Vec::with_capacity(writes.len());
         for w in writes {
             out.push(self.apply_tx(&mut tx, w).await?);
         }
-        Self::append_audit_on(&mut tx, audit)
-            .await
-            .map_err(|e| StoreError::Audit(e.to_string()))?;
+        if let Some(head) = head {
+            Self::append_audit_on(&mut tx, &head, audit, link)
+                .await
+                .map_err(audit_error)?;
+        }
         tx.commit().await?;
         Ok(out)
     }
 
-    async fn append_audit_batch(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+    async fn append_audit_batch(
+        &self,
+        records: &mut [AuditRecord],
+        link: &dyn AuditLinker,
+    ) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        Self::append_audit_on(&mut tx, records).await?;
+        let head = self.lock_head(&mut tx).await?;
+        Self::append_audit_on(&mut tx, &head, records, link).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn audit_head(&self) -> Result<i64, StoreError> {
-        self.meta("audit_head").await
+    async fn audit_head(&self) -> Result<AuditHead, StoreError> {
+        let row = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
+        Ok(AuditHead {
+            seq: row.try_get("seq")?,
+            hash: row.try_get("hash")?,
+        })
     }
 
     async fn list_audit(&self) -> Result<Vec<AuditRecord>, StoreError> {
@@ -91,12 +140,22 @@ impl AuditStore for SqlDataStore {
                     actor: r.try_get("actor")?,
                     action: r.try_get("action")?,
                     target: r.try_get("target")?,
-                    key_version: r.try_get::<i64, _>("key_version")? as u32,
+                    key_version: u32::try_from(r.try_get::<i64, _>("key_version")?).map_err(
+                        |_| StoreError::Corrupt("audit_log: key_version out of range".into()),
+                    )?,
                     result: r.try_get("result")?,
                     prev_hash: r.try_get("prev_hash")?,
                     hash: r.try_get("hash")?,
                 })
             })
             .collect()
+    }
+}
+
+/// An audit append that failed: the write it belongs to was not applied.
+fn audit_error(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Audit(_) => e,
+        other => StoreError::Audit(other.to_string()),
     }
 }

@@ -82,6 +82,18 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ALTER TABLE engine_secrets ADD COLUMN mac {BLOB};
     ALTER TABLE incarnations ADD COLUMN mac {BLOB}",
     ),
+    (
+        6,
+        // The audit head (seq and hash of the last record) in a row of its own, read and locked
+        // by every append in its transaction: sequence numbers come from the datastore, not
+        // from a server's memory. It starts where meta.audit_head said (a tail deleted before
+        // the upgrade still shows).
+        "CREATE TABLE audit_head (id BIGINT PRIMARY KEY, seq BIGINT NOT NULL, hash TEXT NOT NULL);
+    INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '');
+    UPDATE audit_head SET seq = (SELECT value FROM meta WHERE name = 'audit_head'),
+        hash = COALESCE((SELECT hash FROM audit_log WHERE seq = (SELECT value FROM meta WHERE name = 'audit_head')), '');
+    DELETE FROM meta WHERE name = 'audit_head'",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

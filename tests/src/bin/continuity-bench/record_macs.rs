@@ -44,7 +44,13 @@ impl Side {
         );
         let store = Arc::new(SqlDataStore::connect(&url, sealer).await.unwrap());
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let audit = Audit::load(store.clone(), clock.clone()).await.unwrap();
+        let mac = keys
+            .mac_key(continuity_server::audit::AUDIT_MAC_KEY)
+            .await
+            .unwrap();
+        let audit = Audit::load(store.clone(), clock.clone(), mac, None)
+            .await
+            .unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let engines = Engines::load(td, store, keys, clock, audit.clone())
             .await
