@@ -440,6 +440,7 @@ async fn admin_api(
         clock: core.clock.clone(),
         metrics: core.metrics.clone(),
         owner_uid: own_uid(),
+        bad_rows: core.store.bad_rows(),
     };
     let uds = bind_admin_socket(&cfg.admin_socket).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -290,9 +290,19 @@ async fn reparented_entry_is_not_served_and_a_lifted_ban_still_refuses() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
-    // The admin API does not show it unbanned either.
+    // The admin API does not show it unbanned either: it names the failed check (DataLoss),
+    // rather than saying the agent does not exist.
     let out = s.cli(&["agent", "show", "--spiffe-id", &b.id, "--output", "json"]);
     assert!(!out.status.success(), "{}", stdout(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("integrity check"), "{err}");
+    assert!(!err.contains("not found"), "{err}");
+    let out = s.cli(&["entry", "show", "--id", &other]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("integrity check"),
+        "{err}"
+    );
 
     let (ok, v) = verify_json(&s);
     assert!(!ok, "{v}");

@@ -47,9 +47,22 @@ pub struct AdminService {
     pub owner_uid: u32,
     /// Engines (and the audit log).
     pub engines: Arc<crate::engines::Engines>,
+    /// Rows known to have failed their record MAC (a lookup of one is DataLoss, not NotFound).
+    pub bad_rows: Arc<crate::datastore::BadRows>,
 }
 
 impl AdminService {
+    /// The status for a `what` the index does not hold: DataLoss when its row in `table`
+    /// failed its record MAC (it is held back, not gone), else NotFound.
+    fn missing(&self, table: &str, what: &str, id: &str) -> Status {
+        match self.bad_rows.reason(table, id) {
+            Some(reason) => Status::data_loss(format!(
+                "{what} {id} failed its integrity check ({reason}) and is not served; see `continuity-server integrity verify`"
+            )),
+            None => Status::not_found(format!("{what} {id} not found")),
+        }
+    }
+
     /// Checks the caller is the server's uid or root; returns the audit actor ("admin uid N").
     pub fn authorize<T>(&self, req: &Request<T>) -> Result<String, Status> {
         self.metrics.inc(&self.metrics.admin_calls);
@@ -144,7 +157,7 @@ impl EntryAdmin for AdminService {
         let e = self
             .registry
             .entry(id)
-            .ok_or_else(|| Status::not_found(format!("entry {id} not found")))?;
+            .ok_or_else(|| self.missing("entries", "entry", id))?;
         Ok(Response::new(entry_to_proto(&e)))
     }
 
@@ -279,7 +292,7 @@ impl AgentAdmin for AdminService {
         let a = self
             .registry
             .agent(id)
-            .ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
+            .ok_or_else(|| self.missing("agents", "agent", id))?;
         Ok(Response::new(agent_to_proto(&a)))
     }
 

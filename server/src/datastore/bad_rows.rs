@@ -80,6 +80,14 @@ impl BadRows {
         }
     }
 
+    /// Why the row (`table`, `key`) failed, if it is known bad.
+    pub fn reason(&self, table: &str, key: &str) -> Option<String> {
+        self.lock()
+            .known
+            .get(&(table.to_string(), key.to_string()))
+            .cloned()
+    }
+
     /// How many bad rows are known.
     pub fn count(&self) -> usize {
         self.lock().known.len()
