@@ -384,3 +384,26 @@ async fn a_log_rewritten_as_plain_sha256_is_not_anchored_when_checkpoints_exist(
     let _ = keys.delete(CHECKPOINT_KEY).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A group commit larger than one INSERT statement's chunk is written whole, in chain order.
+#[tokio::test]
+async fn a_batch_larger_than_one_insert_chunk_is_written_whole_and_verifies() {
+    let (dir, _url, store) = crate::datastore::scratch_sqlite("audit-chunks").await;
+    let store = Arc::new(store);
+    let chain = KeyedChain::new(mac());
+    let mut records: Vec<AuditRecord> = (0..1201)
+        .map(|i| unlinked(1, AuditEvent::ok("a", "key.sign", &format!("e/k{i}"))))
+        .collect();
+    store
+        .append_audit_batch(&mut records, &chain)
+        .await
+        .unwrap();
+    let audit = Audit::load(store.clone(), clock(), mac(), None)
+        .await
+        .unwrap();
+    intact(&audit, 1201).await;
+    let stored = store.list_audit().await.unwrap();
+    assert_eq!(stored.last().unwrap().target, "e/k1200");
+    assert_eq!(store.audit_head().await.unwrap().seq, 1201);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -14,20 +14,24 @@ use crate::datastore::{
     Applied, AuditHead, AuditLinker, AuditRecord, AuditStore, StoreError, Write,
 };
 
+/// Records per INSERT statement (9 parameters each: well under SQLite's and PostgreSQL's
+/// parameter limits).
+const INSERT_CHUNK: usize = 500;
+
 impl SqlDataStore {
-    /// Takes the write lock on the head row and reads it. SQLite: a no-op UPDATE first, so
-    /// the transaction holds SQLite's write lock (waiting on busy_timeout) before it reads;
-    /// PostgreSQL: `SELECT … FOR UPDATE`.
+    /// Takes the write lock on the head row and reads it, in one statement. SQLite: a no-op
+    /// `UPDATE … RETURNING`, so the transaction holds SQLite's write lock (waiting on
+    /// busy_timeout) before it reads; PostgreSQL: `SELECT … FOR UPDATE`.
     async fn lock_head(&self, c: &mut AnyConnection) -> Result<AuditHead, StoreError> {
         let query = if self.sqlite {
-            sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
-                .execute(&mut *c)
-                .await?;
-            "SELECT seq, hash FROM audit_head WHERE id = 1"
+            "UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash"
         } else {
             "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
         };
-        let row = sqlx::query(query).fetch_one(&mut *c).await?;
+        let row = sqlx::query(query)
+            .fetch_optional(&mut *c)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("the audit head row is missing".into()))?;
         Ok(AuditHead {
             seq: row.try_get("seq")?,
             hash: row.try_get("hash")?,
@@ -45,22 +49,43 @@ impl SqlDataStore {
             return Ok(());
         }
         link.link(head, records)?;
-        for a in records.iter() {
-            sqlx::query(
-                "INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            )
-            .bind(a.seq)
-            .bind(a.time)
-            .bind(&a.actor)
-            .bind(&a.action)
-            .bind(&a.target)
-            .bind(i64::from(a.key_version))
-            .bind(&a.result)
-            .bind(&a.prev_hash)
-            .bind(&a.hash)
-            .execute(&mut *c)
-            .await?;
+        // One multi-row INSERT per chunk: a group commit of N key uses costs a handful of
+        // statements, not N (each statement is a round trip to the driver's worker).
+        for chunk in records.chunks(INSERT_CHUNK) {
+            let mut sql = String::with_capacity(128 + chunk.len() * 48);
+            sql.push_str("INSERT INTO audit_log (seq, time, actor, action, target, key_version, result, prev_hash, hash) VALUES ");
+            for i in 0..chunk.len() {
+                let b = i * 9;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6,
+                    b + 7,
+                    b + 8,
+                    b + 9
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q
+                    .bind(a.seq)
+                    .bind(a.time)
+                    .bind(&a.actor)
+                    .bind(&a.action)
+                    .bind(&a.target)
+                    .bind(i64::from(a.key_version))
+                    .bind(&a.result)
+                    .bind(&a.prev_hash)
+                    .bind(&a.hash);
+            }
+            q.execute(&mut *c).await?;
         }
         if let Some(last) = records.last() {
             sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
