@@ -284,6 +284,15 @@ impl Audit {
         Ok(audit)
     }
 
+    /// A log for unit tests: keyed with a fixed software key, no checkpoints.
+    #[cfg(test)]
+    pub(crate) async fn scratch(backend: Arc<dyn AuditStore>, clock: Arc<dyn Clock>) -> Arc<Self> {
+        let mac = Arc::new(crate::keys::SoftwareMac::new(&[7; 32]));
+        Self::load(backend, clock, mac, None)
+            .await
+            .unwrap_or_else(|e| panic!("scratch audit log: {e}"))
+    }
+
     /// Queues `job` and starts the writer unless one is running.
     fn enqueue(&self, job: Job) {
         let start = {

@@ -132,15 +132,7 @@ pub fn plain_findings(records: &[AuditRecord]) -> Vec<Finding> {
             break;
         }
         if r.prev_hash != prev {
-            out.push(Finding::new(
-                r.seq,
-                FindingKind::Reordered,
-                format!(
-                    "record {} does not follow record {} (moved, or the record before it was replaced)",
-                    r.seq,
-                    r.seq - 1
-                ),
-            ));
+            out.push(reordered(r.seq));
         } else if plain_hash(r) != r.hash {
             out.push(Finding::new(
                 r.seq,
@@ -151,6 +143,18 @@ pub fn plain_findings(records: &[AuditRecord]) -> Vec<Finding> {
         prev = &r.hash;
     }
     out
+}
+
+/// Record `seq` does not link to the one before it.
+fn reordered(seq: i64) -> Finding {
+    Finding::new(
+        seq,
+        FindingKind::Reordered,
+        format!(
+            "record {seq} does not follow record {} (moved, or the record before it was replaced)",
+            seq - 1
+        ),
+    )
 }
 
 fn missing(expected: i64, next: i64) -> Finding {
@@ -189,15 +193,7 @@ impl Linked<'_> {
         if !self.chain.verifies(r)? {
             out.push(self.classify(r)?);
         } else if r.seq == expected && r.prev_hash != before.map_or("", |b| b.hash.as_str()) {
-            out.push(Finding::new(
-                r.seq,
-                FindingKind::Reordered,
-                format!(
-                    "record {} does not follow record {} (moved, or the record before it was replaced)",
-                    r.seq,
-                    r.seq - 1
-                ),
-            ));
+            out.push(reordered(r.seq));
         }
         Ok(out)
     }

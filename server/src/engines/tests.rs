@@ -20,14 +20,7 @@ async fn engines() -> (
     let (dir, _, store) = crate::datastore::scratch_sqlite("engines").await;
     let store: Arc<dyn DataStore> = Arc::new(store);
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
-    let audit = Audit::load(
-        store.clone(),
-        clock.clone(),
-        std::sync::Arc::new(crate::keys::SoftwareMac::new(&[7; 32])),
-        None,
-    )
-    .await
-    .unwrap();
+    let audit = Audit::scratch(store.clone(), clock.clone()).await;
     let e = Engines::load(
         TrustDomain::new("example.org").unwrap(),
         store.clone(),
@@ -340,14 +333,7 @@ async fn engines_with(
     max: u64,
 ) -> Arc<Engines> {
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
-    let audit = Audit::load(
-        store.clone(),
-        clock.clone(),
-        std::sync::Arc::new(crate::keys::SoftwareMac::new(&[7; 32])),
-        None,
-    )
-    .await
-    .unwrap();
+    let audit = Audit::scratch(store.clone(), clock.clone()).await;
     let e = Engines::load(
         TrustDomain::new("example.org").unwrap(),
         store,

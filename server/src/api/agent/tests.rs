@@ -130,14 +130,7 @@ async fn fixture() -> Fixture {
     )
     .await
     .unwrap();
-    let audit = Audit::load(
-        store.clone(),
-        clock.clone(),
-        std::sync::Arc::new(crate::keys::SoftwareMac::new(&[7; 32])),
-        None,
-    )
-    .await
-    .unwrap();
+    let audit = Audit::scratch(store.clone(), clock.clone()).await;
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(
         Registry::load(
