@@ -119,6 +119,16 @@ impl Manager {
         self.snapshot.borrow().clone()
     }
 
+    /// The server in use (None before the addresses first resolved).
+    pub fn server(&self) -> Option<std::net::SocketAddr> {
+        self.client.server()
+    }
+
+    /// How many times the agent moved to another server.
+    pub fn server_switches(&self) -> u64 {
+        self.client.server_switches()
+    }
+
     /// Whether the last sync reached the server.
     pub fn connected(&self) -> bool {
         self.connected.load(std::sync::atomic::Ordering::Relaxed)

@@ -41,7 +41,7 @@ impl Manager {
             }
         }
         *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = Some(svid.clone());
-        tracing::info!("agent SVID renewed");
+        tracing::info!(server = ?self.client.server(), "agent SVID renewed");
         Ok(svid)
     }
 

@@ -1,5 +1,6 @@
 //! The sync loop: wakes at the sync interval (with jitter) or when an SVID is due, runs one
-//! round with the server, and backs off exponentially while the server is unreachable.
+//! round with the server, and backs off exponentially (jittered) while the server is
+//! unreachable, moving to the next configured server after each such failure.
 
 use std::time::Duration;
 
@@ -8,6 +9,13 @@ use continuity_proto::agent::{FetchBundleRequest, SyncAuthorizedEntriesRequest};
 use super::{AgentApi, Manager};
 use crate::client::ClientError;
 use crate::state::Entry;
+
+/// Longest one sync round may take before the server in use counts as unreachable (a
+/// server that accepts calls and never answers them must not hold the agent forever).
+pub const ROUND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest wait between two attempts while the servers are unreachable.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A random fraction in [0, 1) (spreads syncs and retries; not a secret).
 fn jitter() -> f64 {
@@ -19,7 +27,9 @@ impl Manager {
     pub async fn run(self: std::sync::Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
         loop {
-            let wait = match self.sync_once().await {
+            let server = self.client.server();
+            let round = tokio::time::timeout(ROUND_TIMEOUT, self.sync_once()).await;
+            let wait = match round.unwrap_or(Err(ClientError::Timeout(ROUND_TIMEOUT))) {
                 Ok(()) => {
                     self.connected
                         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -29,12 +39,16 @@ impl Manager {
                 Err(e) => {
                     self.connected
                         .store(false, std::sync::atomic::Ordering::Relaxed);
-                    if e.status().is_none() {
+                    // Unreachable: the next server. Otherwise a local failure (a reply that
+                    // did not parse, data_dir not writable) gets a fresh connection.
+                    if !self.client.failed(server, &e) && e.status().is_none() {
                         self.client.reset();
                     }
-                    tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving from cache");
+                    // Full back-off even when moving on: a fleet that lost its server must
+                    // not land on the next one all at once.
                     let wait = backoff.mul_f64(0.75 + 0.5 * jitter());
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tracing::warn!(error = %e, server = ?server, retry_in = ?wait, "sync with the server failed; serving from cache");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                     wait.min(self.next_wake())
                 }
             };
