@@ -122,8 +122,10 @@ async fn attest(
     let insecure = bootstrap_roots(cfg, client)?;
     let mut backoff = Duration::from_millis(250);
     loop {
+        let result = attest_once(cfg, client, token, insecure).await?;
+        // The server just tried (nothing else moves the client during attestation).
         let server = client.server();
-        match attest_once(cfg, client, token, insecure).await? {
+        match result {
             Ok(a) => {
                 tracing::info!(agent = %a.agent_id, server = ?client.server(), "attested to the server");
                 return Ok(PersistedState {
@@ -137,7 +139,8 @@ async fn attest(
             // after a jittered back-off.
             Err(e) if client.failed(server, &e) => {
                 let wait = backoff.mul_f64(0.75 + 0.5 * continuity_common::rand::jitter_fraction());
-                tracing::warn!(error = %e, retry_in = ?wait, "cannot reach the server to attest; retrying");
+                let tried = server.map(|s| s.to_string()).unwrap_or_default();
+                tracing::warn!(error = %e, server = %tried, retry_in = ?wait, "cannot reach the server to attest; retrying");
                 tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }

@@ -29,6 +29,8 @@ impl Manager {
         loop {
             let server = self.client.server();
             let round = tokio::time::timeout(ROUND_TIMEOUT, self.sync_once()).await;
+            // The first round resolves the addresses: the server it used is known after it.
+            let server = server.or_else(|| self.client.server());
             let wait = match round.unwrap_or(Err(ClientError::Timeout(ROUND_TIMEOUT))) {
                 Ok(()) => {
                     self.connected
@@ -44,12 +46,13 @@ impl Manager {
                     if !self.client.failed(server, &e) && e.status().is_none() {
                         self.client.reset();
                     }
-                    // Full back-off even when moving on: a fleet that lost its server must
-                    // not land on the next one all at once.
+                    // The back-off alone, even when moving on and even past the sync interval
+                    // or an SVID's rotation time: a fleet that lost its server must not land on
+                    // the next one all at once, nor retry in a loop while an SVID is due.
                     let wait = backoff.mul_f64(0.75 + 0.5 * jitter());
                     tracing::warn!(error = %e, server = ?server, retry_in = ?wait, "sync with the server failed; serving from cache");
                     backoff = (backoff * 2).min(MAX_BACKOFF);
-                    wait.min(self.next_wake())
+                    wait
                 }
             };
             tokio::time::sleep(wait).await;
