@@ -76,6 +76,14 @@ impl ClientError {
         }
     }
 
+    /// Whether this is a status as the server would answer it: every status but those tonic
+    /// makes on this side from a transport error it keeps as the source. (A refused
+    /// connection also comes as a plain `Unavailable`; the next call of the round then fails
+    /// too, so treating it as an answer costs nothing.)
+    pub fn is_answer(&self) -> bool {
+        matches!(self, Self::Status(s) if std::error::Error::source(s.as_ref()).is_none())
+    }
+
     /// Whether the server in use is unreachable, not refusing: no connection, a failed TLS
     /// handshake, no answer in time, `Unavailable` or `DeadlineExceeded`, or a call cut by
     /// the transport. Such a failure moves the agent to the next server; a refusal does not.

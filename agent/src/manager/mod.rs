@@ -68,6 +68,8 @@ pub struct Manager {
     incarnations: Mutex<IncarnationQueue>,
     /// Whether the last contact with the server succeeded.
     connected: std::sync::atomic::AtomicBool,
+    /// Back-off of agent SVID renewals the server could not make.
+    renew_retry: Mutex<renewal::RenewalRetry>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -106,6 +108,7 @@ impl Manager {
             jwts: Arc::new(Mutex::new(Lru::new(jwt_cache_size))),
             jwt_fetches: Fetches::default(),
             connected: std::sync::atomic::AtomicBool::new(false),
+            renew_retry: Mutex::default(),
         })
     }
 

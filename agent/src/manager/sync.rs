@@ -67,21 +67,19 @@ impl Manager {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let interval = self.sync_interval.mul_f64(0.9 + 0.2 * jitter());
+        let renew_at = self.agent_renewal_at();
         let next_rotation = {
             let st = self.state();
-            st.svids
-                .values()
-                .chain(st.agent_svid.iter())
-                .map(|s| s.rotate_at)
-                .min()
+            st.svids.values().map(|s| s.rotate_at).chain(renew_at).min()
         };
         match next_rotation {
             Some(at) => {
-                // `at` may come from the state file: saturate, never overflow.
-                let until = Duration::from_millis(
-                    at.saturating_mul(1000).saturating_sub(now_ms).max(50) as u64,
-                );
-                interval.min(until)
+                // `at` may come from the state file: saturate, never overflow. One already
+                // past was not rotated by the last round (the server did not sign it): no
+                // sooner than a second, never a loop.
+                let until = at.saturating_mul(1000).saturating_sub(now_ms);
+                let until = if until <= 0 { 1000 } else { until.max(50) };
+                interval.min(Duration::from_millis(until as u64))
             }
             None => interval,
         }
@@ -99,12 +97,12 @@ impl Manager {
             .ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
         let mut api = self.client.api(&agent_svid).await?;
         let now = self.clock.unix();
-        let current = if now >= agent_svid.rotate_at {
-            let svid = self.renew_agent(&mut api).await?;
-            api = self.client.api(&svid).await?;
-            svid
-        } else {
-            agent_svid
+        let current = match self.renew_agent_if_due(&mut api, &agent_svid, now).await? {
+            Some(svid) => {
+                api = self.client.api(&svid).await?;
+                svid
+            }
+            None => agent_svid,
         };
         let mut changed = self.sync_bundle(&mut api).await?;
         changed |= self.sync_entries(&mut api).await?;
