@@ -70,6 +70,9 @@ pub struct Manager {
     connected: std::sync::atomic::AtomicBool,
     /// Back-off of agent SVID renewals the server could not make.
     renew_retry: Mutex<renewal::RenewalRetry>,
+    /// The state changed since it was last published (set by each step that applies a change,
+    /// cleared when published).
+    unpublished: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -109,6 +112,7 @@ impl Manager {
             jwt_fetches: Fetches::default(),
             connected: std::sync::atomic::AtomicBool::new(false),
             renew_retry: Mutex::default(),
+            unpublished: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

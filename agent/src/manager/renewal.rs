@@ -125,15 +125,15 @@ impl Manager {
             .collect()
     }
 
-    /// Signs new SVIDs for the entries that are due; true if any arrived.
+    /// Signs new SVIDs for the entries that are due, noting each batch that brought some
+    /// (see [`Manager::note`]).
     pub(super) async fn refresh_svids(
         &self,
         api: &mut AgentApi,
         now: i64,
         bundle_changed: bool,
-    ) -> Result<bool, ClientError> {
+    ) -> Result<(), ClientError> {
         let due = self.due_svids(now, bundle_changed);
-        let mut changed = false;
         for chunk in due.chunks(MAX_BATCH) {
             let ids = chunk.to_vec();
             let keys = tokio::task::spawn_blocking(move || {
@@ -156,9 +156,9 @@ impl Manager {
                 .await?
                 .into_inner();
             let keys = keys.into_iter().map(|(id, k, _)| (id, k)).collect();
-            changed |= self.apply_svids(resp.results, keys);
+            self.note(self.apply_svids(resp.results, keys));
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// Stores the SVIDs the server signed (for entries still held); true if any was stored.

@@ -41,6 +41,8 @@ impl Manager {
                 Err(e) => {
                     self.connected
                         .store(false, std::sync::atomic::Ordering::Relaxed);
+                    // What the round applied before it failed is served and kept.
+                    self.publish_pending();
                     // Unreachable: the next server. Otherwise a local failure (a reply that
                     // did not parse, data_dir not writable) gets a fresh connection.
                     if !self.client.failed(server, &e) && e.status().is_none() {
@@ -104,18 +106,36 @@ impl Manager {
             }
             None => agent_svid,
         };
-        let mut changed = self.sync_bundle(&mut api).await?;
-        changed |= self.sync_entries(&mut api).await?;
-        let bundle_changed = changed;
-        changed |= self.refresh_svids(&mut api, now, bundle_changed).await?;
+        // Each step's change is noted as soon as it is applied (no await in between), so a
+        // round cut short (an error, the round timeout) still publishes what it applied.
+        let bundle_changed = self.note(self.sync_bundle(&mut api).await?);
+        let bundle_changed = self.note(self.sync_entries(&mut api).await?) || bundle_changed;
+        self.refresh_svids(&mut api, now, bundle_changed).await?;
         // Engine JWKS and incarnation reports: a failure here must not lose the SVIDs above.
-        changed |= self.sync_engines(&current).await;
+        self.note(self.sync_engines(&current).await);
+        self.publish_pending();
+        Ok(())
+    }
+
+    /// Records that the state changed since it was last published; returns `changed`.
+    pub(super) fn note(&self, changed: bool) -> bool {
         if changed {
+            self.unpublished
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        changed
+    }
+
+    /// Publishes and saves the state if it changed since it was last published.
+    fn publish_pending(&self) {
+        if self
+            .unpublished
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
             let st = self.state();
             self.publish(&st);
             self.save(&st);
         }
-        Ok(())
     }
 
     /// Fetches the bundle; true if it changed.
