@@ -122,9 +122,12 @@ async fn attest(
     let insecure = bootstrap_roots(cfg, client)?;
     let mut backoff = Duration::from_millis(250);
     loop {
-        match attest_once(cfg, client, token, insecure).await? {
+        let result = attest_once(cfg, client, token, insecure).await?;
+        // The server just tried (nothing else moves the client during attestation).
+        let server = client.server();
+        match result {
             Ok(a) => {
-                tracing::info!(agent = %a.agent_id, "attested to the server");
+                tracing::info!(agent = %a.agent_id, server = ?client.server(), "attested to the server");
                 return Ok(PersistedState {
                     agent_id: a.agent_id,
                     agent_svid: Some(a.svid),
@@ -132,13 +135,17 @@ async fn attest(
                     ..Default::default()
                 });
             }
-            // The server refused: retrying will not help.
-            Err(e) if e.status().is_some() => return Err(RunError::Attest(e)),
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the server to attest; retrying");
-                tokio::time::sleep(backoff).await;
+            // Unreachable (down, not the trust domain's server, Unavailable): the next server,
+            // after a jittered back-off.
+            Err(e) if client.failed(server, &e) => {
+                let wait = backoff.mul_f64(0.75 + 0.5 * continuity_common::rand::jitter_fraction());
+                let tried = server.map(|s| s.to_string()).unwrap_or_default();
+                tracing::warn!(error = %e, server = %tried, retry_in = ?wait, "cannot reach the server to attest; retrying");
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
+            // The server refused: retrying will not help.
+            Err(e) => return Err(RunError::Attest(e)),
         }
     }
 }
@@ -211,12 +218,18 @@ async fn serve_health(addr: std::net::SocketAddr, m: Arc<Manager>) -> Result<(),
 async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Manager>) -> Result<(), RunError> {
     continuity_common::http::serve(addr, move |path| {
         let snap = m.snapshot();
-        let body = format!(
-            "# TYPE continuity_agent_cached_svids gauge\ncontinuity_agent_cached_svids {}\n# TYPE continuity_agent_server_connected gauge\ncontinuity_agent_server_connected {}\n# TYPE continuity_agent_bundle_sequence gauge\ncontinuity_agent_bundle_sequence {}\n",
+        let mut body = format!(
+            "# TYPE continuity_agent_cached_svids gauge\ncontinuity_agent_cached_svids {}\n# TYPE continuity_agent_server_connected gauge\ncontinuity_agent_server_connected {}\n# TYPE continuity_agent_bundle_sequence gauge\ncontinuity_agent_bundle_sequence {}\n# TYPE continuity_agent_server_switches_total counter\ncontinuity_agent_server_switches_total {}\n",
             snap.identities.len(),
             m.connected() as u8,
-            snap.bundle.sequence
+            snap.bundle.sequence,
+            m.server_switches(),
         );
+        if let Some(server) = m.server() {
+            body.push_str(&format!(
+                "# TYPE continuity_agent_server gauge\ncontinuity_agent_server{{address=\"{server}\"}} 1\n"
+            ));
+        }
         async move {
             match path.as_str() {
                 "/metrics" => (200, "text/plain; version=0.0.4", body),
@@ -234,7 +247,7 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
     let storage = Storage::open(&cfg.data_dir)?;
     let client = Arc::new(
         ServerClient::new(
-            cfg.server_address.clone(),
+            cfg.server_addresses.clone(),
             &cfg.trust_domain,
             TrustRoots::default(),
         )

@@ -46,6 +46,18 @@ impl TestAgent {
 
     /// Writes agent.toml without starting the agent.
     pub fn configure(dir: &Path, server: &TestServer, token: &str, extra: &str) -> Self {
+        Self::configure_servers(dir, server, &format!("\"{}\"", server.addr), token, extra)
+    }
+
+    /// Like [`TestAgent::configure`] with `server_address` set to `server_address` (a TOML
+    /// value: a string or an array); the trust bundle comes from `server`.
+    pub fn configure_servers(
+        dir: &Path,
+        server: &TestServer,
+        server_address: &str,
+        token: &str,
+        extra: &str,
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         open_up(dir);
         let bundle = dir.join("bundle.pem");
@@ -64,8 +76,7 @@ impl TestAgent {
             defaults.push_str("log_level = \"debug\"\n");
         }
         let cfg = format!(
-            "trust_domain = \"example.org\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n{trust}join_token = \"{token}\"\n{defaults}{extra}\n",
-            server.addr,
+            "trust_domain = \"example.org\"\nserver_address = {server_address}\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n{trust}join_token = \"{token}\"\n{defaults}{extra}\n",
             dir.join("data").display(),
             socket.display(),
         );

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod agent_client;
+pub mod cluster;
 pub mod floods;
 pub mod k8s_standin;
 pub mod server;
@@ -133,4 +134,24 @@ pub fn run_until_exit(mut cmd: Command, limit: Duration) -> Option<(bool, String
     };
     let err = reader.join().unwrap();
     status.map(|st| (st.success(), err))
+}
+
+/// GET `path` on a local HTTP listener (127.0.0.1:`port`): (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = String::new();
+    c.read_to_string(&mut r).unwrap();
+    let status = r.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = r
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
 }

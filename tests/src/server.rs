@@ -66,11 +66,17 @@ impl TestServer {
     /// Writes server.toml in `dir` (data in `dir/data`, admin socket in `dir/admin`) without
     /// starting the server; [`TestServer::spawn`] starts it.
     pub fn configure(dir: &Path, opts: ServerOptions) -> Self {
+        Self::configure_with_data_dir(dir, &dir.join("data"), opts)
+    }
+
+    /// Like [`TestServer::configure`] with `data_dir` elsewhere (several servers sharing one
+    /// `data_dir` share its SQLite datastore and disk key directory).
+    pub fn configure_with_data_dir(dir: &Path, data_dir: &Path, opts: ServerOptions) -> Self {
         let port = free_port();
         let socket = dir.join("admin").join("admin.sock");
         let config = format!(
             "trust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\nadmin_socket = \"{}\"\nca_ttl = \"{}\"\ndefault_x509_svid_ttl = \"{}\"\n{}{}\n",
-            dir.join("data").display(),
+            data_dir.display(),
             socket.display(),
             opts.ca_ttl,
             opts.x509_ttl,

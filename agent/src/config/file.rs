@@ -12,8 +12,8 @@ use serde::Deserialize;
 pub struct FileConfig {
     /// Trust domain.
     pub trust_domain: Option<String>,
-    /// Server host:port.
-    pub server_address: Option<String>,
+    /// Server host:port, or an array of them (checked by `config::server_address`).
+    pub server_address: Option<toml::Value>,
     /// State directory.
     pub data_dir: Option<PathBuf>,
     /// Workload API socket.

@@ -14,8 +14,10 @@ pub use self::file::{
     FileConfig, FileK8s, FileNodeAttestors, FilePsat, FileUnix, FileWorkloadApi,
     FileWorkloadAttestors,
 };
+pub use self::server_address::{DEFAULT_SERVER_ADDRESS, MAX_SERVER_ADDRESSES, ServerAddress};
 
 mod file;
+mod server_address;
 #[cfg(test)]
 mod tests;
 
@@ -219,8 +221,9 @@ pub const DEFAULT_SOCKET_PATH: &str = "/tmp/continuity-agent/public/api.sock";
 pub struct Config {
     /// Trust domain.
     pub trust_domain: TrustDomain,
-    /// Server host:port.
-    pub server_address: String,
+    /// The servers (`server_address`): one or more host:port, each DNS name standing for
+    /// every address it resolves to. At least one.
+    pub server_addresses: Vec<ServerAddress>,
     /// State directory.
     pub data_dir: PathBuf,
     /// Workload API socket.
@@ -270,7 +273,7 @@ impl Config {
                 .ok_or_else(|| invalid("trust_domain", "is required (e.g. \"example.org\")"))?,
         )
         .map_err(|e| invalid("trust_domain", e.to_string()))?;
-        let server_address = server_address(f.server_address)?;
+        let server_addresses = server_address::server_addresses(f.server_address)?;
         let bootstrap = bootstrap(f.trust_bundle_path, f.insecure_bootstrap.unwrap_or(false))?;
         let sync_interval =
             continuity_common::duration::parse(f.sync_interval.as_deref().unwrap_or("5s"))
@@ -291,7 +294,7 @@ impl Config {
         let addr = FileListener::address;
         Ok(Self {
             trust_domain,
-            server_address,
+            server_addresses,
             data_dir: f
                 .data_dir
                 .unwrap_or_else(|| "/var/lib/continuity/agent".into()),
@@ -309,22 +312,6 @@ impl Config {
             log_format: f.log_format.unwrap_or_default(),
         })
     }
-}
-
-/// `server_address` (default 127.0.0.1:8081): host:port.
-fn server_address(v: Option<String>) -> Result<String, ConfigError> {
-    let server_address = v.unwrap_or_else(|| "127.0.0.1:8081".into());
-    if server_address
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .is_none()
-    {
-        return Err(invalid(
-            "server_address",
-            format!("{server_address:?} is not host:port"),
-        ));
-    }
-    Ok(server_address)
 }
 
 /// `trust_bundle_path` or `insecure_bootstrap`: exactly one.

@@ -191,3 +191,39 @@ fn full_example_documents_every_key_and_parses() {
         );
     }
 }
+
+#[test]
+fn server_address_is_one_address_or_an_array() {
+    let base = "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n";
+    let one = parse(&format!("{base}server_address = \"s.example:8081\"\n")).unwrap();
+    assert_eq!(
+        one.server_addresses,
+        vec![ServerAddress::parse("s.example:8081").unwrap()]
+    );
+    let default = parse(base).unwrap();
+    assert_eq!(
+        default.server_addresses[0].to_string(),
+        DEFAULT_SERVER_ADDRESS
+    );
+    let many = parse(&format!(
+        "{base}server_address = [\"a.example:8081\", \"10.0.0.7:8081\", \"[fd00::1]:8081\"]\n"
+    ))
+    .unwrap();
+    let shown: Vec<String> = many
+        .server_addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(shown, ["a.example:8081", "10.0.0.7:8081", "[fd00::1]:8081"]);
+    for bad in [
+        "[]",
+        "[\"a:1\", \"\"]",
+        "[\"a:1\", true]",
+        "{ host = \"a\" }",
+    ] {
+        let e = parse(&format!("{base}server_address = {bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server_address"), "{bad}: {e}");
+    }
+}

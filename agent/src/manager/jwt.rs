@@ -108,7 +108,7 @@ impl Manager {
         match share.wait().await {
             Ok(c) => Ok(c.token),
             // Unreachable (not refused): serve the cached token while it lasts.
-            Err(JwtFetchError::Server(e)) if e.status().is_none() => {
+            Err(JwtFetchError::Server(e)) if e.is_unreachable() => {
                 cached.map(|c| c.token).ok_or(JwtFetchError::Server(e))
             }
             Err(e) => Err(e),
@@ -125,7 +125,12 @@ async fn fetch_jwt(
     now: i64,
 ) -> JwtResult {
     let agent_svid = agent_svid.ok_or(JwtFetchError::NotAttested)?;
-    let server = |e: ClientError| JwtFetchError::Server(Arc::new(e));
+    let in_use = client.server();
+    let server = |e: ClientError| {
+        // Unreachable: the next call (this one's retry, or the sync loop) tries the next server.
+        client.failed(in_use, &e);
+        JwtFetchError::Server(Arc::new(e))
+    };
     let call = async {
         let mut api = client.api(&agent_svid).await?;
         let req = NewJwtsvidRequest {

@@ -68,6 +68,11 @@ pub struct Manager {
     incarnations: Mutex<IncarnationQueue>,
     /// Whether the last contact with the server succeeded.
     connected: std::sync::atomic::AtomicBool,
+    /// Back-off of agent SVID renewals the server could not make.
+    renew_retry: Mutex<renewal::RenewalRetry>,
+    /// The state changed since it was last published (set by each step that applies a change,
+    /// cleared when published).
+    unpublished: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -106,6 +111,8 @@ impl Manager {
             jwts: Arc::new(Mutex::new(Lru::new(jwt_cache_size))),
             jwt_fetches: Fetches::default(),
             connected: std::sync::atomic::AtomicBool::new(false),
+            renew_retry: Mutex::default(),
+            unpublished: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -117,6 +124,16 @@ impl Manager {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// The server in use (None before the addresses first resolved).
+    pub fn server(&self) -> Option<std::net::SocketAddr> {
+        self.client.server()
+    }
+
+    /// How many times the agent moved to another server.
+    pub fn server_switches(&self) -> u64 {
+        self.client.server_switches()
     }
 
     /// Whether the last sync reached the server.

@@ -14,7 +14,70 @@ use crate::svid::{issued_by_bundle, new_key_and_csr, svid_from_proto};
 /// Most CSRs sent in one batch (the server's limit).
 pub const MAX_BATCH: usize = 500;
 
+/// Back-off of agent SVID renewals the server answered but could not make (its datastore is
+/// unavailable, say): the first retry after about a second, doubling to this.
+pub const MAX_RENEWAL_BACKOFF_SECS: i64 = 60;
+
+/// When a failed agent SVID renewal may be tried again.
+#[derive(Debug, Default)]
+pub(super) struct RenewalRetry {
+    /// Unix seconds; 0: no failure pending.
+    at: i64,
+    /// Failures in a row.
+    failures: u32,
+}
+
 impl Manager {
+    /// When the agent SVID is next to be renewed: its rotation time, or later while a failed
+    /// renewal backs off.
+    pub(super) fn agent_renewal_at(&self) -> Option<i64> {
+        let retry = self.renew_retry().at;
+        self.state()
+            .agent_svid
+            .as_ref()
+            .map(|s| s.rotate_at.max(retry))
+    }
+
+    /// Renews the agent SVID if it is due; the new one, or None (not due, or backing off). A
+    /// renewal the server answered but refused (its datastore is unavailable: `Unavailable`
+    /// naming the reason) does not fail the round: the current SVID is still good for the
+    /// rest of it (workload SVIDs need no datastore write), and the renewal is retried after a
+    /// jittered back-off. An unreachable server fails the round.
+    pub(super) async fn renew_agent_if_due(
+        &self,
+        api: &mut AgentApi,
+        current: &Svid,
+        now: i64,
+    ) -> Result<Option<Svid>, ClientError> {
+        if now < current.rotate_at || now < self.renew_retry().at {
+            return Ok(None);
+        }
+        match self.renew_agent(api).await {
+            Ok(svid) => {
+                *self.renew_retry() = RenewalRetry::default();
+                Ok(Some(svid))
+            }
+            Err(e) if e.is_answer() => {
+                let mut r = self.renew_retry();
+                r.failures = r.failures.saturating_add(1);
+                let base = 1i64
+                    .checked_shl(r.failures - 1)
+                    .unwrap_or(i64::MAX)
+                    .min(MAX_RENEWAL_BACKOFF_SECS);
+                let wait = (base as f64 * (0.75 + 0.5 * continuity_common::rand::jitter_fraction()))
+                    .ceil() as i64;
+                r.at = now.saturating_add(wait.max(1));
+                tracing::warn!(error = %e, retry_in_s = wait, expires_at = current.expires_at, "agent SVID renewal failed; keeping the current one");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn renew_retry(&self) -> std::sync::MutexGuard<'_, RenewalRetry> {
+        self.renew_retry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Renews the agent SVID, persists it, and returns it.
     pub(super) async fn renew_agent(&self, api: &mut AgentApi) -> Result<Svid, ClientError> {
         let (key, csr) = tokio::task::spawn_blocking(new_key_and_csr)
@@ -41,7 +104,7 @@ impl Manager {
             }
         }
         *self.agent_svid.write().unwrap_or_else(|e| e.into_inner()) = Some(svid.clone());
-        tracing::info!("agent SVID renewed");
+        tracing::info!(server = ?self.client.server(), "agent SVID renewed");
         Ok(svid)
     }
 
@@ -62,15 +125,15 @@ impl Manager {
             .collect()
     }
 
-    /// Signs new SVIDs for the entries that are due; true if any arrived.
+    /// Signs new SVIDs for the entries that are due, noting each batch that brought some
+    /// (see [`Manager::note`]).
     pub(super) async fn refresh_svids(
         &self,
         api: &mut AgentApi,
         now: i64,
         bundle_changed: bool,
-    ) -> Result<bool, ClientError> {
+    ) -> Result<(), ClientError> {
         let due = self.due_svids(now, bundle_changed);
-        let mut changed = false;
         for chunk in due.chunks(MAX_BATCH) {
             let ids = chunk.to_vec();
             let keys = tokio::task::spawn_blocking(move || {
@@ -93,9 +156,9 @@ impl Manager {
                 .await?
                 .into_inner();
             let keys = keys.into_iter().map(|(id, k, _)| (id, k)).collect();
-            changed |= self.apply_svids(resp.results, keys);
+            self.note(self.apply_svids(resp.results, keys));
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// Stores the SVIDs the server signed (for entries still held); true if any was stored.

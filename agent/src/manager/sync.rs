@@ -1,5 +1,6 @@
 //! The sync loop: wakes at the sync interval (with jitter) or when an SVID is due, runs one
-//! round with the server, and backs off exponentially while the server is unreachable.
+//! round with the server, and backs off exponentially (jittered) while the server is
+//! unreachable, moving to the next configured server after each such failure.
 
 use std::time::Duration;
 
@@ -8,6 +9,13 @@ use continuity_proto::agent::{FetchBundleRequest, SyncAuthorizedEntriesRequest};
 use super::{AgentApi, Manager};
 use crate::client::ClientError;
 use crate::state::Entry;
+
+/// Longest one sync round may take before the server in use counts as unreachable (a
+/// server that accepts calls and never answers them must not hold the agent forever).
+pub const ROUND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest wait between two attempts while the servers are unreachable.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A random fraction in [0, 1) (spreads syncs and retries; not a secret).
 fn jitter() -> f64 {
@@ -19,7 +27,11 @@ impl Manager {
     pub async fn run(self: std::sync::Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
         loop {
-            let wait = match self.sync_once().await {
+            let server = self.client.server();
+            let round = tokio::time::timeout(ROUND_TIMEOUT, self.sync_once()).await;
+            // The first round resolves the addresses: the server it used is known after it.
+            let server = server.or_else(|| self.client.server());
+            let wait = match round.unwrap_or(Err(ClientError::Timeout(ROUND_TIMEOUT))) {
                 Ok(()) => {
                     self.connected
                         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -29,13 +41,20 @@ impl Manager {
                 Err(e) => {
                     self.connected
                         .store(false, std::sync::atomic::Ordering::Relaxed);
-                    if e.status().is_none() {
+                    // What the round applied before it failed is served and kept.
+                    self.publish_pending();
+                    // Unreachable: the next server. Otherwise a local failure (a reply that
+                    // did not parse, data_dir not writable) gets a fresh connection.
+                    if !self.client.failed(server, &e) && e.status().is_none() {
                         self.client.reset();
                     }
-                    tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving from cache");
+                    // The back-off alone, even when moving on and even past the sync interval
+                    // or an SVID's rotation time: a fleet that lost its server must not land on
+                    // the next one all at once, nor retry in a loop while an SVID is due.
                     let wait = backoff.mul_f64(0.75 + 0.5 * jitter());
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    wait.min(self.next_wake())
+                    tracing::warn!(error = %e, server = ?server, retry_in = ?wait, "sync with the server failed; serving from cache");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    wait
                 }
             };
             tokio::time::sleep(wait).await;
@@ -50,21 +69,19 @@ impl Manager {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let interval = self.sync_interval.mul_f64(0.9 + 0.2 * jitter());
+        let renew_at = self.agent_renewal_at();
         let next_rotation = {
             let st = self.state();
-            st.svids
-                .values()
-                .chain(st.agent_svid.iter())
-                .map(|s| s.rotate_at)
-                .min()
+            st.svids.values().map(|s| s.rotate_at).chain(renew_at).min()
         };
         match next_rotation {
             Some(at) => {
-                // `at` may come from the state file: saturate, never overflow.
-                let until = Duration::from_millis(
-                    at.saturating_mul(1000).saturating_sub(now_ms).max(50) as u64,
-                );
-                interval.min(until)
+                // `at` may come from the state file: saturate, never overflow. One already
+                // past was not rotated by the last round (the server did not sign it): no
+                // sooner than a second, never a loop.
+                let until = at.saturating_mul(1000).saturating_sub(now_ms);
+                let until = if until <= 0 { 1000 } else { until.max(50) };
+                interval.min(Duration::from_millis(until as u64))
             }
             None => interval,
         }
@@ -82,25 +99,43 @@ impl Manager {
             .ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
         let mut api = self.client.api(&agent_svid).await?;
         let now = self.clock.unix();
-        let current = if now >= agent_svid.rotate_at {
-            let svid = self.renew_agent(&mut api).await?;
-            api = self.client.api(&svid).await?;
-            svid
-        } else {
-            agent_svid
+        let current = match self.renew_agent_if_due(&mut api, &agent_svid, now).await? {
+            Some(svid) => {
+                api = self.client.api(&svid).await?;
+                svid
+            }
+            None => agent_svid,
         };
-        let mut changed = self.sync_bundle(&mut api).await?;
-        changed |= self.sync_entries(&mut api).await?;
-        let bundle_changed = changed;
-        changed |= self.refresh_svids(&mut api, now, bundle_changed).await?;
+        // Each step's change is noted as soon as it is applied (no await in between), so a
+        // round cut short (an error, the round timeout) still publishes what it applied.
+        let bundle_changed = self.note(self.sync_bundle(&mut api).await?);
+        let bundle_changed = self.note(self.sync_entries(&mut api).await?) || bundle_changed;
+        self.refresh_svids(&mut api, now, bundle_changed).await?;
         // Engine JWKS and incarnation reports: a failure here must not lose the SVIDs above.
-        changed |= self.sync_engines(&current).await;
+        self.note(self.sync_engines(&current).await);
+        self.publish_pending();
+        Ok(())
+    }
+
+    /// Records that the state changed since it was last published; returns `changed`.
+    pub(super) fn note(&self, changed: bool) -> bool {
         if changed {
+            self.unpublished
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        changed
+    }
+
+    /// Publishes and saves the state if it changed since it was last published.
+    fn publish_pending(&self) {
+        if self
+            .unpublished
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
             let st = self.state();
             self.publish(&st);
             self.save(&st);
         }
-        Ok(())
     }
 
     /// Fetches the bundle; true if it changed.
