@@ -53,6 +53,8 @@ mod entries;
 mod integrity;
 mod migrations;
 #[cfg(test)]
+pub(crate) mod scratch;
+#[cfg(test)]
 mod tests;
 
 /// SQL datastore (SQLite or PostgreSQL, chosen by the URL).
