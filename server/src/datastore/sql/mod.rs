@@ -55,6 +55,8 @@ mod migrations;
 #[cfg(test)]
 pub(crate) mod scratch;
 #[cfg(test)]
+mod engines_tests;
+#[cfg(test)]
 mod tests;
 
 /// SQL datastore (SQLite or PostgreSQL, chosen by the URL).
