@@ -7,7 +7,7 @@ use continuity_common::ManualClock;
 use async_trait::async_trait;
 
 use super::*;
-use crate::datastore::{AuditHead, AuditLinker, DataStore, JoinToken};
+use crate::datastore::{AuditHead, AuditLinker, Backend, DataStore, JoinToken, Scratch, on_both_backends};
 use crate::keys::{KeyManager, MemoryKeyManager, SoftwareMac};
 
 fn mac() -> Arc<dyn MacKey> {
@@ -30,15 +30,29 @@ async fn intact(audit: &Audit, records: i64) {
     );
 }
 
-#[tokio::test]
-async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues() {
-    let (dir, url, store) = crate::datastore::scratch_sqlite("audit").await;
-    let store: Arc<dyn DataStore> = Arc::new(store);
-    let raw = sqlx::AnyPool::connect(&url).await.unwrap();
-    sqlx::query("CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN NEW.action = 'token.generate' BEGIN SELECT RAISE(ABORT, 'refused'); END")
-        .execute(&raw)
-        .await
-        .unwrap();
+/// A trigger that makes the datastore refuse audit records of `action`.
+async fn refuse_audit_of(s: &Scratch, action: &str) {
+    let raw = s.raw().await;
+    let statements = match s.backend {
+        Backend::Sqlite => vec![format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_log WHEN NEW.action = '{action}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )],
+        Backend::Postgres => vec![
+            format!(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.action = '{action}' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$"
+            ),
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION refuse()".into(),
+        ],
+    };
+    for sql in statements {
+        sqlx::query(&sql).execute(&raw).await.unwrap();
+    }
+}
+
+on_both_backends! {
+async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues(s) {
+    refuse_audit_of(&s, "token.generate").await;
+    let store: Arc<dyn DataStore> = Arc::new(s.store.clone());
     let audit = Audit::load(store.clone(), clock(), mac(), None)
         .await
         .unwrap();
@@ -64,7 +78,7 @@ async fn a_failed_admin_commit_leaves_no_trace_and_the_chain_continues() {
     );
     audit.record("a", "key.sign", "e/k", 1, "ok").await.unwrap();
     intact(&audit, 2).await;
-    let _ = std::fs::remove_dir_all(dir);
+}
 }
 
 /// A store that counts key-use transactions, holds each one open for a while (so callers
@@ -113,10 +127,9 @@ impl AuditStore for Counting {
     }
 }
 
-async fn counting() -> (std::path::PathBuf, Arc<Counting>, Arc<Audit>) {
-    let (dir, _url, store) = crate::datastore::scratch_sqlite("audit-group").await;
+async fn counting(s: &Scratch) -> (Arc<Counting>, Arc<Audit>) {
     let backend = Arc::new(Counting {
-        inner: Arc::new(store),
+        inner: Arc::new(s.store.clone()),
         batches: 0.into(),
         fail_next: false.into(),
         fail_after_commit: false.into(),
@@ -124,13 +137,13 @@ async fn counting() -> (std::path::PathBuf, Arc<Counting>, Arc<Audit>) {
     let audit = Audit::load(backend.clone(), clock(), mac(), None)
         .await
         .unwrap();
-    (dir, backend, audit)
+    (backend, audit)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_key_uses_share_transactions_and_are_durable_before_they_return() {
+on_both_backends! {
+async fn concurrent_key_uses_share_transactions_and_are_durable_before_they_return(s) {
     const N: usize = 32;
-    let (dir, backend, audit) = counting().await;
+    let (backend, audit) = counting(&s).await;
     let start = Arc::new(tokio::sync::Barrier::new(N));
     let mut tasks = Vec::new();
     for i in 0..N {
@@ -156,12 +169,12 @@ async fn concurrent_key_uses_share_transactions_and_are_durable_before_they_retu
     let batches = backend.batches.load(std::sync::atomic::Ordering::SeqCst);
     assert!(batches < N, "{N} records took {batches} transactions");
     intact(&audit, N as i64).await;
-    let _ = std::fs::remove_dir_all(dir);
+}
 }
 
-#[tokio::test]
-async fn a_failed_key_use_batch_leaves_no_trace_and_the_chain_continues() {
-    let (dir, backend, audit) = counting().await;
+on_both_backends! {
+async fn a_failed_key_use_batch_leaves_no_trace_and_the_chain_continues(s) {
+    let (backend, audit) = counting(&s).await;
     backend
         .fail_next
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -181,15 +194,15 @@ async fn a_failed_key_use_batch_leaves_no_trace_and_the_chain_continues() {
         "a record whose caller was told it failed was written later"
     );
     intact(&audit, 1).await;
-    let _ = std::fs::remove_dir_all(dir);
+}
 }
 
+on_both_backends! {
 /// The old bug: a commit that went through but reported failure left the head in memory
 /// behind the datastore, so every later append reused its sequence number and failed (a
 /// primary-key conflict) until the server restarted. The head is read in each transaction now.
-#[tokio::test]
-async fn after_an_ambiguous_failed_commit_later_appends_take_the_next_sequence_number() {
-    let (dir, backend, audit) = counting().await;
+async fn after_an_ambiguous_failed_commit_later_appends_take_the_next_sequence_number(s) {
+    let (backend, audit) = counting(&s).await;
     audit
         .record("a", "key.sign", "e/first", 1, "ok")
         .await
@@ -226,18 +239,15 @@ async fn after_an_ambiguous_failed_commit_later_appends_take_the_next_sequence_n
         ]
     );
     intact(&audit, 6).await;
-    let _ = std::fs::remove_dir_all(dir);
+}
 }
 
-/// Two servers sharing one datastore (issue 13): each opens its own log on the same file,
-/// and their appends interleave on one chain without a sequence number used twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_logs_on_one_datastore_share_one_chain() {
-    let (dir, url, first) = crate::datastore::scratch_sqlite("audit-shared").await;
-    let second = crate::datastore::SqlDataStore::connect(&url, crate::datastore::test_sealer())
-        .await
-        .unwrap();
-    let a = Audit::load(Arc::new(first), clock(), mac(), None)
+on_both_backends! {
+/// Two servers sharing one datastore (issue 13): each opens its own log on the same
+/// datastore, and their appends interleave on one chain without a sequence number used twice.
+async fn two_logs_on_one_datastore_share_one_chain(s) {
+    let second = s.open_again().await;
+    let a = Audit::load(Arc::new(s.store.clone()), clock(), mac(), None)
         .await
         .unwrap();
     let b = Audit::load(Arc::new(second), clock(), mac(), None)
@@ -261,7 +271,7 @@ async fn two_logs_on_one_datastore_share_one_chain() {
     );
     intact(&a, 20).await;
     intact(&b, 20).await;
-    let _ = std::fs::remove_dir_all(dir);
+}
 }
 
 /// Writes `n` records chained the old way (plain SHA-256) and sets the head, as a server
@@ -296,11 +306,11 @@ async fn plain_log(url: &str, n: i64) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn a_plain_chain_is_verified_and_anchored_once_and_stays_protected() {
-    let (dir, url, store) = crate::datastore::scratch_sqlite("audit-upgrade").await;
+on_both_backends! {
+async fn a_plain_chain_is_verified_and_anchored_once_and_stays_protected(s) {
+    let url = s.url.clone();
     plain_log(&url, 3).await;
-    let store: Arc<dyn DataStore> = Arc::new(store);
+    let store: Arc<dyn DataStore> = Arc::new(s.store.clone());
     let audit = Audit::load(store.clone(), clock(), mac(), None)
         .await
         .unwrap();
@@ -341,13 +351,13 @@ async fn a_plain_chain_is_verified_and_anchored_once_and_stays_protected() {
     assert_eq!(v.findings.len(), 1, "{v:?}");
     assert_eq!(v.findings[0].seq, 4);
     assert_eq!(v.findings[0].kind, FindingKind::Reordered, "{v:?}");
-    let _ = std::fs::remove_dir_all(dir);
+}
 }
 
-#[tokio::test]
-async fn a_log_rewritten_as_plain_sha256_is_not_anchored_when_checkpoints_exist() {
-    let (dir, url, store) = crate::datastore::scratch_sqlite("audit-rewritten").await;
-    let store: Arc<dyn DataStore> = Arc::new(store);
+on_both_backends! {
+async fn a_log_rewritten_as_plain_sha256_is_not_anchored_when_checkpoints_exist(s) {
+    let (dir, url) = (s.dir().to_path_buf(), s.url.clone());
+    let store: Arc<dyn DataStore> = Arc::new(s.store.clone());
     let keys = MemoryKeyManager::default();
     let cps = || async { Checkpoints::open(&dir.join("data"), &keys).await.unwrap() };
     let audit = Audit::load(store.clone(), clock(), mac(), Some(cps().await))
@@ -382,5 +392,5 @@ async fn a_log_rewritten_as_plain_sha256_is_not_anchored_when_checkpoints_exist(
         "the checkpoint of record 1 names the rewrite: {v:?}"
     );
     let _ = keys.delete(CHECKPOINT_KEY).await;
-    let _ = std::fs::remove_dir_all(dir);
+}
 }

@@ -1,7 +1,7 @@
 //! The backup file format: round trips, and every kind of damage refused with its reason.
 
 use super::*;
-use crate::datastore::{EngineStore, scratch_sqlite};
+use crate::datastore::{EngineStore, Scratch, on_both_backends};
 use crate::model::engine::Incarnation;
 
 fn sample() -> Backup {
@@ -112,10 +112,10 @@ fn truncation_edits_and_resealed_edits_are_refused() {
     assert!(err(decode(forged.as_bytes(), Some(b"pw"))).contains("passphrase is wrong"));
 }
 
-#[tokio::test]
-async fn a_datastore_dump_loads_into_another_unchanged() {
-    let (dir1, _, one) = scratch_sqlite("backup-one").await;
-    let (dir2, _, two) = scratch_sqlite("backup-two").await;
+on_both_backends! {
+async fn a_datastore_dump_loads_into_another_unchanged(s) {
+    let other = Scratch::new(s.backend, "backup-two").await;
+    let (one, two) = (&s.store, &other.store);
     one.upsert_incarnation(&Incarnation {
         engine: "orders".into(),
         entry_id: "e1".into(),
@@ -149,6 +149,5 @@ async fn a_datastore_dump_loads_into_another_unchanged() {
     }
     let e = two.load(&bad).await.unwrap_err().to_string();
     assert!(e.contains("nope"), "{e}");
-    let _ = std::fs::remove_dir_all(dir1);
-    let _ = std::fs::remove_dir_all(dir2);
+}
 }

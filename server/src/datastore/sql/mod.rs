@@ -57,6 +57,8 @@ pub(crate) mod scratch;
 #[cfg(test)]
 mod engines_tests;
 #[cfg(test)]
+mod integrity_tests;
+#[cfg(test)]
 mod tests;
 
 /// SQL datastore (SQLite or PostgreSQL, chosen by the URL).

@@ -43,6 +43,8 @@ impl Scratch {
                     .await
                     .unwrap_or_else(|e| panic!("scratch datastore {url}: {e}"));
                 let dir = tempfile_dir(what);
+                std::fs::create_dir_all(&dir)
+                    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
                 (dir, url, store)
             }
         };
@@ -69,7 +71,7 @@ impl Scratch {
             .unwrap_or_else(|e| panic!("raw pool on {}: {e}", self.url))
     }
 
-    /// The test's private directory (created on first use by the caller).
+    /// The test's private directory.
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
