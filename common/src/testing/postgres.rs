@@ -96,6 +96,22 @@ impl Cluster {
         }
     }
 
+    /// Runs `sql` with `psql` on the database at `url` (one of this cluster's); returns its
+    /// unaligned, tuples-only output.
+    ///
+    /// # Panics
+    /// If `psql` fails (the message carries its error).
+    pub fn psql(&self, url: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Ok(o) => panic!("psql {sql:?}: {}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => panic!("psql: {e}"),
+        }
+    }
+
     fn start() -> Result<Self, String> {
         let bin = find_bin()?;
         let owner = if rustix::process::geteuid().is_root() {
@@ -291,8 +307,7 @@ fn free_port() -> Result<u16, String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    /// Two databases on one cluster: distinct names, same port, both reachable by `psql`'s
-    /// sibling `createdb` having succeeded (the URL names each).
+    /// Two databases on one cluster: distinct names, same port, each its own namespace.
     #[test]
     fn databases_are_fresh_and_on_one_cluster() {
         let a = super::database();
@@ -306,5 +321,10 @@ mod tests {
             );
         }
         assert!(super::cluster().dir().join("data/postmaster.pid").exists());
+        let c = super::cluster();
+        c.psql(&a, "CREATE TABLE t (x BIGINT)");
+        c.psql(&a, "INSERT INTO t VALUES (7)");
+        assert_eq!(c.psql(&a, "SELECT x FROM t").trim(), "7");
+        assert_eq!(c.psql(&b, "SELECT count(*) FROM pg_tables WHERE tablename = 't'").trim(), "0");
     }
 }
