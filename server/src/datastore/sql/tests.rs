@@ -368,3 +368,37 @@ on_both_backends! {
         );
     }
 }
+
+on_both_backends! {
+    /// Several servers starting at once on one new datastore (an HA deployment's first
+    /// start): every one migrates or waits for the one migrating, none fails, and the schema
+    /// is applied once.
+    async fn servers_starting_together_migrate_once(s) {
+        let fresh = match s.backend {
+            crate::datastore::Backend::Sqlite => {
+                format!("sqlite://{}?mode=rwc", s.dir().join("together.sqlite3").display())
+            }
+            crate::datastore::Backend::Postgres => continuity_common::testing::postgres::database(),
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let url = fresh.clone();
+            tasks.push(tokio::spawn(async move {
+                SqlDataStore::connect(&url, test_sealer()).await.map(|_| ())
+            }));
+        }
+        for t in tasks {
+            if let Err(e) = t.await.unwrap() {
+                panic!("a server starting alongside others failed: {e}");
+            }
+        }
+        let store = SqlDataStore::connect(&fresh, test_sealer()).await.unwrap();
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM schema_migrations")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(applied, store.schema_version().await.unwrap());
+        assert_eq!(store.audit_head().await.unwrap().seq, 0);
+        assert_eq!(store.bundle_sequence().await.unwrap(), 0);
+    }
+}
