@@ -160,3 +160,52 @@ fn a_missing_database_is_refused_at_start_naming_it() {
     assert!(!ok);
     assert!(err.contains("no_such_database"), "{err}");
 }
+
+/// `sslmode=verify-full` with `sslrootcert`: the server's connections to PostgreSQL are TLS
+/// (as PostgreSQL itself reports), and a cluster whose certificate the root does not sign is
+/// refused at start-up.
+#[test]
+fn tls_to_postgresql_is_used_and_verified() {
+    let cluster = postgres::cluster();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap();
+    cluster.enable_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem());
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, cert.cert.pem()).unwrap();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        postgres::database(),
+        root.display()
+    );
+    let db = url.split('?').next().unwrap().rsplit('/').next().unwrap().to_string();
+    let s = TestServer::start(&dir.path().join("server"), options(&url));
+    s.token(None);
+    let tls = cluster.psql(
+        &cluster.url("postgres"),
+        &format!(
+            "SELECT s.ssl, count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = '{db}' GROUP BY s.ssl"
+        ),
+    );
+    let lines: Vec<&str> = tls.lines().collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("t|"),
+        "every connection of the server is TLS (ssl|count): {tls}"
+    );
+    drop(s);
+
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(&wrong, other.cert.pem()).unwrap();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        postgres::database(),
+        wrong.display()
+    );
+    let s = TestServer::configure(&dir.path().join("refused"), options(&url));
+    let (ok, err) = s
+        .run_until_exit(Duration::from_secs(30))
+        .expect("the server kept running against an unverified PostgreSQL");
+    assert!(!ok);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}

@@ -112,6 +112,45 @@ impl Cluster {
         }
     }
 
+    /// Turns TLS on (certificate and key in PEM), for connections that ask for it
+    /// (`sslmode=require` or stricter); returns once the cluster accepts them.
+    ///
+    /// # Panics
+    /// If the files cannot be written or the cluster does not start serving TLS.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert, key) = (self.base.join("server.crt"), self.base.join("server.key"));
+        let owner = rustix::process::geteuid().is_root().then(ensure_user);
+        for (path, pem) in [(&cert, cert_pem), (&key, key_pem)] {
+            std::fs::write(path, pem).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if let Some(Ok((uid, gid))) = &owner {
+                std::os::unix::fs::chown(path, Some(*uid), Some(*gid))
+                    .unwrap_or_else(|e| panic!("chown {} to {USER}: {e}", path.display()));
+            }
+        }
+        let admin = self.url("postgres");
+        self.psql(&admin, &format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()));
+        self.psql(&admin, &format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()));
+        self.psql(&admin, "ALTER SYSTEM SET ssl = on");
+        self.psql(&admin, "SELECT pg_reload_conf()");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let tls = format!("{admin}?sslmode=require");
+        while !Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-d", &tls, "-c", "SELECT 1"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the test cluster did not start serving TLS; log:\n{}",
+                std::fs::read_to_string(self.base.join("postgres.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn start() -> Result<Self, String> {
         let bin = find_bin()?;
         let owner = if rustix::process::geteuid().is_root() {
