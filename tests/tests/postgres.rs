@@ -68,8 +68,15 @@ async fn a_server_on_postgresql_attests_serves_restarts_verifies_and_backs_up() 
     assert_eq!(ids, ["spiffe://example.org/pg/workload"]);
     let svid = fetch_x509(&agent).await.unwrap().svids.remove(0);
     let bundle = s.bundle_der();
-    assert_eq!(svid.bundle, bundle.concat(), "the SVID carries the server's bundle");
-    let rows = cluster.psql(&url, &format!("SELECT spiffe_id FROM entries WHERE id = '{entry_id}'"));
+    assert_eq!(
+        svid.bundle,
+        bundle.concat(),
+        "the SVID carries the server's bundle"
+    );
+    let rows = cluster.psql(
+        &url,
+        &format!("SELECT spiffe_id FROM entries WHERE id = '{entry_id}'"),
+    );
     assert_eq!(rows.trim(), "spiffe://example.org/pg/workload");
     let agents = cluster.psql(&url, "SELECT count(*) FROM agents WHERE banned = 0");
     assert_eq!(agents.trim(), "1");
@@ -78,7 +85,11 @@ async fn a_server_on_postgresql_attests_serves_restarts_verifies_and_backs_up() 
     let bundle_pem = s.cli_ok(&["bundle", "show"]);
     let agent_list = s.cli_ok(&["agent", "list", "--output", "json"]);
     s.restart();
-    assert_eq!(s.cli_ok(&["bundle", "show"]), bundle_pem, "same bundle after a restart");
+    assert_eq!(
+        s.cli_ok(&["bundle", "show"]),
+        bundle_pem,
+        "same bundle after a restart"
+    );
     assert_eq!(s.cli_ok(&["entry", "show", "--output", "json"]), entries);
     assert_eq!(s.cli_ok(&["agent", "list", "--output", "json"]), agent_list);
     // The restarted server still serves the agent: a new entry reaches the workload.
@@ -101,7 +112,12 @@ async fn a_server_on_postgresql_attests_serves_restarts_verifies_and_backs_up() 
         String::from_utf8_lossy(&audit.stderr)
     );
     assert!(
-        cluster.psql(&url, "SELECT count(*) FROM audit_log").trim().parse::<u32>().unwrap() >= 3,
+        cluster
+            .psql(&url, "SELECT count(*) FROM audit_log")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+            >= 3,
         "admin actions are audited in PostgreSQL"
     );
 
@@ -118,7 +134,10 @@ async fn a_server_on_postgresql_attests_serves_restarts_verifies_and_backs_up() 
         pass.to_str().unwrap(),
     ]);
     let text = std::fs::read_to_string(&file).unwrap();
-    assert!(text.contains("spiffe://example.org/pg/workload"), "the entries are in the backup");
+    assert!(
+        text.contains("spiffe://example.org/pg/workload"),
+        "the entries are in the backup"
+    );
     s.stop();
     let target = postgres::database();
     let restored = TestServer::configure(&dir.path().join("restored"), options(&target));
@@ -167,8 +186,8 @@ fn a_missing_database_is_refused_at_start_naming_it() {
 #[test]
 fn tls_to_postgresql_is_used_and_verified() {
     let cluster = postgres::cluster();
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
     cluster.enable_tls(&cert.cert.pem(), &cert.signing_key.serialize_pem());
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root.pem");
@@ -178,7 +197,14 @@ fn tls_to_postgresql_is_used_and_verified() {
         postgres::database(),
         root.display()
     );
-    let db = url.split('?').next().unwrap().rsplit('/').next().unwrap().to_string();
+    let db = url
+        .split('?')
+        .next()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
     let s = TestServer::start(&dir.path().join("server"), options(&url));
     s.token(None);
     let tls = cluster.psql(

@@ -103,7 +103,18 @@ impl Cluster {
     /// If `psql` fails (the message carries its error).
     pub fn psql(&self, url: &str, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ])
             .output();
         match out {
             Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -131,8 +142,14 @@ impl Cluster {
             }
         }
         let admin = self.url("postgres");
-        self.psql(&admin, &format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()));
-        self.psql(&admin, &format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()));
+        self.psql(
+            &admin,
+            &format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()),
+        );
+        self.psql(
+            &admin,
+            &format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
+        );
         self.psql(&admin, "ALTER SYSTEM SET ssl = on");
         self.psql(&admin, "SELECT pg_reload_conf()");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -322,10 +339,7 @@ fn start_server(bin: &Path, base: &Path, root: bool) -> Result<u16, String> {
         match started {
             Ok(_) => return Ok(port),
             Err(e) => {
-                last = format!(
-                    "{e}\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                last = format!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
                 if !last.contains("could not bind") && !last.contains("already in use") {
                     break;
                 }
@@ -364,6 +378,10 @@ mod tests {
         c.psql(&a, "CREATE TABLE t (x BIGINT)");
         c.psql(&a, "INSERT INTO t VALUES (7)");
         assert_eq!(c.psql(&a, "SELECT x FROM t").trim(), "7");
-        assert_eq!(c.psql(&b, "SELECT count(*) FROM pg_tables WHERE tablename = 't'").trim(), "0");
+        assert_eq!(
+            c.psql(&b, "SELECT count(*) FROM pg_tables WHERE tablename = 't'")
+                .trim(),
+            "0"
+        );
     }
 }

@@ -76,7 +76,12 @@ fn check_postgres(u: &str) -> Result<(), ConfigError> {
     }
     u.parse::<sqlx::postgres::PgConnectOptions>()
         .map(|_| ())
-        .map_err(|e| invalid(KEY, format!("is not a PostgreSQL URL this server can use: {e}")))
+        .map_err(|e| {
+            invalid(
+                KEY,
+                format!("is not a PostgreSQL URL this server can use: {e}"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -114,7 +119,10 @@ mod tests {
     fn bad_urls_name_the_key_and_never_the_password() {
         for (u, want) in [
             ("postgres://u:hunter2@db/c?sslmod=verify-full", "\"sslmod\""),
-            ("postgres://u:hunter2@db/c?connect_timeout=5", "\"connect_timeout\""),
+            (
+                "postgres://u:hunter2@db/c?connect_timeout=5",
+                "\"connect_timeout\"",
+            ),
             ("postgres://u:hunter2@db/c?sslmode=always", "ssl_mode"),
             ("postgres://u:hunter2@db:notaport/c", "PostgreSQL URL"),
             ("mysql://u:hunter2@db/c", "neither"),

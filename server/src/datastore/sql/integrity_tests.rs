@@ -102,7 +102,9 @@ async fn populate(s: &SqlDataStore) {
     let mut e = entry("e1", "spiffe://example.org/p");
     e.engine = Some("orders".into());
     s.create_entry(e).await.unwrap();
-    s.create_entry(entry("e2", "spiffe://example.org/p")).await.unwrap();
+    s.create_entry(entry("e2", "spiffe://example.org/p"))
+        .await
+        .unwrap();
     s.delete_entry("e2").await.unwrap();
     s.create_join_token(JoinToken {
         token_hash: "h".into(),
@@ -155,7 +157,9 @@ async fn populate(s: &SqlDataStore) {
     })
     .await
     .unwrap();
-    s.upsert_incarnation(&incarnation("w1", 1, 2)).await.unwrap();
+    s.upsert_incarnation(&incarnation("w1", 1, 2))
+        .await
+        .unwrap();
 }
 
 on_both_backends! {
@@ -217,11 +221,17 @@ async fn a_dump_moves_between_sqlite_and_postgres() {
     let lite = Scratch::new(Backend::Sqlite, "cross-lite").await;
     populate(&lite.store).await;
     let pg = Scratch::new(Backend::Postgres, "cross-pg").await;
-    pg.store.load(&lite.store.dump().await.unwrap()).await.unwrap();
+    pg.store
+        .load(&lite.store.dump().await.unwrap())
+        .await
+        .unwrap();
     assert_eq!(content(&pg.store).await, content(&lite.store).await);
     assert!(pg.store.verify_integrity().await.unwrap().bad.is_empty());
     let back = Scratch::new(Backend::Sqlite, "cross-back").await;
-    back.store.load(&pg.store.dump().await.unwrap()).await.unwrap();
+    back.store
+        .load(&pg.store.dump().await.unwrap())
+        .await
+        .unwrap();
     assert_eq!(content(&back.store).await, content(&lite.store).await);
     assert!(back.store.verify_integrity().await.unwrap().bad.is_empty());
 }

@@ -142,11 +142,13 @@ impl SqlDataStore {
             let mut tx = sqlx::Connection::begin(&mut *c).await.map_err(wrap)?;
             if self.sqlite {
                 // A write first: the transaction holds SQLite's write lock before it checks.
-                sqlx::query("UPDATE schema_migrations SET applied_at = applied_at WHERE version = $1")
-                    .bind(*version)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(wrap)?;
+                sqlx::query(
+                    "UPDATE schema_migrations SET applied_at = applied_at WHERE version = $1",
+                )
+                .bind(*version)
+                .execute(&mut *tx)
+                .await
+                .map_err(wrap)?;
             }
             let done: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")

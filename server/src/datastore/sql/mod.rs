@@ -60,15 +60,15 @@ mod audit;
 pub(super) mod backup;
 mod ca;
 mod engines;
+#[cfg(test)]
+mod engines_tests;
 mod entries;
 mod integrity;
+#[cfg(test)]
+mod integrity_tests;
 mod migrations;
 #[cfg(test)]
 pub(crate) mod scratch;
-#[cfg(test)]
-mod engines_tests;
-#[cfg(test)]
-mod integrity_tests;
 #[cfg(test)]
 mod tests;
 

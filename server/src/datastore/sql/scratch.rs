@@ -43,8 +43,7 @@ impl Scratch {
                     .await
                     .unwrap_or_else(|e| panic!("scratch datastore {url}: {e}"));
                 let dir = tempfile_dir(what);
-                std::fs::create_dir_all(&dir)
-                    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+                std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
                 (dir, url, store)
             }
         };
