@@ -10,6 +10,7 @@
     missing_docs
 )]
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -234,4 +235,54 @@ fn tls_to_postgresql_is_used_and_verified() {
         .expect("the server kept running against an unverified PostgreSQL");
     assert!(!ok);
     assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+/// Helper run as a child process by the test below: starts this process's cluster, says
+/// where it is, and waits to be killed.
+#[test]
+#[ignore = "helper: run by a_killed_test_process_leaves_no_postgres_behind"]
+fn helper_start_a_cluster_and_wait() {
+    use std::io::Write as _;
+    let c = postgres::cluster();
+    println!("CLUSTER {}", c.dir().display());
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+/// A test process killed with SIGKILL (no destructor, no exit handler runs) leaves no
+/// postgres process and no cluster directory behind.
+#[test]
+fn a_killed_test_process_leaves_no_postgres_behind() {
+    use std::io::BufRead as _;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_start_a_cluster_and_wait",
+            "--ignored",
+            "--nocapture",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let dir = stdout
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("CLUSTER ").map(std::path::PathBuf::from))
+        .expect("the helper did not start a cluster");
+    let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
+    let postmaster = pid_file.lines().next().unwrap().trim().to_string();
+    assert!(Path::new(&format!("/proc/{postmaster}")).exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{postmaster}")).exists() || dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "postgres {postmaster} or {} outlived the killed test process",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
