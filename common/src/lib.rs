@@ -13,6 +13,7 @@
 //! - [`ratelimit`]: per-key token buckets in a bounded table.
 //! - [`fsperm`]: socket, state and key directories opened without following symlinks and
 //!   refused when another user could have made or changed them.
+//! - `testing` (hidden): test fixtures such as a throwaway PostgreSQL cluster.
 #![forbid(unsafe_code)]
 // A unit test reads as one scenario, however long; functions outside tests stay under
 // clippy.toml's line limit.
@@ -36,6 +37,8 @@ pub mod ratelimit;
 pub mod secret;
 pub mod selector;
 pub mod spiffe_id;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod x509;
 

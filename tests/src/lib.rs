@@ -14,6 +14,10 @@ pub mod k8s_standin;
 pub mod server;
 pub mod softhsm;
 
+/// The throwaway PostgreSQL cluster of this test process (one implementation, shared with the
+/// server's unit tests).
+pub use continuity_common::testing::postgres;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The backup file format: round trips, and every kind of damage refused with its reason.
 
 use super::*;
-use crate::datastore::{EngineStore, scratch_sqlite};
+use crate::datastore::{EngineStore, Scratch, on_both_backends};
 use crate::model::engine::Incarnation;
 
 fn sample() -> Backup {
@@ -112,43 +112,42 @@ fn truncation_edits_and_resealed_edits_are_refused() {
     assert!(err(decode(forged.as_bytes(), Some(b"pw"))).contains("passphrase is wrong"));
 }
 
-#[tokio::test]
-async fn a_datastore_dump_loads_into_another_unchanged() {
-    let (dir1, _, one) = scratch_sqlite("backup-one").await;
-    let (dir2, _, two) = scratch_sqlite("backup-two").await;
-    one.upsert_incarnation(&Incarnation {
-        engine: "orders".into(),
-        entry_id: "e1".into(),
-        agent_id: "spiffe://example.org/agent".into(),
-        workload_id: "w1".into(),
-        pid: 7,
-        uid: 1000,
-        selectors: vec![],
-        first_seen: 1,
-        last_seen: 2,
-    })
-    .await
-    .unwrap();
-    let dump = one.dump().await.unwrap();
-    assert!(
-        dump.iter()
-            .any(|t| t.name == "incarnations" && t.rows.len() == 1)
-    );
-    assert!(dump.iter().all(|t| t.name != "schema_migrations"));
-    assert!(two.non_empty_tables().await.unwrap().is_empty());
-    two.load(&dump).await.unwrap();
-    assert_eq!(two.dump().await.unwrap(), dump);
-    assert_eq!(
-        two.non_empty_tables().await.unwrap(),
-        vec!["incarnations".to_string()]
-    );
-    let mut bad = dump.clone();
-    bad[0].columns.push(("nope".into(), "TEXT".into()));
-    for r in &mut bad[0].rows {
-        r.push(Value::Null);
+on_both_backends! {
+    async fn a_datastore_dump_loads_into_another_unchanged(s) {
+        let other = Scratch::new(s.backend, "backup-two").await;
+        let (one, two) = (&s.store, &other.store);
+        one.upsert_incarnation(&Incarnation {
+            engine: "orders".into(),
+            entry_id: "e1".into(),
+            agent_id: "spiffe://example.org/agent".into(),
+            workload_id: "w1".into(),
+            pid: 7,
+            uid: 1000,
+            selectors: vec![],
+            first_seen: 1,
+            last_seen: 2,
+        })
+        .await
+        .unwrap();
+        let dump = one.dump().await.unwrap();
+        assert!(
+            dump.iter()
+                .any(|t| t.name == "incarnations" && t.rows.len() == 1)
+        );
+        assert!(dump.iter().all(|t| t.name != "schema_migrations"));
+        assert!(two.non_empty_tables().await.unwrap().is_empty());
+        two.load(&dump).await.unwrap();
+        assert_eq!(two.dump().await.unwrap(), dump);
+        assert_eq!(
+            two.non_empty_tables().await.unwrap(),
+            vec!["incarnations".to_string()]
+        );
+        let mut bad = dump.clone();
+        bad[0].columns.push(("nope".into(), "TEXT".into()));
+        for r in &mut bad[0].rows {
+            r.push(Value::Null);
+        }
+        let e = two.load(&bad).await.unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
     }
-    let e = two.load(&bad).await.unwrap_err().to_string();
-    assert!(e.contains("nope"), "{e}");
-    let _ = std::fs::remove_dir_all(dir1);
-    let _ = std::fs::remove_dir_all(dir2);
 }

@@ -5,6 +5,7 @@
 
 mod agent_api;
 mod audit;
+mod datastore;
 mod engines;
 mod integrity;
 mod psat;
@@ -181,7 +182,7 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("/var/lib/continuity/server"));
         let log_level = f.log_level.unwrap_or_else(|| "info".into());
         continuity_common::logging::check_level(&log_level).map_err(|m| invalid("log_level", m))?;
-        let datastore_url = datastore_url(f.datastore, &data_dir)?;
+        let datastore_url = datastore::url(f.datastore, &data_dir)?;
         let key_manager =
             KeyManagerConfig::from_file(f.key_manager.unwrap_or_default(), &data_dir)?;
         let previous_svid_grace = previous_svid_grace(f.agent_api.as_ref())?;
@@ -258,27 +259,6 @@ impl Ttls {
             }
         }
         Ok(Self { ca, x509, jwt })
-    }
-}
-
-/// `[datastore] url`: sqlite or postgres; by default a SQLite file in `data_dir`.
-fn datastore_url(d: Option<FileDatastore>, data_dir: &Path) -> Result<String, ConfigError> {
-    match d.and_then(|d| d.url) {
-        Some(u)
-            if u.starts_with("sqlite://")
-                || u.starts_with("postgres://")
-                || u.starts_with("postgresql://") =>
-        {
-            Ok(u)
-        }
-        Some(u) => Err(invalid(
-            "datastore.url",
-            format!("{u:?} is neither sqlite://... nor postgres://..."),
-        )),
-        None => Ok(format!(
-            "sqlite://{}?mode=rwc",
-            data_dir.join("datastore.sqlite3").display()
-        )),
     }
 }
 

@@ -21,6 +21,8 @@ pub use seal::{Canon, Failure, RecordSealer};
 pub use sql::SqlDataStore;
 pub use sql::backup::TableDump;
 #[cfg(test)]
+pub(crate) use sql::scratch::{Backend, Scratch, on_both_backends};
+#[cfg(test)]
 pub(crate) use sql::{scratch_sqlite, test_sealer};
 
 /// Datastore failures.

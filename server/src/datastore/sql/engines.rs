@@ -309,32 +309,59 @@ impl SqlDataStore {
         Ok(())
     }
 
-    /// Writes an incarnation (every column) and its MAC.
+    /// Writes an incarnation (every column) and its MAC: over the stored row (`replace`), or
+    /// as a new row unless one exists (false if one did: a concurrent first sighting).
     async fn write_incarnation(
         &self,
         c: &mut AnyConnection,
         i: &Incarnation,
-    ) -> Result<(), StoreError> {
+        replace: bool,
+    ) -> Result<bool, StoreError> {
         let mac = self.seal(&incarnation_canon(i))?;
-        sqlx::query(
+        let sql = if replace {
             "INSERT INTO incarnations (engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (engine, entry_id, agent_id, workload_id) DO UPDATE SET pid = $5, uid = $6,
-             selectors = $7, first_seen = $8, last_seen = $9, mac = $10",
-        )
+             selectors = $7, first_seen = $8, last_seen = $9, mac = $10"
+        } else {
+            "INSERT INTO incarnations (engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (engine, entry_id, agent_id, workload_id) DO NOTHING"
+        };
+        let done = sqlx::query(sql)
+            .bind(&i.engine)
+            .bind(&i.entry_id)
+            .bind(&i.agent_id)
+            .bind(&i.workload_id)
+            .bind(i.pid as i64)
+            .bind(i.uid as i64)
+            .bind(to_json(&i.selectors))
+            .bind(i.first_seen)
+            .bind(i.last_seen)
+            .bind(mac)
+            .execute(&mut *c)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The stored incarnation `i` names, read (checked) and, on PostgreSQL, locked.
+    async fn stored_incarnation(
+        &self,
+        c: &mut AnyConnection,
+        i: &Incarnation,
+    ) -> Result<Option<Incarnation>, StoreError> {
+        let lock = if self.sqlite { "" } else { " FOR UPDATE" };
+        let row = sqlx::query(&format!(
+            "SELECT engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac FROM incarnations WHERE engine = $1 AND entry_id = $2 AND agent_id = $3 AND workload_id = $4{lock}"
+        ))
         .bind(&i.engine)
         .bind(&i.entry_id)
         .bind(&i.agent_id)
         .bind(&i.workload_id)
-        .bind(i.pid as i64)
-        .bind(i.uid as i64)
-        .bind(to_json(&i.selectors))
-        .bind(i.first_seen)
-        .bind(i.last_seen)
-        .bind(mac)
-        .execute(&mut *c)
+        .fetch_optional(&mut *c)
         .await?;
-        Ok(())
+        row.map(|r| self.checked(&r, incarnation_from_row, incarnation_canon))
+            .transpose()
     }
 }
 
@@ -447,7 +474,9 @@ impl EngineStore for SqlDataStore {
     }
 
     async fn upsert_incarnation(&self, i: &Incarnation) -> Result<(), StoreError> {
-        // A sighting keeps the first one's first_seen: read it (checked) and write it back.
+        // Sightings merge: the earliest first_seen and the latest last_seen are kept, whatever
+        // order concurrent sightings commit in. The stored row is read (checked) and locked
+        // first; a first sighting racing another one finds its row and merges into it.
         let mut tx = self.pool.begin().await?;
         if self.sqlite {
             // Take SQLite's write lock before the read (see AuditStore::apply).
@@ -455,25 +484,26 @@ impl EngineStore for SqlDataStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let stored = sqlx::query(
-            "SELECT engine, entry_id, agent_id, workload_id, pid, uid, selectors, first_seen, last_seen, mac FROM incarnations WHERE engine = $1 AND entry_id = $2 AND agent_id = $3 AND workload_id = $4",
-        )
-        .bind(&i.engine)
-        .bind(&i.entry_id)
-        .bind(&i.agent_id)
-        .bind(&i.workload_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let next = match stored {
-            Some(r) => Incarnation {
-                last_seen: i.last_seen,
-                ..self.checked(&r, incarnation_from_row, incarnation_canon)?
-            },
-            None => i.clone(),
-        };
-        self.write_incarnation(&mut tx, &next).await?;
-        tx.commit().await?;
-        Ok(())
+        for _ in 0..3 {
+            if let Some(stored) = self.stored_incarnation(&mut tx, i).await? {
+                let next = Incarnation {
+                    first_seen: stored.first_seen.min(i.first_seen),
+                    last_seen: stored.last_seen.max(i.last_seen),
+                    ..stored
+                };
+                self.write_incarnation(&mut tx, &next, true).await?;
+                tx.commit().await?;
+                return Ok(());
+            }
+            if self.write_incarnation(&mut tx, i, false).await? {
+                tx.commit().await?;
+                return Ok(());
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "incarnation {}/{}/{}",
+            i.engine, i.entry_id, i.workload_id
+        )))
     }
 
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError> {

@@ -99,48 +99,74 @@ const MIGRATIONS: &[(i64, &str)] = &[
 /// The migration that adds record MACs; existing rows are sealed in its transaction.
 const RECORD_MACS: i64 = 5;
 
+/// The PostgreSQL advisory lock servers take turns on while migrating (an arbitrary constant:
+/// "continuity" in ASCII, truncated to 8 bytes).
+const MIGRATION_LOCK: i64 = 0x636f_6e74_696e_7569;
+
 impl SqlDataStore {
     /// Applies every migration not yet applied. Returns how many existing rows the record-MAC
     /// upgrade sealed, when it ran now on a datastore made before it (None otherwise).
+    ///
+    /// Servers starting together on one datastore take turns: on PostgreSQL a session-level
+    /// advisory lock is held on one connection for the whole run (closed afterwards, so the
+    /// lock cannot outlive it); on SQLite each migration's check and application happen in
+    /// one transaction that takes the write lock first.
     pub(super) async fn migrate(&self, blob: &str) -> Result<Option<u64>, StoreError> {
+        let mut c = self.pool.acquire().await?.detach();
+        if !self.sqlite {
+            sqlx::query("SELECT 1 FROM pg_advisory_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut c)
+                .await?;
+        }
+        let result = self.migrate_on(&mut c, blob).await;
+        let _ = sqlx::Connection::close(c).await;
+        result
+    }
+
+    async fn migrate_on(
+        &self,
+        c: &mut sqlx::AnyConnection,
+        blob: &str,
+    ) -> Result<Option<u64>, StoreError> {
         let mut fresh = false;
         let mut upgraded = None;
         sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)")
-            .execute(&self.pool)
+            .execute(&mut *c)
             .await?;
         for (version, sql) in MIGRATIONS {
-            let done: Option<i64> =
-                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
-                    .bind(*version)
-                    .fetch_optional(&self.pool)
-                    .await?;
-            if done.is_some() {
-                continue;
-            }
             let wrap = |source| StoreError::Migration {
                 version: *version,
                 source,
             };
-            let mut tx = self.pool.begin().await.map_err(wrap)?;
-            for stmt in sql
-                .replace("{BLOB}", blob)
-                .split(';')
-                .filter(|s| !s.trim().is_empty())
-            {
-                sqlx::query(stmt).execute(&mut *tx).await.map_err(wrap)?;
-            }
-            fresh |= *version == 1;
-            if *version == RECORD_MACS {
-                upgraded = Some(self.seal_unsealed_rows(&mut tx).await.map_err(wrap)?);
-            }
-            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+            let mut tx = sqlx::Connection::begin(&mut *c).await.map_err(wrap)?;
+            if self.sqlite {
+                // A write first: the transaction holds SQLite's write lock before it checks.
+                sqlx::query(
+                    "UPDATE schema_migrations SET applied_at = applied_at WHERE version = $1",
+                )
                 .bind(*version)
-                .bind(continuity_common::clock::unix_seconds(
-                    std::time::SystemTime::now(),
-                ))
                 .execute(&mut *tx)
                 .await
                 .map_err(wrap)?;
+            }
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(*version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(wrap)?;
+            if done.is_some() {
+                continue;
+            }
+            fresh |= *version == 1;
+            if let Some(rows) = self
+                .apply_migration(&mut tx, *version, sql, blob)
+                .await
+                .map_err(wrap)?
+            {
+                upgraded = Some(rows);
+            }
             tx.commit().await.map_err(wrap)?;
             tracing::info!(version, "datastore schema migrated");
         }
@@ -151,5 +177,36 @@ impl SqlDataStore {
             );
         }
         Ok(upgraded.filter(|_| !fresh))
+    }
+
+    /// Applies one migration in `tx` and records it; the rows the record-MAC upgrade sealed,
+    /// if it was that one.
+    async fn apply_migration(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        version: i64,
+        sql: &str,
+        blob: &str,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        for stmt in sql
+            .replace("{BLOB}", blob)
+            .split(';')
+            .filter(|s| !s.trim().is_empty())
+        {
+            sqlx::query(stmt).execute(&mut **tx).await?;
+        }
+        let sealed = if version == RECORD_MACS {
+            Some(self.seal_unsealed_rows(tx).await?)
+        } else {
+            None
+        };
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+            .bind(version)
+            .bind(continuity_common::clock::unix_seconds(
+                std::time::SystemTime::now(),
+            ))
+            .execute(&mut **tx)
+            .await?;
+        Ok(sealed)
     }
 }

@@ -32,6 +32,17 @@
 //! PostgreSQL is durable at commit by default (`synchronous_commit=on`) and is left as
 //! configured.
 //!
+//! # PostgreSQL
+//!
+//! The same SQL runs on both: `$n` placeholders, `BIGINT` for every integer and boolean (0/1),
+//! `BYTEA` where SQLite has `BLOB` (the `{BLOB}` of [`migrations`]), `ON CONFLICT` upserts and
+//! `RETURNING`. Where the two lock differently the code says so: SQLite takes its single write
+//! lock with a first no-op write, PostgreSQL locks rows (`SELECT … FOR UPDATE` on the audit
+//! head and on an incarnation being merged) under its default READ COMMITTED isolation; a
+//! backup dump reads in one REPEATABLE READ, READ ONLY transaction. Servers starting together
+//! on one new database migrate it once, in turn, under an advisory lock. Connections use TLS
+//! as the URL's `sslmode` says (rustls). Every test of this module runs on both backends.
+//!
 //! [`DataStore`]: crate::datastore::DataStore
 //! [`AuditStore::apply`]: crate::datastore::AuditStore::apply
 
@@ -49,9 +60,15 @@ mod audit;
 pub(super) mod backup;
 mod ca;
 mod engines;
+#[cfg(test)]
+mod engines_tests;
 mod entries;
 mod integrity;
+#[cfg(test)]
+mod integrity_tests;
 mod migrations;
+#[cfg(test)]
+pub(crate) mod scratch;
 #[cfg(test)]
 mod tests;
 
