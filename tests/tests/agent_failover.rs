@@ -83,7 +83,9 @@ async fn killing_the_server_in_use_moves_the_agent_while_50_workloads_fetch_with
         x509_ttl: "90s".into(),
         ..Default::default()
     };
-    let mut cluster = Cluster::configure(dir.path(), 3, None, &opts);
+    // Three servers on one PostgreSQL database (the deployment several servers need).
+    let db = continuity_tests::postgres::database();
+    let mut cluster = Cluster::configure(dir.path(), 3, Some(&db), &opts);
     cluster.start(0);
     let first = cluster.servers[0].addr.clone();
     cluster.servers[0].create_entry(WORKLOAD_ID, ALIAS, &[&format!("unix:uid:{}", uid())]);

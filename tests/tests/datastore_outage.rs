@@ -17,8 +17,9 @@
 //!   the agent SVID renewal, which the agent retries with back-off, keeping its SVID;
 //! - once the lock is gone the renewal goes through and the server records it.
 //!
-//! A datastore that answers nothing at all (PostgreSQL down) makes `/ready` 503 through its
-//! ping; SQLite, a file the server holds open, has no such state short of disk errors.
+//! A datastore that answers nothing at all makes `/ready` 503 through its ping: shown with
+//! PostgreSQL closed to connections (SQLite, a file the server holds open, has no such state
+//! short of disk errors).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -215,4 +216,97 @@ async fn a_datastore_that_cannot_be_written_keeps_agents_served_and_fails_writes
         )
     });
     served_serial(&agent).await;
+}
+
+/// Polls `/ready` on `port` until its status is `want`; returns the body.
+fn ready_becomes(port: u16, want: u16, what: &str) -> String {
+    for _ in 0..200 {
+        let (status, body) = http_get(port, "/ready");
+        if status == want {
+            return body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("/ready never answered {want} {what}");
+}
+
+/// A PostgreSQL datastore that answers nothing (its database closed to connections and the
+/// server's sessions terminated: what a stopped or failed-over primary looks like): `/ready`
+/// is 503 naming the datastore, workloads keep their SVIDs, a JWT-SVID is still signed (no
+/// write), an admin write fails with Unavailable; once connections are allowed again `/ready`
+/// is 200 and writes succeed, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgresql_makes_ready_503_while_agents_stay_served() {
+    let pg = continuity_tests::postgres::cluster();
+    let url = continuity_tests::postgres::database();
+    let name = url.rsplit('/').next().unwrap().to_string();
+    let admin = pg.url("postgres");
+    let dir = tempfile::tempdir().unwrap();
+    let health = free_port();
+    let server = TestServer::start(
+        &dir.path().join("server"),
+        ServerOptions {
+            extra_toml: format!(
+                "[health]\nbind_address = \"127.0.0.1:{health}\"\n[datastore]\nurl = \"{url}\"\n"
+            ),
+            ..Default::default()
+        },
+    );
+    server.create_entry(ID, ALIAS, &[&format!("unix:uid:{}", uid())]);
+    let token = server.token(Some(ALIAS));
+    let agent = TestAgent::start(&dir.path().join("agent"), &server, &token);
+    let mut served = false;
+    for _ in 0..300 {
+        if fetch_x509(&agent).await.is_ok_and(|r| !r.svids.is_empty()) {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "no first X509-SVID; agent log:\n{}", agent.log());
+    let before = served_serial(&agent).await;
+    assert_eq!(http_get(health, "/ready").0, 200);
+
+    pg.psql(
+        &admin,
+        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+    );
+    pg.psql(
+        &admin,
+        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    );
+    let body = tokio::task::block_in_place(|| ready_becomes(health, 503, "with PostgreSQL closed"));
+    assert!(body.contains("datastore unavailable"), "{body}");
+
+    // Served from what agent and server hold.
+    assert_eq!(served_serial(&agent).await, before);
+    let spiffe = spiffe::WorkloadApiClient::connect_to(&agent.endpoint())
+        .await
+        .unwrap();
+    let jwt = spiffe.fetch_jwt_svid(["pg-outage"], None).await.unwrap();
+    assert_eq!(jwt.spiffe_id().to_string(), ID);
+    let late = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/outage/late",
+        "--parent-id",
+        ALIAS,
+        "--selector",
+        "unix:uid:4242",
+    ];
+    let out = tokio::task::block_in_place(|| server.cli(&late));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Unavailable"),
+        "entry create with PostgreSQL closed: {err}"
+    );
+
+    pg.psql(
+        &admin,
+        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"),
+    );
+    tokio::task::block_in_place(|| ready_becomes(health, 200, "after PostgreSQL came back"));
+    tokio::task::block_in_place(|| server.cli_ok(&late));
+    assert_eq!(served_serial(&agent).await, before);
 }
