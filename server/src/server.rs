@@ -27,10 +27,11 @@ use crate::api::engine::{BrokerService, MAX_BROKER_REQUEST, MAX_BROKER_RESPONSE}
 use crate::api::limits::AgentRateLimits;
 use crate::api::tls::{self, ServerIdentity};
 use crate::api::uds;
-use crate::ca::{CaConfig, CaManager};
+use crate::ca::{CaConfig, CaManager, SharedAuthority};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::engines::Engines;
+use crate::feed::{Feed, Followers};
 use crate::integrity;
 use crate::keys::{self, KeyManager, KeyType};
 use crate::metrics::Metrics;
@@ -160,6 +161,10 @@ struct Core {
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     engines: Arc<Engines>,
+    /// The change feed position read before the state above was loaded.
+    feed_cursor: i64,
+    /// This server's name in the leader leases (kept in `data_dir/server-id`).
+    holder: String,
 }
 
 /// A gRPC server, running until shutdown is signalled.
@@ -176,12 +181,28 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         core.clock.clone(),
     )
     .await?;
-    let mut jobs = scheduler(&core, &identity, cfg.audit.checkpoint_interval);
+    let mut jobs = scheduler(
+        &core,
+        &identity,
+        cfg.audit.checkpoint_interval,
+        cfg.cluster.lease_ttl,
+    );
     jobs.add(integrity::job(
         core.store.clone(),
         cfg.integrity_verify_interval,
     ));
     let _jobs = jobs.spawn();
+    let _feed = Feed::new(
+        core.store.clone(),
+        Followers {
+            registry: core.registry.clone(),
+            engines: core.engines.clone(),
+            ca: core.ca.clone(),
+        },
+        cfg.cluster.poll_interval,
+        core.feed_cursor,
+    )
+    .spawn();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
@@ -199,6 +220,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     };
     let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
     let _ = std::fs::remove_file(&cfg.admin_socket);
+    // Handed over at once: another server need not wait for the leases to expire.
+    for lease in [crate::ca::CA_LEASE, ENGINE_LEASE] {
+        let _ = core.store.release_lease(lease, &core.holder).await;
+    }
     a?;
     b?;
     Ok(())
@@ -206,11 +231,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
 /// The data directory, datastore, key manager and CA, audit log, registry and Engines.
 async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
-    private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
+    let data_dir = private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
+    let holder = server_id(&data_dir)?;
     let key_manager = keys::from_config(&cfg.key_manager)?;
     let sealer = integrity::sealer(&*key_manager).await?;
     let store: Arc<dyn DataStore> =
         Arc::new(SqlDataStore::connect(&cfg.datastore_url, sealer.clone()).await?);
+    // Read before anything is loaded: whatever commits meanwhile is applied by the feed.
+    let feed_cursor = store.change_head().await?;
     let metrics = Arc::new(Metrics::default());
     metrics.watch_bad_rows(store.bad_rows());
     let audit =
@@ -218,10 +246,10 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
             .await?;
     integrity::audit_upgrade(&*store, &audit).await?;
     integrity::spawn_reporter(store.bad_rows(), audit.clone());
-    let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone()).await?;
+    let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone(), &holder).await?;
     let registry = Arc::new(
         Registry::load(
-            &*store,
+            store.clone(),
             store.clone(),
             clock.clone(),
             audit.clone(),
@@ -248,7 +276,35 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         metrics,
         registry,
         engines,
+        feed_cursor,
+        holder,
     })
+}
+
+/// This server's stable name in the leader leases: random, made once in `data_dir/server-id`,
+/// so a restarted server takes its own unexpired lease back at once.
+fn server_id(data_dir: &SecureDir) -> Result<String, RunError> {
+    let name = "server-id";
+    let bad = |e: FsPermError| RunError::Path(format!("data_dir: {e}"));
+    loop {
+        if let Some(raw) = data_dir.read(std::ffi::OsStr::new(name)).map_err(bad)? {
+            let id = String::from_utf8_lossy(&raw).trim().to_string();
+            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(id);
+            }
+            return Err(RunError::Path(format!(
+                "data_dir: {name} is malformed (expected 32 hex digits); remove it to make a new one"
+            )));
+        }
+        let id = hex::encode(
+            continuity_common::rand::array::<16>().map_err(|e| RunError::Path(e.to_string()))?,
+        );
+        data_dir
+            .write_new(name, 0o600, |f| {
+                std::io::Write::write_all(f, format!("{id}\n").as_bytes())
+            })
+            .map_err(bad)?;
+    }
 }
 
 /// The CA: X.509 and JWT authorities kept in the key manager, records in the datastore.
@@ -257,6 +313,7 @@ async fn authority(
     key_manager: Arc<dyn KeyManager>,
     store: Arc<dyn DataStore>,
     clock: Arc<dyn Clock>,
+    holder: &str,
 ) -> Result<Arc<CaManager>, RunError> {
     let ca_cfg = CaConfig {
         trust_domain: cfg.trust_domain.clone(),
@@ -265,11 +322,19 @@ async fn authority(
         ttl: cfg.ca_ttl,
         jwt_issuer: cfg.jwt_issuer.clone(),
     };
-    Ok(CaManager::start(ca_cfg, key_manager, store, clock).await?)
+    let shared = SharedAuthority {
+        leases: store.clone(),
+        holder: holder.to_string(),
+        lease_ttl: cfg.cluster.lease_ttl,
+    };
+    Ok(CaManager::start_shared(ca_cfg, key_manager, store, clock, Some(shared)).await?)
 }
 
 /// Period of the Engine key lifecycle step (scheduled destruction, periodic rotation).
 const ENGINE_TICK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The lease that makes one server run the Engine key lifecycle step.
+const ENGINE_LEASE: &str = "engine-lifecycle";
 
 /// The server's periodic work: CA rotation, join-token pruning, Engine key ticks and server
 /// SVID renewal, each with jitter on the injected clock.
@@ -277,12 +342,13 @@ fn scheduler(
     core: &Core,
     identity: &Arc<ServerIdentity>,
     checkpoint_interval: std::time::Duration,
+    lease_ttl: std::time::Duration,
 ) -> Scheduler {
     let mut s = Scheduler::new(core.clock.clone());
     let ca = core.ca.clone();
     s.add(Job::every(
         "ca-rotation",
-        ca.next_check_in(),
+        ca.check_period(),
         "CA rotation failed; will retry",
         move || {
             let ca = ca.clone();
@@ -308,14 +374,22 @@ fn scheduler(
         )
         .failures_at(FailureLevel::Warn),
     );
-    let engines = core.engines.clone();
+    let (engines, leases, clock) = (core.engines.clone(), core.store.clone(), core.clock.clone());
+    let (holder, ttl) = (core.holder.clone(), lease_secs(lease_ttl));
     s.add(Job::every(
         "engine-key-lifecycle",
         ENGINE_TICK,
         "Engine key lifecycle step failed; will retry",
         move || {
-            let engines = engines.clone();
-            async move { engines.tick().await.map(drop).map_err(Into::into) }
+            let (engines, leases, holder) = (engines.clone(), leases.clone(), holder.clone());
+            let now = clock.unix();
+            async move {
+                // One server at a time destroys and rotates on schedule.
+                if leases.try_lease(ENGINE_LEASE, &holder, now, ttl).await? {
+                    engines.tick().await?;
+                }
+                Ok(())
+            }
         },
     ));
     s.add(crate::audit::checkpoint_job(
@@ -333,6 +407,11 @@ fn scheduler(
         },
     ));
     s
+}
+
+/// A lease lifetime in whole seconds.
+fn lease_secs(ttl: std::time::Duration) -> i64 {
+    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod agent_client;
+pub mod cluster;
 pub mod floods;
 pub mod k8s_standin;
 pub mod server;
