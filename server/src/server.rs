@@ -31,13 +31,13 @@ use crate::ca::{CaConfig, CaManager, SharedAuthority};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::engines::Engines;
-use crate::feed::{Feed, Followers};
 use crate::integrity;
 use crate::keys::{self, KeyManager, KeyType};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::scheduler::{FailureLevel, Job, Scheduler};
 
+mod cluster;
 mod http;
 use continuity_proto::admin::audit_admin_server::AuditAdminServer;
 use continuity_proto::admin::engine_admin_server::EngineAdminServer;
@@ -192,17 +192,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         cfg.integrity_verify_interval,
     ));
     let _jobs = jobs.spawn();
-    let _feed = Feed::new(
-        core.store.clone(),
-        Followers {
-            registry: core.registry.clone(),
-            engines: core.engines.clone(),
-            ca: core.ca.clone(),
-        },
-        cfg.cluster.poll_interval,
-        core.feed_cursor,
-    )
-    .spawn();
+    let _feed = cluster::follow(&core, cfg.cluster.poll_interval);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
@@ -220,10 +210,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     };
     let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
     let _ = std::fs::remove_file(&cfg.admin_socket);
-    // Handed over at once: another server need not wait for the leases to expire.
-    for lease in [crate::ca::CA_LEASE, ENGINE_LEASE] {
-        let _ = core.store.release_lease(lease, &core.holder).await;
-    }
+    cluster::release_leases(&core).await;
     a?;
     b?;
     Ok(())
@@ -232,7 +219,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 /// The data directory, datastore, key manager and CA, audit log, registry and Engines.
 async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     let data_dir = private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
-    let holder = server_id(&data_dir)?;
+    let holder = cluster::server_id(&data_dir)?;
     let key_manager = keys::from_config(&cfg.key_manager)?;
     let sealer = integrity::sealer(&*key_manager).await?;
     let store: Arc<dyn DataStore> =
@@ -246,7 +233,14 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
             .await?;
     integrity::audit_upgrade(&*store, &audit).await?;
     integrity::spawn_reporter(store.bad_rows(), audit.clone());
-    let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone(), &holder).await?;
+    let ca = authority(
+        cfg,
+        key_manager.clone(),
+        store.clone(),
+        clock.clone(),
+        &holder,
+    )
+    .await?;
     let registry = Arc::new(
         Registry::load(
             store.clone(),
@@ -281,32 +275,6 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     })
 }
 
-/// This server's stable name in the leader leases: random, made once in `data_dir/server-id`,
-/// so a restarted server takes its own unexpired lease back at once.
-fn server_id(data_dir: &SecureDir) -> Result<String, RunError> {
-    let name = "server-id";
-    let bad = |e: FsPermError| RunError::Path(format!("data_dir: {e}"));
-    loop {
-        if let Some(raw) = data_dir.read(std::ffi::OsStr::new(name)).map_err(bad)? {
-            let id = String::from_utf8_lossy(&raw).trim().to_string();
-            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Ok(id);
-            }
-            return Err(RunError::Path(format!(
-                "data_dir: {name} is malformed (expected 32 hex digits); remove it to make a new one"
-            )));
-        }
-        let id = hex::encode(
-            continuity_common::rand::array::<16>().map_err(|e| RunError::Path(e.to_string()))?,
-        );
-        data_dir
-            .write_new(name, 0o600, |f| {
-                std::io::Write::write_all(f, format!("{id}\n").as_bytes())
-            })
-            .map_err(bad)?;
-    }
-}
-
 /// The CA: X.509 and JWT authorities kept in the key manager, records in the datastore.
 async fn authority(
     cfg: &Config,
@@ -332,9 +300,6 @@ async fn authority(
 
 /// Period of the Engine key lifecycle step (scheduled destruction, periodic rotation).
 const ENGINE_TICK: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// The lease that makes one server run the Engine key lifecycle step.
-const ENGINE_LEASE: &str = "engine-lifecycle";
 
 /// The server's periodic work: CA rotation, join-token pruning, Engine key ticks and server
 /// SVID renewal, each with jitter on the injected clock.
@@ -374,24 +339,7 @@ fn scheduler(
         )
         .failures_at(FailureLevel::Warn),
     );
-    let (engines, leases, clock) = (core.engines.clone(), core.store.clone(), core.clock.clone());
-    let (holder, ttl) = (core.holder.clone(), lease_secs(lease_ttl));
-    s.add(Job::every(
-        "engine-key-lifecycle",
-        ENGINE_TICK,
-        "Engine key lifecycle step failed; will retry",
-        move || {
-            let (engines, leases, holder) = (engines.clone(), leases.clone(), holder.clone());
-            let now = clock.unix();
-            async move {
-                // One server at a time destroys and rotates on schedule.
-                if leases.try_lease(ENGINE_LEASE, &holder, now, ttl).await? {
-                    engines.tick().await?;
-                }
-                Ok(())
-            }
-        },
-    ));
+    s.add(cluster::engine_lifecycle_job(core, ENGINE_TICK, lease_ttl));
     s.add(crate::audit::checkpoint_job(
         core.engines.audit().clone(),
         checkpoint_interval,
@@ -407,11 +355,6 @@ fn scheduler(
         },
     ));
     s
-}
-
-/// A lease lifetime in whole seconds.
-fn lease_secs(ttl: std::time::Duration) -> i64 {
-    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX)
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).

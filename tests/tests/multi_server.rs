@@ -1,12 +1,17 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_lines, missing_docs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    missing_docs
+)]
 //! Several servers, one truth: three real `continuity-server` processes on ONE datastore
 //! (a shared SQLite file here; the datastore is a URL parameter) and one disk key directory.
 //! What is written through one server is what the others serve, within the feed's poll.
 
 use std::time::Duration;
 
-use continuity_proto::agent::{BatchNewX509svidRequest, NewX509svidParams};
 use continuity_proto::agent::SyncAuthorizedEntriesRequest;
+use continuity_proto::agent::{BatchNewX509svidRequest, NewX509svidParams};
 use continuity_tests::agent::TestAgent;
 use continuity_tests::agent_client::{self, key_and_csr};
 use continuity_tests::cluster::{Cluster, ClusterOptions, sqlite_url, within, within_async};
@@ -123,15 +128,19 @@ async fn entries_and_bans_made_through_one_server_hold_on_every_server() {
     for (i, s) in c.servers.iter().enumerate().skip(1) {
         let client =
             agent_client::authenticated(&s.addr, bundle.clone(), &agent.chain, &agent.key).await;
-        let e = within_async(FEED, &format!("ban through A refused by server {i}"), || {
-            let mut client = client.clone();
-            async move {
-                client
-                    .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
-                    .await
-                    .err()
-            }
-        })
+        let e = within_async(
+            FEED,
+            &format!("ban through A refused by server {i}"),
+            || {
+                let mut client = client.clone();
+                async move {
+                    client
+                        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+                        .await
+                        .err()
+                }
+            },
+        )
         .await;
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "server {i}: {e:?}");
         assert!(e.message().contains("banned"), "server {i}: {e:?}");
@@ -184,7 +193,34 @@ async fn one_join_token_used_twenty_times_across_servers_makes_one_agent() {
             (ids == [won[0].as_str()]).then_some(())
         });
     }
-    // Three processes appended to one audit chain concurrently: it verifies from each.
+    // Three processes append to one audit chain at once (30 audited entry creations, ten
+    // through each): it verifies from each, and each server serves all 30 entries.
+    std::thread::scope(|scope| {
+        for (i, s) in c.servers.iter().enumerate() {
+            scope.spawn(move || {
+                for n in 0..10 {
+                    s.create_entry(
+                        &format!("spiffe://example.org/w/{i}/{n}"),
+                        ALIAS,
+                        &[&format!("unix:uid:{}", 2000 + n)],
+                    );
+                }
+            });
+        }
+    });
+    for (i, s) in c.servers.iter().enumerate() {
+        within(FEED, &format!("server {i} serves all 30 entries"), || {
+            let list = json(&s.cli_ok(&["entry", "show", "--output", "json"]));
+            (list["entries"].as_array().unwrap().len() == 30).then_some(())
+        });
+    }
+    let creates = json(&c.server(0).cli_ok(&["audit", "show", "--output", "json"]))["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "entry.create")
+        .count();
+    assert_eq!(creates, 30);
     for s in &c.servers {
         s.cli_ok(&["audit", "verify"]);
         s.cli_ok(&["audit", "checkpoint"]);
@@ -206,10 +242,14 @@ async fn a_clock_driven_rotation_happens_once_and_every_server_serves_its_bundle
     let first = ders(&before[0]);
     assert_eq!(first.len(), 1);
     // Prepared: every server publishes the next authority, the same one.
-    let prepared = within(Duration::from_secs(60), "next authority in every bundle", || {
-        let now = c.bundles();
-        (now.iter().all(|x| *x == now[0]) && ders(&now[0]).len() == 2).then(|| ders(&now[0]))
-    });
+    let prepared = within(
+        Duration::from_secs(60),
+        "next authority in every bundle",
+        || {
+            let now = c.bundles();
+            (now.iter().all(|x| *x == now[0]) && ders(&now[0]).len() == 2).then(|| ders(&now[0]))
+        },
+    );
     assert_eq!(prepared[0], first[0]);
     // Activated: SVIDs from every server are signed by the new authority and verify against
     // the (one) bundle.
@@ -263,12 +303,28 @@ fn an_engine_key_works_through_any_server_and_rotates_everywhere() {
     let a = c.server(0);
     a.cli_ok(&["engine", "create", "ledger", "--tier", "1"]);
     for (key, purpose) in [("signing", "sign"), ("data", "encrypt")] {
-        a.cli_ok(&["engine", "key", "create", "ledger", key, "--purpose", purpose]);
+        a.cli_ok(&[
+            "engine",
+            "key",
+            "create",
+            "ledger",
+            key,
+            "--purpose",
+            purpose,
+        ]);
     }
     a.create_entry_with_engine(ALIAS, &format!("unix:uid:{}", uid()), "ledger");
     // Agents on B and on C, the same node alias.
-    let on_b = TestAgent::start(&dir.path().join("agent-b"), c.server(1), &a.token(Some(ALIAS)));
-    let on_c = TestAgent::start(&dir.path().join("agent-c"), c.server(2), &a.token(Some(ALIAS)));
+    let on_b = TestAgent::start(
+        &dir.path().join("agent-b"),
+        c.server(1),
+        &a.token(Some(ALIAS)),
+    );
+    let on_c = TestAgent::start(
+        &dir.path().join("agent-c"),
+        c.server(2),
+        &a.token(Some(ALIAS)),
+    );
     let msg = on_b.dir.join("msg.txt");
     std::fs::write(&msg, "pay 10 EUR to alice").unwrap();
     let msg_s = msg.to_str().unwrap();
@@ -288,9 +344,11 @@ fn an_engine_key_works_through_any_server_and_rotates_everywhere() {
             .then(|| json(&String::from_utf8_lossy(&out.stdout)))
     };
     for (name, agent) in [("B", &on_b), ("C", &on_c)] {
-        let s = within(Duration::from_secs(20), &format!("sign through {name}"), || {
-            sign(agent)
-        });
+        let s = within(
+            Duration::from_secs(20),
+            &format!("sign through {name}"),
+            || sign(agent),
+        );
         assert_eq!(s["version"], 1, "{name}: {s}");
     }
     // Encrypted through B, decrypted through C.
@@ -311,7 +369,10 @@ fn an_engine_key_works_through_any_server_and_rotates_everywhere() {
     let o = crypt(&on_b, "encrypt", &msg, &enc);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     within(FEED, "decrypt through C", || {
-        crypt(&on_c, "decrypt", &enc, &dec).status.success().then_some(())
+        crypt(&on_c, "decrypt", &enc, &dec)
+            .status
+            .success()
+            .then_some(())
     });
     assert_eq!(std::fs::read(&dec).unwrap(), std::fs::read(&msg).unwrap());
     // Rotated through A: the new version is primary through C.
@@ -322,7 +383,15 @@ fn an_engine_key_works_through_any_server_and_rotates_everywhere() {
     assert_eq!(s["key"], "signing");
     // The data key rotated and its v1 disabled through A: C refuses v1 ciphertext.
     a.cli_ok(&["engine", "key", "rotate", "ledger", "data"]);
-    a.cli_ok(&["engine", "key", "disable", "ledger", "data", "--version", "1"]);
+    a.cli_ok(&[
+        "engine",
+        "key",
+        "disable",
+        "ledger",
+        "data",
+        "--version",
+        "1",
+    ]);
     within(FEED, "disabled version refused through C", || {
         let o = crypt(&on_c, "decrypt", &enc, &dec);
         (!o.status.success()).then(|| String::from_utf8_lossy(&o.stderr).to_string())
@@ -337,7 +406,10 @@ fn an_engine_key_works_through_any_server_and_rotates_everywhere() {
     // Both rotations happened once: the key lists agree everywhere (but for the encryptions
     // each server counted itself).
     let list = |i: usize| {
-        let mut v = json(&c.server(i).cli_ok(&["engine", "key", "list", "ledger", "--output", "json"]));
+        let mut v = json(
+            &c.server(i)
+                .cli_ok(&["engine", "key", "list", "ledger", "--output", "json"]),
+        );
         strip(&mut v, "encryptions");
         v
     };
@@ -347,7 +419,10 @@ fn an_engine_key_works_through_any_server_and_rotates_everywhere() {
     });
     let text = agreed.to_string();
     assert!(text.contains("\"primary_version\":2"), "{text}");
-    assert!(!text.contains("\"version\":3"), "one rotation per key: {text}");
+    assert!(
+        !text.contains("\"version\":3"),
+        "one rotation per key: {text}"
+    );
     for s in &c.servers {
         s.cli_ok(&["audit", "verify"]);
     }

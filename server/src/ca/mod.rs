@@ -155,7 +155,10 @@ impl CaManager {
             bundle_tx,
             shared,
         });
-        let Some(wait) = ca.shared.as_ref().map(|s| s.lease_ttl * 2 + Duration::from_secs(60))
+        let Some(wait) = ca
+            .shared
+            .as_ref()
+            .map(|s| s.lease_ttl * 2 + Duration::from_secs(60))
         else {
             ca.rotate().await?;
             return Ok(ca);

@@ -88,5 +88,4 @@ impl CaManager {
         self.bundle_tx.send_replace(bundle);
         Ok(true)
     }
-
 }

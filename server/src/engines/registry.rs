@@ -10,7 +10,7 @@ use continuity_common::SpiffeId;
 use super::{EngineError, Engines, Result, custody};
 use crate::audit::AuditEvent;
 use crate::datastore::{EngineStore, Write};
-use crate::model::engine::{Custody, Engine, EngineKey, KeyVersion, Secret};
+use crate::model::engine::{Custody, Engine, EngineKey, KeyVersion, Secret, VersionState};
 
 /// Everything the service knows, in memory. Keys and versions are shared (`Arc`) so an
 /// operation takes the one it needs without copying the others.
@@ -289,10 +289,11 @@ impl Engines {
     /// stale copy of a key or version.
     pub(super) async fn follow(&self) -> Result<()> {
         let index = Index::load(self.store.as_ref()).await?;
+        // Material of a version destroyed elsewhere is erased here too.
         for v in index
             .versions
             .values()
-            .filter(|v| !super::lifecycle::usable(v.state))
+            .filter(|v| v.state == VersionState::Destroyed)
         {
             self.forget(v);
         }

@@ -42,9 +42,7 @@ use continuity_common::SpiffeId;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{
-    Applied, BadRows, Canon, ChangeKind, RecordSealer, StoreError, StoreHealth, Write,
-};
+use super::{Applied, BadRows, Canon, ChangeKind, RecordSealer, StoreError, StoreHealth, Write};
 
 mod agents;
 mod audit;
