@@ -89,3 +89,84 @@ impl CaManager {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use continuity_common::{ManualClock, TrustDomain};
+
+    use super::SharedAuthority;
+    use crate::ca::{CaConfig, CaManager};
+    use crate::datastore::DataStore;
+    use crate::keys::{KeyManager, KeyType, MemoryKeyManager};
+
+    const HOUR: u64 = 3600;
+
+    async fn server(
+        store: &Arc<dyn DataStore>,
+        keys: &Arc<dyn KeyManager>,
+        clock: &Arc<ManualClock>,
+        holder: &str,
+    ) -> Arc<CaManager> {
+        let cfg = CaConfig {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            x509_key_type: KeyType::EcP256,
+            jwt_key_type: KeyType::EcP256,
+            ttl: Duration::from_secs(24 * HOUR),
+            jwt_issuer: None,
+        };
+        let shared = SharedAuthority {
+            leases: store.clone(),
+            holder: holder.into(),
+            lease_ttl: Duration::from_secs(30),
+        };
+        CaManager::start_shared(
+            cfg,
+            keys.clone(),
+            store.clone(),
+            clock.clone(),
+            Some(shared),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_the_lease_holder_rotates_and_every_server_serves_its_bundle() {
+        let (dir, _, store) = crate::datastore::scratch_sqlite("ca-shared").await;
+        let store: Arc<dyn DataStore> = Arc::new(store);
+        let keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::default());
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let a = server(&store, &keys, &clock, "a").await;
+        let b = server(&store, &keys, &clock, "b").await;
+        assert_eq!(*a.bundle(), *b.bundle());
+        assert_eq!(a.active_x509_key_id(), b.active_x509_key_id());
+        // Half the lifetime: A (holding the lease) prepares the next authority once.
+        clock.advance(Duration::from_secs(12 * HOUR + 60));
+        assert!(a.rotate().await.unwrap());
+        assert_eq!(a.bundle().x509_authorities.len(), 2);
+        // B's check does not hold the lease: it only follows what A wrote.
+        assert!(b.rotate().await.unwrap());
+        assert_eq!(*a.bundle(), *b.bundle());
+        assert!(!b.rotate().await.unwrap());
+        assert!(!b.reload().await.unwrap());
+        // A dies; once its lease expired B takes over and activates, exactly once.
+        clock.advance(Duration::from_secs(8 * HOUR));
+        assert!(b.rotate().await.unwrap());
+        assert!(!b.rotate().await.unwrap());
+        assert_ne!(b.active_x509_key_id(), a.active_x509_key_id());
+        // A comes back as a follower: the same signers and bundle.
+        assert!(a.reload().await.unwrap());
+        assert_eq!(a.active_x509_key_id(), b.active_x509_key_id());
+        assert_eq!(*a.bundle(), *b.bundle());
+        let records = store.list_ca_keys().await.unwrap();
+        assert_eq!(
+            records.len(),
+            4,
+            "two X.509 and two JWT authorities: {records:?}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

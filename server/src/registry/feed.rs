@@ -106,3 +106,7 @@ impl Registry {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "feed_tests.rs"]
+mod tests;

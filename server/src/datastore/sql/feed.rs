@@ -164,3 +164,96 @@ impl LeaseStore for SqlDataStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::datastore::{
+        AuditStore, CaStore, ChangeFeed, ChangeKind, Entry, LeaseStore, StoreError, Write,
+    };
+
+    #[tokio::test]
+    async fn a_lease_has_one_holder_until_it_expires_or_is_released() {
+        let (dir, _url, s) = crate::datastore::scratch_sqlite("leases").await;
+        assert!(s.try_lease("ca", "a", 100, 30).await.unwrap());
+        assert!(!s.try_lease("ca", "b", 110, 30).await.unwrap());
+        // The holder renews; the other still waits.
+        assert!(s.try_lease("ca", "a", 125, 30).await.unwrap());
+        assert!(!s.try_lease("ca", "b", 150, 30).await.unwrap());
+        // Expired: the other takes it, and the old holder is refused.
+        assert!(s.try_lease("ca", "b", 155, 30).await.unwrap());
+        assert!(!s.try_lease("ca", "a", 156, 30).await.unwrap());
+        // Other names are other leases; a release by a non-holder does nothing.
+        assert!(s.try_lease("engines", "a", 156, 30).await.unwrap());
+        s.release_lease("ca", "a").await.unwrap();
+        assert!(!s.try_lease("ca", "a", 157, 30).await.unwrap());
+        s.release_lease("ca", "b").await.unwrap();
+        assert!(s.try_lease("ca", "a", 157, 30).await.unwrap());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn every_write_appends_one_numbered_change_in_its_transaction() {
+        let (dir, url, s) = crate::datastore::scratch_sqlite("changes").await;
+        assert_eq!(s.change_head().await.unwrap(), 0);
+        let parent = continuity_common::SpiffeId::new("spiffe://example.org/node").unwrap();
+        let e = Entry {
+            id: "e1".into(),
+            spiffe_id: continuity_common::SpiffeId::new("spiffe://example.org/w").unwrap(),
+            parent_id: parent,
+            selectors: vec![],
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: vec![],
+            hint: String::new(),
+            admin: false,
+            engine: None,
+            federates_with: vec![],
+            revision: 0,
+            created_at: 0,
+        };
+        struct Unlinked;
+        impl crate::datastore::AuditLinker for Unlinked {
+            fn link(
+                &self,
+                _: &crate::datastore::AuditHead,
+                _: &mut [crate::datastore::AuditRecord],
+            ) -> Result<(), StoreError> {
+                Ok(())
+            }
+        }
+        s.apply(&[Write::CreateEntry(e)], &mut [], &Unlinked)
+            .await
+            .unwrap();
+        // A failed write leaves no change and no gap.
+        let dup = s
+            .apply(&[Write::DeleteEntry("missing".into())], &mut [], &Unlinked)
+            .await;
+        assert!(dup.is_err());
+        s.next_bundle_sequence().await.unwrap();
+        let changes = s.changes_since(0, 10).await.unwrap();
+        let seen: Vec<_> = changes
+            .iter()
+            .map(|c| (c.seq, c.kind, c.key.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (1, Some(ChangeKind::Entry), "e1"),
+                (2, Some(ChangeKind::Ca), "bundle")
+            ]
+        );
+        assert!(changes.iter().all(|c| c.origin == s.origin()));
+        assert_eq!(s.change_head().await.unwrap(), 2);
+        assert_eq!(s.changes_since(2, 10).await.unwrap(), vec![]);
+        // Another process on the same file has another origin.
+        let other = super::SqlDataStore::connect(&url, crate::datastore::test_sealer())
+            .await
+            .unwrap();
+        assert_ne!(other.origin(), s.origin());
+        assert_eq!(s.prune_changes(2).await.unwrap(), 1);
+        assert_eq!(s.changes_since(0, 10).await.unwrap()[0].seq, 2);
+        // SQLite has no LISTEN: the poll does the work.
+        assert!(s.wake_ups().await.unwrap().is_none());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
