@@ -10,7 +10,7 @@ use continuity_common::{ManualClock, TrustDomain};
 use super::model::{Purpose, VersionState};
 use super::{EngineError, Engines, VersionAction};
 use crate::audit::Audit;
-use crate::datastore::{DataStore, EngineStore};
+use crate::datastore::DataStore;
 use crate::keys::{KeyManager, MemoryKeyManager};
 
 async fn service(store: &Arc<dyn DataStore>, keys: &Arc<dyn KeyManager>) -> Arc<Engines> {
