@@ -211,18 +211,27 @@ impl SqlDataStore {
             .await?)
     }
 
-    /// One write of an [`AuditStore::apply`](crate::datastore::AuditStore::apply) transaction,
-    /// with its change for the other servers' feeds.
-    async fn apply_tx(
+    /// The writes of an [`AuditStore::apply`](crate::datastore::AuditStore::apply) transaction,
+    /// then their changes for the other servers' feeds (the change counter is locked last, so
+    /// it is held as briefly as possible and always after the rows it is about).
+    async fn apply_all(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        w: &Write,
-    ) -> Result<Applied, StoreError> {
-        let applied = self.apply_one(tx, w).await?;
-        if let Some((kind, key)) = change_of(w, &applied) {
-            self.note_change(tx, kind, &key).await?;
+        writes: &[Write],
+    ) -> Result<Vec<Applied>, StoreError> {
+        let mut out = Vec::with_capacity(writes.len());
+        let mut changes: Vec<(ChangeKind, String)> = Vec::new();
+        for w in writes {
+            let applied = self.apply_one(tx, w).await?;
+            if let Some(c) = change_of(w, &applied).filter(|c| !changes.contains(c)) {
+                changes.push(c);
+            }
+            out.push(applied);
         }
-        Ok(applied)
+        for (kind, key) in &changes {
+            self.note_change(tx, *kind, key).await?;
+        }
+        Ok(out)
     }
 
     async fn apply_one(
