@@ -247,6 +247,51 @@ impl SecureDir {
         mode: u32,
         write: impl FnOnce(&mut File) -> std::io::Result<()>,
     ) -> Result<(), FsPermError> {
+        let tmp = self.write_temp(name, mode, write)?;
+        let tmp_os = OsStr::new(&tmp);
+        let result = rustix::fs::renameat(&self.fd, tmp_os, &self.fd, name)
+            .map_err(|e| self.io(OsStr::new(name), "install", e))
+            .and_then(|()| {
+                rustix::fs::fsync(&self.fd).map_err(|e| self.io(OsStr::new(""), "sync", e))
+            });
+        if result.is_err() {
+            let _ = rustix::fs::unlinkat(&self.fd, tmp_os, AtFlags::empty());
+        }
+        result
+    }
+
+    /// Creates `name` with what `write` puts in a fresh file of mode `mode`, only if `name`
+    /// does not exist: the temp file is written and fsynced as in [`SecureDir::write_atomic`],
+    /// then hard-linked into place (a link never replaces), so processes creating it at once
+    /// all end up with one content. Returns false (nothing changed) if `name` existed.
+    pub fn write_new(
+        &self,
+        name: &str,
+        mode: u32,
+        write: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> Result<bool, FsPermError> {
+        let tmp = self.write_temp(name, mode, write)?;
+        let tmp_os = OsStr::new(&tmp);
+        let linked = rustix::fs::linkat(&self.fd, tmp_os, &self.fd, name, AtFlags::empty());
+        let _ = rustix::fs::unlinkat(&self.fd, tmp_os, AtFlags::empty());
+        match linked {
+            Ok(()) => {
+                rustix::fs::fsync(&self.fd).map_err(|e| self.io(OsStr::new(""), "sync", e))?;
+                Ok(true)
+            }
+            Err(Errno::EXIST) => Ok(false),
+            Err(e) => Err(self.io(OsStr::new(name), "install", e)),
+        }
+    }
+
+    /// Writes a fresh temp file for `name` (created `O_EXCL | O_NOFOLLOW`, mode `mode`,
+    /// fsynced); returns its name. Removed again if writing fails.
+    fn write_temp(
+        &self,
+        name: &str,
+        mode: u32,
+        write: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> Result<String, FsPermError> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let tmp = format!(
             ".{name}.{}.{}.tmp",
@@ -269,15 +314,15 @@ impl SecureDir {
             let mut f = File::from(fd);
             write(&mut f)
                 .and_then(|()| f.sync_all())
-                .map_err(|e| self.io_std(tmp_os, "write", e))?;
-            rustix::fs::renameat(&self.fd, tmp_os, &self.fd, name)
-                .map_err(|e| self.io(OsStr::new(name), "install", e))?;
-            rustix::fs::fsync(&self.fd).map_err(|e| self.io(OsStr::new(""), "sync", e))
+                .map_err(|e| self.io_std(tmp_os, "write", e))
         })();
-        if result.is_err() {
-            let _ = rustix::fs::unlinkat(&self.fd, tmp_os, AtFlags::empty());
+        match result {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(&self.fd, tmp_os, AtFlags::empty());
+                Err(e)
+            }
         }
-        result
     }
 
     /// Removes the file `name` (not following a symlink; absent is fine) and fsyncs the

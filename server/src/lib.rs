@@ -21,6 +21,7 @@ pub mod config;
 pub mod datastore;
 pub mod engines;
 pub mod entry;
+pub mod feed;
 pub mod integrity;
 pub mod keys;
 pub mod metrics;

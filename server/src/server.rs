@@ -27,7 +27,7 @@ use crate::api::engine::{BrokerService, MAX_BROKER_REQUEST, MAX_BROKER_RESPONSE}
 use crate::api::limits::AgentRateLimits;
 use crate::api::tls::{self, ServerIdentity};
 use crate::api::uds;
-use crate::ca::{CaConfig, CaManager};
+use crate::ca::{CaConfig, CaManager, SharedAuthority};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::engines::Engines;
@@ -37,6 +37,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::scheduler::{FailureLevel, Job, Scheduler};
 
+mod cluster;
 mod http;
 use continuity_proto::admin::audit_admin_server::AuditAdminServer;
 use continuity_proto::admin::engine_admin_server::EngineAdminServer;
@@ -160,6 +161,10 @@ struct Core {
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     engines: Arc<Engines>,
+    /// The change feed position read before the state above was loaded.
+    feed_cursor: i64,
+    /// This server's name in the leader leases (kept in `data_dir/server-id`).
+    holder: String,
 }
 
 /// A gRPC server, running until shutdown is signalled.
@@ -176,12 +181,18 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         core.clock.clone(),
     )
     .await?;
-    let mut jobs = scheduler(&core, &identity, cfg.audit.checkpoint_interval);
+    let mut jobs = scheduler(
+        &core,
+        &identity,
+        cfg.audit.checkpoint_interval,
+        cfg.cluster.lease_ttl,
+    );
     jobs.add(integrity::job(
         core.store.clone(),
         cfg.integrity_verify_interval,
     ));
     let _jobs = jobs.spawn();
+    let _feed = cluster::follow(&core, cfg.cluster.poll_interval);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
@@ -199,6 +210,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     };
     let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
     let _ = std::fs::remove_file(&cfg.admin_socket);
+    cluster::release_leases(&core).await;
     a?;
     b?;
     Ok(())
@@ -206,11 +218,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
 
 /// The data directory, datastore, key manager and CA, audit log, registry and Engines.
 async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
-    private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
+    let data_dir = private_dir(&cfg.data_dir, "data_dir", "data_dir")?;
+    let holder = cluster::server_id(&data_dir)?;
     let key_manager = keys::from_config(&cfg.key_manager)?;
     let sealer = integrity::sealer(&*key_manager).await?;
     let store: Arc<dyn DataStore> =
         Arc::new(SqlDataStore::connect(&cfg.datastore_url, sealer.clone()).await?);
+    // Read before anything is loaded: whatever commits meanwhile is applied by the feed.
+    let feed_cursor = store.change_head().await?;
     let metrics = Arc::new(Metrics::default());
     metrics.watch_bad_rows(store.bad_rows());
     let audit =
@@ -218,10 +233,17 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
             .await?;
     integrity::audit_upgrade(&*store, &audit).await?;
     integrity::spawn_reporter(store.bad_rows(), audit.clone());
-    let ca = authority(cfg, key_manager.clone(), store.clone(), clock.clone()).await?;
+    let ca = authority(
+        cfg,
+        key_manager.clone(),
+        store.clone(),
+        clock.clone(),
+        &holder,
+    )
+    .await?;
     let registry = Arc::new(
         Registry::load(
-            &*store,
+            store.clone(),
             store.clone(),
             clock.clone(),
             audit.clone(),
@@ -248,6 +270,8 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         metrics,
         registry,
         engines,
+        feed_cursor,
+        holder,
     })
 }
 
@@ -257,6 +281,7 @@ async fn authority(
     key_manager: Arc<dyn KeyManager>,
     store: Arc<dyn DataStore>,
     clock: Arc<dyn Clock>,
+    holder: &str,
 ) -> Result<Arc<CaManager>, RunError> {
     let ca_cfg = CaConfig {
         trust_domain: cfg.trust_domain.clone(),
@@ -265,7 +290,12 @@ async fn authority(
         ttl: cfg.ca_ttl,
         jwt_issuer: cfg.jwt_issuer.clone(),
     };
-    Ok(CaManager::start(ca_cfg, key_manager, store, clock).await?)
+    let shared = SharedAuthority {
+        leases: store.clone(),
+        holder: holder.to_string(),
+        lease_ttl: cfg.cluster.lease_ttl,
+    };
+    Ok(CaManager::start_shared(ca_cfg, key_manager, store, clock, Some(shared)).await?)
 }
 
 /// Period of the Engine key lifecycle step (scheduled destruction, periodic rotation).
@@ -277,12 +307,13 @@ fn scheduler(
     core: &Core,
     identity: &Arc<ServerIdentity>,
     checkpoint_interval: std::time::Duration,
+    lease_ttl: std::time::Duration,
 ) -> Scheduler {
     let mut s = Scheduler::new(core.clock.clone());
     let ca = core.ca.clone();
     s.add(Job::every(
         "ca-rotation",
-        ca.next_check_in(),
+        ca.check_period(),
         "CA rotation failed; will retry",
         move || {
             let ca = ca.clone();
@@ -308,16 +339,7 @@ fn scheduler(
         )
         .failures_at(FailureLevel::Warn),
     );
-    let engines = core.engines.clone();
-    s.add(Job::every(
-        "engine-key-lifecycle",
-        ENGINE_TICK,
-        "Engine key lifecycle step failed; will retry",
-        move || {
-            let engines = engines.clone();
-            async move { engines.tick().await.map(drop).map_err(Into::into) }
-        },
-    ));
+    s.add(cluster::engine_lifecycle_job(core, ENGINE_TICK, lease_ttl));
     s.add(crate::audit::checkpoint_job(
         core.engines.audit().clone(),
         checkpoint_interval,

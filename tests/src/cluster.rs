@@ -1,7 +1,10 @@
-//! Several real servers on one datastore and one disk key directory (so one CA), for
-//! fail-over tests: each server has its own config, admin socket, port and log, and all
-//! share one `data_dir` (the SQLite file and `keys/` in it). The datastore URL is a
-//! parameter: with a PostgreSQL URL the servers share that database instead of the file.
+//! Several real `continuity-server` processes on ONE datastore and one disk key directory (the
+//! CA keys, KEK and MAC keys they share), each with its own data_dir, admin socket, port and
+//! log: the multi-server and fail-over tests.
+//!
+//! The datastore is a URL parameter: a PostgreSQL database from [`crate::postgres`] (what
+//! several servers are deployed on), or [`sqlite_url`], a shared SQLite file (several
+//! processes on one WAL file).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,39 +12,81 @@ use std::time::{Duration, Instant};
 use crate::agent::TestAgent;
 use crate::server::{ServerOptions, TestServer};
 
-/// Servers sharing one datastore and key directory; killed on drop.
+/// A shared SQLite datastore under `dir`.
+pub fn sqlite_url(dir: &Path) -> String {
+    format!(
+        "sqlite://{}?mode=rwc",
+        dir.join("shared-datastore").join("ds.sqlite3").display()
+    )
+}
+
+/// What every server of a cluster shares.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The one datastore.
+    pub datastore_url: String,
+    /// `ca_ttl` of every server.
+    pub ca_ttl: String,
+    /// `default_x509_svid_ttl` of every server.
+    pub x509_ttl: String,
+    /// More TOML for every server (top-level keys first, then tables).
+    pub extra_toml: String,
+}
+
+impl ClusterOptions {
+    /// Defaults on the datastore `url`.
+    pub fn on(url: &str) -> Self {
+        Self {
+            datastore_url: url.into(),
+            ca_ttl: "24h".into(),
+            x509_ttl: "1h".into(),
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// Servers `0..n` sharing one datastore and key directory; killed on drop.
 pub struct Cluster {
-    /// The shared `data_dir`.
-    pub data_dir: PathBuf,
-    /// The servers, configured (started by [`Cluster::start`]).
+    /// The servers (A, B, C, ...).
     pub servers: Vec<TestServer>,
+    /// The shared key directory.
+    pub keys: PathBuf,
 }
 
 impl Cluster {
-    /// Configures `n` servers in `dir/server-<i>`, all on `data_dir` `dir/shared` and on
-    /// `datastore_url` (None: the SQLite file in the shared `data_dir`). None is started.
-    pub fn configure(
-        dir: &Path,
-        n: usize,
-        datastore_url: Option<&str>,
-        opts: &ServerOptions,
-    ) -> Self {
-        let data_dir = dir.join("shared");
-        let mut opts = opts.clone();
-        if let Some(url) = datastore_url {
-            opts.extra_toml
-                .push_str(&format!("\n[datastore]\nurl = \"{url}\"\n"));
-        }
+    /// Configures `n` servers in `dir/server-<i>` (none started).
+    pub fn configure(dir: &Path, n: usize, opts: &ClusterOptions) -> Self {
+        let keys = dir.join("shared-keys");
+        let toml = format!(
+            "{}\n[datastore]\nurl = \"{}\"\n\n[key_manager]\nkind = \"disk\"\ndirectory = \"{}\"\n\n[cluster]\nlease_ttl = \"10s\"\n",
+            opts.extra_toml,
+            opts.datastore_url,
+            keys.display()
+        );
         let servers = (0..n)
             .map(|i| {
-                TestServer::configure_with_data_dir(
+                TestServer::configure(
                     &dir.join(format!("server-{i}")),
-                    &data_dir,
-                    opts.clone(),
+                    ServerOptions {
+                        extra_toml: toml.clone(),
+                        env: vec![],
+                        ca_ttl: opts.ca_ttl.clone(),
+                        x509_ttl: opts.x509_ttl.clone(),
+                    },
                 )
             })
             .collect();
-        Self { data_dir, servers }
+        Self { servers, keys }
+    }
+
+    /// Configures and starts `n` servers under `dir`: the first alone (it creates the CA,
+    /// KEK and MAC keys), then the others.
+    pub fn launch(dir: &Path, n: usize, opts: &ClusterOptions) -> Self {
+        let mut c = Self::configure(dir, n, opts);
+        for i in 0..n {
+            c.start(i);
+        }
+        c
     }
 
     /// Starts server `i` and waits until it is healthy.
@@ -52,6 +97,11 @@ impl Cluster {
     /// Kills server `i` with SIGKILL.
     pub fn kill(&mut self, i: usize) {
         self.servers[i].stop();
+    }
+
+    /// Server `i`.
+    pub fn server(&self, i: usize) -> &TestServer {
+        &self.servers[i]
     }
 
     /// `server_address` listing every server, as a TOML array.
@@ -67,6 +117,23 @@ impl Cluster {
     /// The server listening on `addr`.
     pub fn index_of(&self, addr: &str) -> Option<usize> {
         self.servers.iter().position(|s| s.addr == addr)
+    }
+
+    /// The bundle (PEM) of every server, in order.
+    pub fn bundles(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .map(|s| s.cli_ok(&["bundle", "show"]))
+            .collect()
+    }
+
+    /// Every server's log, labelled.
+    pub fn logs(&self) -> String {
+        self.servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("--- server {i} ---\n{}", s.log()))
+            .collect()
     }
 }
 
@@ -151,4 +218,32 @@ pub fn agent_svid_serial(agent: &TestAgent) -> String {
         .decode(leaf)
         .unwrap();
     continuity_common::x509::serial_hex(&der).unwrap()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `limit`; panics naming `what`.
+pub fn within<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`within`] for async checks.
+pub async fn within_async<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use continuity_tests::agent::TestAgent;
-use continuity_tests::cluster::{Cluster, agent_id, agent_svid_serial, server_link, wait_for};
+use continuity_tests::cluster::{
+    Cluster, ClusterOptions, agent_id, agent_svid_serial, server_link, wait_for,
+};
 use continuity_tests::server::{ServerOptions, TestServer};
 use continuity_tests::{bin, fetch_x509, free_port, uid};
 
@@ -79,13 +81,12 @@ async fn killing_the_server_in_use_moves_the_agent_while_50_workloads_fetch_with
     let dir = tempfile::tempdir().unwrap();
     // Agent and workload SVIDs renew at 36-45 s: well after the kill, so the renewal happens
     // on the server the agent moved to.
-    let opts = ServerOptions {
-        x509_ttl: "90s".into(),
-        ..Default::default()
-    };
     // Three servers on one PostgreSQL database (the deployment several servers need).
-    let db = continuity_tests::postgres::database();
-    let mut cluster = Cluster::configure(dir.path(), 3, Some(&db), &opts);
+    let opts = ClusterOptions {
+        x509_ttl: "90s".into(),
+        ..ClusterOptions::on(&continuity_tests::postgres::database())
+    };
+    let mut cluster = Cluster::configure(dir.path(), 3, &opts);
     cluster.start(0);
     let first = cluster.servers[0].addr.clone();
     cluster.servers[0].create_entry(WORKLOAD_ID, ALIAS, &[&format!("unix:uid:{}", uid())]);

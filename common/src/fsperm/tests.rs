@@ -130,3 +130,29 @@ fn atomic_writes_keep_the_old_file_until_the_new_one_is_whole() {
     assert_eq!(names(), [".state.1.0.tmp"]);
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn write_new_creates_once_and_never_replaces() {
+    let d = tmp("write-new");
+    let dir = secure_dir(&d.join("keys"), 0o700, "test dir").unwrap();
+    assert!(
+        dir.write_new("k", 0o600, |f| f.write_all(b"first"))
+            .unwrap()
+    );
+    assert!(
+        !dir.write_new("k", 0o600, |f| f.write_all(b"second"))
+            .unwrap()
+    );
+    assert_eq!(
+        dir.read(OsStr::new("k")).unwrap().as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!(mode(&d.join("keys/k")), 0o600);
+    // No temp file is left behind either way.
+    let names: Vec<_> = std::fs::read_dir(d.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [OsStr::new("k")]);
+    let _ = std::fs::remove_dir_all(d);
+}

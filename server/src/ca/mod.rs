@@ -15,8 +15,10 @@ use tokio::sync::watch;
 mod bundle;
 pub mod csr;
 pub mod profile;
+mod shared;
 
 pub use bundle::{Bundle, JwtAuthority};
+pub use shared::{CA_LEASE, SharedAuthority};
 
 use crate::datastore::{CaKeyRecord, CaKeyState, CaStore, KeyPurpose, StoreError};
 use crate::keys::{KeyError, KeyHandle, KeyManager, KeyType, RcgenKey};
@@ -96,6 +98,8 @@ pub struct CaManager {
     current: RwLock<Option<Arc<Snapshot>>>,
     rotate_lock: tokio::sync::Mutex<()>,
     bundle_tx: watch::Sender<Arc<Bundle>>,
+    /// Set when several servers share the trust domain (None: this CA alone rotates).
+    shared: Option<SharedAuthority>,
 }
 
 impl std::fmt::Debug for CaManager {
@@ -120,6 +124,19 @@ impl CaManager {
         store: Arc<dyn CaStore>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, CaError> {
+        Self::start_shared(cfg, keys, store, clock, None).await
+    }
+
+    /// [`CaManager::start`] for one of several servers sharing the trust domain (`shared`):
+    /// a server that does not hold the lease waits until the CA journal has authorities (made
+    /// by the leader), for at most twice the lease lifetime plus a minute, then signs with them.
+    pub async fn start_shared(
+        cfg: CaConfig,
+        keys: Arc<dyn KeyManager>,
+        store: Arc<dyn CaStore>,
+        clock: Arc<dyn Clock>,
+        shared: Option<SharedAuthority>,
+    ) -> Result<Arc<Self>, CaError> {
         let empty = Arc::new(Bundle {
             trust_domain: cfg.trust_domain.clone(),
             x509_authorities: vec![],
@@ -136,15 +153,42 @@ impl CaManager {
             current: RwLock::new(None),
             rotate_lock: tokio::sync::Mutex::new(()),
             bundle_tx,
+            shared,
         });
-        ca.rotate().await?;
-        Ok(ca)
+        let Some(wait) = ca
+            .shared
+            .as_ref()
+            .map(|s| s.lease_ttl * 2 + Duration::from_secs(60))
+        else {
+            ca.rotate().await?;
+            return Ok(ca);
+        };
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match ca.rotate().await {
+                Ok(_) if ca.snapshot_opt().is_some() => return Ok(ca),
+                Ok(_) | Err(CaError::Profile(_)) if std::time::Instant::now() < deadline => {
+                    tracing::info!("waiting for the CA leader to create the authorities");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Ok(_) => {
+                    return Err(CaError::Profile(
+                        "no CA authorities appeared in the datastore: is the leader stuck?".into(),
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    /// Advances the rotation schedule to the clock's now; returns true if the bundle changed.
+    /// Advances the rotation schedule to the clock's now (only the lease holder, when shared;
+    /// the others read what it wrote); returns true if the bundle changed.
     pub async fn rotate(&self) -> Result<bool, CaError> {
         let _guard = self.rotate_lock.lock().await;
         let now = self.clock.unix();
+        if !self.leads(now).await? {
+            return self.reload_locked().await;
+        }
         let mut records = self.store.list_ca_keys().await?;
         let mut changed = false;
         for purpose in [KeyPurpose::X509, KeyPurpose::Jwt] {
@@ -160,6 +204,10 @@ impl CaManager {
         }
         records.retain(|r| !(r.state == CaKeyState::Retired && r.not_after <= now));
         let first_load = self.snapshot_opt().is_none();
+        if !changed && !first_load && self.shared.is_some() {
+            // What a former leader wrote since this server last looked.
+            return self.reload_locked().await;
+        }
         if changed || first_load {
             let sequence = if changed {
                 self.store.next_bundle_sequence().await?
@@ -323,9 +371,18 @@ impl CaManager {
                 "no active X.509 or JWT authority after rotation".into(),
             ));
         };
+        Ok(Snapshot {
+            x509,
+            jwt,
+            bundle: Arc::new(self.bundle_of(records, sequence)),
+        })
+    }
+
+    /// The bundle of the journal `records` at `sequence`.
+    fn bundle_of(&self, records: &[CaKeyRecord], sequence: u64) -> Bundle {
         let mut sorted: Vec<&CaKeyRecord> = records.iter().collect();
         sorted.sort_by_key(|r| r.not_before);
-        let bundle = Bundle {
+        Bundle {
             trust_domain: self.cfg.trust_domain.clone(),
             x509_authorities: sorted
                 .iter()
@@ -343,12 +400,7 @@ impl CaManager {
                 .collect(),
             sequence,
             refresh_hint: (self.cfg.ttl.as_secs() as i64 / 10).clamp(5, 300),
-        };
-        Ok(Snapshot {
-            x509,
-            jwt,
-            bundle: Arc::new(bundle),
-        })
+        }
     }
 
     fn snapshot_opt(&self) -> Option<Arc<Snapshot>> {

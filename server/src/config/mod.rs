@@ -5,6 +5,7 @@
 
 mod agent_api;
 mod audit;
+mod cluster;
 mod datastore;
 mod engines;
 mod integrity;
@@ -24,6 +25,7 @@ use crate::keys::KeyType;
 pub use crate::keys::config::{FileKeyManager, KeyManagerConfig, PinSource};
 pub use agent_api::{AgentApiConfig, FileAgentApi};
 pub use audit::{AuditConfig, DEFAULT_CHECKPOINT_INTERVAL, FileAudit};
+pub use cluster::{ClusterConfig, FileCluster};
 pub use engines::FileEngines;
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
 
@@ -76,6 +78,8 @@ pub struct FileConfig {
     pub integrity: Option<integrity::FileIntegrity>,
     /// `[audit]`.
     pub audit: Option<FileAudit>,
+    /// `[cluster]`: several servers on one datastore.
+    pub cluster: Option<FileCluster>,
 }
 
 /// `[datastore]` table.
@@ -134,6 +138,8 @@ pub struct Config {
     pub integrity_verify_interval: Duration,
     /// `[audit]`: checkpoints of the audit log.
     pub audit: AuditConfig,
+    /// `[cluster]`: the change feed's poll and the leader leases.
+    pub cluster: ClusterConfig,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -211,6 +217,7 @@ impl Config {
             agent_api: AgentApiConfig::from_file(f.agent_api)?,
             integrity_verify_interval: integrity::verify_interval(f.integrity)?,
             audit: AuditConfig::from_file(f.audit)?,
+            cluster: ClusterConfig::from_file(f.cluster)?,
             data_dir,
         })
     }

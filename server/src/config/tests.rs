@@ -175,6 +175,21 @@ fn errors_name_the_key() {
     assert!(e.contains("`trust_domain`"), "{e}");
     let e = parse("trust_domain = \"e.org\"\n[key_manager]\nkind = \"pkcs11\"\nmodule = \"/x.so\"\ntoken_label = \"t\"\npin = \"1234\"").unwrap_err().to_string();
     assert!(e.contains("`key_manager.pin`"), "{e}");
+    let e = parse("trust_domain = \"e.org\"\n[key_manager]\nkind = \"memory\"\ndirectory = \"/k\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`key_manager.directory`"), "{e}");
+    let e = parse("trust_domain = \"e.org\"\n[cluster]\nlease_ttl = \"1s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`cluster.lease_ttl`"), "{e}");
+    let c = parse("trust_domain = \"e.org\"\n[key_manager]\ndirectory = \"/srv/keys\"").unwrap();
+    assert_eq!(
+        c.key_manager,
+        KeyManagerConfig::Disk {
+            dir: "/srv/keys".into()
+        }
+    );
     for bad in ["0", "-1", "4294967297"] {
         let e = parse(&format!(
             "trust_domain = \"e.org\"\n[engines]\nmax_encryptions_per_key_version = {bad}"

@@ -12,11 +12,13 @@ use continuity_common::SpiffeId;
 use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 mod bad_rows;
+mod feed;
 mod seal;
 mod sql;
 
 pub use crate::entry::{Entry, Tombstone};
 pub use bad_rows::{BadRow, BadRows};
+pub use feed::{Change, ChangeFeed, ChangeKind, LeaseStore};
 pub use seal::{Canon, Failure, RecordSealer};
 pub use sql::SqlDataStore;
 pub use sql::backup::TableDump;
@@ -141,6 +143,9 @@ pub enum Write {
     PutEngineKey(EngineKey),
     /// Inserts or replaces a key version.
     PutKeyVersion(KeyVersion),
+    /// Inserts a new key version; [`StoreError::Conflict`] if that version exists (another
+    /// server rotated the key first).
+    InsertKeyVersion(KeyVersion),
     /// Inserts a secret version.
     PutSecret(Secret),
 }
@@ -239,6 +244,11 @@ pub trait EntryStore: Send + Sync + std::fmt::Debug {
     async fn list_tombstones(&self) -> Result<Vec<Tombstone>, StoreError>;
     /// The current entry revision.
     async fn entry_revision(&self) -> Result<i64, StoreError>;
+    /// Entries whose revision is in `(after, upto]`, by revision (the change feed's catch-up).
+    async fn entries_between(&self, after: i64, upto: i64) -> Result<Vec<Entry>, StoreError>;
+    /// Tombstones whose revision is in `(after, upto]`, by revision.
+    async fn tombstones_between(&self, after: i64, upto: i64)
+    -> Result<Vec<Tombstone>, StoreError>;
 }
 
 /// Attested agents (the registry's view; writes go through [`AuditStore::apply`]).
@@ -395,6 +405,8 @@ pub trait DataStore:
     + AuditStore
     + StoreHealth
     + IntegrityStore
+    + ChangeFeed
+    + LeaseStore
 {
 }
 
@@ -407,6 +419,8 @@ impl<T> DataStore for T where
         + AuditStore
         + StoreHealth
         + IntegrityStore
+        + ChangeFeed
+        + LeaseStore
         + ?Sized
 {
 }

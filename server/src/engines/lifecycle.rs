@@ -159,6 +159,7 @@ impl Engines {
         let periods = (rotation_period, destroy_grace);
         let algorithm = key_algorithm(purpose, algorithm, periods)?;
         let _w = self.writes.lock().await;
+        self.follow().await?;
         if self
             .read()
             .keys
@@ -180,7 +181,8 @@ impl Engines {
         Ok(key)
     }
 
-    /// Writes a key and one of its versions with the audit record of the change.
+    /// Writes a key and a new version of it with the audit record of the change; the version
+    /// is inserted, never replaced (another server that made it first wins, this one fails).
     async fn commit_key_version(
         &self,
         key: &EngineKey,
@@ -190,7 +192,7 @@ impl Engines {
         self.audit
             .commit(
                 &[
-                    Write::PutKeyVersion(version.clone()),
+                    Write::InsertKeyVersion(version.clone()),
                     Write::PutEngineKey(key.clone()),
                 ],
                 &[event],
@@ -213,6 +215,7 @@ impl Engines {
         actor: &str,
         result: &str,
     ) -> Result<EngineKey> {
+        self.follow().await?;
         let (key, next) = self.next_version(engine, name)?;
         let mut key = EngineKey::clone(&key);
         let now = self.clock.unix();
@@ -267,6 +270,7 @@ impl Engines {
         actor: &str,
     ) -> Result<EngineKey> {
         let _w = self.writes.lock().await;
+        self.follow().await?;
         let (key, v) = self.resolve(engine, name, Pick::Exact(version), |_| Ok(()))?;
         let Some(to) = next_state(v.state, Cause::Admin(action)) else {
             return Err(EngineError::Precondition(format!(
@@ -299,6 +303,7 @@ impl Engines {
     /// Destroys the material of versions whose grace has passed, and rotates keys whose
     /// rotation period has elapsed. Returns how many versions were destroyed.
     pub async fn tick(&self) -> Result<usize> {
+        self.reload().await?;
         let now = self.clock.unix();
         let due: Vec<Arc<KeyVersion>> = self
             .read()
@@ -324,7 +329,16 @@ impl Engines {
             .map(|k| (k.engine.clone(), k.name.clone()))
             .collect();
         for (e, k) in rotate {
-            self.rotate(&e, &k, "scheduler").await?;
+            let _w = self.writes.lock().await;
+            // Read again under the lock (rotate_locked follows the datastore): rotated
+            // meanwhile (through another server) means not due any more.
+            self.follow().await?;
+            let due = self.key_entry(&e, &k).is_ok_and(|k| {
+                k.rotation_period > 0 && k.next_rotation_at > 0 && k.next_rotation_at <= now
+            });
+            if due {
+                self.rotate_locked(&e, &k, "scheduler", "ok").await?;
+            }
         }
         Ok(destroyed)
     }

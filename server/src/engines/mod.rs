@@ -150,3 +150,7 @@ impl Engines {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "feed_tests.rs"]
+mod feed_tests;

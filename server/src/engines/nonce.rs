@@ -85,6 +85,7 @@ impl Engines {
         if let Some(e) = self.recent_rotation_failure(v) {
             return Err(e);
         }
+        self.follow().await?;
         if self.key_entry(&v.engine, &v.key)?.primary_version != v.version {
             return Ok(());
         }

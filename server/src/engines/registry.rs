@@ -10,7 +10,7 @@ use continuity_common::SpiffeId;
 use super::{EngineError, Engines, Result, custody};
 use crate::audit::AuditEvent;
 use crate::datastore::{EngineStore, Write};
-use crate::model::engine::{Custody, Engine, EngineKey, KeyVersion, Secret};
+use crate::model::engine::{Custody, Engine, EngineKey, KeyVersion, Secret, VersionState};
 
 /// Everything the service knows, in memory. Keys and versions are shared (`Arc`) so an
 /// operation takes the one it needs without copying the others.
@@ -130,6 +130,7 @@ impl Engines {
             custody::for_new_engine(tier, custody, allow_exposure, self.keys.as_ref())?;
         let spiffe_id = self.engine_spiffe_id(name, spiffe_id)?;
         let _w = self.writes.lock().await;
+        self.follow().await?;
         if self.read().engines.contains_key(name) {
             return Err(EngineError::AlreadyExists(format!(
                 "engine {name} already exists"
@@ -273,6 +274,31 @@ impl Engines {
                 EngineError::NotFound(format!("version {version} of {engine}/{name} not found"))
             })?;
         Ok((key.clone(), v.clone()))
+    }
+
+    /// Reads Engines, keys, versions and secrets again (another server changed them): what a
+    /// disabled or destroyed version was stops working here too. Rows whose record MAC fails
+    /// are reported by the datastore and left out.
+    pub async fn reload(&self) -> Result<()> {
+        let _w = self.writes.lock().await;
+        self.follow().await
+    }
+
+    /// Before a change is decided (with the write lock held): the index is read again from the
+    /// datastore, so a change made through another server is never undone by writing back a
+    /// stale copy of a key or version.
+    pub(super) async fn follow(&self) -> Result<()> {
+        let index = Index::load(self.store.as_ref()).await?;
+        // Material of a version destroyed elsewhere is erased here too.
+        for v in index
+            .versions
+            .values()
+            .filter(|v| v.state == VersionState::Destroyed)
+        {
+            self.forget(v);
+        }
+        *self.write() = index;
+        Ok(())
     }
 
     /// Puts a key and one of its versions into the index (after they were committed).

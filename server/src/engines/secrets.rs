@@ -24,6 +24,7 @@ impl Engines {
         valid_name("secret", name)?;
         custody::check_named_secrets(&self.engine(engine)?)?;
         let _w = self.writes.lock().await;
+        self.follow().await?;
         let version = self
             .read()
             .secrets

@@ -12,6 +12,9 @@ use serde::Deserialize;
 pub struct FileKeyManager {
     /// memory | disk | pkcs11.
     pub kind: Option<String>,
+    /// Key directory of `kind = "disk"` (default `data_dir/keys`); several servers sharing
+    /// one trust domain point at the same directory.
+    pub directory: Option<PathBuf>,
     /// PKCS#11 module path.
     pub module: Option<PathBuf>,
     /// PKCS#11 token label.
@@ -38,7 +41,7 @@ pub enum PinSource {
 pub enum KeyManagerConfig {
     /// Keys in memory only; lost at restart.
     Memory,
-    /// PKCS#8 key files (0600) under `data_dir/keys`.
+    /// PKCS#8 key files (0600) under `data_dir/keys` or `[key_manager] directory`.
     Disk {
         /// The key directory.
         dir: PathBuf,
@@ -76,9 +79,19 @@ impl KeyManagerConfig {
                     "module/token_label/pin_env/pin_file only apply to kind = \"pkcs11\", not {kind:?}"
                 ),
             )),
+            _ if kind != "disk" && k.directory.is_some() => Err(invalid(
+                "key_manager.directory",
+                format!("only applies to kind = \"disk\", not {kind:?}"),
+            )),
             "memory" => Ok(Self::Memory),
             "disk" => Ok(Self::Disk {
-                dir: data_dir.join("keys"),
+                dir: match k.directory {
+                    Some(d) if d.as_os_str().is_empty() => {
+                        return Err(invalid("key_manager.directory", "must not be empty"));
+                    }
+                    Some(d) => d,
+                    None => data_dir.join("keys"),
+                },
             }),
             "pkcs11" => pkcs11(k),
             other => Err(invalid(

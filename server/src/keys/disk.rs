@@ -105,11 +105,27 @@ impl DiskKeyManager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let raw = super::aes::generate()?;
                 let body = Zeroizing::new(format!("{}\n", STANDARD.encode(&*raw)));
-                self.write_file(&path, &body)?;
-                Ok(raw)
+                // Created only if absent: a server sharing this directory that made it first
+                // wins, and this one reads what it made.
+                if self.write_new_file(&path, &body)? {
+                    Ok(raw)
+                } else {
+                    self.secret_file(id, ext, what)
+                }
             }
             Err(e) => Err(storage(&format!("cannot read {what} file"), &path, e)),
         }
+    }
+
+    /// Creates a secret file (0600) only if it does not exist; false if it did.
+    fn write_new_file(&self, path: &Path, body: &str) -> Result<bool, KeyError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| KeyError::Storage(format!("invalid key file {}", path.display())))?;
+        self.secure
+            .write_new(name, 0o600, |f| f.write_all(body.as_bytes()))
+            .map_err(|e| KeyError::Storage(e.to_string()))
     }
 
     fn read(&self, id: &str) -> Result<Option<SoftwareKey>, KeyError> {

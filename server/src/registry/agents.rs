@@ -100,7 +100,7 @@ impl Registry {
         Err(RegistryError::Contended(id.to_string()))
     }
 
-    fn refresh_agent(&self, id: &str, a: Option<AgentRecord>) {
+    pub(super) fn refresh_agent(&self, id: &str, a: Option<AgentRecord>) {
         let mut idx = self.write();
         match a {
             Some(a) => idx.agents.insert(id.to_string(), a),

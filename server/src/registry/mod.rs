@@ -14,6 +14,7 @@ use crate::datastore::{
 use crate::metrics::Metrics;
 
 mod agents;
+mod feed;
 
 pub use agents::{AgentChange, SerialUse};
 
@@ -119,7 +120,9 @@ pub struct SyncResult {
 
 /// Entries and agents, indexed in memory, written through to the datastore.
 pub struct Registry {
-    /// Re-reads an agent record when a compare-and-set lost.
+    /// Entries and tombstones are read from here by revision (the change feed's catch-up).
+    entries: Arc<dyn EntryStore>,
+    /// Re-reads an agent record when a compare-and-set lost, or another server changed it.
     agents: Arc<dyn AgentStore>,
     clock: Arc<dyn Clock>,
     audit: Arc<Audit>,
@@ -155,24 +158,15 @@ impl Registry {
     /// Loads entries and tombstones from `entries` and agents from `agents`; admin writes are
     /// audited in `audit` (in the same transaction), agent forks counted in `metrics`.
     pub async fn load(
-        entries: &dyn EntryStore,
+        entries: Arc<dyn EntryStore>,
         agents: Arc<dyn AgentStore>,
         clock: Arc<dyn Clock>,
         audit: Arc<Audit>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, RegistryError> {
-        let mut index = Index::default();
-        for e in entries.list_entries().await? {
-            index.insert(e);
-        }
-        for t in entries.list_tombstones().await? {
-            index.tombstone(t);
-        }
-        index.revision = index.revision.max(entries.entry_revision().await?);
-        for a in agents.list_agents().await? {
-            index.agents.insert(a.spiffe_id.to_string(), a);
-        }
+        let index = feed::load_index(&*entries, &*agents).await?;
         Ok(Self {
+            entries,
             agents,
             clock,
             audit,
@@ -217,6 +211,7 @@ impl Registry {
         actor: &str,
     ) -> Result<Arc<Entry>, RegistryError> {
         let _w = self.writes.lock().await;
+        self.follow().await;
         if let Some(dup) = self.find_duplicate(&e, None) {
             return Err(RegistryError::Duplicate(dup));
         }
@@ -228,14 +223,14 @@ impl Registry {
                 "entry write result".into(),
             )));
         };
-        let arc = Arc::new(stored.clone());
-        self.write().insert(stored);
-        Ok(arc)
+        self.follow().await;
+        Ok(Arc::new(stored))
     }
 
     /// Replaces an entry, audited as `actor`.
     pub async fn update_entry(&self, e: Entry, actor: &str) -> Result<Arc<Entry>, RegistryError> {
         let _w = self.writes.lock().await;
+        self.follow().await;
         if self.entry(&e.id).is_none() {
             return Err(RegistryError::NotFound(format!("entry {}", e.id)));
         }
@@ -243,38 +238,29 @@ impl Registry {
             return Err(RegistryError::Duplicate(dup));
         }
         let ev = AuditEvent::ok(actor, "entry.update", &e.id);
-        let Applied::Entry(stored, moved) = self.commit(Write::UpdateEntry(e), ev).await? else {
+        let Applied::Entry(stored, _) = self.commit(Write::UpdateEntry(e), ev).await? else {
             return Err(RegistryError::Store(StoreError::Corrupt(
                 "entry write result".into(),
             )));
         };
-        let arc = Arc::new(stored.clone());
-        let mut idx = self.write();
-        idx.remove(&stored.id);
-        if let Some(t) = moved {
-            idx.tombstone(t);
-        }
-        idx.insert(stored);
-        Ok(arc)
+        self.follow().await;
+        Ok(Arc::new(stored))
     }
 
     /// Deletes an entry, audited as `actor`.
     pub async fn delete_entry(&self, id: &str, actor: &str) -> Result<Arc<Entry>, RegistryError> {
         let _w = self.writes.lock().await;
+        self.follow().await;
         if self.entry(id).is_none() {
             return Err(RegistryError::NotFound(format!("entry {id}")));
         }
         let ev = AuditEvent::ok(actor, "entry.delete", id);
-        let Applied::Entry(old, t) = self.commit(Write::DeleteEntry(id.into()), ev).await? else {
+        let Applied::Entry(old, _) = self.commit(Write::DeleteEntry(id.into()), ev).await? else {
             return Err(RegistryError::Store(StoreError::Corrupt(
                 "entry write result".into(),
             )));
         };
-        let mut idx = self.write();
-        idx.remove(id);
-        if let Some(t) = t {
-            idx.tombstone(t);
-        }
+        self.follow().await;
         Ok(Arc::new(old))
     }
 

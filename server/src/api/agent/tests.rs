@@ -134,7 +134,7 @@ async fn fixture() -> Fixture {
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(
         Registry::load(
-            &*store,
+            store.clone(),
             store.clone(),
             clock.clone(),
             audit,

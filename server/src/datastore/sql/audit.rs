@@ -114,10 +114,7 @@ impl AuditStore for SqlDataStore {
         } else {
             None
         };
-        let mut out = Vec::with_capacity(writes.len());
-        for w in writes {
-            out.push(self.apply_tx(&mut tx, w).await?);
-        }
+        let out = self.apply_all(&mut tx, writes).await?;
         if let Some(head) = head {
             Self::append_audit_on(&mut tx, &head, audit, link)
                 .await

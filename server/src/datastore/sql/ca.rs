@@ -5,7 +5,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{SqlDataStore, Table};
-use crate::datastore::{CaKeyRecord, CaKeyState, CaStore, Canon, KeyPurpose, StoreError};
+use crate::datastore::{
+    CaKeyRecord, CaKeyState, CaStore, Canon, ChangeKind, KeyPurpose, StoreError,
+};
 
 /// The CA journal, MACed: the bundle is built from these rows.
 pub(super) const CA_KEYS: Table = Table {
@@ -87,6 +89,7 @@ impl CaStore for SqlDataStore {
     async fn put_ca_key(&self, k: &CaKeyRecord) -> Result<(), StoreError> {
         // Every column is written, so the MAC covers exactly what is stored.
         let mac = self.seal(&ca_key_canon(k))?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO ca_keys (key_id, purpose, state, key_type, cert_der, public_key, kid, not_before, not_after, mac)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
@@ -103,16 +106,21 @@ impl CaStore for SqlDataStore {
         .bind(k.not_before)
         .bind(k.not_after)
         .bind(mac)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        self.note_change(&mut tx, ChangeKind::Ca, &k.key_id).await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn delete_ca_key(&self, key_id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM ca_keys WHERE key_id = $1")
             .bind(key_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        self.note_change(&mut tx, ChangeKind::Ca, key_id).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -141,6 +149,7 @@ impl CaStore for SqlDataStore {
             .bind(self.seal(&sequence_canon(v))?)
             .execute(&mut *tx)
             .await?;
+        self.note_change(&mut tx, ChangeKind::Ca, "bundle").await?;
         tx.commit().await?;
         Ok(v as u64)
     }

@@ -237,12 +237,15 @@ impl SqlDataStore {
         Ok(())
     }
 
-    /// Inserts or replaces a key version. Its encryption reservations stay as stored (they
-    /// only grow, through [`EngineStore::reserve_encryptions`]), read from the row checked.
+    /// Inserts or replaces a key version (`insert_only`: a version that exists is a
+    /// [`StoreError::Conflict`], so two servers rotating one key at once cannot both make the
+    /// same version). Its encryption reservations stay as stored (they only grow, through
+    /// [`EngineStore::reserve_encryptions`]), read from the row checked.
     pub(super) async fn put_key_version_on(
         &self,
         c: &mut AnyConnection,
         v: &KeyVersion,
+        insert_only: bool,
     ) -> Result<(), StoreError> {
         let stored = sqlx::query(
             "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
@@ -253,6 +256,12 @@ impl SqlDataStore {
         .fetch_optional(&mut *c)
         .await?;
         let encryptions = match stored {
+            Some(_) if insert_only => {
+                return Err(StoreError::Conflict(format!(
+                    "version {} of key {}/{}",
+                    v.version, v.engine, v.key
+                )));
+            }
             Some(r) => {
                 self.checked(&r, key_version_from_row, key_version_canon)?
                     .encryptions
@@ -393,7 +402,7 @@ impl EngineStore for SqlDataStore {
 
     async fn put_key_version(&self, v: &KeyVersion) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        self.put_key_version_on(&mut tx, v).await?;
+        self.put_key_version_on(&mut tx, v, false).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -241,4 +241,28 @@ impl EntryStore for SqlDataStore {
     async fn entry_revision(&self) -> Result<i64, StoreError> {
         self.meta("entry_revision").await
     }
+
+    async fn entries_between(&self, after: i64, upto: i64) -> Result<Vec<Entry>, StoreError> {
+        let rows = sqlx::query("SELECT id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl, dns_names, hint, admin, engine, federates_with, revision, created_at, mac FROM entries WHERE revision > $1 AND revision <= $2 ORDER BY revision")
+            .bind(after)
+            .bind(upto)
+            .fetch_all(&self.pool)
+            .await?;
+        self.screen(&rows, entry_from_row, entry_canon)
+    }
+
+    async fn tombstones_between(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<Tombstone>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT entry_id, parent_id, revision, mac FROM entry_tombstones WHERE revision > $1 AND revision <= $2 ORDER BY revision",
+        )
+        .bind(after)
+        .bind(upto)
+        .fetch_all(&self.pool)
+        .await?;
+        self.screen(&rows, tombstone_from_row, tombstone_canon)
+    }
 }

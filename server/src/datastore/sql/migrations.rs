@@ -94,6 +94,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         hash = COALESCE((SELECT hash FROM audit_log WHERE seq = (SELECT value FROM meta WHERE name = 'audit_head')), '');
     DELETE FROM meta WHERE name = 'audit_head'",
     ),
+    (
+        7,
+        // Several servers on one datastore: the change feed (every write appends a numbered
+        // change in its transaction; `change_seq` is bumped there, so numbers commit in order
+        // without gaps) and the leases of the clock-driven work.
+        "CREATE TABLE changes (seq BIGINT PRIMARY KEY, kind TEXT NOT NULL, change_key TEXT NOT NULL,
+        origin TEXT NOT NULL, at BIGINT NOT NULL);
+    INSERT INTO meta (name, value) VALUES ('change_seq', 0);
+    CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at BIGINT NOT NULL)",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

@@ -53,7 +53,7 @@ use continuity_common::SpiffeId;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{Applied, BadRows, Canon, RecordSealer, StoreError, StoreHealth, Write};
+use super::{Applied, BadRows, Canon, ChangeKind, RecordSealer, StoreError, StoreHealth, Write};
 
 mod agents;
 mod audit;
@@ -63,6 +63,7 @@ mod engines;
 #[cfg(test)]
 mod engines_tests;
 mod entries;
+mod feed;
 mod integrity;
 #[cfg(test)]
 mod integrity_tests;
@@ -80,6 +81,26 @@ pub struct SqlDataStore {
     sealer: RecordSealer,
     bad: std::sync::Arc<BadRows>,
     upgraded: Option<u64>,
+    /// Written with this process's changes (see [`crate::datastore::ChangeFeed::origin`]).
+    origin: String,
+    /// Where the change feed's LISTEN connects (PostgreSQL only).
+    listen_url: ListenUrl,
+}
+
+/// A PostgreSQL URL kept for the LISTEN connection; never printed (it may hold a password).
+#[derive(Clone, Default)]
+struct ListenUrl(Option<String>);
+
+impl ListenUrl {
+    fn get(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
+impl std::fmt::Debug for ListenUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 impl SqlDataStore {
@@ -123,12 +144,17 @@ impl SqlDataStore {
                 )));
             }
         }
+        let origin = hex::encode(
+            continuity_common::rand::array::<8>().map_err(|e| StoreError::Io(e.to_string()))?,
+        );
         let mut store = Self {
             pool,
             sqlite,
             sealer,
             bad: std::sync::Arc::default(),
             upgraded: None,
+            origin,
+            listen_url: ListenUrl((!sqlite).then(|| url.to_string())),
         };
         store.upgraded = store.migrate(if sqlite { "BLOB" } else { "BYTEA" }).await?;
         Ok(store)
@@ -202,8 +228,30 @@ impl SqlDataStore {
             .await?)
     }
 
-    /// One write of an [`AuditStore::apply`](crate::datastore::AuditStore::apply) transaction.
-    async fn apply_tx(
+    /// The writes of an [`AuditStore::apply`](crate::datastore::AuditStore::apply) transaction,
+    /// then their changes for the other servers' feeds (the change counter is locked last, so
+    /// it is held as briefly as possible and always after the rows it is about).
+    async fn apply_all(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        writes: &[Write],
+    ) -> Result<Vec<Applied>, StoreError> {
+        let mut out = Vec::with_capacity(writes.len());
+        let mut changes: Vec<(ChangeKind, String)> = Vec::new();
+        for w in writes {
+            let applied = self.apply_one(tx, w).await?;
+            if let Some(c) = change_of(w, &applied).filter(|c| !changes.contains(c)) {
+                changes.push(c);
+            }
+            out.push(applied);
+        }
+        for (kind, key) in &changes {
+            self.note_change(tx, *kind, key).await?;
+        }
+        Ok(out)
+    }
+
+    async fn apply_one(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         w: &Write,
@@ -240,7 +288,11 @@ impl SqlDataStore {
                 Applied::Done
             }
             Write::PutKeyVersion(v) => {
-                self.put_key_version_on(tx, v).await?;
+                self.put_key_version_on(tx, v, false).await?;
+                Applied::Done
+            }
+            Write::InsertKeyVersion(v) => {
+                self.put_key_version_on(tx, v, true).await?;
                 Applied::Done
             }
             Write::PutSecret(sec) => {
@@ -249,6 +301,29 @@ impl SqlDataStore {
             }
         })
     }
+}
+
+/// The change a write makes for the other servers (None: nothing they hold in memory).
+fn change_of(w: &Write, applied: &Applied) -> Option<(ChangeKind, String)> {
+    Some(match (w, applied) {
+        (Write::CreateEntry(_) | Write::UpdateEntry(_), Applied::Entry(e, _)) => {
+            (ChangeKind::Entry, e.id.clone())
+        }
+        (Write::DeleteEntry(id), _) => (ChangeKind::Entry, id.clone()),
+        (Write::InsertAgent(a) | Write::UpdateAgent(a), _) => {
+            (ChangeKind::Agent, a.spiffe_id.to_string())
+        }
+        (Write::BanAgent(id) | Write::DeleteAgent(id), _) => (ChangeKind::Agent, id.clone()),
+        (Write::PutEngine(e), _) => (ChangeKind::Engine, e.name.clone()),
+        (Write::PutEngineKey(k), _) => (ChangeKind::Engine, k.engine.clone()),
+        (Write::PutKeyVersion(v) | Write::InsertKeyVersion(v), _) => {
+            (ChangeKind::Engine, v.engine.clone())
+        }
+        (Write::PutSecret(s), _) => (ChangeKind::Engine, s.engine.clone()),
+        (Write::CreateJoinToken(_) | Write::CreateEntry(_) | Write::UpdateEntry(_), _) => {
+            return None;
+        }
+    })
 }
 
 fn parse<T: std::str::FromStr<Err = String>>(s: String) -> Result<T, StoreError> {

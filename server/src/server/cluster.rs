@@ -1,0 +1,86 @@
+//! Several servers on one datastore: this server's stable lease holder name, the change-feed
+//! follower, the Engine key lifecycle under its lease, and handing the leases over at shutdown.
+
+use std::time::Duration;
+
+use continuity_common::fsperm::{FsPermError, SecureDir};
+
+use super::{Core, RunError};
+use crate::feed::{Feed, Followers};
+use crate::scheduler::Job;
+
+/// The lease that makes one server run the Engine key lifecycle step.
+const ENGINE_LEASE: &str = "engine-lifecycle";
+
+/// This server's stable name in the leader leases: random, made once in `data_dir/server-id`,
+/// so a restarted server takes its own unexpired lease back at once.
+pub(super) fn server_id(data_dir: &SecureDir) -> Result<String, RunError> {
+    let name = "server-id";
+    let bad = |e: FsPermError| RunError::Path(format!("data_dir: {e}"));
+    loop {
+        if let Some(raw) = data_dir.read(std::ffi::OsStr::new(name)).map_err(bad)? {
+            let id = String::from_utf8_lossy(&raw).trim().to_string();
+            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(id);
+            }
+            return Err(RunError::Path(format!(
+                "data_dir: {name} is malformed (expected 32 hex digits); remove it to make a new one"
+            )));
+        }
+        let id = hex::encode(
+            continuity_common::rand::array::<16>().map_err(|e| RunError::Path(e.to_string()))?,
+        );
+        data_dir
+            .write_new(name, 0o600, |f| {
+                std::io::Write::write_all(f, format!("{id}\n").as_bytes())
+            })
+            .map_err(bad)?;
+    }
+}
+
+/// Starts the change-feed follower of `core`, polling every `poll`.
+pub(super) fn follow(core: &Core, poll: Duration) -> tokio::task::JoinHandle<()> {
+    Feed::new(
+        core.store.clone(),
+        Followers {
+            registry: core.registry.clone(),
+            engines: core.engines.clone(),
+            ca: core.ca.clone(),
+        },
+        poll,
+        core.feed_cursor,
+    )
+    .spawn()
+}
+
+/// The Engine key lifecycle step every `period`, run only by the holder of its lease.
+pub(super) fn engine_lifecycle_job(core: &Core, period: Duration, lease_ttl: Duration) -> Job {
+    let (engines, leases, clock) = (core.engines.clone(), core.store.clone(), core.clock.clone());
+    let holder = core.holder.clone();
+    let ttl = i64::try_from(lease_ttl.as_secs()).unwrap_or(i64::MAX);
+    Job::every(
+        "engine-key-lifecycle",
+        period,
+        "Engine key lifecycle step failed; will retry",
+        move || {
+            let (engines, leases, holder) = (engines.clone(), leases.clone(), holder.clone());
+            let now = clock.unix();
+            async move {
+                // One server at a time destroys and rotates on schedule.
+                if leases.try_lease(ENGINE_LEASE, &holder, now, ttl).await? {
+                    engines.tick().await?;
+                }
+                Ok(())
+            }
+        },
+    )
+}
+
+/// Gives this server's leases up, so another server need not wait for them to expire.
+pub(super) async fn release_leases(core: &Core) {
+    for lease in [crate::ca::CA_LEASE, ENGINE_LEASE] {
+        if let Err(e) = core.store.release_lease(lease, &core.holder).await {
+            tracing::warn!(lease, error = %e, "could not release a lease at shutdown; it expires by itself");
+        }
+    }
+}
