@@ -10,6 +10,7 @@ mod hsm;
 mod record_macs;
 mod report;
 mod scale;
+mod scale_cluster;
 mod scale_server;
 mod signing;
 mod workload;
@@ -25,7 +26,7 @@ use report::Metric;
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
     pub quick: bool,
-    /// Only this group runs (`--only workload|signing|engine|recovery|scale|server|macs`).
+    /// Only this group runs (`--only workload|signing|engine|recovery|scale|server|cluster|macs`).
     pub only: Option<&'static str>,
     pub latency_samples: usize,
     pub seconds: f64,
@@ -199,7 +200,7 @@ async fn run(plan: Plan) -> Vec<Metric> {
     let runs = |group: &str| plan.only.is_none_or(|o| o == group);
     let mut m = Vec::new();
     if runs("macs") {
-        eprintln!("[0/6] record MACs: Engine sign and entry writes, MACs on vs off");
+        eprintln!("[0/7] record MACs: Engine sign and entry writes, MACs on vs off");
         m.extend(record_macs::metrics(&plan, dir).await);
         if plan.only.is_some() {
             return m;
@@ -207,15 +208,15 @@ async fn run(plan: Plan) -> Vec<Metric> {
     }
     let (server, mut agent) = main_pair(dir);
     if runs("workload") {
-        eprintln!("[1/6] Workload API latency and throughput");
+        eprintln!("[1/7] Workload API latency and throughput");
         m.extend(workload_rows::metrics(&plan, &agent, dir).await);
     }
     if runs("signing") {
-        eprintln!("[2/6] SVID signing (disk, pkcs11) and Engine ops (hsm)");
+        eprintln!("[2/7] SVID signing (disk, pkcs11) and Engine ops (hsm)");
         m.extend(signing::metrics(&plan, &server, dir).await);
     }
     if runs("engine") {
-        eprintln!("[3/6] Engine ops (transit)");
+        eprintln!("[3/7] Engine ops (transit)");
         m.extend(engine::metrics(&plan, &agent.socket, "transit", dir, None).await);
         m.push(Metric::new(
             "disk: 256 B append + fdatasync p50 (one audit commit)",
@@ -224,18 +225,22 @@ async fn run(plan: Plan) -> Vec<Metric> {
         ));
     }
     if runs("recovery") {
-        eprintln!("[4/6] recovery");
+        eprintln!("[4/7] recovery");
         m.push(recovery(&mut agent, &server).await);
     }
     drop(agent);
     drop(server);
     if runs("scale") {
-        eprintln!("[5/6] agent memory, SVID storm, Workload API during rotation");
+        eprintln!("[5/7] agent memory, SVID storm, Workload API during rotation");
         m.extend(scale::agent_memory(&plan, dir).await);
     }
     if runs("server") {
-        eprintln!("[6/6] server scale");
+        eprintln!("[6/7] server scale");
         m.extend(scale_server::server_scale(&plan, dir).await);
+    }
+    if runs("cluster") {
+        eprintln!("[7/7] three servers on one PostgreSQL");
+        m.extend(scale_cluster::cluster_scale(&plan, dir).await);
     }
     m
 }

@@ -15,13 +15,13 @@ use crate::signing::create_entries;
 use crate::{Plan, QUIET_SERVER, cpu_seconds, rss};
 
 /// Node aliases the simulated agents share (each alias holds `entries_per_alias` entries).
-fn aliases(plan: &Plan) -> usize {
+pub fn aliases(plan: &Plan) -> usize {
     plan.agents.div_ceil(10).min(100)
 }
 
 /// How often each simulated agent syncs: 1 s up to 1,000 agents, else the agent's default
 /// `sync_interval` (5 s).
-fn sync_period(plan: &Plan) -> Duration {
+pub fn sync_period(plan: &Plan) -> Duration {
     Duration::from_secs(if plan.agents > 1000 { 5 } else { 1 })
 }
 
@@ -39,17 +39,26 @@ fn scale_server(dir: &Path, plan: &Plan) -> TestServer {
     )
 }
 
-/// Attests `plan.agents` agents (16 at a time), spread over the aliases.
-async fn attest_all(server: &TestServer, plan: &Plan) -> Vec<Agent> {
-    let ch = continuity_common::grpc::uds_channel(&server.socket)
-        .await
-        .unwrap();
-    let (bundle, n_aliases) = (server.bundle_der(), aliases(plan));
+/// Attests `plan.agents` agents (16 at a time), spread over the aliases and round-robin over
+/// `servers` (each agent's join token from the server it attests to).
+pub async fn attest_all(servers: &[&TestServer], plan: &Plan) -> Vec<Agent> {
+    let mut channels = Vec::with_capacity(servers.len());
+    for s in servers {
+        channels.push(
+            continuity_common::grpc::uds_channel(&s.socket)
+                .await
+                .unwrap(),
+        );
+    }
+    let bundles: Vec<_> = servers.iter().map(|s| s.bundle_der()).collect();
+    let n_aliases = aliases(plan);
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();
     for i in 0..plan.agents {
-        let mut tc = TokenAdminClient::new(ch.clone());
-        let (addr, bundle, sem) = (server.addr.clone(), bundle.clone(), sem.clone());
+        let server = servers[i % servers.len()];
+        let mut tc = TokenAdminClient::new(channels[i % servers.len()].clone());
+        let bundle = bundles[i % servers.len()].clone();
+        let (addr, sem) = (server.addr.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await.unwrap();
             let request = continuity_proto::admin::GenerateTokenRequest {
@@ -68,7 +77,7 @@ async fn attest_all(server: &TestServer, plan: &Plan) -> Vec<Agent> {
 }
 
 /// One full sync per agent; returns each agent's revision.
-async fn initial_sync(agents: &mut [Agent], entries: usize) -> Vec<i64> {
+pub async fn initial_sync(agents: &mut [Agent], entries: usize) -> Vec<i64> {
     let mut revisions = Vec::with_capacity(agents.len());
     for a in agents.iter_mut() {
         let r = a
@@ -85,7 +94,7 @@ async fn initial_sync(agents: &mut [Agent], entries: usize) -> Vec<i64> {
 
 /// Steady state: every agent syncs incrementally once per `period` (starts spread over one
 /// period) for `secs`; every sync's latency in ms.
-async fn steady(agents: Vec<Agent>, revisions: Vec<i64>, period: Duration, secs: f64) -> Vec<f64> {
+pub async fn steady(agents: Vec<Agent>, revisions: Vec<i64>, period: Duration, secs: f64) -> Vec<f64> {
     let n = agents.len().max(1) as u32;
     let mut tasks = Vec::new();
     for (i, (mut a, rev)) in agents.into_iter().zip(revisions).enumerate() {
@@ -145,7 +154,7 @@ pub async fn server_scale(plan: &Plan, dir: &Path) -> Vec<Metric> {
         create_entries(&server, &alias, e, &format!("a{a}"), "unix:uid:1000").await;
     }
     let t = Instant::now();
-    let mut agents = attest_all(&server, plan).await;
+    let mut agents = attest_all(&[&server], plan).await;
     let attest_s = t.elapsed().as_secs_f64();
     let revisions = initial_sync(&mut agents, e).await;
     let (pid, period) = (server.pid().unwrap(), sync_period(plan));

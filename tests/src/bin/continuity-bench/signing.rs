@@ -90,7 +90,7 @@ async fn signing_agent(
 
 /// SVIDs per second through BatchNewX509SVID (TLS, auth, authorization, signing), from as
 /// many concurrent callers as there are cores.
-async fn server_rate(server: &TestServer, plan: &Plan, tag: &str) -> f64 {
+pub async fn server_rate(server: &TestServer, plan: &Plan, tag: &str) -> f64 {
     let (agent, params) = signing_agent(server, tag).await;
     let signed = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs_f64(plan.seconds);
