@@ -34,6 +34,18 @@ use continuity_tests::{fetch_x509, free_port, http_get, uid};
 const ALIAS: &str = "spiffe://example.org/node/outage";
 const ID: &str = "spiffe://example.org/outage/workload";
 
+/// An admin write made during an outage.
+const LATE_ENTRY: [&str; 8] = [
+    "entry",
+    "create",
+    "--spiffe-id",
+    "spiffe://example.org/outage/late",
+    "--parent-id",
+    ALIAS,
+    "--selector",
+    "unix:uid:4242",
+];
+
 /// A `sqlite3` process holding the datastore's write lock until released or dropped.
 struct WriteLock(Child);
 
@@ -129,18 +141,7 @@ async fn a_datastore_that_cannot_be_written_keeps_agents_served_and_fails_writes
     assert_eq!((status, body.trim()), (200, "ready"));
 
     // An admin write waits out busy_timeout, then fails with Unavailable and the reason.
-    let out = tokio::task::block_in_place(|| {
-        server.cli(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            "spiffe://example.org/outage/late",
-            "--parent-id",
-            ALIAS,
-            "--selector",
-            "unix:uid:4242",
-        ])
-    });
+    let out = tokio::task::block_in_place(|| server.cli(&LATE_ENTRY));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -285,17 +286,7 @@ async fn an_unreachable_postgresql_makes_ready_503_while_agents_stay_served() {
         .unwrap();
     let jwt = spiffe.fetch_jwt_svid(["pg-outage"], None).await.unwrap();
     assert_eq!(jwt.spiffe_id().to_string(), ID);
-    let late = [
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://example.org/outage/late",
-        "--parent-id",
-        ALIAS,
-        "--selector",
-        "unix:uid:4242",
-    ];
-    let out = tokio::task::block_in_place(|| server.cli(&late));
+    let out = tokio::task::block_in_place(|| server.cli(&LATE_ENTRY));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("Unavailable"),
@@ -307,6 +298,6 @@ async fn an_unreachable_postgresql_makes_ready_503_while_agents_stay_served() {
         &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"),
     );
     tokio::task::block_in_place(|| ready_becomes(health, 200, "after PostgreSQL came back"));
-    tokio::task::block_in_place(|| server.cli_ok(&late));
+    tokio::task::block_in_place(|| server.cli_ok(&LATE_ENTRY));
     assert_eq!(served_serial(&agent).await, before);
 }

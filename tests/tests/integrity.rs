@@ -9,7 +9,6 @@
     missing_docs
 )]
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use continuity_proto::agent::SyncAuthorizedEntriesRequest;
 use continuity_tests::agent::TestAgent;
 use continuity_tests::server::{ServerOptions, TestServer};
 use continuity_tests::softhsm::{MODULE, SoftHsm};
-use continuity_tests::{agent_client, free_port, uid};
+use continuity_tests::{agent_client, free_port, http_get, uid};
 use tonic::Code;
 
 const ALIAS: &str = "spiffe://example.org/node/integrity";
@@ -48,25 +47,6 @@ fn wait_for<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
         assert!(Instant::now() < deadline, "{what}: not within {secs}s");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// GET `path` on a local HTTP listener: (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut r = String::new();
-    c.read_to_string(&mut r).unwrap();
-    let status = r.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = r
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_string();
-    (status, body)
 }
 
 /// `integrity verify --output json`: (exit ok, parsed report).

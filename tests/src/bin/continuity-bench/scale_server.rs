@@ -94,7 +94,12 @@ pub async fn initial_sync(agents: &mut [Agent], entries: usize) -> Vec<i64> {
 
 /// Steady state: every agent syncs incrementally once per `period` (starts spread over one
 /// period) for `secs`; every sync's latency in ms.
-pub async fn steady(agents: Vec<Agent>, revisions: Vec<i64>, period: Duration, secs: f64) -> Vec<f64> {
+pub async fn steady(
+    agents: Vec<Agent>,
+    revisions: Vec<i64>,
+    period: Duration,
+    secs: f64,
+) -> Vec<f64> {
     let n = agents.len().max(1) as u32;
     let mut tasks = Vec::new();
     for (i, (mut a, rev)) in agents.into_iter().zip(revisions).enumerate() {
