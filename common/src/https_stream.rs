@@ -58,7 +58,9 @@ pub fn get_lines(
         let _ = body.take(MAX_ERROR_BODY).read_to_end(&mut kept);
         return Ok(StreamEnd::Status(Response { status, body: kept }));
     }
-    let cap = u64::try_from(max_line).unwrap_or(u64::MAX).saturating_add(1);
+    let cap = u64::try_from(max_line)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -172,7 +174,9 @@ impl<R: BufRead> Read for Chunked<R> {
         }
         if self.left == 0 {
             let mut size_line = Vec::new();
-            (&mut self.inner).take(1024).read_until(b'\n', &mut size_line)?;
+            (&mut self.inner)
+                .take(1024)
+                .read_until(b'\n', &mut size_line)?;
             let text = std::str::from_utf8(&size_line).map_err(|_| bad("bad chunk size"))?;
             let size = usize::from_str_radix(text.split(';').next().unwrap_or("").trim(), 16)
                 .map_err(|_| bad("bad chunk size"))?;
@@ -222,7 +226,11 @@ mod tests {
 
     #[test]
     fn bad_chunks_are_errors() {
-        for raw in [&b"zz\r\nab\r\n0\r\n\r\n"[..], b"2\r\nabXX0\r\n\r\n", b"5\r\nab"] {
+        for raw in [
+            &b"zz\r\nab\r\n0\r\n\r\n"[..],
+            b"2\r\nabXX0\r\n\r\n",
+            b"5\r\nab",
+        ] {
             let mut out = Vec::new();
             let r = Chunked {
                 inner: raw,

@@ -71,16 +71,26 @@ impl ControllerConfig {
         }
         let key = "controller.node_alias_id";
         let id = f.node_alias_id.ok_or_else(|| {
-            invalid(key, "is required (the SPIFFE ID of the cluster's node alias entry)")
+            invalid(
+                key,
+                "is required (the SPIFFE ID of the cluster's node alias entry)",
+            )
         })?;
         let node_alias_id = SpiffeId::new(&id).map_err(|e| invalid(key, e.to_string()))?;
         if node_alias_id.trust_domain() != *trust_domain {
-            return Err(invalid(key, format!("{id} is not in trust domain {trust_domain}")));
+            return Err(invalid(
+                key,
+                format!("{id} is not in trust domain {trust_domain}"),
+            ));
         }
         Ok(Some(Self {
             api_server,
-            ca_file: f.ca_file.unwrap_or_else(|| format!("{SA_DIR}/ca.crt").into()),
-            token_file: f.token_file.unwrap_or_else(|| format!("{SA_DIR}/token").into()),
+            ca_file: f
+                .ca_file
+                .unwrap_or_else(|| format!("{SA_DIR}/ca.crt").into()),
+            token_file: f
+                .token_file
+                .unwrap_or_else(|| format!("{SA_DIR}/token").into()),
             cluster_name,
             node_alias_id,
         }))
@@ -102,8 +112,8 @@ mod tests {
         assert!(e.to_string().contains("controller.cluster_name"), "{e}");
         let e = parse("cluster_name = \"demo\"").unwrap_err();
         assert!(e.to_string().contains("controller.node_alias_id"), "{e}");
-        let e = parse("cluster_name = \"demo\"\nnode_alias_id = \"spiffe://other.org/x\"")
-            .unwrap_err();
+        let e =
+            parse("cluster_name = \"demo\"\nnode_alias_id = \"spiffe://other.org/x\"").unwrap_err();
         assert!(e.to_string().contains("controller.node_alias_id"), "{e}");
         let e = parse(
             "cluster_name = \"demo\"\nnode_alias_id = \"spiffe://example.org/x\"\napi_server = \"http://k\"",

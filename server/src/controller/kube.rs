@@ -237,7 +237,9 @@ mod tests {
             true
         };
         let ok = handle_line(
-            line(serde_json::json!({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "7"}}})),
+            line(
+                serde_json::json!({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "7"}}}),
+            ),
             &mut rv,
             &mut gone,
             &mut count,

@@ -111,7 +111,9 @@ async fn follow(client: Arc<kube::Client>, kind: Kind, tx: mpsc::Sender<Update>)
             let Ok((end, last)) = watched else { return };
             rv = last;
             match end {
-                Ok(kube::WatchEnd::Ended) => tracing::debug!(?kind, %rv, "controller: watch ended; resuming"),
+                Ok(kube::WatchEnd::Ended) => {
+                    tracing::debug!(?kind, %rv, "controller: watch ended; resuming")
+                }
                 Ok(kube::WatchEnd::Gone) => {
                     tracing::info!(?kind, %rv, "controller: resourceVersion expired (410); listing again");
                     break;

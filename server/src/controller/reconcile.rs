@@ -100,8 +100,15 @@ impl Reconciler {
                 let ns_labels = namespaces
                     .get(&pod.metadata.namespace)
                     .unwrap_or(&no_labels);
-                let selected = r.spec.pod_selector.as_ref().is_none_or(|s| s.matches(&pod.metadata.labels))
-                    && r.spec.namespace_selector.as_ref().is_none_or(|s| s.matches(ns_labels));
+                let selected = r
+                    .spec
+                    .pod_selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&pod.metadata.labels))
+                    && r.spec
+                        .namespace_selector
+                        .as_ref()
+                        .is_none_or(|s| s.matches(ns_labels));
                 if !selected {
                     continue;
                 }

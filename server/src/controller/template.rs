@@ -229,7 +229,11 @@ mod tests {
             render(t, &ctx).unwrap(),
             "spiffe://example.org/ns/shop/sa/web-sa/web/demo"
         );
-        assert!(render("{{ .PodMeta.Secret }}", &ctx).unwrap_err().contains("unknown"));
+        assert!(
+            render("{{ .PodMeta.Secret }}", &ctx)
+                .unwrap_err()
+                .contains("unknown")
+        );
         assert!(render("{{ index .PodMeta.Labels \"x\" }}", &ctx).is_err());
         assert!(render("a{{ .PodMeta.Name", &ctx).is_err());
         assert!(render("a }}", &ctx).is_err());
@@ -237,8 +241,9 @@ mod tests {
 
     #[test]
     fn selectors_match_labels_and_expressions() {
-        let labels: BTreeMap<String, String> =
-            [("app".to_string(), "web".to_string())].into_iter().collect();
+        let labels: BTreeMap<String, String> = [("app".to_string(), "web".to_string())]
+            .into_iter()
+            .collect();
         let sel = |j: serde_json::Value| serde_json::from_value::<LabelSelector>(j).unwrap();
         assert!(sel(serde_json::json!({"matchLabels": {"app": "web"}})).matches(&labels));
         assert!(!sel(serde_json::json!({"matchLabels": {"app": "db"}})).matches(&labels));
