@@ -235,6 +235,10 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
     );
     let db = &got[&(format!("{OWNER}by-label"), uid("db-1"))];
     assert_eq!(db["spiffe_id"], "spiffe://example.org/demo/app/db/db-1");
+    assert_eq!(
+        web1["engine"], "",
+        "no Engine unless the resource names one"
+    );
     let web1_id = web1["id"].as_str().unwrap().to_string();
 
     // A new pod is registered; a deleted pod's entry goes; the others keep their ids.
@@ -268,6 +272,37 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // Binding the resource to an Engine binds its entries; an Engine that does not exist
+    // makes no entry (the registry's rules apply) rather than a dangling binding.
+    s.cli_ok(&["engine", "create", "shopfront", "--tier", "1"]);
+    let mut bound = web_resource();
+    bound["spec"]["dnsNameTemplates"] = json!(["{{ .PodMeta.Name }}.internal"]);
+    bound["spec"]["engine"] = json!("shopfront");
+    api.put(CLUSTER_SPIFFE_IDS, bound.clone());
+    let start = Instant::now();
+    while owned(&s)[&(format!("{OWNER}web"), uid("web-1"))]["engine"] != "shopfront" {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "Engine binding never applied"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bound["spec"]["engine"] = json!("no-such-engine");
+    api.put(CLUSTER_SPIFFE_IDS, bound);
+    wait_for(
+        &s,
+        &[("by-label", "db-1")],
+        Duration::from_secs(10),
+        "unknown Engine",
+    );
+    api.put(CLUSTER_SPIFFE_IDS, web_resource());
+    wait_for(
+        &s,
+        &[("by-label", "db-1"), ("web", "web-1"), ("web", "web-4")],
+        Duration::from_secs(10),
+        "Engine binding removed",
+    );
 
     // A namespace relabelled out of the selector takes its pods' entries with it.
     api.put(NAMESPACES, namespace("shop", "z"));
