@@ -52,7 +52,7 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-fn tls_config(trust: &ServerTrust) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn tls_config(trust: &ServerTrust) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -125,17 +125,17 @@ pub fn request_capped(
 }
 
 /// Where a URL points: scheme, host, port, and the `Host` and request-target it is sent with.
-struct Target<'a> {
-    tls: bool,
-    host: String,
-    port: u16,
-    hostport: &'a str,
-    path: &'a str,
+pub(crate) struct Target<'a> {
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) hostport: &'a str,
+    pub(crate) path: &'a str,
 }
 
 impl<'a> Target<'a> {
     /// Splits `http(s)://host[:port]/path` (an IPv6 host in brackets).
-    fn parse(url: &'a str) -> Result<Self, HttpError> {
+    pub(crate) fn parse(url: &'a str) -> Result<Self, HttpError> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
@@ -163,7 +163,7 @@ impl<'a> Target<'a> {
 }
 
 /// The request line and headers, up to and including the empty line.
-fn request_head(
+pub(crate) fn request_head(
     method: &str,
     target: &Target<'_>,
     bearer: Option<&str>,
@@ -226,7 +226,7 @@ fn exchange(
     }
 }
 
-trait ReadWrite: Read + Write {}
+pub(crate) trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 fn parse_response(url: &str, raw: &[u8]) -> Result<Response, HttpError> {

@@ -27,6 +27,7 @@ pub mod fsperm;
 pub mod grpc;
 pub mod http;
 pub mod https;
+pub mod https_stream;
 pub mod jwk;
 pub mod jwt;
 pub mod logging;

@@ -18,6 +18,7 @@ pub mod backup;
 pub mod ca;
 pub mod cli;
 pub mod config;
+pub mod controller;
 pub mod datastore;
 pub mod engines;
 pub mod entry;

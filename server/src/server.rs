@@ -61,6 +61,9 @@ pub enum RunError {
     /// Engines could not load.
     #[error(transparent)]
     Engines(#[from] crate::engines::EngineError),
+    /// The registration controller could not start.
+    #[error(transparent)]
+    Controller(#[from] crate::controller::ControllerError),
     /// The registry could not load.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
@@ -193,6 +196,14 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     ));
     let _jobs = jobs.spawn();
     let _feed = cluster::follow(&core, cfg.cluster.poll_interval);
+    if let Some(c) = &cfg.controller {
+        let deps = crate::controller::Deps {
+            registry: core.registry.clone(),
+            engines: core.engines.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+        };
+        crate::controller::spawn(c, deps)?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;

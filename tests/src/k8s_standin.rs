@@ -167,3 +167,96 @@ pub fn sa_claims(
         }
     })
 }
+
+/// What [`https_reply`]'s handler answers: one JSON document, or a chunked stream of JSON
+/// lines (a watch) that ends when the sender is dropped.
+pub enum Reply {
+    /// Status and body.
+    Json(u16, serde_json::Value),
+    /// Status 200, `Transfer-Encoding: chunked`, one JSON object per line.
+    Lines(tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>),
+}
+
+/// Like [`https_json`], but the handler may answer with a stream of lines (the API server's
+/// `?watch=true`). Returns (port, CA PEM).
+pub async fn https_reply<F>(handler: F) -> (u16, String)
+where
+    F: Fn(&str, &str, Option<&str>, &[u8]) -> Reply + Send + Sync + 'static,
+{
+    let ca =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let cert_pem = ca.cert.pem();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ca.signing_key.serialize_der().into());
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ca.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                answer_reply(tls, &*handler).await;
+            });
+        }
+    });
+    (port, cert_pem)
+}
+
+/// Reads one request, answers it with `handler` (streaming when asked) and closes.
+async fn answer_reply<F>(mut tls: StandinTls, handler: &F)
+where
+    F: Fn(&str, &str, Option<&str>, &[u8]) -> Reply,
+{
+    let Some((buf, head_end, length)) = read_request(&mut tls).await else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut first = head.lines().next().unwrap_or_default().split_whitespace();
+    let (method, path) = (
+        first.next().unwrap_or_default().to_string(),
+        first.next().unwrap_or_default().to_string(),
+    );
+    let bearer = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Authorization: Bearer ").map(str::to_string));
+    let body = &buf[head_end..(head_end + length).min(buf.len())];
+    match handler(&method, &path, bearer.as_deref(), body) {
+        Reply::Json(status, json) => {
+            let body = json.to_string();
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tls.write_all(resp.as_bytes()).await;
+        }
+        Reply::Lines(mut rx) => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            if tls.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            while let Some(v) = rx.recv().await {
+                let line = format!("{v}\n");
+                let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                if tls.write_all(chunk.as_bytes()).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = tls.write_all(b"0\r\n\r\n").await;
+        }
+    }
+    let _ = tls.shutdown().await;
+}

@@ -11,6 +11,7 @@ pub mod agent_client;
 pub mod cluster;
 pub mod floods;
 pub mod k8s_standin;
+pub mod kube_api;
 pub mod server;
 pub mod softhsm;
 

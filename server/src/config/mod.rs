@@ -6,6 +6,7 @@
 mod agent_api;
 mod audit;
 mod cluster;
+mod controller;
 mod datastore;
 mod engines;
 mod integrity;
@@ -26,6 +27,7 @@ pub use crate::keys::config::{FileKeyManager, KeyManagerConfig, PinSource};
 pub use agent_api::{AgentApiConfig, FileAgentApi};
 pub use audit::{AuditConfig, DEFAULT_CHECKPOINT_INTERVAL, FileAudit};
 pub use cluster::{ClusterConfig, FileCluster};
+pub use controller::{ControllerConfig, FileController};
 pub use engines::FileEngines;
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
 
@@ -80,6 +82,8 @@ pub struct FileConfig {
     pub audit: Option<FileAudit>,
     /// `[cluster]`: several servers on one datastore.
     pub cluster: Option<FileCluster>,
+    /// `[controller]`: automatic registration from Kubernetes.
+    pub controller: Option<FileController>,
 }
 
 /// `[datastore]` table.
@@ -140,6 +144,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[cluster]`: the change feed's poll and the leader leases.
     pub cluster: ClusterConfig,
+    /// `[controller]`: automatic registration from Kubernetes (None: off).
+    pub controller: Option<ControllerConfig>,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -193,6 +199,7 @@ impl Config {
             KeyManagerConfig::from_file(f.key_manager.unwrap_or_default(), &data_dir)?;
         let previous_svid_grace = previous_svid_grace(f.agent_api.as_ref())?;
         let listener = FileListener::address;
+        let controller = ControllerConfig::from_file(f.controller, &trust_domain)?;
         Ok(Self {
             trust_domain,
             bind_address,
@@ -218,6 +225,7 @@ impl Config {
             integrity_verify_interval: integrity::verify_interval(f.integrity)?,
             audit: AuditConfig::from_file(f.audit)?,
             cluster: ClusterConfig::from_file(f.cluster)?,
+            controller,
             data_dir,
         })
     }
