@@ -9,6 +9,7 @@ mod cluster;
 mod datastore;
 mod engines;
 mod integrity;
+mod k8s_bundle;
 mod psat;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ pub use agent_api::{AgentApiConfig, FileAgentApi};
 pub use audit::{AuditConfig, DEFAULT_CHECKPOINT_INTERVAL, FileAudit};
 pub use cluster::{ClusterConfig, FileCluster};
 pub use engines::FileEngines;
+pub use k8s_bundle::{FileK8sBundle, K8sBundleConfig};
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
 
 use continuity_common::config::invalid;
@@ -80,6 +82,8 @@ pub struct FileConfig {
     pub audit: Option<FileAudit>,
     /// `[cluster]`: several servers on one datastore.
     pub cluster: Option<FileCluster>,
+    /// `[k8s_bundle]`: the ConfigMap kept holding the bundle.
+    pub k8s_bundle: Option<FileK8sBundle>,
 }
 
 /// `[datastore]` table.
@@ -140,6 +144,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// `[cluster]`: the change feed's poll and the leader leases.
     pub cluster: ClusterConfig,
+    /// `[k8s_bundle]`: the ConfigMap kept holding the bundle (None: not published).
+    pub k8s_bundle: Option<K8sBundleConfig>,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -218,6 +224,7 @@ impl Config {
             integrity_verify_interval: integrity::verify_interval(f.integrity)?,
             audit: AuditConfig::from_file(f.audit)?,
             cluster: ClusterConfig::from_file(f.cluster)?,
+            k8s_bundle: K8sBundleConfig::from_file(f.k8s_bundle)?,
             data_dir,
         })
     }
