@@ -60,7 +60,8 @@ async fn publish_changes(cfg: Arc<K8sBundleConfig>, mut bundles: watch::Receiver
     let mut published: Option<String> = None;
     loop {
         let pem = bundle_pem(&bundles.borrow_and_update());
-        if published.as_deref() == Some(pem.as_str()) {
+        // Unchanged X.509 authorities (a JWT key change) or none yet: nothing to write.
+        if pem.is_empty() || published.as_deref() == Some(pem.as_str()) {
             if bundles.changed().await.is_err() {
                 return;
             }
