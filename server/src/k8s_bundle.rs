@@ -34,6 +34,9 @@ pub enum PublishError {
     /// The request did not complete.
     #[error("k8s_bundle: {0}")]
     Http(#[from] https::HttpError),
+    /// The blocking publish task did not finish (it panicked or was cancelled).
+    #[error("k8s_bundle: publish task: {0}")]
+    Task(String),
     /// The API server refused the request.
     #[error("k8s_bundle: {method} {path}: API server answered {status}")]
     Status {
@@ -70,7 +73,7 @@ async fn publish_changes(cfg: Arc<K8sBundleConfig>, mut bundles: watch::Receiver
         let (c, p) = (cfg.clone(), pem.clone());
         let outcome = tokio::task::spawn_blocking(move || publish(&c, &p))
             .await
-            .unwrap_or_else(|e| Err(PublishError::Credentials(format!("publish task: {e}"))));
+            .unwrap_or_else(|e| Err(PublishError::Task(e.to_string())));
         match outcome {
             Ok(()) => {
                 tracing::info!(namespace = %cfg.namespace, config_map = %cfg.config_map, "bundle published to the ConfigMap");
