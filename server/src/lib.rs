@@ -24,6 +24,7 @@ pub mod engines;
 pub mod entry;
 pub mod feed;
 pub mod integrity;
+pub mod k8s_bundle;
 pub mod keys;
 pub mod metrics;
 pub mod model;

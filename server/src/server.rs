@@ -204,6 +204,10 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
         };
         crate::controller::spawn(c, deps)?;
     }
+    let _bundle_publisher = cfg
+        .k8s_bundle
+        .clone()
+        .map(|k| crate::k8s_bundle::spawn(k, core.ca.subscribe()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;

@@ -260,3 +260,145 @@ where
     }
     let _ = tls.shutdown().await;
 }
+
+/// One request an [`ApiServerStandin`] received.
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Request path.
+    pub path: String,
+    /// The status it was answered with.
+    pub status: u16,
+    /// The JSON body (Null if none or not JSON).
+    pub body: serde_json::Value,
+}
+
+/// What an [`ApiServerStandin`] holds: ConfigMaps by path, the requests, injected failures.
+#[derive(Default)]
+struct ApiState {
+    config_maps: std::collections::BTreeMap<String, serde_json::Value>,
+    requests: Vec<ApiRequest>,
+    fail_next: usize,
+    resource_version: u64,
+}
+
+/// An API server stand-in for core/v1 ConfigMaps (GET, POST to the collection, merge PATCH),
+/// requiring one bearer token and recording every request; it can fail the next requests with 500.
+pub struct ApiServerStandin {
+    /// HTTPS port on 127.0.0.1.
+    pub port: u16,
+    /// CA PEM to trust it with.
+    pub ca_pem: String,
+    state: Arc<std::sync::Mutex<ApiState>>,
+}
+
+impl ApiServerStandin {
+    /// Starts it; requests without `Authorization: Bearer <token>` get 401.
+    pub async fn start(token: &str) -> Self {
+        let state = Arc::new(std::sync::Mutex::new(ApiState::default()));
+        let (s, token) = (state.clone(), token.to_string());
+        let (port, ca_pem) = https_json(move |method, path, bearer, body| {
+            let body: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            let mut st = s.lock().unwrap();
+            let (status, json) = if bearer != Some(token.as_str()) {
+                (401, status_json(401, "Unauthorized"))
+            } else if st.fail_next > 0 {
+                st.fail_next -= 1;
+                (500, status_json(500, "InternalError"))
+            } else {
+                st.answer(method, path, &body)
+            };
+            st.requests.push(ApiRequest {
+                method: method.into(),
+                path: path.into(),
+                status,
+                body,
+            });
+            (status, json)
+        })
+        .await;
+        Self {
+            port,
+            ca_pem,
+            state,
+        }
+    }
+
+    /// Answers the next `n` requests with 500.
+    pub fn fail_next(&self, n: usize) {
+        self.state.lock().unwrap().fail_next = n;
+    }
+
+    /// Every request so far, oldest first.
+    pub fn requests(&self) -> Vec<ApiRequest> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// `data[key]` of ConfigMap `ns/name`, if it exists and has that key.
+    pub fn config_map_data(&self, ns: &str, name: &str, key: &str) -> Option<String> {
+        let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
+        let st = self.state.lock().unwrap();
+        st.config_maps.get(&path)?["data"][key]
+            .as_str()
+            .map(str::to_string)
+    }
+}
+
+impl ApiState {
+    /// The API server's answer to an authorized request.
+    fn answer(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let (collection, item) = match parts.as_slice() {
+            ["api", "v1", "namespaces", _, "configmaps"] => (true, false),
+            ["api", "v1", "namespaces", _, "configmaps", _] => (false, true),
+            _ => (false, false),
+        };
+        self.resource_version += 1;
+        let rv = self.resource_version.to_string();
+        match (method, collection, item) {
+            ("GET", _, true) => match self.config_maps.get(path) {
+                Some(cm) => (200, cm.clone()),
+                None => (404, status_json(404, "NotFound")),
+            },
+            ("POST", true, _) => {
+                let name = body["metadata"]["name"].as_str().unwrap_or_default();
+                let item_path = format!("{path}/{name}");
+                if name.is_empty() || body["kind"] != "ConfigMap" {
+                    return (422, status_json(422, "Invalid"));
+                }
+                if self.config_maps.contains_key(&item_path) {
+                    return (409, status_json(409, "AlreadyExists"));
+                }
+                let mut cm = body.clone();
+                cm["metadata"]["resourceVersion"] = rv.into();
+                self.config_maps.insert(item_path, cm.clone());
+                (201, cm)
+            }
+            ("PATCH", _, true) => {
+                let Some(cm) = self.config_maps.get_mut(path) else {
+                    return (404, status_json(404, "NotFound"));
+                };
+                let Some(data) = body["data"].as_object() else {
+                    return (422, status_json(422, "Invalid"));
+                };
+                for (k, v) in data {
+                    cm["data"][k] = v.clone();
+                }
+                cm["metadata"]["resourceVersion"] = rv.into();
+                (200, cm.clone())
+            }
+            _ => (405, status_json(405, "MethodNotAllowed")),
+        }
+    }
+}
+
+/// A `metav1.Status` failure body.
+fn status_json(code: u16, reason: &str) -> serde_json::Value {
+    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code})
+}

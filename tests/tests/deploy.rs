@@ -94,3 +94,338 @@ fn kind_e2e_says_skipped_without_a_container_engine() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("SKIPPED: "), "{stdout}");
 }
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `kubectl kustomize DIR` as JSON documents (PyYAML, which kubernetes-validate brings, turns
+/// the YAML stream into JSON), after checking the stream validates strictly.
+fn kustomize(dir: &str) -> Vec<serde_json::Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(repo().join(dir))
+        .output()
+        .expect("kubectl is installed");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let built = tmp.path().join("built.yaml");
+    std::fs::write(&built, &out.stdout).unwrap();
+    let v = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg(&built)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert!(
+        v.status.success() && !text.contains("ERROR"),
+        "{dir}: {text}"
+    );
+    let json = Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(std::fs::File::open(&built).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    serde_json::from_slice(&json.stdout).unwrap()
+}
+
+fn find<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("{kind}/{name} missing"))
+}
+
+#[test]
+fn the_base_builds_and_the_server_may_keep_the_bundle_config_map_the_agents_mount() {
+    let docs = kustomize("deploy/k8s");
+    // The server publishes into the ConfigMap the agent DaemonSet mounts, under the key the
+    // agent reads as its trust bundle.
+    let server = embedded("server-config.yaml", "server.toml");
+    let server =
+        continuity_server::Config::parse(&server, Path::new("server-config.yaml")).unwrap();
+    let pub_cfg = server.k8s_bundle.expect("[k8s_bundle] is on in deploy/");
+    let agent = find(&docs, "DaemonSet", "continuity-agent");
+    let spec = &agent["spec"]["template"]["spec"];
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["configMap"]["name"] == pub_cfg.config_map.as_str())
+        .expect("the agent mounts the bundle ConfigMap");
+    let mount = spec["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .unwrap();
+    assert_eq!(agent["metadata"]["namespace"], pub_cfg.namespace.as_str());
+    let agent_toml = embedded("agent-config.yaml", "agent.toml");
+    let expected = format!(
+        "trust_bundle_path = \"{}/{}\"",
+        mount["mountPath"].as_str().unwrap(),
+        pub_cfg.key
+    );
+    assert!(agent_toml.contains(&expected), "{expected} in agent.toml");
+    // RBAC: get, create, update, patch on that ConfigMap for the server's service account.
+    let role = find(&docs, "Role", "continuity-server-bundle");
+    let mut verbs = vec![];
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["resources"], serde_json::json!(["configmaps"]));
+        if let Some(names) = rule["resourceNames"].as_array() {
+            assert_eq!(names, &[serde_json::json!(pub_cfg.config_map)]);
+        }
+        verbs.extend(rule["verbs"].as_array().unwrap().iter().cloned());
+    }
+    verbs.sort_by_key(|v| v.as_str().unwrap().to_string());
+    assert_eq!(
+        verbs,
+        serde_json::json!(["create", "get", "patch", "update"])
+            .as_array()
+            .unwrap()
+            .clone()
+    );
+    let binding = find(&docs, "RoleBinding", "continuity-server-bundle");
+    assert_eq!(binding["roleRef"]["name"], "continuity-server-bundle");
+    assert_eq!(binding["subjects"][0]["name"], "continuity-server");
+}
+
+#[test]
+fn the_csi_overlay_serves_the_socket_without_host_path_to_a_restricted_workload() {
+    let docs = kustomize("deploy/k8s-csi");
+    let driver = find(&docs, "CSIDriver", "csi.spiffe.io");
+    assert_eq!(
+        driver["spec"]["volumeLifecycleModes"],
+        serde_json::json!(["Ephemeral"])
+    );
+    // The driver serves the agent's socket directory on the node.
+    let agent = find(&docs, "DaemonSet", "continuity-agent");
+    let csi = find(&docs, "DaemonSet", "spiffe-csi-driver");
+    let host_path = |ds: &serde_json::Value, name: &str| {
+        ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["hostPath"]["path"]
+            .clone()
+    };
+    assert_eq!(
+        host_path(agent, "sockets"),
+        host_path(csi, "agent-socket-dir")
+    );
+    // Pod Security `restricted`, field by field.
+    let pod = &find(&docs, "Deployment", "payments")["spec"]["template"]["spec"];
+    for v in pod["volumes"].as_array().unwrap() {
+        assert!(v.get("hostPath").is_none(), "hostPath volume {v}");
+    }
+    let sock = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "continuity")
+        .unwrap();
+    assert_eq!(sock["csi"]["driver"], "csi.spiffe.io");
+    assert_eq!(sock["csi"]["readOnly"], true);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert!(pod["hostPID"].is_null() && pod["hostNetwork"].is_null());
+    let containers = pod["containers"].as_array().unwrap();
+    assert!(!containers.is_empty());
+    for c in containers {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{c}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{c}");
+        assert_eq!(sc["runAsNonRoot"], true, "{c}");
+        assert_eq!(
+            sc["capabilities"]["drop"],
+            serde_json::json!(["ALL"]),
+            "{c}"
+        );
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{c}");
+        assert!(
+            sc["privileged"].is_null() && sc["capabilities"]["add"].is_null(),
+            "{c}"
+        );
+    }
+}
+
+/// One segment-wise glob match (`*` within a segment, `**` across segments).
+fn glob(pattern: &[&str], path: &[&str]) -> bool {
+    match (pattern.first(), path.first()) {
+        (None, None) => true,
+        (Some(&"**"), _) => {
+            glob(&pattern[1..], path) || (!path.is_empty() && glob(pattern, &path[1..]))
+        }
+        (Some(p), Some(s)) => {
+            segment(p.as_bytes(), s.as_bytes()) && glob(&pattern[1..], &path[1..])
+        }
+        _ => false,
+    }
+}
+
+fn segment(p: &[u8], s: &[u8]) -> bool {
+    match (p.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => segment(&p[1..], s) || (!s.is_empty() && segment(p, &s[1..])),
+        (Some(a), Some(b)) if a == b => segment(&p[1..], &s[1..]),
+        _ => false,
+    }
+}
+
+/// Whether the Docker build context (per .dockerignore: a pattern matches a path or any of its
+/// parent directories; later lines win; `!` re-includes) leaves `path` out.
+fn docker_ignores(rules: &str, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    let mut ignored = false;
+    for line in rules.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (negated, pat) = match line.strip_prefix('!') {
+            Some(p) => (true, p),
+            None => (false, line),
+        };
+        let pat: Vec<&str> = pat.trim_matches('/').split('/').collect();
+        if (1..=parts.len()).any(|n| glob(&pat, &parts[..n])) {
+            ignored = !negated;
+        }
+    }
+    ignored
+}
+
+#[test]
+fn the_build_context_excludes_target_git_and_non_build_files_and_keeps_the_sources() {
+    let rules = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    for p in [
+        "target/release/continuity-server",
+        "target/debug/deps/x.rlib",
+        ".git",
+        ".git/HEAD",
+        "server/target/x",
+        "fuzz/corpus/a",
+        "README.md",
+        "scripts/setup",
+        "tests/tests/deploy.rs",
+        "tests/e2e-kind/run.sh",
+        ".ci/run",
+    ] {
+        assert!(
+            docker_ignores(&rules, p),
+            "{p} must not be in the build context"
+        );
+    }
+    // Everything cargo reads to build the binaries is in it: every tracked file of the
+    // workspace manifests and member crates the Dockerfile builds.
+    let out = Command::new("git")
+        .args(["ls-files"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let files = String::from_utf8(out.stdout).unwrap();
+    let needed: Vec<&str> = files
+        .lines()
+        .filter(|f| {
+            ["Cargo.toml", "Cargo.lock"].contains(f)
+                || [
+                    "proto/",
+                    "common/",
+                    "attestors/",
+                    "agent/",
+                    "server/",
+                    "tests/src/",
+                ]
+                .iter()
+                .any(|d| f.starts_with(d))
+                || *f == "tests/Cargo.toml"
+        })
+        .collect();
+    assert!(needed.len() > 50, "{needed:?}");
+    for f in needed {
+        assert!(!docker_ignores(&rules, f), "{f} is needed by the build");
+    }
+    // A multi-stage build whose runtime stage copies only the two release binaries.
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let stages: Vec<&str> = dockerfile.split("\nFROM ").skip(1).collect();
+    assert_eq!(stages.len(), 2, "builder then runtime");
+    assert!(stages[0].lines().next().unwrap().ends_with(" AS build"));
+    let runtime = stages[1];
+    assert!(runtime.starts_with("debian:bookworm-slim") || runtime.contains("distroless"));
+    let copies: Vec<&str> = runtime.lines().filter(|l| l.starts_with("COPY")).collect();
+    assert_eq!(
+        copies,
+        [
+            "COPY --from=build /src/target/release/continuity-server /src/target/release/continuity-agent /usr/local/bin/"
+        ]
+    );
+}
+
+#[test]
+fn the_kind_e2e_runs_two_workers_and_needs_no_python_in_the_image() {
+    let dir = repo().join("tests/e2e-kind");
+    let script = std::fs::read_to_string(dir.join("run.sh")).unwrap();
+    let syntax = Command::new("bash")
+        .arg("-n")
+        .arg(dir.join("run.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        syntax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&syntax.stderr)
+    );
+    let commands: Vec<&str> = script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    assert!(
+        commands.iter().all(|l| !l.contains("python")),
+        "the image has no python3"
+    );
+    assert!(script.contains("--config tests/e2e-kind/kind.yaml"));
+    let kind = std::fs::read_to_string(dir.join("kind.yaml")).unwrap();
+    assert_eq!(kind.matches("- role: worker").count(), 2, "{kind}");
+    assert_eq!(kind.matches("- role: control-plane").count(), 1, "{kind}");
+    // The CLI commands the script runs exist with the flags it passes (run locally).
+    for (args, flags) in [
+        (&["engine", "sign"][..], &["--key", "--message-file"][..]),
+        (
+            &["engine", "verify"],
+            &["--key", "--message-file", "--signature-file"],
+        ),
+        (&["engine", "jwks"], &[]),
+        (&["api", "fetch", "x509"], &[]),
+    ] {
+        let used = format!("continuity-agent {}", args.join(" "));
+        assert!(script.contains(&used), "{used}");
+        let out = Command::new(continuity_tests::bin("continuity-agent"))
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{used} --help");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for flag in flags {
+            assert!(help.contains(flag), "{used} has no {flag}");
+        }
+    }
+}

@@ -10,6 +10,7 @@ mod controller;
 mod datastore;
 mod engines;
 mod integrity;
+mod k8s_bundle;
 mod psat;
 #[cfg(test)]
 mod tests;
@@ -29,6 +30,7 @@ pub use audit::{AuditConfig, DEFAULT_CHECKPOINT_INTERVAL, FileAudit};
 pub use cluster::{ClusterConfig, FileCluster};
 pub use controller::{ControllerConfig, FileController};
 pub use engines::FileEngines;
+pub use k8s_bundle::{FileK8sBundle, K8sBundleConfig};
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
 
 use continuity_common::config::invalid;
@@ -84,6 +86,8 @@ pub struct FileConfig {
     pub cluster: Option<FileCluster>,
     /// `[controller]`: automatic registration from Kubernetes.
     pub controller: Option<FileController>,
+    /// `[k8s_bundle]`: the ConfigMap kept holding the bundle.
+    pub k8s_bundle: Option<FileK8sBundle>,
 }
 
 /// `[datastore]` table.
@@ -146,6 +150,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[controller]`: automatic registration from Kubernetes (None: off).
     pub controller: Option<ControllerConfig>,
+    /// `[k8s_bundle]`: the ConfigMap kept holding the bundle (None: not published).
+    pub k8s_bundle: Option<K8sBundleConfig>,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -226,6 +232,7 @@ impl Config {
             audit: AuditConfig::from_file(f.audit)?,
             cluster: ClusterConfig::from_file(f.cluster)?,
             controller,
+            k8s_bundle: K8sBundleConfig::from_file(f.k8s_bundle)?,
             data_dir,
         })
     }
