@@ -68,6 +68,7 @@ fn agent(parent: &SpiffeId) -> crate::datastore::AgentRecord {
         serial_first_used: 0,
         forked: false,
         forked_at: 0,
+        selectors: vec![],
     }
 }
 

@@ -76,11 +76,41 @@ struct Index {
     tombstones: Vec<Tombstone>,
     revision: i64,
     agents: HashMap<String, AgentRecord>,
+    /// Ids of the node alias entries.
+    nodes: BTreeSet<String>,
+    /// The last revision at which a node alias entry was created, changed or deleted: an
+    /// agent that synced before it may have gained or lost aliases, so it syncs in full.
+    node_revision: i64,
 }
 
 impl Index {
+    /// The parent IDs through which `agent` is authorized: itself, its join-token alias, and
+    /// the SPIFFE ID of every node alias entry whose selectors its node selectors include.
+    /// Sorted, without duplicates.
+    fn parents(&self, agent: &AgentRecord) -> Vec<SpiffeId> {
+        let mut p = vec![agent.spiffe_id.clone()];
+        p.extend(agent.alias.iter().cloned());
+        if !agent.selectors.is_empty() {
+            let aliases = self
+                .nodes
+                .iter()
+                .filter_map(|id| self.entries.get(id))
+                .filter(|e| e.parent_id.trust_domain() == agent.spiffe_id.trust_domain())
+                .filter(|e| continuity_common::selector::matches(&e.selectors, &agent.selectors[..]))
+                .map(|e| e.spiffe_id.clone());
+            p.extend(aliases);
+        }
+        p.sort();
+        p.dedup();
+        p
+    }
+
     fn insert(&mut self, e: Entry) {
         self.revision = self.revision.max(e.revision);
+        if e.is_node() {
+            self.nodes.insert(e.id.clone());
+            self.node_revision = self.node_revision.max(e.revision);
+        }
         self.by_parent
             .entry(e.parent_id.clone())
             .or_default()
@@ -90,6 +120,7 @@ impl Index {
 
     fn remove(&mut self, id: &str) -> Option<Arc<Entry>> {
         let old = self.entries.remove(id)?;
+        self.nodes.remove(id);
         if let Some(set) = self.by_parent.get_mut(&old.parent_id) {
             set.remove(id);
             if set.is_empty() {
@@ -101,6 +132,9 @@ impl Index {
 
     fn tombstone(&mut self, t: Tombstone) {
         self.revision = self.revision.max(t.revision);
+        if t.parent_id.path() == crate::entry::NODE_PARENT_PATH {
+            self.node_revision = self.node_revision.max(t.revision);
+        }
         self.tombstones.push(t);
     }
 }
@@ -291,31 +325,32 @@ impl Registry {
         out
     }
 
-    /// The parent IDs through which `agent` is authorized: itself and its node alias.
-    fn parents(agent: &AgentRecord) -> Vec<&SpiffeId> {
-        let mut p = vec![&agent.spiffe_id];
-        if let Some(a) = &agent.alias {
-            p.push(a);
-        }
-        p
-    }
-
     /// The entry `id` if `agent` may obtain SVIDs for it.
     pub fn authorized_entry(&self, agent: &AgentRecord, id: &str) -> Option<Arc<Entry>> {
-        let e = self.entry(id)?;
-        Self::parents(agent).contains(&&e.parent_id).then_some(e)
+        let idx = self.read();
+        let e = idx.entries.get(id)?;
+        idx.parents(agent).contains(&e.parent_id).then(|| e.clone())
+    }
+
+    /// The node alias IDs `agent` holds now (node entries its node selectors satisfy).
+    pub fn node_aliases(&self, agent: &AgentRecord) -> Vec<SpiffeId> {
+        let idx = self.read();
+        let mut p = idx.parents(agent);
+        p.retain(|id| *id != agent.spiffe_id && Some(id) != agent.alias.as_ref());
+        p
     }
 
     /// Entries authorized for `agent` that changed after `since` (everything when `since` is 0).
     pub fn sync(&self, agent: &AgentRecord, since: i64) -> SyncResult {
         let idx = self.read();
-        let full = since <= 0;
+        let full = since <= 0 || idx.node_revision > since;
+        let parents = idx.parents(agent);
         let mut out = SyncResult {
             revision: idx.revision,
             full,
             ..Default::default()
         };
-        for parent in Self::parents(agent) {
+        for parent in &parents {
             for id in idx.by_parent.get(parent).into_iter().flatten() {
                 if let Some(e) = idx.entries.get(id).filter(|e| full || e.revision > since) {
                     out.entries.push(e.clone());
@@ -327,7 +362,7 @@ impl Registry {
                     let still_here = idx
                         .entries
                         .get(&t.entry_id)
-                        .is_some_and(|e| Self::parents(agent).contains(&&e.parent_id));
+                        .is_some_and(|e| parents.contains(&e.parent_id));
                     if t.parent_id == *parent && !still_here {
                         out.removed.push(t.entry_id.clone());
                     }
