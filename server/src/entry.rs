@@ -250,7 +250,9 @@ fn check_node_selectors(selectors: &[Selector]) -> Result<(), EntryError> {
         return Err(EntryError::NodeSelectors(format!("{}:{}", s.kind, s.value)));
     }
     if !selectors.iter().any(|s| key(s) == Some("cluster")) {
-        return Err(EntryError::NodeSelectors("no k8s_psat:cluster: selector".into()));
+        return Err(EntryError::NodeSelectors(
+            "no k8s_psat:cluster: selector".into(),
+        ));
     }
     Ok(())
 }

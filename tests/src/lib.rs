@@ -11,6 +11,7 @@ pub mod agent_client;
 pub mod cluster;
 pub mod floods;
 pub mod k8s_standin;
+pub mod pod_cgroup;
 pub mod server;
 pub mod softhsm;
 

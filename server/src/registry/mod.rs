@@ -78,9 +78,6 @@ struct Index {
     agents: HashMap<String, AgentRecord>,
     /// Ids of the node alias entries.
     nodes: BTreeSet<String>,
-    /// The last revision at which a node alias entry was created, changed or deleted: an
-    /// agent that synced before it may have gained or lost aliases, so it syncs in full.
-    node_revision: i64,
 }
 
 impl Index {
@@ -96,7 +93,9 @@ impl Index {
                 .iter()
                 .filter_map(|id| self.entries.get(id))
                 .filter(|e| e.parent_id.trust_domain() == agent.spiffe_id.trust_domain())
-                .filter(|e| continuity_common::selector::matches(&e.selectors, &agent.selectors[..]))
+                .filter(|e| {
+                    continuity_common::selector::matches(&e.selectors, &agent.selectors[..])
+                })
                 .map(|e| e.spiffe_id.clone());
             p.extend(aliases);
         }
@@ -109,7 +108,6 @@ impl Index {
         self.revision = self.revision.max(e.revision);
         if e.is_node() {
             self.nodes.insert(e.id.clone());
-            self.node_revision = self.node_revision.max(e.revision);
         }
         self.by_parent
             .entry(e.parent_id.clone())
@@ -132,9 +130,6 @@ impl Index {
 
     fn tombstone(&mut self, t: Tombstone) {
         self.revision = self.revision.max(t.revision);
-        if t.parent_id.path() == crate::entry::NODE_PARENT_PATH {
-            self.node_revision = self.node_revision.max(t.revision);
-        }
         self.tombstones.push(t);
     }
 }
@@ -163,6 +158,11 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     previous_svid_grace: i64,
     index: RwLock<Index>,
+    /// Per agent with node selectors: the revision and parent IDs of its last sync here. An
+    /// incremental sync is only correct from the parents the agent synced with; when its node
+    /// aliases changed since (a node entry, or its selectors at re-attestation), or this
+    /// server does not know what it saw, it syncs in full.
+    synced: std::sync::Mutex<HashMap<String, (i64, Vec<SpiffeId>)>>,
     writes: tokio::sync::Mutex<()>,
 }
 
@@ -207,6 +207,7 @@ impl Registry {
             metrics,
             previous_svid_grace: DEFAULT_PREVIOUS_SVID_GRACE.as_secs() as i64,
             index: RwLock::new(index),
+            synced: std::sync::Mutex::default(),
             writes: tokio::sync::Mutex::new(()),
         })
     }
@@ -343,8 +344,8 @@ impl Registry {
     /// Entries authorized for `agent` that changed after `since` (everything when `since` is 0).
     pub fn sync(&self, agent: &AgentRecord, since: i64) -> SyncResult {
         let idx = self.read();
-        let full = since <= 0 || idx.node_revision > since;
         let parents = idx.parents(agent);
+        let full = since <= 0 || !self.same_parents(agent, since, &parents);
         let mut out = SyncResult {
             revision: idx.revision,
             full,
@@ -369,7 +370,23 @@ impl Registry {
                 }
             }
         }
+        if !agent.selectors.is_empty() {
+            let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+            synced.insert(agent.spiffe_id.to_string(), (out.revision, parents));
+        }
         out
+    }
+
+    /// Whether `agent`, syncing from `since`, synced here at `since` with these `parents`.
+    /// An agent without node selectors has fixed parents (itself and its token's alias).
+    fn same_parents(&self, agent: &AgentRecord, since: i64, parents: &[SpiffeId]) -> bool {
+        if agent.selectors.is_empty() {
+            return true;
+        }
+        let synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        synced
+            .get(agent.spiffe_id.as_str())
+            .is_some_and(|(rev, p)| *rev == since && p == parents)
     }
 
     /// The current entry revision.

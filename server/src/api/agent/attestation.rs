@@ -110,7 +110,13 @@ impl AgentService {
             .id(&join_token::agent_path(&record.id))
             .map_err(|e| Status::internal(e.to_string()))?;
         let response = self
-            .issue_agent(&agent_id, join_token::ATTESTOR_TYPE, record.alias, vec![], csr)
+            .issue_agent(
+                &agent_id,
+                join_token::ATTESTOR_TYPE,
+                record.alias,
+                vec![],
+                csr,
+            )
             .await?;
         tracing::info!(agent = %agent_id, "agent attested with a join token");
         Ok(response)

@@ -73,7 +73,24 @@ const AGENT_WRITE: &str = "UPDATE agents SET attestation_type = $2, serial = $3,
      created_at = $12, revision = $13, mac = $14, selectors = $16
      WHERE spiffe_id = $1 AND revision = $15 RETURNING spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, selectors, mac";
 
+/// The agents table as the record-MAC upgrade (migration 5) seals it: before migration 8
+/// added the node selectors (so none; the canonical encoding then omits them).
+pub(super) const AGENTS_AT_RECORD_MACS: Table = Table {
+    select: "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac FROM agents",
+    canon: |r| agent_fields(r, vec![]).map(|a| agent_canon(&a)),
+    ..AGENTS
+};
+
 pub(super) fn agent_from_row(r: &AnyRow) -> Result<AgentRecord, StoreError> {
+    let selectors = json_list(&r.try_get::<String, _>("selectors")?, "agent selectors")?;
+    agent_fields(r, selectors)
+}
+
+/// An agent row's columns but its selectors, which are given.
+fn agent_fields(
+    r: &AnyRow,
+    selectors: Vec<continuity_attestors::Selector>,
+) -> Result<AgentRecord, StoreError> {
     let row = format!("agent {:?}", r.try_get::<String, _>("spiffe_id")?);
     Ok(AgentRecord {
         spiffe_id: id_column(r, "spiffe_id", &row)?,
@@ -89,7 +106,7 @@ pub(super) fn agent_from_row(r: &AnyRow) -> Result<AgentRecord, StoreError> {
         serial_first_used: r.try_get("serial_first_used")?,
         forked: r.try_get::<i64, _>("forked")? != 0,
         forked_at: r.try_get("forked_at")?,
-        selectors: json_list(&r.try_get::<String, _>("selectors")?, "agent selectors")?,
+        selectors,
     })
 }
 
