@@ -9,7 +9,8 @@ use std::process::Command;
 pub struct PodCgroup {
     /// The cgroup directory.
     pub dir: std::path::PathBuf,
-    made: Vec<std::path::PathBuf>,
+    /// The directories it created (removed on drop, deepest first).
+    pub made: Vec<std::path::PathBuf>,
 }
 
 impl PodCgroup {
