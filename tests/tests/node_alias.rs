@@ -200,7 +200,7 @@ fn a_node_alias_entry_reaches_every_agent_of_the_cluster_and_no_other() {
     wait_for(&b, WEB, "agent on node-b of demo");
 
     // The agent of cluster other: synced past both entries (it gets a later entry of its own),
-    // never the workload. Its SVID request for that entry is refused too: it is not in its sync.
+    // never the workload (the registry test checks that its SVID requests are refused too).
     let own_c2 = "spiffe://example.org/own-of-c-2";
     s.create_entry(own_c2, &agent_id("other", "node-c"), &[&me]);
     wait_for(&c, own_c2, "agent of cluster other, later entry");
