@@ -165,7 +165,9 @@ pub struct UnixConfig {
 impl Default for UnixConfig {
     fn default() -> Self {
         Self {
-            discover_workload_path: true,
+            // SPIRE's default: reading /proc/<pid>/exe of another user's process needs
+            // CAP_SYS_PTRACE, which an agent in a pod does not have.
+            discover_workload_path: false,
             workload_size_limit: DEFAULT_WORKLOAD_SIZE_LIMIT,
             hash_cache_size: DEFAULT_HASH_CACHE_SIZE,
             max_concurrent_hashes: DEFAULT_MAX_CONCURRENT_HASHES,

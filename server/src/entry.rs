@@ -50,10 +50,30 @@ pub enum EntryError {
     /// A federated trust domain that does not parse.
     #[error("federates_with: {0}")]
     FederatesWith(SpiffeIdError),
+    /// A node alias entry's selectors are not node selectors of a cluster.
+    #[error(
+        "a node entry (--node) needs a k8s_psat:cluster:NAME selector and only k8s_psat selectors ({NODE_SELECTOR_KEYS:?}); got {0}"
+    )]
+    NodeSelectors(String),
     /// The entry is bound to an Engine that does not exist.
     #[error("engine {0:?} does not exist; create it with `engine create`")]
     NoSuchEngine(String),
 }
+
+/// The parent path that makes an entry a node alias entry (SPIRE's `-node`): its SPIFFE ID
+/// is an alias for every agent whose node selectors include the entry's selectors.
+pub const NODE_PARENT_PATH: &str = "/continuity/server";
+
+/// The `k8s_psat:` selector keys node attestation produces (what a node entry may use).
+pub const NODE_SELECTOR_KEYS: &[&str] = &[
+    "cluster",
+    "agent_ns",
+    "agent_sa",
+    "agent_pod_name",
+    "agent_pod_uid",
+    "agent_node_name",
+    "agent_node_uid",
+];
 
 /// A registration entry as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +107,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Whether this is a node alias entry (parented to the server's ID).
+    pub fn is_node(&self) -> bool {
+        self.parent_id.path() == NODE_PARENT_PATH
+    }
+
     /// Whether `other` registers the same identity: same SPIFFE ID, same parent, same
     /// selectors (in any order).
     pub fn same_registration(&self, other: &Entry) -> bool {
@@ -158,6 +183,9 @@ impl EntryRequest {
             .iter()
             .map(|(kind, value)| Selector::new(kind, value))
             .collect::<Result<Vec<_>, _>>()?;
+        if parent_id.path() == NODE_PARENT_PATH {
+            check_node_selectors(&selectors)?;
+        }
         if self.x509_svid_ttl < 0 || self.jwt_svid_ttl < 0 {
             return Err(EntryError::NegativeTtl);
         }
@@ -205,6 +233,28 @@ pub fn id_in_domain(
         });
     }
     Ok(id)
+}
+
+/// A node entry's selectors: `k8s_psat:` ones of the keys node attestation produces, one of
+/// them the cluster (a node alias never spans clusters by accident).
+fn check_node_selectors(selectors: &[Selector]) -> Result<(), EntryError> {
+    fn key(s: &Selector) -> Option<&str> {
+        (s.kind == continuity_attestors::k8s_psat::ATTESTOR_TYPE)
+            .then(|| s.value.split_once(':').map(|(k, _)| k))
+            .flatten()
+    }
+    let bad = selectors
+        .iter()
+        .find(|s| key(s).is_none_or(|k| !NODE_SELECTOR_KEYS.contains(&k)));
+    if let Some(s) = bad {
+        return Err(EntryError::NodeSelectors(format!("{}:{}", s.kind, s.value)));
+    }
+    if !selectors.iter().any(|s| key(s) == Some("cluster")) {
+        return Err(EntryError::NodeSelectors(
+            "no k8s_psat:cluster: selector".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A workload SPIFFE ID: in the trust domain, with a path, not under `/continuity/`.

@@ -22,7 +22,7 @@ command -v kind >/dev/null 2>&1 || skip "kind is not installed"
 command -v kubectl >/dev/null 2>&1 || skip "kubectl is not installed"
 
 id="spiffe://example.org/ns/default/sa/payments"
-alias_id="spiffe://example.org/k8s/demo/nodes"
+alias_id="spiffe://example.org/node/k8s/demo"   # the [controller] node_alias_id in deploy/k8s/server-config.yaml
 cluster="continuity-e2e-$$"
 work=$(mktemp -d)
 trap 'kind delete cluster --name "$cluster" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT

@@ -15,6 +15,8 @@ pub struct TestAgent {
     /// Workload API socket.
     pub socket: PathBuf,
     child: Option<Child>,
+    /// Runs the agent without CAP_SYS_PTRACE (as an agent in a pod runs).
+    no_ptrace: bool,
 }
 
 /// Makes `dir` and its parents up to the temp root traversable by other uids (tempfile makes
@@ -40,6 +42,16 @@ impl TestAgent {
     /// the trust bundle.
     pub fn start_with(dir: &Path, server: &TestServer, token: &str, extra: &str) -> Self {
         let mut a = Self::configure(dir, server, token, extra);
+        a.spawn();
+        a
+    }
+
+    /// Like [`TestAgent::start_with`], the agent run through `setpriv` without CAP_SYS_PTRACE
+    /// (dropped from its bounding set), as an agent in a pod runs: it cannot read
+    /// `/proc/<pid>/exe` of another user's process.
+    pub fn start_without_ptrace(dir: &Path, server: &TestServer, token: &str, extra: &str) -> Self {
+        let mut a = Self::configure(dir, server, token, extra);
+        a.no_ptrace = true;
         a.spawn();
         a
     }
@@ -85,6 +97,7 @@ impl TestAgent {
             dir: dir.to_path_buf(),
             socket,
             child: None,
+            no_ptrace: false,
         }
     }
 
@@ -117,7 +130,15 @@ impl TestAgent {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let child = Command::new(bin("continuity-agent"))
+        let mut cmd = if self.no_ptrace {
+            let mut c = Command::new("setpriv");
+            c.args(["--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace"])
+                .arg(bin("continuity-agent"));
+            c
+        } else {
+            Command::new(bin("continuity-agent"))
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(self.dir.join("agent.toml"))
             .stdout(Stdio::null())

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod floods;
 pub mod k8s_standin;
 pub mod kube_api;
+pub mod pod_cgroup;
 pub mod server;
 pub mod softhsm;
 
@@ -62,11 +63,17 @@ pub struct Env {
 
 /// Starts an [`Env`] with the default server options.
 pub fn env(alias: &str) -> Env {
+    env_with(alias, "")
+}
+
+/// Starts an [`Env`] with the default server options and `agent_toml` added to agent.toml.
+pub fn env_with(alias: &str, agent_toml: &str) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let server =
         server::TestServer::start(&dir.path().join("server"), server::ServerOptions::default());
     let token = server.token(Some(alias));
-    let agent = agent::TestAgent::start(&dir.path().join("agent"), &server, &token);
+    let agent =
+        agent::TestAgent::start_with(&dir.path().join("agent"), &server, &token, agent_toml);
     Env { dir, server, agent }
 }
 

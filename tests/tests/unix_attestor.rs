@@ -28,8 +28,12 @@ use continuity_tests::{Env, bin};
 
 const ALIAS: &str = "spiffe://example.org/node/test";
 
+/// `unix:path` and `unix:sha256` are what these tests are about: turned on (off by default).
 fn env() -> Env {
-    continuity_tests::env(ALIAS)
+    continuity_tests::env_with(
+        ALIAS,
+        "[workload_attestors.unix]\ndiscover_workload_path = true\n",
+    )
 }
 
 /// Polls `f` until it returns Some, for at most `secs`.

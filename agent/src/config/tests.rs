@@ -131,16 +131,18 @@ fn unix_defaults_and_explicit_no_size_limit() {
     let base = "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n";
     for extra in ["", "[workload_attestors.unix]\n"] {
         let u = parse(&format!("{base}{extra}")).unwrap().unix.unwrap();
+        assert!(!u.discover_workload_path, "SPIRE's default: no unix:path");
         assert_eq!(u.workload_size_limit, 256 << 20);
         assert_eq!(u.hash_cache_size, 4096);
         assert_eq!(u.max_concurrent_hashes, 2);
     }
     let u = parse(&format!(
-        "{base}[workload_attestors.unix]\nworkload_size_limit = 0\nhash_cache_size = 10\nmax_concurrent_hashes = 4\n"
+        "{base}[workload_attestors.unix]\nworkload_size_limit = 0\nhash_cache_size = 10\nmax_concurrent_hashes = 4\ndiscover_workload_path = true\n"
     ))
     .unwrap()
     .unix
     .unwrap();
+    assert!(u.discover_workload_path);
     assert_eq!(
         (
             u.workload_size_limit,

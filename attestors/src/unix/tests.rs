@@ -5,9 +5,31 @@ fn me() -> ExeIdentity {
     ExeIdentity::read(std::process::id()).unwrap()
 }
 
+/// The defaults with `unix:path` and `unix:sha256` turned on (off by default).
+fn with_path() -> UnixConfig {
+    UnixConfig {
+        discover_workload_path: true,
+        ..UnixConfig::default()
+    }
+}
+
+#[test]
+fn by_default_no_executable_is_read() {
+    let a = UnixAttestor::new(UnixConfig::default());
+    let sel = a.attest(std::process::id(), 4242, 4343, None).unwrap();
+    let s: Vec<String> = sel.iter().map(|s| s.to_string()).collect();
+    assert!(s.contains(&"unix:uid:4242".to_string()));
+    assert!(
+        !s.iter()
+            .any(|s| s.starts_with("unix:path:") || s.starts_with("unix:sha256:")),
+        "{s:?}"
+    );
+    assert_eq!(a.files_read(), 0);
+}
+
 #[test]
 fn attests_this_process() {
-    let a = UnixAttestor::new(UnixConfig::default());
+    let a = UnixAttestor::new(with_path());
     let pid = std::process::id();
     let exe = me();
     let sel = a.attest(pid, 4242, 4343, Some(&exe)).unwrap();
@@ -30,7 +52,7 @@ fn attests_this_process() {
 
 #[test]
 fn withholds_a_path_that_names_another_file_for_the_agent() {
-    let a = UnixAttestor::new(UnixConfig::default());
+    let a = UnixAttestor::new(with_path());
     let pid = std::process::id();
     let proc = Path::new("/proc");
     let genuine = me();
@@ -84,7 +106,7 @@ fn withholds_a_path_that_names_another_file_for_the_agent() {
 
 #[test]
 fn refuses_a_recorded_executable_that_is_not_the_running_one() {
-    let a = UnixAttestor::new(UnixConfig::default());
+    let a = UnixAttestor::new(with_path());
     let pid = std::process::id();
     let mut exe = me();
     exe.file.ino ^= 1;
@@ -176,7 +198,7 @@ fn cache_is_bounded_and_evicts_the_least_recently_used() {
 #[test]
 fn cache_key_changes_with_ctime_when_mtime_is_restored() {
     let d = tmp();
-    let a = UnixAttestor::new(UnixConfig::default());
+    let a = UnixAttestor::new(with_path());
     let (f, id, p) = file(&d, "bin", 100);
     let before = a.hash(&f, &id, &p).unwrap();
     let m = std::fs::metadata(&p).unwrap();
@@ -218,7 +240,7 @@ fn until_seven_wait(a: &UnixAttestor) {
 #[test]
 fn concurrent_misses_for_one_file_read_it_once() {
     let d = tmp();
-    let mut a = UnixAttestor::new(UnixConfig::default());
+    let mut a = UnixAttestor::new(with_path());
     a.before_read = Some(until_seven_wait);
     let (_, id, p) = file(&d, "shared", 300_000);
     let results: Vec<String> = std::thread::scope(|s| {
@@ -258,7 +280,7 @@ fn until_two_wait_for_a_slot(a: &UnixAttestor) {
 #[test]
 fn reads_at_most_max_concurrent_hashes_files_at_once() {
     let d = tmp();
-    let mut a = UnixAttestor::new(UnixConfig::default());
+    let mut a = UnixAttestor::new(with_path());
     a.before_read = Some(until_two_wait_for_a_slot);
     let files: Vec<_> = (0..4)
         .map(|i| file(&d, &format!("d{i}"), 1000 + i))

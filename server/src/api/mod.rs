@@ -75,7 +75,14 @@ pub fn agent_to_proto(a: &AgentRecord) -> types::Agent {
             .unwrap_or_default(),
         created_at: a.created_at,
         last_seen: a.last_seen,
-        selectors: vec![],
+        selectors: a
+            .selectors
+            .iter()
+            .map(|s| types::Selector {
+                r#type: s.kind.clone(),
+                value: s.value.clone(),
+            })
+            .collect(),
         forked: a.forked,
         forked_at: a.forked_at,
     }

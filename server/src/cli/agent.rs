@@ -82,6 +82,9 @@ pub struct AgentView<'a> {
     last_seen: i64,
     forked: bool,
     forked_at: i64,
+    /// Node selectors from the last attestation, `TYPE:VALUE` (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    selectors: Vec<String>,
 }
 
 impl<'a> From<&'a types::Agent> for AgentView<'a> {
@@ -97,6 +100,11 @@ impl<'a> From<&'a types::Agent> for AgentView<'a> {
             last_seen: a.last_seen,
             forked: a.forked,
             forked_at: a.forked_at,
+            selectors: a
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect(),
         }
     }
 }
@@ -110,6 +118,9 @@ impl View for AgentView<'_> {
         writeln!(w, "Banned           : {}", self.banned)?;
         if !self.alias.is_empty() {
             writeln!(w, "Alias            : {}", self.alias)?;
+        }
+        for s in &self.selectors {
+            writeln!(w, "Selector         : {s}")?;
         }
         if self.forked {
             writeln!(

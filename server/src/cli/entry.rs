@@ -59,8 +59,12 @@ pub struct EntryFields {
     #[arg(long)]
     pub spiffe_id: String,
     /// The agent (or node alias) ID.
+    #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+    pub parent_id: Option<String>,
+    /// A node alias entry: its SPIFFE ID becomes an alias of every agent whose node
+    /// selectors (`k8s_psat:cluster:C`, `k8s_psat:agent_node_name:N`, ...) include these.
     #[arg(long)]
-    pub parent_id: String,
+    pub node: bool,
     /// TYPE:VALUE, repeatable; all must match.
     #[arg(long = "selector", required = true, value_parser = parse::selector)]
     pub selectors: Vec<types::Selector>,
@@ -127,11 +131,26 @@ pub async fn run(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliE
     }
 }
 
+/// The parent ID of a node alias entry: the server's ID in the entry's trust domain.
+fn node_parent(spiffe_id: &str) -> Result<String, CliError> {
+    let id = continuity_common::SpiffeId::new(spiffe_id)
+        .map_err(|e| CliError::Argument(format!("--spiffe-id: {e}")))?;
+    Ok(format!(
+        "spiffe://{}{}",
+        id.trust_domain(),
+        crate::entry::NODE_PARENT_PATH
+    ))
+}
+
 fn entry_from(id: String, f: EntryFields) -> Result<types::Entry, CliError> {
+    let parent_id = match f.parent_id {
+        Some(p) => p,
+        None => node_parent(&f.spiffe_id)?,
+    };
     Ok(types::Entry {
         id,
         spiffe_id: f.spiffe_id,
-        parent_id: f.parent_id,
+        parent_id,
         selectors: f.selectors,
         x509_svid_ttl: parse::seconds("--x509-svid-ttl", f.x509_svid_ttl.as_deref())? as i32,
         jwt_svid_ttl: parse::seconds("--jwt-svid-ttl", f.jwt_svid_ttl.as_deref())? as i32,

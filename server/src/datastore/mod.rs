@@ -115,6 +115,9 @@ pub struct AgentRecord {
     pub forked: bool,
     /// When the fork was detected (0: never).
     pub forked_at: i64,
+    /// The node selectors of the last attestation (`k8s_psat:cluster:…`; none for join
+    /// tokens): node alias entries whose selectors they include authorize this agent.
+    pub selectors: Vec<continuity_attestors::Selector>,
 }
 
 /// One write of [`DataStore::apply`]; every write of a call commits in one transaction.

@@ -104,7 +104,14 @@ impl Registry {
         let mut idx = self.write();
         match a {
             Some(a) => idx.agents.insert(id.to_string(), a),
-            None => idx.agents.remove(id),
+            None => {
+                // Evicted: what it last synced here is forgotten with it.
+                self.synced
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(id);
+                idx.agents.remove(id)
+            }
         };
     }
 

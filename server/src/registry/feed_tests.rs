@@ -68,6 +68,7 @@ fn agent(parent: &SpiffeId) -> crate::datastore::AgentRecord {
         serial_first_used: 0,
         forked: false,
         forked_at: 0,
+        selectors: vec![],
     }
 }
 
@@ -141,5 +142,84 @@ async fn a_ban_through_another_server_reaches_this_index_and_stays() {
     a.evict_agent(id.as_str(), "test").await.unwrap();
     b.reload_agent(id.as_str()).await.unwrap();
     assert!(b.agent(id.as_str()).is_none());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A k8s_psat agent of `cluster` on `node`.
+fn psat_agent(cluster: &str, node: &str) -> crate::datastore::AgentRecord {
+    let id = SpiffeId::new(&format!(
+        "spiffe://example.org/continuity/agent/k8s_psat/{cluster}/{node}"
+    ))
+    .unwrap();
+    crate::datastore::AgentRecord {
+        attestation_type: "k8s_psat".into(),
+        selectors: vec![
+            Selector::raw("k8s_psat", format!("cluster:{cluster}")),
+            Selector::raw("k8s_psat", format!("agent_node_name:{node}")),
+        ],
+        ..agent(&id)
+    }
+}
+
+#[tokio::test]
+async fn node_aliases_follow_node_entries_and_agent_selectors_across_servers() {
+    let (dir, _url, store) = crate::datastore::scratch_sqlite("registry-node-alias").await;
+    let store: Arc<dyn DataStore> = Arc::new(store);
+    let (a, b) = (registry(&store).await, registry(&store).await);
+    let ttl = std::time::Duration::from_secs(3600);
+    let server = SpiffeId::new("spiffe://example.org/continuity/server").unwrap();
+    let alias = SpiffeId::new("spiffe://example.org/k8s/demo").unwrap();
+    let mut node = entry("k8s/demo", &server);
+    node.selectors = vec![Selector::raw("k8s_psat", "cluster:demo")];
+    // Written through A, the agents attested through B.
+    let node = a.create_entry(node, "test").await.unwrap();
+    let web = a.create_entry(entry("web", &alias), "test").await.unwrap();
+    let demo = b
+        .attest_agent(None, psat_agent("demo", "n1"), ttl)
+        .await
+        .unwrap();
+    let other = b
+        .attest_agent(None, psat_agent("other", "n2"), ttl)
+        .await
+        .unwrap();
+    assert!(b.catch_up_entries().await.unwrap());
+    let s = b.sync(&demo, 0);
+    assert_eq!(
+        s.entries.iter().map(|e| &e.id).collect::<Vec<_>>(),
+        vec![&web.id]
+    );
+    assert!(b.authorized_entry(&demo, &web.id).is_some());
+    assert_eq!(b.node_aliases(&demo), vec![alias.clone()]);
+    assert!(b.sync(&other, 0).entries.is_empty());
+    assert!(b.authorized_entry(&other, &web.id).is_none());
+    // Nothing changed: the next sync is incremental and empty.
+    let next = b.sync(&demo, s.revision);
+    assert!(!next.full && next.entries.is_empty(), "{next:?}");
+    // The agent re-attests through A in another cluster: B follows the row, and the agent's
+    // next sync through B is a full one without the workload.
+    let mut moved = psat_agent("demo", "n1");
+    moved.selectors = vec![Selector::raw("k8s_psat", "cluster:elsewhere")];
+    a.reload_agent(demo.spiffe_id.as_str()).await.unwrap();
+    let moved = a
+        .attest_agent(Some(a.agent(demo.spiffe_id.as_str()).unwrap()), moved, ttl)
+        .await
+        .unwrap();
+    b.reload_agent(moved.spiffe_id.as_str()).await.unwrap();
+    let rec = b.agent(moved.spiffe_id.as_str()).unwrap();
+    assert_eq!(rec.selectors, moved.selectors);
+    let after = b.sync(&rec, s.revision);
+    assert!(after.full && after.entries.is_empty(), "{after:?}");
+    assert!(b.authorized_entry(&rec, &web.id).is_none());
+    // The node entry deleted through A: an agent of demo that synced before syncs in full.
+    let again = b
+        .attest_agent(None, psat_agent("demo", "n3"), ttl)
+        .await
+        .unwrap();
+    let before = b.sync(&again, 0);
+    assert_eq!(before.entries.len(), 1);
+    a.delete_entry(&node.id, "test").await.unwrap();
+    assert!(b.catch_up_entries().await.unwrap());
+    let gone = b.sync(&again, before.revision);
+    assert!(gone.full && gone.entries.is_empty(), "{gone:?}");
     let _ = std::fs::remove_dir_all(dir);
 }

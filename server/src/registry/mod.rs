@@ -76,11 +76,39 @@ struct Index {
     tombstones: Vec<Tombstone>,
     revision: i64,
     agents: HashMap<String, AgentRecord>,
+    /// Ids of the node alias entries.
+    nodes: BTreeSet<String>,
 }
 
 impl Index {
+    /// The parent IDs through which `agent` is authorized: itself, its join-token alias, and
+    /// the SPIFFE ID of every node alias entry whose selectors its node selectors include.
+    /// Sorted, without duplicates.
+    fn parents(&self, agent: &AgentRecord) -> Vec<SpiffeId> {
+        let mut p = vec![agent.spiffe_id.clone()];
+        p.extend(agent.alias.iter().cloned());
+        if !agent.selectors.is_empty() {
+            let aliases = self
+                .nodes
+                .iter()
+                .filter_map(|id| self.entries.get(id))
+                .filter(|e| e.parent_id.trust_domain() == agent.spiffe_id.trust_domain())
+                .filter(|e| {
+                    continuity_common::selector::matches(&e.selectors, &agent.selectors[..])
+                })
+                .map(|e| e.spiffe_id.clone());
+            p.extend(aliases);
+        }
+        p.sort();
+        p.dedup();
+        p
+    }
+
     fn insert(&mut self, e: Entry) {
         self.revision = self.revision.max(e.revision);
+        if e.is_node() {
+            self.nodes.insert(e.id.clone());
+        }
         self.by_parent
             .entry(e.parent_id.clone())
             .or_default()
@@ -90,6 +118,7 @@ impl Index {
 
     fn remove(&mut self, id: &str) -> Option<Arc<Entry>> {
         let old = self.entries.remove(id)?;
+        self.nodes.remove(id);
         if let Some(set) = self.by_parent.get_mut(&old.parent_id) {
             set.remove(id);
             if set.is_empty() {
@@ -129,6 +158,11 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     previous_svid_grace: i64,
     index: RwLock<Index>,
+    /// Per agent with node selectors: the revision and parent IDs of its last sync here. An
+    /// incremental sync is only correct from the parents the agent synced with; when its node
+    /// aliases changed since (a node entry, or its selectors at re-attestation), or this
+    /// server does not know what it saw, it syncs in full.
+    synced: std::sync::Mutex<HashMap<String, (i64, Vec<SpiffeId>)>>,
     writes: tokio::sync::Mutex<()>,
 }
 
@@ -173,6 +207,7 @@ impl Registry {
             metrics,
             previous_svid_grace: DEFAULT_PREVIOUS_SVID_GRACE.as_secs() as i64,
             index: RwLock::new(index),
+            synced: std::sync::Mutex::default(),
             writes: tokio::sync::Mutex::new(()),
         })
     }
@@ -291,31 +326,32 @@ impl Registry {
         out
     }
 
-    /// The parent IDs through which `agent` is authorized: itself and its node alias.
-    fn parents(agent: &AgentRecord) -> Vec<&SpiffeId> {
-        let mut p = vec![&agent.spiffe_id];
-        if let Some(a) = &agent.alias {
-            p.push(a);
-        }
-        p
-    }
-
     /// The entry `id` if `agent` may obtain SVIDs for it.
     pub fn authorized_entry(&self, agent: &AgentRecord, id: &str) -> Option<Arc<Entry>> {
-        let e = self.entry(id)?;
-        Self::parents(agent).contains(&&e.parent_id).then_some(e)
+        let idx = self.read();
+        let e = idx.entries.get(id)?;
+        idx.parents(agent).contains(&e.parent_id).then(|| e.clone())
+    }
+
+    /// The node alias IDs `agent` holds now (node entries its node selectors satisfy).
+    pub fn node_aliases(&self, agent: &AgentRecord) -> Vec<SpiffeId> {
+        let idx = self.read();
+        let mut p = idx.parents(agent);
+        p.retain(|id| *id != agent.spiffe_id && Some(id) != agent.alias.as_ref());
+        p
     }
 
     /// Entries authorized for `agent` that changed after `since` (everything when `since` is 0).
     pub fn sync(&self, agent: &AgentRecord, since: i64) -> SyncResult {
         let idx = self.read();
-        let full = since <= 0;
+        let parents = idx.parents(agent);
+        let full = since <= 0 || !self.same_parents(agent, since, &parents);
         let mut out = SyncResult {
             revision: idx.revision,
             full,
             ..Default::default()
         };
-        for parent in Self::parents(agent) {
+        for parent in &parents {
             for id in idx.by_parent.get(parent).into_iter().flatten() {
                 if let Some(e) = idx.entries.get(id).filter(|e| full || e.revision > since) {
                     out.entries.push(e.clone());
@@ -327,14 +363,30 @@ impl Registry {
                     let still_here = idx
                         .entries
                         .get(&t.entry_id)
-                        .is_some_and(|e| Self::parents(agent).contains(&&e.parent_id));
+                        .is_some_and(|e| parents.contains(&e.parent_id));
                     if t.parent_id == *parent && !still_here {
                         out.removed.push(t.entry_id.clone());
                     }
                 }
             }
         }
+        if !agent.selectors.is_empty() {
+            let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+            synced.insert(agent.spiffe_id.to_string(), (out.revision, parents));
+        }
         out
+    }
+
+    /// Whether `agent`, syncing from `since`, synced here at `since` with these `parents`.
+    /// An agent without node selectors has fixed parents (itself and its token's alias).
+    fn same_parents(&self, agent: &AgentRecord, since: i64, parents: &[SpiffeId]) -> bool {
+        if agent.selectors.is_empty() {
+            return true;
+        }
+        let synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        synced
+            .get(agent.spiffe_id.as_str())
+            .is_some_and(|(rev, p)| *rev == since && p == parents)
     }
 
     /// The current entry revision.

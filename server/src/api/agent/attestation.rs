@@ -110,7 +110,13 @@ impl AgentService {
             .id(&join_token::agent_path(&record.id))
             .map_err(|e| Status::internal(e.to_string()))?;
         let response = self
-            .issue_agent(&agent_id, join_token::ATTESTOR_TYPE, record.alias, csr)
+            .issue_agent(
+                &agent_id,
+                join_token::ATTESTOR_TYPE,
+                record.alias,
+                vec![],
+                csr,
+            )
             .await?;
         tracing::info!(agent = %agent_id, "agent attested with a join token");
         Ok(response)
@@ -123,6 +129,7 @@ impl AgentService {
         agent_id: &SpiffeId,
         attestation_type: &str,
         alias: Option<SpiffeId>,
+        selectors: Vec<continuity_attestors::Selector>,
         csr: Vec<u8>,
     ) -> Result<AttestAgentResponse, Status> {
         let existing = self.registry.agent(agent_id.as_str());
@@ -154,6 +161,7 @@ impl AgentService {
                     serial_first_used: 0,
                     forked: false,
                     forked_at: 0,
+                    selectors,
                 },
                 self.x509_ttl,
             )
@@ -195,6 +203,7 @@ impl AgentService {
                 &agent_id,
                 continuity_attestors::k8s_psat::ATTESTOR_TYPE,
                 None,
+                a.selectors(),
                 csr,
             )
             .await?;

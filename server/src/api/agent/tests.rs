@@ -186,6 +186,7 @@ async fn attested(svc: &AgentService) -> (String, Vec<u8>) {
             &SpiffeId::new(id).unwrap(),
             join_token::ATTESTOR_TYPE,
             None,
+            vec![],
             csr(),
         )
         .await
@@ -318,6 +319,7 @@ async fn a_ban_landing_during_re_attestation_stands() {
             &SpiffeId::new(&target).unwrap(),
             join_token::ATTESTOR_TYPE,
             None,
+            vec![],
             csr(),
         )
         .await

@@ -4,14 +4,14 @@ use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{SqlDataStore, Table, id_column, optional_id_column};
+use super::{SqlDataStore, Table, id_column, json_list, optional_id_column, to_json};
 use crate::datastore::{AgentRecord, AgentStore, Canon, JoinToken, JoinTokenStore, StoreError};
 
 /// The agents table, MACed (ban and fork state and the revision included).
 pub(super) const AGENTS: Table = Table {
     name: "agents",
     pk: &["spiffe_id"],
-    select: "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac FROM agents",
+    select: "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, selectors, mac FROM agents",
     canon: |r| agent_from_row(r).map(|a| agent_canon(&a)),
 };
 
@@ -23,9 +23,11 @@ pub(super) const JOIN_TOKENS: Table = Table {
     canon: |r| join_token_from_row(r).map(|t| join_token_canon(&t)),
 };
 
-/// The canonical encoding of an agent row (every column).
+/// The canonical encoding of an agent row (every column). The node selectors (the last
+/// column, added later) are encoded only when present, so rows sealed before they existed
+/// still verify.
 fn agent_canon(a: &AgentRecord) -> Canon {
-    Canon::new("agents")
+    let c = Canon::new("agents")
         .key(a.spiffe_id.as_str())
         .text(&a.attestation_type)
         .text(&a.serial)
@@ -38,7 +40,12 @@ fn agent_canon(a: &AgentRecord) -> Canon {
         .int(a.revision)
         .int(a.serial_first_used)
         .int(i64::from(a.forked))
-        .int(a.forked_at)
+        .int(a.forked_at);
+    if a.selectors.is_empty() {
+        c
+    } else {
+        c.text(&to_json(&a.selectors))
+    }
 }
 
 /// The canonical encoding of a join token row.
@@ -63,10 +70,27 @@ fn join_token_from_row(r: &AnyRow) -> Result<JoinToken, StoreError> {
 /// Replaces every column of an agent row (its revision as given) and its MAC.
 const AGENT_WRITE: &str = "UPDATE agents SET attestation_type = $2, serial = $3, previous_serial = $4, expires_at = $5,
      banned = $6, alias = $7, last_seen = $8, serial_first_used = $9, forked = $10, forked_at = $11,
-     created_at = $12, revision = $13, mac = $14
-     WHERE spiffe_id = $1 AND revision = $15 RETURNING spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac";
+     created_at = $12, revision = $13, mac = $14, selectors = $16
+     WHERE spiffe_id = $1 AND revision = $15 RETURNING spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, selectors, mac";
+
+/// The agents table as the record-MAC upgrade (migration 5) seals it: before migration 8
+/// added the node selectors (so none; the canonical encoding then omits them).
+pub(super) const AGENTS_AT_RECORD_MACS: Table = Table {
+    select: "SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac FROM agents",
+    canon: |r| agent_fields(r, vec![]).map(|a| agent_canon(&a)),
+    ..AGENTS
+};
 
 pub(super) fn agent_from_row(r: &AnyRow) -> Result<AgentRecord, StoreError> {
+    let selectors = json_list(&r.try_get::<String, _>("selectors")?, "agent selectors")?;
+    agent_fields(r, selectors)
+}
+
+/// An agent row's columns but its selectors, which are given.
+fn agent_fields(
+    r: &AnyRow,
+    selectors: Vec<continuity_attestors::Selector>,
+) -> Result<AgentRecord, StoreError> {
     let row = format!("agent {:?}", r.try_get::<String, _>("spiffe_id")?);
     Ok(AgentRecord {
         spiffe_id: id_column(r, "spiffe_id", &row)?,
@@ -82,6 +106,7 @@ pub(super) fn agent_from_row(r: &AnyRow) -> Result<AgentRecord, StoreError> {
         serial_first_used: r.try_get("serial_first_used")?,
         forked: r.try_get::<i64, _>("forked")? != 0,
         forked_at: r.try_get("forked_at")?,
+        selectors,
     })
 }
 
@@ -97,9 +122,9 @@ impl SqlDataStore {
         }))?;
         let row = sqlx::query(
             "INSERT INTO agents (spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen,
-             revision, serial_first_used, forked, forked_at, mac)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13)
-             ON CONFLICT (spiffe_id) DO NOTHING RETURNING spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac",
+             revision, serial_first_used, forked, forked_at, mac, selectors)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 1, $10, $11, $12, $13, $14)
+             ON CONFLICT (spiffe_id) DO NOTHING RETURNING spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, selectors, mac",
         )
         .bind(a.spiffe_id.as_str())
         .bind(&a.attestation_type)
@@ -114,6 +139,7 @@ impl SqlDataStore {
         .bind(a.forked as i64)
         .bind(a.forked_at)
         .bind(mac)
+        .bind(to_json(&a.selectors))
         .fetch_optional(&mut *c)
         .await?
         .ok_or_else(|| StoreError::Conflict(format!("agent {}", a.spiffe_id)))?;
@@ -148,6 +174,7 @@ impl SqlDataStore {
             .bind(next.revision)
             .bind(mac)
             .bind(a.revision)
+            .bind(to_json(&a.selectors))
             .fetch_optional(&mut *c)
             .await?
             .ok_or_else(|| StoreError::Conflict(format!("agent {}", a.spiffe_id)))?;
@@ -164,7 +191,7 @@ impl SqlDataStore {
         // A concurrent write (PostgreSQL) between the read and the write: read again.
         let mut attempts = 0;
         loop {
-            let row = sqlx::query("SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac FROM agents WHERE spiffe_id = $1")
+            let row = sqlx::query("SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, selectors, mac FROM agents WHERE spiffe_id = $1")
                 .bind(id)
                 .fetch_optional(&mut *c)
                 .await?
@@ -216,7 +243,7 @@ impl SqlDataStore {
 #[async_trait]
 impl AgentStore for SqlDataStore {
     async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>, StoreError> {
-        let row = sqlx::query("SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac FROM agents WHERE spiffe_id = $1")
+        let row = sqlx::query("SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, selectors, mac FROM agents WHERE spiffe_id = $1")
             .bind(spiffe_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -226,7 +253,7 @@ impl AgentStore for SqlDataStore {
     }
 
     async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
-        let rows = sqlx::query("SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, mac FROM agents ORDER BY spiffe_id")
+        let rows = sqlx::query("SELECT spiffe_id, attestation_type, serial, previous_serial, expires_at, banned, alias, created_at, last_seen, revision, serial_first_used, forked, forked_at, selectors, mac FROM agents ORDER BY spiffe_id")
             .fetch_all(&self.pool)
             .await?;
         self.screen(&rows, agent_from_row, agent_canon)

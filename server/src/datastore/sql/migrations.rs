@@ -104,6 +104,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
     INSERT INTO meta (name, value) VALUES ('change_seq', 0);
     CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at BIGINT NOT NULL)",
     ),
+    (
+        8,
+        // Node alias entries: each agent's node selectors from its last attestation (a JSON
+        // list, record-MACed with the row when not empty).
+        "ALTER TABLE agents ADD COLUMN selectors TEXT NOT NULL DEFAULT '[]'",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

@@ -48,6 +48,7 @@ pub(super) fn agent(n: u32) -> AgentRecord {
         serial_first_used: 0,
         forked: false,
         forked_at: 0,
+        selectors: vec![],
     }
 }
 
@@ -217,6 +218,7 @@ on_both_backends! {
             alias: Some(id_of("spiffe://example.org/node/a")),
             forked: true,
             forked_at: 1_700_000_100,
+            selectors: vec![continuity_attestors::Selector::raw("k8s_psat", "cluster:demo")],
             serial_first_used: 1_700_000_050,
             ..stored.clone()
         };
