@@ -11,68 +11,14 @@ pub async fn https_json<F>(handler: F) -> (u16, String)
 where
     F: Fn(&str, &str, Option<&str>, &[u8]) -> (u16, serde_json::Value) + Send + Sync + 'static,
 {
-    let ca =
-        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
-    let cert_pem = ca.cert.pem();
-    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(ca.signing_key.serialize_der().into());
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![ca.cert.der().clone()], key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let handler = Arc::new(handler);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, handler) = (acceptor.clone(), handler.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                answer_one(tls, &*handler).await;
-            });
-        }
-    });
-    (port, cert_pem)
+    https_reply(move |method, path, bearer, body| {
+        let (status, json) = handler(method, path, bearer, body);
+        Reply::Json(status, json)
+    })
+    .await
 }
 
 type StandinTls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-
-/// Reads one request from `tls`, answers it with `handler` and closes the connection.
-async fn answer_one<F>(mut tls: StandinTls, handler: &F)
-where
-    F: Fn(&str, &str, Option<&str>, &[u8]) -> (u16, serde_json::Value),
-{
-    let Some((buf, head_end, length)) = read_request(&mut tls).await else {
-        return;
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut first = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (
-        first.next().unwrap_or_default().to_string(),
-        first.next().unwrap_or_default().to_string(),
-    );
-    let bearer = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Authorization: Bearer ").map(str::to_string));
-    let body = &buf[head_end..(head_end + length).min(buf.len())];
-    let (status, json) = handler(&method, &path, bearer.as_deref(), body);
-    let body = json.to_string();
-    let resp = format!(
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tls.write_all(resp.as_bytes()).await;
-    let _ = tls.shutdown().await;
-}
 
 /// Reads a request's head and its `Content-Length` bytes of body (fewer if the client stops):
 /// (bytes read, end of the head, body length). None if the client left before the head ended.
