@@ -97,6 +97,24 @@ pub fn request_capped(
     max_response: usize,
 ) -> Result<Response, HttpError> {
     let target = Target::parse(url)?;
+    let head = request_head(method, &target, bearer, body);
+    let mut stream = open(url, &target, trust, timeout)?;
+    let raw =
+        exchange(&mut *stream, &head, body, timeout, max_response).map_err(|e| HttpError::Io {
+            url: url.into(),
+            reason: e,
+        })?;
+    parse_response(url, &raw)
+}
+
+/// A connection to `target` (TLS when its scheme says so), with `timeout` on every read and
+/// write.
+pub(crate) fn open(
+    url: &str,
+    target: &Target<'_>,
+    trust: &ServerTrust,
+    timeout: Duration,
+) -> Result<Box<dyn ReadWrite + Send>, HttpError> {
     let io = |e: String| HttpError::Io {
         url: url.into(),
         reason: e,
@@ -107,21 +125,14 @@ pub fn request_capped(
         .map_err(|e| io(e.to_string()))?;
     tcp.set_write_timeout(Some(timeout))
         .map_err(|e| io(e.to_string()))?;
-    let head = request_head(method, &target, bearer, body);
-    let exchange = |s: &mut dyn ReadWrite| exchange(s, &head, body, timeout, max_response);
-    let raw = if target.tls {
-        let cfg = tls_config(trust).map_err(io)?;
-        let name = rustls_pki_types::ServerName::try_from(target.host.clone())
-            .map_err(|e| io(e.to_string()))?;
-        let conn =
-            rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| io(e.to_string()))?;
-        let mut stream = rustls::StreamOwned::new(conn, tcp);
-        exchange(&mut stream).map_err(io)?
-    } else {
-        let mut tcp = tcp;
-        exchange(&mut tcp).map_err(io)?
-    };
-    parse_response(url, &raw)
+    if !target.tls {
+        return Ok(Box::new(tcp));
+    }
+    let cfg = tls_config(trust).map_err(io)?;
+    let name = rustls_pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|e| io(e.to_string()))?;
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| io(e.to_string()))?;
+    Ok(Box::new(rustls::StreamOwned::new(conn, tcp)))
 }
 
 /// Where a URL points: scheme, host, port, and the `Host` and request-target it is sent with.

@@ -4,8 +4,6 @@
 //! bounded; an idle connection times out.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::https::{HttpError, ReadWrite, Response, ServerTrust, Target, request_head};
@@ -93,23 +91,8 @@ fn connect(
         url: url.into(),
         reason: e,
     };
-    let tcp =
-        TcpStream::connect((target.host.as_str(), target.port)).map_err(|e| io(e.to_string()))?;
-    tcp.set_read_timeout(Some(idle_timeout))
-        .map_err(|e| io(e.to_string()))?;
-    tcp.set_write_timeout(Some(idle_timeout))
-        .map_err(|e| io(e.to_string()))?;
     let head = request_head("GET", &target, bearer, None);
-    let mut stream: Box<dyn ReadWrite + Send> = if target.tls {
-        let cfg = crate::https::tls_config(trust).map_err(io)?;
-        let name = rustls_pki_types::ServerName::try_from(target.host.clone())
-            .map_err(|e| io(e.to_string()))?;
-        let conn =
-            rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| io(e.to_string()))?;
-        Box::new(rustls::StreamOwned::new(conn, tcp))
-    } else {
-        Box::new(tcp)
-    };
+    let mut stream = crate::https::open(url, &target, trust, idle_timeout)?;
     stream
         .write_all(head.as_bytes())
         .and_then(|()| stream.flush())
