@@ -201,6 +201,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             registry: core.registry.clone(),
             engines: core.engines.clone(),
             trust_domain: cfg.trust_domain.clone(),
+            leadership: crate::controller::Leadership {
+                leases: core.store.clone(),
+                holder: core.holder.clone(),
+                lease_ttl: cfg.cluster.lease_ttl,
+                clock: core.clock.clone(),
+            },
         };
         crate::controller::spawn(c, deps)?;
     }
@@ -225,7 +231,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     };
     let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
     let _ = std::fs::remove_file(&cfg.admin_socket);
-    cluster::release_leases(&core).await;
+    let controller_lease = cfg
+        .controller
+        .as_ref()
+        .map(|c| crate::controller::lease_name(&c.cluster_name));
+    cluster::release_leases(&core, controller_lease).await;
     a?;
     b?;
     Ok(())

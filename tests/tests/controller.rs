@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use continuity_tests::cluster::{Cluster, ClusterOptions};
 use continuity_tests::kube_api::{CLUSTER_SPIFFE_IDS, KubeApi, NAMESPACES, PODS, TOKEN};
 use continuity_tests::server::{ServerOptions, TestServer};
 use serde_json::{Value, json};
@@ -54,22 +55,26 @@ fn web_resource() -> Value {
     )
 }
 
-/// A server whose `[controller]` points at `api`.
-fn server(dir: &Path, api: &KubeApi) -> TestServer {
+/// The `[controller]` table pointing at `api` (its CA and token written under `dir`).
+fn controller_toml(dir: &Path, api: &KubeApi) -> String {
     std::fs::create_dir_all(dir).unwrap();
     let (ca, token) = (dir.join("kube-ca.pem"), dir.join("kube-token"));
     std::fs::write(&ca, &api.ca_pem).unwrap();
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let extra = format!(
+    format!(
         "[controller]\napi_server = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\ncluster_name = \"demo\"\nnode_alias_id = \"{ALIAS}\"\n",
         api.port,
         ca.display(),
         token.display()
-    );
+    )
+}
+
+/// A server whose `[controller]` points at `api`.
+fn server(dir: &Path, api: &KubeApi) -> TestServer {
     TestServer::start(
         dir,
         ServerOptions {
-            extra_toml: extra,
+            extra_toml: controller_toml(dir, api),
             ..ServerOptions::default()
         },
     )
@@ -421,4 +426,82 @@ async fn watches_that_end_or_expire_are_resumed_without_losing_or_duplicating_en
         got.keys().collect::<Vec<_>>()
     );
     assert!(s.log().contains("410"), "the server logs the expiry");
+}
+
+/// Whether server `s` has logged that it took the controller's lease.
+fn leads(s: &TestServer) -> bool {
+    s.log().contains("controller: leading")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_servers_one_controller_writes_and_the_other_takes_over_when_it_dies() {
+    let d = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    api.put(NAMESPACES, namespace("shop", "a"));
+    api.put(PODS, pod("shop", "web-1", "web"));
+    api.put(PODS, pod("shop", "web-2", "web"));
+    api.put(CLUSTER_SPIFFE_IDS, web_resource());
+    let mut opts = ClusterOptions::on(&continuity_tests::postgres::database());
+    opts.extra_toml = controller_toml(&d.path().join("kube"), &api);
+    // [cluster] lease_ttl = 10s for both servers (set by Cluster).
+    let mut c = Cluster::launch(d.path(), 2, &opts);
+
+    // Both servers run the controller (six watches: three collections each)...
+    let start = Instant::now();
+    while api.open_watches() < 6 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "both controllers must watch; requests: {:?}\n{}",
+            api.requests(),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ...but the entries are made once: `owned` panics on two entries for one pod.
+    let want = [("web", "web-1"), ("web", "web-2")];
+    for i in 0..2 {
+        wait_for(
+            c.server(i),
+            &want,
+            Duration::from_secs(10),
+            "initial entries",
+        );
+    }
+    // Several lease renewals later, still exactly one entry per pod, and one leader.
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..2 {
+        assert_eq!(entries(c.server(i)).len(), 2, "no duplicates\n{}", c.logs());
+    }
+    let leaders: Vec<usize> = (0..2).filter(|&i| leads(c.server(i))).collect();
+    assert_eq!(leaders.len(), 1, "exactly one leader\n{}", c.logs());
+    let (leader, other) = (leaders[0], 1 - leaders[0]);
+    assert!(
+        c.server(other).log().contains("controller: standing by"),
+        "the other server stands by\n{}",
+        c.logs()
+    );
+
+    // The leader dies without releasing its lease; a new pod still gets its entry once the
+    // lease expires (10 s) and the other server takes it.
+    c.kill(leader);
+    api.put(PODS, pod("shop", "web-3", "web"));
+    api.delete(PODS, "shop", "web-1");
+    let survivor = c.server(other);
+    wait_for(
+        survivor,
+        &[("web", "web-2"), ("web", "web-3")],
+        Duration::from_secs(40),
+        "the surviving server took over the controller",
+    );
+    assert!(
+        leads(survivor),
+        "the survivor logs that it leads\n{}",
+        survivor.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        entries(survivor).len(),
+        2,
+        "no duplicates after the take-over"
+    );
 }

@@ -77,8 +77,11 @@ pub(super) fn engine_lifecycle_job(core: &Core, period: Duration, lease_ttl: Dur
 }
 
 /// Gives this server's leases up, so another server need not wait for them to expire.
-pub(super) async fn release_leases(core: &Core) {
-    for lease in [crate::ca::CA_LEASE, ENGINE_LEASE] {
+/// `controller` is the registration controller's lease, when it runs.
+pub(super) async fn release_leases(core: &Core, controller: Option<String>) {
+    let fixed = [crate::ca::CA_LEASE, ENGINE_LEASE].map(String::from);
+    for lease in fixed.into_iter().chain(controller) {
+        let lease = lease.as_str();
         if let Err(e) = core.store.release_lease(lease, &core.holder).await {
             tracing::warn!(lease, error = %e, "could not release a lease at shutdown; it expires by itself");
         }
