@@ -3,8 +3,12 @@
 //! entry per (resource, matching pod) — created, updated and deleted through the registry, so
 //! every write is audited like an operator's.
 //!
-//! Invariant: the controller only ever touches entries whose hint is its ownership mark
-//! `k8s-controller/<cluster>/<resource>`; operator-made entries are never changed. Each kind is
+//! Invariant: the controller only ever touches entries whose id starts with its ownership mark
+//! `k8s-controller/<cluster>/` (ids never reach workloads, unlike hints), or — made by an older
+//! version — whose hint does; those are replaced by id-marked entries with no hint. Operator-made
+//! entries are never changed, and one registering the same thing stands in for the controller's.
+//! Besides one entry per (resource, pod), it keeps the node alias entry `node_alias_id` for
+//! every agent of the cluster (`k8s_psat:cluster:<cluster_name>`). Each kind is
 //! listed, then watched from the list's resourceVersion; a watch that ends is resumed from the
 //! last resourceVersion seen, and one answered with 410 Gone is replaced by a fresh list. Every
 //! reconcile compares the whole desired set with the whole owned set, so a lost or repeated
