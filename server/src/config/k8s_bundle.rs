@@ -104,15 +104,7 @@ impl K8sBundleConfig {
                 format!("{api_server:?} must be https://host[:port]"),
             ));
         }
-        let refresh_interval =
-            continuity_common::duration::parse(f.refresh_interval.as_deref().unwrap_or("30s"))
-                .map_err(|m| invalid("k8s_bundle.refresh_interval", m))?;
-        if refresh_interval.is_zero() {
-            return Err(invalid(
-                "k8s_bundle.refresh_interval",
-                "must be more than 0".to_string(),
-            ));
-        }
+        let refresh_interval = refresh_interval(f.refresh_interval.as_deref())?;
         Ok(Some(Self {
             namespace,
             config_map,
@@ -123,6 +115,16 @@ impl K8sBundleConfig {
             refresh_interval,
         }))
     }
+}
+
+/// `refresh_interval`: a duration more than 0 (default 30s).
+fn refresh_interval(v: Option<&str>) -> Result<Duration, ConfigError> {
+    let key = "k8s_bundle.refresh_interval";
+    let d = continuity_common::duration::parse(v.unwrap_or("30s")).map_err(|m| invalid(key, m))?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be more than 0"));
+    }
+    Ok(d)
 }
 
 /// A DNS label (or, with `dots`, subdomain) of at most `max` bytes, as Kubernetes names are.
