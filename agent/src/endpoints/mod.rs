@@ -305,7 +305,9 @@ pub async fn serve(
             check_security_header,
         ))
         // Envoy sends no security header; SPIRE requires it on the Workload API only.
-        .add_service(SecretDiscoveryServiceServer::new(sds).max_decoding_message_size(sds::MAX_SDS_MESSAGE));
+        .add_service(
+            SecretDiscoveryServiceServer::new(sds).max_decoding_message_size(sds::MAX_SDS_MESSAGE),
+        );
     match reflection {
         Ok(r) => router = router.add_service(r.max_decoding_message_size(MAX_SMALL_MESSAGE)),
         Err(e) => tracing::warn!(error = %e, "gRPC reflection unavailable"),

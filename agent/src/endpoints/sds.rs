@@ -75,11 +75,7 @@ fn nack_message(status: &continuity_proto::google::rpc::Status) -> String {
 
 /// The state-of-the-world answer to `names` (empty: everything, as SPIRE): InvalidArgument
 /// naming every name this workload has no resource for.
-fn answer(
-    view: &View,
-    names: &[String],
-    spiffe: bool,
-) -> Result<Vec<prost_types::Any>, Status> {
+fn answer(view: &View, names: &[String], spiffe: bool) -> Result<Vec<prost_types::Any>, Status> {
     let wanted: Vec<String> = if names.iter().all(String::is_empty) {
         view.all_names()
     } else {

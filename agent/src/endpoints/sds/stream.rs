@@ -91,7 +91,10 @@ pub(super) async fn run(
 
 impl Sotw {
     /// Handles one request: what to send, if anything (see the module docs).
-    fn on_request(&mut self, mut req: DiscoveryRequest) -> Result<Option<DiscoveryResponse>, Status> {
+    fn on_request(
+        &mut self,
+        mut req: DiscoveryRequest,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
         check_type_url(&req.type_url)?;
         check_names(req.resource_names.len())?;
         if let Some(e) = &req.error_detail {
