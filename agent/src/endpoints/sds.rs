@@ -153,3 +153,6 @@ impl SecretDiscoveryService for SdsHandler {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;
