@@ -372,6 +372,8 @@ async fn nack_is_logged_once_and_not_answered_and_ack_sends_nothing() {
         message: marker.into(),
         details: vec![],
     });
+    // Sent twice (a proxy retrying): still logged once, and never answered.
+    tx.send(nack.clone()).await.unwrap();
     tx.send(nack).await.unwrap();
     quiet(&mut s, 3, "after a NACK").await;
     // An ACK of the current version sends nothing either.

@@ -33,6 +33,9 @@ struct Delta {
     key: ViewKey,
     version: u64,
     nonces: u64,
+    /// The nonce of the last response sent, and of the last one NACKed.
+    last_nonce: String,
+    nacked: String,
     spiffe: bool,
     /// Whether the first request has been seen.
     started: bool,
@@ -57,6 +60,8 @@ pub(super) async fn run(
         caller,
         version: 1,
         nonces: 0,
+        last_nonce: String::new(),
+        nacked: String::new(),
         spiffe: true,
         started: false,
         wildcard: false,
@@ -107,13 +112,7 @@ impl Delta {
         check_names(req.resource_names_subscribe.len())?;
         check_names(req.initial_resource_versions.len())?;
         if let Some(e) = &req.error_detail {
-            tracing::warn!(
-                workload = %self.caller.workload_id,
-                nonce = %req.response_nonce,
-                code = e.code,
-                error = ?nack_message(e),
-                "Envoy rejected the secrets sent (delta NACK); not resending until they change"
-            );
+            self.log_nack(&req.response_nonce, e);
         }
         if !self.started {
             self.started = true;
@@ -141,6 +140,25 @@ impl Delta {
             )));
         }
         self.diff()
+    }
+
+    /// Logs a NACK of the last response once (a stale or repeated one is debug only).
+    fn log_nack(&mut self, nonce: &str, e: &continuity_proto::google::rpc::Status) {
+        if nonce != self.last_nonce || nonce == self.nacked {
+            tracing::debug!(
+                nonce,
+                "SDS delta NACK of a stale or already NACKed response"
+            );
+            return;
+        }
+        self.nacked = nonce.to_string();
+        tracing::warn!(
+            workload = %self.caller.workload_id,
+            nonce,
+            code = e.code,
+            error = ?nack_message(e),
+            "Envoy rejected the secrets sent (delta NACK); not resending until they change"
+        );
     }
 
     /// A new snapshot: the changed resources, when what this workload may see changed.
@@ -205,11 +223,12 @@ impl Delta {
             return Ok(None);
         }
         self.nonces += 1;
+        self.last_nonce = format!("{}-{}", self.version, self.nonces);
         Ok(Some(DeltaDiscoveryResponse {
             system_version_info: self.version.to_string(),
             resources,
             type_url: SECRET_TYPE_URL.to_string(),
-            nonce: format!("{}-{}", self.version, self.nonces),
+            nonce: self.last_nonce.clone(),
             removed_resources: removed,
         }))
     }

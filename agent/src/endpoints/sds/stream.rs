@@ -30,6 +30,8 @@ struct Sotw {
     version: u64,
     nonces: u64,
     last_nonce: String,
+    /// The nonce of the last response NACKed (each is logged once).
+    nacked: String,
     /// The last request's names (None until the first request).
     names: Option<Vec<String>>,
     node: Option<Node>,
@@ -51,6 +53,7 @@ pub(super) async fn run(
         version: 1,
         nonces: 0,
         last_nonce: String::new(),
+        nacked: String::new(),
         names: None,
         node: None,
     };
@@ -97,23 +100,14 @@ impl Sotw {
     ) -> Result<Option<DiscoveryResponse>, Status> {
         check_type_url(&req.type_url)?;
         check_names(req.resource_names.len())?;
-        if let Some(e) = &req.error_detail {
-            tracing::warn!(
-                workload = %self.caller.workload_id,
-                names = ?req.resource_names,
-                version = %req.version_info,
-                nonce = %req.response_nonce,
-                code = e.code,
-                error = ?nack_message(e),
-                "Envoy rejected the secrets sent (NACK); not resending until they change"
-            );
-        }
         if !self.last_nonce.is_empty() {
             if req.response_nonce != self.last_nonce {
                 tracing::debug!(nonce = %req.response_nonce, expect = %self.last_nonce, "SDS request with a stale nonce ignored");
                 return Ok(None);
             }
-            if req.error_detail.is_none() && req.version_info != self.version.to_string() {
+            if let Some(e) = &req.error_detail {
+                self.log_nack(&req, e);
+            } else if req.version_info != self.version.to_string() {
                 tracing::warn!(
                     workload = %self.caller.workload_id,
                     version = %req.version_info,
@@ -137,6 +131,23 @@ impl Sotw {
             return Ok(None);
         }
         self.respond().map(Some)
+    }
+
+    /// Logs a NACK of the last response, once per response (a repeat is debug only).
+    fn log_nack(&mut self, req: &DiscoveryRequest, e: &continuity_proto::google::rpc::Status) {
+        if self.nacked == self.last_nonce {
+            tracing::debug!(nonce = %req.response_nonce, "SDS NACK repeated");
+            return;
+        }
+        self.nacked.clone_from(&self.last_nonce);
+        tracing::warn!(
+            workload = %self.caller.workload_id,
+            names = ?req.resource_names,
+            nonce = %req.response_nonce,
+            code = e.code,
+            error = ?nack_message(e),
+            "Envoy rejected the secrets sent (NACK); not resending until they change"
+        );
     }
 
     /// A new snapshot: a new version, pushed, when what this workload may see changed.
