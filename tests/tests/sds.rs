@@ -476,3 +476,101 @@ async fn delta_sends_what_changed_and_removes_what_is_absent() {
     tx2.send(resume).await.unwrap();
     quiet(&mut s2, 2, "a resumed delta stream holding every version").await;
 }
+
+/// Helper run as another uid by the test below: prints the names FetchSecrets returns for
+/// `HELPER_NAMES` (comma-separated; empty: everything), or the error code.
+#[test]
+#[ignore = "helper: run as another uid by sds_callers_are_attested_like_workload_api_callers"]
+fn sds_fetch_as_other_uid() {
+    let socket = std::env::var("HELPER_SOCKET").unwrap();
+    let names = std::env::var("HELPER_NAMES").unwrap();
+    let names: Vec<&str> = names.split(',').filter(|n| !n.is_empty()).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = continuity_common::grpc::uds_channel(std::path::Path::new(&socket))
+            .await
+            .unwrap();
+        let mut c =
+            SecretDiscoveryServiceClient::with_origin(ch, "http://spire_agent".parse().unwrap());
+        match c.fetch_secrets(request(&names, None)).await {
+            Ok(r) => {
+                let got = by_name(&r.into_inner().resources);
+                println!(
+                    "NAMES {}",
+                    got.keys().cloned().collect::<Vec<_>>().join(",")
+                );
+            }
+            Err(e) => println!("ERR {:?}", e.code()),
+        }
+    });
+}
+
+fn sds_fetch_as(uid: u32, socket: &std::path::Path, names: &str) -> String {
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sds_fetch_as_other_uid",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("HELPER_SOCKET", socket)
+        .env("HELPER_NAMES", names)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    stdout
+        .lines()
+        .find(|l| l.starts_with("NAMES ") || l.starts_with("ERR "))
+        .unwrap_or_else(|| {
+            panic!(
+                "helper printed nothing: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string()
+}
+
+#[tokio::test]
+async fn sds_callers_are_attested_like_workload_api_callers() {
+    assert_eq!(
+        uid(),
+        0,
+        "this test needs root to run workloads as other uids (CI runs as root)"
+    );
+    let mine = "spiffe://example.org/sds-root";
+    let (e, _, _, _) = env_with_entry(mine, None).await;
+    let theirs = "spiffe://example.org/sds-1601";
+    e.server.create_entry(theirs, ALIAS, &["unix:uid:1601"]);
+    let socket = e.agent.socket.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = sds_fetch_as(1601, &socket, "");
+        if got == format!("NAMES {TD},{theirs}") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "uid 1601 never got its SVID: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Another workload's SVID is not served to it, by name or as its default.
+    assert_eq!(sds_fetch_as(1601, &socket, mine), "ERR InvalidArgument");
+    assert_eq!(
+        sds_fetch_as(1601, &socket, "default"),
+        "NAMES default",
+        "its default is its own SVID"
+    );
+    // A uid without entries sees the bundle only.
+    assert_eq!(sds_fetch_as(1603, &socket, ""), format!("NAMES {TD}"));
+    assert_eq!(
+        sds_fetch_as(1603, &socket, "default"),
+        "ERR InvalidArgument"
+    );
+}
