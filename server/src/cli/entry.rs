@@ -1,5 +1,7 @@
 //! `entry`: registration entries.
 
+mod batch;
+
 use std::io::{self, Write};
 
 use clap::{Args, Subcommand};
@@ -129,7 +131,7 @@ pub async fn run(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliE
     match cmd {
         EntryCommand::Create(CreateArgs {
             data: Some(file), ..
-        }) => super::entry_batch::create(&mut c, out, &file).await,
+        }) => batch::create(&mut c, out, &file).await,
         EntryCommand::Create(CreateArgs { fields, .. }) => {
             let entry = Some(entry_from(String::new(), fields)?);
             let e = c.create_entry(CreateEntryRequest { entry }).await?;

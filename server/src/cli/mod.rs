@@ -11,7 +11,6 @@ mod backup;
 mod bundle;
 mod engine;
 mod entry;
-mod entry_batch;
 mod error;
 mod integrity;
 mod key;

@@ -11,9 +11,9 @@ use continuity_proto::types;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use super::entry::{EntryView, node_parent};
-use super::error::CliError;
-use super::output::{Output, View, show};
+use super::super::error::CliError;
+use super::super::output::{Output, View, show};
+use super::{EntryView, node_parent};
 
 /// Largest file read (an entry is well under 4 KiB: 16 MiB is thousands of them).
 const MAX_FILE: u64 = 16 << 20;
