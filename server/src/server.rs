@@ -39,6 +39,7 @@ use crate::scheduler::{FailureLevel, Job, Scheduler};
 
 mod cluster;
 mod http;
+mod oidc;
 use continuity_proto::admin::audit_admin_server::AuditAdminServer;
 use continuity_proto::admin::engine_admin_server::EngineAdminServer;
 use continuity_proto::engine::engine_broker_server::EngineBrokerServer;
