@@ -257,6 +257,7 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         &holder,
     )
     .await?;
+    metrics.watch_bundle(ca.subscribe());
     let registry = Arc::new(
         Registry::load(
             store.clone(),
@@ -419,6 +420,10 @@ async fn agent_api(
         .timeout(api.request_timeout)
         .http2_keepalive_interval(Some(api.keepalive_interval))
         .http2_keepalive_timeout(Some(api.keepalive_timeout))
+        // Per-RPC counts and latencies for `/metrics`.
+        .layer(continuity_common::metrics::RpcMetricsLayer::new(
+            core.metrics.rpc.clone(),
+        ))
         .add_service(
             AgentApiServer::new(agent)
                 .max_decoding_message_size(MAX_AGENT_API_REQUEST)
