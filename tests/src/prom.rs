@@ -3,6 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+/// A series' labels but `le`, in order.
+type Labels = Vec<(String, String)>;
+
 /// One sample: metric name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -118,7 +121,7 @@ impl Scrape {
         let mut checked = 0;
         for (family, _) in self.types.iter().filter(|(_, t)| *t == "histogram") {
             let bucket = format!("{family}_bucket");
-            let mut series: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+            let mut series: BTreeMap<Labels, Vec<(f64, f64)>> = BTreeMap::new();
             for s in self.samples.iter().filter(|s| s.name == bucket) {
                 let le = s.labels.get("le").expect("bucket without le");
                 let le: f64 = if le == "+Inf" {

@@ -213,8 +213,7 @@ impl Config {
         let listener = FileListener::address;
         let controller = ControllerConfig::from_file(f.controller, &trust_domain)?;
         let jwt_issuer = f.jwt_issuer.filter(|s| !s.is_empty());
-        let oidc_discovery =
-            OidcDiscoveryConfig::from_file(f.oidc_discovery, jwt_issuer.as_deref())?;
+        let oidc = OidcDiscoveryConfig::from_file(f.oidc_discovery, jwt_issuer.as_deref())?;
         Ok(Self {
             trust_domain,
             bind_address,
@@ -225,13 +224,13 @@ impl Config {
             ca_ttl: ttls.ca,
             default_x509_svid_ttl: ttls.x509,
             default_jwt_svid_ttl: ttls.jwt,
+            oidc_discovery: oidc,
             jwt_issuer,
             datastore_url,
             key_manager,
             health_address: listener(f.health, "health.bind_address")?,
             metrics_address: listener(f.metrics, "metrics.bind_address")?,
             jwks_address: listener(f.jwks, "jwks.bind_address")?,
-            oidc_discovery,
             psat_clusters: psat::clusters(f.node_attestors.and_then(|n| n.k8s_psat))?,
             log_level,
             log_format: f.log_format.unwrap_or_default(),
