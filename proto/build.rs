@@ -17,10 +17,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/continuity/agent/v1/agent.proto",
         "proto/continuity/admin/v1/admin.proto",
         "proto/continuity/engine/v1/engine.proto",
+        "proto/envoy/service/secret/v3/sds.proto",
+        "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
+        "proto/envoy/extensions/transport_sockets/tls/v3/tls_spiffe_validator_config.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
+    // The Envoy subset imports these; a change to them must rebuild too.
+    println!("cargo:rerun-if-changed=proto/envoy");
+    println!("cargo:rerun-if-changed=proto/google");
     let fds = protox::compile(files, ["proto"])?;
     // The descriptor set, for gRPC server reflection.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

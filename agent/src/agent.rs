@@ -275,9 +275,19 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
     ));
     let engine =
         endpoints::engine::EngineHandler::new(manager.clone(), attestor.clone(), limiter.clone());
+    let sds = endpoints::sds::SdsHandler::new(manager.clone(), attestor.clone());
     let handler = WorkloadHandler::new(manager, attestor, clock, limiter, limits);
-    tracing::info!(socket = %cfg.socket_path.display(), "Workload API ready");
-    let result = endpoints::serve(listener, limits, handler, engine, rpc, shutdown_signal()).await;
+    tracing::info!(socket = %cfg.socket_path.display(), "Workload API and Envoy SDS ready");
+    let result = endpoints::serve(
+        listener,
+        limits,
+        handler,
+        engine,
+        sds,
+        rpc,
+        shutdown_signal(),
+    )
+    .await;
     let _ = std::fs::remove_file(&cfg.socket_path);
     result.map_err(|e| RunError::Listener(e.to_string()))
 }

@@ -9,7 +9,9 @@ use continuity_agent::Config;
 use continuity_agent::cli::{self, Cli, CliError, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // SPIRE's spellings (`-spiffeID`, `-socketPath`, ...) are accepted as aliases.
+    use continuity_common::spire_flags::{AGENT, COMMON, translate};
+    let cli = Cli::parse_from(translate(std::env::args_os(), &[COMMON, AGENT]));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -100,6 +100,9 @@ pub struct Entry {
     pub engine: String,
     /// Revision.
     pub revision: i64,
+    /// When the entry was created (Unix seconds; 0 in state written before it was kept).
+    #[serde(default)]
+    pub created_at: i64,
 }
 
 impl From<continuity_proto::types::Entry> for Entry {
@@ -119,6 +122,7 @@ impl From<continuity_proto::types::Entry> for Entry {
             hint: e.hint,
             engine: e.engine,
             revision: e.revision,
+            created_at: e.created_at,
         }
     }
 }

@@ -14,6 +14,7 @@
 mod claims;
 mod discovery;
 mod keys;
+mod labels;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ pub use claims::{CLOCK_SKEW_SECS, MAX_KID_BYTES, MAX_TOKEN_BYTES, check_times};
 use discovery::{discover, read_json_file};
 pub use discovery::{jwks_keys, jwks_uri};
 pub use keys::{KeyCache, KeySet, STALE_GRACE};
+pub use labels::{LabelLookup, label_key_ok};
 
 /// The attestation data type string on the wire.
 pub const ATTESTOR_TYPE: &str = "k8s_psat";
@@ -91,6 +93,8 @@ pub struct ClusterConfig {
     pub issuer: Option<String>,
     /// How tokens are validated.
     pub validation: Validation,
+    /// Node and pod labels that become selectors (read through the TokenReview API server).
+    pub labels: LabelLookup,
 }
 
 /// Why a token was refused.
@@ -130,6 +134,10 @@ pub struct Attested {
     pub node_name: String,
     /// Node UID: the stable part of the agent ID.
     pub node_uid: String,
+    /// The Node's labels whose key is allowed (`allowed_node_label_keys`), sorted.
+    pub node_labels: Vec<(String, String)>,
+    /// The agent Pod's labels whose key is allowed (`allowed_pod_label_keys`), sorted.
+    pub pod_labels: Vec<(String, String)>,
 }
 
 impl Attested {
@@ -144,7 +152,7 @@ impl Attested {
     /// `k8s_psat:` selectors of the agent.
     pub fn selectors(&self) -> Vec<Selector> {
         let s = |k: &str, v: &str| Selector::raw(ATTESTOR_TYPE, format!("{k}:{v}"));
-        vec![
+        let mut out = vec![
             s("cluster", &self.cluster),
             s("agent_ns", &self.namespace),
             s("agent_sa", &self.service_account),
@@ -152,7 +160,14 @@ impl Attested {
             s("agent_pod_uid", &self.pod_uid),
             s("agent_node_name", &self.node_name),
             s("agent_node_uid", &self.node_uid),
-        ]
+        ];
+        for (k, v) in &self.node_labels {
+            out.push(s("agent_node_label", &format!("{k}:{v}")));
+        }
+        for (k, v) in &self.pod_labels {
+            out.push(s("agent_pod_label", &format!("{k}:{v}")));
+        }
+        out
     }
 }
 
@@ -262,6 +277,13 @@ impl Validator {
                 token_review(cfg, &p.token, api_server, ca_path, token_path)
             }
         }
+        .and_then(|a| match &cfg.validation {
+            _ if cfg.labels.is_empty() => Ok(a),
+            Validation::TokenReview { .. } => Ok(a),
+            _ => Err(PsatError::Validator(
+                "node or pod label keys are allowed but the cluster has no API server (token_review_api_server)".into(),
+            )),
+        })
     }
 }
 
@@ -340,24 +362,24 @@ fn token_review(
 ) -> Result<Attested, PsatError> {
     let ca = std::fs::read_to_string(ca_path)
         .map_err(|e| PsatError::Validator(format!("ca_path {}: {e}", ca_path.display())))?;
-    let roots = continuity_common::x509::pem_decode_all("CERTIFICATE", &ca)
-        .map_err(PsatError::Validator)?;
+    let trust = ServerTrust::Roots(
+        continuity_common::x509::pem_decode_all("CERTIFICATE", &ca)
+            .map_err(PsatError::Validator)?,
+    );
     let bearer = std::fs::read_to_string(token_path)
         .map_err(|e| PsatError::Validator(format!("token_path {}: {e}", token_path.display())))?;
+    let api_server = api_server.trim_end_matches('/');
     let body = json!({
         "apiVersion": "authentication.k8s.io/v1",
         "kind": "TokenReview",
         "spec": {"token": token, "audiences": [cfg.audience]},
     })
     .to_string();
-    let url = format!(
-        "{}/apis/authentication.k8s.io/v1/tokenreviews",
-        api_server.trim_end_matches('/')
-    );
+    let url = format!("{api_server}/apis/authentication.k8s.io/v1/tokenreviews");
     let r = https::request_capped(
         "POST",
         &url,
-        &ServerTrust::Roots(roots),
+        &trust,
         Some(bearer.trim()),
         Some(("application/json", body.as_bytes())),
         Duration::from_secs(5),
@@ -370,7 +392,16 @@ fn token_review(
             r.status
         )));
     }
-    token_review_status(cfg, &r.body)
+    let mut a = token_review_status(cfg, &r.body)?;
+    if !cfg.labels.is_empty() {
+        let api = labels::Api {
+            base: api_server,
+            trust: &trust,
+            bearer: bearer.trim(),
+        };
+        labels::add_labels(&cfg.labels, &api, &mut a)?;
+    }
+    Ok(a)
 }
 
 /// Reads a TokenReview answer's body (the API server's JSON): the agent it authenticates, or
@@ -416,6 +447,8 @@ pub fn token_review_status(cfg: &ClusterConfig, body: &[u8]) -> Result<Attested,
             pod_uid: extra("pod-uid"),
             node_name: extra("node-name"),
             node_uid: extra("node-uid"),
+            node_labels: Vec::new(),
+            pod_labels: Vec::new(),
         },
     )
 }

@@ -8,7 +8,7 @@ use x509_parser::prelude::FromDer;
 
 use crate::SpiffeId;
 
-/// Seconds of clock skew tolerated on `exp`.
+/// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECS: i64 = 10;
 
 /// Why a JWT-SVID is not valid.
@@ -48,6 +48,15 @@ pub enum JwtError {
     /// Expired.
     #[error("JWT-SVID expired at {0}")]
     Expired(i64),
+    /// `nbf` is still in the future.
+    #[error("JWT-SVID is not valid before {0}")]
+    NotYetValid(i64),
+    /// `iat` is in the future.
+    #[error("JWT-SVID was issued in the future ({0})")]
+    IssuedInTheFuture(i64),
+    /// The header's `typ` is present and neither `JWT` nor `JOSE`.
+    #[error("JWT-SVID header typ {0:?} is neither JWT nor JOSE")]
+    Type(String),
 }
 
 /// A validated JWT-SVID.
@@ -96,6 +105,17 @@ pub fn parse_jws(token: &str) -> Result<Jws<'_>, JwtError> {
     };
     let header = part(h)?;
     let claims = part(c)?;
+    // The JWT-SVID spec: `typ`, when present, is `JWT` or `JOSE`.
+    match header.get("typ") {
+        None => {}
+        Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
+        Some(other) => {
+            return Err(JwtError::Type(match other {
+                Value::String(t) => t.clone(),
+                v => v.to_string(),
+            }));
+        }
+    }
     let alg = header
         .get("alg")
         .and_then(Value::as_str)
@@ -219,7 +239,34 @@ pub fn validate<'k>(
     if exp.saturating_add(LEEWAY_SECS) < now {
         return Err(JwtError::Expired(exp));
     }
+    check_not_in_future(&claims, now)?;
     Ok(Validated { spiffe_id, claims })
+}
+
+/// `nbf` and `iat`, when present, must be numbers no later than `now` (with the leeway).
+fn check_not_in_future(claims: &Map<String, Value>, now: i64) -> Result<(), JwtError> {
+    let time = |name: &'static str| -> Result<Option<i64>, JwtError> {
+        match claims.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+                .map(Some)
+                .ok_or(JwtError::Malformed("nbf and iat must be numbers")),
+        }
+    };
+    let latest = now.saturating_add(LEEWAY_SECS);
+    if let Some(nbf) = time("nbf")?
+        && nbf > latest
+    {
+        return Err(JwtError::NotYetValid(nbf));
+    }
+    if let Some(iat) = time("iat")?
+        && iat > latest
+    {
+        return Err(JwtError::IssuedInTheFuture(iat));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -229,6 +276,11 @@ mod tests {
 
     /// A P-256 key, its SubjectPublicKeyInfo, and an ES256 token over `claims`.
     fn signed(claims: &Value) -> (Vec<u8>, String) {
+        signed_with(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#, claims)
+    }
+
+    /// As [`signed`], with the given JOSE header.
+    fn signed_with(header: &[u8], claims: &Value) -> (Vec<u8>, String) {
         let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
         // SPKI = SEQUENCE { SEQUENCE { ecPublicKey, prime256v1 }, BIT STRING point }.
         let mut spki = vec![
@@ -236,7 +288,7 @@ mod tests {
             0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
         ];
         spki.extend_from_slice(kp.public_key().as_ref());
-        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#);
+        let header = URL_SAFE_NO_PAD.encode(header);
         let body = URL_SAFE_NO_PAD.encode(claims.to_string());
         let input = format!("{header}.{body}");
         let rng = aws_lc_rs::rand::SystemRandom::new();
@@ -273,5 +325,72 @@ mod tests {
             validate(&token, "a", 1_700_000_000, |_, _| Some(other.as_slice())).unwrap_err(),
             JwtError::Signature
         );
+    }
+
+    const NOW: i64 = 1_700_000_000;
+
+    fn check(header: &[u8], claims: &Value) -> Result<Validated, JwtError> {
+        let (spki, token) = signed_with(header, claims);
+        validate(&token, "a", NOW, |_, _| Some(spki.as_slice()))
+    }
+
+    #[test]
+    fn typ_is_optional_and_only_jwt_or_jose_when_present() {
+        let claims =
+            serde_json::json!({"sub": "spiffe://example.org/w", "aud": "a", "exp": NOW + 60});
+        check(br#"{"alg":"ES256","kid":"k1"}"#, &claims).unwrap();
+        check(br#"{"alg":"ES256","kid":"k1","typ":"JOSE"}"#, &claims).unwrap();
+        check(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#, &claims).unwrap();
+        for bad in [
+            &br#"{"alg":"ES256","kid":"k1","typ":"at+jwt"}"#[..],
+            br#"{"alg":"ES256","kid":"k1","typ":"jwt"}"#,
+            br#"{"alg":"ES256","kid":"k1","typ":7}"#,
+        ] {
+            assert!(
+                matches!(check(bad, &claims), Err(JwtError::Type(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn nbf_and_iat_in_the_future_are_refused_beyond_the_leeway() {
+        let h = br#"{"alg":"ES256","kid":"k1"}"#;
+        let with = |k: &str, v: Value| {
+            let mut c =
+                serde_json::json!({"sub": "spiffe://example.org/w", "aud": "a", "exp": NOW + 600});
+            c[k] = v;
+            c
+        };
+        check(h, &with("nbf", (NOW + LEEWAY_SECS).into())).unwrap();
+        check(h, &with("iat", (NOW - 5).into())).unwrap();
+        assert_eq!(
+            check(h, &with("nbf", (NOW + 120).into())).unwrap_err(),
+            JwtError::NotYetValid(NOW + 120)
+        );
+        assert_eq!(
+            check(h, &with("iat", (NOW + 120).into())).unwrap_err(),
+            JwtError::IssuedInTheFuture(NOW + 120)
+        );
+        assert!(matches!(
+            check(h, &with("nbf", "soon".into())).unwrap_err(),
+            JwtError::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn aud_may_be_a_single_string_or_an_array() {
+        let h = br#"{"alg":"ES256","kid":"k1"}"#;
+        let one = serde_json::json!({"sub": "spiffe://example.org/w", "aud": "a", "exp": NOW + 60});
+        let many = serde_json::json!({"sub": "spiffe://example.org/w", "aud": ["b", "a"], "exp": NOW + 60});
+        check(h, &one).unwrap();
+        check(h, &many).unwrap();
+        let other =
+            serde_json::json!({"sub": "spiffe://example.org/w", "aud": "b", "exp": NOW + 60});
+        assert!(matches!(
+            check(h, &other).unwrap_err(),
+            JwtError::Audience { .. }
+        ));
     }
 }

@@ -11,6 +11,7 @@
 //! - [`rand`]: OS randomness whose failure is an error.
 //! - [`selector`]: the selector-set match shared by agent and server.
 //! - [`ratelimit`]: per-key token buckets in a bounded table.
+//! - [`spire_flags`]: SPIRE's single-dash CLI spellings accepted as aliases.
 //! - [`fsperm`]: socket, state and key directories opened without following symlinks and
 //!   refused when another user could have made or changed them.
 //! - `testing` (hidden): test fixtures such as a throwaway PostgreSQL cluster.
@@ -39,6 +40,7 @@ pub mod ratelimit;
 pub mod secret;
 pub mod selector;
 pub mod spiffe_id;
+pub mod spire_flags;
 #[doc(hidden)]
 pub mod testing;
 pub mod tls;

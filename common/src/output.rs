@@ -11,7 +11,8 @@ use serde::Serialize;
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// Human-readable.
+    /// Human-readable (`pretty`, SPIRE's name for it, is accepted too).
+    #[value(alias = "pretty")]
     Text,
     /// JSON.
     Json,

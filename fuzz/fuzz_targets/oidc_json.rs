@@ -52,6 +52,7 @@ fn fixture() -> &'static Fixture {
                 audience: AUDIENCE.into(),
                 issuer: Some("https://kubernetes.default.svc.cluster.local".into()),
                 validation: Validation::JwksFile(jwks_path.clone()),
+                labels: Default::default(),
             },
             jwks_path,
         }

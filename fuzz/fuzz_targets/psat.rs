@@ -48,6 +48,7 @@ fn cluster(jwks: PathBuf) -> ClusterConfig {
         audience: AUDIENCE.into(),
         issuer: Some("https://kubernetes.default.svc.cluster.local".into()),
         validation: Validation::JwksFile(jwks),
+        labels: Default::default(),
     }
 }
 

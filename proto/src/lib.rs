@@ -2,6 +2,8 @@
 //!
 //! - [`workload`]: the SPIFFE Workload API, byte-compatible with every SPIFFE client.
 //! - [`types`], [`agent`], [`admin`]: Continuity's own `continuity.*.v1` APIs.
+//! - [`envoy`], [`google`]: the subset of Envoy's xDS protos (and `google.rpc.Status`) that the
+//!   agent's Secret Discovery Service (SDS v3) needs, with Envoy's package names and field numbers.
 #![forbid(unsafe_code)]
 #![allow(missing_docs, clippy::all)]
 
@@ -44,6 +46,66 @@ pub mod continuity {
         pub mod v1 {
             tonic::include_proto!("continuity.admin.v1");
         }
+    }
+}
+
+/// The subset of Envoy's protos SDS v3 uses, nested as their proto package names are.
+#[allow(clippy::too_many_lines)]
+pub mod envoy {
+    /// `envoy.config.*`
+    pub mod config {
+        /// `envoy.config.core`
+        pub mod core {
+            /// `envoy.config.core.v3`
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    /// `envoy.type.*`
+    pub mod r#type {
+        /// `envoy.type.v3`
+        pub mod v3 {
+            include!(concat!(env!("OUT_DIR"), "/envoy.r#type.v3.rs"));
+        }
+    }
+    /// `envoy.extensions.*`
+    pub mod extensions {
+        /// `envoy.extensions.transport_sockets`
+        pub mod transport_sockets {
+            /// `envoy.extensions.transport_sockets.tls`
+            pub mod tls {
+                /// `envoy.extensions.transport_sockets.tls.v3`
+                pub mod v3 {
+                    tonic::include_proto!("envoy.extensions.transport_sockets.tls.v3");
+                }
+            }
+        }
+    }
+    /// `envoy.service.*`
+    pub mod service {
+        /// `envoy.service.discovery`
+        pub mod discovery {
+            /// `envoy.service.discovery.v3`
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+        /// `envoy.service.secret`
+        pub mod secret {
+            /// `envoy.service.secret.v3`
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.secret.v3");
+            }
+        }
+    }
+}
+
+/// `google.rpc` (only `Status`, for xDS NACKs).
+pub mod google {
+    /// `google.rpc`
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
     }
 }
 

@@ -73,6 +73,8 @@ pub const NODE_SELECTOR_KEYS: &[&str] = &[
     "agent_pod_uid",
     "agent_node_name",
     "agent_node_uid",
+    "agent_node_label",
+    "agent_pod_label",
 ];
 
 /// A registration entry as stored.

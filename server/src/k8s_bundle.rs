@@ -6,6 +6,8 @@
 //! another server made, read through the change feed): a merge PATCH of the one key, creating
 //! the ConfigMap when the API server says it is missing. A failure is retried with back-off
 //! (0.5 s doubling to 30 s); a newer bundle arriving meanwhile is published at once instead.
+//! Without a change it publishes again every `refresh_interval`, so a ConfigMap someone edited
+//! or deleted holds the bundle again within that period.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,12 +63,18 @@ pub fn spawn(
 async fn publish_changes(cfg: Arc<K8sBundleConfig>, mut bundles: watch::Receiver<Arc<Bundle>>) {
     let mut backoff = FIRST_BACKOFF;
     let mut published: Option<String> = None;
+    // What the last successful publish wrote (the refresh clears `published`, not this).
+    let mut announced: Option<String> = None;
     loop {
         let pem = bundle_pem(&bundles.borrow_and_update());
-        // Unchanged X.509 authorities (a JWT key change) or none yet: nothing to write.
+        // Unchanged X.509 authorities (a JWT key change) or none yet: nothing to write until
+        // the next change or, once published, the refresh that restores an edited ConfigMap.
         if pem.is_empty() || published.as_deref() == Some(pem.as_str()) {
-            if bundles.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = bundles.changed() => if r.is_err() { return },
+                () = tokio::time::sleep(cfg.refresh_interval), if !pem.is_empty() => {
+                    published = None;
+                }
             }
             continue;
         }
@@ -76,7 +84,12 @@ async fn publish_changes(cfg: Arc<K8sBundleConfig>, mut bundles: watch::Receiver
             .unwrap_or_else(|e| Err(PublishError::Task(e.to_string())));
         match outcome {
             Ok(()) => {
-                tracing::info!(namespace = %cfg.namespace, config_map = %cfg.config_map, "bundle published to the ConfigMap");
+                if announced.as_deref() == Some(pem.as_str()) {
+                    tracing::debug!(namespace = %cfg.namespace, config_map = %cfg.config_map, "ConfigMap refreshed");
+                } else {
+                    tracing::info!(namespace = %cfg.namespace, config_map = %cfg.config_map, "bundle published to the ConfigMap");
+                    announced = Some(pem.clone());
+                }
                 published = Some(pem);
                 backoff = FIRST_BACKOFF;
             }

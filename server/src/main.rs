@@ -9,7 +9,9 @@ use continuity_server::Config;
 use continuity_server::cli::{self, Cli, CliError, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // SPIRE's spellings (`-spiffeID`, `-socketPath`, ...) are accepted as aliases.
+    use continuity_common::spire_flags::{COMMON, SERVER, translate};
+    let cli = Cli::parse_from(translate(std::env::args_os(), &[COMMON, SERVER]));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

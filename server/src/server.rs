@@ -197,14 +197,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     ));
     let _jobs = jobs.spawn();
     let _feed = cluster::follow(&core, cfg.cluster.poll_interval);
-    if let Some(c) = &cfg.controller {
-        let deps = crate::controller::Deps {
-            registry: core.registry.clone(),
-            engines: core.engines.clone(),
-            trust_domain: cfg.trust_domain.clone(),
-        };
-        crate::controller::spawn(c, deps)?;
-    }
+    cluster::controller(&cfg, &core)?;
     let _bundle_publisher = cfg
         .k8s_bundle
         .clone()
@@ -226,7 +219,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     };
     let (a, b, ()) = tokio::join!(agent_api, admin_api, signal);
     let _ = std::fs::remove_file(&cfg.admin_socket);
-    cluster::release_leases(&core).await;
+    cluster::release_leases(&core, &cfg).await;
     a?;
     b?;
     Ok(())

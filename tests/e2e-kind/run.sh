@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # End to end on a kind cluster with two workers (tests/e2e-kind/kind.yaml): builds the image,
 # loads it, applies deploy/k8s (the server publishes its bundle into the ConfigMap the agents
-# bootstrap from), registers one node alias entry for every node of cluster `demo` and one
-# Engine-bound workload entry parented to it, scales the example Deployment to three replicas
-# spread over both workers, and checks that
+# bootstrap from), applies a ClusterSPIFFEID (tests/e2e-kind/payments-clusterspiffeid.yaml) from
+# which the server's controller registers every replica, Engine-bound, under the node alias
+# entry it keeps for cluster `demo`, scales the example Deployment to three replicas spread over
+# both workers, and checks that
 #   1. every replica gets the same SPIFFE ID from the agent on its node (the agent's own CLI:
 #      the image needs no python3),
 #   2. Engine signatures from each replica verify against one JWKS,
@@ -44,11 +45,15 @@ srv() { kubectl -n continuity exec continuity-server-0 -- continuity-server --so
 
 srv engine create payments --tier 1
 srv engine key create payments signing --purpose sign
-# One node alias for every node of cluster demo; the workload entry is parented to it, so the
+# Registration through the controller: the ClusterSPIFFEID makes one entry per replica,
+# parented to the node alias entry the controller keeps for every node of cluster demo, so the
 # agent of whichever node a replica lands on serves it.
-srv entry create --node --spiffe-id "$alias_id" --selector k8s_psat:cluster:demo
-srv entry create --spiffe-id "$id" --parent-id "$alias_id" \
-  --selector k8s:ns:default --selector k8s:sa:payments --engine payments
+kubectl apply -f tests/e2e-kind/payments-clusterspiffeid.yaml
+for _ in $(seq 60); do
+  srv entry show | grep -q "$alias_id" && break
+  sleep 2
+done
+srv entry show | grep -q "$alias_id" || { echo "the controller made no node alias entry $alias_id"; exit 1; }
 kubectl scale deployment/payments --replicas=3
 kubectl rollout status deployment/payments --timeout=180s
 pods() { kubectl get pods -l app=payments --field-selector=status.phase=Running -o jsonpath='{.items[*].metadata.name}'; }

@@ -281,6 +281,32 @@ impl ApiServerStandin {
         self.state.lock().unwrap().requests.clone()
     }
 
+    /// Sets `data[key]` of ConfigMap `ns/name` as a hand edit would (no request recorded);
+    /// false if the ConfigMap does not exist.
+    pub fn edit_config_map(&self, ns: &str, name: &str, key: &str, value: &str) -> bool {
+        let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
+        let mut st = self.state.lock().unwrap();
+        st.resource_version += 1;
+        let rv = st.resource_version.to_string();
+        let Some(cm) = st.config_maps.get_mut(&path) else {
+            return false;
+        };
+        cm["data"][key] = value.into();
+        cm["metadata"]["resourceVersion"] = rv.into();
+        true
+    }
+
+    /// Deletes ConfigMap `ns/name` as `kubectl delete` would; false if it did not exist.
+    pub fn delete_config_map(&self, ns: &str, name: &str) -> bool {
+        let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
+        self.state
+            .lock()
+            .unwrap()
+            .config_maps
+            .remove(&path)
+            .is_some()
+    }
+
     /// `data[key]` of ConfigMap `ns/name`, if it exists and has that key.
     pub fn config_map_data(&self, ns: &str, name: &str, key: &str) -> Option<String> {
         let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");

@@ -178,7 +178,9 @@ async fn reflection_lists_the_workload_api_and_watch_streams() {
         "{names:?}"
     );
 
-    // `api watch` prints the current SVID and keeps streaming.
+    // `api watch` prints the current SVID and keeps streaming (once the agent holds it: before
+    // that the Workload API answers PermissionDenied, as SPIRE's does).
+    wait_for(15, || agent.cli(&["api", "fetch", "x509"]).status.success());
     let mut child = Command::new(continuity_tests::bin("continuity-agent"))
         .args(["api", "watch", "--socket-path"])
         .arg(&agent.socket)

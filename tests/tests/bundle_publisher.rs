@@ -105,6 +105,71 @@ async fn the_config_map_holds_the_bundle_retries_errors_and_follows_a_rotation()
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edited_or_deleted_config_map_is_restored_within_the_refresh_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServerStandin::start("publisher-token").await;
+    std::fs::write(dir.path().join("api-ca.pem"), &api.ca_pem).unwrap();
+    std::fs::write(dir.path().join("token"), "publisher-token\n").unwrap();
+    let extra = format!(
+        "[k8s_bundle]\nnamespace = \"{NS}\"\nconfig_map = \"{NAME}\"\nrefresh_interval = \"1s\"\napi_server = \"https://127.0.0.1:{}\"\nca_path = \"{}\"\ntoken_path = \"{}\"\n",
+        api.port,
+        dir.path().join("api-ca.pem").display(),
+        dir.path().join("token").display()
+    );
+    // A CA that does not rotate during the test: any restore is the refresh's doing.
+    let server = TestServer::start(
+        &dir.path().join("server"),
+        ServerOptions {
+            extra_toml: extra,
+            ..ServerOptions::default()
+        },
+    );
+    let bundle = server.bundle_der();
+    let published = within(Duration::from_secs(20), "bundle in the ConfigMap", || {
+        api.config_map_data(NS, NAME, KEY)
+    });
+    assert_eq!(ders(&published), bundle);
+
+    // A hand edit of the key is overwritten with the bundle again.
+    assert!(api.edit_config_map(NS, NAME, KEY, "not a bundle"));
+    assert_eq!(
+        api.config_map_data(NS, NAME, KEY).as_deref(),
+        Some("not a bundle")
+    );
+    let restored = within(Duration::from_secs(10), "edited ConfigMap restored", || {
+        api.config_map_data(NS, NAME, KEY)
+            .filter(|d| d != "not a bundle")
+    });
+    assert_eq!(
+        ders(&restored),
+        bundle,
+        "the edit is replaced by the bundle"
+    );
+
+    // A deleted ConfigMap is created again.
+    let posts_before = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.status == 201)
+        .count();
+    assert!(api.delete_config_map(NS, NAME));
+    assert_eq!(api.config_map_data(NS, NAME, KEY), None);
+    let recreated = within(
+        Duration::from_secs(10),
+        "deleted ConfigMap recreated",
+        || api.config_map_data(NS, NAME, KEY),
+    );
+    assert_eq!(ders(&recreated), bundle);
+    let posts_after = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.status == 201)
+        .count();
+    assert_eq!(posts_after, posts_before + 1, "recreated with one POST");
+    assert_eq!(server.bundle_der(), bundle, "no bundle change was involved");
+}
+
 #[test]
 fn a_bad_key_is_refused_naming_it() {
     let dir = tempfile::tempdir().unwrap();

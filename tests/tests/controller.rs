@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use continuity_tests::cluster::{Cluster, ClusterOptions};
 use continuity_tests::kube_api::{CLUSTER_SPIFFE_IDS, KubeApi, NAMESPACES, PODS, TOKEN};
 use continuity_tests::server::{ServerOptions, TestServer};
 use serde_json::{Value, json};
@@ -54,22 +55,26 @@ fn web_resource() -> Value {
     )
 }
 
-/// A server whose `[controller]` points at `api`.
-fn server(dir: &Path, api: &KubeApi) -> TestServer {
+/// The `[controller]` table pointing at `api` (its CA and token written under `dir`).
+fn controller_toml(dir: &Path, api: &KubeApi) -> String {
     std::fs::create_dir_all(dir).unwrap();
     let (ca, token) = (dir.join("kube-ca.pem"), dir.join("kube-token"));
     std::fs::write(&ca, &api.ca_pem).unwrap();
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-    let extra = format!(
+    format!(
         "[controller]\napi_server = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\ntoken_file = \"{}\"\ncluster_name = \"demo\"\nnode_alias_id = \"{ALIAS}\"\n",
         api.port,
         ca.display(),
         token.display()
-    );
+    )
+}
+
+/// A server whose `[controller]` points at `api`.
+fn server(dir: &Path, api: &KubeApi) -> TestServer {
     TestServer::start(
         dir,
         ServerOptions {
-            extra_toml: extra,
+            extra_toml: controller_toml(dir, api),
             ..ServerOptions::default()
         },
     )
@@ -82,14 +87,46 @@ fn entries(s: &TestServer) -> Vec<Value> {
     out["entries"].as_array().unwrap().clone()
 }
 
-/// The controller's entries: pod UID → entry (panics on two entries for one pod and hint).
+/// The SPIFFE ID resource `resource` of these tests gives `pod`.
+fn id_of(resource: &str, pod: &str) -> String {
+    match resource {
+        "web" => "spiffe://example.org/ns/shop/sa/web-sa".into(),
+        "by-label" => format!("spiffe://example.org/demo/app/db/{pod}"),
+        other => panic!("no resource {other} in these tests"),
+    }
+}
+
+/// The key of `owned` for `resource`'s entry for `pod`.
+fn k(resource: &str, pod: &str) -> (String, String) {
+    (id_of(resource, pod), uid(pod))
+}
+
+/// Whether `e` is the controller's node alias entry (checked to be exactly what it should be).
+fn is_node_alias(e: &Value) -> bool {
+    if e["spiffe_id"] != ALIAS {
+        return false;
+    }
+    assert_eq!(
+        e["parent_id"], "spiffe://example.org/continuity/server",
+        "{e}"
+    );
+    assert_eq!(
+        e["selectors"],
+        json!([{"type": "k8s_psat", "value": "cluster:demo"}]),
+        "{e}"
+    );
+    true
+}
+
+/// The controller's workload entries: (SPIFFE ID, pod UID) → entry (panics on two for one
+/// pod). Every one is marked by its id, never by a hint workloads would see.
 fn owned(s: &TestServer) -> BTreeMap<(String, String), Value> {
     let mut out = BTreeMap::new();
     for e in entries(s) {
-        let hint = e["hint"].as_str().unwrap().to_string();
-        if !hint.starts_with(OWNER) {
+        if !e["id"].as_str().unwrap().starts_with(OWNER) || is_node_alias(&e) {
             continue;
         }
+        assert_eq!(e["hint"], "", "no ownership mark in the hint: {e}");
         let pod = e["selectors"]
             .as_array()
             .unwrap()
@@ -97,7 +134,8 @@ fn owned(s: &TestServer) -> BTreeMap<(String, String), Value> {
             .find_map(|sel| sel["value"].as_str().unwrap().strip_prefix("pod-uid:"))
             .expect("a controller entry names its pod")
             .to_string();
-        let old = out.insert((hint, pod.clone()), e);
+        let key = (e["spiffe_id"].as_str().unwrap().to_string(), pod.clone());
+        let old = out.insert(key, e);
         assert!(old.is_none(), "two controller entries for pod {pod}");
     }
     out
@@ -110,10 +148,9 @@ fn wait_for(
     limit: Duration,
     what: &str,
 ) -> BTreeMap<(String, String), Value> {
-    let want: Vec<(String, String)> = want
-        .iter()
-        .map(|(r, p)| (format!("{OWNER}{r}"), uid(p)))
-        .collect();
+    let want: Vec<(String, String)> = want.iter().map(|(r, p)| k(r, p)).collect();
+    let mut want = want;
+    want.sort();
     let start = Instant::now();
     loop {
         let got = owned(s);
@@ -209,7 +246,7 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
         Duration::from_secs(2),
         "two resources and their matching live pods",
     );
-    let web1 = &got[&(format!("{OWNER}web"), uid("web-1"))];
+    let web1 = &got[&k("web", "web-1")];
     assert_eq!(web1["spiffe_id"], "spiffe://example.org/ns/shop/sa/web-sa");
     assert_eq!(web1["parent_id"], ALIAS);
     assert_eq!(web1["dns_names"], json!(["web-1.shop.svc"]));
@@ -233,7 +270,7 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
             format!("k8s:pod-uid:{}", uid("web-1")).as_str()
         ]
     );
-    let db = &got[&(format!("{OWNER}by-label"), uid("db-1"))];
+    let db = &got[&k("by-label", "db-1")];
     assert_eq!(db["spiffe_id"], "spiffe://example.org/demo/app/db/db-1");
     assert_eq!(
         web1["engine"], "",
@@ -250,10 +287,7 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
         Duration::from_secs(2),
         "web-2 deleted, web-4 added",
     );
-    assert_eq!(
-        got[&(format!("{OWNER}web"), uid("web-1"))]["id"],
-        web1_id.as_str()
-    );
+    assert_eq!(got[&k("web", "web-1")]["id"], web1_id.as_str());
 
     // Editing the resource updates its entries in place.
     let mut edited = web_resource();
@@ -261,7 +295,7 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
     api.put(CLUSTER_SPIFFE_IDS, edited);
     let start = Instant::now();
     loop {
-        let e = &owned(&s)[&(format!("{OWNER}web"), uid("web-1"))];
+        let e = &owned(&s)[&k("web", "web-1")];
         if e["dns_names"] == json!(["web-1.internal"]) {
             assert_eq!(e["id"], web1_id.as_str(), "an update keeps the entry");
             break;
@@ -281,7 +315,7 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
     bound["spec"]["engine"] = json!("shopfront");
     api.put(CLUSTER_SPIFFE_IDS, bound.clone());
     let start = Instant::now();
-    while owned(&s)[&(format!("{OWNER}web"), uid("web-1"))]["engine"] != "shopfront" {
+    while owned(&s)[&k("web", "web-1")]["engine"] != "shopfront" {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "Engine binding never applied"
@@ -326,9 +360,18 @@ async fn resources_and_pods_become_entries_and_deletions_remove_them() {
     wait_for(&s, &[], Duration::from_secs(2), "resources deleted");
     let left: Vec<String> = entries(&s)
         .iter()
+        .filter(|e| !is_node_alias(e))
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(left, [operator], "the operator's entry is untouched");
+    // The node alias entry stays while the controller runs, marked by its id.
+    let alias: Vec<Value> = entries(&s).into_iter().filter(is_node_alias).collect();
+    assert_eq!(alias.len(), 1, "{alias:?}");
+    assert!(
+        alias[0]["id"].as_str().unwrap().starts_with(OWNER),
+        "{alias:?}"
+    );
+    assert_eq!(alias[0]["hint"], "");
     let audit = s.cli_ok(&["audit", "show", "--output", "json"]);
     assert!(
         audit.contains("\"controller\""),
@@ -352,7 +395,7 @@ async fn watches_that_end_or_expire_are_resumed_without_losing_or_duplicating_en
         "initial",
     );
     wait_watching(&api, &s);
-    let web1_id = got[&(format!("{OWNER}web"), uid("web-1"))]["id"].clone();
+    let web1_id = got[&k("web", "web-1")]["id"].clone();
     let lists = || {
         api.requests()
             .iter()
@@ -384,7 +427,7 @@ async fn watches_that_end_or_expire_are_resumed_without_losing_or_duplicating_en
         Duration::from_secs(10),
         "after a resumed watch",
     );
-    assert_eq!(got[&(format!("{OWNER}web"), uid("web-1"))]["id"], web1_id);
+    assert_eq!(got[&k("web", "web-1")]["id"], web1_id);
     assert_eq!(
         lists(),
         1,
@@ -421,4 +464,221 @@ async fn watches_that_end_or_expire_are_resumed_without_losing_or_duplicating_en
         got.keys().collect::<Vec<_>>()
     );
     assert!(s.log().contains("410"), "the server logs the expiry");
+}
+
+/// Whether server `s` has logged that it took the controller's lease.
+fn leads(s: &TestServer) -> bool {
+    s.log().contains("controller: leading")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_servers_one_controller_writes_and_the_other_takes_over_when_it_dies() {
+    let d = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    api.put(NAMESPACES, namespace("shop", "a"));
+    api.put(PODS, pod("shop", "web-1", "web"));
+    api.put(PODS, pod("shop", "web-2", "web"));
+    api.put(CLUSTER_SPIFFE_IDS, web_resource());
+    let mut opts = ClusterOptions::on(&continuity_tests::postgres::database());
+    opts.extra_toml = controller_toml(&d.path().join("kube"), &api);
+    // [cluster] lease_ttl = 10s for both servers (set by Cluster).
+    let mut c = Cluster::launch(d.path(), 2, &opts);
+
+    // Both servers run the controller (six watches: three collections each)...
+    let start = Instant::now();
+    while api.open_watches() < 6 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "both controllers must watch; requests: {:?}\n{}",
+            api.requests(),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ...but the entries are made once: `owned` panics on two entries for one pod.
+    let want = [("web", "web-1"), ("web", "web-2")];
+    for i in 0..2 {
+        wait_for(
+            c.server(i),
+            &want,
+            Duration::from_secs(10),
+            "initial entries",
+        );
+    }
+    // Several lease renewals later, still exactly one entry per pod, and one leader.
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..2 {
+        // Two pods' entries and the node alias entry, each once.
+        assert_eq!(entries(c.server(i)).len(), 3, "no duplicates\n{}", c.logs());
+    }
+    let leaders: Vec<usize> = (0..2).filter(|&i| leads(c.server(i))).collect();
+    assert_eq!(leaders.len(), 1, "exactly one leader\n{}", c.logs());
+    let (leader, other) = (leaders[0], 1 - leaders[0]);
+    assert!(
+        c.server(other).log().contains("controller: standing by"),
+        "the other server stands by\n{}",
+        c.logs()
+    );
+
+    // The leader dies without releasing its lease; a new pod still gets its entry once the
+    // lease expires (10 s) and the other server takes it.
+    c.kill(leader);
+    api.put(PODS, pod("shop", "web-3", "web"));
+    api.delete(PODS, "shop", "web-1");
+    let survivor = c.server(other);
+    wait_for(
+        survivor,
+        &[("web", "web-2"), ("web", "web-3")],
+        Duration::from_secs(40),
+        "the surviving server took over the controller",
+    );
+    assert!(
+        leads(survivor),
+        "the survivor logs that it leads\n{}",
+        survivor.log()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        entries(survivor).len(),
+        3,
+        "no duplicates after the take-over"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_marked_by_hint_are_replaced_by_id_marked_ones_without_the_hint() {
+    let d = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    api.put(NAMESPACES, namespace("shop", "a"));
+    api.put(PODS, pod("shop", "web-1", "web"));
+    let s = server(d.path(), &api);
+    wait_watching(&api, &s);
+    // What an older controller made: its mark in the hint, which workloads are sent.
+    let old: Value = serde_json::from_str(&s.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/ns/shop/sa/web-sa",
+        "--parent-id",
+        ALIAS,
+        "--selector",
+        "k8s:ns:shop",
+        "--selector",
+        &format!("k8s:pod-uid:{}", uid("web-1")),
+        "--dns-name",
+        "web-1.shop.svc",
+        "--hint",
+        "k8s-controller/demo/web",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let old_id = old["id"].as_str().unwrap().to_string();
+    assert!(!old_id.starts_with(OWNER));
+    // An operator's entry registering what the resource also asks for stays the operator's.
+    api.put(PODS, pod("shop", "web-2", "web"));
+    let operator = s.create_entry(
+        "spiffe://example.org/ns/shop/sa/web-sa",
+        ALIAS,
+        &["k8s:ns:shop", &format!("k8s:pod-uid:{}", uid("web-2"))],
+    );
+    api.put(CLUSTER_SPIFFE_IDS, web_resource());
+    let got = wait_for(&s, &[("web", "web-1")], Duration::from_secs(10), "migrated");
+    let e = &got[&k("web", "web-1")];
+    assert_ne!(
+        e["id"],
+        old_id.as_str(),
+        "the hint-marked entry was replaced"
+    );
+    assert_eq!(e["dns_names"], json!(["web-1.shop.svc"]));
+    let all = entries(&s);
+    assert!(all.iter().all(|e| e["id"] != old_id.as_str()), "{all:?}");
+    assert!(
+        all.iter().all(|e| e["hint"] == ""),
+        "no hint marks left: {all:?}"
+    );
+    assert!(all.iter().any(|e| e["id"] == operator.as_str()), "{all:?}");
+    // Settled: no retries against the operator's entry.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !s.log().contains("entry write failed"),
+        "the operator's duplicate is skipped, not fought: {}",
+        s.log()
+    );
+}
+
+/// The `ClusterSPIFFEID` tests/e2e-kind/run.sh applies, as JSON (PyYAML via python3).
+fn e2e_resource() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e-kind/payments-clusterspiffeid.yaml");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, json, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(&path)
+        .output()
+        .expect("python3 with PyYAML (kubernetes-validate brings it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kind_e2e_resource_registers_its_three_replicas_under_the_node_alias() {
+    let d = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let mut default_ns = namespace("default", "x");
+    default_ns["metadata"]["labels"] = json!({"kubernetes.io/metadata.name": "default"});
+    api.put(NAMESPACES, default_ns);
+    let mut other_ns = namespace("other", "x");
+    other_ns["metadata"]["labels"] = json!({"kubernetes.io/metadata.name": "other"});
+    api.put(NAMESPACES, other_ns);
+    // The Deployment's three replicas on two nodes, as deploy/k8s/workload.yaml makes them.
+    for (name, node) in [
+        ("payments-1", "w1"),
+        ("payments-2", "w2"),
+        ("payments-3", "w1"),
+    ] {
+        let mut p = pod("default", name, "payments");
+        p["spec"]["serviceAccountName"] = json!("payments");
+        p["spec"]["nodeName"] = json!(node);
+        api.put(PODS, p);
+    }
+    api.put(PODS, pod("other", "payments-elsewhere", "payments"));
+    let s = server(d.path(), &api);
+    s.cli_ok(&["engine", "create", "payments", "--tier", "1"]);
+    api.put(CLUSTER_SPIFFE_IDS, e2e_resource());
+    let id = "spiffe://example.org/ns/default/sa/payments";
+    let start = Instant::now();
+    let mine = loop {
+        let mine: Vec<Value> = entries(&s)
+            .into_iter()
+            .filter(|e| e["id"].as_str().unwrap().starts_with(OWNER) && !is_node_alias(e))
+            .collect();
+        if mine.len() == 3 {
+            break mine;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "three replicas' entries: {mine:?}\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for e in &mine {
+        assert_eq!(e["spiffe_id"], id, "{e}");
+        assert_eq!(e["parent_id"], ALIAS, "parented to the node alias: {e}");
+        assert_eq!(e["engine"], "payments", "{e}");
+    }
+    // The node alias the e2e relies on (no `entry create --node` in the script).
+    assert_eq!(entries(&s).iter().filter(|e| is_node_alias(e)).count(), 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        owned(&s).len(),
+        3,
+        "the pod in namespace other is not selected"
+    );
 }

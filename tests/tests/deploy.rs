@@ -502,3 +502,177 @@ async fn grafana_dashboard_uses_only_series_a_scrape_has() {
         assert!(present, "the dashboard uses {name}, which no scrape has");
     }
 }
+
+/// One YAML document as JSON (PyYAML, which kubernetes-validate brings).
+fn yaml_file(path: &Path) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Checks `v` against a CRD's structural schema as the API server does with strict field
+/// validation: types, `required`, `minLength`, and no field the schema does not name (unless
+/// `x-kubernetes-preserve-unknown-fields`). Errors are pushed as "path: what".
+fn check_schema(
+    schema: &serde_json::Value,
+    v: &serde_json::Value,
+    at: &str,
+    errs: &mut Vec<String>,
+) {
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+    match schema["type"].as_str() {
+        Some("object") => {
+            let Some(obj) = v.as_object() else {
+                return errs.push(format!("{at}: not an object"));
+            };
+            for r in schema["required"].as_array().into_iter().flatten() {
+                let r = r.as_str().unwrap();
+                if !obj.contains_key(r) {
+                    errs.push(format!("{at}: {r} is required"));
+                }
+            }
+            for (k, child) in obj {
+                match schema["properties"].get(k) {
+                    Some(s) => check_schema(s, child, &format!("{at}.{k}"), errs),
+                    None if preserve => {}
+                    None => errs.push(format!("{at}: unknown field {k:?}")),
+                }
+            }
+        }
+        Some("string") => match v.as_str() {
+            Some(s) if s.len() as u64 >= schema["minLength"].as_u64().unwrap_or(0) => {}
+            Some(_) => errs.push(format!("{at}: shorter than minLength")),
+            None => errs.push(format!("{at}: not a string")),
+        },
+        Some("array") => match v.as_array() {
+            Some(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    check_schema(&schema["items"], item, &format!("{at}[{i}]"), errs);
+                }
+            }
+            None => errs.push(format!("{at}: not an array")),
+        },
+        Some(other) => errs.push(format!(
+            "{at}: schema type {other} not handled by this check"
+        )),
+        None if preserve => {}
+        None => errs.push(format!("{at}: schema without a type")),
+    }
+}
+
+/// Errors of `cr` against the ClusterSPIFFEID CRD in deploy/k8s (empty: it would be accepted).
+fn cr_errors(cr: &serde_json::Value) -> Vec<String> {
+    let crd = yaml_file(&k8s_dir().join("crd-clusterspiffeid.yaml"));
+    let spec = &crd["spec"];
+    let mut errs = Vec::new();
+    let served: Vec<String> = spec["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["served"] == true)
+        .map(|v| {
+            format!(
+                "{}/{}",
+                spec["group"].as_str().unwrap(),
+                v["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let api_version = cr["apiVersion"].as_str().unwrap_or_default().to_string();
+    let Some(vi) = served.iter().position(|v| *v == api_version) else {
+        return vec![format!(
+            "apiVersion {api_version:?} not served ({served:?})"
+        )];
+    };
+    if cr["kind"] != spec["names"]["kind"] {
+        errs.push(format!(
+            "kind {} is not {}",
+            cr["kind"], spec["names"]["kind"]
+        ));
+    }
+    if spec["scope"] == "Cluster" && cr["metadata"].get("namespace").is_some() {
+        errs.push("a cluster-scoped resource has no namespace".into());
+    }
+    if cr["metadata"]["name"].as_str().is_none_or(str::is_empty) {
+        errs.push("metadata.name is required".into());
+    }
+    let mut body = cr.clone();
+    for k in ["apiVersion", "kind", "metadata"] {
+        body.as_object_mut().unwrap().remove(k);
+    }
+    let schema = &spec["versions"][vi]["schema"]["openAPIV3Schema"];
+    check_schema(schema, &body, "", &mut errs);
+    errs
+}
+
+#[test]
+fn the_kind_e2e_registers_through_a_cluster_spiffe_id_that_fits_the_crd() {
+    let e2e = repo().join("tests/e2e-kind");
+    let cr = yaml_file(&e2e.join("payments-clusterspiffeid.yaml"));
+    assert_eq!(cr_errors(&cr), Vec::<String>::new(), "{cr}");
+    // The example in deploy/ fits too; the check itself refuses what the API server would.
+    let example = yaml_file(&repo().join("deploy/clusterspiffeid-example.yaml"));
+    assert_eq!(cr_errors(&example), Vec::<String>::new(), "{example}");
+    let mut typo = cr.clone();
+    typo["spec"]["spiffeIdTemplate"] = typo["spec"]["spiffeIDTemplate"].take();
+    typo["spec"]
+        .as_object_mut()
+        .unwrap()
+        .remove("spiffeIDTemplate");
+    let errs = cr_errors(&typo);
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("spiffeIDTemplate is required")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("unknown field \"spiffeIdTemplate\"")),
+        "{errs:?}"
+    );
+    let mut bad = cr.clone();
+    bad["spec"]["dnsNameTemplates"] = serde_json::json!("not-a-list");
+    bad["metadata"]["namespace"] = "default".into();
+    assert_eq!(cr_errors(&bad).len(), 2, "{:?}", cr_errors(&bad));
+    // The script applies it, relies on the controller's node alias, and creates no entry itself.
+    let script = std::fs::read_to_string(e2e.join("run.sh")).unwrap();
+    let commands: Vec<&str> = script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    assert!(
+        commands
+            .iter()
+            .any(|l| l.contains("kubectl apply -f tests/e2e-kind/payments-clusterspiffeid.yaml")),
+        "run.sh applies the ClusterSPIFFEID"
+    );
+    assert!(
+        commands.iter().all(|l| !l.contains("entry create")),
+        "run.sh registers nothing by hand"
+    );
+    // The alias it waits for is the controller's node_alias_id in deploy/k8s/server-config.yaml.
+    let server = embedded("server-config.yaml", "server.toml");
+    let alias = server
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("node_alias_id = "))
+        .expect("[controller] node_alias_id in the server config")
+        .trim_matches('"')
+        .to_string();
+    assert!(script.contains(&format!("alias_id=\"{alias}\"")), "{alias}");
+    // The Engine it binds to is the one the script creates.
+    assert!(script.contains(&format!(
+        "srv engine create {}",
+        cr["spec"]["engine"].as_str().unwrap()
+    )));
+}

@@ -1,9 +1,11 @@
-//! The agent's listeners: the Workload API (plus gRPC health and reflection) on `socket_path`.
+//! The agent's listeners: the Workload API, the EngineAPI and Envoy SDS v3 (plus gRPC health
+//! and reflection) on `socket_path`.
 
 pub mod authority;
 pub mod conns;
 pub mod engine;
 pub use crate::peer;
+pub mod sds;
 pub mod workload;
 
 use std::io;
@@ -14,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use continuity_proto::engine::engine_api_server::EngineApiServer;
+use continuity_proto::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use continuity_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
@@ -250,12 +253,13 @@ async fn accept_failed(e: &io::Error, tracker: &Tracker, failing: &mut bool) {
     tokio::time::sleep(Duration::from_millis(if out_of_fds { 100 } else { 20 })).await;
 }
 
-/// Serves the Workload API, the EngineAPI, health and reflection until `shutdown` resolves.
+/// Serves the Workload API, the EngineAPI, SDS, health and reflection until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
     limits: &WorkloadApiConfig,
     handler: WorkloadHandler,
     engine: engine::EngineHandler,
+    sds: sds::SdsHandler,
     rpc: std::sync::Arc<continuity_common::metrics::RpcMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -270,6 +274,12 @@ pub async fn serve(
         .await;
     reporter
         .set_service_status("SpiffeWorkloadAPI", tonic_health::ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(
+            "envoy.service.secret.v3.SecretDiscoveryService",
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(continuity_proto::FILE_DESCRIPTOR_SET)
@@ -296,7 +306,11 @@ pub async fn serve(
         .add_service(InterceptedService::new(
             EngineApiServer::new(engine).max_decoding_message_size(MAX_ENGINE_MESSAGE),
             check_security_header,
-        ));
+        ))
+        // Envoy sends no security header; SPIRE requires it on the Workload API only.
+        .add_service(
+            SecretDiscoveryServiceServer::new(sds).max_decoding_message_size(sds::MAX_SDS_MESSAGE),
+        );
     match reflection {
         Ok(r) => router = router.add_service(r.max_decoding_message_size(MAX_SMALL_MESSAGE)),
         Err(e) => tracing::warn!(error = %e, "gRPC reflection unavailable"),

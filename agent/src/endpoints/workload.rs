@@ -29,10 +29,15 @@ mod caller;
 /// The metadata key every Workload API call must carry with value `true`.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// Rejects calls without the security header (InvalidArgument), before any attestation.
+/// Rejects calls without exactly one security header `workload.spiffe.io: true`
+/// (InvalidArgument), before any attestation.
 pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
-    match req.metadata().get(SECURITY_HEADER).map(|v| v.as_bytes()) {
-        Some(b"true") => Ok(req),
+    let mut values = req.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next().map(|v| v.as_bytes()), values.next()) {
+        (Some(b"true"), None) => Ok(req),
+        (Some(_), Some(_)) => Err(Status::invalid_argument(
+            "security header workload.spiffe.io appears more than once; send it exactly once",
+        )),
         _ => Err(Status::invalid_argument(
             "security header missing from request: workload.spiffe.io: true",
         )),
@@ -185,24 +190,23 @@ impl WorkloadHandler {
     }
 }
 
-/// Streams `first`, then a message built from each new snapshot whenever its key changes;
+/// Streams `first`, then a message built from each new snapshot whenever its content differs
+/// from the last one sent (messages are deduplicated by content, not by sequence numbers);
 /// ends with PermissionDenied if the caller loses every identity.
-fn watch_stream<T, K, F>(
+fn watch_stream<T, F>(
     rx: watch::Receiver<Arc<Snapshot>>,
     caller: &Caller,
     first: T,
-    first_key: K,
     build: F,
 ) -> ResponseStream<T>
 where
-    T: Send + 'static,
-    K: PartialEq + Send + 'static,
-    F: Fn(&Snapshot, &[Arc<Identity>]) -> (K, T) + Send + Sync + 'static,
+    T: Clone + PartialEq + Send + 'static,
+    F: Fn(&Snapshot, &[Arc<Identity>]) -> T + Send + Sync + 'static,
 {
-    struct St<T, K> {
+    struct St<T> {
         rx: watch::Receiver<Arc<Snapshot>>,
         first: Option<T>,
-        last: K,
+        last: T,
         done: bool,
         _call: Option<Arc<StreamGuard>>,
     }
@@ -211,8 +215,8 @@ where
     let init = St {
         _call: caller.call.clone(),
         rx,
+        last: first.clone(),
         first: Some(first),
-        last: first_key,
         done: false,
     };
     Box::pin(futures_util::stream::unfold(init, move |mut st| {
@@ -227,14 +231,14 @@ where
             loop {
                 st.rx.changed().await.ok()?;
                 let snap = st.rx.borrow_and_update().clone();
-                let ids = snap.matching(&selectors);
+                let ids = snap.served(&selectors);
                 if ids.is_empty() {
                     st.done = true;
                     return Some((Err(no_identity()), st));
                 }
-                let (key, msg) = build(&snap, &ids);
-                if key != st.last {
-                    st.last = key;
+                let msg = build(&snap, &ids);
+                if msg != st.last {
+                    st.last = msg.clone();
                     return Some((Ok(msg), st));
                 }
             }
@@ -258,25 +262,17 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
-        let ids = snap.matching(&selectors);
+        let ids = snap.served(&selectors);
         if ids.is_empty() {
             return Err(no_identity());
         }
         self.report(&caller, &ids);
-        let key = |snap: &Snapshot, ids: &[Arc<Identity>]| {
-            (
-                snap.bundle.sequence,
-                ids.iter().map(|i| i.generation).collect::<Vec<_>>(),
-            )
-        };
         let first = Self::x509_response(&snap, &ids);
-        let first_key = key(&snap, &ids);
         Ok(Response::new(watch_stream(
             rx,
             &caller,
             first,
-            first_key,
-            move |snap, ids| (key(snap, ids), Self::x509_response(snap, ids)),
+            Self::x509_response,
         )))
     }
 
@@ -291,27 +287,31 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if snap.matching(&selectors).is_empty() {
             return Err(no_identity());
         }
-        let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            (snap.bundle.sequence, Self::x509_bundles_response(snap))
-        };
-        let (k, first) = build(&snap, &[]);
-        Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
+        let build = |snap: &Snapshot, _: &[Arc<Identity>]| Self::x509_bundles_response(snap);
+        let first = build(&snap, &[]);
+        Ok(Response::new(watch_stream(rx, &caller, first, build)))
     }
 
     async fn fetch_jwtsvid(
         &self,
         req: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let caller = attest_caller(&req, &self.attestor).await?;
-        let selectors = caller.selectors.clone();
-        let r = req.into_inner();
+        let r = req.get_ref();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
         }
         self.check_audiences(&r.audience)?;
+        if !r.spiffe_id.is_empty() {
+            continuity_common::SpiffeId::new(&r.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!("requested SPIFFE ID is invalid: {e}"))
+            })?;
+        }
+        let caller = attest_caller(&req, &self.attestor).await?;
+        let selectors = caller.selectors.clone();
+        let r = req.into_inner();
         let snap = self.cache.subscribe().borrow().clone();
         let ids: Vec<_> = snap
-            .matching(&selectors)
+            .served(&selectors)
             .into_iter()
             .filter(|i| r.spiffe_id.is_empty() || i.spiffe_id == r.spiffe_id)
             .collect();
@@ -357,19 +357,17 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if snap.matching(&selectors).is_empty() {
             return Err(no_identity());
         }
-        let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            (snap.bundle.sequence, Self::jwt_bundles_response(snap))
-        };
-        let (k, first) = build(&snap, &[]);
-        Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
+        let build = |snap: &Snapshot, _: &[Arc<Identity>]| Self::jwt_bundles_response(snap);
+        let first = build(&snap, &[]);
+        Ok(Response::new(watch_stream(rx, &caller, first, build)))
     }
 
     async fn validate_jwtsvid(
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        self.selectors(&req).await?;
-        let r = req.into_inner();
+        // The arguments are checked before the caller is attested (as the spec and SPIRE do).
+        let r = req.get_ref();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
         }
@@ -377,6 +375,8 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }
+        self.selectors(&req).await?;
+        let r = req.into_inner();
         let snap = self.cache.subscribe().borrow().clone();
         let bundle = snap.bundle.clone();
         let td = bundle

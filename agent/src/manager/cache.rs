@@ -49,6 +49,8 @@ pub struct Identity {
     pub generation: u64,
     /// Engine the entry is bound to.
     pub engine: Option<String>,
+    /// When the entry was created: the older of two entries sharing a hint wins.
+    pub created_at: i64,
 }
 
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -125,6 +127,7 @@ impl Snapshot {
                 expires_at: svid.expires_at,
                 generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 engine: Some(entry.engine.clone()).filter(|e| !e.is_empty()),
+                created_at: entry.created_at,
             }));
         }
         let engine_jwks = match previous {
@@ -138,6 +141,13 @@ impl Snapshot {
         }
     }
 
+    /// The identities a Workload API response carries: those [`Snapshot::matching`] finds,
+    /// with hints unique (the spec requires it). Of entries sharing a non-empty hint the oldest
+    /// is kept (ties: the smaller entry id), as SPIRE does; the others are left out and logged.
+    pub fn served(&self, selectors: &HashSet<Selector>) -> Vec<Arc<Identity>> {
+        unique_hints(self.matching(selectors))
+    }
+
     /// The identities a workload with these selectors may have.
     pub fn matching(&self, selectors: &HashSet<Selector>) -> Vec<Arc<Identity>> {
         self.identities
@@ -146,6 +156,28 @@ impl Snapshot {
             .cloned()
             .collect()
     }
+}
+
+/// Drops every identity whose non-empty hint an older one (by creation, then entry id) has.
+fn unique_hints(ids: Vec<Arc<Identity>>) -> Vec<Arc<Identity>> {
+    let mut keep: std::collections::HashMap<&str, &Arc<Identity>> = Default::default();
+    for i in ids.iter().filter(|i| !i.hint.is_empty()) {
+        let slot = keep.entry(i.hint.as_str()).or_insert(i);
+        if (i.created_at, &i.entry_id) < (slot.created_at, &slot.entry_id) {
+            *slot = i;
+        }
+    }
+    if keep.len() == ids.iter().filter(|i| !i.hint.is_empty()).count() {
+        return ids;
+    }
+    let winners: HashSet<&str> = keep.values().map(|i| i.entry_id.as_str()).collect();
+    let (served, dropped): (Vec<_>, Vec<_>) = ids
+        .iter()
+        .partition(|i| i.hint.is_empty() || winners.contains(i.entry_id.as_str()));
+    for d in dropped {
+        tracing::warn!(entry_id = %d.entry_id, hint = %d.hint, "ignoring entry with duplicate hint");
+    }
+    served.into_iter().cloned().collect()
 }
 
 fn publish_bundle(b: &BundleState) -> PublishedBundle {
@@ -218,6 +250,7 @@ mod tests {
                 hint: String::new(),
                 engine: String::new(),
                 revision: 1,
+                created_at: 0,
             },
         );
         st.svids.insert(

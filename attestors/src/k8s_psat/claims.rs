@@ -104,6 +104,8 @@ fn attested(cfg: &ClusterConfig, c: &Map<String, Value>) -> Attested {
         pod_uid: str_at(&["pod", "uid"]),
         node_name: str_at(&["node", "name"]),
         node_uid: str_at(&["node", "uid"]),
+        node_labels: Vec::new(),
+        pod_labels: Vec::new(),
     }
 }
 

@@ -45,6 +45,7 @@ fn cluster(path: PathBuf) -> ClusterConfig {
         audience: DEFAULT_AUDIENCE.into(),
         issuer: Some("https://k".into()),
         validation: Validation::JwksFile(path),
+        labels: LabelLookup::default(),
     }
 }
 

@@ -19,6 +19,8 @@ use super::output::{Output, View, plural, say, show};
 pub enum AgentCommand {
     /// List attested agents.
     List,
+    /// Count attested agents.
+    Count,
     /// Show one agent.
     Show {
         /// The agent's SPIFFE ID.
@@ -47,6 +49,13 @@ pub async fn run(ch: Channel, out: Output, cmd: AgentCommand) -> Result<(), CliE
             let r = c.list_agents(ListAgentsRequest {}).await?.into_inner();
             let agents = r.agents.iter().map(AgentView::from).collect();
             show(out, &AgentList { agents })
+        }
+        AgentCommand::Count => {
+            let r = c.list_agents(ListAgentsRequest {}).await?.into_inner();
+            show(
+                out,
+                &super::output::Count::new(r.agents.len(), "attested agent", ("", "s")),
+            )
         }
         AgentCommand::Show { spiffe_id } => {
             let a = c.get_agent(GetAgentRequest { spiffe_id }).await?;

@@ -18,22 +18,18 @@ use super::parse;
 /// `entry` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum EntryCommand {
-    /// Create an entry.
-    Create(EntryFields),
+    /// Create an entry from flags, or a batch from `--data FILE`.
+    Create(CreateArgs),
+    /// Count entries (all, or filtered as `show` filters).
+    Count(EntryFilter),
     /// Show entries (all, or filtered).
     Show {
         /// One entry by id.
         #[arg(long)]
         id: Option<String>,
-        /// Filter by SPIFFE ID.
-        #[arg(long)]
-        spiffe_id: Option<String>,
-        /// Filter by parent ID.
-        #[arg(long)]
-        parent_id: Option<String>,
-        /// Filter by selector (entries having all of them).
-        #[arg(long = "selector", value_parser = parse::selector)]
-        selectors: Vec<types::Selector>,
+        /// Filters.
+        #[command(flatten)]
+        filter: EntryFilter,
     },
     /// Replace an entry's fields.
     Update {
@@ -52,21 +48,57 @@ pub enum EntryCommand {
     },
 }
 
+/// The filters of `entry show` and `entry count`.
+#[derive(Debug, Args)]
+pub struct EntryFilter {
+    /// Filter by SPIFFE ID.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// Filter by parent ID.
+    #[arg(long)]
+    pub parent_id: Option<String>,
+    /// Filter by selector (entries having all of them).
+    #[arg(long = "selector", value_parser = parse::selector)]
+    pub selectors: Vec<types::Selector>,
+}
+
+impl From<EntryFilter> for ListEntriesRequest {
+    fn from(f: EntryFilter) -> Self {
+        Self {
+            spiffe_id: f.spiffe_id.unwrap_or_default(),
+            parent_id: f.parent_id.unwrap_or_default(),
+            selectors: f.selectors,
+        }
+    }
+}
+
+/// `entry create`: one entry from flags, or many from a JSON file.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// A JSON file of entries in SPIRE's `-data` shape (`{"entries": [...]}`); `-` reads
+    /// stdin. Every entry is tried; the command fails if any is refused.
+    #[arg(long, conflicts_with_all = ["spiffe_id", "parent_id", "node", "selectors"])]
+    pub data: Option<std::path::PathBuf>,
+    /// The entry's fields (without `--data`).
+    #[command(flatten)]
+    pub fields: EntryFields,
+}
+
 /// Fields of an entry.
 #[derive(Debug, Args)]
 pub struct EntryFields {
-    /// The SPIFFE ID the workload receives.
+    /// The SPIFFE ID the workload receives (required).
     #[arg(long)]
-    pub spiffe_id: String,
-    /// The agent (or node alias) ID.
-    #[arg(long, required_unless_present = "node", conflicts_with = "node")]
+    pub spiffe_id: Option<String>,
+    /// The agent (or node alias) ID (required unless `--node`).
+    #[arg(long, conflicts_with = "node")]
     pub parent_id: Option<String>,
     /// A node alias entry: its SPIFFE ID becomes an alias of every agent whose node
     /// selectors (`k8s_psat:cluster:C`, `k8s_psat:agent_node_name:N`, ...) include these.
     #[arg(long)]
     pub node: bool,
-    /// TYPE:VALUE, repeatable; all must match.
-    #[arg(long = "selector", required = true, value_parser = parse::selector)]
+    /// TYPE:VALUE, repeatable; all must match (at least one).
+    #[arg(long = "selector", value_parser = parse::selector)]
     pub selectors: Vec<types::Selector>,
     /// X509-SVID TTL (seconds or "1h"); server default when absent.
     #[arg(long)]
@@ -95,27 +127,34 @@ pub struct EntryFields {
 pub async fn run(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliError> {
     let mut c = EntryAdminClient::new(ch);
     match cmd {
-        EntryCommand::Create(f) => {
-            let entry = Some(entry_from(String::new(), f)?);
+        EntryCommand::Create(CreateArgs {
+            data: Some(file), ..
+        }) => super::entry_batch::create(&mut c, out, &file).await,
+        EntryCommand::Create(CreateArgs { fields, .. }) => {
+            let entry = Some(entry_from(String::new(), fields)?);
             let e = c.create_entry(CreateEntryRequest { entry }).await?;
             show(out, &EntryView::from(&e.into_inner()))
+        }
+        EntryCommand::Count(filter) => {
+            let r = c.list_entries(ListEntriesRequest::from(filter)).await?;
+            show(
+                out,
+                &super::output::Count::new(
+                    r.into_inner().entries.len(),
+                    "registration entr",
+                    ("y", "ies"),
+                ),
+            )
         }
         EntryCommand::Show { id: Some(id), .. } => {
             let e = c.get_entry(GetEntryRequest { id }).await?.into_inner();
             show(out, &EntryList::from(&[e][..]))
         }
-        EntryCommand::Show {
-            id: None,
-            spiffe_id,
-            parent_id,
-            selectors,
-        } => {
-            let request = ListEntriesRequest {
-                spiffe_id: spiffe_id.unwrap_or_default(),
-                parent_id: parent_id.unwrap_or_default(),
-                selectors,
-            };
-            let r = c.list_entries(request).await?.into_inner();
+        EntryCommand::Show { id: None, filter } => {
+            let r = c
+                .list_entries(ListEntriesRequest::from(filter))
+                .await?
+                .into_inner();
             show(out, &EntryList::from(&r.entries[..]))
         }
         EntryCommand::Update { id, fields } => {
@@ -132,7 +171,7 @@ pub async fn run(ch: Channel, out: Output, cmd: EntryCommand) -> Result<(), CliE
 }
 
 /// The parent ID of a node alias entry: the server's ID in the entry's trust domain.
-fn node_parent(spiffe_id: &str) -> Result<String, CliError> {
+pub(super) fn node_parent(spiffe_id: &str) -> Result<String, CliError> {
     let id = continuity_common::SpiffeId::new(spiffe_id)
         .map_err(|e| CliError::Argument(format!("--spiffe-id: {e}")))?;
     Ok(format!(
@@ -143,13 +182,19 @@ fn node_parent(spiffe_id: &str) -> Result<String, CliError> {
 }
 
 fn entry_from(id: String, f: EntryFields) -> Result<types::Entry, CliError> {
-    let parent_id = match f.parent_id {
-        Some(p) => p,
-        None => node_parent(&f.spiffe_id)?,
+    let required = |what: &str| CliError::Argument(format!("{what} is required"));
+    let spiffe_id = f.spiffe_id.ok_or_else(|| required("--spiffe-id"))?;
+    let parent_id = match (f.parent_id, f.node) {
+        (Some(p), _) => p,
+        (None, true) => node_parent(&spiffe_id)?,
+        (None, false) => return Err(required("--parent-id (or --node)")),
     };
+    if f.selectors.is_empty() {
+        return Err(required("at least one --selector"));
+    }
     Ok(types::Entry {
         id,
-        spiffe_id: f.spiffe_id,
+        spiffe_id,
         parent_id,
         selectors: f.selectors,
         x509_svid_ttl: parse::seconds("--x509-svid-ttl", f.x509_svid_ttl.as_deref())? as i32,

@@ -2,6 +2,7 @@
 //! through the API server, as SPIRE's k8sbundle notifier does. Absent: nothing is published.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use continuity_common::config::{ConfigError, invalid};
 use serde::Deserialize;
@@ -29,6 +30,9 @@ pub struct FileK8sBundle {
     pub ca_path: Option<PathBuf>,
     /// Bearer token file, read on every request (default the service account's).
     pub token_path: Option<PathBuf>,
+    /// How often the ConfigMap is written again even without a bundle change, restoring a
+    /// hand-edited or deleted one (default 30s).
+    pub refresh_interval: Option<String>,
 }
 
 /// The validated `[k8s_bundle]` table.
@@ -46,6 +50,8 @@ pub struct K8sBundleConfig {
     pub ca_path: PathBuf,
     /// Bearer token file.
     pub token_path: PathBuf,
+    /// Period of the unconditional re-publish.
+    pub refresh_interval: Duration,
 }
 
 impl K8sBundleConfig {
@@ -98,6 +104,7 @@ impl K8sBundleConfig {
                 format!("{api_server:?} must be https://host[:port]"),
             ));
         }
+        let refresh_interval = refresh_interval(f.refresh_interval.as_deref())?;
         Ok(Some(Self {
             namespace,
             config_map,
@@ -105,8 +112,19 @@ impl K8sBundleConfig {
             api_server,
             ca_path: f.ca_path.unwrap_or_else(|| DEFAULT_CA_PATH.into()),
             token_path: f.token_path.unwrap_or_else(|| DEFAULT_TOKEN_PATH.into()),
+            refresh_interval,
         }))
     }
+}
+
+/// `refresh_interval`: a duration more than 0 (default 30s).
+fn refresh_interval(v: Option<&str>) -> Result<Duration, ConfigError> {
+    let key = "k8s_bundle.refresh_interval";
+    let d = continuity_common::duration::parse(v.unwrap_or("30s")).map_err(|m| invalid(key, m))?;
+    if d.is_zero() {
+        return Err(invalid(key, "must be more than 0"));
+    }
+    Ok(d)
 }
 
 /// A DNS label (or, with `dots`, subdomain) of at most `max` bytes, as Kubernetes names are.
@@ -143,6 +161,7 @@ mod tests {
         assert_eq!(c.api_server, DEFAULT_API_SERVER);
         assert_eq!(c.ca_path, PathBuf::from(DEFAULT_CA_PATH));
         assert_eq!(c.token_path, PathBuf::from(DEFAULT_TOKEN_PATH));
+        assert_eq!(c.refresh_interval, Duration::from_secs(30));
         assert_eq!(K8sBundleConfig::from_file(None).unwrap(), None);
     }
 
@@ -156,6 +175,8 @@ mod tests {
             ("key = \"..\"", "k8s_bundle.key"),
             ("api_server = \"http://x\"", "k8s_bundle.api_server"),
             ("api_server = \"https://x/y\"", "k8s_bundle.api_server"),
+            ("refresh_interval = \"0s\"", "k8s_bundle.refresh_interval"),
+            ("refresh_interval = \"soon\"", "k8s_bundle.refresh_interval"),
         ] {
             match parse(toml) {
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{toml}"),

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use continuity_attestors::k8s_psat::{ClusterConfig, DEFAULT_AUDIENCE, Validation};
+use continuity_attestors::k8s_psat::{
+    ClusterConfig, DEFAULT_AUDIENCE, LabelLookup, Validation, label_key_ok,
+};
 use continuity_common::config::{ConfigError, invalid};
 use serde::Deserialize;
 
@@ -14,6 +16,10 @@ const KEY: &str = "node_attestors.k8s_psat.clusters";
 const TTL_KEY: &str = "node_attestors.k8s_psat.clusters.<name>.jwks_cache_ttl";
 /// `jwks_refresh_interval` of a cluster.
 const INTERVAL_KEY: &str = "node_attestors.k8s_psat.clusters.<name>.jwks_refresh_interval";
+/// `allowed_node_label_keys` of a cluster.
+const NODE_LABELS_KEY: &str = "node_attestors.k8s_psat.clusters.<name>.allowed_node_label_keys";
+/// `allowed_pod_label_keys` of a cluster.
+const POD_LABELS_KEY: &str = "node_attestors.k8s_psat.clusters.<name>.allowed_pod_label_keys";
 
 /// `[node_attestors]`.
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +63,11 @@ pub struct FilePsatCluster {
     pub token_review_ca_path: Option<PathBuf>,
     /// Online: a token allowed to create TokenReviews.
     pub token_review_token_path: Option<PathBuf>,
+    /// Node label keys that become `agent_node_label:KEY:VALUE` selectors (TokenReview only:
+    /// the Node is read through that API server, with that token).
+    pub allowed_node_label_keys: Option<Vec<String>>,
+    /// Pod label keys that become `agent_pod_label:KEY:VALUE` selectors (TokenReview only).
+    pub allowed_pod_label_keys: Option<Vec<String>>,
 }
 
 /// Validates every cluster (none: the attestor is off).
@@ -81,6 +92,7 @@ fn cluster(name: String, mut c: FilePsatCluster) -> Result<ClusterConfig, Config
         ));
     }
     let (cache_ttl, refresh_interval) = cache_settings(&c, &name)?;
+    let labels = label_settings(&mut c, &name)?;
     let validation = match (c.jwks_path, c.oidc_discovery_url, c.token_review_api_server) {
         (Some(p), None, None) => Validation::JwksFile(p),
         (None, Some(u), None) => Validation::OidcDiscovery {
@@ -109,7 +121,44 @@ fn cluster(name: String, mut c: FilePsatCluster) -> Result<ClusterConfig, Config
         audience: c.audience.unwrap_or_else(|| DEFAULT_AUDIENCE.into()),
         issuer: c.issuer,
         validation,
+        labels,
     })
+}
+
+/// `allowed_node_label_keys` and `allowed_pod_label_keys`: Kubernetes label keys, and only
+/// with `token_review_api_server` (the API server the Node and Pod are read from).
+fn label_settings(c: &mut FilePsatCluster, name: &str) -> Result<LabelLookup, ConfigError> {
+    let mut out = LabelLookup::default();
+    for (keys, target, k) in [
+        (
+            c.allowed_node_label_keys.take(),
+            &mut out.node_keys,
+            NODE_LABELS_KEY,
+        ),
+        (
+            c.allowed_pod_label_keys.take(),
+            &mut out.pod_keys,
+            POD_LABELS_KEY,
+        ),
+    ] {
+        let Some(keys) = keys else { continue };
+        if let Some(bad) = keys.iter().find(|l| !label_key_ok(l)) {
+            return Err(invalid(
+                k,
+                format!("cluster {name:?}: {bad:?} is not a Kubernetes label key"),
+            ));
+        }
+        if !keys.is_empty() && c.token_review_api_server.is_none() {
+            return Err(invalid(
+                k,
+                format!(
+                    "cluster {name:?}: needs token_review_api_server (labels are read from the Node and Pod through the API server)"
+                ),
+            ));
+        }
+        *target = keys;
+    }
+    Ok(out)
 }
 
 /// `jwks_cache_ttl` (default 5m) and `jwks_refresh_interval` (default 30s, in (0, ttl]); both

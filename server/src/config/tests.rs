@@ -121,6 +121,50 @@ fn psat_key_cache_settings_are_checked_and_name_their_key() {
 }
 
 #[test]
+fn psat_label_keys_need_an_api_server_and_name_their_key() {
+    let c = |extra: &str, source: &str| {
+        parse(&format!(
+            "trust_domain = \"e.org\"\n[node_attestors.k8s_psat.clusters.c1]\nservice_account_allow_list = [\"a:b\"]\n{source}\n{extra}"
+        ))
+    };
+    let review = "token_review_api_server = \"https://k\"\ntoken_review_ca_path = \"/ca\"\ntoken_review_token_path = \"/t\"";
+    let cfg = c(
+        "allowed_node_label_keys = [\"zone\", \"topology.kubernetes.io/zone\"]\nallowed_pod_label_keys = [\"app\"]",
+        review,
+    )
+    .unwrap();
+    let l = &cfg.psat_clusters[0].labels;
+    assert_eq!(l.node_keys, ["zone", "topology.kubernetes.io/zone"]);
+    assert_eq!(l.pod_keys, ["app"]);
+    assert!(c("", review).unwrap().psat_clusters[0].labels.is_empty());
+    for (extra, source, key) in [
+        (
+            "allowed_node_label_keys = [\"zone\"]",
+            "jwks_path = \"/j.json\"",
+            "allowed_node_label_keys",
+        ),
+        (
+            "allowed_pod_label_keys = [\"app\"]",
+            "jwks_path = \"/j.json\"",
+            "allowed_pod_label_keys",
+        ),
+        (
+            "allowed_node_label_keys = [\"a:b\"]",
+            review,
+            "allowed_node_label_keys",
+        ),
+        (
+            "allowed_pod_label_keys = [\"\"]",
+            review,
+            "allowed_pod_label_keys",
+        ),
+    ] {
+        let e = c(extra, source).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("c1"), "{key}: {e}");
+    }
+}
+
+#[test]
 fn agent_api_defaults_and_errors_name_the_key() {
     let c = parse("trust_domain = \"e.org\"").unwrap();
     assert_eq!(c.agent_api, AgentApiConfig::default());

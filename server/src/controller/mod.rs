@@ -3,14 +3,20 @@
 //! entry per (resource, matching pod) — created, updated and deleted through the registry, so
 //! every write is audited like an operator's.
 //!
-//! Invariant: the controller only ever touches entries whose hint is its ownership mark
-//! `k8s-controller/<cluster>/<resource>`; operator-made entries are never changed. Each kind is
+//! Invariant: the controller only ever touches entries whose id starts with its ownership mark
+//! `k8s-controller/<cluster>/` (ids never reach workloads, unlike hints), or — made by an older
+//! version — whose hint does; those are replaced by id-marked entries with no hint. Operator-made
+//! entries are never changed, and one registering the same thing stands in for the controller's.
+//! Besides one entry per (resource, pod), it keeps the node alias entry `node_alias_id` for
+//! every agent of the cluster (`k8s_psat:cluster:<cluster_name>`). Each kind is
 //! listed, then watched from the list's resourceVersion; a watch that ends is resumed from the
 //! last resourceVersion seen, and one answered with 410 Gone is replaced by a fresh list. Every
 //! reconcile compares the whole desired set with the whole owned set, so a lost or repeated
-//! event cannot leave an entry missing or doubled.
+//! event cannot leave an entry missing or doubled. With several servers, only the holder of
+//! the controller's lease (`leader`) reconciles; the others keep their view current.
 
 mod kube;
+mod leader;
 mod reconcile;
 pub mod template;
 
@@ -26,6 +32,7 @@ use crate::config::ControllerConfig;
 use crate::engines::Engines;
 use crate::registry::Registry;
 pub use kube::Kind;
+pub use leader::{Leadership, lease_name};
 
 /// Pause after a failed list or watch before trying again.
 const RETRY: Duration = Duration::from_secs(1);
@@ -61,6 +68,8 @@ pub struct Deps {
     pub engines: Arc<Engines>,
     /// The server's trust domain.
     pub trust_domain: TrustDomain,
+    /// The lease that lets one server at a time write.
+    pub leadership: Leadership,
 }
 
 /// Starts the watchers and the reconciler; they run until the process ends.
@@ -70,8 +79,9 @@ pub fn spawn(cfg: &ControllerConfig, deps: Deps) -> Result<(), ControllerError> 
     for kind in Kind::ALL {
         tokio::spawn(follow(client.clone(), kind, tx.clone()));
     }
+    let lease = leader::Lease::new(deps.leadership.clone(), &cfg.cluster_name);
     let reconciler = reconcile::Reconciler::new(cfg, deps);
-    tokio::spawn(run(reconciler, rx));
+    tokio::spawn(run(reconciler, lease, rx));
     tracing::info!(api_server = %cfg.api_server, cluster = %cfg.cluster_name, "controller started");
     Ok(())
 }
@@ -130,28 +140,38 @@ async fn follow(client: Arc<kube::Client>, kind: Kind, tx: mpsc::Sender<Update>)
     }
 }
 
-/// Applies updates to the view and reconciles after each burst (and again after a failure).
-async fn run(mut r: reconcile::Reconciler, mut rx: mpsc::Receiver<Update>) {
+/// Applies updates to the view and, while this server holds the lease, reconciles after each
+/// burst, after a failure (within [`RETRY`]) and at every lease renewal.
+async fn run(
+    mut r: reconcile::Reconciler,
+    mut lease: leader::Lease,
+    mut rx: mpsc::Receiver<Update>,
+) {
     let mut view = View::default();
     let mut dirty = false;
+    let mut renew = tokio::time::interval(lease.renew_period());
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let next = if dirty {
-            tokio::time::timeout(RETRY, rx.recv()).await.ok()
-        } else {
-            Some(rx.recv().await)
+        let retry = async {
+            if dirty {
+                tokio::time::sleep(RETRY).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
         };
-        match next {
-            Some(Some(u)) => {
+        tokio::select! {
+            u = rx.recv() => {
+                let Some(u) = u else { return };
                 view.apply(u);
                 while let Ok(u) = rx.try_recv() {
                     view.apply(u);
                 }
             }
-            Some(None) => return,
-            None => {}
+            _ = renew.tick() => {}
+            () = retry => {}
         }
         // Until every kind has been listed once, a reconcile would delete what it has not seen.
-        if view.complete() {
+        if view.complete() && lease.hold().await {
             dirty = !r.reconcile(&view).await;
         }
     }

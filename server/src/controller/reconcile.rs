@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::ControllerConfig;
-use crate::entry::{Entry, EntryRequest};
+use crate::entry::{Entry, EntryRequest, NODE_PARENT_PATH};
 
 use super::template::{ClusterSpiffeId, Context, Namespace, Pod, render};
 use super::{Deps, Kind, View};
@@ -17,7 +17,8 @@ pub struct Reconciler {
     deps: Deps,
     cluster_name: String,
     node_alias_id: String,
-    /// Hint prefix marking an entry as this controller's.
+    /// Id prefix marking an entry as this controller's (`k8s-controller/<cluster>/`); entries
+    /// made before ownership moved to the id carry it in their hint instead.
     owner: String,
 }
 
@@ -45,12 +46,17 @@ impl Reconciler {
     pub async fn reconcile(&mut self, view: &View) -> bool {
         let desired = self.desired(view);
         let registry = &self.deps.registry;
-        let owned = registry.entries(|e| e.hint.starts_with(&self.owner));
+        let owner = self.owner.as_str();
+        // Owned: the id mark, or the hint mark of entries made before ownership moved to the id.
+        let owned = registry.entries(|e| e.id.starts_with(owner) || e.hint.starts_with(owner));
         let mut ok = true;
         let mut existing: BTreeMap<Key, std::sync::Arc<Entry>> = BTreeMap::new();
         for e in owned {
             let k = key_of(&e);
-            if !desired.contains_key(&k) || existing.contains_key(&k) {
+            // A hint-marked entry shows the mark to its workloads: it is replaced by an
+            // id-marked one without it (deleted here, created again below).
+            let legacy = !e.id.starts_with(owner);
+            if legacy || !desired.contains_key(&k) || existing.contains_key(&k) {
                 if let Err(err) = registry.delete_entry(&e.id, ACTOR).await {
                     tracing::warn!(entry = %e.id, error = %err, "controller: delete failed");
                     ok = false;
@@ -68,7 +74,12 @@ impl Reconciler {
                     e.created_at = have.created_at;
                     registry.update_entry(e, ACTOR).await.map(|_| ())
                 }
-                None => registry.create_entry(want, ACTOR).await.map(|_| ()),
+                // An operator's entry registers it already: it is theirs, left alone.
+                None if !registry.entries(|e| e.same_registration(&want)).is_empty() => continue,
+                None => registry
+                    .create_entry_with_id_prefix(want, owner, ACTOR)
+                    .await
+                    .map(|_| ()),
             };
             if let Err(err) = result {
                 tracing::warn!(spiffe_id = %k.0, error = %err, "controller: entry write failed");
@@ -76,6 +87,22 @@ impl Reconciler {
             }
         }
         ok
+    }
+
+    /// The node alias entry: every agent of this cluster (`k8s_psat:cluster:<cluster_name>`)
+    /// is authorized for the entries parented to `node_alias_id`.
+    fn node_alias(&self) -> Result<Entry, String> {
+        let req = EntryRequest {
+            spiffe_id: self.node_alias_id.clone(),
+            parent_id: format!("spiffe://{}{NODE_PARENT_PATH}", self.deps.trust_domain),
+            selectors: vec![(
+                continuity_attestors::k8s_psat::ATTESTOR_TYPE.into(),
+                format!("cluster:{}", self.cluster_name),
+            )],
+            ..EntryRequest::default()
+        };
+        req.validate(&self.deps.trust_domain, |_| false)
+            .map_err(|e| e.to_string())
     }
 
     /// Every entry the resources ask for, one per (resource, live matching pod); the first
@@ -95,6 +122,12 @@ impl Reconciler {
         resources.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         let no_labels = BTreeMap::new();
         let mut out = BTreeMap::new();
+        match self.node_alias() {
+            Ok(e) => {
+                out.insert(key_of(&e), e);
+            }
+            Err(m) => tracing::warn!(error = %m, "controller: no node alias entry"),
+        }
         for r in &resources {
             for pod in &pods {
                 let ns_labels = namespaces
@@ -149,7 +182,6 @@ impl Reconciler {
                 ("k8s".into(), format!("pod-uid:{}", pod.metadata.uid)),
             ],
             dns_names,
-            hint: format!("{}{}", self.owner, r.metadata.name),
             engine: r.spec.engine.clone().unwrap_or_default(),
             ..EntryRequest::default()
         };

@@ -240,9 +240,16 @@ impl Registry {
     }
 
     /// Creates an entry (id and revision assigned here), audited as `actor`.
-    pub async fn create_entry(
+    pub async fn create_entry(&self, e: Entry, actor: &str) -> Result<Arc<Entry>, RegistryError> {
+        self.create_entry_with_id_prefix(e, "", actor).await
+    }
+
+    /// Like [`Registry::create_entry`], the new id being `id_prefix` followed by a UUID (how
+    /// the registration controller marks its entries: ids never reach workloads).
+    pub async fn create_entry_with_id_prefix(
         &self,
         mut e: Entry,
+        id_prefix: &str,
         actor: &str,
     ) -> Result<Arc<Entry>, RegistryError> {
         let _w = self.writes.lock().await;
@@ -250,7 +257,7 @@ impl Registry {
         if let Some(dup) = self.find_duplicate(&e, None) {
             return Err(RegistryError::Duplicate(dup));
         }
-        e.id = new_uuid()?;
+        e.id = format!("{id_prefix}{}", new_uuid()?);
         e.created_at = self.clock.unix();
         let ev = AuditEvent::ok(actor, "entry.create", &e.id);
         let Applied::Entry(stored, _) = self.commit(Write::CreateEntry(e), ev).await? else {

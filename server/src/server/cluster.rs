@@ -6,6 +6,7 @@ use std::time::Duration;
 use continuity_common::fsperm::{FsPermError, SecureDir};
 
 use super::{Core, RunError};
+use crate::config::Config;
 use crate::feed::{Feed, Followers};
 use crate::scheduler::Job;
 
@@ -76,9 +77,37 @@ pub(super) fn engine_lifecycle_job(core: &Core, period: Duration, lease_ttl: Dur
     )
 }
 
+/// Starts the registration controller when `[controller]` is set; it writes only while this
+/// server holds its lease.
+pub(super) fn controller(cfg: &Config, core: &Core) -> Result<(), RunError> {
+    let Some(c) = &cfg.controller else {
+        return Ok(());
+    };
+    let deps = crate::controller::Deps {
+        registry: core.registry.clone(),
+        engines: core.engines.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        leadership: crate::controller::Leadership {
+            leases: core.store.clone(),
+            holder: core.holder.clone(),
+            lease_ttl: cfg.cluster.lease_ttl,
+            clock: core.clock.clone(),
+        },
+    };
+    crate::controller::spawn(c, deps)?;
+    Ok(())
+}
+
 /// Gives this server's leases up, so another server need not wait for them to expire.
-pub(super) async fn release_leases(core: &Core) {
-    for lease in [crate::ca::CA_LEASE, ENGINE_LEASE] {
+/// The registration controller's lease is among them when `[controller]` is set.
+pub(super) async fn release_leases(core: &Core, cfg: &Config) {
+    let controller = cfg
+        .controller
+        .as_ref()
+        .map(|c| crate::controller::lease_name(&c.cluster_name));
+    let fixed = [crate::ca::CA_LEASE, ENGINE_LEASE].map(String::from);
+    for lease in fixed.into_iter().chain(controller) {
+        let lease = lease.as_str();
         if let Err(e) = core.store.release_lease(lease, &core.holder).await {
             tracing::warn!(lease, error = %e, "could not release a lease at shutdown; it expires by itself");
         }
