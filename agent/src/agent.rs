@@ -13,8 +13,10 @@ use crate::endpoints;
 use crate::endpoints::workload::WorkloadHandler;
 use crate::limits::RateLimiter;
 use crate::manager::Manager;
+use crate::metrics::AgentMetrics;
 use crate::state::PersistedState;
 use crate::storage::{Storage, StorageError};
+use continuity_common::metrics::RpcMetrics;
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -215,27 +217,13 @@ async fn serve_health(addr: std::net::SocketAddr, m: Arc<Manager>) -> Result<(),
 }
 
 /// Serves `/metrics` (Prometheus text) on `addr`.
-async fn serve_metrics(addr: std::net::SocketAddr, m: Arc<Manager>) -> Result<(), RunError> {
+async fn serve_metrics(addr: std::net::SocketAddr, m: AgentMetrics) -> Result<(), RunError> {
     continuity_common::http::serve(addr, move |path| {
-        let snap = m.snapshot();
-        let mut body = format!(
-            "# TYPE continuity_agent_cached_svids gauge\ncontinuity_agent_cached_svids {}\n# TYPE continuity_agent_server_connected gauge\ncontinuity_agent_server_connected {}\n# TYPE continuity_agent_bundle_sequence gauge\ncontinuity_agent_bundle_sequence {}\n# TYPE continuity_agent_server_switches_total counter\ncontinuity_agent_server_switches_total {}\n",
-            snap.identities.len(),
-            m.connected() as u8,
-            snap.bundle.sequence,
-            m.server_switches(),
-        );
-        if let Some(server) = m.server() {
-            body.push_str(&format!(
-                "# TYPE continuity_agent_server gauge\ncontinuity_agent_server{{address=\"{server}\"}} 1\n"
-            ));
-        }
-        async move {
-            match path.as_str() {
-                "/metrics" => (200, "text/plain; version=0.0.4", body),
-                _ => (404, "text/plain", "not found\n".into()),
-            }
-        }
+        let reply = match path.as_str() {
+            "/metrics" => (200, "text/plain; version=0.0.4", m.render()),
+            _ => (404, "text/plain", "not found\n".into()),
+        };
+        std::future::ready(reply)
     })
     .await
     .map_err(|e| RunError::Listener(format!("metrics.bind_address {addr}: {e}")))
@@ -274,8 +262,9 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
     if let Some(addr) = cfg.health_address {
         serve_health(addr, manager.clone()).await?;
     }
+    let rpc = Arc::new(RpcMetrics::default());
     if let Some(addr) = cfg.metrics_address {
-        serve_metrics(addr, manager.clone()).await?;
+        serve_metrics(addr, AgentMetrics::new(manager.clone(), rpc.clone())).await?;
     }
     let attestor: Arc<dyn crate::attestor::WorkloadAttestor> =
         Attestors::new(cfg.unix.clone(), cfg.k8s.clone());
@@ -289,7 +278,16 @@ pub async fn run(cfg: Config, join_token: Option<String>) -> Result<(), RunError
     let sds = endpoints::sds::SdsHandler::new(manager.clone(), attestor.clone());
     let handler = WorkloadHandler::new(manager, attestor, clock, limiter, limits);
     tracing::info!(socket = %cfg.socket_path.display(), "Workload API and Envoy SDS ready");
-    let result = endpoints::serve(listener, limits, handler, engine, sds, shutdown_signal()).await;
+    let result = endpoints::serve(
+        listener,
+        limits,
+        handler,
+        engine,
+        sds,
+        rpc,
+        shutdown_signal(),
+    )
+    .await;
     let _ = std::fs::remove_file(&cfg.socket_path);
     result.map_err(|e| RunError::Listener(e.to_string()))
 }

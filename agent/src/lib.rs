@@ -21,6 +21,7 @@ pub mod endpoints;
 pub mod journal;
 pub mod limits;
 pub mod manager;
+pub mod metrics;
 pub mod peer;
 pub mod state;
 pub mod storage;

@@ -33,6 +33,7 @@ pub mod jwk;
 pub mod jwt;
 pub mod logging;
 pub mod lru;
+pub mod metrics;
 pub mod output;
 pub mod rand;
 pub mod ratelimit;

@@ -1,8 +1,15 @@
-//! Prometheus counters served at `[metrics] bind_address` (`/metrics`).
+//! Prometheus metrics served at `[metrics] bind_address` (`/metrics`): counters of what the
+//! server did, per-RPC counts and latencies of the agent API and EngineBroker (recorded by the
+//! shared tower layer, [`continuity_common::metrics`]), the CA's expiry and the integrity
+//! failures.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use continuity_common::metrics::{RpcMetrics, gauge};
+use tokio::sync::watch;
+
+use crate::ca::Bundle;
 use crate::datastore::BadRows;
 
 /// The server's counters.
@@ -30,6 +37,10 @@ pub struct Metrics {
     pub engine_rate_limited: AtomicU64,
     /// The datastore's known bad rows (`continuity_integrity_bad_rows` gauge).
     bad_rows: OnceLock<Arc<BadRows>>,
+    /// Calls of the agent-facing gRPC services (agent API, EngineBroker).
+    pub rpc: Arc<RpcMetrics>,
+    /// The CA's current bundle (`continuity_server_ca_expiry_timestamp_seconds`).
+    bundle: OnceLock<watch::Receiver<Arc<Bundle>>>,
 }
 
 impl Metrics {
@@ -46,6 +57,11 @@ impl Metrics {
     /// Shows the count of `bad` as the `continuity_integrity_bad_rows` gauge.
     pub fn watch_bad_rows(&self, bad: Arc<BadRows>) {
         let _ = self.bad_rows.set(bad);
+    }
+
+    /// Shows the expiry of the authorities in `bundle` (the CA's current bundle).
+    pub fn watch_bundle(&self, bundle: watch::Receiver<Arc<Bundle>>) {
+        let _ = self.bundle.set(bundle);
     }
 
     /// The Prometheus text exposition.
@@ -96,6 +112,38 @@ impl Metrics {
         out.push_str(&format!(
             "# TYPE continuity_integrity_bad_rows gauge\ncontinuity_integrity_bad_rows {bad}\n"
         ));
+        self.render_ca(&mut out);
+        self.rpc.render("continuity_server", &mut out);
         out
+    }
+
+    /// `continuity_server_ca_expiry_timestamp_seconds{purpose}`: the latest NotAfter among the
+    /// X.509 authorities and the latest expiry among the JWT keys of the bundle, that is, when
+    /// the trust domain stops verifying if no new authority is made.
+    fn render_ca(&self, out: &mut String) {
+        let Some(rx) = self.bundle.get() else { return };
+        let bundle = rx.borrow().clone();
+        let x509 = bundle
+            .x509_authorities
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .max();
+        let jwt = bundle.jwt_authorities.iter().map(|k| k.expires_at).max();
+        let name = "continuity_server_ca_expiry_timestamp_seconds";
+        out.push_str(&format!(
+            "# HELP {name} When the latest authority of each purpose expires (unix seconds).\n# TYPE {name} gauge\n"
+        ));
+        for (purpose, at) in [("x509", x509), ("jwt", jwt)] {
+            if let Some(at) = at {
+                out.push_str(&format!("{name}{{purpose=\"{purpose}\"}} {at}\n"));
+            }
+        }
+        gauge(
+            out,
+            "continuity_server_bundle_sequence",
+            "Sequence number of the trust bundle.",
+            bundle.sequence,
+        );
     }
 }

@@ -39,6 +39,7 @@ use crate::scheduler::{FailureLevel, Job, Scheduler};
 
 mod cluster;
 mod http;
+mod oidc;
 use continuity_proto::admin::audit_admin_server::AuditAdminServer;
 use continuity_proto::admin::engine_admin_server::EngineAdminServer;
 use continuity_proto::engine::engine_broker_server::EngineBrokerServer;
@@ -249,6 +250,7 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         &holder,
     )
     .await?;
+    metrics.watch_bundle(ca.subscribe());
     let registry = Arc::new(
         Registry::load(
             store.clone(),
@@ -411,6 +413,10 @@ async fn agent_api(
         .timeout(api.request_timeout)
         .http2_keepalive_interval(Some(api.keepalive_interval))
         .http2_keepalive_timeout(Some(api.keepalive_timeout))
+        // Per-RPC counts and latencies for `/metrics`.
+        .layer(continuity_common::metrics::RpcMetricsLayer::new(
+            core.metrics.rpc.clone(),
+        ))
         .add_service(
             AgentApiServer::new(agent)
                 .max_decoding_message_size(MAX_AGENT_API_REQUEST)

@@ -13,6 +13,7 @@ pub mod floods;
 pub mod k8s_standin;
 pub mod kube_api;
 pub mod pod_cgroup;
+pub mod prom;
 pub mod psat_api;
 pub mod server;
 pub mod softhsm;

@@ -430,6 +430,79 @@ fn the_kind_e2e_runs_two_workers_and_needs_no_python_in_the_image() {
     }
 }
 
+/// The metric names in a Grafana dashboard's `expr`s.
+fn dashboard_metrics(dashboard: &serde_json::Value) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for target in panels.iter().flat_map(|p| p["targets"].as_array().unwrap()) {
+        let expr = target["expr"].as_str().expect("expr");
+        let mut rest = expr;
+        while let Some(i) = rest.find("continuity_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+#[tokio::test]
+async fn grafana_dashboard_uses_only_series_a_scrape_has() {
+    use continuity_tests::prom::scrape;
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/continuity.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let used = dashboard_metrics(&dashboard);
+    assert!(used.len() >= 15, "{used:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server_port, agent_port) = (continuity_tests::free_port(), continuity_tests::free_port());
+    let server = continuity_tests::server::TestServer::start(
+        &dir.path().join("server"),
+        continuity_tests::server::ServerOptions {
+            extra_toml: format!("[metrics]\nbind_address = \"127.0.0.1:{server_port}\"\n"),
+            ..Default::default()
+        },
+    );
+    let alias = "spiffe://example.org/node/grafana";
+    let agent = continuity_tests::agent::TestAgent::start_with(
+        &dir.path().join("agent"),
+        &server,
+        &server.token(Some(alias)),
+        &format!("[metrics]\nbind_address = \"127.0.0.1:{agent_port}\"\n"),
+    );
+    server.create_entry(
+        "spiffe://example.org/grafana",
+        alias,
+        &[&format!("unix:uid:{}", continuity_tests::uid())],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while continuity_tests::fetch_x509(&agent).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no X509-SVID within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let scrapes = [scrape(server_port), scrape(agent_port)];
+    for name in &used {
+        let present = scrapes.iter().any(|s| {
+            s.samples.iter().any(|x| &x.name == name)
+                && (s.types.contains_key(name)
+                    || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                        name.strip_suffix(suffix)
+                            .is_some_and(|f| s.types.get(f).is_some_and(|t| t == "histogram"))
+                    }))
+        });
+        assert!(present, "the dashboard uses {name}, which no scrape has");
+    }
+}
+
 /// One YAML document as JSON (PyYAML, which kubernetes-validate brings).
 fn yaml_file(path: &Path) -> serde_json::Value {
     let out = Command::new("python3")

@@ -260,6 +260,7 @@ pub async fn serve(
     handler: WorkloadHandler,
     engine: engine::EngineHandler,
     sds: sds::SdsHandler,
+    rpc: std::sync::Arc<continuity_common::metrics::RpcMetrics>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let tracker = Tracker::new(ConnLimits {
@@ -295,6 +296,8 @@ pub async fn serve(
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(KEEPALIVE.0))
         .http2_keepalive_timeout(Some(KEEPALIVE.1))
+        // Per-RPC counts and latencies for `/metrics`, around every service on the socket.
+        .layer(continuity_common::metrics::RpcMetricsLayer::new(rpc))
         .add_service(health.max_decoding_message_size(MAX_SMALL_MESSAGE))
         .add_service(InterceptedService::new(
             SpiffeWorkloadApiServer::new(handler).max_decoding_message_size(MAX_WORKLOAD_MESSAGE),

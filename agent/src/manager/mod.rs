@@ -68,6 +68,8 @@ pub struct Manager {
     incarnations: Mutex<IncarnationQueue>,
     /// Whether the last contact with the server succeeded.
     connected: std::sync::atomic::AtomicBool,
+    /// Unix seconds of the last successful sync (the manager's creation before the first).
+    last_sync: std::sync::atomic::AtomicI64,
     /// Back-off of agent SVID renewals the server could not make.
     renew_retry: Mutex<renewal::RenewalRetry>,
     /// The state changed since it was last published (set by each step that applies a change,
@@ -97,6 +99,7 @@ impl Manager {
         let snap = Arc::new(Snapshot::build(&state, None));
         let (snapshot, _) = watch::channel(snap);
         let agent_svid = std::sync::RwLock::new(state.agent_svid.clone());
+        let started = clock.unix();
         let incarnations = Mutex::new(IncarnationQueue::open(storage.path().parent()));
         Arc::new(Self {
             incarnations,
@@ -111,6 +114,7 @@ impl Manager {
             jwts: Arc::new(Mutex::new(Lru::new(jwt_cache_size))),
             jwt_fetches: Fetches::default(),
             connected: std::sync::atomic::AtomicBool::new(false),
+            last_sync: std::sync::atomic::AtomicI64::new(started),
             renew_retry: Mutex::default(),
             unpublished: std::sync::atomic::AtomicBool::new(false),
         })
@@ -139,6 +143,17 @@ impl Manager {
     /// Whether the last sync reached the server.
     pub fn connected(&self) -> bool {
         self.connected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Seconds since the last successful sync (since start, before the first one).
+    pub fn sync_lag(&self) -> i64 {
+        let last = self.last_sync.load(std::sync::atomic::Ordering::Relaxed);
+        (self.clock.unix() - last).max(0)
+    }
+
+    /// The clock the manager runs on.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The state, locked (poison is ignored: every writer leaves it consistent). Never held

@@ -35,6 +35,8 @@ impl Manager {
                 Ok(()) => {
                     self.connected
                         .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.last_sync
+                        .store(self.clock.unix(), std::sync::atomic::Ordering::Relaxed);
                     backoff = Duration::from_millis(500);
                     self.next_wake()
                 }

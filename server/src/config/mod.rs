@@ -11,6 +11,7 @@ mod datastore;
 mod engines;
 mod integrity;
 mod k8s_bundle;
+mod oidc;
 mod psat;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ pub use cluster::{ClusterConfig, FileCluster};
 pub use controller::{ControllerConfig, FileController};
 pub use engines::FileEngines;
 pub use k8s_bundle::{FileK8sBundle, K8sBundleConfig};
+pub use oidc::{FileOidcDiscovery, KEYS_PATH, OidcDiscoveryConfig};
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
 
 use continuity_common::config::invalid;
@@ -72,6 +74,8 @@ pub struct FileConfig {
     pub metrics: Option<FileListener>,
     /// `[jwks]`: Engine JWKS for relying parties.
     pub jwks: Option<FileListener>,
+    /// `[oidc_discovery]`: the OIDC discovery document and JWT-SVID JWKS.
+    pub oidc_discovery: Option<FileOidcDiscovery>,
     /// `[node_attestors]`.
     pub node_attestors: Option<FileNodeAttestors>,
     /// `[agent_api]`.
@@ -129,6 +133,8 @@ pub struct Config {
     pub metrics_address: Option<SocketAddr>,
     /// Engine JWKS listener (`/engines/<name>/jwks.json`).
     pub jwks_address: Option<SocketAddr>,
+    /// The OIDC discovery provider (None: off).
+    pub oidc_discovery: Option<OidcDiscoveryConfig>,
     /// k8s_psat clusters (empty: the attestor is off).
     pub psat_clusters: Vec<continuity_attestors::k8s_psat::ClusterConfig>,
     /// Log level.
@@ -206,6 +212,8 @@ impl Config {
         let previous_svid_grace = previous_svid_grace(f.agent_api.as_ref())?;
         let listener = FileListener::address;
         let controller = ControllerConfig::from_file(f.controller, &trust_domain)?;
+        let jwt_issuer = f.jwt_issuer.filter(|s| !s.is_empty());
+        let oidc = OidcDiscoveryConfig::from_file(f.oidc_discovery, jwt_issuer.as_deref())?;
         Ok(Self {
             trust_domain,
             bind_address,
@@ -216,7 +224,8 @@ impl Config {
             ca_ttl: ttls.ca,
             default_x509_svid_ttl: ttls.x509,
             default_jwt_svid_ttl: ttls.jwt,
-            jwt_issuer: f.jwt_issuer.filter(|s| !s.is_empty()),
+            oidc_discovery: oidc,
+            jwt_issuer,
             datastore_url,
             key_manager,
             health_address: listener(f.health, "health.bind_address")?,

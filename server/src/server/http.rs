@@ -1,5 +1,5 @@
 //! The server's optional HTTP listeners: health (`/live`, `/ready`), Prometheus metrics and
-//! Engine JWKS for relying parties.
+//! Engine JWKS for relying parties, and the OIDC discovery provider.
 
 use std::sync::Arc;
 
@@ -39,6 +39,15 @@ pub(super) async fn http_listeners(cfg: &Config, core: &Core) -> Result<(), RunE
         })
         .await
         .map_err(bind("jwks.bind_address", addr))?;
+    }
+    if let Some(oidc) = cfg.oidc_discovery.clone() {
+        let ca = core.ca.clone();
+        let addr = oidc.bind_address;
+        continuity_common::http::serve(addr, move |path| {
+            std::future::ready(super::oidc::reply(&oidc, &ca, &path))
+        })
+        .await
+        .map_err(bind("oidc_discovery.bind_address", addr))?;
     }
     Ok(())
 }
