@@ -164,6 +164,8 @@ struct Core {
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     engines: Arc<Engines>,
+    /// Foreign trust bundles.
+    federation: Arc<crate::federation::Federation>,
     /// The change feed position read before the state above was loaded.
     feed_cursor: i64,
     /// This server's name in the leader leases (kept in `data_dir/server-id`).
@@ -276,7 +278,15 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     )
     .await?;
     engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
+    let federation = crate::federation::Federation::load(
+        cfg.trust_domain.clone(),
+        store.clone(),
+        engines.audit().clone(),
+        clock.clone(),
+    )
+    .await?;
     Ok(Core {
+        federation,
         clock,
         store,
         key_manager,
@@ -478,6 +488,7 @@ async fn admin_api(
         metrics: core.metrics.clone(),
         owner_uid: own_uid(),
         bad_rows: core.store.bad_rows(),
+        federation: core.federation.clone(),
     };
     let uds = bind_admin_socket(&cfg.admin_socket).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -494,6 +505,14 @@ async fn admin_api(
         .add_service(BundleAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(AuditAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(
+            crate::federation::admin::FederatedBundleService {
+                admin: admin.clone(),
+                federation: core.federation.clone(),
+            }
+            .server()
+            .max_decoding_message_size(m),
+        )
         .add_service(IntegrityAdminServer::new(integrity::IntegrityService {
             admin: admin.clone(),
             store: core.store.clone(),
