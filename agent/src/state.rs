@@ -100,6 +100,9 @@ pub struct Entry {
     pub engine: String,
     /// Revision.
     pub revision: i64,
+    /// Trust domains (`spiffe://td`) whose bundles workloads of this entry receive.
+    #[serde(default)]
+    pub federates_with: Vec<String>,
 }
 
 impl From<continuity_proto::types::Entry> for Entry {
@@ -119,8 +122,18 @@ impl From<continuity_proto::types::Entry> for Entry {
             hint: e.hint,
             engine: e.engine,
             revision: e.revision,
+            federates_with: e
+                .federates_with
+                .iter()
+                .map(|td| trust_domain_id(td))
+                .collect(),
         }
     }
+}
+
+/// `spiffe://td` for a trust domain written either way (`td` or `spiffe://td`).
+pub fn trust_domain_id(td: &str) -> String {
+    format!("spiffe://{}", td.strip_prefix("spiffe://").unwrap_or(td))
 }
 
 /// An X509-SVID with its private key.
@@ -203,6 +216,9 @@ pub struct PersistedState {
     /// Engine JWKS by Engine name, for the Engines this node's entries are bound to.
     #[serde(default)]
     pub engine_jwks: BTreeMap<String, EngineJwks>,
+    /// Foreign bundles by trust domain ID (`spiffe://td`), for the entries that federate.
+    #[serde(default)]
+    pub federated_bundles: BTreeMap<String, BundleState>,
 }
 
 /// A public key of an Engine (one enabled sign-key version).

@@ -459,6 +459,7 @@ fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
         )),
         limits: limits.clone(),
         first_message_timeout: cfg.agent_api.first_message_timeout,
+        federation: core.federation.clone(),
     };
     let broker = BrokerService {
         trust_domain: cfg.trust_domain.clone(),

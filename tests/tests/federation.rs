@@ -1,6 +1,8 @@
 //! SPIFFE federation across two trust domains with the real binaries: foreign bundles stored
 //! through the admin CLI (parsed as hostile input, record-MACed, audited), entries that
-//! federate only with a known bundle, and a bundle in use that cannot be deleted.
+//! federate only with a known bundle, a bundle in use that cannot be deleted; and two servers
+//! with two agents whose workloads do mutual TLS across the trust domains with the Rust
+//! `spiffe` crate and rustls, trusting only what their own agent served.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -212,4 +214,324 @@ fn foreign_bundles_are_parsed_stored_audited_and_guard_entries() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["bad_rows"][0]["table"], "foreign_bundles", "{v}");
     assert_eq!(v["bad_rows"][0]["key"], "other.org", "{v}");
+}
+
+const A_NODE: &str = "spiffe://example.org/node/fed-a";
+const B_NODE: &str = "spiffe://other.org/node/fed-b";
+/// A workload on agent A that does not federate (run as this uid).
+const LONER_UID: u32 = 4243;
+
+/// Polls `f` every 200 ms for up to 60 s; panics with `what` if it never answers.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+fn td(s: &str) -> spiffe::TrustDomain {
+    spiffe::TrustDomain::new(s).unwrap()
+}
+
+/// The X.509 context a workload of this process receives from `agent`, once it holds a
+/// bundle of `foreign` (or, with `want` false, once it holds none).
+async fn context_with(
+    agent: &continuity_tests::agent::TestAgent,
+    foreign: &str,
+    want: bool,
+) -> spiffe::X509Context {
+    let endpoint = agent.endpoint();
+    eventually(
+        &format!("{foreign} bundle present = {want} at {endpoint}"),
+        || {
+            let endpoint = endpoint.clone();
+            async move {
+                let c = spiffe::WorkloadApiClient::connect_to(&endpoint)
+                    .await
+                    .ok()?;
+                let ctx = c.fetch_x509_context().await.ok()?;
+                (ctx.bundle_set().get(&td(foreign)).is_some() == want).then_some(ctx)
+            }
+        },
+    )
+    .await
+}
+
+/// Root store of one trust domain's bundle from a workload's context.
+fn roots(ctx: &spiffe::X509Context, of: &str) -> rustls::RootCertStore {
+    let mut r = rustls::RootCertStore::empty();
+    let bundle = ctx
+        .bundle_set()
+        .get(&td(of))
+        .unwrap_or_else(|| panic!("no bundle of {of}"));
+    for c in bundle.authorities() {
+        r.add(rustls_pki_types::CertificateDer::from(c.as_ref().to_vec()))
+            .unwrap();
+    }
+    r
+}
+
+/// The SVID chain and key of a workload's context, for rustls.
+fn identity(
+    ctx: &spiffe::X509Context,
+) -> (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    let svid = ctx.default_svid().expect("an SVID");
+    let chain = svid
+        .cert_chain()
+        .iter()
+        .map(|c| rustls_pki_types::CertificateDer::from(c.as_ref().to_vec()))
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+        svid.private_key().as_ref().to_vec(),
+    ));
+    (chain, key)
+}
+
+/// The URI SAN of a peer's leaf certificate.
+fn peer_id(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> String {
+    let leaf = certs.and_then(|c| c.first()).expect("a peer certificate");
+    continuity_common::x509::spiffe_id_of(leaf)
+        .unwrap()
+        .to_string()
+}
+
+/// Mutual TLS between a client workload (context `client`, trust domain example.org) and a
+/// server workload (context `server`, other.org), each trusting only the foreign bundle its
+/// own agent served; returns (the ID the server saw, the ID the client saw).
+async fn mtls(client: &spiffe::X509Context, server: &spiffe::X509Context) -> (String, String) {
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots(server, "example.org")),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let (chain, key) = identity(server);
+    let server_cfg = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .unwrap();
+    let (chain, key) = identity(client);
+    let client_cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots(client, "other.org"))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server_cfg));
+    let served = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.expect("server side of mTLS");
+        let seen = peer_id(tls.get_ref().1.peer_certificates());
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap();
+        tls.write_all(b"pong").await.unwrap();
+        tls.shutdown().await.unwrap();
+        assert_eq!(&buf, b"ping");
+        seen
+    });
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("server.other.org").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_cfg))
+        .connect(name, tcp)
+        .await
+        .expect("client side of mTLS");
+    let seen_by_client = peer_id(tls.get_ref().1.peer_certificates());
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = Vec::new();
+    tls.read_to_end(&mut buf).await.unwrap();
+    assert_eq!(buf, b"pong");
+    (served.await.unwrap(), seen_by_client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_in_two_trust_domains_do_mtls_with_what_their_agents_served() {
+    use continuity_tests::federation::agent_in;
+    let dir = tempfile::tempdir().unwrap();
+    let a = TestServer::start(&dir.path().join("a"), ServerOptions::default());
+    let b = server_in(&dir.path().join("b"), "other.org", ServerOptions::default());
+    let agent_a = agent_in(&dir.path().join("agent-a"), "example.org", &a, A_NODE, "");
+    let agent_b = agent_in(&dir.path().join("agent-b"), "other.org", &b, B_NODE, "");
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    // Each side learns the other's bundle: B's as the SPIFFE document, A's as PEM.
+    let b_doc = files.join("b.json");
+    std::fs::write(&b_doc, b.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    let a_pem = files.join("a.pem");
+    std::fs::write(&a_pem, a.cli_ok(&["bundle", "show"])).unwrap();
+    a.cli_ok(&[
+        "bundle",
+        "set",
+        "--id",
+        OTHER,
+        "--path",
+        b_doc.to_str().unwrap(),
+        "--format",
+        "spiffe",
+    ]);
+    b.cli_ok(&[
+        "bundle",
+        "set",
+        "--id",
+        "spiffe://example.org",
+        "--path",
+        a_pem.to_str().unwrap(),
+    ]);
+
+    let me = format!("unix:uid:{}", continuity_tests::uid());
+    let client_entry = |federate: bool| {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/client",
+            "--parent-id",
+            A_NODE,
+            "--selector",
+            &me,
+            "--output",
+            "json",
+        ];
+        if federate {
+            args.extend(["--federates-with", OTHER]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&a.cli_ok(&args)).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    };
+    let client_id = client_entry(true);
+    b.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://other.org/server",
+        "--parent-id",
+        B_NODE,
+        "--selector",
+        &me,
+        "--dns-name",
+        "server.other.org",
+        "--federates-with",
+        "spiffe://example.org",
+    ]);
+    let loner = format!("unix:uid:{LONER_UID}");
+    a.create_entry("spiffe://example.org/loner", A_NODE, &[&loner]);
+
+    // Each workload holds the other's bundle, and mTLS works both ways on it alone.
+    let client_ctx = context_with(&agent_a, "other.org", true).await;
+    let server_ctx = context_with(&agent_b, "example.org", true).await;
+    assert_eq!(
+        client_ctx.default_svid().unwrap().spiffe_id().to_string(),
+        "spiffe://example.org/client"
+    );
+    let (seen_by_server, seen_by_client) = mtls(&client_ctx, &server_ctx).await;
+    assert_eq!(seen_by_server, "spiffe://example.org/client");
+    assert_eq!(seen_by_client, "spiffe://other.org/server");
+    let b_ca = b.bundle_der();
+    let got: Vec<Vec<u8>> = client_ctx
+        .bundle_set()
+        .get(&td("other.org"))
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    assert_eq!(got, b_ca, "agent A served B's CA exactly");
+
+    // The bundle maps and ValidateJWTSVID of a foreign JWT.
+    let ca = spiffe::WorkloadApiClient::connect_to(&agent_a.endpoint())
+        .await
+        .unwrap();
+    let x509_bundles = ca.fetch_x509_bundles().await.unwrap();
+    assert!(
+        x509_bundles.get(&td("other.org")).is_some()
+            && x509_bundles.get(&td("example.org")).is_some()
+    );
+    let jwt_bundles = ca.fetch_jwt_bundles().await.unwrap();
+    assert!(
+        jwt_bundles.get(&td("other.org")).is_some(),
+        "FetchJWTBundles lacks other.org"
+    );
+    let cb = spiffe::WorkloadApiClient::connect_to(&agent_b.endpoint())
+        .await
+        .unwrap();
+    let foreign_jwt = cb.fetch_jwt_svid(["client-a"], None).await.unwrap();
+    let v = ca
+        .validate_jwt_token("client-a", foreign_jwt.token())
+        .await
+        .unwrap();
+    assert_eq!(v.spiffe_id().to_string(), "spiffe://other.org/server");
+
+    // `api fetch x509 --write` writes the foreign CAs too.
+    let out = files.join("svids");
+    agent_a.cli(&["api", "fetch", "x509", "--write", out.to_str().unwrap()]);
+    let fed = std::fs::read_to_string(out.join("federated_bundle.0.pem"))
+        .expect("federated_bundle.0.pem written");
+    assert_eq!(fed, b.cli_ok(&["bundle", "show"]));
+
+    // A workload that does not federate never receives it.
+    let loner_dir = files.join("loner");
+    std::fs::create_dir_all(&loner_dir).unwrap();
+    continuity_tests::agent::open_up(&loner_dir);
+    std::fs::set_permissions(
+        &loner_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let o = agent_a.cli_as(
+        LONER_UID,
+        &[
+            "api",
+            "fetch",
+            "x509",
+            "--write",
+            loner_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "loner fetch: {}", stderr(&o));
+    assert!(loner_dir.join("svid.0.pem").exists());
+    assert!(
+        !loner_dir.join("federated_bundle.0.pem").exists(),
+        "a workload that does not federate got a foreign bundle"
+    );
+
+    // The entry stops federating: the bundle is no longer delivered, and may then be deleted.
+    a.cli_ok(&[
+        "entry",
+        "update",
+        "--id",
+        &client_id,
+        "--spiffe-id",
+        "spiffe://example.org/client",
+        "--parent-id",
+        A_NODE,
+        "--selector",
+        &me,
+    ]);
+    let after = context_with(&agent_a, "other.org", false).await;
+    assert!(after.bundle_set().get(&td("example.org")).is_some());
+    a.cli_ok(&["bundle", "delete", "--id", OTHER]);
+    let x509_bundles = ca.fetch_x509_bundles().await.unwrap();
+    assert!(x509_bundles.get(&td("other.org")).is_none());
+    let e = ca.validate_jwt_token("client-a", foreign_jwt.token()).await;
+    assert!(e.is_err(), "a foreign JWT validated after federation ended");
 }

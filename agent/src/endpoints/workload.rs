@@ -18,7 +18,7 @@ use crate::attestor::WorkloadAttestor;
 use crate::config::WorkloadApiConfig;
 use crate::limits::{RateLimited, RateLimiter};
 use crate::manager::JwtFetchError;
-use crate::manager::cache::{Identity, Snapshot};
+use crate::manager::cache::{Identity, PublishedBundle, Snapshot};
 
 pub use self::caller::{
     ATTESTATION_TIMEOUT, Caller, MAX_ATTESTATIONS, MAX_ATTESTATIONS_PER_UID, attest_caller,
@@ -165,24 +165,48 @@ impl WorkloadHandler {
                 })
                 .collect(),
             crl: vec![],
-            federated_bundles: HashMap::new(),
+            federated_bundles: federated(snap, ids, |b| b.x509.clone()).collect(),
         }
     }
 
-    fn x509_bundles_response(snap: &Snapshot) -> X509BundlesResponse {
+    fn x509_bundles_response(snap: &Snapshot, ids: &[Arc<Identity>]) -> X509BundlesResponse {
         let b = &snap.bundle;
+        let mut bundles: HashMap<_, _> = federated(snap, ids, |b| b.x509.clone()).collect();
+        bundles.insert(b.trust_domain_id.clone(), b.x509.clone());
         X509BundlesResponse {
             crl: vec![],
-            bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.clone())]),
+            bundles,
         }
     }
 
-    fn jwt_bundles_response(snap: &Snapshot) -> JwtBundlesResponse {
+    fn jwt_bundles_response(snap: &Snapshot, ids: &[Arc<Identity>]) -> JwtBundlesResponse {
         let b = &snap.bundle;
-        JwtBundlesResponse {
-            bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.clone())]),
-        }
+        let mut bundles: HashMap<_, _> = federated(snap, ids, |b| b.jwks.clone()).collect();
+        bundles.insert(b.trust_domain_id.clone(), b.jwks.clone());
+        JwtBundlesResponse { bundles }
     }
+}
+
+/// The foreign bundles (in the form `part` picks) of the trust domains `ids` federate with.
+fn federated(
+    snap: &Snapshot,
+    ids: &[Arc<Identity>],
+    part: impl Fn(&PublishedBundle) -> bytes::Bytes,
+) -> impl Iterator<Item = (String, bytes::Bytes)> {
+    snap.federated_for(ids)
+        .into_iter()
+        .map(move |(td, b)| (td, part(&b)))
+}
+
+/// What a stream re-sends on: the foreign bundles `ids` receive, by content.
+fn federated_key(
+    snap: &Snapshot,
+    ids: &[Arc<Identity>],
+) -> Vec<(String, bytes::Bytes, bytes::Bytes)> {
+    snap.federated_for(ids)
+        .into_iter()
+        .map(|(td, b)| (td, b.x509.clone(), b.jwks.clone()))
+        .collect()
 }
 
 /// Streams `first`, then a message built from each new snapshot whenever its key changes;
@@ -267,6 +291,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             (
                 snap.bundle.sequence,
                 ids.iter().map(|i| i.generation).collect::<Vec<_>>(),
+                federated_key(snap, ids),
             )
         };
         let first = Self::x509_response(&snap, &ids);
@@ -288,13 +313,15 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
-        if snap.matching(&selectors).is_empty() {
+        let ids = snap.matching(&selectors);
+        if ids.is_empty() {
             return Err(no_identity());
         }
-        let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            (snap.bundle.sequence, Self::x509_bundles_response(snap))
+        let build = |snap: &Snapshot, ids: &[Arc<Identity>]| {
+            let key = (snap.bundle.sequence, federated_key(snap, ids));
+            (key, Self::x509_bundles_response(snap, ids))
         };
-        let (k, first) = build(&snap, &[]);
+        let (k, first) = build(&snap, &ids);
         Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
     }
 
@@ -354,13 +381,15 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
-        if snap.matching(&selectors).is_empty() {
+        let ids = snap.matching(&selectors);
+        if ids.is_empty() {
             return Err(no_identity());
         }
-        let build = |snap: &Snapshot, _: &[Arc<Identity>]| {
-            (snap.bundle.sequence, Self::jwt_bundles_response(snap))
+        let build = |snap: &Snapshot, ids: &[Arc<Identity>]| {
+            let key = (snap.bundle.sequence, federated_key(snap, ids));
+            (key, Self::jwt_bundles_response(snap, ids))
         };
-        let (k, first) = build(&snap, &[]);
+        let (k, first) = build(&snap, &ids);
         Ok(Response::new(watch_stream(rx, &caller, first, k, build)))
     }
 
@@ -368,7 +397,7 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         &self,
         req: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        self.selectors(&req).await?;
+        let selectors = self.selectors(&req).await?;
         let r = req.into_inner();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -378,17 +407,13 @@ impl SpiffeWorkloadApi for WorkloadHandler {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         let snap = self.cache.subscribe().borrow().clone();
-        let bundle = snap.bundle.clone();
-        let td = bundle
-            .trust_domain_id
-            .trim_start_matches("spiffe://")
-            .to_string();
+        // Our own bundle, and the foreign ones the caller's identities federate with.
+        let mut bundles = snap.federated_for(&snap.matching(&selectors));
+        bundles.insert(snap.bundle.trust_domain_id.clone(), snap.bundle.clone());
         let v =
             continuity_common::jwt::validate(&r.svid, &r.audience, self.clock.unix(), |t, kid| {
-                if t != td {
-                    return None;
-                }
-                bundle
+                bundles
+                    .get(&format!("spiffe://{t}"))?
                     .jwt_keys
                     .iter()
                     .find(|(k, _)| k == kid)

@@ -49,6 +49,8 @@ pub struct Identity {
     pub generation: u64,
     /// Engine the entry is bound to.
     pub engine: Option<String>,
+    /// Trust domain IDs (`spiffe://td`) whose bundles the workload receives.
+    pub federates_with: Vec<String>,
 }
 
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -70,6 +72,9 @@ pub struct Snapshot {
     pub identities: Vec<Arc<Identity>>,
     /// Engine JWKS by Engine name.
     pub engine_jwks: Arc<BTreeMap<String, EngineJwks>>,
+    /// Foreign bundles (X.509 DER and JWKS) by trust domain ID (`spiffe://td`); a workload
+    /// receives those its identities federate with ([`Snapshot::federated_for`]).
+    pub federated: Arc<BTreeMap<String, Arc<PublishedBundle>>>,
 }
 
 impl Snapshot {
@@ -105,6 +110,7 @@ impl Snapshot {
                 && p.selectors == entry.selectors
                 && p.hint == entry.hint
                 && p.engine.as_deref().unwrap_or("") == entry.engine
+                && p.federates_with == entry.federates_with
                 && p.x509_svid.len() == svid.chain.iter().map(Bytes::len).sum::<usize>()
                 && p.x509_svid.starts_with(leaf)
             {
@@ -125,17 +131,35 @@ impl Snapshot {
                 expires_at: svid.expires_at,
                 generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 engine: Some(entry.engine.clone()).filter(|e| !e.is_empty()),
+                federates_with: entry.federates_with.clone(),
             }));
         }
         let engine_jwks = match previous {
             Some(p) if *p.engine_jwks == state.engine_jwks => p.engine_jwks.clone(),
             _ => Arc::new(state.engine_jwks.clone()),
         };
+        let federated = Arc::new(
+            state
+                .federated_bundles
+                .iter()
+                .map(|(id, b)| (id.clone(), Arc::new(publish_bundle(b))))
+                .collect(),
+        );
         Snapshot {
             bundle,
             identities,
             engine_jwks,
+            federated,
         }
+    }
+
+    /// The foreign bundles a workload holding `ids` receives: those its identities federate
+    /// with that the agent holds, by trust domain ID.
+    pub fn federated_for(&self, ids: &[Arc<Identity>]) -> BTreeMap<String, Arc<PublishedBundle>> {
+        ids.iter()
+            .flat_map(|i| i.federates_with.iter())
+            .filter_map(|td| self.federated.get(td).map(|b| (td.clone(), b.clone())))
+            .collect()
     }
 
     /// The identities a workload with these selectors may have.
@@ -218,6 +242,7 @@ mod tests {
                 hint: String::new(),
                 engine: String::new(),
                 revision: 1,
+                federates_with: vec![],
             },
         );
         st.svids.insert(

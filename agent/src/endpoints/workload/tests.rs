@@ -53,6 +53,7 @@ fn cached_snapshot() -> Snapshot {
             hint: String::new(),
             engine: String::new(),
             revision: 1,
+            federates_with: vec![],
         },
     );
     st.svids.insert(
