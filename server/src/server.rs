@@ -214,6 +214,11 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
     http::http_listeners(&cfg, &core).await?;
+    if let Some(e) = &cfg.bundle_endpoint {
+        crate::federation::endpoint::serve(e, core.ca.clone(), identity.clone())
+            .await
+            .map_err(|e| RunError::Path(e.to_string()))?;
+    }
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         bind_address = %cfg.bind_address,

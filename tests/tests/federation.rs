@@ -535,3 +535,167 @@ async fn workloads_in_two_trust_domains_do_mtls_with_what_their_agents_served() 
     let e = ca.validate_jwt_token("client-a", foreign_jwt.token()).await;
     assert!(e.is_err(), "a foreign JWT validated after federation ended");
 }
+
+/// GET / over TLS with `cfg` (server name `name`); returns the response body.
+async fn https_get(port: u16, cfg: rustls::ClientConfig, name: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the bundle endpoint");
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: bundle\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8(raw).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_endpoint_serves_the_spiffe_bundle_over_https_spiffe_and_https_web() {
+    let dir = tempfile::tempdir().unwrap();
+    // https_spiffe: TLS with the server's own SVID; the client trusts the bundle it has.
+    let port = continuity_tests::free_port();
+    let b = server_in(
+        &dir.path().join("b"),
+        "other.org",
+        ServerOptions {
+            extra_toml: format!(
+                "[federation.bundle_endpoint]\nbind_address = \"127.0.0.1:{port}\"\nprofile = \"https_spiffe\"\n"
+            ),
+            ..ServerOptions::default()
+        },
+    );
+    let roots = continuity_common::tls::TrustRoots::new(b.bundle_der());
+    let id = continuity_common::SpiffeId::new("spiffe://other.org/continuity/server").unwrap();
+    let mut cfg = continuity_common::tls::client_config(roots.clone(), id, None).unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let body = https_get(port, cfg, "other.org").await;
+    let served: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    assert_eq!(served, shown);
+    assert!(
+        served["spiffe_refresh_hint"].as_i64().unwrap() > 0,
+        "{served}"
+    );
+    assert!(served.get("spiffe_sequence").is_some(), "{served}");
+    // A client expecting another SPIFFE ID refuses the endpoint.
+    let wrong = continuity_common::SpiffeId::new("spiffe://other.org/not-the-server").unwrap();
+    let mut cfg = continuity_common::tls::client_config(roots, wrong, None).unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let refused = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("other.org").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "the endpoint's SVID passed for another SPIFFE ID"
+    );
+
+    // The document it served is what another trust domain stores as B's bundle.
+    let a = TestServer::start(&dir.path().join("a"), ServerOptions::default());
+    let fetched = dir.path().join("fetched.json");
+    std::fs::write(&fetched, &body).unwrap();
+    a.cli_ok(&[
+        "bundle",
+        "set",
+        "--id",
+        OTHER,
+        "--path",
+        fetched.to_str().unwrap(),
+        "--format",
+        "spiffe",
+    ]);
+    assert_eq!(
+        a.cli_ok(&["bundle", "show", "--id", OTHER]),
+        b.cli_ok(&["bundle", "show"])
+    );
+
+    // https_web: a configured certificate, verified as any Web PKI client does.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let (cert_file, key_file) = (dir.path().join("web.pem"), dir.path().join("web.key"));
+    std::fs::write(&cert_file, leaf.pem() + &ca.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    let web_port = continuity_tests::free_port();
+    let w = server_in(
+        &dir.path().join("w"),
+        "web.org",
+        ServerOptions {
+            extra_toml: format!(
+                "[federation.bundle_endpoint]\nbind_address = \"127.0.0.1:{web_port}\"\nprofile = \"https_web\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                cert_file.display(),
+                key_file.display()
+            ),
+            ..ServerOptions::default()
+        },
+    );
+    let mut web_roots = rustls::RootCertStore::empty();
+    web_roots.add(ca.der().clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(web_roots)
+    .with_no_client_auth();
+    let body = https_get(web_port, cfg, "localhost").await;
+    let served: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let shown: serde_json::Value =
+        serde_json::from_str(&w.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    assert_eq!(served, shown);
+}
+
+#[test]
+fn bundle_endpoint_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (toml, key) in [
+        (
+            "[federation.bundle_endpoint]\nprofile = \"https_spiffe\"\n",
+            "federation.bundle_endpoint.bind_address",
+        ),
+        (
+            "[federation.bundle_endpoint]\nbind_address = \"127.0.0.1:1\"\nprofile = \"http\"\n",
+            "federation.bundle_endpoint.profile",
+        ),
+        (
+            "[federation.bundle_endpoint]\nbind_address = \"127.0.0.1:1\"\nprofile = \"https_web\"\n",
+            "federation.bundle_endpoint.cert_file",
+        ),
+        (
+            "[federation.bundle_endpoint]\nbind_address = \"127.0.0.1:1\"\nlisten = \"x\"\n",
+            "listen",
+        ),
+    ] {
+        let s = TestServer::configure(
+            &dir.path().join(key.replace('.', "-")),
+            ServerOptions {
+                extra_toml: toml.into(),
+                ..ServerOptions::default()
+            },
+        );
+        let (ok, err) = s
+            .run_until_exit(std::time::Duration::from_secs(20))
+            .expect("a bad [federation] table must stop the server");
+        assert!(!ok && err.contains(key), "{key}: {err}");
+    }
+}

@@ -16,6 +16,7 @@ use crate::ca::Bundle;
 use crate::datastore::{ForeignBundleStore, StoreError, Write};
 
 pub mod admin;
+pub mod endpoint;
 mod parse;
 
 pub use parse::{BundleFormat, BundleParseError, MAX_BUNDLE_BYTES, parse_bundle};
