@@ -214,11 +214,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
     http::http_listeners(&cfg, &core).await?;
-    if let Some(e) = &cfg.bundle_endpoint {
-        crate::federation::endpoint::serve(e, core.ca.clone(), identity.clone())
-            .await
-            .map_err(|e| RunError::Path(e.to_string()))?;
-    }
+    bundle_endpoint(&cfg, &core, &identity).await?;
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         bind_address = %cfg.bind_address,
@@ -283,13 +279,7 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     )
     .await?;
     engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
-    let federation = crate::federation::Federation::load(
-        cfg.trust_domain.clone(),
-        store.clone(),
-        engines.audit().clone(),
-        clock.clone(),
-    )
-    .await?;
+    let federation = federation(cfg, &store, &engines, &clock).await?;
     Ok(Core {
         federation,
         clock,
@@ -303,6 +293,36 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         feed_cursor,
         holder,
     })
+}
+
+/// The foreign bundles, audited through the Engines' audit log.
+async fn federation(
+    cfg: &Config,
+    store: &Arc<dyn DataStore>,
+    engines: &Engines,
+    clock: &Arc<dyn Clock>,
+) -> Result<Arc<crate::federation::Federation>, RunError> {
+    Ok(crate::federation::Federation::load(
+        cfg.trust_domain.clone(),
+        store.clone(),
+        engines.audit().clone(),
+        clock.clone(),
+    )
+    .await?)
+}
+
+/// The SPIFFE bundle endpoint, when `[federation.bundle_endpoint]` is configured.
+async fn bundle_endpoint(
+    cfg: &Config,
+    core: &Core,
+    identity: &Arc<ServerIdentity>,
+) -> Result<(), RunError> {
+    let Some(e) = &cfg.bundle_endpoint else {
+        return Ok(());
+    };
+    crate::federation::endpoint::serve(e, core.ca.clone(), identity.clone())
+        .await
+        .map_err(|e| RunError::Path(e.to_string()))
 }
 
 /// The CA: X.509 and JWT authorities kept in the key manager, records in the datastore.

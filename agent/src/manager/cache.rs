@@ -105,14 +105,7 @@ impl Snapshot {
             };
             // Reuse the previous Arc when nothing changed: cheap diffing by pointer downstream.
             if let Some(p) = prev.get(id.as_str())
-                && p.expires_at == svid.expires_at
-                && p.spiffe_id == entry.spiffe_id
-                && p.selectors == entry.selectors
-                && p.hint == entry.hint
-                && p.engine.as_deref().unwrap_or("") == entry.engine
-                && p.federates_with == entry.federates_with
-                && p.x509_svid.len() == svid.chain.iter().map(Bytes::len).sum::<usize>()
-                && p.x509_svid.starts_with(leaf)
+                && unchanged(p, entry, svid, leaf)
             {
                 identities.push((*p).clone());
                 continue;
@@ -138,18 +131,11 @@ impl Snapshot {
             Some(p) if *p.engine_jwks == state.engine_jwks => p.engine_jwks.clone(),
             _ => Arc::new(state.engine_jwks.clone()),
         };
-        let federated = Arc::new(
-            state
-                .federated_bundles
-                .iter()
-                .map(|(id, b)| (id.clone(), Arc::new(publish_bundle(b))))
-                .collect(),
-        );
         Snapshot {
             bundle,
             identities,
             engine_jwks,
-            federated,
+            federated: publish_federated(state),
         }
     }
 
@@ -170,6 +156,30 @@ impl Snapshot {
             .cloned()
             .collect()
     }
+}
+
+/// Whether the published identity `p` is still what `entry` and `svid` (whose leaf is `leaf`)
+/// would make.
+fn unchanged(p: &Identity, entry: &Entry, svid: &Svid, leaf: &Bytes) -> bool {
+    p.expires_at == svid.expires_at
+        && p.spiffe_id == entry.spiffe_id
+        && p.selectors == entry.selectors
+        && p.hint == entry.hint
+        && p.engine.as_deref().unwrap_or("") == entry.engine
+        && p.federates_with == entry.federates_with
+        && p.x509_svid.len() == svid.chain.iter().map(Bytes::len).sum::<usize>()
+        && p.x509_svid.starts_with(leaf)
+}
+
+/// The foreign bundles of `state`, in the forms the Workload API sends.
+fn publish_federated(state: &PersistedState) -> Arc<BTreeMap<String, Arc<PublishedBundle>>> {
+    Arc::new(
+        state
+            .federated_bundles
+            .iter()
+            .map(|(id, b)| (id.clone(), Arc::new(publish_bundle(b))))
+            .collect(),
+    )
 }
 
 fn publish_bundle(b: &BundleState) -> PublishedBundle {

@@ -92,15 +92,15 @@ fn responses_share_the_cached_chain_key_and_bundle() {
 
     let td = "spiffe://example.org";
     let (a, b) = (
-        WorkloadHandler::x509_bundles_response(&snap),
-        WorkloadHandler::x509_bundles_response(&snap),
+        WorkloadHandler::x509_bundles_response(&snap, &ids),
+        WorkloadHandler::x509_bundles_response(&snap, &ids),
     );
     assert_eq!(a.bundles[td].as_ptr(), b.bundles[td].as_ptr());
     assert_eq!(a.bundles[td].as_ptr(), snap.bundle.x509.as_ptr());
 
     let (a, b) = (
-        WorkloadHandler::jwt_bundles_response(&snap),
-        WorkloadHandler::jwt_bundles_response(&snap),
+        WorkloadHandler::jwt_bundles_response(&snap, &ids),
+        WorkloadHandler::jwt_bundles_response(&snap, &ids),
     );
     assert!(a.bundles[td].starts_with(b"{"));
     assert_eq!(a.bundles[td].as_ptr(), b.bundles[td].as_ptr());
