@@ -103,6 +103,9 @@ pub struct Entry {
     /// When the entry was created (Unix seconds; 0 in state written before it was kept).
     #[serde(default)]
     pub created_at: i64,
+    /// Trust domains (`spiffe://td`) whose bundles workloads of this entry receive.
+    #[serde(default)]
+    pub federates_with: Vec<String>,
 }
 
 impl From<continuity_proto::types::Entry> for Entry {
@@ -123,8 +126,18 @@ impl From<continuity_proto::types::Entry> for Entry {
             engine: e.engine,
             revision: e.revision,
             created_at: e.created_at,
+            federates_with: e
+                .federates_with
+                .iter()
+                .map(|td| trust_domain_id(td))
+                .collect(),
         }
     }
+}
+
+/// `spiffe://td` for a trust domain written either way (`td` or `spiffe://td`).
+pub fn trust_domain_id(td: &str) -> String {
+    format!("spiffe://{}", td.strip_prefix("spiffe://").unwrap_or(td))
 }
 
 /// An X509-SVID with its private key.
@@ -207,6 +220,9 @@ pub struct PersistedState {
     /// Engine JWKS by Engine name, for the Engines this node's entries are bound to.
     #[serde(default)]
     pub engine_jwks: BTreeMap<String, EngineJwks>,
+    /// Foreign bundles by trust domain ID (`spiffe://td`), for the entries that federate.
+    #[serde(default)]
+    pub federated_bundles: BTreeMap<String, BundleState>,
 }
 
 /// A public key of an Engine (one enabled sign-key version).

@@ -11,6 +11,9 @@
 //! closes the oldest connection still reading to free a descriptor, and logs once per burst
 //! ([`AcceptBackoff`], also used by the server's gRPC accept loops).
 //!
+//! [`serve_tls_with`] serves the same over TLS (the SPIFFE bundle endpoint): the handshake
+//! must finish within the head timeout.
+//!
 //! Invariant: `Inner::open` equals the number of live, unevicted [`Slot`]s, never more than
 //! `max_connections`; `Inner::reading` holds exactly the live slots still reading their head.
 
@@ -22,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 /// A response: status code, content type, body.
@@ -110,6 +113,34 @@ where
     F: Fn(String) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send,
 {
+    serve_inner(addr, limits, None, handler).await
+}
+
+/// Serves `handler(path)` over TLS (`acceptor`) on `addr` under `limits` until the task is
+/// dropped; the TLS handshake counts against the head timeout.
+pub async fn serve_tls_with<F, Fut>(
+    addr: SocketAddr,
+    limits: HttpLimits,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: F,
+) -> std::io::Result<()>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send,
+{
+    serve_inner(addr, limits, Some(acceptor), handler).await
+}
+
+async fn serve_inner<F, Fut>(
+    addr: SocketAddr,
+    limits: HttpLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handler: F,
+) -> std::io::Result<()>
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send,
+{
     let listener = TcpListener::bind(addr).await?;
     let handler = Arc::new(handler);
     let conns = Arc::new(Conns {
@@ -134,12 +165,24 @@ where
                 // Every connection is past its head: refuse this one (dropped, so closed).
                 continue;
             };
-            let handler = handler.clone();
+            let (handler, tls) = (handler.clone(), tls.clone());
             tokio::spawn(async move {
                 let close = slot.shared.close.clone();
+                let serve = async {
+                    match tls {
+                        None => serve_one(sock, &slot, limits, handler.as_ref()).await,
+                        Some(acceptor) => {
+                            let accepted =
+                                tokio::time::timeout(limits.head_timeout, acceptor.accept(sock));
+                            if let Ok(Ok(s)) = accepted.await {
+                                serve_one(s, &slot, limits, handler.as_ref()).await;
+                            }
+                        }
+                    }
+                };
                 tokio::select! {
                     () = close.notified() => {}
-                    () = serve_one(sock, &slot, limits, handler.as_ref()) => {}
+                    () = serve => {}
                 }
             });
         }
@@ -148,8 +191,9 @@ where
 }
 
 /// Reads one request head, answers it, closes.
-async fn serve_one<F, Fut>(mut sock: TcpStream, slot: &Slot, limits: HttpLimits, handler: &F)
+async fn serve_one<S, F, Fut>(mut sock: S, slot: &Slot, limits: HttpLimits, handler: &F)
 where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     F: Fn(String) -> Fut,
     Fut: Future<Output = Reply>,
 {

@@ -53,6 +53,7 @@ struct Pending {
     agents: BTreeSet<String>,
     engines: bool,
     ca: bool,
+    bundles: bool,
 }
 
 /// The in-memory state the feed keeps up to date.
@@ -64,6 +65,8 @@ pub struct Followers {
     pub engines: Arc<Engines>,
     /// The CA's signers and bundle.
     pub ca: Arc<CaManager>,
+    /// Foreign trust bundles.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// The follower of the change feed.
@@ -161,6 +164,7 @@ impl Feed {
                         }
                         Some(ChangeKind::Engine) => p.engines = true,
                         Some(ChangeKind::Ca) => p.ca = true,
+                        Some(ChangeKind::ForeignBundle) => p.bundles = true,
                         None => {}
                     }
                 }
@@ -193,6 +197,9 @@ impl Feed {
         if p.ca && f.ca.reload().await? {
             tracing::info!("CA bundle changed through another server");
         }
+        if p.bundles && f.federation.reload().await? {
+            tracing::info!("foreign bundles changed through another server");
+        }
         Ok(())
     }
 
@@ -201,6 +208,7 @@ impl Feed {
         f.registry.reload_all().await?;
         f.engines.reload().await?;
         f.ca.reload().await?;
+        f.federation.reload().await?;
         Ok(())
     }
 }

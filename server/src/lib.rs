@@ -22,6 +22,7 @@ pub mod controller;
 pub mod datastore;
 pub mod engines;
 pub mod entry;
+pub mod federation;
 pub mod feed;
 pub mod integrity;
 pub mod k8s_bundle;

@@ -165,6 +165,8 @@ struct Core {
     metrics: Arc<Metrics>,
     registry: Arc<Registry>,
     engines: Arc<Engines>,
+    /// Foreign trust bundles.
+    federation: Arc<crate::federation::Federation>,
     /// The change feed position read before the state above was loaded.
     feed_cursor: i64,
     /// This server's name in the leader leases (kept in `data_dir/server-id`).
@@ -206,6 +208,7 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let agent_api = agent_api(&cfg, &core, &identity, roots, stop_rx.clone()).await?;
     let admin_api = admin_api(&cfg, &core, stop_rx).await?;
     http::http_listeners(&cfg, &core).await?;
+    bundle_endpoint(&cfg, &core, &identity).await?;
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         bind_address = %cfg.bind_address,
@@ -271,7 +274,9 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     )
     .await?;
     engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
+    let federation = federation(cfg, &store, &engines, &clock).await?;
     Ok(Core {
+        federation,
         clock,
         store,
         key_manager,
@@ -283,6 +288,36 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
         feed_cursor,
         holder,
     })
+}
+
+/// The foreign bundles, audited through the Engines' audit log.
+async fn federation(
+    cfg: &Config,
+    store: &Arc<dyn DataStore>,
+    engines: &Engines,
+    clock: &Arc<dyn Clock>,
+) -> Result<Arc<crate::federation::Federation>, RunError> {
+    Ok(crate::federation::Federation::load(
+        cfg.trust_domain.clone(),
+        store.clone(),
+        engines.audit().clone(),
+        clock.clone(),
+    )
+    .await?)
+}
+
+/// The SPIFFE bundle endpoint, when `[federation.bundle_endpoint]` is configured.
+async fn bundle_endpoint(
+    cfg: &Config,
+    core: &Core,
+    identity: &Arc<ServerIdentity>,
+) -> Result<(), RunError> {
+    let Some(e) = &cfg.bundle_endpoint else {
+        return Ok(());
+    };
+    crate::federation::endpoint::serve(e, core.ca.clone(), identity.clone())
+        .await
+        .map_err(|e| RunError::Path(e.to_string()))
 }
 
 /// The CA: X.509 and JWT authorities kept in the key manager, records in the datastore.
@@ -448,6 +483,7 @@ fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
         )),
         limits: limits.clone(),
         first_message_timeout: cfg.agent_api.first_message_timeout,
+        federation: core.federation.clone(),
     };
     let broker = BrokerService {
         trust_domain: cfg.trust_domain.clone(),
@@ -477,6 +513,7 @@ async fn admin_api(
         metrics: core.metrics.clone(),
         owner_uid: own_uid(),
         bad_rows: core.store.bad_rows(),
+        federation: core.federation.clone(),
     };
     let uds = bind_admin_socket(&cfg.admin_socket).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -493,6 +530,14 @@ async fn admin_api(
         .add_service(BundleAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(AuditAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(
+            crate::federation::admin::FederatedBundleService {
+                admin: admin.clone(),
+                federation: core.federation.clone(),
+            }
+            .server()
+            .max_decoding_message_size(m),
+        )
         .add_service(IntegrityAdminServer::new(integrity::IntegrityService {
             admin: admin.clone(),
             store: core.store.clone(),

@@ -34,10 +34,22 @@ pub fn pem_chain(concat: &[u8]) -> String {
         .collect()
 }
 
-/// Writes svid.N.pem, svid.N.key (0600) and bundle.N.pem for every SVID into `dir`.
+/// Writes svid.N.pem, svid.N.key (0600) and bundle.N.pem for every SVID into `dir`, and
+/// federated_bundle.N.pem (the CAs of every foreign bundle received, by trust domain) when
+/// the workload federates, as SPIRE's `api fetch x509 -write` does.
 pub fn write(dir: &Path, resp: &X509svidResponse) -> Result<(), CliError> {
     std::fs::create_dir_all(dir).map_err(|e| CliError::Io(format!("{}: {e}", dir.display())))?;
+    let mut federated: Vec<_> = resp.federated_bundles.iter().collect();
+    federated.sort_by(|a, b| a.0.cmp(b.0));
+    let federated: String = federated.iter().map(|(_, der)| pem_chain(der)).collect();
     for (i, s) in resp.svids.iter().enumerate() {
+        if !federated.is_empty() {
+            files::write_mode(
+                &dir.join(format!("federated_bundle.{i}.pem")),
+                federated.as_bytes(),
+                0o644,
+            )?;
+        }
         let key = pem_encode("PRIVATE KEY", &s.x509_svid_key);
         let file = |name: String| dir.join(name);
         files::write_mode(

@@ -18,7 +18,7 @@ use crate::attestor::WorkloadAttestor;
 use crate::config::WorkloadApiConfig;
 use crate::limits::{RateLimited, RateLimiter};
 use crate::manager::JwtFetchError;
-use crate::manager::cache::{Identity, Snapshot};
+use crate::manager::cache::{Identity, PublishedBundle, Snapshot};
 
 pub use self::caller::{
     ATTESTATION_TIMEOUT, Caller, MAX_ATTESTATIONS, MAX_ATTESTATIONS_PER_UID, attest_caller,
@@ -170,24 +170,37 @@ impl WorkloadHandler {
                 })
                 .collect(),
             crl: vec![],
-            federated_bundles: HashMap::new(),
+            federated_bundles: federated(snap, ids, |b| b.x509.clone()).collect(),
         }
     }
 
-    fn x509_bundles_response(snap: &Snapshot) -> X509BundlesResponse {
+    fn x509_bundles_response(snap: &Snapshot, ids: &[Arc<Identity>]) -> X509BundlesResponse {
         let b = &snap.bundle;
+        let mut bundles: HashMap<_, _> = federated(snap, ids, |b| b.x509.clone()).collect();
+        bundles.insert(b.trust_domain_id.clone(), b.x509.clone());
         X509BundlesResponse {
             crl: vec![],
-            bundles: HashMap::from([(b.trust_domain_id.clone(), b.x509.clone())]),
+            bundles,
         }
     }
 
-    fn jwt_bundles_response(snap: &Snapshot) -> JwtBundlesResponse {
+    fn jwt_bundles_response(snap: &Snapshot, ids: &[Arc<Identity>]) -> JwtBundlesResponse {
         let b = &snap.bundle;
-        JwtBundlesResponse {
-            bundles: HashMap::from([(b.trust_domain_id.clone(), b.jwks.clone())]),
-        }
+        let mut bundles: HashMap<_, _> = federated(snap, ids, |b| b.jwks.clone()).collect();
+        bundles.insert(b.trust_domain_id.clone(), b.jwks.clone());
+        JwtBundlesResponse { bundles }
     }
+}
+
+/// The foreign bundles (in the form `part` picks) of the trust domains `ids` federate with.
+fn federated(
+    snap: &Snapshot,
+    ids: &[Arc<Identity>],
+    part: impl Fn(&PublishedBundle) -> bytes::Bytes,
+) -> impl Iterator<Item = (String, bytes::Bytes)> {
+    snap.federated_for(ids)
+        .into_iter()
+        .map(move |(td, b)| (td, part(&b)))
 }
 
 /// Streams `first`, then a message built from each new snapshot whenever its content differs
@@ -284,11 +297,12 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
-        if snap.matching(&selectors).is_empty() {
+        let ids = snap.served(&selectors);
+        if ids.is_empty() {
             return Err(no_identity());
         }
-        let build = |snap: &Snapshot, _: &[Arc<Identity>]| Self::x509_bundles_response(snap);
-        let first = build(&snap, &[]);
+        let build = |snap: &Snapshot, ids: &[Arc<Identity>]| Self::x509_bundles_response(snap, ids);
+        let first = build(&snap, &ids);
         Ok(Response::new(watch_stream(rx, &caller, first, build)))
     }
 
@@ -354,11 +368,12 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         let selectors = caller.selectors.clone();
         let mut rx = self.cache.subscribe();
         let snap = rx.borrow_and_update().clone();
-        if snap.matching(&selectors).is_empty() {
+        let ids = snap.served(&selectors);
+        if ids.is_empty() {
             return Err(no_identity());
         }
-        let build = |snap: &Snapshot, _: &[Arc<Identity>]| Self::jwt_bundles_response(snap);
-        let first = build(&snap, &[]);
+        let build = |snap: &Snapshot, ids: &[Arc<Identity>]| Self::jwt_bundles_response(snap, ids);
+        let first = build(&snap, &ids);
         Ok(Response::new(watch_stream(rx, &caller, first, build)))
     }
 
@@ -375,20 +390,16 @@ impl SpiffeWorkloadApi for WorkloadHandler {
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }
-        self.selectors(&req).await?;
+        let selectors = self.selectors(&req).await?;
         let r = req.into_inner();
         let snap = self.cache.subscribe().borrow().clone();
-        let bundle = snap.bundle.clone();
-        let td = bundle
-            .trust_domain_id
-            .trim_start_matches("spiffe://")
-            .to_string();
+        // Our own bundle, and the foreign ones the caller's identities federate with.
+        let mut bundles = snap.federated_for(&snap.served(&selectors));
+        bundles.insert(snap.bundle.trust_domain_id.clone(), snap.bundle.clone());
         let v =
             continuity_common::jwt::validate(&r.svid, &r.audience, self.clock.unix(), |t, kid| {
-                if t != td {
-                    return None;
-                }
-                bundle
+                bundles
+                    .get(&format!("spiffe://{t}"))?
                     .jwt_keys
                     .iter()
                     .find(|(k, _)| k == kid)

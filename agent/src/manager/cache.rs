@@ -51,6 +51,8 @@ pub struct Identity {
     pub engine: Option<String>,
     /// When the entry was created: the older of two entries sharing a hint wins.
     pub created_at: i64,
+    /// Trust domain IDs (`spiffe://td`) whose bundles the workload receives.
+    pub federates_with: Vec<String>,
 }
 
 static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -72,6 +74,9 @@ pub struct Snapshot {
     pub identities: Vec<Arc<Identity>>,
     /// Engine JWKS by Engine name.
     pub engine_jwks: Arc<BTreeMap<String, EngineJwks>>,
+    /// Foreign bundles (X.509 DER and JWKS) by trust domain ID (`spiffe://td`); a workload
+    /// receives those its identities federate with ([`Snapshot::federated_for`]).
+    pub federated: Arc<BTreeMap<String, Arc<PublishedBundle>>>,
 }
 
 impl Snapshot {
@@ -102,13 +107,7 @@ impl Snapshot {
             };
             // Reuse the previous Arc when nothing changed: cheap diffing by pointer downstream.
             if let Some(p) = prev.get(id.as_str())
-                && p.expires_at == svid.expires_at
-                && p.spiffe_id == entry.spiffe_id
-                && p.selectors == entry.selectors
-                && p.hint == entry.hint
-                && p.engine.as_deref().unwrap_or("") == entry.engine
-                && p.x509_svid.len() == svid.chain.iter().map(Bytes::len).sum::<usize>()
-                && p.x509_svid.starts_with(leaf)
+                && unchanged(p, entry, svid, leaf)
             {
                 identities.push((*p).clone());
                 continue;
@@ -128,6 +127,7 @@ impl Snapshot {
                 generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 engine: Some(entry.engine.clone()).filter(|e| !e.is_empty()),
                 created_at: entry.created_at,
+                federates_with: entry.federates_with.clone(),
             }));
         }
         let engine_jwks = match previous {
@@ -138,6 +138,7 @@ impl Snapshot {
             bundle,
             identities,
             engine_jwks,
+            federated: publish_federated(state),
         }
     }
 
@@ -146,6 +147,15 @@ impl Snapshot {
     /// is kept (ties: the smaller entry id), as SPIRE does; the others are left out and logged.
     pub fn served(&self, selectors: &HashSet<Selector>) -> Vec<Arc<Identity>> {
         unique_hints(self.matching(selectors))
+    }
+
+    /// The foreign bundles a workload holding `ids` receives: those its identities federate
+    /// with that the agent holds, by trust domain ID.
+    pub fn federated_for(&self, ids: &[Arc<Identity>]) -> BTreeMap<String, Arc<PublishedBundle>> {
+        ids.iter()
+            .flat_map(|i| i.federates_with.iter())
+            .filter_map(|td| self.federated.get(td).map(|b| (td.clone(), b.clone())))
+            .collect()
     }
 
     /// The identities a workload with these selectors may have.
@@ -178,6 +188,30 @@ fn unique_hints(ids: Vec<Arc<Identity>>) -> Vec<Arc<Identity>> {
         tracing::warn!(entry_id = %d.entry_id, hint = %d.hint, "ignoring entry with duplicate hint");
     }
     served.into_iter().cloned().collect()
+}
+
+/// Whether the published identity `p` is still what `entry` and `svid` (whose leaf is `leaf`)
+/// would make.
+fn unchanged(p: &Identity, entry: &Entry, svid: &Svid, leaf: &Bytes) -> bool {
+    p.expires_at == svid.expires_at
+        && p.spiffe_id == entry.spiffe_id
+        && p.selectors == entry.selectors
+        && p.hint == entry.hint
+        && p.engine.as_deref().unwrap_or("") == entry.engine
+        && p.federates_with == entry.federates_with
+        && p.x509_svid.len() == svid.chain.iter().map(Bytes::len).sum::<usize>()
+        && p.x509_svid.starts_with(leaf)
+}
+
+/// The foreign bundles of `state`, in the forms the Workload API sends.
+fn publish_federated(state: &PersistedState) -> Arc<BTreeMap<String, Arc<PublishedBundle>>> {
+    Arc::new(
+        state
+            .federated_bundles
+            .iter()
+            .map(|(id, b)| (id.clone(), Arc::new(publish_bundle(b))))
+            .collect(),
+    )
 }
 
 fn publish_bundle(b: &BundleState) -> PublishedBundle {
@@ -251,6 +285,7 @@ mod tests {
                 engine: String::new(),
                 revision: 1,
                 created_at: 0,
+                federates_with: vec![],
             },
         );
         st.svids.insert(

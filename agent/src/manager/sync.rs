@@ -8,7 +8,7 @@ use continuity_proto::agent::{FetchBundleRequest, SyncAuthorizedEntriesRequest};
 
 use super::{AgentApi, Manager};
 use crate::client::ClientError;
-use crate::state::Entry;
+use crate::state::{BundleState, Entry};
 
 /// Longest one sync round may take before the server in use counts as unreachable (a
 /// server that accepts calls and never answers them must not hold the agent forever).
@@ -140,19 +140,16 @@ impl Manager {
         }
     }
 
-    /// Fetches the bundle; true if it changed.
+    /// Fetches the bundle and the foreign bundles; true if either changed.
     async fn sync_bundle(&self, api: &mut AgentApi) -> Result<bool, ClientError> {
-        let bundle = api
-            .fetch_bundle(FetchBundleRequest {})
-            .await?
-            .into_inner()
-            .bundle;
-        let Some(b) = bundle else {
-            return Ok(false);
+        let r = api.fetch_bundle(FetchBundleRequest {}).await?.into_inner();
+        let federated_changed = self.apply_federated(r.federated_bundles);
+        let Some(b) = r.bundle else {
+            return Ok(federated_changed);
         };
         let mut st = self.state();
         if b.sequence_number == st.bundle.sequence {
-            return Ok(false);
+            return Ok(federated_changed);
         }
         st.bundle = b.into();
         self.client
@@ -160,6 +157,29 @@ impl Manager {
             .replace(st.bundle.x509_authorities.clone());
         tracing::info!(sequence = st.bundle.sequence, "bundle updated");
         Ok(true)
+    }
+
+    /// Replaces the foreign bundles with the server's answer; true if they changed. A bundle
+    /// naming this agent's own trust domain is not taken (only the server's own bundle is).
+    fn apply_federated(&self, bundles: Vec<continuity_proto::types::Bundle>) -> bool {
+        let mut st = self.state();
+        let own = crate::state::trust_domain_id(&st.bundle.trust_domain);
+        let fresh: std::collections::BTreeMap<String, BundleState> = bundles
+            .into_iter()
+            .map(|b| {
+                (
+                    crate::state::trust_domain_id(&b.trust_domain),
+                    BundleState::from(b),
+                )
+            })
+            .filter(|(id, _)| *id != own)
+            .collect();
+        if fresh == st.federated_bundles {
+            return false;
+        }
+        tracing::info!(trust_domains = ?fresh.keys().collect::<Vec<_>>(), "federated bundles updated");
+        st.federated_bundles = fresh;
+        true
     }
 
     /// Pulls entry changes since the revision held; true if the entries changed.

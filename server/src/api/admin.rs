@@ -49,6 +49,8 @@ pub struct AdminService {
     pub engines: Arc<crate::engines::Engines>,
     /// Rows known to have failed their record MAC (a lookup of one is DataLoss, not NotFound).
     pub bad_rows: Arc<crate::datastore::BadRows>,
+    /// Foreign bundles: an entry may federate only with a trust domain whose bundle exists.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 impl AdminService {
@@ -88,9 +90,22 @@ impl AdminService {
     /// Validates a wire entry into a stored one by the domain rules (id and revision are left
     /// for the registry).
     fn validate(&self, e: types::Entry) -> Result<Entry, Status> {
-        entry_request(e)
+        let entry = entry_request(e)
             .validate(&self.trust_domain, |name| self.engines.engine(name).is_ok())
-            .map_err(entry_status)
+            .map_err(entry_status)?;
+        // As SPIRE: federating with a trust domain needs its bundle first.
+        for td in &entry.federates_with {
+            let known = TrustDomain::new(td)
+                .ok()
+                .and_then(|t| self.federation.bundle(&t))
+                .is_some();
+            if !known {
+                return Err(Status::invalid_argument(format!(
+                    "federates_with: no bundle of trust domain {td} is known; add it with `bundle set --id` or a federation relationship first"
+                )));
+            }
+        }
+        Ok(entry)
     }
 }
 

@@ -1,23 +1,49 @@
-//! `bundle`: the trust bundle, as PEM or as the SPIFFE bundle document. Printed the same with
-//! either `--output`.
+//! `bundle`: this trust domain's bundle (`show`), as PEM or as the SPIFFE bundle document,
+//! printed the same with either `--output`; and the bundles of other trust domains
+//! (`set`, `list`, `show --id`, `delete`; see [`super::foreign_bundle`]).
 
 use clap::{Subcommand, ValueEnum};
 use continuity_common::jwk::{self, JwtAuthority};
 use continuity_proto::admin::GetBundleRequest;
 use continuity_proto::admin::bundle_admin_client::BundleAdminClient;
+use continuity_proto::types;
 use tonic::transport::Channel;
 
 use super::error::CliError;
-use super::output::{raw, say};
+use super::foreign_bundle;
+use super::output::{Output, raw, say};
 
 /// `bundle` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
-    /// Print the trust bundle.
+    /// Print the trust bundle (or, with --id, the stored bundle of another trust domain).
     Show {
         /// pem: CA certificates; spiffe: the SPIFFE bundle document (JWKS).
         #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
         format: BundleFormat,
+        /// A foreign trust domain (`spiffe://other.td`).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Store (or replace) the bundle of another trust domain, read from a file.
+    Set {
+        /// The trust domain (`spiffe://other.td`).
+        #[arg(long)]
+        id: String,
+        /// The bundle file.
+        #[arg(long)]
+        path: std::path::PathBuf,
+        /// pem: CA certificates; spiffe: the SPIFFE bundle document (JWKS).
+        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
+        format: BundleFormat,
+    },
+    /// List the bundles of other trust domains.
+    List,
+    /// Delete the bundle of another trust domain (refused while entries federate with it).
+    Delete {
+        /// The trust domain (`spiffe://other.td`).
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -31,12 +57,29 @@ pub enum BundleFormat {
 }
 
 /// Runs a `bundle` command.
-pub async fn run(ch: Channel, cmd: BundleCommand) -> Result<(), CliError> {
-    let BundleCommand::Show { format } = cmd;
-    let b = BundleAdminClient::new(ch)
-        .get_bundle(GetBundleRequest {})
-        .await?
-        .into_inner();
+pub async fn run(ch: Channel, out: Output, cmd: BundleCommand) -> Result<(), CliError> {
+    match cmd {
+        BundleCommand::Show { format, id: None } => {
+            let b = BundleAdminClient::new(ch)
+                .get_bundle(GetBundleRequest {})
+                .await?
+                .into_inner();
+            print_bundle(&b, format)
+        }
+        BundleCommand::Show {
+            format,
+            id: Some(id),
+        } => print_bundle(&foreign_bundle::get(ch, id).await?, format),
+        BundleCommand::Set { id, path, format } => {
+            foreign_bundle::set(ch, out, id, &path, format).await
+        }
+        BundleCommand::List => foreign_bundle::list(ch, out).await,
+        BundleCommand::Delete { id } => foreign_bundle::delete(ch, id).await,
+    }
+}
+
+/// Prints a bundle as PEM or as the SPIFFE bundle document.
+fn print_bundle(b: &types::Bundle, format: BundleFormat) -> Result<(), CliError> {
     match format {
         BundleFormat::Pem => {
             let pem: String = b

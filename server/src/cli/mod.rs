@@ -12,6 +12,7 @@ mod bundle;
 mod engine;
 mod entry;
 mod error;
+mod foreign_bundle;
 mod integrity;
 mod key;
 mod output;
@@ -108,7 +109,7 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
         Command::Healthcheck => healthcheck(ch).await,
         Command::Token(cmd) => token::run(ch, out, cmd).await,
         Command::Entry(cmd) => entry::run(ch, out, cmd).await,
-        Command::Bundle(cmd) => bundle::run(ch, cmd).await,
+        Command::Bundle(cmd) => bundle::run(ch, out, cmd).await,
         Command::Agent(cmd) => agent::run(ch, out, cmd).await,
         Command::Engine(cmd) => engine::run(ch, out, cmd).await,
         Command::Audit(cmd) => audit::run(ch, out, cmd).await,

@@ -9,6 +9,7 @@ mod cluster;
 mod controller;
 mod datastore;
 mod engines;
+mod federation;
 mod integrity;
 mod k8s_bundle;
 mod oidc;
@@ -31,6 +32,7 @@ pub use audit::{AuditConfig, DEFAULT_CHECKPOINT_INTERVAL, FileAudit};
 pub use cluster::{ClusterConfig, FileCluster};
 pub use controller::{ControllerConfig, FileController};
 pub use engines::FileEngines;
+pub use federation::{BundleEndpointConfig, EndpointProfile, FileBundleEndpoint, FileFederation};
 pub use k8s_bundle::{FileK8sBundle, K8sBundleConfig};
 pub use oidc::{FileOidcDiscovery, KEYS_PATH, OidcDiscoveryConfig};
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
@@ -92,6 +94,8 @@ pub struct FileConfig {
     pub controller: Option<FileController>,
     /// `[k8s_bundle]`: the ConfigMap kept holding the bundle.
     pub k8s_bundle: Option<FileK8sBundle>,
+    /// `[federation]`: the SPIFFE bundle endpoint.
+    pub federation: Option<FileFederation>,
 }
 
 /// `[datastore]` table.
@@ -158,6 +162,8 @@ pub struct Config {
     pub controller: Option<ControllerConfig>,
     /// `[k8s_bundle]`: the ConfigMap kept holding the bundle (None: not published).
     pub k8s_bundle: Option<K8sBundleConfig>,
+    /// `[federation] bundle_endpoint` (None: not served).
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -242,6 +248,7 @@ impl Config {
             cluster: ClusterConfig::from_file(f.cluster)?,
             controller,
             k8s_bundle: K8sBundleConfig::from_file(f.k8s_bundle)?,
+            bundle_endpoint: BundleEndpointConfig::from_file(f.federation)?,
             data_dir,
         })
     }

@@ -65,6 +65,10 @@ fn full_example_documents_every_key_and_parses() {
         "svid_burst",
         "engine_calls_per_second",
         "engine_call_burst",
+        "[federation.bundle_endpoint]",
+        "profile",
+        "cert_file",
+        "key_file",
     ] {
         assert!(
             text.contains(key),

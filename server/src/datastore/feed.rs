@@ -22,6 +22,8 @@ pub enum ChangeKind {
     Engine,
     /// The CA journal or the bundle sequence (the key is the CA key id, or `bundle`).
     Ca,
+    /// A foreign trust bundle (the key is its trust domain).
+    ForeignBundle,
 }
 
 impl ChangeKind {
@@ -32,6 +34,7 @@ impl ChangeKind {
             Self::Agent => "agent",
             Self::Engine => "engine",
             Self::Ca => "ca",
+            Self::ForeignBundle => "foreign_bundle",
         }
     }
 
@@ -43,6 +46,7 @@ impl ChangeKind {
             "agent" => Self::Agent,
             "engine" => Self::Engine,
             "ca" => Self::Ca,
+            "foreign_bundle" => Self::ForeignBundle,
             _ => return None,
         })
     }

@@ -151,6 +151,10 @@ pub enum Write {
     InsertKeyVersion(KeyVersion),
     /// Inserts a secret version.
     PutSecret(Secret),
+    /// Inserts or replaces the bundle of a foreign trust domain, updated at (Unix seconds).
+    PutForeignBundle(crate::ca::Bundle, i64),
+    /// Deletes the bundle of this foreign trust domain; [`StoreError::NotFound`] if absent.
+    DeleteForeignBundle(String),
 }
 
 /// What one [`Write`] committed.
@@ -390,6 +394,13 @@ pub trait IntegrityStore: Send + Sync + std::fmt::Debug {
     fn upgraded_rows(&self) -> Option<u64>;
 }
 
+/// The trust bundles of other trust domains (federation).
+#[async_trait]
+pub trait ForeignBundleStore: Send + Sync + std::fmt::Debug {
+    /// Every foreign bundle whose row is intact, by trust domain.
+    async fn list_foreign_bundles(&self) -> Result<Vec<crate::ca::Bundle>, StoreError>;
+}
+
 /// Whether the datastore answers (the health endpoint's readiness).
 #[async_trait]
 pub trait StoreHealth: Send + Sync + std::fmt::Debug {
@@ -410,6 +421,7 @@ pub trait DataStore:
     + IntegrityStore
     + ChangeFeed
     + LeaseStore
+    + ForeignBundleStore
 {
 }
 
@@ -424,6 +436,7 @@ impl<T> DataStore for T where
         + IntegrityStore
         + ChangeFeed
         + LeaseStore
+        + ForeignBundleStore
         + ?Sized
 {
 }

@@ -340,6 +340,24 @@ impl Registry {
         idx.parents(agent).contains(&e.parent_id).then(|| e.clone())
     }
 
+    /// The trust domains (as written in `federates_with`) the entries authorized for `agent`
+    /// federate with.
+    pub fn federated_trust_domains(
+        &self,
+        agent: &AgentRecord,
+    ) -> std::collections::BTreeSet<String> {
+        let idx = self.read();
+        let mut out = std::collections::BTreeSet::new();
+        for parent in &idx.parents(agent) {
+            for id in idx.by_parent.get(parent).into_iter().flatten() {
+                if let Some(e) = idx.entries.get(id) {
+                    out.extend(e.federates_with.iter().cloned());
+                }
+            }
+        }
+        out
+    }
+
     /// The node alias IDs `agent` holds now (node entries its node selectors satisfy).
     pub fn node_aliases(&self, agent: &AgentRecord) -> Vec<SpiffeId> {
         let idx = self.read();

@@ -47,6 +47,7 @@ pub(super) fn follow(core: &Core, poll: Duration) -> tokio::task::JoinHandle<()>
             registry: core.registry.clone(),
             engines: core.engines.clone(),
             ca: core.ca.clone(),
+            federation: core.federation.clone(),
         },
         poll,
         core.feed_cursor,

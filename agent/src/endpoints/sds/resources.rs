@@ -54,7 +54,7 @@ pub type ViewKey = (BTreeMap<String, Bytes>, Vec<u64>);
 impl View {
     /// The view of a workload with `selectors` on `snap`.
     pub fn new(snap: &Snapshot, selectors: &HashSet<Selector>) -> Self {
-        let identities = snap.matching(selectors);
+        let identities = snap.served(selectors);
         Self {
             local: snap.bundle.trust_domain_id.clone(),
             bundles: visible_bundles(snap, &identities),
@@ -150,12 +150,17 @@ impl View {
     }
 }
 
-/// The bundles a workload may see, by trust domain ID: today the local bundle (the only one
-/// the agent holds). When the snapshot carries federated bundles, the ones the workload's
-/// `identities` federate with join this map; everything downstream is driven by it.
-fn visible_bundles(snap: &Snapshot, _identities: &[Arc<Identity>]) -> BTreeMap<String, Bytes> {
+/// The bundles a workload may see, by trust domain ID: the local bundle and the foreign
+/// bundles its `identities` federate with (exactly those the Workload API would send it);
+/// everything downstream (names, `ALL`, versions) is driven by this map.
+fn visible_bundles(snap: &Snapshot, identities: &[Arc<Identity>]) -> BTreeMap<String, Bytes> {
     let b = &snap.bundle;
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<String, Bytes> = snap
+        .federated_for(identities)
+        .into_iter()
+        .filter(|(_, f)| !f.x509.is_empty())
+        .map(|(td, f)| (td, f.x509.clone()))
+        .collect();
     if !b.x509.is_empty() && !b.trust_domain_id.is_empty() {
         out.insert(b.trust_domain_id.clone(), b.x509.clone());
     }

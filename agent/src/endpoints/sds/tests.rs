@@ -33,6 +33,8 @@ fn identity(id: &str, generation: u64) -> Arc<Identity> {
         expires_at: 0,
         generation,
         engine: None,
+        created_at: 0,
+        federates_with: vec![],
     })
 }
 
@@ -46,6 +48,7 @@ fn snapshot(ids: Vec<Arc<Identity>>) -> Snapshot {
         }),
         identities: ids,
         engine_jwks: Arc::default(),
+        federated: Arc::default(),
     }
 }
 

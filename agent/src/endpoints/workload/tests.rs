@@ -54,6 +54,7 @@ fn cached_snapshot() -> Snapshot {
             engine: String::new(),
             revision: 1,
             created_at: 0,
+            federates_with: vec![],
         },
     );
     st.svids.insert(
@@ -92,15 +93,15 @@ fn responses_share_the_cached_chain_key_and_bundle() {
 
     let td = "spiffe://example.org";
     let (a, b) = (
-        WorkloadHandler::x509_bundles_response(&snap),
-        WorkloadHandler::x509_bundles_response(&snap),
+        WorkloadHandler::x509_bundles_response(&snap, &ids),
+        WorkloadHandler::x509_bundles_response(&snap, &ids),
     );
     assert_eq!(a.bundles[td].as_ptr(), b.bundles[td].as_ptr());
     assert_eq!(a.bundles[td].as_ptr(), snap.bundle.x509.as_ptr());
 
     let (a, b) = (
-        WorkloadHandler::jwt_bundles_response(&snap),
-        WorkloadHandler::jwt_bundles_response(&snap),
+        WorkloadHandler::jwt_bundles_response(&snap, &ids),
+        WorkloadHandler::jwt_bundles_response(&snap, &ids),
     );
     assert!(a.bundles[td].starts_with(b"{"));
     assert_eq!(a.bundles[td].as_ptr(), b.bundles[td].as_ptr());
@@ -302,6 +303,7 @@ fn snapshot_with(ids: &[(&str, &str, i64)], sequence: u64) -> Snapshot {
             })
             .collect(),
         engine_jwks: base.engine_jwks.clone(),
+        federated: base.federated.clone(),
     }
 }
 
@@ -352,9 +354,9 @@ async fn stream_messages_are_deduplicated_by_content() {
         workload_id: "test".into(),
         call: None,
     };
-    let first = WorkloadHandler::x509_bundles_response(&rx.borrow());
-    let mut stream = watch_stream(rx, &caller, first, |snap, _| {
-        WorkloadHandler::x509_bundles_response(snap)
+    let first = WorkloadHandler::x509_bundles_response(&rx.borrow(), &[]);
+    let mut stream = watch_stream(rx, &caller, first, |snap, ids| {
+        WorkloadHandler::x509_bundles_response(snap, ids)
     });
     use futures_util::StreamExt;
     assert!(stream.next().await.unwrap().is_ok());

@@ -82,6 +82,8 @@ pub struct AgentService {
     pub limits: Arc<super::limits::AgentRateLimits>,
     /// How long AttestAgent waits for its first message (`agent_api.first_message_timeout`).
     pub first_message_timeout: Duration,
+    /// Foreign bundles, sent to the agents whose entries federate with them.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// A server-streaming response.
@@ -137,9 +139,20 @@ impl AgentApi for AgentService {
         &self,
         req: Request<FetchBundleRequest>,
     ) -> Result<Response<FetchBundleResponse>, Status> {
-        self.authenticate(&req).await?;
+        let agent = self.authenticate(&req).await?;
+        let federated_bundles = self
+            .registry
+            .federated_trust_domains(&agent)
+            .iter()
+            .filter_map(|td| TrustDomain::new(td).ok())
+            .collect::<std::collections::BTreeSet<_>>()
+            .iter()
+            .filter_map(|td| self.federation.bundle(td))
+            .map(|b| bundle_to_proto(&b))
+            .collect();
         Ok(Response::new(FetchBundleResponse {
             bundle: Some(bundle_to_proto(&self.ca.bundle())),
+            federated_bundles,
         }))
     }
 }

@@ -137,12 +137,16 @@ async fn fixture() -> Fixture {
             store.clone(),
             store.clone(),
             clock.clone(),
-            audit,
+            audit.clone(),
             metrics.clone(),
         )
         .await
         .unwrap(),
     );
+    let federation =
+        crate::federation::Federation::load(td.clone(), store.clone(), audit, clock.clone())
+            .await
+            .unwrap();
     let svc = AgentService {
         trust_domain: td,
         ca,
@@ -158,6 +162,7 @@ async fn fixture() -> Fixture {
             metrics,
         )),
         first_message_timeout: Duration::from_secs(10),
+        federation,
     };
     Fixture {
         dir,

@@ -110,6 +110,13 @@ const MIGRATIONS: &[(i64, &str)] = &[
         // list, record-MACed with the row when not empty).
         "ALTER TABLE agents ADD COLUMN selectors TEXT NOT NULL DEFAULT '[]'",
     ),
+    (
+        9,
+        // Federation: the trust bundles of other trust domains (the SPIFFE bundle document,
+        // record-MACed).
+        "CREATE TABLE foreign_bundles (trust_domain TEXT PRIMARY KEY, document TEXT NOT NULL,
+        updated_at BIGINT NOT NULL, mac {BLOB})",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

@@ -58,6 +58,7 @@ use super::{Applied, BadRows, Canon, ChangeKind, RecordSealer, StoreError, Store
 mod agents;
 mod audit;
 pub(super) mod backup;
+mod bundles;
 mod ca;
 mod engines;
 #[cfg(test)]
@@ -299,6 +300,14 @@ impl SqlDataStore {
                 self.put_secret_on(tx, sec).await?;
                 Applied::Done
             }
+            Write::PutForeignBundle(b, at) => {
+                self.put_foreign_bundle_on(tx, b, *at).await?;
+                Applied::Done
+            }
+            Write::DeleteForeignBundle(td) => {
+                Self::delete_foreign_bundle_on(tx, td).await?;
+                Applied::Done
+            }
         })
     }
 }
@@ -320,6 +329,10 @@ fn change_of(w: &Write, applied: &Applied) -> Option<(ChangeKind, String)> {
             (ChangeKind::Engine, v.engine.clone())
         }
         (Write::PutSecret(s), _) => (ChangeKind::Engine, s.engine.clone()),
+        (Write::PutForeignBundle(b, _), _) => {
+            (ChangeKind::ForeignBundle, b.trust_domain.name().to_string())
+        }
+        (Write::DeleteForeignBundle(td), _) => (ChangeKind::ForeignBundle, td.clone()),
         (Write::CreateJoinToken(_) | Write::CreateEntry(_) | Write::UpdateEntry(_), _) => {
             return None;
         }

@@ -1,0 +1,106 @@
+//! `[federation]`: `bundle_endpoint`, where this trust domain's SPIFFE bundle is served to
+//! other trust domains (SPIRE's `federation.bundle_endpoint`). Absent: not served.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use continuity_common::config::{ConfigError, invalid};
+use serde::Deserialize;
+
+/// `[federation]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFederation {
+    /// `[federation.bundle_endpoint]`.
+    pub bundle_endpoint: Option<FileBundleEndpoint>,
+}
+
+/// `[federation.bundle_endpoint]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBundleEndpoint {
+    /// host:port to listen on (required).
+    pub bind_address: Option<String>,
+    /// `https_spiffe` (the server's own SVID, default) or `https_web` (cert_file, key_file).
+    pub profile: Option<String>,
+    /// Certificate chain, PEM (https_web only).
+    pub cert_file: Option<PathBuf>,
+    /// Private key, PEM PKCS#8 (https_web only).
+    pub key_file: Option<PathBuf>,
+}
+
+/// How the bundle endpoint authenticates itself to its clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointProfile {
+    /// TLS with the server's SVID (`spiffe://<td>/continuity/server`); clients trust this
+    /// trust domain's bundle.
+    HttpsSpiffe,
+    /// TLS with a Web PKI certificate read at start.
+    HttpsWeb {
+        /// Certificate chain, PEM.
+        cert_file: PathBuf,
+        /// Private key, PEM.
+        key_file: PathBuf,
+    },
+}
+
+/// The validated bundle endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpointConfig {
+    /// Listener.
+    pub bind_address: SocketAddr,
+    /// TLS profile.
+    pub profile: EndpointProfile,
+}
+
+impl BundleEndpointConfig {
+    /// Validates `[federation]` (None: no bundle endpoint); every error names its key.
+    pub fn from_file(f: Option<FileFederation>) -> Result<Option<Self>, ConfigError> {
+        let Some(e) = f.and_then(|f| f.bundle_endpoint) else {
+            return Ok(None);
+        };
+        let key = "federation.bundle_endpoint.bind_address";
+        let raw = e.bind_address.ok_or_else(|| invalid(key, "is required"))?;
+        let bind_address = raw.parse().map_err(|_| {
+            invalid(
+                key,
+                format!("{raw:?} is not host:port (e.g. \"0.0.0.0:8443\")"),
+            )
+        })?;
+        let profile = match e.profile.as_deref().unwrap_or("https_spiffe") {
+            "https_spiffe" => {
+                if e.cert_file.is_some() || e.key_file.is_some() {
+                    return Err(invalid(
+                        "federation.bundle_endpoint.cert_file",
+                        "only the https_web profile takes cert_file and key_file",
+                    ));
+                }
+                EndpointProfile::HttpsSpiffe
+            }
+            "https_web" => EndpointProfile::HttpsWeb {
+                cert_file: e.cert_file.ok_or_else(|| {
+                    invalid(
+                        "federation.bundle_endpoint.cert_file",
+                        "is required with https_web",
+                    )
+                })?,
+                key_file: e.key_file.ok_or_else(|| {
+                    invalid(
+                        "federation.bundle_endpoint.key_file",
+                        "is required with https_web",
+                    )
+                })?,
+            },
+            other => {
+                return Err(invalid(
+                    "federation.bundle_endpoint.profile",
+                    format!("{other:?}: expected https_spiffe or https_web"),
+                ));
+            }
+        };
+        Ok(Some(Self {
+            bind_address,
+            profile,
+        }))
+    }
+}
