@@ -158,24 +158,33 @@ pub async fn run(socket: Option<String>, out: Output, args: EngineArgs) -> Resul
             super::envelope::rewrap(c, out, files, engine).await
         }
         EngineCommand::PublicKey { key, version } => {
-            let version = version.unwrap_or(0);
-            let request = req(GetPublicKeyRequest {
-                key,
-                version,
-                engine,
-            });
-            let r = c.get_public_key(request).await?.into_inner();
-            let view = PublicKeyView {
-                pem: r.pem,
-                version: r.version,
-                kid: r.kid,
-                algorithm: r.algorithm,
-            };
-            show(out, &view)
+            public_key(c, out, key, version.unwrap_or(0), engine).await
         }
         EngineCommand::Jwks => jwks(c, out, engine).await,
         EngineCommand::Secret { name, out: path } => secret(c, out, name, engine, path).await,
     }
+}
+
+async fn public_key(
+    c: &mut Client,
+    out: Output,
+    key: String,
+    version: u32,
+    engine: String,
+) -> Result<(), CliError> {
+    let request = req(GetPublicKeyRequest {
+        key,
+        version,
+        engine,
+    });
+    let r = c.get_public_key(request).await?.into_inner();
+    let view = PublicKeyView {
+        pem: r.pem,
+        version: r.version,
+        kid: r.kid,
+        algorithm: r.algorithm,
+    };
+    show(out, &view)
 }
 
 async fn sign(
