@@ -20,6 +20,7 @@
 // clippy.toml's line limit.
 #![cfg_attr(test, allow(clippy::too_many_lines))]
 
+pub mod checksum;
 pub mod clock;
 pub mod config;
 pub mod der;

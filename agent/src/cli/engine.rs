@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use clap::{Args, Subcommand};
+use continuity_common::checksum::crc32c;
 use continuity_proto::engine::engine_api_client::EngineApiClient;
 use continuity_proto::engine::{
     DecryptRequest, EncryptRequest, FetchSecretRequest, GetPublicKeyRequest, SignRequest,
@@ -70,6 +71,11 @@ pub enum EngineCommand {
     Encrypt(CryptArgs),
     /// Decrypt a file made by `engine encrypt`.
     Decrypt(CryptArgs),
+    /// A fresh AES-256 data key wrapped under an encrypt key (envelope encryption).
+    DataKey(super::envelope::DataKeyArgs),
+    /// Re-encrypt a file made by `engine encrypt` (or a wrapped data key) under the key's
+    /// primary version; the plaintext stays in the server.
+    Rewrap(CryptArgs),
     /// Print a sign key's public key (PEM).
     PublicKey {
         /// Key name.
@@ -125,6 +131,7 @@ pub async fn run(socket: Option<String>, out: Output, args: EngineArgs) -> Resul
                 digest: digest.as_deref().map_or(Ok(vec![]), hex_digest)?,
                 version: version.unwrap_or(0),
                 engine,
+                ..Default::default()
             };
             sign(c, out, request, raw_out.as_deref()).await
         }
@@ -145,25 +152,39 @@ pub async fn run(socket: Option<String>, out: Output, args: EngineArgs) -> Resul
         }
         EngineCommand::Encrypt(a) => encrypt(c, out, a, engine).await,
         EngineCommand::Decrypt(a) => decrypt(c, out, a, engine).await,
+        EngineCommand::DataKey(a) => super::envelope::data_key(c, out, a, engine).await,
+        EngineCommand::Rewrap(a) => {
+            let files = (a.key, a.input.as_path(), a.out.as_path());
+            super::envelope::rewrap(c, out, files, engine).await
+        }
         EngineCommand::PublicKey { key, version } => {
-            let version = version.unwrap_or(0);
-            let request = req(GetPublicKeyRequest {
-                key,
-                version,
-                engine,
-            });
-            let r = c.get_public_key(request).await?.into_inner();
-            let view = PublicKeyView {
-                pem: r.pem,
-                version: r.version,
-                kid: r.kid,
-                algorithm: r.algorithm,
-            };
-            show(out, &view)
+            public_key(c, out, key, version.unwrap_or(0), engine).await
         }
         EngineCommand::Jwks => jwks(c, out, engine).await,
         EngineCommand::Secret { name, out: path } => secret(c, out, name, engine, path).await,
     }
+}
+
+async fn public_key(
+    c: &mut Client,
+    out: Output,
+    key: String,
+    version: u32,
+    engine: String,
+) -> Result<(), CliError> {
+    let request = req(GetPublicKeyRequest {
+        key,
+        version,
+        engine,
+    });
+    let r = c.get_public_key(request).await?.into_inner();
+    let view = PublicKeyView {
+        pem: r.pem,
+        version: r.version,
+        kid: r.kid,
+        algorithm: r.algorithm,
+    };
+    show(out, &view)
 }
 
 async fn sign(
@@ -220,13 +241,17 @@ async fn encrypt(
     a: CryptArgs,
     engine: String,
 ) -> Result<(), CliError> {
+    let plaintext = files::read(&a.input)?;
     let request = req(EncryptRequest {
         key: a.key,
-        plaintext: files::read(&a.input)?,
+        plaintext_crc32c: Some(crc32c(&plaintext)),
+        plaintext,
         aad: vec![],
         engine,
+        aad_crc32c: None,
     });
     let r = c.encrypt(request).await?.into_inner();
+    super::envelope::check("ciphertext", &r.ciphertext, r.ciphertext_crc32c)?;
     files::write(&a.out, &r.ciphertext)?;
     show(out, &Crypted::new("Encrypted", r.version, &a.out))
 }
@@ -237,13 +262,17 @@ async fn decrypt(
     a: CryptArgs,
     engine: String,
 ) -> Result<(), CliError> {
+    let ciphertext = files::read(&a.input)?;
     let request = req(DecryptRequest {
         key: a.key,
-        ciphertext: files::read(&a.input)?,
+        ciphertext_crc32c: Some(crc32c(&ciphertext)),
+        ciphertext,
         aad: vec![],
         engine,
+        aad_crc32c: None,
     });
     let r = c.decrypt(request).await?.into_inner();
+    super::envelope::check("plaintext", &r.plaintext, r.plaintext_crc32c)?;
     files::write_mode(&a.out, &r.plaintext, 0o600)?;
     show(out, &Crypted::new("Decrypted", r.version, &a.out))
 }

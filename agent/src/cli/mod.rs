@@ -8,6 +8,7 @@
 mod api;
 mod connect;
 mod engine;
+mod envelope;
 mod error;
 mod files;
 mod output;

@@ -21,6 +21,9 @@ use crate::manager::cache::{EngineJwks, Snapshot};
 /// Largest Encrypt plaintext (Cloud KMS's cap, so every custody accepts what we do).
 pub const MAX_PLAINTEXT: usize = 64 * 1024;
 
+/// Largest Rewrap ciphertext: a 64 KiB plaintext's, with its header, nonce and tag.
+pub const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 4 + 4 + 12 + 16;
+
 /// The EngineAPI service.
 pub struct EngineHandler {
     manager: Arc<Manager>,
@@ -275,6 +278,46 @@ impl EngineApi for EngineHandler {
             .get_public_key(BrokerGetPublicKey {
                 entry_id: b.entry_id,
                 request: Some(inner),
+            })
+            .await
+    }
+
+    async fn generate_data_key(
+        &self,
+        req: Request<GenerateDataKeyRequest>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        let b = self.bind(&req, &req.get_ref().engine).await?;
+        let mut inner = req.into_inner();
+        inner.engine = b.engine.clone();
+        self.forward(&b)
+            .await?
+            .generate_data_key(BrokerGenerateDataKey {
+                entry_id: b.entry_id,
+                request: Some(inner),
+                workload: Some(b.caller.workload()),
+            })
+            .await
+    }
+
+    async fn rewrap(
+        &self,
+        req: Request<RewrapRequest>,
+    ) -> Result<Response<RewrapResponse>, Status> {
+        let len = req.get_ref().ciphertext.len();
+        if len > MAX_CIPHERTEXT {
+            return Err(Status::invalid_argument(format!(
+                "ciphertext is {len} bytes; at most {MAX_CIPHERTEXT} (a ciphertext of 64 KiB)"
+            )));
+        }
+        let b = self.bind(&req, &req.get_ref().engine).await?;
+        let mut inner = req.into_inner();
+        inner.engine = b.engine.clone();
+        self.forward(&b)
+            .await?
+            .rewrap(BrokerRewrap {
+                entry_id: b.entry_id,
+                request: Some(inner),
+                workload: Some(b.caller.workload()),
             })
             .await
     }

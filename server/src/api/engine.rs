@@ -3,6 +3,7 @@
 //! the admin `EngineAdmin` / `AuditAdmin` services ([`admin`]).
 
 mod admin;
+mod envelope;
 
 use std::sync::Arc;
 
@@ -13,6 +14,9 @@ use continuity_proto::engine::*;
 use tonic::{Request, Response, Status};
 
 use super::agent::authenticate_agent;
+use continuity_common::checksum::crc32c;
+
+use self::envelope::{decrypt_checks, encrypt_checks, sign_checks};
 use crate::engines::{EngineError, Engines, Sightings, message_or_digest};
 use crate::model::engine::Incarnation as IncarnationModel;
 use crate::registry::Registry;
@@ -157,6 +161,7 @@ impl EngineBroker for BrokerService {
     async fn sign(&self, req: Request<BrokerSign>) -> Result<Response<SignResponse>, Status> {
         let r = req.get_ref();
         let inner = required(&r.request)?;
+        let (message_ok, digest_ok) = sign_checks(inner)?;
         let (engine, actor) = self
             .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
             .await?;
@@ -170,9 +175,12 @@ impl EngineBroker for BrokerService {
         Ok(Response::new(SignResponse {
             key: inner.key.clone(),
             version: s.version,
+            signature_crc32c: crc32c(&s.signature),
             signature: s.signature,
             algorithm: s.algorithm.as_str().into(),
             kid: s.kid,
+            verified_message_crc32c: message_ok,
+            verified_digest_crc32c: digest_ok,
         }))
     }
 
@@ -182,6 +190,7 @@ impl EngineBroker for BrokerService {
     ) -> Result<Response<EncryptResponse>, Status> {
         let r = req.get_ref();
         let inner = required(&r.request)?;
+        let (plaintext_ok, aad_ok) = encrypt_checks(inner)?;
         let (engine, actor) = self
             .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
             .await?;
@@ -191,8 +200,11 @@ impl EngineBroker for BrokerService {
             .await
             .map_err(engine_status)?;
         Ok(Response::new(EncryptResponse {
+            ciphertext_crc32c: crc32c(&ciphertext),
             ciphertext,
             version,
+            verified_plaintext_crc32c: plaintext_ok,
+            verified_aad_crc32c: aad_ok,
         }))
     }
 
@@ -202,6 +214,7 @@ impl EngineBroker for BrokerService {
     ) -> Result<Response<DecryptResponse>, Status> {
         let r = req.get_ref();
         let inner = required(&r.request)?;
+        let (ciphertext_ok, aad_ok) = decrypt_checks(inner)?;
         let (engine, actor) = self
             .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
             .await?;
@@ -210,7 +223,24 @@ impl EngineBroker for BrokerService {
             .decrypt(&engine, &inner.key, &inner.ciphertext, &inner.aad, &actor)
             .await
             .map_err(engine_status)?;
-        Ok(Response::new(DecryptResponse { plaintext, version }))
+        Ok(Response::new(DecryptResponse {
+            plaintext_crc32c: crc32c(&plaintext),
+            plaintext,
+            version,
+            verified_ciphertext_crc32c: ciphertext_ok,
+            verified_aad_crc32c: aad_ok,
+        }))
+    }
+
+    async fn generate_data_key(
+        &self,
+        req: Request<BrokerGenerateDataKey>,
+    ) -> Result<Response<GenerateDataKeyResponse>, Status> {
+        self.data_key(req).await.map(Response::new)
+    }
+
+    async fn rewrap(&self, req: Request<BrokerRewrap>) -> Result<Response<RewrapResponse>, Status> {
+        self.rewrap_call(req).await.map(Response::new)
     }
 
     async fn get_public_key(

@@ -14,6 +14,7 @@
 //! - [`custody`]: the one policy of what each custody level allows.
 //! - [`material`]: generating, sealing and unsealing version material under the KEK.
 //! - [`operations`]: sign, encrypt, decrypt, public keys and the JWKS.
+//! - [`datakeys`]: data keys (envelope encryption) and Rewrap.
 //! - [`budget`] and [`nonce`]: the AES-GCM nonce budget per version and the rotations it forces.
 //! - [`secrets`]: KV custody (named secrets, delivery into workloads).
 //! - [`incarnations`]: the workloads that were an Engine.
@@ -21,6 +22,7 @@
 
 mod budget;
 mod custody;
+mod datakeys;
 mod incarnations;
 mod lifecycle;
 mod material;
@@ -39,6 +41,7 @@ use crate::audit::Audit;
 use crate::datastore::{EngineStore, StoreError};
 use crate::keys::{KeyError, KeyManager};
 
+pub use self::datakeys::{AES_256, DataKey, Rewrapped, check_key_spec};
 pub use self::incarnations::{SIGHTING_COALESCE_SECS, Sightings};
 pub use self::lifecycle::VersionAction;
 pub use self::operations::{PublicKey, Signature, ToSign, message_or_digest};

@@ -133,7 +133,21 @@ impl Engines {
         actor: &str,
     ) -> Result<(u32, Vec<u8>)> {
         let target = format!("{engine}/{name}");
-        let op = async {
+        let op = self.seal_primary(engine, name, plaintext, aad);
+        self.audited(actor, "key.encrypt", &target, |o| o.0, op)
+            .await
+    }
+
+    /// Encrypts under the primary version (not audited: the caller records the use).
+    pub(super) async fn seal_primary(
+        &self,
+        engine: &str,
+        name: &str,
+        plaintext: &[u8],
+        aad: &[u8],
+    ) -> Result<(u32, Vec<u8>)> {
+        let target = format!("{engine}/{name}");
+        {
             let (key, v) = self.take_nonce(engine, name).await?;
             let Material::Aes(aes, _) = self.material(&key, &v).await? else {
                 return Err(EngineError::Precondition(format!(
@@ -150,9 +164,7 @@ impl Engines {
             out.extend_from_slice(&v.version.to_be_bytes());
             out.extend(sealed);
             Ok((v.version, out))
-        };
-        self.audited(actor, "key.encrypt", &target, |o| o.0, op)
-            .await
+        }
     }
 
     /// Decrypts with the version the ciphertext names (which must be ENABLED).
@@ -165,7 +177,21 @@ impl Engines {
         actor: &str,
     ) -> Result<(u32, Vec<u8>)> {
         let target = format!("{engine}/{name}");
-        let op = async {
+        let op = self.open_ciphertext(engine, name, ciphertext, aad);
+        self.audited(actor, "key.decrypt", &target, |o| o.0, op)
+            .await
+    }
+
+    /// Decrypts with the version the ciphertext names (not audited: the caller records it).
+    pub(super) async fn open_ciphertext(
+        &self,
+        engine: &str,
+        name: &str,
+        ciphertext: &[u8],
+        aad: &[u8],
+    ) -> Result<(u32, Vec<u8>)> {
+        let target = format!("{engine}/{name}");
+        {
             let Some((version, sealed)) = ciphertext
                 .strip_prefix(CIPHERTEXT_MAGIC)
                 .and_then(|rest| rest.split_first_chunk::<4>())
@@ -191,9 +217,7 @@ impl Engines {
                     ))
                 })?;
             Ok((version, pt))
-        };
-        self.audited(actor, "key.decrypt", &target, |o| o.0, op)
-            .await
+        }
     }
 
     /// The public key of a sign-key version (0 = primary), unless destroyed.

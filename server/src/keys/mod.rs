@@ -12,6 +12,7 @@ use async_trait::async_trait;
 
 pub mod config;
 mod disk;
+pub mod import_wrap;
 mod memory;
 mod pkcs11;
 pub(crate) mod software;

@@ -62,6 +62,7 @@ impl EngineBroker for TlsEcho {
             signature: self.0.sign(&req.message),
             algorithm: "ES256".into(),
             kid: "floor".into(),
+            ..Default::default()
         }))
     }
     async fn encrypt(&self, _: Request<BrokerEncrypt>) -> Answer<EncryptResponse> {
@@ -71,6 +72,15 @@ impl EngineBroker for TlsEcho {
         unimplemented()
     }
     async fn get_public_key(&self, _: Request<BrokerGetPublicKey>) -> Answer<GetPublicKeyResponse> {
+        unimplemented()
+    }
+    async fn generate_data_key(
+        &self,
+        _: Request<BrokerGenerateDataKey>,
+    ) -> Answer<GenerateDataKeyResponse> {
+        unimplemented()
+    }
+    async fn rewrap(&self, _: Request<BrokerRewrap>) -> Answer<RewrapResponse> {
         unimplemented()
     }
     async fn fetch_secret(&self, _: Request<BrokerFetchSecret>) -> Answer<FetchSecretResponse> {
@@ -120,6 +130,15 @@ impl EngineApi for UdsEcho {
         &self,
         _: Request<GetPublicKeyRequest>,
     ) -> Answer<GetPublicKeyResponse> {
+        unimplemented()
+    }
+    async fn generate_data_key(
+        &self,
+        _: Request<GenerateDataKeyRequest>,
+    ) -> Answer<GenerateDataKeyResponse> {
+        unimplemented()
+    }
+    async fn rewrap(&self, _: Request<RewrapRequest>) -> Answer<RewrapResponse> {
         unimplemented()
     }
     async fn fetch_secret(&self, _: Request<FetchSecretRequest>) -> Answer<FetchSecretResponse> {
