@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/continuity/types/v1/types.proto",
         "proto/continuity/agent/v1/agent.proto",
         "proto/continuity/admin/v1/admin.proto",
+        "proto/continuity/admin/v1/authority.proto",
         "proto/continuity/engine/v1/engine.proto",
     ];
     for f in &files {
