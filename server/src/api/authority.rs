@@ -87,7 +87,9 @@ impl AdminService {
         let kind = kind_of(r.kind)?;
         let id = r.authority_id.trim();
         if id.len() > 256 {
-            return Err(Status::invalid_argument("authority_id is longer than 256 bytes"));
+            return Err(Status::invalid_argument(
+                "authority_id is longer than 256 bytes",
+            ));
         }
         let outcome = match step {
             "activate" => self.ca.activate_authority(kind, id).await,

@@ -86,10 +86,14 @@ pub fn authority_id(r: &CaKeyRecord) -> String {
 
 fn ski_hex(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    cert.extensions().iter().find_map(|e| match e.parsed_extension() {
-        x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(hex::encode(k.0)),
-        _ => None,
-    })
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                Some(hex::encode(k.0))
+            }
+            _ => None,
+        })
 }
 
 /// The authority IDs of the tainted authorities of `purpose` in the journal.
@@ -257,10 +261,7 @@ impl CaManager {
     }
 
     /// The CA journal, after checking an ID was given.
-    async fn journal_with(
-        &self,
-        id: &str,
-    ) -> Result<Vec<CaKeyRecord>, AuthorityError> {
+    async fn journal_with(&self, id: &str) -> Result<Vec<CaKeyRecord>, AuthorityError> {
         if id.trim().is_empty() {
             return Err(AuthorityError::MissingId);
         }

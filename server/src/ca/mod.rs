@@ -18,7 +18,7 @@ pub mod csr;
 pub mod profile;
 mod shared;
 
-pub use authority::{AuthorityError, AuthorityKind, AuthorityState, AuthoritySlots};
+pub use authority::{AuthorityError, AuthorityKind, AuthoritySlots, AuthorityState};
 pub use bundle::{Bundle, JwtAuthority};
 pub use shared::{CA_LEASE, SharedAuthority};
 

@@ -101,7 +101,12 @@ impl View for Slots {
         ] {
             match a {
                 Some(a) => a.write(w, &format!("{slot} {} authority", self.kind))?,
-                None => writeln!(w, "No {} {} authority found", slot.to_lowercase(), self.kind)?,
+                None => writeln!(
+                    w,
+                    "No {} {} authority found",
+                    slot.to_lowercase(),
+                    self.kind
+                )?,
             }
         }
         Ok(())
