@@ -382,3 +382,98 @@ async fn revoke_removes_the_key_from_the_bundle_of_every_server_on_postgres() {
     let bundles = c.bundles();
     assert_eq!(bundles[0], bundles[1]);
 }
+
+#[tokio::test]
+async fn py_spiffe_watching_x509_contexts_sees_the_rotation_without_a_failed_fetch() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let e = continuity_tests::env(ALIAS);
+    e.server.create_entry(
+        "spiffe://example.org/w/py",
+        ALIAS,
+        &[&format!("unix:uid:{}", uid())],
+    );
+    within_async(ONE_SYNC, "an SVID", || async {
+        fetch_x509(&e.agent).await.ok()
+    })
+    .await;
+    let old = id_of(&authority(&e.server, "x509", &["show"]), "active");
+    let mut py = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/watch_rotation.py"))
+        .arg(e.agent.endpoint())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 (py-spiffe: PyPI `spiffe`, scripts/setup installs it)");
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = py.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let Ok(v) = serde_json::from_str(&line) else {
+                break;
+            };
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = vec![];
+    let mut next = |what: &str| {
+        let v = rx
+            .recv_timeout(ONE_SYNC)
+            .unwrap_or_else(|_| panic!("py-spiffe: no update ({what}); so far {seen:?}"));
+        assert!(
+            v.get("error").is_none(),
+            "py-spiffe saw a failed fetch: {v}; so far {seen:?}"
+        );
+        seen.push(v.clone());
+        v
+    };
+    let first = next("the first context");
+    assert_eq!(first["issuers"], serde_json::json!([old]));
+    let prepared = id_of(
+        &authority(&e.server, "x509", &["prepare"]),
+        "prepared_authority",
+    );
+    authority(
+        &e.server,
+        "x509",
+        &["activate", "--authority-id", &prepared],
+    );
+    authority(&e.server, "x509", &["taint", "--authority-id", &old]);
+    // Updates until the SVID is signed by the new authority (the prepared key's arrival in
+    // the bundle may come first, as its own update).
+    loop {
+        let v = next("the SVID signed by the new authority");
+        if v["issuers"] == serde_json::json!([prepared]) {
+            assert_eq!(
+                v["authorities"], 2,
+                "both authorities until the revoke: {v}"
+            );
+            break;
+        }
+        assert_eq!(v["issuers"], serde_json::json!([old]), "{v}");
+    }
+    authority(&e.server, "x509", &["revoke", "--authority-id", &old]);
+    loop {
+        let v = next("the bundle without the revoked key");
+        assert_eq!(v["issuers"], serde_json::json!([prepared]), "{v}");
+        if v["authorities"] == 1 {
+            break;
+        }
+    }
+    drop(py.stdin.take());
+    let status = py.wait().unwrap();
+    assert!(
+        status.success(),
+        "py-spiffe watcher exited with {status}; updates {seen:?}"
+    );
+    // Nothing failed after the last update either.
+    while let Ok(v) = rx.try_recv() {
+        assert!(
+            v.get("error").is_none(),
+            "py-spiffe saw a failed fetch: {v}"
+        );
+    }
+}
