@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/continuity/agent/v1/agent.proto",
         "proto/continuity/admin/v1/admin.proto",
         "proto/continuity/admin/v1/federation.proto",
+        "proto/continuity/admin/v1/authority.proto",
         "proto/continuity/engine/v1/engine.proto",
         "proto/envoy/service/secret/v3/sds.proto",
         "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",

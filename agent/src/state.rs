@@ -181,6 +181,12 @@ pub struct BundleState {
     pub jwt_authorities: Vec<JwtKey>,
     /// Sequence number.
     pub sequence: u64,
+    /// Authority IDs (subject key identifiers, lowercase hex) of tainted X.509 authorities.
+    #[serde(default)]
+    pub tainted_x509: Vec<String>,
+    /// kids of tainted JWT authorities.
+    #[serde(default)]
+    pub tainted_jwt: Vec<String>,
 }
 
 impl From<continuity_proto::types::Bundle> for BundleState {
@@ -198,6 +204,8 @@ impl From<continuity_proto::types::Bundle> for BundleState {
                 })
                 .collect(),
             sequence: b.sequence_number,
+            tainted_x509: b.tainted_x509_authorities,
+            tainted_jwt: b.tainted_jwt_authorities,
         }
     }
 }

@@ -58,6 +58,18 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         Some(v)
     }
 
+    /// Keeps only the entries for which `keep` is true (order of the rest unchanged).
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
+        let order = &mut self.order;
+        self.map.retain(|k, (v, t)| {
+            let kept = keep(k, v);
+            if !kept {
+                order.remove(t);
+            }
+            kept
+        });
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.map.len()

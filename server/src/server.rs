@@ -528,6 +528,12 @@ async fn admin_api(
         .add_service(TokenAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(AgentAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(BundleAdminServer::new(admin.clone()).max_decoding_message_size(m))
+        .add_service(
+            continuity_proto::admin::authority_admin_server::AuthorityAdminServer::new(
+                admin.clone(),
+            )
+            .max_decoding_message_size(m),
+        )
         .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(AuditAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(

@@ -19,6 +19,8 @@ pub const JWT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub(super) struct CachedJwt {
     token: String,
+    /// The `kid` of its header (the JWT authority that signed it).
+    kid: String,
     issued_at: i64,
     expires_at: i64,
 }
@@ -116,6 +118,37 @@ impl Manager {
     }
 }
 
+/// The `kid` of a compact JWS's header (None if the header does not parse).
+fn jwt_kid(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("kid")?.as_str().map(str::to_string)
+}
+
+impl Manager {
+    /// Drops the cached JWT-SVIDs signed by a `tainted` JWT authority: the next fetch of each
+    /// gets a fresh one from the active authority.
+    pub(super) fn drop_tainted_jwts(&self, tainted: &[String]) {
+        if tainted.is_empty() {
+            return;
+        }
+        let mut jwts = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+        let before = jwts.len();
+        jwts.retain(|_, c| !tainted.contains(&c.kid));
+        let dropped = before - jwts.len();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "cached JWT-SVIDs signed by a tainted authority dropped"
+            );
+        }
+    }
+}
+
 /// Asks the server for a JWT-SVID and caches it (runs as its own task: no caller cancels it).
 async fn fetch_jwt(
     client: Arc<ServerClient>,
@@ -146,6 +179,7 @@ async fn fetch_jwt(
         .map_err(|_| server(ClientError::Timeout(JWT_FETCH_TIMEOUT)))?
         .map_err(server)?;
     let c = CachedJwt {
+        kid: jwt_kid(&r.token).unwrap_or_default(),
         token: r.token,
         issued_at: now,
         expires_at: r.expires_at,

@@ -9,7 +9,7 @@ use continuity_proto::agent::{BatchNewX509svidRequest, NewX509svidParams, RenewA
 use super::{AgentApi, Manager};
 use crate::client::ClientError;
 use crate::state::Svid;
-use crate::svid::{issued_by_bundle, new_key_and_csr, svid_from_proto};
+use crate::svid::{issued_by_bundle, new_key_and_csr, signed_by_tainted, svid_from_proto};
 
 /// Most CSRs sent in one batch (the server's limit).
 pub const MAX_BATCH: usize = 500;
@@ -49,7 +49,11 @@ impl Manager {
         current: &Svid,
         now: i64,
     ) -> Result<Option<Svid>, ClientError> {
-        if now < current.rotate_at || now < self.renew_retry().at {
+        let tainted = signed_by_tainted(&current.chain, &self.state().bundle.tainted_x509);
+        if tainted {
+            tracing::warn!("the agent SVID was signed by a tainted authority; renewing it");
+        }
+        if (now < current.rotate_at && !tainted) || now < self.renew_retry().at {
             return Ok(None);
         }
         match self.renew_agent(api).await {
@@ -108,15 +112,19 @@ impl Manager {
         Ok(svid)
     }
 
-    /// Entries without an SVID, due for rotation, or signed by a CA that left the bundle.
+    /// Entries without an SVID, due for rotation, signed by a CA that left the bundle, or
+    /// signed by a tainted authority (checked on every round while one is tainted, so a round
+    /// cut short does not leave such an SVID in service).
     fn due_svids(&self, now: i64, bundle_changed: bool) -> Vec<String> {
         let st = self.state();
+        let tainted = &st.bundle.tainted_x509;
         st.entries
             .keys()
             .filter(|id| match st.svids.get(*id) {
                 None => true,
                 Some(s) => {
                     now >= s.rotate_at
+                        || signed_by_tainted(&s.chain, tainted)
                         || (bundle_changed
                             && !issued_by_bundle(&s.chain, &st.bundle.x509_authorities))
                 }

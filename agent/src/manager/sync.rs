@@ -101,6 +101,10 @@ impl Manager {
             .ok_or_else(|| ClientError::Protocol("no agent SVID".into()))?;
         let mut api = self.client.api(&agent_svid).await?;
         let now = self.clock.unix();
+        // Each step's change is noted as soon as it is applied (no await in between), so a
+        // round cut short (an error, the round timeout) still publishes what it applied.
+        // The bundle first: it names the tainted authorities the renewals below look at.
+        let bundle_changed = self.note(self.sync_bundle(&mut api).await?);
         let current = match self.renew_agent_if_due(&mut api, &agent_svid, now).await? {
             Some(svid) => {
                 api = self.client.api(&svid).await?;
@@ -108,9 +112,6 @@ impl Manager {
             }
             None => agent_svid,
         };
-        // Each step's change is noted as soon as it is applied (no await in between), so a
-        // round cut short (an error, the round timeout) still publishes what it applied.
-        let bundle_changed = self.note(self.sync_bundle(&mut api).await?);
         let bundle_changed = self.note(self.sync_entries(&mut api).await?) || bundle_changed;
         self.refresh_svids(&mut api, now, bundle_changed).await?;
         // Engine JWKS and incarnation reports: a failure here must not lose the SVIDs above.
@@ -152,6 +153,7 @@ impl Manager {
             return Ok(federated_changed);
         }
         st.bundle = b.into();
+        self.drop_tainted_jwts(&st.bundle.tainted_jwt);
         self.client
             .roots()
             .replace(st.bundle.x509_authorities.clone());

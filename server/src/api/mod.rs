@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+mod authority;
 pub mod engine;
 pub mod limits;
 pub mod tls;
@@ -31,6 +32,8 @@ pub fn bundle_to_proto(b: &Bundle) -> types::Bundle {
             .collect(),
         refresh_hint: b.refresh_hint,
         sequence_number: b.sequence,
+        tainted_x509_authorities: b.tainted_x509.clone(),
+        tainted_jwt_authorities: b.tainted_jwt.clone(),
     }
 }
 

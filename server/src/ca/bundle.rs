@@ -23,6 +23,10 @@ pub struct Bundle {
     pub x509_authorities: Vec<Vec<u8>>,
     /// JWT keys, oldest first.
     pub jwt_authorities: Vec<JwtAuthority>,
+    /// Authority IDs (subject key identifiers, lowercase hex) of tainted X.509 authorities.
+    pub tainted_x509: Vec<String>,
+    /// `kid`s of tainted JWT authorities.
+    pub tainted_jwt: Vec<String>,
     /// Bumped on every change.
     pub sequence: u64,
     /// How often relying parties should refresh, seconds.

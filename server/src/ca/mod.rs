@@ -12,11 +12,13 @@ use continuity_common::{Clock, TrustDomain};
 use rcgen::Issuer;
 use tokio::sync::watch;
 
+mod authority;
 mod bundle;
 pub mod csr;
 pub mod profile;
 mod shared;
 
+pub use authority::{AuthorityError, AuthorityKind, AuthoritySlots, AuthorityState};
 pub use bundle::{Bundle, JwtAuthority};
 pub use shared::{CA_LEASE, SharedAuthority};
 
@@ -141,6 +143,8 @@ impl CaManager {
             trust_domain: cfg.trust_domain.clone(),
             x509_authorities: vec![],
             jwt_authorities: vec![],
+            tainted_x509: vec![],
+            tainted_jwt: vec![],
             sequence: 0,
             refresh_hint: 0,
         });
@@ -196,13 +200,13 @@ impl CaManager {
         }
         for r in records
             .iter()
-            .filter(|r| r.state == CaKeyState::Retired && r.not_after <= now)
+            .filter(|r| r.state.is_old() && r.not_after <= now)
         {
             tracing::info!(key_id = %r.key_id, "expired authority dropped from the bundle");
             self.store.delete_ca_key(&r.key_id).await?;
             changed = true;
         }
-        records.retain(|r| !(r.state == CaKeyState::Retired && r.not_after <= now));
+        records.retain(|r| !(r.state.is_old() && r.not_after <= now));
         let first_load = self.snapshot_opt().is_none();
         if !changed && !first_load && self.shared.is_some() {
             // What a former leader wrote since this server last looked.
@@ -233,7 +237,7 @@ impl CaManager {
         // cannot sign again: retire it, keeping its public part in the bundle until expiry.
         for r in records
             .iter_mut()
-            .filter(|r| r.purpose == purpose && r.state != CaKeyState::Retired)
+            .filter(|r| r.purpose == purpose && !r.state.is_old())
         {
             if r.not_after <= now || self.keys.get(&r.key_id).await?.is_none() {
                 tracing::warn!(key_id = %r.key_id, "authority expired or its private key is unavailable; retiring it");
@@ -398,6 +402,8 @@ impl CaManager {
                     expires_at: r.not_after,
                 })
                 .collect(),
+            tainted_x509: authority::tainted(records, KeyPurpose::X509),
+            tainted_jwt: authority::tainted(records, KeyPurpose::Jwt),
             sequence,
             refresh_hint: (self.cfg.ttl.as_secs() as i64 / 10).clamp(5, 300),
         }

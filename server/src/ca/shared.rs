@@ -66,7 +66,7 @@ impl CaManager {
     pub(super) async fn reload_locked(&self) -> Result<bool, CaError> {
         let now = self.clock.unix();
         let mut records = self.store.list_ca_keys().await?;
-        records.retain(|r| !(r.state == CaKeyState::Retired && r.not_after <= now));
+        records.retain(|r| !(r.state.is_old() && r.not_after <= now));
         let sequence = self.store.bundle_sequence().await?;
         if let Some(cur) = self.snapshot_opt() {
             let active = |p: KeyPurpose| {

@@ -7,6 +7,7 @@
 
 mod agent;
 mod audit;
+mod authority;
 mod backup;
 mod bundle;
 mod engine;
@@ -26,6 +27,7 @@ use tonic::transport::Channel;
 
 pub use self::agent::AgentCommand;
 pub use self::audit::AuditCommand;
+pub use self::authority::{AuthorityCommand, AuthorityStep};
 pub use self::backup::BackupCommand;
 pub use self::bundle::{BundleCommand, BundleFormat};
 pub use self::engine::{EngineCommand, SecretCommand};
@@ -84,6 +86,9 @@ pub enum Command {
     /// Integrity at rest: the record MACs of the datastore.
     #[command(subcommand)]
     Integrity(IntegrityCommand),
+    /// Forced rotation of the trust domain's X.509 and JWT authorities.
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
     /// Backups: create one from the running server, restore one into an empty data_dir.
     #[command(subcommand)]
     Backup(BackupCommand),
@@ -114,6 +119,7 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
         Command::Engine(cmd) => engine::run(ch, out, cmd).await,
         Command::Audit(cmd) => audit::run(ch, out, cmd).await,
         Command::Integrity(cmd) => integrity::run(ch, out, cmd).await,
+        Command::Authority(cmd) => authority::run(ch, out, cmd).await,
         Command::Backup(BackupCommand::Create {
             file,
             passphrase_file,

@@ -186,6 +186,16 @@ pub enum CaKeyState {
     Active,
     /// No longer signing; public part kept in the bundle until it expires.
     Retired,
+    /// Retired and marked compromised by an operator: still in the bundle (until revoked), and
+    /// every agent replaces what it signed.
+    Tainted,
+}
+
+impl CaKeyState {
+    /// Whether the key no longer signs (retired or tainted): its public part only verifies.
+    pub fn is_old(self) -> bool {
+        matches!(self, Self::Retired | Self::Tainted)
+    }
 }
 
 /// Metadata of a CA or JWT key (the private part lives in the key manager).

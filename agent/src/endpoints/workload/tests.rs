@@ -39,6 +39,7 @@ fn cached_snapshot() -> Snapshot {
                 expires_at: 10,
             }],
             sequence: 3,
+            ..Default::default()
         },
         ..Default::default()
     };

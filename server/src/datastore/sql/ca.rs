@@ -37,6 +37,7 @@ fn state_str(s: CaKeyState) -> &'static str {
         CaKeyState::Prepared => "prepared",
         CaKeyState::Active => "active",
         CaKeyState::Retired => "retired",
+        CaKeyState::Tainted => "tainted",
     }
 }
 
@@ -69,6 +70,7 @@ fn ca_key_from_row(r: &AnyRow) -> Result<CaKeyRecord, StoreError> {
         "prepared" => CaKeyState::Prepared,
         "active" => CaKeyState::Active,
         "retired" => CaKeyState::Retired,
+        "tainted" => CaKeyState::Tainted,
         other => return Err(StoreError::Corrupt(format!("CA key state {other:?}"))),
     };
     Ok(CaKeyRecord {

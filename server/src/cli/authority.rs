@@ -1,0 +1,193 @@
+//! `authority x509|jwt show|prepare|activate|taint|revoke`: forced rotation of the trust
+//! domain's authorities, as SPIRE's `localauthority`. `show --output json` prints
+//! `{"active": {...}, "prepared": {...}, "old": {...}}` (absent slots left out); each change
+//! prints `{"<step>_authority": {...}}` (prepared, activated, tainted, revoked).
+
+use clap::Subcommand;
+use continuity_proto::admin::authority_admin_client::AuthorityAdminClient;
+use continuity_proto::admin::{
+    AuthorityIdRequest, AuthorityKind, AuthorityState, GetAuthorityStateRequest,
+    PrepareAuthorityRequest,
+};
+use tonic::transport::Channel;
+
+use super::error::CliError;
+use super::output::{Output, View, show};
+
+/// `authority` subcommands: which authority.
+#[derive(Debug, Subcommand)]
+pub enum AuthorityCommand {
+    /// The X.509 CA (authority ID: its subject key identifier, hex).
+    #[command(subcommand)]
+    X509(AuthorityStep),
+    /// The JWT signing key (authority ID: its kid).
+    #[command(subcommand)]
+    Jwt(AuthorityStep),
+}
+
+/// What to do with the authority.
+#[derive(Debug, Subcommand)]
+pub enum AuthorityStep {
+    /// The active, prepared and old authority.
+    Show,
+    /// Prepare a new authority now (published in the bundle, not yet signing).
+    Prepare,
+    /// Make the prepared authority active (the active one becomes old).
+    Activate {
+        /// The prepared authority's ID.
+        #[arg(long = "authority-id", alias = "authorityID")]
+        authority_id: String,
+    },
+    /// Taint the old authority: every agent replaces the SVIDs it signed.
+    Taint {
+        /// The old authority's ID.
+        #[arg(long = "authority-id", alias = "authorityID")]
+        authority_id: String,
+    },
+    /// Remove a tainted authority from the bundle.
+    Revoke {
+        /// The tainted authority's ID.
+        #[arg(long = "authority-id", alias = "authorityID")]
+        authority_id: String,
+    },
+}
+
+/// One authority, as printed.
+#[derive(Debug, serde::Serialize)]
+struct Authority {
+    authority_id: String,
+    expires_at: i64,
+    state: String,
+}
+
+impl From<AuthorityState> for Authority {
+    fn from(s: AuthorityState) -> Self {
+        Self {
+            authority_id: s.authority_id,
+            expires_at: s.expires_at,
+            state: s.state,
+        }
+    }
+}
+
+impl Authority {
+    fn write(&self, w: &mut dyn std::io::Write, title: &str) -> std::io::Result<()> {
+        writeln!(w, "{title}:")?;
+        writeln!(w, "  Authority ID: {}", self.authority_id)?;
+        writeln!(w, "  Expires at: {}", self.expires_at)?;
+        writeln!(w, "  State: {}", self.state)
+    }
+}
+
+/// `show`: the three slots.
+#[derive(Debug, serde::Serialize)]
+struct Slots {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    active: Option<Authority>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prepared: Option<Authority>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old: Option<Authority>,
+    #[serde(skip)]
+    kind: &'static str,
+}
+
+impl View for Slots {
+    fn text(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for (slot, a) in [
+            ("Active", &self.active),
+            ("Prepared", &self.prepared),
+            ("Old", &self.old),
+        ] {
+            match a {
+                Some(a) => a.write(w, &format!("{slot} {} authority", self.kind))?,
+                None => writeln!(
+                    w,
+                    "No {} {} authority found",
+                    slot.to_lowercase(),
+                    self.kind
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A change: `{"<step>_authority": {...}}`.
+#[derive(Debug)]
+struct Changed {
+    step: &'static str,
+    kind: &'static str,
+    authority: Authority,
+}
+
+impl serde::Serialize for Changed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(&format!("{}_authority", self.step), &self.authority)?;
+        m.end()
+    }
+}
+
+impl View for Changed {
+    fn text(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut title = format!("{} {} authority", self.step, self.kind);
+        title[..1].make_ascii_uppercase();
+        self.authority.write(w, &title)
+    }
+}
+
+/// Runs an `authority` command.
+pub async fn run(ch: Channel, out: Output, cmd: AuthorityCommand) -> Result<(), CliError> {
+    let (kind, label, step) = match cmd {
+        AuthorityCommand::X509(s) => (AuthorityKind::X509, "X.509", s),
+        AuthorityCommand::Jwt(s) => (AuthorityKind::Jwt, "JWT", s),
+    };
+    let mut client = AuthorityAdminClient::new(ch);
+    let kind = kind as i32;
+    let id = |authority_id: String| AuthorityIdRequest { kind, authority_id };
+    let (name, r) = match step {
+        AuthorityStep::Show => {
+            let r = client
+                .get_authority_state(GetAuthorityStateRequest { kind })
+                .await?
+                .into_inner();
+            let slots = Slots {
+                active: r.active.map(Into::into),
+                prepared: r.prepared.map(Into::into),
+                old: r.old.map(Into::into),
+                kind: label,
+            };
+            return show(out, &slots);
+        }
+        AuthorityStep::Prepare => (
+            "prepared",
+            client
+                .prepare_authority(PrepareAuthorityRequest { kind })
+                .await?,
+        ),
+        AuthorityStep::Activate { authority_id } => (
+            "activated",
+            client.activate_authority(id(authority_id)).await?,
+        ),
+        AuthorityStep::Taint { authority_id } => {
+            ("tainted", client.taint_authority(id(authority_id)).await?)
+        }
+        AuthorityStep::Revoke { authority_id } => {
+            ("revoked", client.revoke_authority(id(authority_id)).await?)
+        }
+    };
+    let authority = r
+        .into_inner()
+        .authority
+        .ok_or_else(|| CliError::Argument("the server answered without the authority".into()))?;
+    show(
+        out,
+        &Changed {
+            step: name,
+            kind: label,
+            authority: authority.into(),
+        },
+    )
+}
