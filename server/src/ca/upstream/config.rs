@@ -81,7 +81,12 @@ impl UpstreamConfig {
                 "a PIN is never read from the config file; set pin_env or pin_file instead",
             ));
         }
-        let kind = required(f.kind.as_deref(), "upstream_authority.kind", "disk|pkcs11")?;
+        let kind = f.kind.as_deref().ok_or_else(|| {
+            invalid(
+                "upstream_authority.kind",
+                "is required: \"disk\" or \"pkcs11\"",
+            )
+        })?;
         let cert_file = required(f.cert_file, "upstream_authority.cert_file", kind)?;
         let pkcs11_only = f.module.is_some()
             || f.token_label.is_some()
