@@ -331,7 +331,7 @@ fn pkcs11_upstream_intermediate_in_a_token_signs_the_server_ca() {
         ..Default::default()
     };
     let server = TestServer::start(&dir.path().join("server"), opts);
-    served_chains_verify_to_the_root(dir.path(), &server, &root, &[mid.der.clone()]);
+    served_chains_verify_to_the_root(dir.path(), &server, &root, std::slice::from_ref(&mid.der));
     assert!(!server.log().contains(&hsm.pin), "PIN leaked into the log");
 }
 

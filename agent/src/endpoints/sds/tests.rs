@@ -33,6 +33,7 @@ fn identity(id: &str, generation: u64) -> Arc<Identity> {
         expires_at: 0,
         generation,
         engine: None,
+        created_at: 0,
     })
 }
 

@@ -109,27 +109,7 @@ impl UpstreamConfig {
                     "only applies to kind = \"disk\" (with pkcs11 the key stays in the token: set key_label)",
                 ));
             }
-            "pkcs11" => UpstreamKey::Pkcs11 {
-                module: required(f.module, "upstream_authority.module", kind)?,
-                token_label: required(f.token_label, "upstream_authority.token_label", kind)?,
-                key_label: required(f.key_label, "upstream_authority.key_label", kind)?,
-                pin: match (f.pin_env, f.pin_file) {
-                    (Some(e), None) => PinSource::Env(e),
-                    (None, Some(p)) => PinSource::File(p),
-                    (Some(_), Some(_)) => {
-                        return Err(invalid(
-                            "upstream_authority.pin_env",
-                            "set pin_env or pin_file, not both",
-                        ));
-                    }
-                    (None, None) => {
-                        return Err(invalid(
-                            "upstream_authority.pin_env",
-                            "pin_env or pin_file is required with kind = \"pkcs11\"",
-                        ));
-                    }
-                },
-            },
+            "pkcs11" => pkcs11(f.module, f.token_label, f.key_label, f.pin_env, f.pin_file)?,
             other => {
                 return Err(invalid(
                     "upstream_authority.kind",
@@ -143,4 +123,37 @@ impl UpstreamConfig {
             key,
         }))
     }
+}
+
+/// `kind = "pkcs11"`: module, token label, key label and exactly one PIN source are required.
+fn pkcs11(
+    module: Option<PathBuf>,
+    token_label: Option<String>,
+    key_label: Option<String>,
+    pin_env: Option<String>,
+    pin_file: Option<PathBuf>,
+) -> Result<UpstreamKey, ConfigError> {
+    let kind = "pkcs11";
+    let pin = match (pin_env, pin_file) {
+        (Some(e), None) => PinSource::Env(e),
+        (None, Some(p)) => PinSource::File(p),
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "upstream_authority.pin_env",
+                "set pin_env or pin_file, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "upstream_authority.pin_env",
+                "pin_env or pin_file is required with kind = \"pkcs11\"",
+            ));
+        }
+    };
+    Ok(UpstreamKey::Pkcs11 {
+        module: required(module, "upstream_authority.module", kind)?,
+        token_label: required(token_label, "upstream_authority.token_label", kind)?,
+        key_label: required(key_label, "upstream_authority.key_label", kind)?,
+        pin,
+    })
 }

@@ -69,7 +69,7 @@ fn a_root_signs_intermediates_and_is_the_bundle() {
     let up = Arc::new(
         UpstreamAuthority::load(&disk(&c, &k, None), now(), Duration::from_secs(86400)).unwrap(),
     );
-    assert_eq!(up.roots(), &[root_der.clone()]);
+    assert_eq!(up.roots(), std::slice::from_ref(&root_der));
     let ca_key: Arc<dyn KeyHandle> =
         Arc::new(SoftwareKey::generate("ca", KeyType::EcP256).unwrap());
     let params = profile::ca_params("example.org", now(), now() + 3600).unwrap();
