@@ -61,10 +61,11 @@ pub fn svid_from_proto(
     })
 }
 
-/// Whether the leaf of `chain` names (by issuer) one of the bundle's CAs (false for an empty
-/// chain or unparsable certificates: both come from the server or the state file).
+/// Whether the last certificate of `chain` (the leaf itself when the CA is a root; the top
+/// intermediate under an upstream authority) names (by issuer) one of the bundle's CAs (false
+/// for an empty chain or unparsable certificates: both come from the server or the state file).
 pub fn issued_by_bundle(chain: &[bytes::Bytes], roots: &[Vec<u8>]) -> bool {
-    let Some(leaf) = chain.first() else {
+    let Some(leaf) = chain.last() else {
         return false;
     };
     let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf) else {

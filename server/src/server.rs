@@ -27,6 +27,7 @@ use crate::api::engine::{BrokerService, MAX_BROKER_REQUEST, MAX_BROKER_RESPONSE}
 use crate::api::limits::AgentRateLimits;
 use crate::api::tls::{self, ServerIdentity};
 use crate::api::uds;
+use crate::ca::upstream::UpstreamAuthority;
 use crate::ca::{CaConfig, CaManager, SharedAuthority};
 use crate::config::Config;
 use crate::datastore::{DataStore, SqlDataStore};
@@ -328,12 +329,24 @@ async fn authority(
     clock: Arc<dyn Clock>,
     holder: &str,
 ) -> Result<Arc<CaManager>, RunError> {
+    let upstream = match cfg.upstream_authority.clone() {
+        Some(u) => {
+            let (now, ttl) = (clock.unix(), cfg.ca_ttl);
+            let loaded = tokio::task::spawn_blocking(move || UpstreamAuthority::load(&u, now, ttl))
+                .await
+                .map_err(|e| RunError::Path(e.to_string()))?
+                .map_err(crate::ca::CaError::from)?;
+            Some(Arc::new(loaded))
+        }
+        None => None,
+    };
     let ca_cfg = CaConfig {
         trust_domain: cfg.trust_domain.clone(),
         x509_key_type: cfg.ca_key_type,
         jwt_key_type: KeyType::EcP256,
         ttl: cfg.ca_ttl,
         jwt_issuer: cfg.jwt_issuer.clone(),
+        upstream,
     };
     let shared = SharedAuthority {
         leases: store.clone(),

@@ -17,6 +17,7 @@ mod bundle;
 pub mod csr;
 pub mod profile;
 mod shared;
+pub mod upstream;
 
 pub use authority::{AuthorityError, AuthorityKind, AuthoritySlots, AuthorityState};
 pub use bundle::{Bundle, JwtAuthority};
@@ -46,6 +47,9 @@ pub enum CaError {
     /// No randomness for a serial number or key id.
     #[error(transparent)]
     Rng(#[from] continuity_common::rand::RngError),
+    /// The upstream authority is unusable.
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
 }
 
 /// What the CA needs from the config.
@@ -61,15 +65,30 @@ pub struct CaConfig {
     pub ttl: Duration,
     /// `iss` claim of JWT-SVIDs.
     pub jwt_issuer: Option<String>,
+    /// The upstream authority that signs each X.509 CA (None: the CA is its own root).
+    pub upstream: Option<Arc<upstream::UpstreamAuthority>>,
 }
 
 /// An X509-SVID fresh from the CA.
 #[derive(Debug, Clone)]
 pub struct SignedSvid {
-    /// Leaf certificate, DER (the CA is a root, so the chain is the leaf alone).
+    /// Leaf certificate, DER.
     pub cert_der: Vec<u8>,
+    /// The certificates after the leaf (the CA and upstream intermediates; empty when the CA
+    /// is a root).
+    pub intermediates: Vec<Vec<u8>>,
     /// Leaf NotAfter, Unix seconds.
     pub expires_at: i64,
+}
+
+impl SignedSvid {
+    /// The chain as served: leaf first, then the intermediates.
+    pub fn chain(self) -> Vec<Vec<u8>> {
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
+        chain.push(self.cert_der);
+        chain.extend(self.intermediates);
+        chain
+    }
 }
 
 type CaIssuer = Issuer<'static, RcgenKey>;
@@ -77,6 +96,7 @@ type CaIssuer = Issuer<'static, RcgenKey>;
 struct X509Signer {
     record: CaKeyRecord,
     issuer: CaIssuer,
+    intermediates: Vec<Vec<u8>>,
 }
 
 struct JwtSigner {
@@ -305,15 +325,19 @@ impl CaManager {
         };
         let key_id = random_id(prefix, now)?;
         let key = self.keys.generate(&key_id, key_type).await?;
+        let mut not_after = now + ttl;
         let (cert_der, kid) = match purpose {
             KeyPurpose::X509 => {
-                let params = profile::ca_params(self.cfg.trust_domain.name(), now, now + ttl)?;
+                let up = self.cfg.upstream.clone();
+                not_after = upstream::ca_not_after(up.as_deref(), not_after);
+                let params = profile::ca_params(self.cfg.trust_domain.name(), now, not_after)?;
                 let signer = RcgenKey(key.clone());
-                let cert = tokio::task::spawn_blocking(move || params.self_signed(&signer))
-                    .await
-                    .map_err(|e| CaError::Sign(e.to_string()))?
-                    .map_err(|e| CaError::Sign(e.to_string()))?;
-                (cert.der().to_vec(), String::new())
+                let cert = tokio::task::spawn_blocking(move || {
+                    upstream::issue_ca_cert(up, params, &signer)
+                })
+                .await
+                .map_err(|e| CaError::Sign(e.to_string()))??;
+                (cert, String::new())
             }
             KeyPurpose::Jwt => {
                 let b = continuity_common::rand::array::<16>()?;
@@ -332,7 +356,7 @@ impl CaManager {
             public_key: key.spki_der(),
             kid,
             not_before: now,
-            not_after: now + ttl,
+            not_after,
         };
         self.store.put_ca_key(&record).await?;
         Ok(record)
@@ -358,6 +382,10 @@ impl CaManager {
                         Issuer::from_ca_cert_der(&r.cert_der.clone().into(), RcgenKey(key))
                             .map_err(|e| CaError::Profile(e.to_string()))?;
                     x509 = Some(Arc::new(X509Signer {
+                        intermediates: upstream::intermediates(
+                            self.cfg.upstream.as_deref(),
+                            &r.cert_der,
+                        ),
                         record: r.clone(),
                         issuer,
                     }));
@@ -388,11 +416,14 @@ impl CaManager {
         sorted.sort_by_key(|r| r.not_before);
         Bundle {
             trust_domain: self.cfg.trust_domain.clone(),
-            x509_authorities: sorted
-                .iter()
-                .filter(|r| r.purpose == KeyPurpose::X509)
-                .map(|r| r.cert_der.clone())
-                .collect(),
+            x509_authorities: upstream::bundle_x509(
+                self.cfg.upstream.as_deref(),
+                sorted
+                    .iter()
+                    .filter(|r| r.purpose == KeyPurpose::X509)
+                    .map(|r| r.cert_der.clone())
+                    .collect(),
+            ),
             jwt_authorities: sorted
                 .iter()
                 .filter(|r| r.purpose == KeyPurpose::Jwt)
@@ -460,6 +491,7 @@ impl CaManager {
             .map_err(|e| CaError::Sign(e.to_string()))?;
         Ok(SignedSvid {
             cert_der: cert.der().to_vec(),
+            intermediates: snap.x509.intermediates.clone(),
             expires_at: not_after,
         })
     }

@@ -116,6 +116,7 @@ mod tests {
             jwt_key_type: KeyType::EcP256,
             ttl: Duration::from_secs(24 * HOUR),
             jwt_issuer: None,
+            upstream: None,
         };
         let shared = SharedAuthority {
             leases: store.clone(),

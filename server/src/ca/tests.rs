@@ -20,6 +20,7 @@ async fn ca(clock: Arc<ManualClock>) -> (Arc<CaManager>, std::path::PathBuf) {
         jwt_key_type: KeyType::EcP256,
         ttl: Duration::from_secs(24 * HOUR),
         jwt_issuer: None,
+        upstream: None,
     };
     let ca = CaManager::start(
         cfg,

@@ -25,6 +25,7 @@ use continuity_common::TrustDomain;
 use continuity_common::logging::LogFormat;
 use serde::Deserialize;
 
+pub use crate::ca::upstream::{FileUpstream, UpstreamConfig, UpstreamKey};
 use crate::keys::KeyType;
 pub use crate::keys::config::{FileKeyManager, KeyManagerConfig, PinSource};
 pub use agent_api::{AgentApiConfig, FileAgentApi};
@@ -96,6 +97,8 @@ pub struct FileConfig {
     pub k8s_bundle: Option<FileK8sBundle>,
     /// `[federation]`: the SPIFFE bundle endpoint.
     pub federation: Option<FileFederation>,
+    /// `[upstream_authority]`: an existing CA that signs this trust domain's CAs.
+    pub upstream_authority: Option<FileUpstream>,
 }
 
 /// `[datastore]` table.
@@ -131,6 +134,8 @@ pub struct Config {
     pub datastore_url: String,
     /// Key manager.
     pub key_manager: KeyManagerConfig,
+    /// Upstream authority (None: the CA is its own root).
+    pub upstream_authority: Option<UpstreamConfig>,
     /// Health listener.
     pub health_address: Option<SocketAddr>,
     /// Metrics listener.
@@ -234,6 +239,7 @@ impl Config {
             jwt_issuer,
             datastore_url,
             key_manager,
+            upstream_authority: UpstreamConfig::from_file(f.upstream_authority)?,
             health_address: listener(f.health, "health.bind_address")?,
             metrics_address: listener(f.metrics, "metrics.bind_address")?,
             jwks_address: listener(f.jwks, "jwks.bind_address")?,

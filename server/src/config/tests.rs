@@ -69,6 +69,11 @@ fn full_example_documents_every_key_and_parses() {
         "profile",
         "cert_file",
         "key_file",
+        "[upstream_authority]",
+        "cert_file",
+        "bundle_file",
+        "key_file",
+        "key_label",
     ] {
         assert!(
             text.contains(key),
@@ -279,4 +284,79 @@ fn a_ca_ttl_the_ca_cannot_add_to_now_is_refused() {
         assert!(e.contains("`ca_ttl`") && e.contains("at most"), "{e}");
     }
     assert!(parse("trust_domain = \"e.org\"\nca_ttl = \"36500d\"").is_ok());
+}
+
+#[test]
+fn upstream_authority_parses_and_errors_name_the_key() {
+    let td = "trust_domain = \"e.org\"\n[upstream_authority]\n";
+    let c = parse(&format!(
+        "{td}kind = \"disk\"\ncert_file = \"/u.pem\"\nkey_file = \"/u.key\""
+    ))
+    .unwrap();
+    assert_eq!(
+        c.upstream_authority,
+        Some(UpstreamConfig {
+            cert_file: "/u.pem".into(),
+            bundle_file: None,
+            key: UpstreamKey::Disk {
+                key_file: "/u.key".into()
+            },
+        })
+    );
+    let c = parse(&format!(
+        "{td}kind = \"pkcs11\"\ncert_file = \"/u.pem\"\nbundle_file = \"/r.pem\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\npin_env = \"P\""
+    ))
+    .unwrap();
+    assert!(matches!(
+        c.upstream_authority.unwrap().key,
+        UpstreamKey::Pkcs11 { ref key_label, pin: PinSource::Env(ref v), .. } if key_label == "k" && v == "P"
+    ));
+    assert!(
+        parse("trust_domain = \"e.org\"")
+            .unwrap()
+            .upstream_authority
+            .is_none()
+    );
+    for (body, key) in [
+        ("cert_file = \"/u.pem\"", "upstream_authority.kind"),
+        (
+            "kind = \"vault\"\ncert_file = \"/u.pem\"",
+            "upstream_authority.kind",
+        ),
+        (
+            "kind = \"disk\"\nkey_file = \"/u.key\"",
+            "upstream_authority.cert_file",
+        ),
+        (
+            "kind = \"disk\"\ncert_file = \"/u.pem\"",
+            "upstream_authority.key_file",
+        ),
+        (
+            "kind = \"disk\"\ncert_file = \"/u.pem\"\nkey_file = \"/k\"\nkey_label = \"x\"",
+            "upstream_authority.kind",
+        ),
+        (
+            "kind = \"pkcs11\"\ncert_file = \"/u.pem\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\npin_env = \"P\"",
+            "upstream_authority.key_label",
+        ),
+        (
+            "kind = \"pkcs11\"\ncert_file = \"/u.pem\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\nkey_label = \"k\"",
+            "upstream_authority.pin_env",
+        ),
+        (
+            "kind = \"pkcs11\"\ncert_file = \"/u.pem\"\nkey_file = \"/k\"",
+            "upstream_authority.key_file",
+        ),
+        (
+            "kind = \"pkcs11\"\ncert_file = \"/u.pem\"\npin = \"1234\"",
+            "upstream_authority.pin",
+        ),
+        (
+            "kind = \"disk\"\ncert_file = \"/u.pem\"\nkey_file = \"/k\"\nttl = \"1h\"",
+            "ttl",
+        ),
+    ] {
+        let e = parse(&format!("{td}{body}")).unwrap_err().to_string();
+        assert!(e.contains(key), "{body}: {e}");
+    }
 }

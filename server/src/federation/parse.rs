@@ -117,6 +117,8 @@ fn parse_pem(trust_domain: &TrustDomain, text: &str) -> Result<Bundle, BundlePar
         jwt_authorities: Vec::new(),
         sequence: 0,
         refresh_hint: 0,
+        tainted_x509: Vec::new(),
+        tainted_jwt: Vec::new(),
     })
 }
 
@@ -164,6 +166,8 @@ fn parse_spiffe(trust_domain: &TrustDomain, text: &str) -> Result<Bundle, Bundle
         jwt_authorities: Vec::new(),
         sequence,
         refresh_hint,
+        tainted_x509: Vec::new(),
+        tainted_jwt: Vec::new(),
     };
     for key in keys {
         match key.get("use").and_then(Value::as_str) {

@@ -20,8 +20,8 @@ use crate::datastore::AgentRecord;
 pub(super) fn x509_svid(spiffe_id: &str, svid: crate::ca::SignedSvid) -> types::X509svid {
     types::X509svid {
         spiffe_id: spiffe_id.to_string(),
-        cert_chain: vec![svid.cert_der],
         expires_at: svid.expires_at,
+        cert_chain: svid.chain(),
     }
 }
 

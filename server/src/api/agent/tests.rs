@@ -123,6 +123,7 @@ async fn fixture() -> Fixture {
             jwt_key_type: KeyType::EcP256,
             ttl: Duration::from_secs(24 * 3600),
             jwt_issuer: None,
+            upstream: None,
         },
         Arc::new(GatedKeys(MemoryKeyManager::default(), gate.clone())),
         store.clone(),

@@ -60,8 +60,10 @@ fn issue(ca: &CaManager, ttl: Duration) -> Result<(Arc<CertifiedKey>, i64), TlsE
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(kp.serialize_der()));
     let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signing = provider.key_provider.load_private_key(key)?;
-    let ck = CertifiedKey::new(vec![CertificateDer::from(svid.cert_der)], signing);
-    Ok((Arc::new(ck), svid.expires_at))
+    let expires_at = svid.expires_at;
+    let chain = svid.chain().into_iter().map(CertificateDer::from).collect();
+    let ck = CertifiedKey::new(chain, signing);
+    Ok((Arc::new(ck), expires_at))
 }
 
 impl ServerIdentity {

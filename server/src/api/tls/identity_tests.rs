@@ -13,6 +13,7 @@ async fn identity_on(
         jwt_key_type: crate::keys::KeyType::EcP256,
         ttl: Duration::from_secs(24 * 3600),
         jwt_issuer: None,
+        upstream: None,
     };
     let ca = CaManager::start(
         cfg,

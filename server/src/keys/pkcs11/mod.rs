@@ -51,7 +51,17 @@ pub struct Pkcs11KeyManager {
 impl Pkcs11KeyManager {
     /// Loads the module, finds the token by label and logs in with the PIN.
     pub fn open(module: &Path, token_label: &str, pin: &PinSource) -> Result<Self, KeyError> {
-        let pin = read_pin(pin)?;
+        Self::open_for("key_manager", module, token_label, pin)
+    }
+
+    /// [`Pkcs11KeyManager::open`] for the config table `section` (named in PIN errors).
+    pub fn open_for(
+        section: &str,
+        module: &Path,
+        token_label: &str,
+        pin: &PinSource,
+    ) -> Result<Self, KeyError> {
+        let pin = read_pin(section, pin)?;
         let ctx = Pkcs11::new(module).map_err(|e| {
             KeyError::Pkcs11(format!("cannot load module {}: {e}", module.display()))
         })?;
@@ -163,6 +173,39 @@ impl Pkcs11KeyManager {
     }
 }
 
+impl Pkcs11KeyManager {
+    /// A private key this key manager did not make, found by its exact CKA_LABEL (e.g. an
+    /// upstream CA key imported with `softhsm2-util --import`); `public` is its public key as
+    /// the certificate holds it (the caller proves the pair matches by signing). Blocking.
+    pub fn external_key(
+        &self,
+        label: &str,
+        key_type: KeyType,
+        public: Vec<u8>,
+    ) -> Result<Option<Arc<dyn KeyHandle>>, KeyError> {
+        let token = &self.token;
+        token.with_session(|s| {
+            let template = [
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Token(true),
+            ];
+            let found = s.find_objects(&template).map_err(ck("find object"))?;
+            let Some(privh) = found.into_iter().next() else {
+                return Ok(None);
+            };
+            let id = format!("external:{label}");
+            Ok(Some(Arc::new(Pkcs11Key {
+                private: token.signing_handle(s, &id, privh),
+                id,
+                key_type,
+                public,
+                token: token.clone(),
+            }) as Arc<dyn KeyHandle>))
+        })
+    }
+}
+
 /// The mechanism and the public and private templates of a new token key pair.
 fn key_templates(
     id: &str,
@@ -214,23 +257,20 @@ const MAX_PIN_FILE: usize = 4096;
 
 /// The PIN, held so that it is wiped when dropped. A `pin_file` must be a regular file (not a
 /// symlink) owned by the server's uid or root and closed to group and others.
-fn read_pin(pin: &PinSource) -> Result<Zeroizing<String>, KeyError> {
+fn read_pin(section: &str, pin: &PinSource) -> Result<Zeroizing<String>, KeyError> {
     match pin {
         PinSource::Env(var) => std::env::var(var).map(Zeroizing::new).map_err(|_| {
             KeyError::Pkcs11(format!(
-                "environment variable {var} (key_manager.pin_env) is not set"
+                "environment variable {var} ({section}.pin_env) is not set"
             ))
         }),
         PinSource::File(path) => {
-            let bytes = continuity_common::fsperm::read_private_file(
-                path,
-                "key_manager.pin_file",
-                MAX_PIN_FILE,
-            )
-            .map_err(|e| KeyError::Pkcs11(e.to_string()))?;
+            let key = format!("{section}.pin_file");
+            let bytes = continuity_common::fsperm::read_private_file(path, &key, MAX_PIN_FILE)
+                .map_err(|e| KeyError::Pkcs11(e.to_string()))?;
             let text = std::str::from_utf8(&bytes).map_err(|_| {
                 KeyError::Pkcs11(format!(
-                    "key_manager.pin_file {} is not UTF-8 text",
+                    "{section}.pin_file {} is not UTF-8 text",
                     path.display()
                 ))
             })?;

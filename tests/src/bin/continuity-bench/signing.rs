@@ -137,6 +137,7 @@ async fn floor_ca(dir: &Path) -> Arc<continuity_server::ca::CaManager> {
         jwt_key_type: KeyType::EcP256,
         ttl: Duration::from_secs(86400),
         jwt_issuer: None,
+        upstream: None,
     };
     CaManager::start(
         config,
