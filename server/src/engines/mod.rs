@@ -12,6 +12,8 @@
 //! - [`lifecycle`]: key creation, rotation and the version state machine (one transition
 //!   table), the periodic tick.
 //! - [`custody`]: the one policy of what each custody level allows.
+//! - [`endorse`]: continuity proofs (each new sign-key version endorsed by the previous
+//!   primary), published with the JWKS.
 //! - [`material`]: generating, sealing and unsealing version material under the KEK.
 //! - [`operations`]: sign, encrypt, decrypt, public keys and the JWKS.
 //! - [`budget`] and [`nonce`]: the AES-GCM nonce budget per version and the rotations it forces.
@@ -21,6 +23,7 @@
 
 mod budget;
 mod custody;
+mod endorse;
 mod incarnations;
 mod lifecycle;
 mod material;
@@ -154,3 +157,7 @@ mod tests;
 #[cfg(test)]
 #[path = "feed_tests.rs"]
 mod feed_tests;
+
+#[cfg(test)]
+#[path = "endorse_tests.rs"]
+mod endorse_tests;

@@ -59,6 +59,7 @@ mod agents;
 mod audit;
 pub(super) mod backup;
 mod ca;
+mod endorsements;
 mod engines;
 #[cfg(test)]
 mod engines_tests;
@@ -299,6 +300,10 @@ impl SqlDataStore {
                 self.put_secret_on(tx, sec).await?;
                 Applied::Done
             }
+            Write::InsertEndorsement(e) => {
+                self.insert_endorsement_on(tx, e).await?;
+                Applied::Done
+            }
         })
     }
 }
@@ -320,6 +325,7 @@ fn change_of(w: &Write, applied: &Applied) -> Option<(ChangeKind, String)> {
             (ChangeKind::Engine, v.engine.clone())
         }
         (Write::PutSecret(s), _) => (ChangeKind::Engine, s.engine.clone()),
+        (Write::InsertEndorsement(e), _) => (ChangeKind::Engine, e.engine.clone()),
         (Write::CreateJoinToken(_) | Write::CreateEntry(_) | Write::UpdateEntry(_), _) => {
             return None;
         }
