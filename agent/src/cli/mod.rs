@@ -11,6 +11,7 @@ mod engine;
 mod error;
 mod files;
 mod output;
+mod verify_chain;
 mod x509;
 
 use std::path::PathBuf;
