@@ -297,6 +297,29 @@ fn path_back(
     Ok((cur, path))
 }
 
+/// The version whose endorsed `jwk` has thumbprint `tp`, if any.
+fn endorsed_version(map: &BTreeMap<u32, Entry>, tp: &str) -> Option<u32> {
+    map.iter().find_map(|(v, e)| {
+        let jwk = e.claims.get("jwk")?.as_object()?;
+        (thumbprint(jwk).ok()? == tp).then_some(*v)
+    })
+}
+
+/// How a failing link names the key that should have signed it.
+fn signer_name(prev: u32, assumed: bool, pinned: bool) -> String {
+    if assumed {
+        // Nothing endorses the pinned key: it was taken to be the oldest version that has no
+        // endorsement.
+        format!(
+            "the pinned key (taken as v{prev}, the oldest version without an endorsement: either the pinned key is not v{prev}, or v{prev}'s own endorsement is missing)"
+        )
+    } else if pinned {
+        "the pinned key".into()
+    } else {
+        format!("v{prev}'s key")
+    }
+}
+
 /// Walks the endorsements of `key` in `doc` (an Engine JWKS with an `endorsements` array)
 /// from the pinned public key `pinned_spki` to the newest version, checking every link's
 /// signature with the previous version's key and its claims against the link before.
@@ -310,10 +333,7 @@ pub fn verify_chain(doc: &Value, key: &str, pinned_spki: &[u8]) -> Result<Chain,
         at: "pinned key".into(),
         reason: r,
     })?;
-    let pinned = map.iter().find_map(|(v, e)| {
-        let jwk = e.claims.get("jwk")?.as_object()?;
-        (thumbprint(jwk).ok()? == pinned_tp).then_some(*v)
-    });
+    let pinned = endorsed_version(&map, &pinned_tp);
     let (root, path) = path_back(&map, pinned)?;
     let mut kid = pinned.map(|v| claim_str(&map[&v].claims, "kid").to_string());
     let mut steps = vec![Step {
@@ -329,22 +349,9 @@ pub fn verify_chain(doc: &Value, key: &str, pinned_spki: &[u8]) -> Result<Chain,
         let e = &map[&n];
         let at = format!("link v{prev} -> v{n}");
         let (new_jwk, tp) = check_link(e, &at, &jwk, kid.as_deref(), &mut scope)?;
-        let signer = match (prev == root, pinned) {
-            (true, Some(_)) => "the pinned key".to_string(),
-            // Nothing endorses the pinned key: it was taken to be the oldest version that
-            // has no endorsement.
-            (true, None) => format!(
-                "the pinned key (taken as v{prev}, the oldest version without an endorsement: either the pinned key is not v{prev}, or v{prev}'s own endorsement is missing)"
-            ),
-            _ => format!("v{prev}'s key"),
-        };
-        if !verify_signature(
-            &spki,
-            &jws_alg(&jwk).unwrap_or(""),
-            e.signing_input.as_bytes(),
-            &e.signature,
-            false,
-        ) {
+        let alg = jws_alg(&jwk).unwrap_or("");
+        if !verify_signature(&spki, alg, e.signing_input.as_bytes(), &e.signature, false) {
+            let signer = signer_name(prev, prev == root && pinned.is_none(), prev == root);
             return fail(at, format!("signature does not verify with {signer}"));
         }
         spki = to_spki(&Value::Object(new_jwk.clone())).map_err(|err| ChainError {

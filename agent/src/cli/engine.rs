@@ -163,18 +163,8 @@ pub async fn run(socket: Option<String>, out: Output, args: EngineArgs) -> Resul
             };
             show(out, &view)
         }
-        EngineCommand::Jwks => {
-            let (engine, jwks) = engine_jwks(c, engine).await?;
-            show(out, &Jwks { engine, jwks })
-        }
-        EngineCommand::VerifyChain(a) => {
-            let doc = match &a.jwks {
-                Some(p) => serde_json::from_slice(&files::read(p)?)
-                    .map_err(|e| CliError::Io(format!("--jwks {}: {e}", p.display())))?,
-                None => engine_jwks(c, engine).await?.1,
-            };
-            super::verify_chain::run(out, &a, &doc)
-        }
+        EngineCommand::Jwks => jwks(c, out, engine).await,
+        EngineCommand::VerifyChain(a) => verify_chain(c, out, &a, engine).await,
         EngineCommand::Secret { name, out: path } => secret(c, out, name, engine, path).await,
     }
 }
@@ -259,6 +249,27 @@ async fn decrypt(
     let r = c.decrypt(request).await?.into_inner();
     files::write_mode(&a.out, &r.plaintext, 0o600)?;
     show(out, &Crypted::new("Decrypted", r.version, &a.out))
+}
+
+/// `engine jwks`: the caller's Engine JWKS as the agent caches it.
+async fn jwks(c: &mut Client, out: Output, engine: String) -> Result<(), CliError> {
+    let (engine, jwks) = engine_jwks(c, engine).await?;
+    show(out, &Jwks { engine, jwks })
+}
+
+/// `engine verify-chain` over `--jwks` (offline) or the agent's cached Engine JWKS.
+async fn verify_chain(
+    c: &mut Client,
+    out: Output,
+    a: &super::verify_chain::VerifyChainArgs,
+    engine: String,
+) -> Result<(), CliError> {
+    let doc = match &a.jwks {
+        Some(p) => serde_json::from_slice(&files::read(p)?)
+            .map_err(|e| CliError::Io(format!("--jwks {}: {e}", p.display())))?,
+        None => engine_jwks(c, engine).await?.1,
+    };
+    super::verify_chain::run(out, a, &doc)
 }
 
 /// The caller's Engine (name) and its JWKS as the agent caches it (the watch's first message).

@@ -32,6 +32,7 @@ fn identity(id: &str, generation: u64) -> Arc<Identity> {
         key: SecretBytes::new(vec![0x30, 0x01, 0x09]),
         expires_at: 0,
         generation,
+        created_at: 0,
         engine: None,
     })
 }
