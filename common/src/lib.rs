@@ -4,6 +4,7 @@
 //! - [`duration`]: "1h"/"5m" durations as config and CLI accept them.
 //! - [`der`]: the few DER encodings the key code needs (ECDSA signature forms, RSA public keys).
 //! - [`jwk`]: JWKs from SubjectPublicKeyInfo, and the SPIFFE bundle document.
+//! - [`endorsement`]: continuity proofs (endorsements of Engine key versions, chain walk).
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a trust bundle.
 //! - [`clock`]: time as a parameter, so rotation and expiry are testable without sleeping.
 //! - [`logging`]: `log_level` / `log_format` set-up.
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod der;
 pub mod duration;
+pub mod endorsement;
 pub mod fsperm;
 pub mod grpc;
 pub mod http;

@@ -9,8 +9,8 @@
 pub mod agent;
 pub mod agent_client;
 pub mod cluster;
-pub mod federation;
 pub mod engines;
+pub mod federation;
 pub mod floods;
 pub mod k8s_standin;
 pub mod kube_api;

@@ -87,6 +87,8 @@ pub enum EngineCommand {
     },
     /// Print the caller's Engine JWKS.
     Jwks,
+    /// Walk a key's continuity proofs from a pinned public key to its newest version.
+    VerifyChain(super::verify_chain::VerifyChainArgs),
     /// Print a KV-custody secret (or key material).
     Secret {
         /// Secret name.
@@ -161,6 +163,7 @@ pub async fn run(socket: Option<String>, out: Output, args: EngineArgs) -> Resul
             public_key(c, out, key, version.unwrap_or(0), engine).await
         }
         EngineCommand::Jwks => jwks(c, out, engine).await,
+        EngineCommand::VerifyChain(a) => verify_chain(c, out, &a, engine).await,
         EngineCommand::Secret { name, out: path } => secret(c, out, name, engine, path).await,
     }
 }
@@ -277,7 +280,32 @@ async fn decrypt(
     show(out, &Crypted::new("Decrypted", r.version, &a.out))
 }
 
+/// `engine jwks`: the caller's Engine JWKS as the agent caches it.
 async fn jwks(c: &mut Client, out: Output, engine: String) -> Result<(), CliError> {
+    let (engine, jwks) = engine_jwks(c, engine).await?;
+    show(out, &Jwks { engine, jwks })
+}
+
+/// `engine verify-chain` over `--jwks` (offline) or the agent's cached Engine JWKS.
+async fn verify_chain(
+    c: &mut Client,
+    out: Output,
+    a: &super::verify_chain::VerifyChainArgs,
+    engine: String,
+) -> Result<(), CliError> {
+    let doc = match &a.jwks {
+        Some(p) => serde_json::from_slice(&files::read(p)?)
+            .map_err(|e| CliError::Io(format!("--jwks {}: {e}", p.display())))?,
+        None => engine_jwks(c, engine).await?.1,
+    };
+    super::verify_chain::run(out, a, &doc)
+}
+
+/// The caller's Engine (name) and its JWKS as the agent caches it (the watch's first message).
+async fn engine_jwks(
+    c: &mut Client,
+    engine: String,
+) -> Result<(String, serde_json::Value), CliError> {
     let request = req(WatchEngineJwksRequest { engine });
     let mut s = c.watch_engine_jwks(request).await?.into_inner();
     let m = s
@@ -285,13 +313,7 @@ async fn jwks(c: &mut Client, out: Output, engine: String) -> Result<(), CliErro
         .await?
         .ok_or_else(|| tonic::Status::unavailable("stream ended"))?;
     let jwks = serde_json::from_slice(&m.jwks).unwrap_or(serde_json::Value::Null);
-    show(
-        out,
-        &Jwks {
-            engine: m.engine,
-            jwks,
-        },
-    )
+    Ok((m.engine, jwks))
 }
 
 async fn secret(

@@ -12,6 +12,7 @@ mod envelope;
 mod error;
 mod files;
 mod output;
+mod verify_chain;
 mod x509;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use continuity_common::SpiffeId;
 
-use crate::model::engine::{Engine, EngineKey, Incarnation, KeyVersion, Secret};
+use crate::model::engine::{Endorsement, Engine, EngineKey, Incarnation, KeyVersion, Secret};
 
 mod bad_rows;
 mod feed;
@@ -155,6 +155,8 @@ pub enum Write {
     PutForeignBundle(crate::ca::Bundle, i64),
     /// Deletes the bundle of this foreign trust domain; [`StoreError::NotFound`] if absent.
     DeleteForeignBundle(String),
+    /// Inserts the endorsement of a new key version; [`StoreError::Conflict`] if it exists.
+    InsertEndorsement(Endorsement),
 }
 
 /// What one [`Write`] committed.
@@ -335,6 +337,8 @@ pub trait EngineStore: Send + Sync + std::fmt::Debug {
     async fn upsert_incarnation(&self, inc: &Incarnation) -> Result<(), StoreError>;
     /// Incarnations of an Engine, oldest first.
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
+    /// Every endorsement (continuity proof) of a key version.
+    async fn list_endorsements(&self) -> Result<Vec<Endorsement>, StoreError>;
 }
 
 /// The last record of the audit log as the datastore holds it (seq 0 and an empty hash: none).

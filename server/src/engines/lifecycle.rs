@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use super::endorse::Proof;
 use super::registry::{Pick, valid_name};
 use super::{DEFAULT_DESTROY_GRACE, EngineError, Engines, Result};
 use crate::audit::AuditEvent;
@@ -175,7 +176,7 @@ impl Engines {
         let event = AuditEvent::ok(actor, "key.create", &format!("{engine}/{name}"))
             .version(1)
             .result(format!("ok; {} {}", key.algorithm.as_str(), key.custody));
-        self.commit_key_version(&key, &version, event).await?;
+        self.commit_key_version(&key, &version, event, None).await?;
         self.cache(&version, material);
         self.index_key_version(key.clone(), version);
         Ok(key)
@@ -183,21 +184,30 @@ impl Engines {
 
     /// Writes a key and a new version of it with the audit record of the change; the version
     /// is inserted, never replaced (another server that made it first wins, this one fails).
+    /// The version's continuity proof ([`Engines::endorse`]), if any, goes in the same commit.
     async fn commit_key_version(
         &self,
         key: &EngineKey,
         version: &KeyVersion,
         event: AuditEvent,
+        proof: Option<Proof>,
     ) -> Result<()> {
-        self.audit
-            .commit(
-                &[
-                    Write::InsertKeyVersion(version.clone()),
-                    Write::PutEngineKey(key.clone()),
-                ],
-                &[event],
-            )
-            .await?;
+        let mut writes = vec![
+            Write::InsertKeyVersion(version.clone()),
+            Write::PutEngineKey(key.clone()),
+        ];
+        let mut events = vec![event];
+        let endorsement = proof.and_then(|p| {
+            events.push(p.event);
+            p.endorsement
+        });
+        if let Some(e) = &endorsement {
+            writes.push(Write::InsertEndorsement(e.clone()));
+        }
+        self.audit.commit(&writes, &events).await?;
+        if let Some(e) = endorsement {
+            self.index_endorsement(e);
+        }
         Ok(())
     }
 
@@ -220,6 +230,7 @@ impl Engines {
         let mut key = EngineKey::clone(&key);
         let now = self.clock.unix();
         let (version, material) = self.new_version(&key, next, now).await?;
+        let proof = self.endorse(&key, &version, actor).await?;
         key.primary_version = next;
         if key.rotation_period > 0 {
             key.next_rotation_at = now + key.rotation_period;
@@ -227,7 +238,8 @@ impl Engines {
         let event = AuditEvent::ok(actor, "key.rotate", &format!("{engine}/{name}"))
             .version(next)
             .result(result);
-        self.commit_key_version(&key, &version, event).await?;
+        self.commit_key_version(&key, &version, event, proof)
+            .await?;
         self.cache(&version, material);
         self.index_key_version(key.clone(), version);
         Ok(key)

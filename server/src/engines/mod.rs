@@ -12,6 +12,8 @@
 //! - [`lifecycle`]: key creation, rotation and the version state machine (one transition
 //!   table), the periodic tick.
 //! - [`custody`]: the one policy of what each custody level allows.
+//! - [`endorse`]: continuity proofs (each new sign-key version endorsed by the previous
+//!   primary), published with the JWKS.
 //! - [`material`]: generating, sealing and unsealing version material under the KEK.
 //! - [`operations`]: sign, encrypt, decrypt, public keys and the JWKS.
 //! - [`datakeys`]: data keys (envelope encryption) and Rewrap.
@@ -23,6 +25,7 @@
 mod budget;
 mod custody;
 mod datakeys;
+mod endorse;
 mod incarnations;
 mod lifecycle;
 mod material;
@@ -157,3 +160,7 @@ mod tests;
 #[cfg(test)]
 #[path = "feed_tests.rs"]
 mod feed_tests;
+
+#[cfg(test)]
+#[path = "endorse_tests.rs"]
+mod endorse_tests;

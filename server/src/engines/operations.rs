@@ -268,17 +268,17 @@ impl Engines {
             .collect())
     }
 
-    /// The Engine's JWKS (every ENABLED sign-key version, stable kids).
+    /// The Engine's JWKS (every ENABLED sign-key version, stable kids) and its continuity
+    /// proofs (`endorsements`, every version's, destroyed ones included).
     pub fn jwks(&self, engine: &str) -> Result<serde_json::Value> {
         let mut keys = Vec::new();
         for pk in self.public_keys(engine)? {
-            let mut jwk = continuity_common::jwk::from_spki(&pk.spki)
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
-            jwk.insert("kid".into(), pk.kid.into());
-            jwk.insert("alg".into(), pk.algorithm.jws_alg().into());
-            jwk.insert("use".into(), "sig".into());
+            let jwk = super::endorse::public_jwk(&pk.spki, &pk.kid, pk.algorithm)?;
             keys.push(serde_json::Value::Object(jwk));
         }
-        Ok(serde_json::json!({ "keys": keys }))
+        Ok(serde_json::json!({
+            "keys": keys,
+            "endorsements": self.published_endorsements(engine),
+        }))
     }
 }

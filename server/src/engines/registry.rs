@@ -10,7 +10,9 @@ use continuity_common::SpiffeId;
 use super::{EngineError, Engines, Result, custody};
 use crate::audit::AuditEvent;
 use crate::datastore::{EngineStore, Write};
-use crate::model::engine::{Custody, Engine, EngineKey, KeyVersion, Secret, VersionState};
+use crate::model::engine::{
+    Custody, Endorsement, Engine, EngineKey, KeyVersion, Secret, VersionState,
+};
 
 /// Everything the service knows, in memory. Keys and versions are shared (`Arc`) so an
 /// operation takes the one it needs without copying the others.
@@ -24,6 +26,8 @@ pub(super) struct Index {
     pub(super) versions: BTreeMap<(String, String, u32), Arc<KeyVersion>>,
     /// Latest version of each secret.
     pub(super) secrets: BTreeMap<(String, String), Secret>,
+    /// Endorsements by the (engine, key, version) they endorse.
+    pub(super) endorsements: BTreeMap<(String, String, u32), Arc<Endorsement>>,
 }
 
 impl Index {
@@ -45,6 +49,10 @@ impl Index {
         }
         for s in store.list_secrets().await? {
             index.secrets.insert((s.engine.clone(), s.name.clone()), s);
+        }
+        for e in store.list_endorsements().await? {
+            let id = (e.engine.clone(), e.key.clone(), e.version);
+            index.endorsements.insert(id, Arc::new(e));
         }
         Ok(index)
     }

@@ -262,6 +262,25 @@ pub struct KeyVersion {
     pub encryptions: u64,
 }
 
+/// A continuity proof: version `version` of a sign key endorsed by `previous_version` (the
+/// primary when it was made), as the compact JWS of `continuity_common::endorsement`. Kept
+/// after either version is destroyed, so chains stay verifiable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endorsement {
+    /// Engine name.
+    pub engine: String,
+    /// Key name.
+    pub key: String,
+    /// The endorsed version.
+    pub version: u32,
+    /// The endorsing version.
+    pub previous_version: u32,
+    /// The compact JWS (`typ: continuity-endorsement+jwt`).
+    pub jws: String,
+    /// When it was made.
+    pub created_at: i64,
+}
+
 /// A named KV secret of an Engine. `Debug` leaves out the sealed value.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {

@@ -407,6 +407,12 @@ impl EngineStore for SqlDataStore {
         Ok(())
     }
 
+    async fn list_endorsements(
+        &self,
+    ) -> Result<Vec<crate::model::engine::Endorsement>, StoreError> {
+        self.list_endorsements_all().await
+    }
+
     async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError> {
         let rows =
             sqlx::query("SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions ORDER BY engine, key_name, version")

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, Table, agents, bundles, ca, engines, entries};
+use super::{SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries};
 use crate::datastore::seal::{Canon, KeyPart};
 use crate::datastore::{BadRow, BadRows, IntegrityReport, IntegrityStore, StoreError};
 
@@ -31,7 +31,7 @@ pub(super) const TABLES: &[Table] = &[
 
 /// The MACed tables made after migration 5: sealed from their first row, so the upgrade never
 /// reads them.
-const LATER_TABLES: &[Table] = &[bundles::FOREIGN_BUNDLES];
+const LATER_TABLES: &[Table] = &[bundles::FOREIGN_BUNDLES, endorsements::ENDORSEMENTS];
 
 /// The stored MAC of a row.
 pub(super) fn mac_column(r: &AnyRow) -> Result<Option<Vec<u8>>, StoreError> {
@@ -115,8 +115,9 @@ impl SqlDataStore {
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     ) -> Result<u64, sqlx::Error> {
         let mut sealed = 0u64;
+        // This runs in migration 5: tables read as they were then (later tables, sealed
+        // from their first row, did not exist yet).
         for t in TABLES {
-            // This runs in migration 5: tables read as they were then.
             let t = if t.name == agents::AGENTS.name {
                 &agents::AGENTS_AT_RECORD_MACS
             } else {

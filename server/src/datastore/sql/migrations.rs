@@ -117,6 +117,15 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "CREATE TABLE foreign_bundles (trust_domain TEXT PRIMARY KEY, document TEXT NOT NULL,
         updated_at BIGINT NOT NULL, mac {BLOB})",
     ),
+    (
+        10,
+        // Continuity proofs: the endorsement (a compact JWS) of each new sign-key version by
+        // the previous primary version, record-MACed, kept after the versions are destroyed.
+        "CREATE TABLE engine_endorsements (
+        engine TEXT NOT NULL, key_name TEXT NOT NULL, version BIGINT NOT NULL,
+        previous_version BIGINT NOT NULL, jws TEXT NOT NULL, created_at BIGINT NOT NULL,
+        mac {BLOB}, PRIMARY KEY (engine, key_name, version))",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

@@ -60,6 +60,7 @@ mod audit;
 pub(super) mod backup;
 mod bundles;
 mod ca;
+mod endorsements;
 mod engines;
 #[cfg(test)]
 mod engines_tests;
@@ -308,6 +309,10 @@ impl SqlDataStore {
                 Self::delete_foreign_bundle_on(tx, td).await?;
                 Applied::Done
             }
+            Write::InsertEndorsement(e) => {
+                self.insert_endorsement_on(tx, e).await?;
+                Applied::Done
+            }
         })
     }
 }
@@ -333,6 +338,7 @@ fn change_of(w: &Write, applied: &Applied) -> Option<(ChangeKind, String)> {
             (ChangeKind::ForeignBundle, b.trust_domain.name().to_string())
         }
         (Write::DeleteForeignBundle(td), _) => (ChangeKind::ForeignBundle, td.clone()),
+        (Write::InsertEndorsement(e), _) => (ChangeKind::Engine, e.engine.clone()),
         (Write::CreateJoinToken(_) | Write::CreateEntry(_) | Write::UpdateEntry(_), _) => {
             return None;
         }
