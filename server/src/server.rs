@@ -38,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::scheduler::{FailureLevel, Job, Scheduler};
 
+mod bundle_endpoint;
 mod cluster;
 mod http;
 mod oidc;
@@ -316,7 +317,7 @@ async fn bundle_endpoint(
     let Some(e) = &cfg.bundle_endpoint else {
         return Ok(());
     };
-    crate::federation::endpoint::serve(e, core.ca.clone(), identity.clone())
+    crate::server::bundle_endpoint::serve(e, core.ca.clone(), identity.clone())
         .await
         .map_err(|e| RunError::Path(e.to_string()))
 }
@@ -550,7 +551,7 @@ async fn admin_api(
         .add_service(EngineAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(AuditAdminServer::new(admin.clone()).max_decoding_message_size(m))
         .add_service(
-            crate::federation::admin::FederatedBundleService {
+            crate::api::federation::FederatedBundleService {
                 admin: admin.clone(),
                 federation: core.federation.clone(),
             }

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod agent;
 mod authority;
 pub mod engine;
+pub mod federation;
 pub mod limits;
 pub mod tls;
 pub mod uds;

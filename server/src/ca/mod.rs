@@ -13,14 +13,13 @@ use rcgen::Issuer;
 use tokio::sync::watch;
 
 mod authority;
-mod bundle;
 pub mod csr;
 pub mod profile;
 mod shared;
 pub mod upstream;
 
+pub use crate::trust_bundle::{Bundle, JwtAuthority};
 pub use authority::{AuthorityError, AuthorityKind, AuthoritySlots, AuthorityState};
-pub use bundle::{Bundle, JwtAuthority};
 pub use shared::{CA_LEASE, SharedAuthority};
 
 use crate::datastore::{CaKeyRecord, CaKeyState, CaStore, KeyPurpose, StoreError};

@@ -2,6 +2,8 @@
 //! printed the same with either `--output`; and the bundles of other trust domains
 //! (`set`, `list`, `show --id`, `delete`; see [`super::foreign_bundle`]).
 
+mod foreign;
+
 use clap::{Subcommand, ValueEnum};
 use continuity_common::jwk::{self, JwtAuthority};
 use continuity_proto::admin::GetBundleRequest;
@@ -10,7 +12,6 @@ use continuity_proto::types;
 use tonic::transport::Channel;
 
 use super::error::CliError;
-use super::foreign_bundle;
 use super::output::{Output, raw, say};
 
 /// `bundle` subcommands.
@@ -69,12 +70,10 @@ pub async fn run(ch: Channel, out: Output, cmd: BundleCommand) -> Result<(), Cli
         BundleCommand::Show {
             format,
             id: Some(id),
-        } => print_bundle(&foreign_bundle::get(ch, id).await?, format),
-        BundleCommand::Set { id, path, format } => {
-            foreign_bundle::set(ch, out, id, &path, format).await
-        }
-        BundleCommand::List => foreign_bundle::list(ch, out).await,
-        BundleCommand::Delete { id } => foreign_bundle::delete(ch, id).await,
+        } => print_bundle(&foreign::get(ch, id).await?, format),
+        BundleCommand::Set { id, path, format } => foreign::set(ch, out, id, &path, format).await,
+        BundleCommand::List => foreign::list(ch, out).await,
+        BundleCommand::Delete { id } => foreign::delete(ch, id).await,
     }
 }
 

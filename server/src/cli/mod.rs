@@ -13,7 +13,6 @@ mod bundle;
 mod engine;
 mod entry;
 mod error;
-mod foreign_bundle;
 mod integrity;
 mod key;
 mod output;

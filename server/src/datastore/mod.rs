@@ -152,7 +152,7 @@ pub enum Write {
     /// Inserts a secret version.
     PutSecret(Secret),
     /// Inserts or replaces the bundle of a foreign trust domain, updated at (Unix seconds).
-    PutForeignBundle(crate::ca::Bundle, i64),
+    PutForeignBundle(crate::trust_bundle::Bundle, i64),
     /// Deletes the bundle of this foreign trust domain; [`StoreError::NotFound`] if absent.
     DeleteForeignBundle(String),
     /// Inserts the endorsement of a new key version; [`StoreError::Conflict`] if it exists.
@@ -412,7 +412,7 @@ pub trait IntegrityStore: Send + Sync + std::fmt::Debug {
 #[async_trait]
 pub trait ForeignBundleStore: Send + Sync + std::fmt::Debug {
     /// Every foreign bundle whose row is intact, by trust domain.
-    async fn list_foreign_bundles(&self) -> Result<Vec<crate::ca::Bundle>, StoreError>;
+    async fn list_foreign_bundles(&self) -> Result<Vec<crate::trust_bundle::Bundle>, StoreError>;
 }
 
 /// Whether the datastore answers (the health endpoint's readiness).

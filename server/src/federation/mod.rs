@@ -15,11 +15,7 @@ use crate::audit::{Audit, AuditEvent};
 use crate::ca::Bundle;
 use crate::datastore::{ForeignBundleStore, StoreError, Write};
 
-pub mod admin;
-pub mod endpoint;
-mod parse;
-
-pub use parse::{BundleFormat, BundleParseError, MAX_BUNDLE_BYTES, parse_bundle};
+pub use crate::trust_bundle::{BundleFormat, BundleParseError, MAX_BUNDLE_BYTES, parse_bundle};
 
 /// Why a federation change was refused.
 #[derive(Debug, thiserror::Error)]

@@ -7,9 +7,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{SqlDataStore, Table};
-use crate::ca::Bundle;
 use crate::datastore::{Canon, ForeignBundleStore, StoreError};
-use crate::federation::{BundleFormat, parse_bundle};
+use crate::trust_bundle::Bundle;
+use crate::trust_bundle::{BundleFormat, parse_bundle};
 
 /// The foreign bundles, MACed (created by migration 9, after record MACs).
 pub(super) const FOREIGN_BUNDLES: Table = Table {

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use continuity_common::TrustDomain;
 use serde_json::Value;
 
-use crate::ca::{Bundle, JwtAuthority};
+use super::{Bundle, JwtAuthority};
 
 /// Largest bundle document accepted, bytes.
 pub const MAX_BUNDLE_BYTES: usize = 1024 * 1024;

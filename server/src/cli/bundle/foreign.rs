@@ -12,9 +12,9 @@ use continuity_proto::types;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use super::bundle::BundleFormat;
-use super::error::CliError;
-use super::output::{Output, View, plural, say, show};
+use super::super::error::CliError;
+use super::super::output::{Output, View, plural, say, show};
+use super::BundleFormat;
 
 /// Largest bundle file read (the server accepts at most 1 MiB; a little more is read so the
 /// server names the problem).

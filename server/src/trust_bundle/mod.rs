@@ -3,6 +3,10 @@
 
 use continuity_common::TrustDomain;
 
+mod parse;
+
+pub use parse::{BundleFormat, BundleParseError, MAX_BUNDLE_BYTES, parse_bundle};
+
 /// A JWT signing key as published in the bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwtAuthority {

@@ -14,9 +14,9 @@ use continuity_proto::admin::{
 use continuity_proto::types;
 use tonic::{Request, Response, Status};
 
-use super::{BundleFormat, Federation, FederationError, parse_bundle};
 use crate::api::admin::AdminService;
 use crate::api::{bundle_to_proto, store_status, to_completion};
+use crate::federation::{BundleFormat, Federation, FederationError, parse_bundle};
 
 /// The foreign-bundle admin service: the admin API's caller check, entries (to refuse deleting
 /// a bundle in use) and the bundles.
