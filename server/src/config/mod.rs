@@ -195,12 +195,7 @@ impl Config {
 
     /// Turns the file schema into the typed config.
     pub fn from_file(f: FileConfig) -> Result<Self, ConfigError> {
-        let trust_domain = TrustDomain::new(
-            f.trust_domain
-                .as_deref()
-                .ok_or_else(|| invalid("trust_domain", "is required (e.g. \"example.org\")"))?,
-        )
-        .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        let trust_domain = trust_domain(f.trust_domain.as_deref())?;
         let bind_address = socket_addr(
             f.bind_address.as_deref().unwrap_or("0.0.0.0:8081"),
             "bind_address",
@@ -333,4 +328,10 @@ fn socket_addr(s: &str, key: &'static str) -> Result<SocketAddr, ConfigError> {
 
 fn duration(v: Option<&str>, default: &str, key: &'static str) -> Result<Duration, ConfigError> {
     continuity_common::duration::parse(v.unwrap_or(default)).map_err(|m| invalid(key, m))
+}
+
+/// The required `trust_domain`.
+fn trust_domain(v: Option<&str>) -> Result<TrustDomain, ConfigError> {
+    let v = v.ok_or_else(|| invalid("trust_domain", "is required (e.g. \"example.org\")"))?;
+    TrustDomain::new(v).map_err(|e| invalid("trust_domain", e.to_string()))
 }
