@@ -56,6 +56,7 @@ fn ca() -> &'static Ca {
                 jwt_key_type: KeyType::EcP256,
                 ttl: Duration::from_secs(24 * 3600),
                 jwt_issuer: None,
+                upstream: None,
             };
             let clock = ManualClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW));
             CaManager::start(

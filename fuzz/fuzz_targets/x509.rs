@@ -38,6 +38,8 @@ fn state_with(svid: Svid, bundle: BundleState) -> PersistedState {
             hint: String::new(),
             engine: String::new(),
             revision: 1,
+            created_at: 0,
+            federates_with: Vec::new(),
         },
     );
     st.svids.insert("e".into(), svid);
