@@ -78,28 +78,23 @@ pub fn issued_by_bundle(chain: &[bytes::Bytes], roots: &[Vec<u8>]) -> bool {
     })
 }
 
-/// Whether the leaf of `chain` was signed by one of the `tainted` authorities, named by
-/// their subject key identifier in lowercase hex (the leaf's authority key identifier). False
-/// for an empty chain, an unparsable leaf or one without an authority key identifier.
-pub fn signed_by_tainted(chain: &[bytes::Bytes], tainted: &[String]) -> bool {
-    if tainted.is_empty() {
-        return false;
-    }
-    let Some(leaf) = chain.first() else {
-        return false;
-    };
-    let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf) else {
-        return false;
-    };
+/// The authority ID (its subject key identifier, lowercase hex) of the CA that signed the
+/// leaf of `chain`, read from the leaf's authority key identifier.
+pub fn authority_key_id(chain: &[bytes::Bytes]) -> Option<String> {
+    let (_, leaf) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
     leaf.extensions()
         .iter()
-        .any(|e| match e.parsed_extension() {
-            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => a
-                .key_identifier
-                .as_ref()
-                .is_some_and(|k| tainted.contains(&hex::encode(k.0))),
-            _ => false,
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| hex::encode(k.0))
+            }
+            _ => None,
         })
+}
+
+/// True when the leaf of `chain` was signed by one of the `tainted` authorities.
+pub fn signed_by_tainted(chain: &[bytes::Bytes], tainted: &[String]) -> bool {
+    !tainted.is_empty() && authority_key_id(chain).is_some_and(|id| tainted.contains(&id))
 }
 
 #[cfg(test)]

@@ -70,6 +70,11 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         });
     }
 
+    /// The values held, in no particular order (does not count as a use).
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.map.values().map(|(v, _)| v)
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.map.len()

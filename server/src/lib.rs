@@ -32,6 +32,7 @@ pub mod model;
 pub mod registry;
 pub mod scheduler;
 pub mod server;
+pub mod serving;
 pub mod trust_bundle;
 
 pub use config::Config;

@@ -169,6 +169,8 @@ struct Core {
     engines: Arc<Engines>,
     /// Foreign trust bundles.
     federation: Arc<crate::federation::Federation>,
+    /// What the agents report serving (revokes wait on it).
+    serving: Arc<crate::serving::ServingReports>,
     /// The change feed position read before the state above was loaded.
     feed_cursor: i64,
     /// This server's name in the leader leases (kept in `data_dir/server-id`).
@@ -279,6 +281,7 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     let federation = federation(cfg, &store, &engines, &clock).await?;
     Ok(Core {
         federation,
+        serving: Arc::new(crate::serving::ServingReports::new(store.clone())),
         clock,
         store,
         key_manager,
@@ -498,6 +501,7 @@ fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
         limits: limits.clone(),
         first_message_timeout: cfg.agent_api.first_message_timeout,
         federation: core.federation.clone(),
+        serving: core.serving.clone(),
     };
     let broker = BrokerService {
         trust_domain: cfg.trust_domain.clone(),
@@ -528,6 +532,7 @@ async fn admin_api(
         owner_uid: own_uid(),
         bad_rows: core.store.bad_rows(),
         federation: core.federation.clone(),
+        serving: core.serving.clone(),
     };
     let uds = bind_admin_socket(&cfg.admin_socket).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

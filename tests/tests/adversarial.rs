@@ -173,6 +173,7 @@ async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
             .client
             .sync_authorized_entries(SyncAuthorizedEntriesRequest {
                 since_revision: since,
+                serving: None,
             })
             .await
             .unwrap()
@@ -183,6 +184,29 @@ async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
             sync.entries
         );
         assert!(sync.removed_entry_ids.is_empty(), "since {since}");
+    }
+    // A serving report that could not be stored faithfully (a comma would split an ID in
+    // two, a flood of IDs) is refused before anything is written.
+    let hostile = [
+        (vec!["ab,cd".to_string()], "serving.x509_authority_ids"),
+        ((0..65).map(|i| format!("k{i}")).collect(), "more than 64"),
+        (vec!["x".repeat(129)], "serving.x509_authority_ids"),
+    ];
+    for (ids, reason) in hostile {
+        let e = h
+            .client
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+                since_revision: 0,
+                serving: Some(continuity_proto::agent::ServingReport {
+                    bundle_sequence: 1,
+                    x509_authority_ids: ids,
+                    jwt_authority_ids: vec![],
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains(reason), "{e}");
     }
     good_agent_keeps_working(&env, "foreign-entries").await;
 
@@ -380,7 +404,10 @@ async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
     let mut again = agent_client::authenticated(&s.addr, s.bundle_der(), &h.chain, &h.key).await;
     for client in [&mut h.client, &mut again] {
         let e = client
-            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+                since_revision: 0,
+                serving: None,
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{e}");

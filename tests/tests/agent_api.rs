@@ -237,7 +237,10 @@ async fn an_agent_cannot_get_svids_for_entries_it_is_not_authorized_for() {
     // Sync never shows another agent's entries.
     let sync = a
         .client
-        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -248,7 +251,10 @@ async fn an_agent_cannot_get_svids_for_entries_it_is_not_authorized_for() {
     let e = anon.fetch_bundle(FetchBundleRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     let e = anon
-        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
@@ -280,7 +286,10 @@ async fn node_alias_from_token_authorizes_entries_and_sync_is_incremental() {
     let e2 = s.create_entry("spiffe://example.org/api", &a.id, &["unix:uid:1001"]);
     let full = a
         .client
-        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -296,6 +305,7 @@ async fn node_alias_from_token_authorizes_entries_and_sync_is_incremental() {
         .client
         .sync_authorized_entries(SyncAuthorizedEntriesRequest {
             since_revision: full.revision,
+            serving: None,
         })
         .await
         .unwrap()
@@ -308,6 +318,7 @@ async fn node_alias_from_token_authorizes_entries_and_sync_is_incremental() {
         .client
         .sync_authorized_entries(SyncAuthorizedEntriesRequest {
             since_revision: full.revision,
+            serving: None,
         })
         .await
         .unwrap()
@@ -378,7 +389,10 @@ async fn renewal_then_eviction_and_ban_are_enforced() {
     s.cli_ok(&["agent", "ban", "--spiffe-id", &b.id]);
     let e = b
         .client
-        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);

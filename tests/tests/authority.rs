@@ -118,6 +118,54 @@ fn kid_of(token: &str) -> String {
     h["kid"].as_str().unwrap().to_string()
 }
 
+/// `authority KIND revoke --authority-id ID`, retried while live agents still block it (each
+/// reports what it serves at its next sync); the JSON answer.
+fn revoke_once_unserved(server: &TestServer, kind: &str, id: &str) -> serde_json::Value {
+    within(
+        ONE_SYNC,
+        "the revoke accepted once no agent serves the key",
+        || {
+            let out = server.cli(&[
+                "authority",
+                kind,
+                "revoke",
+                "--authority-id",
+                id,
+                "--output",
+                "json",
+            ]);
+            if out.status.success() {
+                return Some(serde_json::from_slice(&out.stdout).unwrap());
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("cannot be revoked yet"),
+                "revoke refused: {err}"
+            );
+            None
+        },
+    )
+}
+
+/// The agent's SPIFFE ID, from its state file.
+fn agent_id(e: &Env) -> String {
+    agent_state(&e.agent)["agent_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Sends `signal` (STOP or CONT) to the agent process.
+fn signal_agent(e: &Env, signal: &str) {
+    let pid = e.agent.pid().expect("the agent runs").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} {pid}");
+}
+
 fn id_of(v: &serde_json::Value, key: &str) -> String {
     v[key]["authority_id"]
         .as_str()
@@ -231,7 +279,7 @@ async fn x509_taint_replaces_every_svid_within_one_sync_and_revoke_removes_the_k
     );
 
     // Revoke: gone from the bundle of the server and of the agent.
-    let revoked = authority(&e.server, "x509", &["revoke", "--authority-id", &old]);
+    let revoked = revoke_once_unserved(&e.server, "x509", &old);
     assert_eq!(id_of(&revoked, "revoked_authority"), old);
     assert_eq!(
         bundle_skis(&e.server.cli_ok(&["bundle", "show"])),
@@ -327,7 +375,7 @@ async fn jwt_taint_refetches_cached_jwt_svids_and_revoke_removes_the_kid() {
     );
     assert_ne!(fresh, first);
 
-    authority(&e.server, "jwt", &["revoke", "--authority-id", &old]);
+    revoke_once_unserved(&e.server, "jwt", &old);
     let jwks = e.server.cli_ok(&["bundle", "show", "--format", "spiffe"]);
     assert!(!jwks.contains(&old) && jwks.contains(&prepared), "{jwks}");
     let audit = e.server.cli_ok(&["audit", "show"]);
@@ -339,6 +387,95 @@ async fn jwt_taint_refetches_cached_jwt_svids_and_revoke_removes_the_kid() {
     ] {
         assert!(audit.contains(action), "{action} not audited:\n{audit}");
     }
+}
+
+#[tokio::test]
+async fn revoke_waits_until_no_live_agent_serves_what_the_key_signed_unless_forced() {
+    let e = continuity_tests::env(ALIAS);
+    let me = format!("unix:uid:{}", uid());
+    e.server
+        .create_entry("spiffe://example.org/w/held", ALIAS, &[&me]);
+    let old = id_of(&authority(&e.server, "x509", &["show"]), "active");
+    within_async(
+        ONE_SYNC,
+        "an SVID signed by the first authority",
+        || async { (served_issuers(&e).await == vec![old.clone()]).then_some(()) },
+    )
+    .await;
+    let prepared = id_of(
+        &authority(&e.server, "x509", &["prepare"]),
+        "prepared_authority",
+    );
+    authority(
+        &e.server,
+        "x509",
+        &["activate", "--authority-id", &prepared],
+    );
+
+    // A live agent that cannot sync (stopped, its SVID still valid) holds SVIDs the old key
+    // signed: the revoke waits for it, naming it.
+    signal_agent(&e, "STOP");
+    authority(&e.server, "x509", &["taint", "--authority-id", &old]);
+    let err = refused(&e.server, "x509", &["revoke", "--authority-id", &old]);
+    assert!(
+        err.contains("FailedPrecondition")
+            && err.contains("cannot be revoked yet")
+            && err.contains(&agent_id(&e))
+            && err.contains("--force"),
+        "revoke while an agent has not synced since the taint: {err}"
+    );
+    assert_eq!(
+        bundle_skis(&e.server.cli_ok(&["bundle", "show"])),
+        sorted(vec![old.clone(), prepared.clone()]),
+        "a refused revoke leaves the bundle as it was"
+    );
+
+    // Once it syncs it replaces what the tainted key signed, reports so, and the revoke passes.
+    signal_agent(&e, "CONT");
+    within_async(
+        ONE_SYNC,
+        "the SVID re-signed by the new authority",
+        || async { (served_issuers(&e).await == vec![prepared.clone()]).then_some(()) },
+    )
+    .await;
+    revoke_once_unserved(&e.server, "x509", &old);
+    assert_eq!(
+        bundle_skis(&e.server.cli_ok(&["bundle", "show"])),
+        vec![prepared.clone()]
+    );
+
+    // The same for a JWT key, this time forced past the stopped agent, and audited as forced.
+    let jwt_old = id_of(&authority(&e.server, "jwt", &["show"]), "active");
+    let jwt_new = id_of(
+        &authority(&e.server, "jwt", &["prepare"]),
+        "prepared_authority",
+    );
+    authority(&e.server, "jwt", &["activate", "--authority-id", &jwt_new]);
+    signal_agent(&e, "STOP");
+    authority(&e.server, "jwt", &["taint", "--authority-id", &jwt_old]);
+    let err = refused(&e.server, "jwt", &["revoke", "--authority-id", &jwt_old]);
+    assert!(err.contains("cannot be revoked yet"), "{err}");
+    let forced = authority(
+        &e.server,
+        "jwt",
+        &["revoke", "--authority-id", &jwt_old, "--force"],
+    );
+    signal_agent(&e, "CONT");
+    assert_eq!(id_of(&forced, "revoked_authority"), jwt_old);
+    let jwks = e.server.cli_ok(&["bundle", "show", "--format", "spiffe"]);
+    assert!(
+        !jwks.contains(&jwt_old) && jwks.contains(&jwt_new),
+        "{jwks}"
+    );
+    let audit = e.server.cli_ok(&["audit", "show"]);
+    assert!(
+        audit.contains("authority.jwt.revoke.forced"),
+        "forced revoke not audited:\n{audit}"
+    );
+    assert!(
+        audit.contains("authority.x509.revoke") && audit.contains("cannot be revoked yet"),
+        "the waiting revoke and its refusal not audited:\n{audit}"
+    );
 }
 
 #[tokio::test]
@@ -455,7 +592,7 @@ async fn py_spiffe_watching_x509_contexts_sees_the_rotation_without_a_failed_fet
         }
         assert_eq!(v["issuers"], serde_json::json!([old]), "{v}");
     }
-    authority(&e.server, "x509", &["revoke", "--authority-id", &old]);
+    revoke_once_unserved(&e.server, "x509", &old);
     loop {
         let v = next("the bundle without the revoked key");
         assert_eq!(v["issuers"], serde_json::json!([prepared]), "{v}");

@@ -252,7 +252,10 @@ async fn reparented_entry_is_not_served_and_a_lifted_ban_still_refuses() {
     a.client = agent_client::authenticated(&s.addr, s.bundle_der(), &a.chain, &a.key).await;
     let sync = a
         .client
-        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -266,7 +269,10 @@ async fn reparented_entry_is_not_served_and_a_lifted_ban_still_refuses() {
     b.client = agent_client::authenticated(&s.addr, s.bundle_der(), &b.chain, &b.key).await;
     let e = b
         .client
-        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");

@@ -72,7 +72,10 @@ async fn entries_and_bans_made_through_one_server_hold_on_every_server() {
         .unwrap();
     let mut on_b = agent.client.clone();
     let sync = on_b
-        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -87,6 +90,7 @@ async fn entries_and_bans_made_through_one_server_hold_on_every_server() {
             let r = on_b
                 .sync_authorized_entries(SyncAuthorizedEntriesRequest {
                     since_revision: since,
+                    serving: None,
                 })
                 .await
                 .unwrap()
@@ -119,6 +123,7 @@ async fn entries_and_bans_made_through_one_server_hold_on_every_server() {
             let r = on_b
                 .sync_authorized_entries(SyncAuthorizedEntriesRequest {
                     since_revision: since,
+                    serving: None,
                 })
                 .await
                 .unwrap()
@@ -139,7 +144,10 @@ async fn entries_and_bans_made_through_one_server_hold_on_every_server() {
                 let mut client = client.clone();
                 async move {
                     client
-                        .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+                        .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+                            since_revision: 0,
+                            serving: None,
+                        })
                         .await
                         .err()
                 }

@@ -130,6 +130,19 @@ fn jwt_kid(token: &str) -> Option<String> {
 }
 
 impl Manager {
+    /// The kids of the cached JWT-SVIDs, sorted, without duplicates.
+    pub(super) fn cached_jwt_kids(&self) -> Vec<String> {
+        let jwts = self.jwts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kids: Vec<String> = jwts
+            .values()
+            .map(|c| c.kid.clone())
+            .filter(|k| !k.is_empty())
+            .collect();
+        kids.sort();
+        kids.dedup();
+        kids
+    }
+
     /// Drops the cached JWT-SVIDs signed by a `tainted` JWT authority: the next fetch of each
     /// gets a fresh one from the active authority.
     pub(super) fn drop_tainted_jwts(&self, tainted: &[String]) {

@@ -184,11 +184,35 @@ impl Manager {
         true
     }
 
+    /// What this agent serves now: the authorities that signed its X509-SVIDs (its own
+    /// included) and its cached JWT-SVIDs, as of the bundle it holds. The server revokes a
+    /// tainted authority only once every agent reports it no longer serves it.
+    fn serving_report(&self) -> continuity_proto::agent::ServingReport {
+        let st = self.state();
+        let mut x509: Vec<String> = st
+            .agent_svid
+            .iter()
+            .chain(st.svids.values())
+            .filter_map(|s| crate::svid::authority_key_id(&s.chain))
+            .collect();
+        x509.sort();
+        x509.dedup();
+        continuity_proto::agent::ServingReport {
+            bundle_sequence: i64::try_from(st.bundle.sequence).unwrap_or(i64::MAX),
+            x509_authority_ids: x509,
+            jwt_authority_ids: self.cached_jwt_kids(),
+        }
+    }
+
     /// Pulls entry changes since the revision held; true if the entries changed.
     async fn sync_entries(&self, api: &mut AgentApi) -> Result<bool, ClientError> {
         let since_revision = self.state().revision;
+        let serving = Some(self.serving_report());
         let sync = api
-            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision })
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+                since_revision,
+                serving,
+            })
             .await?
             .into_inner();
         let mut st = self.state();

@@ -51,6 +51,8 @@ pub struct AdminService {
     pub bad_rows: Arc<crate::datastore::BadRows>,
     /// Foreign bundles: an entry may federate only with a trust domain whose bundle exists.
     pub federation: Arc<crate::federation::Federation>,
+    /// What each agent reports serving (a revoke waits until none serves the key).
+    pub serving: Arc<crate::serving::ServingReports>,
 }
 
 impl AdminService {

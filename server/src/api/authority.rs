@@ -94,10 +94,44 @@ impl AdminService {
         let outcome = match step {
             "activate" => self.ca.activate_authority(kind, id).await,
             "taint" => self.ca.taint_authority(kind, id).await,
-            _ => self.ca.revoke_authority(kind, id).await,
+            _ => self.revoke(kind, id, r.force).await,
         };
-        let action = format!("authority.{}.{step}", kind_name(kind));
+        let mut action = format!("authority.{}.{step}", kind_name(kind));
+        if step == "revoke" && r.force {
+            action.push_str(".forced");
+        }
         self.audited(&actor, action, id, outcome).await
+    }
+
+    /// Revokes `id` once no live agent may still serve what it signed (unless `force`): every
+    /// agent must have reported, at the current bundle, SVIDs signed by other authorities only.
+    async fn revoke(
+        &self,
+        kind: AuthorityKind,
+        id: &str,
+        force: bool,
+    ) -> Result<AuthorityState, AuthorityError> {
+        if !force && !id.is_empty() {
+            let blockers = self
+                .serving
+                .blockers(
+                    kind,
+                    id,
+                    &self.registry.agents(),
+                    self.ca.bundle().sequence,
+                    self.clock.unix(),
+                )
+                .await
+                .map_err(|e| AuthorityError::Ca(e.into()))?;
+            if !blockers.is_empty() {
+                // Say first what else is wrong (unknown, untainted), then who blocks.
+                self.ca.check_revocable(kind, id).await?;
+                return Err(AuthorityError::Precondition(
+                    blockers.describe(kind_name(kind), id),
+                ));
+            }
+        }
+        self.ca.revoke_authority(kind, id).await
     }
 }
 

@@ -118,6 +118,24 @@ fn state_of(r: &CaKeyRecord) -> AuthorityState {
     }
 }
 
+/// The record of `id` if it can be revoked (it exists and is tainted).
+fn revocable<'a>(
+    records: &'a [CaKeyRecord],
+    kind: AuthorityKind,
+    id: &str,
+) -> Result<&'a CaKeyRecord, AuthorityError> {
+    let p = position(records, kind, id).ok_or_else(|| unknown(kind, id))?;
+    let r = &records[p];
+    if r.state != CaKeyState::Tainted {
+        return Err(AuthorityError::Precondition(format!(
+            "{} authority {id} is {}: only a tainted authority can be revoked (taint it first)",
+            kind.name(),
+            state_of(r).state
+        )));
+    }
+    Ok(r)
+}
+
 impl CaManager {
     /// The active, prepared and old authority of `kind`, from the CA journal.
     pub async fn authority_slots(&self, kind: AuthorityKind) -> Result<AuthoritySlots, CaError> {
@@ -233,6 +251,16 @@ impl CaManager {
         Ok(state_of(&records[p]))
     }
 
+    /// Whether `id` could be revoked now: it exists and is tainted.
+    pub async fn check_revocable(
+        &self,
+        kind: AuthorityKind,
+        id: &str,
+    ) -> Result<(), AuthorityError> {
+        let records = self.journal_with(id).await?;
+        revocable(&records, kind, id).map(|_| ())
+    }
+
     /// Removes the tainted authority `id` from the bundle (and the CA journal). An untainted
     /// authority cannot be revoked.
     pub async fn revoke_authority(
@@ -242,15 +270,7 @@ impl CaManager {
     ) -> Result<AuthorityState, AuthorityError> {
         let _guard = self.rotate_lock.lock().await;
         let records = self.journal_with(id).await?;
-        let p = position(&records, kind, id).ok_or_else(|| unknown(kind, id))?;
-        let r = &records[p];
-        if r.state != CaKeyState::Tainted {
-            return Err(AuthorityError::Precondition(format!(
-                "{} authority {id} is {}: only a tainted authority can be revoked (taint it first)",
-                kind.name(),
-                state_of(r).state
-            )));
-        }
+        let r = revocable(&records, kind, id)?;
         self.store
             .delete_ca_key(&r.key_id)
             .await

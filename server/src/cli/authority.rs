@@ -6,8 +6,8 @@
 use clap::Subcommand;
 use continuity_proto::admin::authority_admin_client::AuthorityAdminClient;
 use continuity_proto::admin::{
-    AuthorityIdRequest, AuthorityKind, AuthorityState, GetAuthorityStateRequest,
-    PrepareAuthorityRequest,
+    AuthorityChangeResponse, AuthorityIdRequest, AuthorityKind, AuthorityState,
+    GetAuthorityStateRequest, PrepareAuthorityRequest,
 };
 use tonic::transport::Channel;
 
@@ -44,11 +44,15 @@ pub enum AuthorityStep {
         #[arg(long = "authority-id", alias = "authorityID")]
         authority_id: String,
     },
-    /// Remove a tainted authority from the bundle.
+    /// Remove a tainted authority from the bundle, once no live agent serves what it signed.
     Revoke {
         /// The tainted authority's ID.
         #[arg(long = "authority-id", alias = "authorityID")]
         authority_id: String,
+        /// Remove it even while agents still serve what it signed or have not synced since
+        /// the taint (audited as a forced revoke).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -146,40 +150,21 @@ pub async fn run(ch: Channel, out: Output, cmd: AuthorityCommand) -> Result<(), 
     };
     let mut client = AuthorityAdminClient::new(ch);
     let kind = kind as i32;
-    let id = |authority_id: String| AuthorityIdRequest { kind, authority_id };
-    let (name, r) = match step {
-        AuthorityStep::Show => {
-            let r = client
-                .get_authority_state(GetAuthorityStateRequest { kind })
-                .await?
-                .into_inner();
-            let slots = Slots {
-                active: r.active.map(Into::into),
-                prepared: r.prepared.map(Into::into),
-                old: r.old.map(Into::into),
-                kind: label,
-            };
-            return show(out, &slots);
-        }
-        AuthorityStep::Prepare => (
-            "prepared",
-            client
-                .prepare_authority(PrepareAuthorityRequest { kind })
-                .await?,
-        ),
-        AuthorityStep::Activate { authority_id } => (
-            "activated",
-            client.activate_authority(id(authority_id)).await?,
-        ),
-        AuthorityStep::Taint { authority_id } => {
-            ("tainted", client.taint_authority(id(authority_id)).await?)
-        }
-        AuthorityStep::Revoke { authority_id } => {
-            ("revoked", client.revoke_authority(id(authority_id)).await?)
-        }
-    };
+    if let AuthorityStep::Show = step {
+        let r = client
+            .get_authority_state(GetAuthorityStateRequest { kind })
+            .await?
+            .into_inner();
+        let slots = Slots {
+            active: r.active.map(Into::into),
+            prepared: r.prepared.map(Into::into),
+            old: r.old.map(Into::into),
+            kind: label,
+        };
+        return show(out, &slots);
+    }
+    let (name, r) = change(&mut client, kind, step).await?;
     let authority = r
-        .into_inner()
         .authority
         .ok_or_else(|| CliError::Argument("the server answered without the authority".into()))?;
     show(
@@ -190,4 +175,45 @@ pub async fn run(ch: Channel, out: Output, cmd: AuthorityCommand) -> Result<(), 
             authority: authority.into(),
         },
     )
+}
+
+/// Sends a changing step (`prepare`, `activate`, `taint`, `revoke`); its past-tense name and
+/// the answer.
+async fn change(
+    client: &mut AuthorityAdminClient<Channel>,
+    kind: i32,
+    step: AuthorityStep,
+) -> Result<(&'static str, AuthorityChangeResponse), CliError> {
+    let id = |authority_id: String, force: bool| AuthorityIdRequest {
+        kind,
+        authority_id,
+        force,
+    };
+    let (name, r) = match step {
+        AuthorityStep::Show => {
+            return Err(CliError::Argument("`show` changes nothing".into()));
+        }
+        AuthorityStep::Prepare => (
+            "prepared",
+            client
+                .prepare_authority(PrepareAuthorityRequest { kind })
+                .await?,
+        ),
+        AuthorityStep::Activate { authority_id } => (
+            "activated",
+            client.activate_authority(id(authority_id, false)).await?,
+        ),
+        AuthorityStep::Taint { authority_id } => (
+            "tainted",
+            client.taint_authority(id(authority_id, false)).await?,
+        ),
+        AuthorityStep::Revoke {
+            authority_id,
+            force,
+        } => (
+            "revoked",
+            client.revoke_authority(id(authority_id, force)).await?,
+        ),
+    };
+    Ok((name, r.into_inner()))
 }

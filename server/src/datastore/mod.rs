@@ -415,6 +415,30 @@ pub trait ForeignBundleStore: Send + Sync + std::fmt::Debug {
     async fn list_foreign_bundles(&self) -> Result<Vec<crate::trust_bundle::Bundle>, StoreError>;
 }
 
+/// What an agent last reported serving: the authorities that signed what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingReport {
+    /// The agent's SPIFFE ID.
+    pub agent_id: String,
+    /// The bundle sequence the agent held when it reported.
+    pub bundle_sequence: i64,
+    /// Authority IDs (SKI hex) of the CAs that signed its X509-SVIDs, sorted, unique.
+    pub x509_authorities: Vec<String>,
+    /// kids of its cached JWT-SVIDs, sorted, unique.
+    pub jwt_authorities: Vec<String>,
+    /// When the report was first made in this form (Unix seconds).
+    pub reported_at: i64,
+}
+
+/// The agents' serving reports (a revoke waits until no live agent serves the key).
+#[async_trait]
+pub trait ServingStore: Send + Sync + std::fmt::Debug {
+    /// Inserts or replaces the report of its agent.
+    async fn put_serving_report(&self, report: &ServingReport) -> Result<(), StoreError>;
+    /// Every report whose row is intact.
+    async fn list_serving_reports(&self) -> Result<Vec<ServingReport>, StoreError>;
+}
+
 /// Whether the datastore answers (the health endpoint's readiness).
 #[async_trait]
 pub trait StoreHealth: Send + Sync + std::fmt::Debug {
@@ -436,6 +460,7 @@ pub trait DataStore:
     + ChangeFeed
     + LeaseStore
     + ForeignBundleStore
+    + ServingStore
 {
 }
 
@@ -451,6 +476,7 @@ impl<T> DataStore for T where
         + ChangeFeed
         + LeaseStore
         + ForeignBundleStore
+        + ServingStore
         + ?Sized
 {
 }

@@ -84,6 +84,8 @@ pub struct AgentService {
     pub first_message_timeout: Duration,
     /// Foreign bundles, sent to the agents whose entries federate with them.
     pub federation: Arc<crate::federation::Federation>,
+    /// What each agent reports serving, for revokes.
+    pub serving: Arc<crate::serving::ServingReports>,
 }
 
 /// A server-streaming response.
@@ -112,6 +114,17 @@ impl AgentApi for AgentService {
         req: Request<SyncAuthorizedEntriesRequest>,
     ) -> Result<Response<SyncAuthorizedEntriesResponse>, Status> {
         let agent = self.authenticate(&req).await?;
+        if let Some(report) = &req.get_ref().serving {
+            crate::serving::check_report(report).map_err(Status::invalid_argument)?;
+            if let Err(e) = self
+                .serving
+                .record(agent.spiffe_id.as_str(), report, self.clock.unix())
+                .await
+            {
+                // The sync itself is served from memory; only a revoke waits on the report.
+                tracing::warn!(agent = %agent.spiffe_id, error = %e, "serving report not stored");
+            }
+        }
         let r = self.registry.sync(&agent, req.get_ref().since_revision);
         Ok(Response::new(SyncAuthorizedEntriesResponse {
             entries: r.entries.iter().map(|e| entry_to_proto(e)).collect(),

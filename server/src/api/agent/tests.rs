@@ -164,6 +164,7 @@ async fn fixture() -> Fixture {
         )),
         first_message_timeout: Duration::from_secs(10),
         federation,
+        serving: Arc::new(crate::serving::ServingReports::new(store.clone())),
     };
     Fixture {
         dir,

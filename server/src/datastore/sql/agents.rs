@@ -217,6 +217,10 @@ impl SqlDataStore {
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("agent {id}")));
         }
+        sqlx::query("DELETE FROM agent_serving WHERE agent_id = $1")
+            .bind(id)
+            .execute(&mut *c)
+            .await?;
         Ok(())
     }
 

@@ -126,6 +126,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
         previous_version BIGINT NOT NULL, jws TEXT NOT NULL, created_at BIGINT NOT NULL,
         mac {BLOB}, PRIMARY KEY (engine, key_name, version))",
     ),
+    (
+        11,
+        // Authority revocation: what each agent last reported serving (the authorities that
+        // signed its SVIDs, as of the bundle it held), record-MACed.
+        "CREATE TABLE agent_serving (agent_id TEXT PRIMARY KEY, bundle_sequence BIGINT NOT NULL,
+        x509_authorities TEXT NOT NULL, jwt_authorities TEXT NOT NULL,
+        reported_at BIGINT NOT NULL, mac {BLOB})",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

@@ -72,6 +72,7 @@ mod integrity_tests;
 mod migrations;
 #[cfg(test)]
 pub(crate) mod scratch;
+mod serving;
 #[cfg(test)]
 mod tests;
 

@@ -76,13 +76,25 @@ pub async fn attest_all(servers: &[&TestServer], plan: &Plan) -> Vec<Agent> {
     agents
 }
 
+/// The serving report of a steady agent: one X.509 and one JWT authority.
+fn serving_report() -> continuity_proto::agent::ServingReport {
+    continuity_proto::agent::ServingReport {
+        bundle_sequence: 1,
+        x509_authority_ids: vec!["0a1b2c3d4e5f60718293a4b5c6d7e8f901234567".into()],
+        jwt_authority_ids: vec!["bench-kid".into()],
+    }
+}
+
 /// One full sync per agent; returns each agent's revision.
 pub async fn initial_sync(agents: &mut [Agent], entries: usize) -> Vec<i64> {
     let mut revisions = Vec::with_capacity(agents.len());
     for a in agents.iter_mut() {
         let r = a
             .client
-            .sync_authorized_entries(SyncAuthorizedEntriesRequest { since_revision: 0 })
+            .sync_authorized_entries(SyncAuthorizedEntriesRequest {
+                since_revision: 0,
+                serving: Some(serving_report()),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -109,8 +121,10 @@ pub async fn steady(
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
+                // The report a real agent sends with every sync (unchanged: no write).
                 let request = SyncAuthorizedEntriesRequest {
                     since_revision: rev,
+                    serving: Some(serving_report()),
                 };
                 let r = a.client.sync_authorized_entries(request).await.unwrap();
                 lat.push(t.elapsed().as_secs_f64() * 1e3);
@@ -137,7 +151,10 @@ async fn full_sync(server: &TestServer, plan: &Plan) -> Metric {
     let mut full = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        let request = SyncAuthorizedEntriesRequest { since_revision: 0 };
+        let request = SyncAuthorizedEntriesRequest {
+            since_revision: 0,
+            serving: Some(serving_report()),
+        };
         let r = a.client.sync_authorized_entries(request).await.unwrap();
         full.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(r.into_inner().entries.len(), plan.full_sync_entries);
