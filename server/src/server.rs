@@ -169,6 +169,8 @@ struct Core {
     engines: Arc<Engines>,
     /// Foreign trust bundles.
     federation: Arc<crate::federation::Federation>,
+    /// Fetches the federation relationships' bundle endpoints.
+    refresher: Arc<crate::federation::refresher::Refresher>,
     /// The change feed position read before the state above was loaded.
     feed_cursor: i64,
     /// This server's name in the leader leases (kept in `data_dir/server-id`).
@@ -201,6 +203,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     ));
     let _jobs = jobs.spawn();
     let _feed = cluster::follow(&core, cfg.cluster.poll_interval);
+    let _refresher = core.refresher.clone().spawn(
+        core.store.clone(),
+        core.holder.clone(),
+        cfg.cluster.lease_ttl,
+        core.clock.clone(),
+    );
     cluster::controller(&cfg, &core)?;
     let _bundle_publisher = cfg
         .k8s_bundle
@@ -277,8 +285,10 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     .await?;
     engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
     let federation = federation(cfg, &store, &engines, &clock).await?;
+    let refresher = cluster::refresher(cfg, &federation)?;
     Ok(Core {
         federation,
+        refresher,
         clock,
         store,
         key_manager,
@@ -301,6 +311,7 @@ async fn federation(
 ) -> Result<Arc<crate::federation::Federation>, RunError> {
     Ok(crate::federation::Federation::load(
         cfg.trust_domain.clone(),
+        store.clone(),
         store.clone(),
         engines.audit().clone(),
         clock.clone(),
@@ -554,6 +565,15 @@ async fn admin_api(
             crate::api::federation::FederatedBundleService {
                 admin: admin.clone(),
                 federation: core.federation.clone(),
+            }
+            .server()
+            .max_decoding_message_size(m),
+        )
+        .add_service(
+            crate::api::federation_relationships::FederationService {
+                admin: admin.clone(),
+                federation: core.federation.clone(),
+                refresher: core.refresher.clone(),
             }
             .server()
             .max_decoding_message_size(m),

@@ -145,7 +145,13 @@ async fn fixture() -> Fixture {
         .unwrap(),
     );
     let federation =
-        crate::federation::Federation::load(td.clone(), store.clone(), audit, clock.clone())
+        crate::federation::Federation::load(
+            td.clone(),
+            store.clone(),
+            store.clone(),
+            audit,
+            clock.clone(),
+        )
             .await
             .unwrap();
     let svc = AgentService {

@@ -10,7 +10,9 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries};
+use super::{
+    SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries, relationships,
+};
 use crate::datastore::seal::{Canon, KeyPart};
 use crate::datastore::{BadRow, BadRows, IntegrityReport, IntegrityStore, StoreError};
 
@@ -31,7 +33,11 @@ pub(super) const TABLES: &[Table] = &[
 
 /// The MACed tables made after migration 5: sealed from their first row, so the upgrade never
 /// reads them.
-const LATER_TABLES: &[Table] = &[bundles::FOREIGN_BUNDLES, endorsements::ENDORSEMENTS];
+const LATER_TABLES: &[Table] = &[
+    bundles::FOREIGN_BUNDLES,
+    endorsements::ENDORSEMENTS,
+    relationships::RELATIONSHIPS,
+];
 
 /// The stored MAC of a row.
 pub(super) fn mac_column(r: &AnyRow) -> Result<Option<Vec<u8>>, StoreError> {

@@ -126,6 +126,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
         previous_version BIGINT NOT NULL, jws TEXT NOT NULL, created_at BIGINT NOT NULL,
         mac {BLOB}, PRIMARY KEY (engine, key_name, version))",
     ),
+    (
+        11,
+        // Federation relationships: each foreign trust domain's bundle endpoint and how it is
+        // authenticated (record-MACed); the refresher keeps its bundle in foreign_bundles.
+        "CREATE TABLE federation_relationships (trust_domain TEXT PRIMARY KEY,
+        bundle_endpoint_url TEXT NOT NULL, profile TEXT NOT NULL, endpoint_spiffe_id TEXT NOT NULL,
+        updated_at BIGINT NOT NULL, mac {BLOB})",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

@@ -70,6 +70,7 @@ mod integrity;
 #[cfg(test)]
 mod integrity_tests;
 mod migrations;
+mod relationships;
 #[cfg(test)]
 pub(crate) mod scratch;
 #[cfg(test)]
@@ -305,6 +306,14 @@ impl SqlDataStore {
                 self.put_foreign_bundle_on(tx, b, *at).await?;
                 Applied::Done
             }
+            Write::PutRelationship(r, at) => {
+                self.put_relationship_on(tx, r, *at).await?;
+                Applied::Done
+            }
+            Write::DeleteRelationship(td) => {
+                Self::delete_relationship_on(tx, td).await?;
+                Applied::Done
+            }
             Write::DeleteForeignBundle(td) => {
                 Self::delete_foreign_bundle_on(tx, td).await?;
                 Applied::Done
@@ -337,7 +346,12 @@ fn change_of(w: &Write, applied: &Applied) -> Option<(ChangeKind, String)> {
         (Write::PutForeignBundle(b, _), _) => {
             (ChangeKind::ForeignBundle, b.trust_domain.name().to_string())
         }
-        (Write::DeleteForeignBundle(td), _) => (ChangeKind::ForeignBundle, td.clone()),
+        (Write::DeleteForeignBundle(td) | Write::DeleteRelationship(td), _) => {
+            (ChangeKind::ForeignBundle, td.clone())
+        }
+        (Write::PutRelationship(r, _), _) => {
+            (ChangeKind::ForeignBundle, r.trust_domain.name().to_string())
+        }
         (Write::InsertEndorsement(e), _) => (ChangeKind::Engine, e.engine.clone()),
         (Write::CreateJoinToken(_) | Write::CreateEntry(_) | Write::UpdateEntry(_), _) => {
             return None;
