@@ -67,6 +67,8 @@ pub struct FileBundleEndpoint {
     pub cert_file: Option<PathBuf>,
     /// Private key, PEM PKCS#8 (https_web only).
     pub key_file: Option<PathBuf>,
+    /// `spiffe_refresh_hint` served instead of the CA's (a duration, 1s to 1h).
+    pub refresh_hint: Option<String>,
 }
 
 /// How the bundle endpoint authenticates itself to its clients.
@@ -91,6 +93,8 @@ pub struct BundleEndpointConfig {
     pub bind_address: SocketAddr,
     /// TLS profile.
     pub profile: EndpointProfile,
+    /// Served `spiffe_refresh_hint`, seconds (None: the CA's).
+    pub refresh_hint: Option<u64>,
 }
 
 impl BundleEndpointConfig {
@@ -138,9 +142,21 @@ impl BundleEndpointConfig {
                 ));
             }
         };
+        let refresh_hint = match e.refresh_hint.as_deref() {
+            None => None,
+            Some(raw) => {
+                let key = "federation.bundle_endpoint.refresh_hint";
+                let d = continuity_common::duration::parse(raw).map_err(|e| invalid(key, e))?;
+                if d.as_secs() == 0 || d.as_secs() > 3600 {
+                    return Err(invalid(key, "must be between 1s and 1h"));
+                }
+                Some(d.as_secs())
+            }
+        };
         Ok(Some(Self {
             bind_address,
             profile,
+            refresh_hint,
         }))
     }
 }

@@ -33,11 +33,13 @@ pub fn sequence_verdict(stored: Option<&Bundle>, fetched: &Bundle) -> Verdict {
     }
 }
 
-/// Equal authorities and refresh hint (what agents are served), ignoring nothing else.
+/// Same sequence and authorities (what agents are served); the refresh hint may differ (a
+/// bundle endpoint may serve its own).
 fn same_content(a: &Bundle, b: &Bundle) -> bool {
     a.x509_authorities == b.x509_authorities
         && a.jwt_authorities == b.jwt_authorities
-        && a.refresh_hint == b.refresh_hint
+        && a.tainted_x509 == b.tainted_x509
+        && a.tainted_jwt == b.tainted_jwt
         && a.sequence == b.sequence
 }
 
