@@ -34,7 +34,11 @@ pub const SERVER: &[Alias] = &[
     ("bundleEndpointProfile", "bundle-endpoint-profile", true),
     ("endpointSpiffeID", "endpoint-spiffe-id", true),
     ("trustDomainBundlePath", "trust-domain-bundle-path", true),
-    ("trustDomainBundleFormat", "trust-domain-bundle-format", true),
+    (
+        "trustDomainBundleFormat",
+        "trust-domain-bundle-format",
+        true,
+    ),
 ];
 
 /// The `continuity-agent` aliases (on top of [`COMMON`]).

@@ -75,7 +75,10 @@ impl FederationService {
             }
         };
         let b = parse_bundle(&rel.trust_domain, &r.trust_domain_bundle, format).map_err(|e| {
-            Status::invalid_argument(format!("trust_domain_bundle of {}: {e}", rel.trust_domain))
+            Status::invalid_argument(format!(
+                "trust_domain_bundle: bundle of {}: {e}",
+                rel.trust_domain
+            ))
         })?;
         Ok((rel, Some(b)))
     }
@@ -90,9 +93,13 @@ impl FederationService {
         let (federation, stored) = (self.federation.clone(), rel.clone());
         to_completion(async move {
             let r = if create {
-                federation.create_relationship(stored, initial, &actor).await
+                federation
+                    .create_relationship(stored, initial, &actor)
+                    .await
             } else {
-                federation.update_relationship(stored, initial, &actor).await
+                federation
+                    .update_relationship(stored, initial, &actor)
+                    .await
             };
             r.map_err(federation_status)
         })
@@ -183,10 +190,13 @@ impl FederationAdmin for FederationService {
         let refresher = self.refresher.clone();
         let target = td.clone();
         let r = to_completion(async move {
-            refresher.refresh(&target, &actor).await.map_err(|e| match e {
-                RefreshError::NoRelationship(_) => Status::not_found(e.to_string()),
-                e => Status::unavailable(e.to_string()),
-            })
+            refresher
+                .refresh(&target, &actor)
+                .await
+                .map_err(|e| match e {
+                    RefreshError::NoRelationship(_) => Status::not_found(e.to_string()),
+                    e => Status::unavailable(e.to_string()),
+                })
         })
         .await?;
         let bundle = self.federation.bundle(&td).map(|b| bundle_to_proto(&b));

@@ -240,7 +240,10 @@ fn request(a: RelationshipArgs) -> Result<FederationRelationship, CliError> {
         None => Vec::new(),
         Some(path) => {
             let bad = |e: io::Error| {
-                CliError::Argument(format!("--trust-domain-bundle-path {}: {e}", path.display()))
+                CliError::Argument(format!(
+                    "--trust-domain-bundle-path {}: {e}",
+                    path.display()
+                ))
             };
             let f = std::fs::File::open(path).map_err(bad)?;
             let mut buf = Vec::new();

@@ -17,8 +17,8 @@ use crate::ca::Bundle;
 use crate::datastore::{ForeignBundleStore, RelationshipStore, StoreError, Write};
 use crate::trust_bundle::Relationship;
 
-mod relationships;
 pub mod refresher;
+mod relationships;
 
 pub use relationships::{Verdict, sequence_verdict};
 

@@ -18,7 +18,9 @@ use continuity_common::{Clock, TrustDomain};
 
 use super::{Federation, FederationError};
 use crate::datastore::LeaseStore;
-use crate::trust_bundle::{BundleFormat, EndpointAuth, MAX_BUNDLE_BYTES, Relationship, parse_bundle};
+use crate::trust_bundle::{
+    BundleFormat, EndpointAuth, MAX_BUNDLE_BYTES, Relationship, parse_bundle,
+};
 
 /// The lease whose holder refreshes on schedule.
 pub const REFRESHER_LEASE: &str = "federation-refresher";
@@ -98,7 +100,8 @@ pub fn next_interval(refresh_hint: i64, min: Duration) -> Duration {
 
 /// The wait after `failures` failed fetches in a row: doubling from `min`, at most 1 h.
 pub fn backoff(failures: u32, min: Duration) -> Duration {
-    min.saturating_mul(1 << failures.min(16)).min(MAX_REFRESH.max(min))
+    min.saturating_mul(1 << failures.min(16))
+        .min(MAX_REFRESH.max(min))
 }
 
 impl Refresher {
@@ -132,7 +135,10 @@ impl Refresher {
         let failures = schedule.get(trust_domain).map_or(0, |s| s.1);
         let (wait, failures) = match &result {
             Ok(r) => (r.next_in, 0),
-            Err(_) => (backoff(failures, self.min_interval), failures.saturating_add(1)),
+            Err(_) => (
+                backoff(failures, self.min_interval),
+                failures.saturating_add(1),
+            ),
         };
         let due = now.saturating_add(i64::try_from(wait.as_secs()).unwrap_or(i64::MAX));
         schedule.insert(trust_domain.clone(), (due, failures));
@@ -152,7 +158,15 @@ impl Refresher {
         let trust = self.trust_for(rel).map_err(&fail)?;
         let target = url.clone();
         let resp = tokio::task::spawn_blocking(move || {
-            request_capped("GET", &target, &trust, None, None, FETCH_TIMEOUT, MAX_RESPONSE)
+            request_capped(
+                "GET",
+                &target,
+                &trust,
+                None,
+                None,
+                FETCH_TIMEOUT,
+                MAX_RESPONSE,
+            )
         })
         .await
         .map_err(|e| fail(e.to_string()))?
@@ -183,7 +197,10 @@ impl Refresher {
         match &rel.auth {
             EndpointAuth::HttpsSpiffe(id) => {
                 let held = self.federation.bundle(&rel.trust_domain).ok_or_else(|| {
-                    format!("no bundle of {} is held to authenticate the endpoint", rel.trust_domain)
+                    format!(
+                        "no bundle of {} is held to authenticate the endpoint",
+                        rel.trust_domain
+                    )
                 })?;
                 let roots = TrustRoots::new(held.x509_authorities.clone());
                 Ok(ServerTrust::Verifier(Arc::new(SpiffeServerVerifier::new(
@@ -191,11 +208,14 @@ impl Refresher {
                     id.clone(),
                 ))))
             }
-            EndpointAuth::HttpsWeb => self
-                .web_roots
-                .clone()
-                .map(ServerTrust::Roots)
-                .ok_or_else(|| "https_web needs Web PKI roots: set [federation] web_ca_file".into()),
+            EndpointAuth::HttpsWeb => {
+                self.web_roots
+                    .clone()
+                    .map(ServerTrust::Roots)
+                    .ok_or_else(|| {
+                        "https_web needs Web PKI roots: set [federation] web_ca_file".into()
+                    })
+            }
         }
     }
 
@@ -226,7 +246,10 @@ impl Refresher {
                 if due.is_empty() {
                     continue;
                 }
-                match leases.try_lease(REFRESHER_LEASE, &holder, clock.unix(), ttl).await {
+                match leases
+                    .try_lease(REFRESHER_LEASE, &holder, clock.unix(), ttl)
+                    .await
+                {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
@@ -236,9 +259,13 @@ impl Refresher {
                 }
                 for td in due {
                     match self.refresh(&td, "federation-refresher").await {
-                        Ok(r) if r.updated => tracing::info!(trust_domain = %td, sequence = r.sequence, "federated bundle refreshed"),
+                        Ok(r) if r.updated => {
+                            tracing::info!(trust_domain = %td, sequence = r.sequence, "federated bundle refreshed")
+                        }
                         Ok(_) => tracing::debug!(trust_domain = %td, "federated bundle unchanged"),
-                        Err(e) => tracing::warn!(trust_domain = %td, error = %e, "federated bundle refresh failed; will retry with backoff"),
+                        Err(e) => {
+                            tracing::warn!(trust_domain = %td, error = %e, "federated bundle refresh failed; will retry with backoff")
+                        }
                     }
                 }
             }
@@ -258,7 +285,10 @@ mod tests {
         assert_eq!(next_interval(5, min), min);
         assert_eq!(next_interval(120, min), Duration::from_secs(120));
         assert_eq!(next_interval(86_400, min), MAX_REFRESH);
-        assert_eq!(next_interval(2, Duration::from_secs(1)), Duration::from_secs(2));
+        assert_eq!(
+            next_interval(2, Duration::from_secs(1)),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]

@@ -184,8 +184,11 @@ impl Federation {
 
     fn relationships_mut(
         &self,
-    ) -> std::sync::RwLockWriteGuard<'_, std::collections::BTreeMap<TrustDomain, Relationship>> {
-        self.relationships.write().unwrap_or_else(|e| e.into_inner())
+    ) -> std::sync::RwLockWriteGuard<'_, std::collections::BTreeMap<TrustDomain, Relationship>>
+    {
+        self.relationships
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 

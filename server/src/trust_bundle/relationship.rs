@@ -176,8 +176,7 @@ mod tests {
             r.auth.endpoint_spiffe_id(),
             "spiffe://peer.test/continuity/server"
         );
-        let web = Relationship::new("peer.test", "https://b.example/x", "https_web", "")
-            .unwrap();
+        let web = Relationship::new("peer.test", "https://b.example/x", "https_web", "").unwrap();
         assert_eq!(web.auth, EndpointAuth::HttpsWeb);
     }
 
@@ -219,7 +218,10 @@ mod tests {
             ("https_web", id, "endpoint_spiffe_id"),
             ("https_other", "", "bundle_endpoint_profile"),
         ] {
-            assert_eq!(field_of(new("peer.test", "https://a/", profile, eid)), field);
+            assert_eq!(
+                field_of(new("peer.test", "https://a/", profile, eid)),
+                field
+            );
         }
     }
 }

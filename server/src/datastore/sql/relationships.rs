@@ -111,13 +111,14 @@ impl RelationshipStore for SqlDataStore {
         let raw = self.screen(&rows, raw_from_row, Raw::canon)?;
         raw.iter()
             .map(|r| {
-                Relationship::new(&r.trust_domain, &r.url, &r.profile, &r.endpoint_id)
-                    .map_err(|e| {
+                Relationship::new(&r.trust_domain, &r.url, &r.profile, &r.endpoint_id).map_err(
+                    |e| {
                         StoreError::Corrupt(format!(
                             "federation relationship {}: {e}",
                             r.trust_domain
                         ))
-                    })
+                    },
+                )
             })
             .collect()
     }
