@@ -285,10 +285,9 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     .await?;
     engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
     let federation = federation(cfg, &store, &engines, &clock).await?;
-    let refresher = cluster::refresher(cfg, &federation)?;
     Ok(Core {
+        refresher: cluster::refresher(cfg, &federation)?,
         federation,
-        refresher,
         clock,
         store,
         key_manager,
@@ -523,12 +522,9 @@ fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
 
 /// The admin API and gRPC health on the private Unix socket: binds `admin_socket` and returns
 /// the server future.
-async fn admin_api(
-    cfg: &Config,
-    core: &Core,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Serving, RunError> {
-    let admin = AdminService {
+/// The admin services' shared handle: the caller check and the subsystems.
+fn admin_service(cfg: &Config, core: &Core) -> AdminService {
+    AdminService {
         engines: core.engines.clone(),
         trust_domain: cfg.trust_domain.clone(),
         registry: core.registry.clone(),
@@ -539,7 +535,15 @@ async fn admin_api(
         owner_uid: own_uid(),
         bad_rows: core.store.bad_rows(),
         federation: core.federation.clone(),
-    };
+    }
+}
+
+async fn admin_api(
+    cfg: &Config,
+    core: &Core,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Serving, RunError> {
+    let admin = admin_service(cfg, core);
     let uds = bind_admin_socket(&cfg.admin_socket).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -139,10 +139,10 @@ fn check_url(url: &str) -> Result<(), RelationshipError> {
             None => (authority, None),
         },
     };
-    if let Some(port) = port {
-        if port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(invalid(field, format!("port {port:?} is not 1-65535")));
-        }
+    if let Some(port) = port
+        && port.parse::<u16>().ok().is_none_or(|p| p == 0)
+    {
+        return Err(invalid(field, format!("port {port:?} is not 1-65535")));
     }
     if host.is_empty() {
         return Err(invalid(field, format!("{url:?} has no host")));

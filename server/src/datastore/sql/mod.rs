@@ -302,20 +302,11 @@ impl SqlDataStore {
                 self.put_secret_on(tx, sec).await?;
                 Applied::Done
             }
-            Write::PutForeignBundle(b, at) => {
-                self.put_foreign_bundle_on(tx, b, *at).await?;
-                Applied::Done
-            }
-            Write::PutRelationship(r, at) => {
-                self.put_relationship_on(tx, r, *at).await?;
-                Applied::Done
-            }
-            Write::DeleteRelationship(td) => {
-                Self::delete_relationship_on(tx, td).await?;
-                Applied::Done
-            }
-            Write::DeleteForeignBundle(td) => {
-                Self::delete_foreign_bundle_on(tx, td).await?;
+            Write::PutForeignBundle(..)
+            | Write::DeleteForeignBundle(_)
+            | Write::PutRelationship(..)
+            | Write::DeleteRelationship(_) => {
+                self.apply_federation_on(tx, w).await?;
                 Applied::Done
             }
             Write::InsertEndorsement(e) => {

@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{SqlDataStore, Table};
-use crate::datastore::{Canon, RelationshipStore, StoreError};
+use crate::datastore::{Canon, RelationshipStore, StoreError, Write};
 use crate::trust_bundle::Relationship;
 
 /// The relationships, MACed (created by migration 11).
@@ -59,6 +59,21 @@ fn raw_from_row(r: &AnyRow) -> Result<Raw, StoreError> {
 }
 
 impl SqlDataStore {
+    /// Applies a foreign-bundle or relationship write in `tx` (others are not federation's).
+    pub(super) async fn apply_federation_on(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        w: &Write,
+    ) -> Result<(), StoreError> {
+        match w {
+            Write::PutForeignBundle(b, at) => self.put_foreign_bundle_on(tx, b, *at).await,
+            Write::DeleteForeignBundle(td) => Self::delete_foreign_bundle_on(tx, td).await,
+            Write::PutRelationship(r, at) => self.put_relationship_on(tx, r, *at).await,
+            Write::DeleteRelationship(td) => Self::delete_relationship_on(tx, td).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Inserts or replaces the relationship of its trust domain, in `tx`.
     pub(super) async fn put_relationship_on(
         &self,
