@@ -230,6 +230,16 @@ impl Refresher {
             .collect()
     }
 
+    /// Moves `due` to `now` plus the shortest interval, keeping their failure counts.
+    fn postpone(&self, due: &[TrustDomain], now: i64) {
+        let later =
+            now.saturating_add(i64::try_from(self.min_interval.as_secs()).unwrap_or(i64::MAX));
+        let mut schedule = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        for td in due {
+            schedule.entry(td.clone()).or_insert((later, 0)).0 = later;
+        }
+    }
+
     /// Runs the schedule until the process ends, fetching only while holding the lease.
     pub fn spawn(
         self: Arc<Self>,
@@ -251,7 +261,11 @@ impl Refresher {
                     .await
                 {
                     Ok(true) => {}
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        // Another server refreshes; look again after the shortest interval.
+                        self.postpone(&due, clock.unix());
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "federation refresher: lease check failed; will retry");
                         continue;
