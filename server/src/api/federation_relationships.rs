@@ -104,6 +104,7 @@ impl FederationService {
             r.map_err(federation_status)
         })
         .await?;
+        self.refresher.reschedule(&rel.trust_domain);
         tracing::info!(trust_domain = %rel.trust_domain, url = %rel.bundle_endpoint_url, create, "federation relationship stored");
         Ok(Response::new(self.to_proto(&rel)))
     }

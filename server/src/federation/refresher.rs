@@ -230,6 +230,12 @@ impl Refresher {
             .collect()
     }
 
+    /// Makes `trust_domain` due at once (its relationship was created or changed).
+    pub fn reschedule(&self, trust_domain: &TrustDomain) {
+        let mut schedule = self.schedule.lock().unwrap_or_else(|e| e.into_inner());
+        schedule.remove(trust_domain);
+    }
+
     /// Moves `due` to `now` plus the shortest interval, keeping their failure counts.
     fn postpone(&self, due: &[TrustDomain], now: i64) {
         let later =
