@@ -17,6 +17,8 @@ pub enum ServerTrust {
     Roots(Vec<Vec<u8>>),
     /// Do not verify the server (`insecure` modes only; named so in config).
     InsecureSkipVerify,
+    /// Verify with this verifier (e.g. a SPIFFE ID check against a trust bundle).
+    Verifier(Arc<dyn rustls::client::danger::ServerCertVerifier>),
 }
 
 /// Why a request failed.
@@ -70,6 +72,10 @@ pub(crate) fn tls_config(trust: &ServerTrust) -> Result<rustls::ClientConfig, St
         ServerTrust::InsecureSkipVerify => builder
             .dangerous()
             .with_custom_certificate_verifier(crate::tls::danger::AcceptAnyServerCert::new())
+            .with_no_client_auth(),
+        ServerTrust::Verifier(v) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(v.clone())
             .with_no_client_auth(),
     })
 }

@@ -17,6 +17,7 @@ pub const COMMON: &[Alias] = &[("spiffeID", "spiffe-id", true), ("output", "outp
 pub const SERVER: &[Alias] = &[
     ("parentID", "parent-id", true),
     ("entryID", "id", true),
+    ("id", "id", true),
     ("selector", "selector", true),
     ("dns", "dns-name", true),
     ("federatesWith", "federates-with", true),
@@ -28,6 +29,16 @@ pub const SERVER: &[Alias] = &[
     ("jwtSVIDTTL", "jwt-svid-ttl", true),
     ("data", "data", true),
     ("socketPath", "socket", true),
+    ("trustDomain", "trust-domain", true),
+    ("bundleEndpointURL", "bundle-endpoint-url", true),
+    ("bundleEndpointProfile", "bundle-endpoint-profile", true),
+    ("endpointSpiffeID", "endpoint-spiffe-id", true),
+    ("trustDomainBundlePath", "trust-domain-bundle-path", true),
+    (
+        "trustDomainBundleFormat",
+        "trust-domain-bundle-format",
+        true,
+    ),
 ];
 
 /// The `continuity-agent` aliases (on top of [`COMMON`]).

@@ -171,6 +171,8 @@ struct Core {
     federation: Arc<crate::federation::Federation>,
     /// What the agents report serving (revokes wait on it).
     serving: Arc<crate::serving::ServingReports>,
+    /// Fetches the federation relationships' bundle endpoints.
+    refresher: Arc<crate::federation::refresher::Refresher>,
     /// The change feed position read before the state above was loaded.
     feed_cursor: i64,
     /// This server's name in the leader leases (kept in `data_dir/server-id`).
@@ -203,6 +205,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     ));
     let _jobs = jobs.spawn();
     let _feed = cluster::follow(&core, cfg.cluster.poll_interval);
+    let _refresher = core.refresher.clone().spawn(
+        core.store.clone(),
+        core.holder.clone(),
+        cfg.cluster.lease_ttl,
+        core.clock.clone(),
+    );
     cluster::controller(&cfg, &core)?;
     let _bundle_publisher = cfg
         .k8s_bundle
@@ -280,6 +288,7 @@ async fn core(cfg: &Config, clock: Arc<dyn Clock>) -> Result<Core, RunError> {
     engines.set_max_encryptions_per_key_version(cfg.max_encryptions_per_key_version);
     let federation = federation(cfg, &store, &engines, &clock).await?;
     Ok(Core {
+        refresher: cluster::refresher(cfg, &federation)?,
         federation,
         serving: Arc::new(crate::serving::ServingReports::new(store.clone())),
         clock,
@@ -304,6 +313,7 @@ async fn federation(
 ) -> Result<Arc<crate::federation::Federation>, RunError> {
     Ok(crate::federation::Federation::load(
         cfg.trust_domain.clone(),
+        store.clone(),
         store.clone(),
         engines.audit().clone(),
         clock.clone(),
@@ -514,14 +524,9 @@ fn agent_services(cfg: &Config, core: &Core) -> (AgentService, BrokerService) {
     (agent, broker)
 }
 
-/// The admin API and gRPC health on the private Unix socket: binds `admin_socket` and returns
-/// the server future.
-async fn admin_api(
-    cfg: &Config,
-    core: &Core,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Result<Serving, RunError> {
-    let admin = AdminService {
+/// The admin services' shared handle: the caller check and the subsystems.
+fn admin_service(cfg: &Config, core: &Core) -> AdminService {
+    AdminService {
         engines: core.engines.clone(),
         trust_domain: cfg.trust_domain.clone(),
         registry: core.registry.clone(),
@@ -533,7 +538,17 @@ async fn admin_api(
         bad_rows: core.store.bad_rows(),
         federation: core.federation.clone(),
         serving: core.serving.clone(),
-    };
+    }
+}
+
+/// The admin API and gRPC health on the private Unix socket: binds `admin_socket` and returns
+/// the server future.
+async fn admin_api(
+    cfg: &Config,
+    core: &Core,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Serving, RunError> {
+    let admin = admin_service(cfg, core);
     let uds = bind_admin_socket(&cfg.admin_socket).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -559,6 +574,15 @@ async fn admin_api(
             crate::api::federation::FederatedBundleService {
                 admin: admin.clone(),
                 federation: core.federation.clone(),
+            }
+            .server()
+            .max_decoding_message_size(m),
+        )
+        .add_service(
+            crate::api::federation_relationships::FederationService {
+                admin: admin.clone(),
+                federation: core.federation.clone(),
+                refresher: core.refresher.clone(),
             }
             .server()
             .max_decoding_message_size(m),

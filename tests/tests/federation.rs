@@ -737,3 +737,417 @@ fn bundle_endpoint_config_errors_name_the_key() {
         assert!(!ok && err.contains(key), "{key}: {err}");
     }
 }
+
+/// `[federation]` of a server that refreshes every second and serves its bundle endpoint on
+/// `port` (https_spiffe) with a 1 s refresh hint.
+fn refreshing_toml(port: u16, extra: &str) -> String {
+    format!(
+        "[federation]\nrefresh_min_interval = \"1s\"\n{extra}[federation.bundle_endpoint]\nbind_address = \"127.0.0.1:{port}\"\nprofile = \"https_spiffe\"\nrefresh_hint = \"1s\"\n"
+    )
+}
+
+/// `federation create` on `s` for `td`'s https_spiffe endpoint on `port`, bootstrapped from
+/// `bundle_file` (the peer's `bundle show --format spiffe`).
+fn create_spiffe_relationship(s: &TestServer, td: &str, port: u16, bundle_file: &str) -> String {
+    s.cli_ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        &format!("spiffe://{td}"),
+        "--bundle-endpoint-url",
+        &format!("https://127.0.0.1:{port}/"),
+        "--bundle-endpoint-profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        &format!("spiffe://{td}/continuity/server"),
+        "--trust-domain-bundle-path",
+        bundle_file,
+        "--trust-domain-bundle-format",
+        "spiffe",
+        "--output",
+        "json",
+    ])
+}
+
+/// Polls (up to 60 s) until `s` holds, for `td`, the bundle `peer` shows as its own.
+async fn holds_bundle_of(s: &TestServer, td: &str, peer: &TestServer, what: &str) {
+    eventually(what, || {
+        let (got, want) = (
+            s.cli(&["bundle", "show", "--id", td]),
+            peer.cli_ok(&["bundle", "show"]),
+        );
+        std::future::ready((got.status.success() && got.stdout == want.as_bytes()).then_some(()))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_relationships_refresh_bundles_both_ways_and_delete_ends_delivery() {
+    use continuity_tests::federation::agent_in;
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (continuity_tests::free_port(), continuity_tests::free_port());
+    let opts = |port| ServerOptions {
+        extra_toml: refreshing_toml(port, ""),
+        ..ServerOptions::default()
+    };
+    let a = TestServer::start(&dir.path().join("a"), opts(pa));
+    let b = server_in(&dir.path().join("b"), "other.org", opts(pb));
+    let agent_a = agent_in(&dir.path().join("agent-a"), "example.org", &a, A_NODE, "");
+    let agent_b = agent_in(&dir.path().join("agent-b"), "other.org", &b, B_NODE, "");
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let (a_doc, b_doc) = (files.join("a.json"), files.join("b.json"));
+    std::fs::write(&a_doc, a.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+    std::fs::write(&b_doc, b.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+
+    // Malformed input is refused naming the flag; nothing is stored.
+    let url = format!("https://127.0.0.1:{pb}/");
+    let base = |td: &'static str, url: &str, profile: &'static str| {
+        vec![
+            "federation".to_string(),
+            "create".into(),
+            "--trust-domain".into(),
+            td.into(),
+            "--bundle-endpoint-url".into(),
+            url.to_string(),
+            "--bundle-endpoint-profile".into(),
+            profile.into(),
+        ]
+    };
+    let refused_with = |args: Vec<String>, extra: &[&str], flag: &str| {
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.extend(extra);
+        let err = refused(&a, &all);
+        assert!(err.contains(flag), "{all:?}: {err}");
+    };
+    let eid = [
+        "--endpoint-spiffe-id",
+        "spiffe://other.org/continuity/server",
+    ];
+    refused_with(
+        base(OTHER, "http://127.0.0.1:1/", "https_spiffe"),
+        &eid,
+        "--bundle-endpoint-url",
+    );
+    refused_with(
+        base(OTHER, "https://:8443/", "https_spiffe"),
+        &eid,
+        "--bundle-endpoint-url",
+    );
+    refused_with(
+        base(OTHER, &url, "https_spiffe"),
+        &[],
+        "--endpoint-spiffe-id",
+    );
+    refused_with(
+        base(OTHER, &url, "https_spiffe"),
+        &["--endpoint-spiffe-id", "other.org/x"],
+        "--endpoint-spiffe-id",
+    );
+    refused_with(base(OTHER, &url, "smtp"), &eid, "--bundle-endpoint-profile");
+    refused_with(
+        base("not a td", &url, "https_spiffe"),
+        &eid,
+        "--trust-domain",
+    );
+    refused_with(
+        base("spiffe://example.org", &url, "https_spiffe"),
+        &eid,
+        "own trust domain",
+    );
+    // https_spiffe without a bundle to authenticate the endpoint with.
+    refused_with(
+        base(OTHER, &url, "https_spiffe"),
+        &eid,
+        "--trust-domain-bundle-path",
+    );
+    let garbage = files.join("garbage.json");
+    std::fs::write(&garbage, "{\"keys\": 7}").unwrap();
+    refused_with(
+        base(OTHER, &url, "https_spiffe"),
+        &[
+            eid[0],
+            eid[1],
+            "--trust-domain-bundle-path",
+            garbage.to_str().unwrap(),
+            "--trust-domain-bundle-format",
+            "spiffe",
+        ],
+        "--trust-domain-bundle",
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&a.cli_ok(&["federation", "list", "--output", "json"])).unwrap();
+    assert_eq!(listed["relationships"], serde_json::json!([]));
+    assert!(a.cli(&["bundle", "show", "--id", OTHER]).status.code() != Some(0));
+
+    // Both ways, from each side's bootstrap bundle; no `bundle set`. SPIRE's spellings too.
+    let created: serde_json::Value = serde_json::from_str(&create_spiffe_relationship(
+        &a,
+        "other.org",
+        pb,
+        b_doc.to_str().unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(created["bundle_endpoint_profile"], "https_spiffe");
+    b.cli_ok(&[
+        "federation",
+        "create",
+        "-trustDomain",
+        "spiffe://example.org",
+        "-bundleEndpointURL",
+        &format!("https://127.0.0.1:{pa}/"),
+        "-bundleEndpointProfile",
+        "https_spiffe",
+        "-endpointSpiffeID",
+        "spiffe://example.org/continuity/server",
+        "-trustDomainBundlePath",
+        a_doc.to_str().unwrap(),
+        "-trustDomainBundleFormat",
+        "spiffe",
+    ]);
+    let dup = refused(
+        &a,
+        &{
+            let mut v: Vec<String> = base(OTHER, &url, "https_spiffe");
+            v.extend(eid.iter().map(|s| s.to_string()));
+            v
+        }
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    assert!(dup.contains("exists"), "{dup}");
+    let shown: serde_json::Value = serde_json::from_str(&a.cli_ok(&[
+        "federation",
+        "show",
+        "--trust-domain",
+        OTHER,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(shown["bundle_endpoint_url"], url.as_str());
+    assert_eq!(
+        shown["endpoint_spiffe_id"],
+        "spiffe://other.org/continuity/server"
+    );
+
+    // A fetch now succeeds over https_spiffe (same sequence as the bootstrap: unchanged).
+    let r: serde_json::Value = serde_json::from_str(&a.cli_ok(&[
+        "federation",
+        "refresh",
+        "--id",
+        OTHER,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(r["updated"], false, "{r}");
+
+    let me = format!("unix:uid:{}", continuity_tests::uid());
+    let v: serde_json::Value = serde_json::from_str(&a.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/client",
+        "--parent-id",
+        A_NODE,
+        "--selector",
+        &me,
+        "--federates-with",
+        OTHER,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let client_id = v["id"].as_str().unwrap().to_string();
+    b.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://other.org/server",
+        "--parent-id",
+        B_NODE,
+        "--selector",
+        &me,
+        "--dns-name",
+        "server.other.org",
+        "--federates-with",
+        "spiffe://example.org",
+    ]);
+    let client_ctx = context_with(&agent_a, "other.org", true).await;
+    let server_ctx = context_with(&agent_b, "example.org", true).await;
+    let (seen_by_server, seen_by_client) = mtls(&client_ctx, &server_ctx).await;
+    assert_eq!(seen_by_server, "spiffe://example.org/client");
+    assert_eq!(seen_by_client, "spiffe://other.org/server");
+
+    // A rotation on B reaches A through the refresher alone, then A's workload.
+    let before = b.bundle_der().len();
+    b.cli_ok(&["authority", "x509", "prepare"]);
+    assert_eq!(
+        b.bundle_der().len(),
+        before + 1,
+        "prepare adds a CA to B's bundle"
+    );
+    holds_bundle_of(&a, OTHER, &b, "B's rotated bundle at A").await;
+    let want = b.bundle_der();
+    eventually("A's workload holds B's rotated bundle", || {
+        let endpoint = agent_a.endpoint();
+        let want = want.clone();
+        async move {
+            let c = spiffe::WorkloadApiClient::connect_to(&endpoint)
+                .await
+                .ok()?;
+            let ctx = c.fetch_x509_context().await.ok()?;
+            let got: Vec<Vec<u8>> = ctx
+                .bundle_set()
+                .get(&td("other.org"))?
+                .authorities()
+                .iter()
+                .map(|c| c.as_ref().to_vec())
+                .collect();
+            (got == want).then_some(())
+        }
+    })
+    .await;
+    // And the other way: a rotation on A reaches B.
+    a.cli_ok(&["authority", "x509", "prepare"]);
+    holds_bundle_of(&b, "spiffe://example.org", &a, "A's rotated bundle at B").await;
+    let audit = a.cli_ok(&["audit", "show", "--output", "json"]);
+    for action in ["federation.create", "federation.refresh"] {
+        assert!(audit.contains(action), "no {action} in A's audit log");
+    }
+    a.cli_ok(&["integrity", "verify"]);
+
+    // An endpoint presenting another SPIFFE ID than configured is refused; nothing changes.
+    a.cli_ok(&[
+        "federation",
+        "update",
+        "--trust-domain",
+        OTHER,
+        "--bundle-endpoint-url",
+        &url,
+        "--bundle-endpoint-profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        "spiffe://other.org/not-the-server",
+    ]);
+    let held = a.cli_ok(&["bundle", "show", "--id", OTHER]);
+    b.cli_ok(&["authority", "x509", "prepare"]);
+    let e = refused(&a, &["federation", "refresh", "--id", OTHER]);
+    assert!(e.contains("Unavailable") && e.contains(&url), "{e}");
+    assert!(e.contains("spiffe://other.org/not-the-server"), "{e}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        a.cli_ok(&["bundle", "show", "--id", OTHER]),
+        held,
+        "bundle changed from a refused endpoint"
+    );
+    let log = std::fs::read_to_string(a.dir.join("server.log")).unwrap_or_default();
+    assert!(
+        log.contains("refresh failed"),
+        "the refused fetch was not logged"
+    );
+
+    // `federation delete` ends the federation even while an entry federates with it (named as
+    // a warning): the bundle is gone and A's workload drops it.
+    let d: serde_json::Value = serde_json::from_str(&a.cli_ok(&[
+        "federation",
+        "delete",
+        "--trust-domain",
+        OTHER,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(d["federating_entries"], serde_json::json!([client_id]));
+    assert!(a.cli(&["bundle", "show", "--id", OTHER]).status.code() != Some(0));
+    let after = context_with(&agent_a, "other.org", false).await;
+    assert!(after.bundle_set().get(&td("example.org")).is_some());
+    assert!(
+        a.cli_ok(&["audit", "show", "--output", "json"])
+            .contains("federation.delete")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_web_relationship_is_refreshed_with_the_configured_web_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &rcgen::Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let (cert_file, key_file, ca_file) = (
+        dir.path().join("web.pem"),
+        dir.path().join("web.key"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&cert_file, leaf.pem() + &ca.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let port = continuity_tests::free_port();
+    let w = server_in(
+        &dir.path().join("w"),
+        "web.org",
+        ServerOptions {
+            extra_toml: format!(
+                "[federation.bundle_endpoint]\nbind_address = \"127.0.0.1:{port}\"\nprofile = \"https_web\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nrefresh_hint = \"1s\"\n",
+                cert_file.display(),
+                key_file.display()
+            ),
+            ..ServerOptions::default()
+        },
+    );
+    let a = TestServer::start(
+        &dir.path().join("a"),
+        ServerOptions {
+            extra_toml: format!(
+                "[federation]\nrefresh_min_interval = \"1s\"\nweb_ca_file = \"{}\"\n",
+                ca_file.display()
+            ),
+            ..ServerOptions::default()
+        },
+    );
+    // No initial bundle: Web PKI authenticates the endpoint.
+    a.cli_ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "spiffe://web.org",
+        "--bundle-endpoint-url",
+        &format!("https://localhost:{port}/"),
+        "--bundle-endpoint-profile",
+        "https_web",
+    ]);
+    holds_bundle_of(
+        &a,
+        "spiffe://web.org",
+        &w,
+        "web.org's bundle over https_web",
+    )
+    .await;
+    w.cli_ok(&["authority", "x509", "prepare"]);
+    holds_bundle_of(&a, "spiffe://web.org", &w, "web.org's rotated bundle").await;
+    // An https_web profile takes no endpoint SPIFFE ID.
+    let e = refused(
+        &a,
+        &[
+            "federation",
+            "update",
+            "--trust-domain",
+            "spiffe://web.org",
+            "--bundle-endpoint-url",
+            &format!("https://localhost:{port}/"),
+            "--bundle-endpoint-profile",
+            "https_web",
+            "--endpoint-spiffe-id",
+            "spiffe://web.org/x",
+        ],
+    );
+    assert!(e.contains("--endpoint-spiffe-id"), "{e}");
+}

@@ -36,7 +36,7 @@ impl FederatedBundleService {
 }
 
 /// A trust domain from a request field, or InvalidArgument naming the field.
-fn trust_domain(s: &str) -> Result<TrustDomain, Status> {
+pub fn trust_domain(s: &str) -> Result<TrustDomain, Status> {
     TrustDomain::new(s).map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))
 }
 
@@ -45,7 +45,12 @@ pub fn federation_status(e: FederationError) -> Status {
     match e {
         FederationError::OwnTrustDomain(_) => Status::invalid_argument(e.to_string()),
         FederationError::NotFound(_) => Status::not_found(e.to_string()),
-        FederationError::InUse { .. } => Status::failed_precondition(e.to_string()),
+        FederationError::InUse { .. } | FederationError::StaleSequence { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+        FederationError::RelationshipExists(_) => Status::already_exists(e.to_string()),
+        FederationError::NoRelationship(_) => Status::not_found(e.to_string()),
+        FederationError::NeedsBundle(_) => Status::invalid_argument(e.to_string()),
         FederationError::Store(s) => store_status(&s),
     }
 }

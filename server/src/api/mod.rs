@@ -6,6 +6,7 @@ pub mod agent;
 mod authority;
 pub mod engine;
 pub mod federation;
+pub mod federation_relationships;
 pub mod limits;
 pub mod tls;
 pub mod uds;

@@ -13,6 +13,7 @@ mod bundle;
 mod engine;
 mod entry;
 mod error;
+mod federation;
 mod integrity;
 mod key;
 mod output;
@@ -32,6 +33,7 @@ pub use self::bundle::{BundleCommand, BundleFormat};
 pub use self::engine::{EngineCommand, SecretCommand};
 pub use self::entry::{CreateArgs, EntryCommand, EntryFields, EntryFilter};
 pub use self::error::CliError;
+pub use self::federation::{FederationCommand, RelationshipArgs};
 pub use self::integrity::IntegrityCommand;
 pub use self::key::{KeyCommand, VersionArgs};
 pub use self::output::Output;
@@ -73,6 +75,9 @@ pub enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Federation relationships with other trust domains (their bundle endpoints).
+    #[command(subcommand)]
+    Federation(FederationCommand),
     /// Attested agents.
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -114,6 +119,7 @@ pub async fn admin(cli: Cli) -> Result<(), CliError> {
         Command::Token(cmd) => token::run(ch, out, cmd).await,
         Command::Entry(cmd) => entry::run(ch, out, cmd).await,
         Command::Bundle(cmd) => bundle::run(ch, out, cmd).await,
+        Command::Federation(cmd) => federation::run(ch, out, cmd).await,
         Command::Agent(cmd) => agent::run(ch, out, cmd).await,
         Command::Engine(cmd) => engine::run(ch, out, cmd).await,
         Command::Audit(cmd) => audit::run(ch, out, cmd).await,

@@ -13,6 +13,46 @@ use serde::Deserialize;
 pub struct FileFederation {
     /// `[federation.bundle_endpoint]`.
     pub bundle_endpoint: Option<FileBundleEndpoint>,
+    /// Shortest wait between two fetches of a peer's bundle endpoint (default 30s).
+    pub refresh_min_interval: Option<String>,
+    /// PEM CA certificates that authenticate `https_web` bundle endpoints.
+    pub web_ca_file: Option<PathBuf>,
+}
+
+/// Default shortest wait between two fetches of one bundle endpoint.
+pub const DEFAULT_REFRESH_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How the federation refresher fetches peers' bundle endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefresherConfig {
+    /// `federation.refresh_min_interval`.
+    pub min_interval: std::time::Duration,
+    /// `federation.web_ca_file` (None: `https_web` relationships cannot be refreshed).
+    pub web_ca_file: Option<PathBuf>,
+}
+
+impl RefresherConfig {
+    /// Validates the refresher keys of `[federation]`; every error names its key.
+    pub fn from_file(f: Option<&FileFederation>) -> Result<Self, ConfigError> {
+        let min_interval = match f.and_then(|f| f.refresh_min_interval.as_deref()) {
+            None => DEFAULT_REFRESH_MIN_INTERVAL,
+            Some(raw) => {
+                let d = continuity_common::duration::parse(raw)
+                    .map_err(|e| invalid("federation.refresh_min_interval", e))?;
+                if d.is_zero() || d > std::time::Duration::from_secs(3600) {
+                    return Err(invalid(
+                        "federation.refresh_min_interval",
+                        "must be between 1s and 1h",
+                    ));
+                }
+                d
+            }
+        };
+        Ok(Self {
+            min_interval,
+            web_ca_file: f.and_then(|f| f.web_ca_file.clone()),
+        })
+    }
 }
 
 /// `[federation.bundle_endpoint]`.
@@ -27,6 +67,8 @@ pub struct FileBundleEndpoint {
     pub cert_file: Option<PathBuf>,
     /// Private key, PEM PKCS#8 (https_web only).
     pub key_file: Option<PathBuf>,
+    /// `spiffe_refresh_hint` served instead of the CA's (a duration, 1s to 1h).
+    pub refresh_hint: Option<String>,
 }
 
 /// How the bundle endpoint authenticates itself to its clients.
@@ -51,6 +93,8 @@ pub struct BundleEndpointConfig {
     pub bind_address: SocketAddr,
     /// TLS profile.
     pub profile: EndpointProfile,
+    /// Served `spiffe_refresh_hint`, seconds (None: the CA's).
+    pub refresh_hint: Option<u64>,
 }
 
 impl BundleEndpointConfig {
@@ -98,9 +142,21 @@ impl BundleEndpointConfig {
                 ));
             }
         };
+        let refresh_hint = match e.refresh_hint.as_deref() {
+            None => None,
+            Some(raw) => {
+                let key = "federation.bundle_endpoint.refresh_hint";
+                let d = continuity_common::duration::parse(raw).map_err(|e| invalid(key, e))?;
+                if d.as_secs() == 0 || d.as_secs() > 3600 {
+                    return Err(invalid(key, "must be between 1s and 1h"));
+                }
+                Some(d.as_secs())
+            }
+        };
         Ok(Some(Self {
             bind_address,
             profile,
+            refresh_hint,
         }))
     }
 }

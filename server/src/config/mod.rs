@@ -33,7 +33,9 @@ pub use audit::{AuditConfig, DEFAULT_CHECKPOINT_INTERVAL, FileAudit};
 pub use cluster::{ClusterConfig, FileCluster};
 pub use controller::{ControllerConfig, FileController};
 pub use engines::FileEngines;
-pub use federation::{BundleEndpointConfig, EndpointProfile, FileBundleEndpoint, FileFederation};
+pub use federation::{
+    BundleEndpointConfig, EndpointProfile, FileBundleEndpoint, FileFederation, RefresherConfig,
+};
 pub use k8s_bundle::{FileK8sBundle, K8sBundleConfig};
 pub use oidc::{FileOidcDiscovery, KEYS_PATH, OidcDiscoveryConfig};
 pub use psat::{FileNodeAttestors, FilePsat, FilePsatCluster};
@@ -169,6 +171,8 @@ pub struct Config {
     pub k8s_bundle: Option<K8sBundleConfig>,
     /// `[federation] bundle_endpoint` (None: not served).
     pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// `[federation]`: how peers' bundle endpoints are fetched.
+    pub federation_refresher: RefresherConfig,
 }
 
 /// Longest `[agent_api] previous_svid_grace`: a longer grace lets a stolen, superseded
@@ -249,6 +253,7 @@ impl Config {
             cluster: ClusterConfig::from_file(f.cluster)?,
             controller,
             k8s_bundle: K8sBundleConfig::from_file(f.k8s_bundle)?,
+            federation_refresher: RefresherConfig::from_file(f.federation.as_ref())?,
             bundle_endpoint: BundleEndpointConfig::from_file(f.federation)?,
             data_dir,
         })

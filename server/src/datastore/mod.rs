@@ -155,6 +155,10 @@ pub enum Write {
     PutForeignBundle(crate::trust_bundle::Bundle, i64),
     /// Deletes the bundle of this foreign trust domain; [`StoreError::NotFound`] if absent.
     DeleteForeignBundle(String),
+    /// Inserts or replaces a federation relationship, updated at (Unix seconds).
+    PutRelationship(crate::trust_bundle::Relationship, i64),
+    /// Deletes the relationship with this trust domain; [`StoreError::NotFound`] if absent.
+    DeleteRelationship(String),
     /// Inserts the endorsement of a new key version; [`StoreError::Conflict`] if it exists.
     InsertEndorsement(Endorsement),
 }
@@ -439,6 +443,15 @@ pub trait ServingStore: Send + Sync + std::fmt::Debug {
     async fn list_serving_reports(&self) -> Result<Vec<ServingReport>, StoreError>;
 }
 
+/// Federation relationships (each foreign trust domain's bundle endpoint).
+#[async_trait]
+pub trait RelationshipStore: Send + Sync + std::fmt::Debug {
+    /// Every relationship whose row is intact, by trust domain.
+    async fn list_relationships(
+        &self,
+    ) -> Result<Vec<crate::trust_bundle::Relationship>, StoreError>;
+}
+
 /// Whether the datastore answers (the health endpoint's readiness).
 #[async_trait]
 pub trait StoreHealth: Send + Sync + std::fmt::Debug {
@@ -461,6 +474,7 @@ pub trait DataStore:
     + LeaseStore
     + ForeignBundleStore
     + ServingStore
+    + RelationshipStore
 {
 }
 
@@ -477,6 +491,7 @@ impl<T> DataStore for T where
         + LeaseStore
         + ForeignBundleStore
         + ServingStore
+        + RelationshipStore
         + ?Sized
 {
 }

@@ -1,9 +1,10 @@
-//! SPIFFE federation: the trust bundles of other trust domains, kept in the datastore
-//! (record-MACed, audited) and in memory for the admin API and entry validation.
+//! SPIFFE federation: the trust bundles of other trust domains and the relationships (bundle
+//! endpoints) they are refreshed from, kept in the datastore (record-MACed, audited) and in
+//! memory for the admin API, entry validation and the [`refresher`].
 //!
-//! Invariant: the in-memory map holds exactly the intact rows of `foreign_bundles` as of the
-//! last write of this server or the last change-feed reload; a bundle never names this
-//! server's own trust domain. Writes go through the audit log's transaction, so a bundle and
+//! Invariant: the in-memory maps hold exactly the intact rows of `foreign_bundles` and
+//! `federation_relationships` as of the last write of this server or the last change-feed
+//! reload; neither ever names this server's own trust domain. Writes go through the audit log's transaction, so a bundle and
 //! its audit record commit together or not at all.
 
 use std::collections::BTreeMap;
@@ -13,7 +14,13 @@ use continuity_common::{Clock, TrustDomain};
 
 use crate::audit::{Audit, AuditEvent};
 use crate::ca::Bundle;
-use crate::datastore::{ForeignBundleStore, StoreError, Write};
+use crate::datastore::{ForeignBundleStore, RelationshipStore, StoreError, Write};
+use crate::trust_bundle::Relationship;
+
+pub mod refresher;
+mod relationships;
+
+pub use relationships::{Verdict, sequence_verdict};
 
 pub use crate::trust_bundle::{BundleFormat, BundleParseError, MAX_BUNDLE_BYTES, parse_bundle};
 
@@ -37,6 +44,29 @@ pub enum FederationError {
         /// Ids of the entries that federate with it (at most a few).
         entries: Vec<String>,
     },
+    /// A relationship with the trust domain exists already.
+    #[error("a federation relationship with {0} exists; use `federation update`")]
+    RelationshipExists(TrustDomain),
+    /// No relationship with the trust domain exists.
+    #[error("no federation relationship with {0}")]
+    NoRelationship(TrustDomain),
+    /// https_spiffe needs a bundle to authenticate the endpoint, and none is held or given.
+    #[error(
+        "no bundle of {0} is held to authenticate its https_spiffe endpoint; give one with --trust-domain-bundle-path"
+    )]
+    NeedsBundle(TrustDomain),
+    /// A fetched bundle does not advance the sequence of the stored one but differs from it.
+    #[error(
+        "bundle of {trust_domain} fetched with spiffe_sequence {fetched}, not newer than the stored {stored}, but with different content; refused"
+    )]
+    StaleSequence {
+        /// The trust domain.
+        trust_domain: TrustDomain,
+        /// The stored sequence.
+        stored: u64,
+        /// The fetched sequence.
+        fetched: u64,
+    },
     /// The datastore (or the audit log) failed; nothing was changed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -46,9 +76,11 @@ pub enum FederationError {
 pub struct Federation {
     own: TrustDomain,
     store: Arc<dyn ForeignBundleStore>,
+    relationship_store: Arc<dyn RelationshipStore>,
     audit: Arc<Audit>,
     clock: Arc<dyn Clock>,
     bundles: RwLock<BTreeMap<TrustDomain, Arc<Bundle>>>,
+    relationships: RwLock<BTreeMap<TrustDomain, Relationship>>,
 }
 
 impl std::fmt::Debug for Federation {
@@ -61,26 +93,35 @@ impl std::fmt::Debug for Federation {
 }
 
 impl Federation {
-    /// Loads the foreign bundles of the trust domain `own`'s server from `store`.
+    /// Loads the foreign bundles and relationships of the trust domain `own`'s server.
     pub async fn load(
         own: TrustDomain,
         store: Arc<dyn ForeignBundleStore>,
+        relationship_store: Arc<dyn RelationshipStore>,
         audit: Arc<Audit>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, StoreError> {
         let f = Self {
             own,
             store,
+            relationship_store,
             audit,
             clock,
             bundles: RwLock::default(),
+            relationships: RwLock::default(),
         };
         f.reload().await?;
         Ok(Arc::new(f))
     }
 
-    /// Reads every foreign bundle again (the change feed); whether anything changed.
+    /// Reads every foreign bundle and relationship again (the change feed); whether anything
+    /// changed.
     pub async fn reload(&self) -> Result<bool, StoreError> {
+        let relationships_changed = self.reload_relationships().await?;
+        Ok(self.reload_bundles().await? || relationships_changed)
+    }
+
+    async fn reload_bundles(&self) -> Result<bool, StoreError> {
         let fresh: BTreeMap<_, _> = self
             .store
             .list_foreign_bundles()

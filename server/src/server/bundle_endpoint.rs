@@ -72,12 +72,12 @@ pub async fn serve(
     };
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let addr = cfg.bind_address;
+    let (addr, hint) = (cfg.bind_address, cfg.refresh_hint);
     continuity_common::http::serve_tls_with(
         addr,
         continuity_common::http::HttpLimits::default(),
         acceptor,
-        move |path| std::future::ready(reply(&ca, &path)),
+        move |path| std::future::ready(reply(&ca, hint, &path)),
     )
     .await
     .map_err(|source| EndpointError::Bind { addr, source })?;
@@ -85,13 +85,18 @@ pub async fn serve(
     Ok(())
 }
 
-/// `/`: the SPIFFE bundle document.
-fn reply(ca: &CaManager, path: &str) -> continuity_common::http::Reply {
+/// `/`: the SPIFFE bundle document (with `hint` as its refresh hint, when configured).
+fn reply(ca: &CaManager, hint: Option<u64>, path: &str) -> continuity_common::http::Reply {
     if path != "/" {
         return (404, "text/plain", "GET / for the SPIFFE bundle\n".into());
     }
     match ca.bundle().to_spiffe_json() {
-        Ok(doc) => (200, "application/json", doc.to_string()),
+        Ok(mut doc) => {
+            if let (Some(h), Some(o)) = (hint, doc.as_object_mut()) {
+                o.insert("spiffe_refresh_hint".into(), h.into());
+            }
+            (200, "application/json", doc.to_string())
+        }
         Err(e) => {
             tracing::error!(error = %e, "the bundle cannot be rendered as a SPIFFE document");
             (503, "text/plain", "bundle unavailable\n".into())

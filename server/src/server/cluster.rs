@@ -1,6 +1,7 @@
 //! Several servers on one datastore: this server's stable lease holder name, the change-feed
 //! follower, the Engine key lifecycle under its lease, and handing the leases over at shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use continuity_common::fsperm::{FsPermError, SecureDir};
@@ -37,6 +38,39 @@ pub(super) fn server_id(data_dir: &SecureDir) -> Result<String, RunError> {
             })
             .map_err(bad)?;
     }
+}
+
+/// The federation refresher of `federation`, with the Web PKI roots of
+/// `[federation] web_ca_file` read now.
+pub(super) fn refresher(
+    cfg: &Config,
+    federation: &Arc<crate::federation::Federation>,
+) -> Result<Arc<crate::federation::refresher::Refresher>, RunError> {
+    use rustls_pki_types::pem::PemObject;
+    let r = &cfg.federation_refresher;
+    let web_roots = match &r.web_ca_file {
+        None => None,
+        Some(path) => {
+            let bad = |e: String| {
+                RunError::Path(format!("federation.web_ca_file: {}: {e}", path.display()))
+            };
+            let certs: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad(e.to_string()))?
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect();
+            if certs.is_empty() {
+                return Err(bad("no CERTIFICATE".into()));
+            }
+            Some(certs)
+        }
+    };
+    Ok(crate::federation::refresher::Refresher::new(
+        federation.clone(),
+        r.min_interval,
+        web_roots,
+    ))
 }
 
 /// Starts the change-feed follower of `core`, polling every `poll`.
@@ -106,7 +140,12 @@ pub(super) async fn release_leases(core: &Core, cfg: &Config) {
         .controller
         .as_ref()
         .map(|c| crate::controller::lease_name(&c.cluster_name));
-    let fixed = [crate::ca::CA_LEASE, ENGINE_LEASE].map(String::from);
+    let fixed = [
+        crate::ca::CA_LEASE,
+        ENGINE_LEASE,
+        crate::federation::refresher::REFRESHER_LEASE,
+    ]
+    .map(String::from);
     for lease in fixed.into_iter().chain(controller) {
         let lease = lease.as_str();
         if let Err(e) = core.store.release_lease(lease, &core.holder).await {

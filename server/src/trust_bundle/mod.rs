@@ -4,8 +4,10 @@
 use continuity_common::TrustDomain;
 
 mod parse;
+mod relationship;
 
 pub use parse::{BundleFormat, BundleParseError, MAX_BUNDLE_BYTES, parse_bundle};
+pub use relationship::{EndpointAuth, Relationship, RelationshipError};
 
 /// A JWT signing key as published in the bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]

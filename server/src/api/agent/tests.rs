@@ -144,10 +144,15 @@ async fn fixture() -> Fixture {
         .await
         .unwrap(),
     );
-    let federation =
-        crate::federation::Federation::load(td.clone(), store.clone(), audit, clock.clone())
-            .await
-            .unwrap();
+    let federation = crate::federation::Federation::load(
+        td.clone(),
+        store.clone(),
+        store.clone(),
+        audit,
+        clock.clone(),
+    )
+    .await
+    .unwrap();
     let svc = AgentService {
         trust_domain: td,
         ca,

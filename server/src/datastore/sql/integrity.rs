@@ -10,7 +10,10 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries, serving};
+use super::{
+    SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries, relationships,
+    serving,
+};
 use crate::datastore::seal::{Canon, KeyPart};
 use crate::datastore::{BadRow, BadRows, IntegrityReport, IntegrityStore, StoreError};
 
@@ -35,6 +38,7 @@ const LATER_TABLES: &[Table] = &[
     bundles::FOREIGN_BUNDLES,
     endorsements::ENDORSEMENTS,
     serving::SERVING,
+    relationships::RELATIONSHIPS,
 ];
 
 /// The stored MAC of a row.

@@ -134,6 +134,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
         x509_authorities TEXT NOT NULL, jwt_authorities TEXT NOT NULL,
         reported_at BIGINT NOT NULL, mac {BLOB})",
     ),
+    (
+        12,
+        // Federation relationships: each foreign trust domain's bundle endpoint and how it is
+        // authenticated (record-MACed); the refresher keeps its bundle in foreign_bundles.
+        "CREATE TABLE federation_relationships (trust_domain TEXT PRIMARY KEY,
+        bundle_endpoint_url TEXT NOT NULL, profile TEXT NOT NULL, endpoint_spiffe_id TEXT NOT NULL,
+        updated_at BIGINT NOT NULL, mac {BLOB})",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

@@ -70,6 +70,7 @@ mod integrity;
 #[cfg(test)]
 mod integrity_tests;
 mod migrations;
+mod relationships;
 #[cfg(test)]
 pub(crate) mod scratch;
 mod serving;
@@ -302,12 +303,11 @@ impl SqlDataStore {
                 self.put_secret_on(tx, sec).await?;
                 Applied::Done
             }
-            Write::PutForeignBundle(b, at) => {
-                self.put_foreign_bundle_on(tx, b, *at).await?;
-                Applied::Done
-            }
-            Write::DeleteForeignBundle(td) => {
-                Self::delete_foreign_bundle_on(tx, td).await?;
+            Write::PutForeignBundle(..)
+            | Write::DeleteForeignBundle(_)
+            | Write::PutRelationship(..)
+            | Write::DeleteRelationship(_) => {
+                self.apply_federation_on(tx, w).await?;
                 Applied::Done
             }
             Write::InsertEndorsement(e) => {
@@ -338,7 +338,12 @@ fn change_of(w: &Write, applied: &Applied) -> Option<(ChangeKind, String)> {
         (Write::PutForeignBundle(b, _), _) => {
             (ChangeKind::ForeignBundle, b.trust_domain.name().to_string())
         }
-        (Write::DeleteForeignBundle(td), _) => (ChangeKind::ForeignBundle, td.clone()),
+        (Write::DeleteForeignBundle(td) | Write::DeleteRelationship(td), _) => {
+            (ChangeKind::ForeignBundle, td.clone())
+        }
+        (Write::PutRelationship(r, _), _) => {
+            (ChangeKind::ForeignBundle, r.trust_domain.name().to_string())
+        }
         (Write::InsertEndorsement(e), _) => (ChangeKind::Engine, e.engine.clone()),
         (Write::CreateJoinToken(_) | Write::CreateEntry(_) | Write::UpdateEntry(_), _) => {
             return None;
