@@ -33,12 +33,12 @@ impl AgentMetrics {
             "Identities (entries with an X509-SVID) the agent serves.",
             snap.identities.len(),
         );
-        // The local trust domain's bundle; federated bundles add to it when held.
-        let bundles = usize::from(!snap.bundle.x509.is_empty());
+        // The local trust domain's bundle, plus each foreign one held for federation.
+        let bundles = usize::from(!snap.bundle.x509.is_empty()) + snap.federated.len();
         gauge(
             &mut out,
             "continuity_agent_cached_bundles",
-            "Trust bundles the agent holds.",
+            "Trust bundles the agent holds (its own trust domain's and the federated ones).",
             bundles,
         );
         if let Some(earliest) = snap.identities.iter().map(|i| i.expires_at).min() {

@@ -676,3 +676,30 @@ fn the_kind_e2e_registers_through_a_cluster_spiffe_id_that_fits_the_crd() {
         cr["spec"]["engine"].as_str().unwrap()
     )));
 }
+
+/// Whether `role` grants `verb` on `resource` of the core or named API group.
+fn grants(role: &serde_json::Value, group: &str, resource: &str, verb: &str) -> bool {
+    role["rules"].as_array().unwrap().iter().any(|r| {
+        let has = |k: &str, v: &str| r[k].as_array().unwrap().iter().any(|x| x == v);
+        has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+    })
+}
+
+#[test]
+fn the_server_may_review_tokens_and_read_the_agents_node_and_pod_for_label_selectors() {
+    let docs = kustomize("deploy/k8s");
+    let role = find(&docs, "ClusterRole", "continuity-server-tokenreview");
+    assert!(grants(
+        role,
+        "authentication.k8s.io",
+        "tokenreviews",
+        "create"
+    ));
+    // agent_node_label / agent_pod_label selectors read GET /api/v1/nodes/NAME and
+    // GET /api/v1/namespaces/NS/pods/NAME after the TokenReview.
+    assert!(grants(role, "", "nodes", "get"), "nodes get");
+    assert!(grants(role, "", "pods", "get"), "pods get");
+    assert!(!grants(role, "", "nodes", "list"), "no more than needed");
+    let binding = find(&docs, "ClusterRoleBinding", "continuity-server-tokenreview");
+    assert_eq!(binding["subjects"][0]["name"], "continuity-server");
+}

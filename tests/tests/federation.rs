@@ -402,8 +402,17 @@ async fn workloads_in_two_trust_domains_do_mtls_with_what_their_agents_served() 
     let dir = tempfile::tempdir().unwrap();
     let a = TestServer::start(&dir.path().join("a"), ServerOptions::default());
     let b = server_in(&dir.path().join("b"), "other.org", ServerOptions::default());
-    let agent_a = agent_in(&dir.path().join("agent-a"), "example.org", &a, A_NODE, "");
+    let metrics_a = continuity_tests::free_port();
+    let agent_a = agent_in(
+        &dir.path().join("agent-a"),
+        "example.org",
+        &a,
+        A_NODE,
+        &format!("[metrics]\nbind_address = \"127.0.0.1:{metrics_a}\"\n"),
+    );
     let agent_b = agent_in(&dir.path().join("agent-b"), "other.org", &b, B_NODE, "");
+    let cached_bundles =
+        || continuity_tests::prom::scrape(metrics_a).value("continuity_agent_cached_bundles", &[]);
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files).unwrap();
     // Each side learns the other's bundle: B's as the SPIFFE document, A's as PEM.
@@ -494,6 +503,11 @@ async fn workloads_in_two_trust_domains_do_mtls_with_what_their_agents_served() 
         ["example.org", "other.org"]
     );
     assert_eq!(sds_trust_domains(&agent_a, OTHER).await, ["other.org"]);
+    assert_eq!(
+        cached_bundles(),
+        Some(2.0),
+        "its own bundle and other.org's"
+    );
 
     // The bundle maps and ValidateJWTSVID of a foreign JWT.
     let ca = spiffe::WorkloadApiClient::connect_to(&agent_a.endpoint())
@@ -572,6 +586,7 @@ async fn workloads_in_two_trust_domains_do_mtls_with_what_their_agents_served() 
     assert!(x509_bundles.get(&td("other.org")).is_none());
     let e = ca.validate_jwt_token("client-a", foreign_jwt.token()).await;
     assert!(e.is_err(), "a foreign JWT validated after federation ended");
+    assert_eq!(cached_bundles(), Some(1.0), "other.org's bundle dropped");
 }
 
 /// GET / over TLS with `cfg` (server name `name`); returns the response body.
@@ -792,8 +807,17 @@ async fn federation_relationships_refresh_bundles_both_ways_and_delete_ends_deli
     };
     let a = TestServer::start(&dir.path().join("a"), opts(pa));
     let b = server_in(&dir.path().join("b"), "other.org", opts(pb));
-    let agent_a = agent_in(&dir.path().join("agent-a"), "example.org", &a, A_NODE, "");
+    let metrics_a = continuity_tests::free_port();
+    let agent_a = agent_in(
+        &dir.path().join("agent-a"),
+        "example.org",
+        &a,
+        A_NODE,
+        &format!("[metrics]\nbind_address = \"127.0.0.1:{metrics_a}\"\n"),
+    );
     let agent_b = agent_in(&dir.path().join("agent-b"), "other.org", &b, B_NODE, "");
+    let cached_bundles =
+        || continuity_tests::prom::scrape(metrics_a).value("continuity_agent_cached_bundles", &[]);
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files).unwrap();
     let (a_doc, b_doc) = (files.join("a.json"), files.join("b.json"));

@@ -62,11 +62,28 @@ async fn metrics_count_every_call_and_gauges_are_sane() {
         &token,
         &format!("[metrics]\nbind_address = \"127.0.0.1:{agent_port}\"\n"),
     );
-    server.create_entry(
+    server.cli_ok(&["engine", "create", "metered", "--tier", "1"]);
+    server.cli_ok(&[
+        "engine",
+        "key",
+        "create",
+        "metered",
+        "k",
+        "--purpose",
+        "sign",
+    ]);
+    server.cli_ok(&[
+        "entry",
+        "create",
+        "--spiffe-id",
         "spiffe://example.org/metrics",
+        "--parent-id",
         ALIAS,
-        &[&format!("unix:uid:{}", uid())],
-    );
+        "--selector",
+        &format!("unix:uid:{}", uid()),
+        "--engine",
+        "metered",
+    ]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while fetch_x509(&agent).await.is_err() {
         assert!(Instant::now() < deadline, "no X509-SVID within 20 s");
@@ -105,7 +122,7 @@ async fn metrics_count_every_call_and_gauges_are_sane() {
     }
     assert_ne!(refused, "OK");
     // One EngineAPI call for an Engine this workload is not bound to.
-    let e = EngineApiClient::new(channel)
+    let e = EngineApiClient::new(channel.clone())
         .get_public_key(with_header(GetPublicKeyRequest {
             key: "k".into(),
             version: 0,
@@ -114,6 +131,16 @@ async fn metrics_count_every_call_and_gauges_are_sane() {
         .await
         .unwrap_err();
     let engine_code = grpc_code_name(&e);
+    // One for the Engine it is bound to: answered by the server's EngineBroker.
+    let public = EngineApiClient::new(channel.clone())
+        .get_public_key(with_header(GetPublicKeyRequest {
+            key: "k".into(),
+            version: 0,
+            engine: "metered".into(),
+        }))
+        .await
+        .unwrap();
+    assert!(public.into_inner().pem.contains("PUBLIC KEY"));
 
     let a = scrape(agent_port);
     let s = scrape(server_port);
@@ -143,6 +170,20 @@ async fn metrics_count_every_call_and_gauges_are_sane() {
             "SyncAuthorizedEntries",
             "OK"
         ) >= 1.0
+    );
+    let broker = |x: &Scrape| {
+        calls(
+            x,
+            "continuity_server",
+            "continuity.engine.v1.EngineBroker",
+            "GetPublicKey",
+            "OK",
+        )
+    };
+    assert_eq!(
+        broker(&s) - broker(&before_server),
+        1.0,
+        "EngineBroker calls"
     );
     assert_eq!(
         s.value("continuity_server_jwt_svids_signed_total", &[]),
