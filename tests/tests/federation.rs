@@ -807,17 +807,8 @@ async fn federation_relationships_refresh_bundles_both_ways_and_delete_ends_deli
     };
     let a = TestServer::start(&dir.path().join("a"), opts(pa));
     let b = server_in(&dir.path().join("b"), "other.org", opts(pb));
-    let metrics_a = continuity_tests::free_port();
-    let agent_a = agent_in(
-        &dir.path().join("agent-a"),
-        "example.org",
-        &a,
-        A_NODE,
-        &format!("[metrics]\nbind_address = \"127.0.0.1:{metrics_a}\"\n"),
-    );
+    let agent_a = agent_in(&dir.path().join("agent-a"), "example.org", &a, A_NODE, "");
     let agent_b = agent_in(&dir.path().join("agent-b"), "other.org", &b, B_NODE, "");
-    let cached_bundles =
-        || continuity_tests::prom::scrape(metrics_a).value("continuity_agent_cached_bundles", &[]);
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files).unwrap();
     let (a_doc, b_doc) = (files.join("a.json"), files.join("b.json"));
