@@ -122,24 +122,22 @@ async fn metrics_count_every_call_and_gauges_are_sane() {
     }
     assert_ne!(refused, "OK");
     // One EngineAPI call for an Engine this workload is not bound to.
-    let e = EngineApiClient::new(channel.clone())
-        .get_public_key(with_header(GetPublicKeyRequest {
-            key: "k".into(),
-            version: 0,
-            engine: "nope".into(),
-        }))
-        .await
-        .unwrap_err();
+    let public_key = |engine: &'static str| {
+        let mut client = EngineApiClient::new(channel.clone());
+        async move {
+            client
+                .get_public_key(with_header(GetPublicKeyRequest {
+                    key: "k".into(),
+                    version: 0,
+                    engine: engine.into(),
+                }))
+                .await
+        }
+    };
+    let e = public_key("nope").await.unwrap_err();
     let engine_code = grpc_code_name(&e);
     // One for the Engine it is bound to: answered by the server's EngineBroker.
-    let public = EngineApiClient::new(channel.clone())
-        .get_public_key(with_header(GetPublicKeyRequest {
-            key: "k".into(),
-            version: 0,
-            engine: "metered".into(),
-        }))
-        .await
-        .unwrap();
+    let public = public_key("metered").await.unwrap();
     assert!(public.into_inner().pem.contains("PUBLIC KEY"));
 
     let a = scrape(agent_port);
