@@ -2,6 +2,8 @@
 //! (tests/src/import_wrap.rs) is unwrapped byte-exact by the server's import-job key, and a
 //! garbled or truncated blob is refused. The import RPCs and CLI are not built yet.
 
+#![allow(clippy::unwrap_used)]
+
 use base64::Engine as _;
 use continuity_server::keys::import_wrap::WrappingKey;
 use continuity_tests::import_wrap;
