@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod engines;
 pub mod federation;
 pub mod floods;
+pub mod import_wrap;
 pub mod k8s_standin;
 pub mod kube_api;
 pub mod pod_cgroup;

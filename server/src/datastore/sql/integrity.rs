@@ -11,8 +11,8 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{
-    SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries, relationships,
-    serving,
+    SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries, import_jobs,
+    relationships, serving,
 };
 use crate::datastore::seal::{Canon, KeyPart};
 use crate::datastore::{BadRow, BadRows, IntegrityReport, IntegrityStore, StoreError};
@@ -39,6 +39,7 @@ const LATER_TABLES: &[Table] = &[
     endorsements::ENDORSEMENTS,
     serving::SERVING,
     relationships::RELATIONSHIPS,
+    import_jobs::IMPORT_JOBS,
 ];
 
 /// The stored MAC of a row.

@@ -142,6 +142,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         bundle_endpoint_url TEXT NOT NULL, profile TEXT NOT NULL, endpoint_spiffe_id TEXT NOT NULL,
         updated_at BIGINT NOT NULL, mac {BLOB})",
     ),
+    (
+        13,
+        // Engine key import jobs: the wrapping key an engine's key material is imported under
+        // (its SPKI; the private half sealed under the KEK for transit custody, or the token
+        // object's id for hsm custody), record-MACed.
+        "CREATE TABLE engine_import_jobs (id TEXT PRIMARY KEY, engine TEXT NOT NULL,
+        method TEXT NOT NULL, custody TEXT NOT NULL, public_key {BLOB} NOT NULL,
+        private_ref {BLOB} NOT NULL, state TEXT NOT NULL, created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL, mac {BLOB})",
+    ),
 ];
 
 /// The migration that adds record MACs; existing rows are sealed in its transaction.

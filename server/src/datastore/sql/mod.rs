@@ -66,6 +66,7 @@ mod engines;
 mod engines_tests;
 mod entries;
 mod feed;
+mod import_jobs;
 mod integrity;
 #[cfg(test)]
 mod integrity_tests;
