@@ -109,6 +109,25 @@ pub fn rsa_public_key(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
     tlv(0x30, &body)
 }
 
+/// The modulus and public exponent of a PKCS#1 `RSAPublicKey` (leading zero bytes dropped).
+pub fn rsa_parts(der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), DerError> {
+    let bad = DerError("not a PKCS#1 RSAPublicKey");
+    let (0x30, body, []) = read_tlv(der)? else {
+        return Err(bad);
+    };
+    let (0x02, n, rest) = read_tlv(body)? else {
+        return Err(bad);
+    };
+    let (0x02, e, []) = read_tlv(rest)? else {
+        return Err(bad);
+    };
+    let strip = |v: &[u8]| {
+        let first = v.iter().position(|b| *b != 0).unwrap_or(v.len());
+        v[first..].to_vec()
+    };
+    Ok((strip(n), strip(e)))
+}
+
 /// Unwraps a PKCS#11 CKA_EC_POINT (a DER OCTET STRING around the point) if it is wrapped.
 pub fn unwrap_ec_point(value: &[u8]) -> Result<Vec<u8>, DerError> {
     match read_tlv(value) {

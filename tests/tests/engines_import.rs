@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use base64::Engine as _;
-use continuity_server::keys::import_wrap::WrappingKey;
+use continuity_server::keys::import_wrap::{OaepHash, WrappingKey};
 use continuity_tests::import_wrap;
 
 /// The SPKI PEM of a job key, as `import-job create` is to print it.
@@ -30,7 +30,10 @@ fn openssl_wrapped_p256_and_aes_unwrap_to_the_original_material() {
     let aes = import_wrap::aes256().unwrap();
     for material in [&ec, &aes] {
         let blob = import_wrap::wrap(dir.path(), &pem(&job), material).unwrap();
-        assert_eq!(job.unwrap(&blob).unwrap().as_slice(), material.as_slice());
+        assert_eq!(
+            job.unwrap(&blob, OaepHash::Sha256).unwrap().as_slice(),
+            material.as_slice()
+        );
     }
 }
 
@@ -44,11 +47,21 @@ fn import_blob_garbled_truncated_or_for_another_job_is_refused() {
     let mut garbled = blob.clone();
     let last = garbled.len() - 1;
     garbled[last] ^= 1;
-    assert!(job.unwrap(&garbled).is_err(), "garbled KWP part accepted");
     assert!(
-        job.unwrap(&blob[..blob.len() - 8]).is_err(),
+        job.unwrap(&garbled, OaepHash::Sha256).is_err(),
+        "garbled KWP part accepted"
+    );
+    assert!(
+        job.unwrap(&blob[..blob.len() - 8], OaepHash::Sha256)
+            .is_err(),
         "truncated blob accepted"
     );
-    assert!(job.unwrap(&blob[..100]).is_err(), "short RSA part accepted");
-    assert!(other.unwrap(&blob).is_err(), "blob of another job accepted");
+    assert!(
+        job.unwrap(&blob[..100], OaepHash::Sha256).is_err(),
+        "short RSA part accepted"
+    );
+    assert!(
+        other.unwrap(&blob, OaepHash::Sha256).is_err(),
+        "blob of another job accepted"
+    );
 }

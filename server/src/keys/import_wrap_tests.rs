@@ -7,14 +7,27 @@ use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey};
 
 use super::*;
 
-/// Wraps `material` for the public key `spki` as a KMS client does.
+/// Wraps `material` for the public key `spki` as a KMS client does (OAEP SHA-256).
 fn wrap(spki: &[u8], material: &[u8]) -> Vec<u8> {
+    wrap_with(spki, material, OaepHash::Sha256)
+}
+
+/// Wraps `material` for the public key `spki` with RSA-OAEP of `hash`, then AES-KWP.
+pub(crate) fn wrap_with(spki: &[u8], material: &[u8], hash: OaepHash) -> Vec<u8> {
     let eph: [u8; 32] = continuity_common::rand::array().unwrap();
     let public =
         OaepPublicEncryptingKey::new(PublicEncryptingKey::from_der(spki).unwrap()).unwrap();
     let mut rsa = vec![0u8; public.ciphertext_size()];
     public
-        .encrypt(&OAEP_SHA256_MGF1SHA256, &eph, &mut rsa, None)
+        .encrypt(
+            match hash {
+                OaepHash::Sha1 => &OAEP_SHA1_MGF1SHA1,
+                OaepHash::Sha256 => &OAEP_SHA256_MGF1SHA256,
+            },
+            &eph,
+            &mut rsa,
+            None,
+        )
         .unwrap();
     let mut kwp = vec![0u8; material.len() + 16];
     let n = AesKek::new(&AES_256, &eph)
@@ -32,7 +45,7 @@ fn a_blob_wrapped_for_the_job_unwraps_to_the_material() {
     let spki = job.spki_der().unwrap();
     for material in [vec![7u8; 32], vec![1u8; 138], vec![9u8; 1217]] {
         let blob = wrap(&spki, &material);
-        assert_eq!(*job.unwrap(&blob).unwrap(), material);
+        assert_eq!(*job.unwrap(&blob, OaepHash::Sha256).unwrap(), material);
     }
     // The sealed form round-trips.
     let again = WrappingKey::from_pkcs8(&job.pkcs8().unwrap()).unwrap();
@@ -43,7 +56,7 @@ fn a_blob_wrapped_for_the_job_unwraps_to_the_material() {
 fn malformed_blobs_are_refused_with_the_reason() {
     let job = WrappingKey::generate().unwrap();
     let blob = wrap(&job.spki_der().unwrap(), &[5u8; 32]);
-    let err = |b: &[u8]| job.unwrap(b).unwrap_err().to_string();
+    let err = |b: &[u8]| job.unwrap(b, OaepHash::Sha256).unwrap_err().to_string();
     assert!(
         err(&blob[..100]).contains("too short"),
         "{}",
@@ -122,6 +135,6 @@ fn a_blob_made_with_the_openssl_command_line_unwraps() {
         std::fs::read(p("kwp")).unwrap(),
     ]
     .concat();
-    assert_eq!(*job.unwrap(&blob).unwrap(), target);
+    assert_eq!(*job.unwrap(&blob, OaepHash::Sha256).unwrap(), target);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -76,6 +76,16 @@ impl KeyType {
             Self::Rsa2048 | Self::Rsa3072 | Self::Rsa4096 => None,
         }
     }
+
+    /// Modulus bits of an RSA type; None for EC.
+    pub fn rsa_bits(self) -> Option<usize> {
+        match self {
+            Self::Rsa2048 => Some(2048),
+            Self::Rsa3072 => Some(3072),
+            Self::Rsa4096 => Some(4096),
+            Self::EcP256 | Self::EcP384 => None,
+        }
+    }
 }
 
 impl FromStr for KeyType {
@@ -133,6 +143,10 @@ pub enum KeyError {
     /// A cryptographic operation failed.
     #[error("{0}")]
     Crypto(String),
+    /// Material a caller gave was refused (a wrapped import blob that does not unwrap, or
+    /// unwraps to the wrong kind of key): the caller's error, not the key manager's.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 /// A private key held by a key manager; signs in the encoding X.509 uses
@@ -151,8 +165,7 @@ pub trait KeyHandle: Send + Sync + fmt::Debug {
 
     /// SubjectPublicKeyInfo, DER.
     fn spki_der(&self) -> Vec<u8> {
-        use rcgen::PublicKeyData;
-        RawPublic(self.key_type(), self.public_key_raw()).subject_public_key_info()
+        spki_of(self.key_type(), self.public_key_raw())
     }
 }
 
@@ -190,6 +203,65 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
     /// keyed with keys the datastore never holds (pkcs11: a non-extractable generic secret used
     /// inside the token; disk: a 0600 key file; memory: process memory).
     async fn mac_key(&self, id: &str) -> Result<Arc<dyn MacKey>, KeyError>;
+    /// Generates an import job's RSA-3072 wrapping key `id` inside the key manager (unwrap
+    /// only, never extractable); returns its SubjectPublicKeyInfo DER.
+    async fn generate_wrapping_key(&self, id: &str) -> Result<Vec<u8>, KeyError> {
+        Err(KeyError::Unsupported(format!(
+            "cannot keep wrapping key {id} in the {} key manager; hsm import jobs need kind = \"pkcs11\"",
+            self.kind()
+        )))
+    }
+    /// Unwraps an import blob with the wrapping key `wrapping_id` into a new key `id` that
+    /// never leaves the key manager. `public` (SPKI DER) is the public half, for a key manager
+    /// that cannot read it from the imported private key.
+    async fn unwrap_import(&self, request: ImportRequest) -> Result<Imported, KeyError> {
+        Err(KeyError::Unsupported(format!(
+            "cannot import key {} into the {} key manager; hsm custody needs kind = \"pkcs11\"",
+            request.id,
+            self.kind()
+        )))
+    }
+}
+
+/// What imported material must become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportTarget {
+    /// A private key of this type (PKCS#8 material).
+    Signer(KeyType),
+    /// An AES-256 key (32 raw bytes).
+    Aes,
+}
+
+/// One import of wrapped material into the key manager.
+#[derive(Debug, Clone)]
+pub struct ImportRequest {
+    /// The import job's wrapping key id.
+    pub wrapping_id: String,
+    /// The id the imported key gets.
+    pub id: String,
+    /// What the material must be.
+    pub target: ImportTarget,
+    /// The import method's RSA-OAEP hash.
+    pub hash: import_wrap::OaepHash,
+    /// The wrapped blob (`RSA-OAEP(ephemeral) || KWP(ephemeral, material)`).
+    pub blob: Vec<u8>,
+    /// The public half (SPKI DER), if the caller gave it.
+    pub public: Option<Vec<u8>>,
+}
+
+/// A key made from imported material.
+#[derive(Debug, Clone)]
+pub enum Imported {
+    /// A private key.
+    Signer(Arc<dyn KeyHandle>),
+    /// An AES-256 key.
+    Aes(Arc<dyn AesKey>),
+}
+
+/// The SubjectPublicKeyInfo DER of a raw public key (EC point or PKCS#1) of type `kt`.
+pub fn spki_of(kt: KeyType, raw: &[u8]) -> Vec<u8> {
+    use rcgen::PublicKeyData;
+    RawPublic(kt, raw).subject_public_key_info()
 }
 
 /// An HMAC-SHA256 key held by the key manager.

@@ -24,9 +24,12 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
 use super::PinSource;
-use super::{AesKey, Kek, KeyError, KeyHandle, KeyManager, KeyType, MacKey};
+use super::{
+    AesKey, ImportRequest, Imported, Kek, KeyError, KeyHandle, KeyManager, KeyType, MacKey,
+};
 
 mod aes;
+mod import;
 mod key;
 mod mac;
 mod token;
@@ -281,6 +284,7 @@ fn read_pin(section: &str, pin: &PinSource) -> Result<Zeroizing<String>, KeyErro
     }
 }
 
+/// The raw public key (EC point or PKCS#1) read from a key object.
 fn public_key_raw(s: &Session, pubh: ObjectHandle, key_type: KeyType) -> Result<Vec<u8>, KeyError> {
     match key_type {
         KeyType::EcP256 | KeyType::EcP384 => {
@@ -395,7 +399,23 @@ impl KeyManager for Pkcs11KeyManager {
         let _one = CREATE.lock().await;
         Ok(Arc::new(self.aes_blocking(id, mac::get_or_generate).await?))
     }
+
+    async fn generate_wrapping_key(&self, id: &str) -> Result<Vec<u8>, KeyError> {
+        self.aes_blocking(id, Self::generate_wrapping_blocking)
+            .await
+    }
+
+    async fn unwrap_import(&self, request: ImportRequest) -> Result<Imported, KeyError> {
+        let token = self.token.clone();
+        tokio::task::spawn_blocking(move || Self::unwrap_import_blocking(&token, &request))
+            .await
+            .map_err(|e| KeyError::Pkcs11(e.to_string()))?
+    }
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[path = "import_tests.rs"]
+mod import_tests;

@@ -4,15 +4,25 @@
 
 use super::*;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub(super) const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 #[test]
 fn keys_sign_through_a_sensitive_session_copy_that_dies_with_the_key() {
+    in_child("keys::pkcs11::tests::session_copy_helper");
+}
+
+/// Runs the ignored test `helper` of this binary in a child process on a fresh token
+/// labelled `unit` (PIN in UNIT_TOKEN_PIN); it must print `HELPER OK`.
+pub(super) fn in_child(helper: &str) {
     if !Path::new(MODULE).exists() {
         eprintln!("SoftHSM2 is not installed ({MODULE}); scripts/setup installs it");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("continuity-pkcs11-unit-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "continuity-pkcs11-unit-{}-{}",
+        std::process::id(),
+        helper.rsplit("::").next().unwrap_or(helper)
+    ));
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).unwrap();
     let conf = dir.join("softhsm2.conf");
@@ -44,12 +54,7 @@ fn keys_sign_through_a_sensitive_session_copy_that_dies_with_the_key() {
         String::from_utf8_lossy(&init.stderr)
     );
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "keys::pkcs11::tests::session_copy_helper",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", helper, "--ignored", "--nocapture"])
         .env("SOFTHSM2_CONF", &conf)
         .env("UNIT_TOKEN_PIN", "4321")
         .output()
