@@ -9,7 +9,9 @@
 use async_trait::async_trait;
 use continuity_common::SpiffeId;
 
-use crate::model::engine::{Endorsement, Engine, EngineKey, Incarnation, KeyVersion, Secret};
+use crate::model::engine::{
+    Endorsement, Engine, EngineKey, ImportJob, Incarnation, KeyVersion, Secret,
+};
 
 mod bad_rows;
 mod feed;
@@ -161,6 +163,8 @@ pub enum Write {
     DeleteRelationship(String),
     /// Inserts the endorsement of a new key version; [`StoreError::Conflict`] if it exists.
     InsertEndorsement(Endorsement),
+    /// Inserts or replaces an import job.
+    PutImportJob(ImportJob),
 }
 
 /// What one [`Write`] committed.
@@ -343,6 +347,10 @@ pub trait EngineStore: Send + Sync + std::fmt::Debug {
     async fn list_incarnations(&self, engine: &str) -> Result<Vec<Incarnation>, StoreError>;
     /// Every endorsement (continuity proof) of a key version.
     async fn list_endorsements(&self) -> Result<Vec<Endorsement>, StoreError>;
+    /// The import job with this id, checked against its record MAC.
+    async fn get_import_job(&self, id: &str) -> Result<Option<ImportJob>, StoreError>;
+    /// Every intact import job, oldest first.
+    async fn list_import_jobs(&self) -> Result<Vec<ImportJob>, StoreError>;
 }
 
 /// The last record of the audit log as the datastore holds it (seq 0 and an empty hash: none).

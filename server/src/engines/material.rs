@@ -58,6 +58,7 @@ fn blank_version(key: &EngineKey, version: u32, now: i64) -> KeyVersion {
         created_at: now,
         destroy_at: 0,
         encryptions: 0,
+        imported: false,
     }
 }
 

@@ -260,6 +260,8 @@ pub struct KeyVersion {
     /// Encryptions counted against this version's AES-GCM nonce budget. Reserved in blocks
     /// before use, so after a restart it may exceed the encryptions done, never fall short.
     pub encryptions: u64,
+    /// The material came from outside through an import job (not generated here).
+    pub imported: bool,
 }
 
 /// A continuity proof: version `version` of a sign key endorsed by `previous_version` (the
@@ -312,6 +314,7 @@ impl fmt::Debug for KeyVersion {
             .field("created_at", &self.created_at)
             .field("destroy_at", &self.destroy_at)
             .field("encryptions", &self.encryptions)
+            .field("imported", &self.imported)
             .finish_non_exhaustive()
     }
 }
@@ -359,4 +362,75 @@ pub struct Incarnation {
     pub first_seen: i64,
     /// Last seen.
     pub last_seen: i64,
+}
+
+/// An import job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImportJobState {
+    /// Imports are accepted until `expires_at`.
+    Active,
+    /// Past `expires_at`: its wrapping key is destroyed and imports are refused.
+    Expired,
+}
+
+impl ImportJobState {
+    /// Spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "ACTIVE",
+            Self::Expired => "EXPIRED",
+        }
+    }
+}
+
+impl FromStr for ImportJobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ACTIVE" => Ok(Self::Active),
+            "EXPIRED" => Ok(Self::Expired),
+            o => Err(format!("import job state {o:?}")),
+        }
+    }
+}
+
+/// An import job (Cloud KMS's): a wrapping key of one Engine that key material is imported
+/// under, kept where the imported keys will live (the token for hsm custody, sealed under the
+/// KEK otherwise).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ImportJob {
+    /// Id (`ij-` and 16 hex digits).
+    pub id: String,
+    /// The Engine whose keys it imports into.
+    pub engine: String,
+    /// The wrapping method.
+    pub method: crate::keys::import_wrap::ImportMethod,
+    /// The custody of its Engine when it was made (where its wrapping key lives).
+    pub custody: Custody,
+    /// The wrapping public key (SPKI DER).
+    pub public_key: Vec<u8>,
+    /// The private half: PKCS#8 sealed under the KEK, or the token object's id (hsm); empty
+    /// once expired.
+    pub private_ref: Vec<u8>,
+    /// State.
+    pub state: ImportJobState,
+    /// Creation time.
+    pub created_at: i64,
+    /// When imports stop being accepted (creation + 3 days).
+    pub expires_at: i64,
+}
+
+impl fmt::Debug for ImportJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImportJob")
+            .field("id", &self.id)
+            .field("engine", &self.engine)
+            .field("method", &self.method)
+            .field("custody", &self.custody)
+            .field("private_ref", &Redacted(self.private_ref.len()))
+            .field("state", &self.state)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }

@@ -30,11 +30,19 @@ pub(super) const ENGINE_KEYS: Table = Table {
     canon: |r| engine_key_from_row(r).map(|k| engine_key_canon(&k)),
 };
 
-/// The key versions, MACed (state, sealed material, hsm_id, destroy_at and reservations).
+/// The key versions as the record-MAC upgrade (migration 5) seals them: before migration 13
+/// added `imported` (so none were; the canonical encoding then omits it).
+pub(super) const KEY_VERSIONS_AT_RECORD_MACS: Table = Table {
+    select: "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions",
+    ..KEY_VERSIONS
+};
+
+/// The key versions, MACed (state, sealed material, hsm_id, destroy_at, reservations and
+/// whether the material was imported).
 pub(super) const KEY_VERSIONS: Table = Table {
     name: "engine_key_versions",
     pk: &["engine", "key_name", "version"],
-    select: "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions",
+    select: "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions",
     canon: |r| key_version_from_row(r).map(|v| key_version_canon(&v)),
 };
 
@@ -77,8 +85,10 @@ fn engine_key_canon(k: &EngineKey) -> Canon {
         .int(k.created_at)
 }
 
+/// The canonical encoding of a key version row (every column). `imported` (added later) is
+/// encoded only when set, so rows sealed before it existed still verify.
 fn key_version_canon(v: &KeyVersion) -> Canon {
-    Canon::new("engine_key_versions")
+    let c = Canon::new("engine_key_versions")
         .key(&v.engine)
         .key(&v.key)
         .key_int(i64::from(v.version))
@@ -90,7 +100,8 @@ fn key_version_canon(v: &KeyVersion) -> Canon {
         .text(&v.hsm_id)
         .int(v.created_at)
         .int(v.destroy_at)
-        .int(i64::try_from(v.encryptions).unwrap_or(i64::MAX))
+        .int(i64::try_from(v.encryptions).unwrap_or(i64::MAX));
+    if v.imported { c.int(1) } else { c }
 }
 
 fn secret_canon(s: &Secret) -> Canon {
@@ -155,6 +166,12 @@ fn key_version_from_row(r: &AnyRow) -> Result<KeyVersion, StoreError> {
         created_at: r.try_get("created_at")?,
         destroy_at: r.try_get("destroy_at")?,
         encryptions: r.try_get::<i64, _>("encryptions_reserved")?.max(0) as u64,
+        // Absent when migration 5 reads the rows (before migration 13 added it).
+        imported: match r.try_get::<i64, _>("imported") {
+            Ok(v) => v != 0,
+            Err(sqlx::Error::ColumnNotFound(_)) => false,
+            Err(e) => return Err(e.into()),
+        },
     })
 }
 
@@ -248,7 +265,7 @@ impl SqlDataStore {
         insert_only: bool,
     ) -> Result<(), StoreError> {
         let stored = sqlx::query(
-            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
+            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
         )
         .bind(&v.engine)
         .bind(&v.key)
@@ -274,10 +291,10 @@ impl SqlDataStore {
         };
         let mac = self.seal(&key_version_canon(&v))?;
         sqlx::query(
-            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac, imported)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (engine, key_name, version) DO UPDATE SET state = $4, kid = $5, public_key = $6, sealed = $7,
-             mechanism = $8, hsm_id = $9, created_at = $10, destroy_at = $11, encryptions_reserved = $12, mac = $13",
+             mechanism = $8, hsm_id = $9, created_at = $10, destroy_at = $11, encryptions_reserved = $12, mac = $13, imported = $14",
         )
         .bind(&v.engine)
         .bind(&v.key)
@@ -292,6 +309,7 @@ impl SqlDataStore {
         .bind(v.destroy_at)
         .bind(i64::try_from(encryptions).unwrap_or(i64::MAX))
         .bind(mac)
+        .bind(i64::from(v.imported))
         .execute(&mut *c)
         .await?;
         Ok(())
@@ -413,9 +431,20 @@ impl EngineStore for SqlDataStore {
         self.list_endorsements_all().await
     }
 
+    async fn get_import_job(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::model::engine::ImportJob>, StoreError> {
+        self.get_import_job_checked(id).await
+    }
+
+    async fn list_import_jobs(&self) -> Result<Vec<crate::model::engine::ImportJob>, StoreError> {
+        self.list_import_jobs_all().await
+    }
+
     async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError> {
         let rows =
-            sqlx::query("SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions ORDER BY engine, key_name, version")
+            sqlx::query("SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions ORDER BY engine, key_name, version")
                 .fetch_all(&self.pool)
                 .await?;
         self.screen(&rows, key_version_from_row, key_version_canon)
@@ -449,7 +478,7 @@ impl EngineStore for SqlDataStore {
             )));
         }
         let row = sqlx::query(
-            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
+            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
         )
         .bind(engine)
         .bind(key)

@@ -47,6 +47,7 @@ pub(super) fn version(engine: &str, key: &str, v: u32, sealed: Option<Vec<u8>>) 
         created_at: 1_700_000_000 + i64::from(v),
         destroy_at: 0,
         encryptions: 0,
+        imported: false,
     }
 }
 

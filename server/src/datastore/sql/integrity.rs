@@ -129,6 +129,8 @@ impl SqlDataStore {
         for t in TABLES {
             let t = if t.name == agents::AGENTS.name {
                 &agents::AGENTS_AT_RECORD_MACS
+            } else if t.name == engines::KEY_VERSIONS.name {
+                &engines::KEY_VERSIONS_AT_RECORD_MACS
             } else {
                 t
             };

@@ -146,11 +146,12 @@ const MIGRATIONS: &[(i64, &str)] = &[
         13,
         // Engine key import jobs: the wrapping key an engine's key material is imported under
         // (its SPKI; the private half sealed under the KEK for transit custody, or the token
-        // object's id for hsm custody), record-MACed.
+        // object's id for hsm custody), record-MACed; and which key versions were imported.
         "CREATE TABLE engine_import_jobs (id TEXT PRIMARY KEY, engine TEXT NOT NULL,
         method TEXT NOT NULL, custody TEXT NOT NULL, public_key {BLOB} NOT NULL,
         private_ref {BLOB} NOT NULL, state TEXT NOT NULL, created_at BIGINT NOT NULL,
-        expires_at BIGINT NOT NULL, mac {BLOB})",
+        expires_at BIGINT NOT NULL, mac {BLOB});
+    ALTER TABLE engine_key_versions ADD COLUMN imported BIGINT NOT NULL DEFAULT 0",
     ),
 ];
 

@@ -315,6 +315,10 @@ impl SqlDataStore {
                 self.insert_endorsement_on(tx, e).await?;
                 Applied::Done
             }
+            Write::PutImportJob(j) => {
+                self.put_import_job_on(tx, j).await?;
+                Applied::Done
+            }
         })
     }
 }
@@ -346,7 +350,14 @@ fn change_of(w: &Write, applied: &Applied) -> Option<(ChangeKind, String)> {
             (ChangeKind::ForeignBundle, r.trust_domain.name().to_string())
         }
         (Write::InsertEndorsement(e), _) => (ChangeKind::Engine, e.engine.clone()),
-        (Write::CreateJoinToken(_) | Write::CreateEntry(_) | Write::UpdateEntry(_), _) => {
+        // Import jobs are read from the datastore on each use: nothing held in memory.
+        (
+            Write::CreateJoinToken(_)
+            | Write::CreateEntry(_)
+            | Write::UpdateEntry(_)
+            | Write::PutImportJob(_),
+            _,
+        ) => {
             return None;
         }
     })
