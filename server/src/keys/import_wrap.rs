@@ -145,10 +145,7 @@ impl WrappingKey {
         let (rsa, kwp) = split_blob(blob)?;
         let oaep = OaepPrivateDecryptingKey::new(self.0.clone())
             .map_err(crypto("the wrapping key cannot do OAEP"))?;
-        let oaep_alg = match hash {
-            OaepHash::Sha1 => &OAEP_SHA1_MGF1SHA1,
-            OaepHash::Sha256 => &OAEP_SHA256_MGF1SHA256,
-        };
+        let oaep_alg = oaep_algorithm(hash);
         let mut eph = Zeroizing::new(vec![0u8; oaep.min_output_size()]);
         let eph_len = oaep
             .decrypt(oaep_alg, rsa, &mut eph, None)
@@ -162,6 +159,31 @@ impl WrappingKey {
             )));
         }
         unwrap_padded(&eph[..32], kwp)
+    }
+}
+
+/// RSA-OAEP encryption of `plaintext` to the RSA public key `spki` (SubjectPublicKeyInfo DER)
+/// with `hash`, as a client wrapping for a job does.
+pub fn oaep_encrypt(spki: &[u8], plaintext: &[u8], hash: OaepHash) -> Result<Vec<u8>, KeyError> {
+    use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey};
+    let public = PublicEncryptingKey::from_der(spki)
+        .map_err(|_| KeyError::Crypto("not an RSA public key".into()))
+        .and_then(|k| {
+            OaepPublicEncryptingKey::new(k).map_err(crypto("not an RSA-OAEP public key"))
+        })?;
+    let mut out = vec![0u8; public.ciphertext_size()];
+    let n = public
+        .encrypt(oaep_algorithm(hash), plaintext, &mut out, None)
+        .map_err(crypto("RSA-OAEP encryption failed"))?
+        .len();
+    out.truncate(n);
+    Ok(out)
+}
+
+fn oaep_algorithm(hash: OaepHash) -> &'static aws_lc_rs::rsa::OaepAlgorithm {
+    match hash {
+        OaepHash::Sha1 => &OAEP_SHA1_MGF1SHA1,
+        OaepHash::Sha256 => &OAEP_SHA256_MGF1SHA256,
     }
 }
 

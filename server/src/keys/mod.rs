@@ -204,8 +204,13 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
     /// inside the token; disk: a 0600 key file; memory: process memory).
     async fn mac_key(&self, id: &str) -> Result<Arc<dyn MacKey>, KeyError>;
     /// Generates an import job's RSA-3072 wrapping key `id` inside the key manager (unwrap
-    /// only, never extractable); returns its SubjectPublicKeyInfo DER.
-    async fn generate_wrapping_key(&self, id: &str) -> Result<Vec<u8>, KeyError> {
+    /// only, never extractable) for RSA-OAEP with `hash`; returns its SubjectPublicKeyInfo DER.
+    async fn generate_wrapping_key(
+        &self,
+        id: &str,
+        hash: import_wrap::OaepHash,
+    ) -> Result<Vec<u8>, KeyError> {
+        let _ = hash;
         Err(KeyError::Unsupported(format!(
             "cannot keep wrapping key {id} in the {} key manager; hsm import jobs need kind = \"pkcs11\"",
             self.kind()

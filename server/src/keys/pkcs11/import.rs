@@ -49,10 +49,12 @@ fn rejected(step: &'static str) -> impl Fn(CkError) -> KeyError {
 }
 
 impl Pkcs11KeyManager {
-    /// Generates the RSA-3072 wrapping key `id` in the token; returns its SPKI DER.
+    /// Generates the RSA-3072 wrapping key `id` in the token and checks the token can unwrap
+    /// with it under OAEP `hash` (a probe key wrapped here); returns its SPKI DER.
     pub(super) fn generate_wrapping_blocking(
         token: &Arc<Token>,
         id: &str,
+        hash: OaepHash,
     ) -> Result<Vec<u8>, KeyError> {
         let label = format!("{LABEL_PREFIX}{id}").into_bytes();
         let public = [
@@ -74,12 +76,26 @@ impl Pkcs11KeyManager {
             Attribute::Id(id.as_bytes().to_vec()),
         ];
         token.with_session(|s| {
-            let (pubh, _) = s
+            let (pubh, privh) = s
                 .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
                 .map_err(ck("generate the RSA-3072 wrapping key"))?;
             let raw = public_key_raw(s, pubh, KeyType::Rsa3072);
             let _ = s.destroy_object(pubh);
-            Ok(crate::keys::spki_of(KeyType::Rsa3072, &raw?))
+            let spki = raw.map(|raw| crate::keys::spki_of(KeyType::Rsa3072, &raw));
+            let probed = spki.and_then(|spki| {
+                let probe = crate::keys::import_wrap::oaep_encrypt(&spki, &[0x5a; 32], hash)?;
+                let eph = unwrap_ephemeral(s, privh, hash, &probe).map_err(|e| {
+                    KeyError::Unsupported(format!(
+                        "this token cannot unwrap RSA-OAEP with {hash:?} ({e}); use method RSA_OAEP_3072_SHA1_AES_256"
+                    ))
+                })?;
+                let _ = s.destroy_object(eph);
+                Ok(spki)
+            });
+            if probed.is_err() {
+                let _ = s.destroy_object(privh);
+            }
+            probed
         })
     }
 

@@ -59,7 +59,20 @@ async fn import_helper() {
         &PinSource::Env("UNIT_TOKEN_PIN".into()),
     )
     .unwrap();
-    let spki = km.generate_wrapping_key("job1").await.unwrap();
+    // SoftHSM2's OAEP is SHA-1 only: a SHA-256 job is refused when made, and leaves nothing.
+    let err = km
+        .generate_wrapping_key("job256", OaepHash::Sha256)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("RSA_OAEP_3072_SHA1_AES_256"),
+        "{err}"
+    );
+    assert!(!leftovers(&km, "job256"));
+    let spki = km
+        .generate_wrapping_key("job1", OaepHash::Sha1)
+        .await
+        .unwrap();
     wrapping_key_only_unwraps(&km);
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let pkcs8 =

@@ -400,9 +400,15 @@ impl KeyManager for Pkcs11KeyManager {
         Ok(Arc::new(self.aes_blocking(id, mac::get_or_generate).await?))
     }
 
-    async fn generate_wrapping_key(&self, id: &str) -> Result<Vec<u8>, KeyError> {
-        self.aes_blocking(id, Self::generate_wrapping_blocking)
+    async fn generate_wrapping_key(
+        &self,
+        id: &str,
+        hash: super::import_wrap::OaepHash,
+    ) -> Result<Vec<u8>, KeyError> {
+        let (token, id) = (self.token.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || Self::generate_wrapping_blocking(&token, &id, hash))
             .await
+            .map_err(|e| KeyError::Pkcs11(e.to_string()))?
     }
 
     async fn unwrap_import(&self, request: ImportRequest) -> Result<Imported, KeyError> {
