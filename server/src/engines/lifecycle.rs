@@ -185,7 +185,7 @@ impl Engines {
     /// Writes a key and a new version of it with the audit record of the change; the version
     /// is inserted, never replaced (another server that made it first wins, this one fails).
     /// The version's continuity proof ([`Engines::endorse`]), if any, goes in the same commit.
-    async fn commit_key_version(
+    pub(super) async fn commit_key_version(
         &self,
         key: &EngineKey,
         version: &KeyVersion,
@@ -312,10 +312,12 @@ impl Engines {
         Ok(EngineKey::clone(&key))
     }
 
-    /// Destroys the material of versions whose grace has passed, and rotates keys whose
-    /// rotation period has elapsed. Returns how many versions were destroyed.
+    /// Destroys the material of versions whose grace has passed, expires import jobs past
+    /// their life, and rotates keys whose rotation period has elapsed. Returns how many
+    /// versions were destroyed.
     pub async fn tick(&self) -> Result<usize> {
         self.reload().await?;
+        self.expire_import_jobs().await?;
         let now = self.clock.unix();
         let due: Vec<Arc<KeyVersion>> = self
             .read()

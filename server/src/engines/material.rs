@@ -44,7 +44,7 @@ fn id(v: &KeyVersion) -> VersionId {
 }
 
 /// A new ENABLED version record, without material yet.
-fn blank_version(key: &EngineKey, version: u32, now: i64) -> KeyVersion {
+pub(super) fn blank_version(key: &EngineKey, version: u32, now: i64) -> KeyVersion {
     KeyVersion {
         engine: key.engine.clone(),
         key: key.name.clone(),
@@ -64,7 +64,7 @@ fn blank_version(key: &EngineKey, version: u32, now: i64) -> KeyVersion {
 
 /// Software material in memory: the signer or AES key, keeping an exportable copy only if
 /// `export`. Takes `raw` over (wiped on drop).
-fn software(
+pub(super) fn software(
     v: &KeyVersion,
     key_type: Option<KeyType>,
     mut raw: Zeroizing<Vec<u8>>,

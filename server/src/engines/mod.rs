@@ -17,6 +17,7 @@
 //! - [`material`]: generating, sealing and unsealing version material under the KEK.
 //! - [`operations`]: sign, encrypt, decrypt, public keys and the JWKS.
 //! - [`datakeys`]: data keys (envelope encryption) and Rewrap.
+//! - [`import`]: import jobs and importing wrapped key material as a new version.
 //! - [`budget`] and [`nonce`]: the AES-GCM nonce budget per version and the rotations it forces.
 //! - [`secrets`]: KV custody (named secrets, delivery into workloads).
 //! - [`incarnations`]: the workloads that were an Engine.
@@ -26,6 +27,7 @@ mod budget;
 mod custody;
 mod datakeys;
 mod endorse;
+mod import;
 mod incarnations;
 mod lifecycle;
 mod material;
@@ -45,6 +47,7 @@ use crate::datastore::{EngineStore, StoreError};
 use crate::keys::{KeyError, KeyManager};
 
 pub use self::datakeys::{AES_256, DataKey, Rewrapped, check_key_spec};
+pub use self::import::{IMPORT_JOB_LIFETIME, ImportVersion};
 pub use self::incarnations::{SIGHTING_COALESCE_SECS, Sightings};
 pub use self::lifecycle::VersionAction;
 pub use self::operations::{PublicKey, Signature, ToSign, message_or_digest};
