@@ -12,6 +12,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use super::error::CliError;
+use super::key_import::{self, ImportArgs, ImportJobCommand};
 use super::output::{Output, View, show};
 use super::parse::{self, Algorithm, Purpose};
 
@@ -57,6 +58,14 @@ pub enum KeyCommand {
     Destroy(VersionArgs),
     /// Cancel a scheduled destruction (→ DISABLED).
     Restore(VersionArgs),
+    /// Import jobs: wrapping keys to import key material under.
+    ImportJob {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: ImportJobCommand,
+    },
+    /// Import wrapped key material as a new primary version (it records `imported`).
+    Import(ImportArgs),
 }
 
 /// A key version.
@@ -107,6 +116,8 @@ pub async fn run(c: &mut Client, out: Output, cmd: KeyCommand) -> Result<(), Cli
         KeyCommand::Disable(v) => set_state(c, "disable", v).await?,
         KeyCommand::Destroy(v) => set_state(c, "destroy", v).await?,
         KeyCommand::Restore(v) => set_state(c, "restore", v).await?,
+        KeyCommand::ImportJob { cmd } => return key_import::run_job(c, out, cmd).await,
+        KeyCommand::Import(a) => key_import::run_import(c, a).await?,
     };
     show(out, &KeyView::from(&key))
 }
@@ -144,6 +155,9 @@ struct VersionView<'a> {
     created_at: i64,
     destroy_at: i64,
     encryptions: u64,
+    /// Shown only when set (older output stays as it was).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    imported: bool,
 }
 
 impl<'a> From<&'a EngineKey> for KeyView<'a> {
@@ -171,6 +185,7 @@ impl<'a> From<&'a KeyVersion> for VersionView<'a> {
             created_at: v.created_at,
             destroy_at: v.destroy_at,
             encryptions: v.encryptions,
+            imported: v.imported,
         }
     }
 }
@@ -198,8 +213,12 @@ impl View for KeyView<'_> {
             } else {
                 String::new()
             };
+            let imported = if v.imported { " imported" } else { "" };
             let (version, state, kid) = (v.version, v.state, v.kid);
-            writeln!(w, "  v{version:<4} {state:<18} kid {kid}{count}{when}")?;
+            writeln!(
+                w,
+                "  v{version:<4} {state:<18} kid {kid}{count}{imported}{when}"
+            )?;
         }
         Ok(())
     }
@@ -232,6 +251,7 @@ mod tests {
             created_at: 10,
             destroy_at,
             encryptions: 7,
+            imported: false,
         };
         EngineKey {
             engine: "books".into(),
@@ -288,5 +308,20 @@ mod tests {
             sign.ends_with("  v2    ENABLED            kid k-v2\n"),
             "{sign}"
         );
+    }
+
+    #[test]
+    fn an_imported_version_says_so_in_text_and_json() {
+        let mut k = key("sign");
+        k.versions[1].imported = true;
+        let text = rendered(Output::Text, &KeyView::from(&k));
+        assert!(
+            text.ends_with("  v2    ENABLED            kid k-v2 imported\n"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&rendered(Output::Json, &KeyView::from(&k))).unwrap();
+        assert_eq!(json["versions"][1]["imported"], true);
+        assert!(json["versions"][0].get("imported").is_none());
     }
 }

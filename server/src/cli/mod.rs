@@ -16,6 +16,7 @@ mod error;
 mod federation;
 mod integrity;
 mod key;
+mod key_import;
 mod output;
 mod parse;
 mod token;

@@ -203,11 +203,10 @@ impl Engines {
 
     /// The job of `req`, which must belong to the key's Engine and custody and be active.
     async fn usable_job(&self, req: &ImportVersion, key: &EngineKey) -> Result<ImportJob> {
-        let job = self
-            .store
-            .get_import_job(&req.job)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("import job {} not found", req.job)))?;
+        let job =
+            self.store.get_import_job(&req.job).await?.ok_or_else(|| {
+                EngineError::NotFound(format!("import job {} not found", req.job))
+            })?;
         if job.engine != key.engine {
             return Err(EngineError::Invalid(format!(
                 "import job {} belongs to engine {}, not {}",
@@ -254,13 +253,15 @@ impl Engines {
                 blob: req.wrapped.clone(),
                 public: req.public_key.clone(),
             };
-            return Ok(match self.keys.unwrap_import(request).await.map_err(caller)? {
-                Imported::Signer(h) => {
-                    v.public_key = h.spki_der();
-                    Material::Signer(h, None)
-                }
-                Imported::Aes(a) => Material::Aes(a, None),
-            });
+            return Ok(
+                match self.keys.unwrap_import(request).await.map_err(caller)? {
+                    Imported::Signer(h) => {
+                        v.public_key = h.spki_der();
+                        Material::Signer(h, None)
+                    }
+                    Imported::Aes(a) => Material::Aes(a, None),
+                },
+            );
         }
         let raw = self.unwrap_here(job, &req.wrapped).await?;
         if let Some(kt) = kt {
@@ -297,12 +298,10 @@ impl Engines {
     async fn unwrap_here(&self, job: &ImportJob, blob: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let pkcs8 = self.open(&job.private_ref, job_binding(&job.id)).await?;
         let (blob, hash) = (blob.to_vec(), job.method.hash());
-        tokio::task::spawn_blocking(move || {
-            WrappingKey::from_pkcs8(&pkcs8)?.unwrap(&blob, hash)
-        })
-        .await
-        .map_err(|e| KeyError::Crypto(e.to_string()))?
-        .map_err(caller)
+        tokio::task::spawn_blocking(move || WrappingKey::from_pkcs8(&pkcs8)?.unwrap(&blob, hash))
+            .await
+            .map_err(|e| KeyError::Crypto(e.to_string()))?
+            .map_err(caller)
     }
 
     /// Endorses (sign keys) and commits the imported version `v` as the key's primary.

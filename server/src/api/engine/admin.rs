@@ -11,10 +11,12 @@ use super::engine_status;
 use crate::api::admin::AdminService;
 use crate::api::to_completion;
 use crate::audit::ExportedCheckpoint;
+use crate::engines::ImportVersion;
 use crate::engines::VersionAction;
+use crate::keys::import_wrap::ImportMethod;
 use crate::model::engine::{
-    Algorithm, Custody, Engine as EngineModel, EngineKey, Incarnation as IncarnationModel,
-    KeyVersion, Purpose,
+    Algorithm, Custody, Engine as EngineModel, EngineKey, ImportJob,
+    Incarnation as IncarnationModel, KeyVersion, Purpose,
 };
 
 fn engine_pb(e: &EngineModel) -> pb_admin::Engine {
@@ -47,8 +49,22 @@ fn key_pb(k: &EngineKey, versions: &[KeyVersion]) -> pb_admin::EngineKey {
                 created_at: v.created_at,
                 destroy_at: v.destroy_at,
                 encryptions: v.encryptions,
+                imported: v.imported,
             })
             .collect(),
+    }
+}
+
+fn import_job_pb(j: &ImportJob) -> pb_admin::ImportJob {
+    pb_admin::ImportJob {
+        id: j.id.clone(),
+        engine: j.engine.clone(),
+        method: j.method.as_str().into(),
+        custody: j.custody.as_str().into(),
+        public_key_pem: super::public_key_pem(&j.public_key),
+        state: j.state.as_str().into(),
+        created_at: j.created_at,
+        expires_at: j.expires_at,
     }
 }
 
@@ -233,6 +249,79 @@ impl EngineAdmin for AdminService {
             .engines
             .key(&r.engine, &r.name)
             .map_err(engine_status)?;
+        Ok(Response::new(key_pb(&k, &v)))
+    }
+
+    async fn create_import_job(
+        &self,
+        req: Request<pb_admin::CreateImportJobRequest>,
+    ) -> Result<Response<pb_admin::ImportJob>, Status> {
+        let actor = self.authorize(&req)?;
+        let r = req.into_inner();
+        let method = match r.method.as_str() {
+            "" => None,
+            m => Some(parse::<ImportMethod>(m)?),
+        };
+        let engines = self.engines.clone();
+        let job = to_completion(async move {
+            engines
+                .create_import_job(&r.engine, method, &actor)
+                .await
+                .map_err(engine_status)
+        })
+        .await?;
+        Ok(Response::new(import_job_pb(&job)))
+    }
+
+    async fn get_import_job(
+        &self,
+        req: Request<pb_admin::GetImportJobRequest>,
+    ) -> Result<Response<pb_admin::ImportJob>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().id;
+        let job = self.engines.import_job(&id).await.map_err(engine_status)?;
+        Ok(Response::new(import_job_pb(&job)))
+    }
+
+    async fn list_import_jobs(
+        &self,
+        req: Request<pb_admin::ListImportJobsRequest>,
+    ) -> Result<Response<pb_admin::ListImportJobsResponse>, Status> {
+        self.authorize(&req)?;
+        let engine = req.into_inner().engine;
+        let jobs = self
+            .engines
+            .import_jobs(Some(engine.as_str()).filter(|e| !e.is_empty()))
+            .await
+            .map_err(engine_status)?;
+        Ok(Response::new(pb_admin::ListImportJobsResponse {
+            jobs: jobs.iter().map(import_job_pb).collect(),
+        }))
+    }
+
+    async fn import_key_version(
+        &self,
+        req: Request<pb_admin::ImportKeyVersionRequest>,
+    ) -> Result<Response<pb_admin::EngineKey>, Status> {
+        let actor = self.authorize(&req)?;
+        let r = req.into_inner();
+        let (engine, name) = (r.engine.clone(), r.name.clone());
+        let import = ImportVersion {
+            engine: r.engine,
+            key: r.name,
+            job: r.import_job,
+            wrapped: r.wrapped_key,
+            public_key: Some(r.public_key).filter(|p| !p.is_empty()),
+        };
+        let engines = self.engines.clone();
+        to_completion(async move {
+            engines
+                .import_version(import, &actor)
+                .await
+                .map_err(engine_status)
+        })
+        .await?;
+        let (k, v) = self.engines.key(&engine, &name).map_err(engine_status)?;
         Ok(Response::new(key_pb(&k, &v)))
     }
 
