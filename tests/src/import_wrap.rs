@@ -1,6 +1,7 @@
 //! Key material for import tests, made and wrapped with the openssl CLI only (never the
 //! server's code): a P-256 key as PKCS#8 DER, a raw AES-256 key, and the Cloud KMS
-//! `RSA_OAEP_3072_SHA256_AES_256` blob `RSA-OAEP(ephemeral) || KWP(ephemeral, material)`.
+//! `RSA_OAEP_3072_SHA256_AES_256` / `RSA_OAEP_3072_SHA1_AES_256` blob
+//! `RSA-OAEP(ephemeral) || KWP(ephemeral, material)`.
 
 use std::path::Path;
 use std::process::Command;
@@ -54,10 +55,17 @@ pub fn aes256() -> anyhow::Result<Vec<u8>> {
     Ok(key)
 }
 
-/// Wraps `material` for the job whose public key (SPKI PEM) is `job_pem`, in `dir`: a fresh
-/// ephemeral AES-256 key under RSA-OAEP (SHA-256, MGF1-SHA-256), then the material under
-/// AES key wrap with padding (RFC 5649).
-pub fn wrap(dir: &Path, job_pem: &str, material: &[u8]) -> anyhow::Result<Vec<u8>> {
+/// Wraps `material` for the job whose public key (SPKI PEM) is `job_pem` with import method
+/// `method`, in `dir`: a fresh ephemeral AES-256 key under RSA-OAEP (SHA-256 or SHA-1 as the
+/// method says, MGF1 of the same hash), then the material under AES key wrap with padding
+/// (RFC 5649).
+pub fn wrap(dir: &Path, job_pem: &str, material: &[u8], method: &str) -> anyhow::Result<Vec<u8>> {
+    let md = match method {
+        "RSA_OAEP_3072_SHA256_AES_256" => "sha256",
+        "RSA_OAEP_3072_SHA1_AES_256" => "sha1",
+        o => anyhow::bail!("import method {o:?}"),
+    };
+    let (oaep_md, mgf1_md) = (format!("rsa_oaep_md:{md}"), format!("rsa_mgf1_md:{md}"));
     let pem = dir.join("job.pem");
     std::fs::write(&pem, job_pem)?;
     let eph = dir.join("eph.bin");
@@ -73,9 +81,9 @@ pub fn wrap(dir: &Path, job_pem: &str, material: &[u8]) -> anyhow::Result<Vec<u8
         "-pkeyopt",
         "rsa_padding_mode:oaep",
         "-pkeyopt",
-        "rsa_oaep_md:sha256",
+        &oaep_md,
         "-pkeyopt",
-        "rsa_mgf1_md:sha256",
+        &mgf1_md,
     ])?;
     let hex: String = std::fs::read(&eph)?
         .iter()

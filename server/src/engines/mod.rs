@@ -167,3 +167,7 @@ mod feed_tests;
 #[cfg(test)]
 #[path = "endorse_tests.rs"]
 mod endorse_tests;
+
+#[cfg(test)]
+#[path = "import_tests.rs"]
+mod import_tests;
