@@ -21,29 +21,37 @@ fn openssl(args: &[&str]) -> anyhow::Result<Vec<u8>> {
 /// Writes a fresh P-256 key made by openssl into `dir` (`ec.der`, PKCS#8 DER; `ec.pub.pem`,
 /// its SPKI PEM); returns the DER.
 pub fn p256_pkcs8(dir: &Path) -> anyhow::Result<Vec<u8>> {
-    let der = dir.join("ec.der");
-    let d = der.to_str().unwrap_or_default();
+    // genpkey's DER is SEC1 (ECPrivateKey); `pkcs8 -topk8` makes the PKCS#8 import takes.
+    let pem = dir.join("ec.pem");
+    let p = pem.to_str().unwrap_or_default();
     openssl(&[
         "genpkey",
         "-algorithm",
         "EC",
         "-pkeyopt",
         "ec_paramgen_curve:P-256",
+        "-out",
+        p,
+    ])?;
+    let der = dir.join("ec.der");
+    openssl(&[
+        "pkcs8",
+        "-topk8",
+        "-nocrypt",
+        "-in",
+        p,
         "-outform",
         "DER",
         "-out",
-        d,
+        der.to_str().unwrap_or_default(),
     ])?;
-    let pem = dir.join("ec.pub.pem");
     openssl(&[
         "pkey",
-        "-inform",
-        "DER",
         "-in",
-        d,
+        p,
         "-pubout",
         "-out",
-        pem.to_str().unwrap_or_default(),
+        dir.join("ec.pub.pem").to_str().unwrap_or_default(),
     ])?;
     Ok(std::fs::read(der)?)
 }

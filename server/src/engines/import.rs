@@ -268,7 +268,7 @@ impl Engines {
             let id = binding(&v.engine, &v.key, v.version);
             let sk = SoftwareKey::from_pkcs8(&id, kt, raw.to_vec()).map_err(|_| {
                 EngineError::Invalid(format!(
-                    "the imported material is not a PKCS#8 {} private key",
+                    "the imported material is not a PKCS#8 {} private key (openssl pkcs8 -topk8 -nocrypt -outform DER makes one)",
                     key.algorithm.as_str()
                 ))
             })?;
@@ -282,7 +282,7 @@ impl Engines {
             v.public_key = sk.spki_der();
         } else if raw.len() != 32 {
             return Err(EngineError::Invalid(format!(
-                "the imported material is {} bytes; an aes-256-gcm key is 32",
+                "the imported material is {} bytes; an AES-256 key is 32",
                 raw.len()
             )));
         }

@@ -215,7 +215,7 @@ async fn hostile_blobs_and_jobs_are_refused_audited_and_change_nothing() {
             "EC into an encrypt key",
             import("data", &job.id, good.clone()),
             invalid,
-            "an aes-256-gcm key is 32",
+            "an AES-256 key is 32",
         ),
         (
             "another Engine's job",
