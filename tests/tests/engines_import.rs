@@ -250,7 +250,9 @@ fn import_into(custody: &str) {
     )
     .unwrap();
     let other_id = other_job["id"].as_str().unwrap();
-    let cases: Vec<(&str, &str, &str, &[u8], &str, &str)> = vec![
+    // (what, key, job, blob, gRPC code, reason)
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [u8], &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "garbled blob",
             "signing",

@@ -178,7 +178,8 @@ async fn hostile_blobs_and_jobs_are_refused_audited_and_change_nothing() {
     let mut garbled = good.clone();
     *garbled.last_mut().unwrap() ^= 1;
     let invalid = |e: EngineError| matches!(e, EngineError::Invalid(_));
-    let cases: Vec<(&str, ImportVersion, fn(EngineError) -> bool, &str)> = vec![
+    type Case<'a> = (&'a str, ImportVersion, fn(EngineError) -> bool, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "garbled",
             import("signing", &job.id, garbled),

@@ -284,24 +284,14 @@ impl SqlDataStore {
                 Self::delete_agent_on(tx, id).await?;
                 Applied::Done
             }
-            Write::PutEngine(e) => {
-                self.put_engine_on(tx, e).await?;
-                Applied::Done
-            }
-            Write::PutEngineKey(k) => {
-                self.put_engine_key_on(tx, k).await?;
-                Applied::Done
-            }
-            Write::PutKeyVersion(v) => {
-                self.put_key_version_on(tx, v, false).await?;
-                Applied::Done
-            }
-            Write::InsertKeyVersion(v) => {
-                self.put_key_version_on(tx, v, true).await?;
-                Applied::Done
-            }
-            Write::PutSecret(sec) => {
-                self.put_secret_on(tx, sec).await?;
+            Write::PutEngine(_)
+            | Write::PutEngineKey(_)
+            | Write::PutKeyVersion(_)
+            | Write::InsertKeyVersion(_)
+            | Write::PutSecret(_)
+            | Write::InsertEndorsement(_)
+            | Write::PutImportJob(_) => {
+                self.apply_engine_on(tx, w).await?;
                 Applied::Done
             }
             Write::PutForeignBundle(..)
@@ -311,15 +301,26 @@ impl SqlDataStore {
                 self.apply_federation_on(tx, w).await?;
                 Applied::Done
             }
-            Write::InsertEndorsement(e) => {
-                self.insert_endorsement_on(tx, e).await?;
-                Applied::Done
-            }
-            Write::PutImportJob(j) => {
-                self.put_import_job_on(tx, j).await?;
-                Applied::Done
-            }
         })
+    }
+
+    /// Applies an Engine write (Engines, keys, versions, secrets, endorsements, import jobs)
+    /// in `tx`; others are not the Engines'.
+    async fn apply_engine_on(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        w: &Write,
+    ) -> Result<(), StoreError> {
+        match w {
+            Write::PutEngine(e) => self.put_engine_on(tx, e).await,
+            Write::PutEngineKey(k) => self.put_engine_key_on(tx, k).await,
+            Write::PutKeyVersion(v) => self.put_key_version_on(tx, v, false).await,
+            Write::InsertKeyVersion(v) => self.put_key_version_on(tx, v, true).await,
+            Write::PutSecret(sec) => self.put_secret_on(tx, sec).await,
+            Write::InsertEndorsement(e) => self.insert_endorsement_on(tx, e).await,
+            Write::PutImportJob(j) => self.put_import_job_on(tx, j).await,
+            _ => Ok(()),
+        }
     }
 }
 
