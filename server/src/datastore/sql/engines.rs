@@ -30,22 +30,6 @@ pub(super) const ENGINE_KEYS: Table = Table {
     canon: |r| engine_key_from_row(r).map(|k| engine_key_canon(&k)),
 };
 
-/// The key versions as the record-MAC upgrade (migration 5) seals them: before migration 13
-/// added `imported` (so none were; the canonical encoding then omits it).
-pub(super) const KEY_VERSIONS_AT_RECORD_MACS: Table = Table {
-    select: "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac FROM engine_key_versions",
-    ..KEY_VERSIONS
-};
-
-/// The key versions, MACed (state, sealed material, hsm_id, destroy_at, reservations and
-/// whether the material was imported).
-pub(super) const KEY_VERSIONS: Table = Table {
-    name: "engine_key_versions",
-    pk: &["engine", "key_name", "version"],
-    select: "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions",
-    canon: |r| key_version_from_row(r).map(|v| key_version_canon(&v)),
-};
-
 /// The Engine secrets, MACed.
 pub(super) const SECRETS: Table = Table {
     name: "engine_secrets",
@@ -83,25 +67,6 @@ fn engine_key_canon(k: &EngineKey) -> Canon {
         .int(k.destroy_grace)
         .int(k.next_rotation_at)
         .int(k.created_at)
-}
-
-/// The canonical encoding of a key version row (every column). `imported` (added later) is
-/// encoded only when set, so rows sealed before it existed still verify.
-fn key_version_canon(v: &KeyVersion) -> Canon {
-    let c = Canon::new("engine_key_versions")
-        .key(&v.engine)
-        .key(&v.key)
-        .key_int(i64::from(v.version))
-        .text(v.state.as_str())
-        .text(&v.kid)
-        .bytes(&v.public_key)
-        .opt_bytes(v.sealed.as_deref())
-        .text(&v.mechanism)
-        .text(&v.hsm_id)
-        .int(v.created_at)
-        .int(v.destroy_at)
-        .int(i64::try_from(v.encryptions).unwrap_or(i64::MAX));
-    if v.imported { c.int(1) } else { c }
 }
 
 fn secret_canon(s: &Secret) -> Canon {
@@ -149,29 +114,6 @@ fn engine_key_from_row(r: &AnyRow) -> Result<EngineKey, StoreError> {
         destroy_grace: r.try_get("destroy_grace")?,
         next_rotation_at: r.try_get("next_rotation_at")?,
         created_at: r.try_get("created_at")?,
-    })
-}
-
-fn key_version_from_row(r: &AnyRow) -> Result<KeyVersion, StoreError> {
-    Ok(KeyVersion {
-        engine: r.try_get("engine")?,
-        key: r.try_get("key_name")?,
-        version: r.try_get::<i64, _>("version")? as u32,
-        state: parse(r.try_get::<String, _>("state")?)?,
-        kid: r.try_get("kid")?,
-        public_key: r.try_get("public_key")?,
-        sealed: r.try_get("sealed")?,
-        mechanism: r.try_get("mechanism")?,
-        hsm_id: r.try_get("hsm_id")?,
-        created_at: r.try_get("created_at")?,
-        destroy_at: r.try_get("destroy_at")?,
-        encryptions: r.try_get::<i64, _>("encryptions_reserved")?.max(0) as u64,
-        // Absent when migration 5 reads the rows (before migration 13 added it).
-        imported: match r.try_get::<i64, _>("imported") {
-            Ok(v) => v != 0,
-            Err(sqlx::Error::ColumnNotFound(_)) => false,
-            Err(e) => return Err(e.into()),
-        },
     })
 }
 
@@ -249,67 +191,6 @@ impl SqlDataStore {
         .bind(k.next_rotation_at)
         .bind(k.created_at)
         .bind(mac)
-        .execute(&mut *c)
-        .await?;
-        Ok(())
-    }
-
-    /// Inserts or replaces a key version (`insert_only`: a version that exists is a
-    /// [`StoreError::Conflict`], so two servers rotating one key at once cannot both make the
-    /// same version). Its encryption reservations stay as stored (they only grow, through
-    /// [`EngineStore::reserve_encryptions`]), read from the row checked.
-    pub(super) async fn put_key_version_on(
-        &self,
-        c: &mut AnyConnection,
-        v: &KeyVersion,
-        insert_only: bool,
-    ) -> Result<(), StoreError> {
-        let stored = sqlx::query(
-            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
-        )
-        .bind(&v.engine)
-        .bind(&v.key)
-        .bind(v.version as i64)
-        .fetch_optional(&mut *c)
-        .await?;
-        let encryptions = match stored {
-            Some(_) if insert_only => {
-                return Err(StoreError::Conflict(format!(
-                    "version {} of key {}/{}",
-                    v.version, v.engine, v.key
-                )));
-            }
-            Some(r) => {
-                self.checked(&r, key_version_from_row, key_version_canon)?
-                    .encryptions
-            }
-            None => 0,
-        };
-        let v = KeyVersion {
-            encryptions,
-            ..v.clone()
-        };
-        let mac = self.seal(&key_version_canon(&v))?;
-        sqlx::query(
-            "INSERT INTO engine_key_versions (engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, mac, imported)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-             ON CONFLICT (engine, key_name, version) DO UPDATE SET state = $4, kid = $5, public_key = $6, sealed = $7,
-             mechanism = $8, hsm_id = $9, created_at = $10, destroy_at = $11, encryptions_reserved = $12, mac = $13, imported = $14",
-        )
-        .bind(&v.engine)
-        .bind(&v.key)
-        .bind(v.version as i64)
-        .bind(v.state.as_str())
-        .bind(&v.kid)
-        .bind(v.public_key.clone())
-        .bind(v.sealed.clone())
-        .bind(&v.mechanism)
-        .bind(&v.hsm_id)
-        .bind(v.created_at)
-        .bind(v.destroy_at)
-        .bind(i64::try_from(encryptions).unwrap_or(i64::MAX))
-        .bind(mac)
-        .bind(i64::from(v.imported))
         .execute(&mut *c)
         .await?;
         Ok(())
@@ -443,11 +324,7 @@ impl EngineStore for SqlDataStore {
     }
 
     async fn list_key_versions(&self) -> Result<Vec<KeyVersion>, StoreError> {
-        let rows =
-            sqlx::query("SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions ORDER BY engine, key_name, version")
-                .fetch_all(&self.pool)
-                .await?;
-        self.screen(&rows, key_version_from_row, key_version_canon)
+        self.list_key_versions_all().await
     }
 
     async fn reserve_encryptions(
@@ -457,52 +334,8 @@ impl EngineStore for SqlDataStore {
         version: u32,
         block: u64,
     ) -> Result<u64, StoreError> {
-        let block = i64::try_from(block)
-            .map_err(|_| StoreError::Corrupt(format!("encryption block {block} too large")))?;
-        let mut tx = self.pool.begin().await?;
-        // The increment first (it takes SQLite's write lock), then the row: its MAC must hold
-        // for the count before the increment, and is then sealed for the new count.
-        let updated = sqlx::query(
-            "UPDATE engine_key_versions SET encryptions_reserved = encryptions_reserved + $1
-             WHERE engine = $2 AND key_name = $3 AND version = $4",
-        )
-        .bind(block)
-        .bind(engine)
-        .bind(key)
-        .bind(version as i64)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() != 1 {
-            return Err(StoreError::NotFound(format!(
-                "version {version} of {engine}/{key}"
-            )));
-        }
-        let row = sqlx::query(
-            "SELECT engine, key_name, version, state, kid, public_key, sealed, mechanism, hsm_id, created_at, destroy_at, encryptions_reserved, imported, mac FROM engine_key_versions WHERE engine = $1 AND key_name = $2 AND version = $3",
-        )
-        .bind(engine)
-        .bind(key)
-        .bind(version as i64)
-        .fetch_one(&mut *tx)
-        .await?;
-        let before = |r: &AnyRow| {
-            let mut v = key_version_from_row(r)?;
-            v.encryptions = v.encryptions.saturating_sub(block as u64);
-            Ok(v)
-        };
-        let mut v = self.checked(&row, before, key_version_canon)?;
-        v.encryptions += block as u64;
-        sqlx::query(
-            "UPDATE engine_key_versions SET mac = $1 WHERE engine = $2 AND key_name = $3 AND version = $4",
-        )
-        .bind(self.seal(&key_version_canon(&v))?)
-        .bind(engine)
-        .bind(key)
-        .bind(version as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(v.encryptions)
+        self.reserve_encryptions_on(engine, key, version, block)
+            .await
     }
 
     async fn put_secret(&self, sec: &Secret) -> Result<(), StoreError> {

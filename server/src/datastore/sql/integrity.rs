@@ -12,7 +12,7 @@ use sqlx::any::AnyRow;
 
 use super::{
     SqlDataStore, Table, agents, bundles, ca, endorsements, engines, entries, import_jobs,
-    relationships, serving,
+    key_versions, relationships, serving,
 };
 use crate::datastore::seal::{Canon, KeyPart};
 use crate::datastore::{BadRow, BadRows, IntegrityReport, IntegrityStore, StoreError};
@@ -27,7 +27,7 @@ pub(super) const TABLES: &[Table] = &[
     ca::BUNDLE_SEQUENCE,
     engines::ENGINES,
     engines::ENGINE_KEYS,
-    engines::KEY_VERSIONS,
+    key_versions::KEY_VERSIONS,
     engines::SECRETS,
     engines::INCARNATIONS,
 ];
@@ -129,8 +129,8 @@ impl SqlDataStore {
         for t in TABLES {
             let t = if t.name == agents::AGENTS.name {
                 &agents::AGENTS_AT_RECORD_MACS
-            } else if t.name == engines::KEY_VERSIONS.name {
-                &engines::KEY_VERSIONS_AT_RECORD_MACS
+            } else if t.name == key_versions::KEY_VERSIONS.name {
+                &key_versions::KEY_VERSIONS_AT_RECORD_MACS
             } else {
                 t
             };

@@ -70,6 +70,7 @@ mod import_jobs;
 mod integrity;
 #[cfg(test)]
 mod integrity_tests;
+mod key_versions;
 mod migrations;
 mod relationships;
 #[cfg(test)]
