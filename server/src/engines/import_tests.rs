@@ -280,6 +280,19 @@ async fn hostile_blobs_and_jobs_are_refused_audited_and_change_nothing() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not a PKCS#8 rsa-2048"), "{err}");
+    // ... and RSA material of another size.
+    let rsa3072 = {
+        use aws_lc_rs::encoding::AsDer;
+        let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa3072).unwrap();
+        let der: aws_lc_rs::encoding::Pkcs8V1Der = kp.as_der().unwrap();
+        der.as_ref().to_vec()
+    };
+    let blob = wrap_with(&job.public_key, &rsa3072, OaepHash::Sha256);
+    let err = e
+        .import_version(import("rsa", &job.id, blob), "admin")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not a PKCS#8 rsa-2048"), "{err}");
     // Every refusal is in the audit log; nothing was written besides.
     let refused = e
         .audit()
@@ -289,7 +302,18 @@ async fn hostile_blobs_and_jobs_are_refused_audited_and_change_nothing() {
         .into_iter()
         .filter(|r| r.action == "key.import" && r.result.starts_with("refused: "))
         .count();
-    assert_eq!(refused, 10);
+    assert_eq!(
+        refused,
+        11,
+        "{:?}",
+        e.audit()
+            .records(0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.action.clone(), r.result.clone()))
+            .collect::<Vec<_>>()
+    );
     assert!(
         !store
             .list_key_versions()

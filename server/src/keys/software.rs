@@ -89,6 +89,10 @@ impl SoftwareKey {
             }
             KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => {
                 let kp = RsaKeyPair::from_pkcs8(&pkcs8).map_err(|e| bad(e.to_string()))?;
+                let bits = kp.public_modulus_len() * 8;
+                if Some(bits) != key_type.rsa_bits() {
+                    return Err(bad(format!("an RSA-{bits} key")));
+                }
                 let public = kp.public_key().as_ref().to_vec();
                 (Inner::Rsa(kp), public)
             }
