@@ -35,19 +35,31 @@ pub enum AuthorityStep {
     /// Make the prepared authority active (the active one becomes old).
     Activate {
         /// The prepared authority's ID.
-        #[arg(long = "authority-id", alias = "authorityID")]
+        #[arg(
+            long = "authority-id",
+            alias = "authorityID",
+            allow_hyphen_values = true
+        )]
         authority_id: String,
     },
     /// Taint the old authority: every agent replaces the SVIDs it signed.
     Taint {
         /// The old authority's ID.
-        #[arg(long = "authority-id", alias = "authorityID")]
+        #[arg(
+            long = "authority-id",
+            alias = "authorityID",
+            allow_hyphen_values = true
+        )]
         authority_id: String,
     },
     /// Remove a tainted authority from the bundle, once no live agent serves what it signed.
     Revoke {
         /// The tainted authority's ID.
-        #[arg(long = "authority-id", alias = "authorityID")]
+        #[arg(
+            long = "authority-id",
+            alias = "authorityID",
+            allow_hyphen_values = true
+        )]
         authority_id: String,
         /// Remove it even while agents still serve what it signed or have not synced since
         /// the taint (audited as a forced revoke).
@@ -216,4 +228,41 @@ async fn change(
         ),
     };
     Ok((name, r.into_inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+    use super::*;
+
+    /// A JWT authority ID is a base64url kid, which may start with '-'.
+    #[test]
+    fn an_authority_id_may_start_with_a_hyphen() {
+        for step in ["activate", "taint", "revoke"] {
+            let cli = Cli::try_parse_from([
+                "continuity-server",
+                "authority",
+                "jwt",
+                step,
+                "--authority-id",
+                "-MS2SCiY56Lhp7shl253MA",
+                "--output",
+                "json",
+            ])
+            .unwrap_or_else(|e| panic!("{step}: {e}"));
+            let Command::Authority(AuthorityCommand::Jwt(s)) = cli.command else {
+                panic!("{step}: not an authority command");
+            };
+            let id = match s {
+                AuthorityStep::Activate { authority_id }
+                | AuthorityStep::Taint { authority_id }
+                | AuthorityStep::Revoke { authority_id, .. } => authority_id,
+                other => panic!("{step}: {other:?}"),
+            };
+            assert_eq!(id, "-MS2SCiY56Lhp7shl253MA");
+            assert_eq!(cli.output, Output::Json);
+        }
+    }
 }

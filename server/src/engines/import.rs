@@ -241,10 +241,18 @@ impl Engines {
         let target = kt.map_or(ImportTarget::Aes, ImportTarget::Signer);
         let rules = Rules::of(key.custody);
         if rules.inside_hsm {
-            v.hsm_id = format!("engine/{}/{}/v{}", v.engine, v.key, v.version);
+            // An id of this import alone: a failed commit (another server made this version
+            // number first) removes only its own object, never a committed key's.
+            let nonce = continuity_common::rand::array::<6>()
+                .map_err(|e| KeyError::Crypto(e.to_string()))?;
+            v.hsm_id = format!(
+                "engine/{}/{}/v{}/imported-{}",
+                v.engine,
+                v.key,
+                v.version,
+                hex::encode(nonce)
+            );
             v.mechanism = "pkcs11".into();
-            // Objects left under this id by an earlier import that failed to commit.
-            self.keys.delete(&v.hsm_id).await?;
             let request = ImportRequest {
                 wrapping_id: String::from_utf8_lossy(&job.private_ref).into_owned(),
                 id: v.hsm_id.clone(),
