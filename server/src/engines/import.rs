@@ -238,38 +238,9 @@ impl Engines {
         req: &ImportVersion,
     ) -> Result<Material> {
         let kt = key.algorithm.key_type();
-        let target = kt.map_or(ImportTarget::Aes, ImportTarget::Signer);
         let rules = Rules::of(key.custody);
         if rules.inside_hsm {
-            // An id of this import alone: a failed commit (another server made this version
-            // number first) removes only its own object, never a committed key's.
-            let nonce = continuity_common::rand::array::<6>()
-                .map_err(|e| KeyError::Crypto(e.to_string()))?;
-            v.hsm_id = format!(
-                "engine/{}/{}/v{}/imported-{}",
-                v.engine,
-                v.key,
-                v.version,
-                hex::encode(nonce)
-            );
-            v.mechanism = "pkcs11".into();
-            let request = ImportRequest {
-                wrapping_id: String::from_utf8_lossy(&job.private_ref).into_owned(),
-                id: v.hsm_id.clone(),
-                target,
-                hash: job.method.hash(),
-                blob: req.wrapped.clone(),
-                public: req.public_key.clone(),
-            };
-            return Ok(
-                match self.keys.unwrap_import(request).await.map_err(caller)? {
-                    Imported::Signer(h) => {
-                        v.public_key = h.spki_der();
-                        Material::Signer(h, None)
-                    }
-                    Imported::Aes(a) => Material::Aes(a, None),
-                },
-            );
+            return self.unwrap_in_token(key, v, job, req).await;
         }
         let raw = self.unwrap_here(job, &req.wrapped).await?;
         if let Some(kt) = kt {
@@ -300,6 +271,49 @@ impl Engines {
         v.sealed = Some(sealed);
         v.mechanism = mechanism;
         software(v, kt, raw, rules.export)
+    }
+
+    /// Unwraps the blob inside the token into a new object of version `v`'s own.
+    async fn unwrap_in_token(
+        &self,
+        key: &EngineKey,
+        v: &mut KeyVersion,
+        job: &ImportJob,
+        req: &ImportVersion,
+    ) -> Result<Material> {
+        let target = key
+            .algorithm
+            .key_type()
+            .map_or(ImportTarget::Aes, ImportTarget::Signer);
+        // An id of this import alone: a failed commit (another server made this version
+        // number first) removes only its own object, never a committed key's.
+        let nonce =
+            continuity_common::rand::array::<6>().map_err(|e| KeyError::Crypto(e.to_string()))?;
+        v.hsm_id = format!(
+            "engine/{}/{}/v{}/imported-{}",
+            v.engine,
+            v.key,
+            v.version,
+            hex::encode(nonce)
+        );
+        v.mechanism = "pkcs11".into();
+        let request = ImportRequest {
+            wrapping_id: String::from_utf8_lossy(&job.private_ref).into_owned(),
+            id: v.hsm_id.clone(),
+            target,
+            hash: job.method.hash(),
+            blob: req.wrapped.clone(),
+            public: req.public_key.clone(),
+        };
+        Ok(
+            match self.keys.unwrap_import(request).await.map_err(caller)? {
+                Imported::Signer(h) => {
+                    v.public_key = h.spki_der();
+                    Material::Signer(h, None)
+                }
+                Imported::Aes(a) => Material::Aes(a, None),
+            },
+        )
     }
 
     /// Unwraps a blob with a software job's wrapping key (unsealed for this call only).
