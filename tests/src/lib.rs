@@ -113,13 +113,10 @@ pub async fn fetch_x509(
         .ok_or_else(|| tonic::Status::internal("empty stream"))
 }
 
-/// A TCP port free right now on 127.0.0.1.
+/// A TCP port on 127.0.0.1 reserved for this test process (see
+/// [`continuity_common::testing::ports`]: a port from port 0 races other tests' connections).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    continuity_common::testing::ports::reserve()
 }
 
 /// Runs `cmd` (stdout discarded, stderr captured) until it exits or `limit` passes (then kills

@@ -320,7 +320,7 @@ fn start_server(bin: &Path, base: &Path, root: bool) -> Result<u16, String> {
     let log = base.join("postgres.log");
     let mut last = String::new();
     for _ in 0..5 {
-        let port = free_port()?;
+        let port = super::ports::reserve();
         // fsync=off: a throwaway cluster needs no durability; nothing the tests check depends
         // on it (PostgreSQL's commit semantics are unchanged).
         let options = format!(
@@ -347,13 +347,6 @@ fn start_server(bin: &Path, base: &Path, root: bool) -> Result<u16, String> {
         }
     }
     Err(format!("the test PostgreSQL cluster did not start: {last}"))
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port on 127.0.0.1: {e}"))
 }
 
 #[cfg(test)]
