@@ -152,7 +152,8 @@ impl Federation {
     }
 
     /// Applies the sequence rule to a bundle fetched from the endpoint of its trust domain and
-    /// stores it when newer (audited `federation.refresh` as `actor`); whether it was stored.
+    /// stores it when newer (audited `federation.refresh` as `actor`, as is a refusal); whether
+    /// it was stored.
     pub async fn accept_fetched(&self, b: Bundle, actor: &str) -> Result<bool, FederationError> {
         let td = b.trust_domain.clone();
         if self.relationship(&td).is_none() {
@@ -161,11 +162,23 @@ impl Federation {
         let stored = self.bundle(&td);
         match sequence_verdict(stored.as_deref(), &b) {
             Verdict::Unchanged => Ok(false),
-            Verdict::Stale => Err(FederationError::StaleSequence {
-                trust_domain: td,
-                stored: stored.map_or(0, |s| s.sequence),
-                fetched: b.sequence,
-            }),
+            Verdict::Stale => {
+                let refusal = FederationError::StaleSequence {
+                    trust_domain: td.clone(),
+                    stored: stored.map_or(0, |s| s.sequence),
+                    fetched: b.sequence,
+                };
+                // A rolled-back or forked bundle is what an attacker on the endpoint would
+                // serve: the operator must find it in the audit log, not only in a warning.
+                let result = format!("refused: {refusal}");
+                if let Err(e) = (self.audit)
+                    .record(actor, "federation.refresh", &td.id_string(), 0, &result)
+                    .await
+                {
+                    tracing::warn!(trust_domain = %td, error = %e, "could not audit a refused federated bundle");
+                }
+                Err(refusal)
+            }
             Verdict::Replace => {
                 let ev = AuditEvent::ok(actor, "federation.refresh", &td.id_string());
                 let w = Write::PutForeignBundle(b.clone(), self.clock.unix());
@@ -233,5 +246,67 @@ mod tests {
             Verdict::Stale,
             "an older sequence is never identical to the stored one"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stale_fetched_bundle_is_refused_audited_and_the_stored_one_kept() {
+        use crate::audit::Audit;
+        use crate::datastore::DataStore;
+        let (_dir, _url, store) = crate::datastore::scratch_sqlite("stalefed").await;
+        let store: Arc<dyn DataStore> = Arc::new(store);
+        let clock = Arc::new(continuity_common::ManualClock::new(
+            std::time::SystemTime::now(),
+        ));
+        let audit = Audit::scratch(store.clone(), clock.clone()).await;
+        let own = TrustDomain::new("example.org").unwrap();
+        let fed = Federation::load(own, store.clone(), store.clone(), audit.clone(), clock)
+            .await
+            .unwrap();
+        let peer = TrustDomain::new("peer.test").unwrap();
+        let root = || {
+            let kp = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&kp).unwrap().der().to_vec()
+        };
+        let (a, x) = (root(), root());
+        let rel = Relationship {
+            trust_domain: peer.clone(),
+            bundle_endpoint_url: "https://peer.test/bundle".into(),
+            auth: EndpointAuth::HttpsWeb,
+        };
+        fed.create_relationship(rel, Some(bundle(5, &[&a])), "admin")
+            .await
+            .unwrap();
+
+        for forged in [bundle(4, &[&x]), bundle(5, &[&x])] {
+            let err = fed
+                .accept_fetched(forged, "federation-refresher")
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, FederationError::StaleSequence { stored: 5, .. }),
+                "{err}"
+            );
+            let last = audit.records(1).await.unwrap().pop().unwrap();
+            assert_eq!(
+                (
+                    last.actor.as_str(),
+                    last.action.as_str(),
+                    last.target.as_str()
+                ),
+                (
+                    "federation-refresher",
+                    "federation.refresh",
+                    "spiffe://peer.test"
+                )
+            );
+            assert_eq!(last.result, format!("refused: {err}"));
+        }
+        assert_eq!(fed.bundle(&peer).unwrap().x509_authorities, vec![a.clone()]);
+        let stored = store.list_foreign_bundles().await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].sequence, 5);
+        assert_eq!(stored[0].x509_authorities, vec![a.clone()]);
     }
 }
