@@ -702,4 +702,25 @@ write("server_config", "refused-pin-in-file.toml", 'trust_domain = "example.org"
 write("server_config", "refused-ttls.toml", 'trust_domain = "example.org"\nca_ttl = "1h"\ndefault_x509_svid_ttl = "2h"\n')
 write("server_config", "huge-ttl.toml", 'trust_domain = "example.org"\nca_ttl = "18446744073709551615"\ndefault_x509_svid_ttl = "1h"\n')
 
+# ---------------------------------------------------------------- key_import
+# First byte: 0/3/6/9/12 = a public-key file for ec-p256/ec-p384/rsa-2048/rsa-3072/rsa-4096,
+# 1 = an AES-KWP part under the harness's ephemeral key (0x42 * 32), 98 = a 32-byte KEK of the input's own.
+if want("key_import"):
+    from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+
+    for pick, name, key in [
+        (0, "spki-p256", ec.generate_private_key(ec.SECP256R1())),
+        (3, "spki-p384", ec.generate_private_key(ec.SECP384R1())),
+        (6, "spki-rsa2048", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        (9, "spki-rsa3072", rsa.generate_private_key(public_exponent=65537, key_size=3072)),
+    ]:
+        write("key_import", name, bytes([pick]) + spki(key))
+    p256 = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    kek = b"\x42" * 32
+    write("key_import", "kwp-p256-pkcs8", b"\x01" + aes_key_wrap_with_padding(kek, p256))
+    write("key_import", "kwp-aes256", b"\x01" + aes_key_wrap_with_padding(kek, os.urandom(32)))
+    write("key_import", "kwp-short", b"\x01" + aes_key_wrap_with_padding(kek, b"k"))
+    write("key_import", "own-kek", bytes([98]) + kek + aes_key_wrap_with_padding(kek, b"k" * 9))
+
 print("make_seeds: wrote", CORPUS, "and", KEYS)
