@@ -346,7 +346,9 @@ impl Engines {
     }
 
     /// Expires the import jobs past their life: their wrapping keys are destroyed (token
-    /// object, or the sealed copy) and imports through them refused. Returns how many.
+    /// object, or the sealed copy) and imports through them refused. Returns how many. A job
+    /// whose expiry fails (the token refuses the delete, a commit fails) is logged and left
+    /// for the next sweep; the others, and the rest of the tick, go on.
     pub(super) async fn expire_import_jobs(&self) -> Result<usize> {
         let now = self.clock.unix();
         let due: Vec<ImportJob> = self
@@ -356,21 +358,44 @@ impl Engines {
             .into_iter()
             .filter(|j| j.state == ImportJobState::Active && j.expires_at <= now)
             .collect();
+        let mut expired = 0;
         for job in &due {
-            if Rules::of(job.custody).inside_hsm {
-                self.keys.delete(&wrapping_id(&job.id)).await?;
+            match self.expire_import_job(job).await {
+                Ok(done) => expired += usize::from(done),
+                Err(e) => tracing::warn!(
+                    job = %job.id, engine = %job.engine, error = %e,
+                    "import job expiry failed; its wrapping key stays until the next sweep"
+                ),
             }
-            let gone = ImportJob {
-                state: ImportJobState::Expired,
-                private_ref: vec![],
-                ..job.clone()
-            };
-            let event = AuditEvent::ok("scheduler", "key.import_job.expire", &job.engine)
-                .result(format!("ok; {} wrapping key destroyed", job.id));
-            self.audit
-                .commit(&[Write::PutImportJob(gone)], &[event])
-                .await?;
         }
-        Ok(due.len())
+        Ok(expired)
+    }
+
+    /// Destroys `job`'s wrapping key and marks it expired, under the write lock (so no import
+    /// through it is between its checks and its unwrap meanwhile); false if it was no longer
+    /// active.
+    async fn expire_import_job(&self, job: &ImportJob) -> Result<bool> {
+        let _w = self.writes.lock().await;
+        // Read again under the lock: another server may have expired it meanwhile.
+        let Some(job) = self.store.get_import_job(&job.id).await? else {
+            return Ok(false);
+        };
+        if job.state != ImportJobState::Active {
+            return Ok(false);
+        }
+        if Rules::of(job.custody).inside_hsm {
+            self.keys.delete(&wrapping_id(&job.id)).await?;
+        }
+        let gone = ImportJob {
+            state: ImportJobState::Expired,
+            private_ref: vec![],
+            ..job.clone()
+        };
+        let event = AuditEvent::ok("scheduler", "key.import_job.expire", &job.engine)
+            .result(format!("ok; {} wrapping key destroyed", job.id));
+        self.audit
+            .commit(&[Write::PutImportJob(gone)], &[event])
+            .await?;
+        Ok(true)
     }
 }

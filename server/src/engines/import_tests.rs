@@ -356,3 +356,121 @@ async fn hostile_blobs_and_jobs_are_refused_audited_and_change_nothing() {
     assert_eq!(versions(&e, "signing"), 1);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Memory keys whose token-side delete of import-job wrapping keys can be made to fail (an
+/// HSM refusing C_DestroyObject).
+#[derive(Debug, Default)]
+struct RefusesJobDeletes {
+    inner: MemoryKeyManager,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl crate::keys::KeyManager for RefusesJobDeletes {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    async fn generate(
+        &self,
+        id: &str,
+        key_type: crate::keys::KeyType,
+    ) -> Result<Arc<dyn crate::keys::KeyHandle>, crate::keys::KeyError> {
+        self.inner.generate(id, key_type).await
+    }
+    async fn get(
+        &self,
+        id: &str,
+    ) -> Result<Option<Arc<dyn crate::keys::KeyHandle>>, crate::keys::KeyError> {
+        self.inner.get(id).await
+    }
+    async fn delete(&self, id: &str) -> Result<(), crate::keys::KeyError> {
+        if id.starts_with("import-job/") && self.refuse.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(crate::keys::KeyError::Storage("CKR_ACTION_PROHIBITED".into()));
+        }
+        self.inner.delete(id).await
+    }
+    async fn kek(&self, id: &str) -> Result<Arc<dyn crate::keys::Kek>, crate::keys::KeyError> {
+        self.inner.kek(id).await
+    }
+    async fn mac_key(
+        &self,
+        id: &str,
+    ) -> Result<Arc<dyn crate::keys::MacKey>, crate::keys::KeyError> {
+        self.inner.mac_key(id).await
+    }
+}
+
+#[tokio::test]
+async fn a_job_whose_wrapping_key_will_not_go_holds_back_no_destruction_and_is_retried() {
+    use super::VersionAction;
+    use super::model::{Custody, ImportJob, VersionState};
+    let (dir, _, store) = crate::datastore::scratch_sqlite("importsweep").await;
+    let store: Arc<dyn DataStore> = Arc::new(store);
+    let clock = Arc::new(ManualClock::new(SystemTime::now()));
+    let audit = Audit::scratch(store.clone(), clock.clone()).await;
+    let keys = Arc::new(RefusesJobDeletes::default());
+    let e = Engines::load(
+        TrustDomain::new("example.org").unwrap(),
+        store.clone(),
+        keys.clone(),
+        clock.clone(),
+        audit.clone(),
+    )
+    .await
+    .unwrap();
+    e.create_engine("vault", 1, None, None, false, "admin")
+        .await
+        .unwrap();
+    e.create_key("vault", "signing", Purpose::Sign, None, 0, 10, "admin")
+        .await
+        .unwrap();
+    e.rotate("vault", "signing", "admin").await.unwrap();
+    // A job of an hsm-custody Engine whose token will not destroy its wrapping key, and a
+    // version whose destruction falls due at the same tick.
+    let now = continuity_common::Clock::unix(&*clock);
+    let stuck = ImportJob {
+        id: "ij-00000000000000aa".into(),
+        engine: "vault".into(),
+        method: ImportMethod::RsaOaep3072Sha1Aes256,
+        custody: Custody::Hsm,
+        public_key: vec![1],
+        private_ref: b"import-job/ij-00000000000000aa".to_vec(),
+        state: ImportJobState::Active,
+        created_at: now,
+        expires_at: now + IMPORT_JOB_LIFETIME,
+    };
+    audit
+        .commit(&[crate::datastore::Write::PutImportJob(stuck.clone())], &[])
+        .await
+        .unwrap();
+    e.set_state("vault", "signing", 1, VersionAction::Destroy, "admin")
+        .await
+        .unwrap();
+    keys.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    clock.advance(Duration::from_secs(IMPORT_JOB_LIFETIME as u64));
+
+    assert_eq!(e.tick().await.unwrap(), 1, "the due version is destroyed");
+    let (_, versions) = e.key("vault", "signing").unwrap();
+    assert_eq!(versions[0].state, VersionState::Destroyed);
+    let held = store.get_import_job(&stuck.id).await.unwrap().unwrap();
+    assert_eq!(held.state, ImportJobState::Active, "kept for the next sweep");
+    assert!(!held.private_ref.is_empty());
+
+    // The token relents: the next tick expires the job, once.
+    keys.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    e.tick().await.unwrap();
+    e.tick().await.unwrap();
+    let swept = store.get_import_job(&stuck.id).await.unwrap().unwrap();
+    assert_eq!(swept.state, ImportJobState::Expired);
+    assert!(swept.private_ref.is_empty());
+    let expiries = audit
+        .records(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.action == "key.import_job.expire")
+        .count();
+    assert_eq!(expiries, 1);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -317,7 +317,10 @@ impl Engines {
     /// versions were destroyed.
     pub async fn tick(&self) -> Result<usize> {
         self.reload().await?;
-        self.expire_import_jobs().await?;
+        // Expiring import jobs must never hold back scheduled destruction or rotation.
+        if let Err(e) = self.expire_import_jobs().await {
+            tracing::warn!(error = %e, "import job sweep failed; will retry at the next tick");
+        }
         let now = self.clock.unix();
         let due: Vec<Arc<KeyVersion>> = self
             .read()
