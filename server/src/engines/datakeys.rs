@@ -11,7 +11,6 @@ pub const AES_256: &str = "AES_256";
 
 /// A new data key: the version wrapping it, the wrapped key (a Continuity ciphertext, as
 /// Encrypt makes) and, unless only the wrapped one was asked for, the key itself.
-#[derive(Debug)]
 pub struct DataKey {
     /// The key version that wrapped it (the primary one).
     pub version: u32,
@@ -19,6 +18,17 @@ pub struct DataKey {
     pub ciphertext: Vec<u8>,
     /// The data key, unless wrapped-only (wiped on drop).
     pub plaintext: Option<Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Zeroizing prints what it holds: the data key never reaches a log or a panic message.
+        f.debug_struct("DataKey")
+            .field("version", &self.version)
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("plaintext", &self.plaintext.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// A ciphertext moved to the primary version.
@@ -90,5 +100,22 @@ impl Engines {
         };
         self.audited(actor, "key.rewrap", &target, |r| r.version, op)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_key_never_prints_its_plaintext() {
+        let key = DataKey {
+            version: 3,
+            ciphertext: vec![9; 60],
+            plaintext: Some(Zeroizing::new(vec![0xAB; 32])),
+        };
+        let shown = format!("{key:?}");
+        assert!(shown.contains("version: 3") && shown.contains("<redacted>"), "{shown}");
+        assert!(!shown.contains("171"), "the data key's bytes in Debug: {shown}");
     }
 }

@@ -155,7 +155,8 @@ impl Engines {
                 )));
             };
             let full_aad = full_aad(engine, name, v.version, aad);
-            let pt = plaintext.to_vec();
+            // A data key or a rewrapped plaintext: the copy for the blocking call is wiped too.
+            let pt = continuity_common::secret::Zeroizing::new(plaintext.to_vec());
             let sealed = tokio::task::spawn_blocking(move || aes.encrypt(&pt, &full_aad))
                 .await
                 .map_err(|e| KeyError::Crypto(e.to_string()))??;
