@@ -167,11 +167,15 @@ impl ServingReports {
             let name = a.spiffe_id.to_string();
             match reports.get(&name) {
                 Some(r) if u64::try_from(r.bundle_sequence).unwrap_or(0) >= sequence => {
-                    let ids = match kind {
-                        AuthorityKind::X509 => &r.x509_authorities,
-                        AuthorityKind::Jwt => &r.jwt_authorities,
+                    // X.509 IDs are hex, equal in any case; JWT kids are compared exactly.
+                    let serving = match kind {
+                        AuthorityKind::X509 => r
+                            .x509_authorities
+                            .iter()
+                            .any(|s| s.eq_ignore_ascii_case(id)),
+                        AuthorityKind::Jwt => r.jwt_authorities.iter().any(|s| s == id),
                     };
-                    if ids.iter().any(|s| s == id) {
+                    if serving {
                         out.still_serving.push(name);
                     }
                 }
@@ -256,6 +260,12 @@ mod tests {
                 .unwrap();
             assert_eq!(b.still_serving, vec![id(2)]);
             assert_eq!(b.not_reported, vec![id(1), id(3), id(6)]);
+            // An X.509 ID typed in upper case (as openssl prints it) is the same authority.
+            let b = reports
+                .blockers(AuthorityKind::X509, "OLD", &agents, 5, 50)
+                .await
+                .unwrap();
+            assert_eq!(b.still_serving, vec![id(2)], "an upper-case ID skipped the check");
             // The JWT side reads its own list: every reporting agent still has the kid.
             let b = reports
                 .blockers(AuthorityKind::Jwt, "old", &agents, 5, 50)

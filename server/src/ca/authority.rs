@@ -126,6 +126,7 @@ fn revocable<'a>(
 ) -> Result<&'a CaKeyRecord, AuthorityError> {
     let p = position(records, kind, id).ok_or_else(|| unknown(kind, id))?;
     let r = &records[p];
+    signed_here(kind, id, r)?;
     if r.state != CaKeyState::Tainted {
         return Err(AuthorityError::Precondition(format!(
             "{} authority {id} is {}: only a tainted authority can be revoked (taint it first)",
@@ -229,6 +230,7 @@ impl CaManager {
         let _guard = self.rotate_lock.lock().await;
         let mut records = self.journal_with(id).await?;
         let p = position(&records, kind, id).ok_or_else(|| unknown(kind, id))?;
+        signed_here(kind, id, &records[p])?;
         match records[p].state {
             CaKeyState::Retired => {}
             CaKeyState::Tainted => {
@@ -307,6 +309,18 @@ fn position(records: &[CaKeyRecord], kind: AuthorityKind, id: &str) -> Option<us
     records
         .iter()
         .position(|r| r.purpose == kind.purpose() && !id.is_empty() && authority_id(r) == id)
+}
+
+/// Refuses an X.509 authority the upstream authority signed: SVIDs it signed chain to the
+/// upstream roots, which the bundle keeps, so neither tainting nor revoking it here would take
+/// away their trust (SPIRE refuses the same with an upstream authority).
+fn signed_here(kind: AuthorityKind, id: &str, r: &CaKeyRecord) -> Result<(), AuthorityError> {
+    if kind == AuthorityKind::X509 && !super::upstream::self_signed(&r.cert_der) {
+        return Err(AuthorityError::Precondition(format!(
+            "x509 authority {id} is an intermediate signed by the upstream authority: what it signed chains to the upstream roots, so it cannot be tainted or revoked here; prepare and activate a new authority to move SVIDs off it, and revoke the intermediate at the upstream CA"
+        )));
+    }
+    Ok(())
 }
 
 fn unknown(kind: AuthorityKind, id: &str) -> AuthorityError {

@@ -172,7 +172,7 @@ pub(super) fn intermediates(upstream: Option<&UpstreamAuthority>, ca_cert: &[u8]
 }
 
 /// Whether `der` is a certificate signed by its own key.
-fn self_signed(der: &[u8]) -> bool {
+pub(super) fn self_signed(der: &[u8]) -> bool {
     X509Certificate::from_der(der).is_ok_and(|(_, c)| {
         c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok()
     })

@@ -115,7 +115,13 @@ mod tests {
             plaintext: Some(Zeroizing::new(vec![0xAB; 32])),
         };
         let shown = format!("{key:?}");
-        assert!(shown.contains("version: 3") && shown.contains("<redacted>"), "{shown}");
-        assert!(!shown.contains("171"), "the data key's bytes in Debug: {shown}");
+        assert!(
+            shown.contains("version: 3") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("171"),
+            "the data key's bytes in Debug: {shown}"
+        );
     }
 }

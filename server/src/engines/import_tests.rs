@@ -384,9 +384,10 @@ impl crate::keys::KeyManager for RefusesJobDeletes {
         self.inner.get(id).await
     }
     async fn delete(&self, id: &str) -> Result<(), crate::keys::KeyError> {
-        if id.starts_with("import-job/") && self.refuse.load(std::sync::atomic::Ordering::SeqCst)
-        {
-            return Err(crate::keys::KeyError::Storage("CKR_ACTION_PROHIBITED".into()));
+        if id.starts_with("import-job/") && self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::keys::KeyError::Storage(
+                "CKR_ACTION_PROHIBITED".into(),
+            ));
         }
         self.inner.delete(id).await
     }
@@ -454,11 +455,16 @@ async fn a_job_whose_wrapping_key_will_not_go_holds_back_no_destruction_and_is_r
     let (_, versions) = e.key("vault", "signing").unwrap();
     assert_eq!(versions[0].state, VersionState::Destroyed);
     let held = store.get_import_job(&stuck.id).await.unwrap().unwrap();
-    assert_eq!(held.state, ImportJobState::Active, "kept for the next sweep");
+    assert_eq!(
+        held.state,
+        ImportJobState::Active,
+        "kept for the next sweep"
+    );
     assert!(!held.private_ref.is_empty());
 
     // The token relents: the next tick expires the job, once.
-    keys.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    keys.refuse
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     e.tick().await.unwrap();
     e.tick().await.unwrap();
     let swept = store.get_import_job(&stuck.id).await.unwrap().unwrap();

@@ -182,3 +182,64 @@ fn bad_upstreams_name_the_key() {
         UpstreamAuthority::load(&disk(&lf, &lk, None), now(), Duration::from_secs(60)).unwrap_err();
     assert!(e.to_string().contains("not a CA"), "{e}");
 }
+
+/// Under an upstream authority the X.509 authorities are intermediates whose SVIDs chain to the
+/// upstream roots: taint and revoke are refused (they could not take trust away); JWT keys,
+/// which the bundle does hold, are tainted as usual.
+#[tokio::test]
+async fn an_intermediate_x509_authority_cannot_be_tainted_or_revoked() {
+    use crate::ca::{AuthorityError, AuthorityKind, CaConfig, CaManager};
+    let d = dir();
+    let (c, k, _, _) = root(&d, 30);
+    let up = Arc::new(
+        UpstreamAuthority::load(&disk(&c, &k, None), now(), Duration::from_secs(86400)).unwrap(),
+    );
+    let (ds, _, store) = crate::datastore::scratch_sqlite("upstreamtaint").await;
+    let cfg = CaConfig {
+        trust_domain: continuity_common::TrustDomain::new("example.org").unwrap(),
+        x509_key_type: KeyType::EcP256,
+        jwt_key_type: KeyType::EcP256,
+        ttl: Duration::from_secs(86400),
+        jwt_issuer: None,
+        upstream: Some(up),
+    };
+    let ca = CaManager::start(
+        cfg,
+        Arc::new(crate::keys::MemoryKeyManager::default()),
+        Arc::new(store),
+        Arc::new(continuity_common::SystemClock),
+    )
+    .await
+    .unwrap();
+    for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+        let old = ca.authority_slots(kind).await.unwrap().active.unwrap();
+        let new = ca.prepare_authority(kind).await.unwrap();
+        ca.activate_authority(kind, &new.authority_id)
+            .await
+            .unwrap();
+        let tainted = ca.taint_authority(kind, &old.authority_id).await;
+        match kind {
+            AuthorityKind::X509 => {
+                let err = tainted.unwrap_err();
+                assert!(
+                    matches!(&err, AuthorityError::Precondition(m) if m.contains("intermediate signed by the upstream authority")),
+                    "{err}"
+                );
+                let err = ca
+                    .revoke_authority(kind, &old.authority_id)
+                    .await
+                    .unwrap_err();
+                assert!(matches!(err, AuthorityError::Precondition(_)), "{err}");
+                let slots = ca.authority_slots(kind).await.unwrap();
+                assert_eq!(
+                    slots.old.unwrap().state,
+                    "old",
+                    "the refused taint changed nothing"
+                );
+            }
+            AuthorityKind::Jwt => assert_eq!(tainted.unwrap().state, "tainted"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(ds);
+    let _ = std::fs::remove_dir_all(d);
+}
