@@ -254,6 +254,11 @@ pub struct Chain {
     pub reached_spki: Vec<u8>,
     /// The reached version's JWS algorithm.
     pub reached_alg: &'static str,
+    /// The trust domain every link names (empty when the pinned version is the newest: no
+    /// link). A relying party checks it is the one it expects.
+    pub trust_domain: String,
+    /// The Engine every link names (empty without a link); checked like `trust_domain`.
+    pub engine: String,
 }
 
 /// The endorsed versions to check, oldest first, from the pinned version (or the oldest
@@ -373,10 +378,13 @@ pub fn verify_chain(doc: &Value, key: &str, pinned_spki: &[u8]) -> Result<Chain,
         at: "reached key".into(),
         reason: r,
     })?;
+    let (trust_domain, engine) = scope.unwrap_or_default();
     Ok(Chain {
         path: steps,
         reached_spki: spki,
         reached_alg,
+        trust_domain,
+        engine,
     })
 }
 

@@ -211,6 +211,23 @@ fn five_rotations_then_offline_proof(s: &TestServer, dir: &Path, create: &[&str]
     assert_eq!(path, [1, 2, 3, 4, 5, 6]);
     assert_eq!(v["path"][5]["kid"], "signing-v6");
     assert_eq!(v["signature_valid"], true);
+    assert_eq!(v["engine"], engine);
+    assert_eq!(v["trust_domain"], "example.org");
+    // The relying party names the Engine and trust domain it pinned: a chain of another
+    // (the same material imported into two Engines) is not this one's.
+    let scoped = ["--engine", engine, "--trust-domain", "example.org"];
+    ok(&verify_chain(&agent, &doc, &pinned, &scoped));
+    for (flag, other, what) in [
+        ("--engine", "elsewhere", "names engine"),
+        ("--trust-domain", "other.org", "names trust domain"),
+    ] {
+        let out = verify_chain(&agent, &doc, &pinned, &[flag, other]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(what),
+            "{flag} {other}: {err}"
+        );
+    }
     // The same signature over another message is refused, naming the reached version.
     let other = public_file(&agent.dir, "other.txt", b"transfer 900 to account 7");
     let out = verify_chain(

@@ -286,19 +286,24 @@ async fn jwks(c: &mut Client, out: Output, engine: String) -> Result<(), CliErro
     show(out, &Jwks { engine, jwks })
 }
 
-/// `engine verify-chain` over `--jwks` (offline) or the agent's cached Engine JWKS.
+/// `engine verify-chain` over `--jwks` (offline; of `--engine` when given) or the agent's
+/// cached Engine JWKS (of the Engine the agent names).
 async fn verify_chain(
     c: &mut Client,
     out: Output,
     a: &super::verify_chain::VerifyChainArgs,
     engine: String,
 ) -> Result<(), CliError> {
-    let doc = match &a.jwks {
-        Some(p) => serde_json::from_slice(&files::read(p)?)
-            .map_err(|e| CliError::Io(format!("--jwks {}: {e}", p.display())))?,
-        None => engine_jwks(c, engine).await?.1,
+    let (engine, doc) = match &a.jwks {
+        Some(p) => (
+            engine,
+            serde_json::from_slice(&files::read(p)?)
+                .map_err(|e| CliError::Io(format!("--jwks {}: {e}", p.display())))?,
+        ),
+        // The agent names the caller's Engine: the chain must be that Engine's.
+        None => engine_jwks(c, engine).await?,
     };
-    super::verify_chain::run(out, a, &doc)
+    super::verify_chain::run(out, a, &doc, &engine)
 }
 
 /// The caller's Engine (name) and its JWKS as the agent caches it (the watch's first message).

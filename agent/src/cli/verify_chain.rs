@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use clap::Args;
-use continuity_common::endorsement::{Step, verify_chain, verify_signature};
+use continuity_common::endorsement::{Chain, Step, verify_chain, verify_signature};
 use serde::Serialize;
 
 use super::error::CliError;
@@ -27,6 +27,9 @@ pub struct VerifyChainArgs {
     /// The published Engine JWKS document (offline); default: the agent's cached one.
     #[arg(long)]
     pub jwks: Option<PathBuf>,
+    /// The trust domain the chain must name (every link does).
+    #[arg(long)]
+    pub trust_domain: Option<String>,
     /// A signature (raw DER / PKCS#1, or its base64) to check with the reached version.
     #[arg(long, requires = "message_file")]
     pub signature_file: Option<PathBuf>,
@@ -56,8 +59,35 @@ fn signature_bytes(raw: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Runs `engine verify-chain` over `doc` (the Engine JWKS with its endorsements).
-pub fn run(out: Output, a: &VerifyChainArgs, doc: &serde_json::Value) -> Result<(), CliError> {
+/// Refuses a chain naming another Engine or trust domain than the expected ones (empty:
+/// not checked): the same key material imported into two Engines must not let one Engine's
+/// endorsements pass for the other's.
+fn check_scope(chain: &Chain, engine: &str, trust_domain: Option<&str>) -> Result<(), CliError> {
+    if chain.path.len() < 2 {
+        return Ok(());
+    }
+    let wrong = |what: &str, named: &str, want: &str| {
+        Err(CliError::Io(format!(
+            "continuity chain names {what} {named:?}, not {want:?}: it is not this {what}'s key"
+        )))
+    };
+    if !engine.is_empty() && chain.engine != engine {
+        return wrong("engine", &chain.engine, engine);
+    }
+    match trust_domain {
+        Some(td) if chain.trust_domain != td => wrong("trust domain", &chain.trust_domain, td),
+        _ => Ok(()),
+    }
+}
+
+/// Runs `engine verify-chain` over `doc` (the Engine JWKS with its endorsements), which must be
+/// of `engine` (empty: any) and of `--trust-domain` when given.
+pub fn run(
+    out: Output,
+    a: &VerifyChainArgs,
+    doc: &serde_json::Value,
+    engine: &str,
+) -> Result<(), CliError> {
     let pinned = pinned_spki(&files::read(&a.pinned)?, &a.pinned)?;
     let chain = verify_chain(doc, &a.key, &pinned).map_err(|e| {
         CliError::Io(format!(
@@ -65,8 +95,11 @@ pub fn run(out: Output, a: &VerifyChainArgs, doc: &serde_json::Value) -> Result<
             a.key
         ))
     })?;
+    check_scope(&chain, engine, a.trust_domain.as_deref())?;
     let reached = chain.path.last().cloned();
     let mut view = ChainView {
+        trust_domain: chain.trust_domain.clone(),
+        engine: chain.engine.clone(),
         key: a.key.clone(),
         path: chain.path.iter().map(StepView::from).collect(),
         signature_valid: None,
@@ -115,6 +148,9 @@ impl From<&Step> for StepView {
 /// What `engine verify-chain` prints.
 #[derive(Debug, Serialize)]
 struct ChainView {
+    /// The trust domain and Engine the links name (empty without a link).
+    trust_domain: String,
+    engine: String,
     key: String,
     path: Vec<StepView>,
     signature_valid: Option<bool>,
