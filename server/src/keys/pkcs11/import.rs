@@ -273,8 +273,8 @@ fn finish(
     Ok(Imported::Signer(Arc::new(key)))
 }
 
-/// The public half of the imported private key: from the token if it exposes it, else the
-/// caller's; either checked against the key's type.
+/// The public half of the imported private key: from the token if it exposes it (and then
+/// equal to the caller's, if given), else the caller's; either checked against the key's type.
 fn public_half(
     s: &Session,
     handle: ObjectHandle,
@@ -299,18 +299,23 @@ fn public_half(
             "the imported material is not a {kt} private key"
         )));
     }
-    if matches!(kt, KeyType::EcP256 | KeyType::EcP384) {
-        if let Ok(point) = public_key_raw(s, handle, kt) {
-            return Ok(point);
-        }
-        let Some(spki) = given else {
-            return Err(KeyError::Rejected(
-                "this token does not expose the public half of an imported EC private key: give its public key (engine key import --public-key FILE)".into(),
-            ));
-        };
-        return crate::keys::import_wrap::spki_raw(spki, kt);
+    let given = given
+        .map(|spki| crate::keys::import_wrap::spki_raw(spki, kt))
+        .transpose()?;
+    let ec = matches!(kt, KeyType::EcP256 | KeyType::EcP384);
+    match (public_key_raw(s, handle, kt), given) {
+        // A public key given is checked either way: the token's half must be it.
+        (Ok(held), Some(given)) if held != given => Err(KeyError::Rejected(
+            "the public key given is not the imported private key's".into(),
+        )),
+        (Ok(held), _) => Ok(held),
+        // Proven to be the private key's by prove_pair before anything is kept.
+        (Err(_), Some(given)) if ec => Ok(given),
+        (Err(_), None) if ec => Err(KeyError::Rejected(
+            "this token does not expose the public half of an imported EC private key: give its public key (engine key import --public-key FILE)".into(),
+        )),
+        (Err(e), _) => Err(e),
     }
-    public_key_raw(s, handle, kt)
 }
 
 /// Signs a random challenge in the token and checks it with the public half.

@@ -159,9 +159,55 @@ async fn import_helper() {
         "{attrs:?}"
     );
 
+    imported_rsa_key_checks_a_given_public_key(&km, &spki).await;
     imported_aes_key_interoperates(&km, &spki).await;
     hostile_blobs_are_refused(&km, &spki, pkcs8.as_ref(), &original_spki).await;
     println!("HELPER OK");
+}
+
+/// An RSA private key's public half comes from the token; a public key given must be it (an
+/// operator who wrapped the wrong key learns so, as in transit custody).
+async fn imported_rsa_key_checks_a_given_public_key(km: &Pkcs11KeyManager, spki: &[u8]) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rsa::KeySize;
+    use aws_lc_rs::signature::RsaKeyPair;
+    let pkcs8 = |k: &RsaKeyPair| k.as_der().unwrap().as_ref().to_vec();
+    let (original, other) = (
+        RsaKeyPair::generate(KeySize::Rsa2048).unwrap(),
+        RsaKeyPair::generate(KeySize::Rsa2048).unwrap(),
+    );
+    let spki_of = |k: &RsaKeyPair| crate::keys::spki_of(KeyType::Rsa2048, k.public_key().as_ref());
+    let blob = wrap_with(spki, &pkcs8(&original), OaepHash::Sha1);
+    let signer = ImportTarget::Signer(KeyType::Rsa2048);
+    let err = km
+        .unwrap_import(request(
+            "imp-rsa",
+            signer,
+            blob.clone(),
+            Some(spki_of(&other)),
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not the imported private key's"),
+        "{err}"
+    );
+    assert!(!leftovers(km, "imp-rsa"), "a refused import left objects");
+    for given in [None, Some(spki_of(&original))] {
+        let id = if given.is_some() {
+            "imp-rsa-given"
+        } else {
+            "imp-rsa"
+        };
+        let Imported::Signer(key) = km
+            .unwrap_import(request(id, signer, blob.clone(), given))
+            .await
+            .unwrap()
+        else {
+            panic!("not a signer");
+        };
+        assert_eq!(key.spki_der(), spki_of(&original));
+    }
 }
 
 /// The job's private key may unwrap and nothing else; it never leaves the token.
