@@ -5,6 +5,7 @@
 //! - [`der`]: the few DER encodings the key code needs (ECDSA signature forms, RSA public keys).
 //! - [`jwk`]: JWKs from SubjectPublicKeyInfo, and the SPIFFE bundle document.
 //! - [`endorsement`]: continuity proofs (endorsements of Engine key versions, chain walk).
+//! - [`engine_limits`]: EngineAPI payload caps, checked by agent and server alike.
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a trust bundle.
 //! - [`clock`]: time as a parameter, so rotation and expiry are testable without sleeping.
 //! - [`logging`]: `log_level` / `log_format` set-up.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod der;
 pub mod duration;
 pub mod endorsement;
+pub mod engine_limits;
 pub mod fsperm;
 pub mod grpc;
 pub mod http;

@@ -375,6 +375,60 @@ async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
             .map(|_| ()),
         "get_engine_jwks",
     );
+    // Oversized payloads the agent would have refused: the server refuses them itself, before
+    // anything else (a hostile agent skips the agent's checks).
+    let too_big = |r: Result<_, tonic::Status>, what: &str| {
+        let e = r.err().unwrap_or_else(|| panic!("{what} must be refused"));
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e}");
+        assert!(e.message().contains("at most"), "{what}: {e}");
+    };
+    let big = vec![0u8; continuity_common::engine_limits::MAX_CIPHERTEXT + 1];
+    too_big(
+        broker
+            .encrypt(BrokerEncrypt {
+                entry_id: engine_entry.clone(),
+                request: Some(EncryptRequest {
+                    key: "sealing".into(),
+                    plaintext: big.clone(),
+                    ..Default::default()
+                }),
+                workload: None,
+            })
+            .await
+            .map(|_| ()),
+        "oversized encrypt",
+    );
+    too_big(
+        broker
+            .decrypt(BrokerDecrypt {
+                entry_id: engine_entry.clone(),
+                request: Some(DecryptRequest {
+                    key: "sealing".into(),
+                    ciphertext: vec![0; 64],
+                    aad: big.clone(),
+                    ..Default::default()
+                }),
+                workload: None,
+            })
+            .await
+            .map(|_| ()),
+        "oversized aad",
+    );
+    too_big(
+        broker
+            .rewrap(continuity_proto::engine::BrokerRewrap {
+                entry_id: engine_entry.clone(),
+                request: Some(continuity_proto::engine::RewrapRequest {
+                    key: "sealing".into(),
+                    ciphertext: big,
+                    ..Default::default()
+                }),
+                workload: None,
+            })
+            .await
+            .map(|_| ()),
+        "oversized rewrap",
+    );
     // Reporting incarnations of someone else's Engine does not write them.
     let _ = broker
         .report_incarnations(ReportIncarnationsRequest {

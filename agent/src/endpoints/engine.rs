@@ -18,11 +18,7 @@ use crate::limits::RateLimiter;
 use crate::manager::Manager;
 use crate::manager::cache::{EngineJwks, Snapshot};
 
-/// Largest Encrypt plaintext (Cloud KMS's cap, so every custody accepts what we do).
-pub const MAX_PLAINTEXT: usize = 64 * 1024;
-
-/// Largest Rewrap ciphertext: a 64 KiB plaintext's, with its header, nonce and tag.
-pub const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 4 + 4 + 12 + 16;
+pub use continuity_common::engine_limits::{MAX_CIPHERTEXT, MAX_PLAINTEXT};
 
 /// The EngineAPI service.
 pub struct EngineHandler {

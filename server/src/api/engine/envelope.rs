@@ -2,6 +2,7 @@
 //! match is refused before anything happens) and its data-key and Rewrap calls.
 
 use continuity_common::checksum::{crc32c, verify};
+use continuity_common::engine_limits::{MAX_AAD, MAX_CIPHERTEXT, MAX_PLAINTEXT};
 use continuity_proto::engine::*;
 use tonic::{Request, Status};
 
@@ -14,6 +15,18 @@ pub(super) fn checked(field: &str, data: &[u8], given: Option<u32>) -> Result<bo
     verify(field, data, given).map_err(Status::invalid_argument)
 }
 
+/// Refuses a payload over `max` bytes (InvalidArgument naming the field): the agent checks
+/// the same, but a hostile agent may not.
+pub(super) fn within(field: &str, data: &[u8], max: usize) -> Result<(), Status> {
+    if data.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; at most {max}",
+            data.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The checksums a Sign request carries: (message verified, digest verified).
 pub(super) fn sign_checks(r: &SignRequest) -> Result<(bool, bool), Status> {
     Ok((
@@ -24,6 +37,8 @@ pub(super) fn sign_checks(r: &SignRequest) -> Result<(bool, bool), Status> {
 
 /// The checksums an Encrypt request carries: (plaintext verified, aad verified).
 pub(super) fn encrypt_checks(r: &EncryptRequest) -> Result<(bool, bool), Status> {
+    within("plaintext", &r.plaintext, MAX_PLAINTEXT)?;
+    within("aad", &r.aad, MAX_AAD)?;
     Ok((
         checked("plaintext", &r.plaintext, r.plaintext_crc32c)?,
         checked("aad", &r.aad, r.aad_crc32c)?,
@@ -32,6 +47,8 @@ pub(super) fn encrypt_checks(r: &EncryptRequest) -> Result<(bool, bool), Status>
 
 /// The checksums a Decrypt request carries: (ciphertext verified, aad verified).
 pub(super) fn decrypt_checks(r: &DecryptRequest) -> Result<(bool, bool), Status> {
+    within("ciphertext", &r.ciphertext, MAX_CIPHERTEXT)?;
+    within("aad", &r.aad, MAX_AAD)?;
     Ok((
         checked("ciphertext", &r.ciphertext, r.ciphertext_crc32c)?,
         checked("aad", &r.aad, r.aad_crc32c)?,
@@ -47,6 +64,7 @@ impl BrokerService {
         let r = req.get_ref();
         let inner = required(&r.request)?;
         let spec = check_key_spec(&inner.key_spec).map_err(engine_status)?;
+        within("aad", &inner.aad, MAX_AAD)?;
         let aad_ok = checked("aad", &inner.aad, inner.aad_crc32c)?;
         let (engine, actor) = self
             .authorize(&req, &r.entry_id, &inner.engine, r.workload.as_ref())
@@ -80,6 +98,8 @@ impl BrokerService {
     ) -> Result<RewrapResponse, Status> {
         let r = req.get_ref();
         let inner = required(&r.request)?;
+        within("ciphertext", &inner.ciphertext, MAX_CIPHERTEXT)?;
+        within("aad", &inner.aad, MAX_AAD)?;
         let ct_ok = checked("ciphertext", &inner.ciphertext, inner.ciphertext_crc32c)?;
         let aad_ok = checked("aad", &inner.aad, inner.aad_crc32c)?;
         let (engine, actor) = self
