@@ -132,21 +132,29 @@ pub fn verify_signature(
     der_ok: bool,
 ) -> bool {
     use aws_lc_rs::signature as sig;
-    let is_der = der_ok && signature.first() == Some(&0x30);
-    let algorithm: &dyn sig::VerificationAlgorithm = match (alg, is_der) {
-        ("ES256", false) => &sig::ECDSA_P256_SHA256_FIXED,
-        ("ES256", true) => &sig::ECDSA_P256_SHA256_ASN1,
-        ("ES384", false) => &sig::ECDSA_P384_SHA384_FIXED,
-        ("ES384", true) => &sig::ECDSA_P384_SHA384_ASN1,
-        ("RS256", _) => &sig::RSA_PKCS1_2048_8192_SHA256,
+    let (fixed, asn1): (&'static dyn sig::VerificationAlgorithm, _) = match alg {
+        "ES256" => (
+            &sig::ECDSA_P256_SHA256_FIXED,
+            Some(&sig::ECDSA_P256_SHA256_ASN1),
+        ),
+        "ES384" => (
+            &sig::ECDSA_P384_SHA384_FIXED,
+            Some(&sig::ECDSA_P384_SHA384_ASN1),
+        ),
+        "RS256" => (&sig::RSA_PKCS1_2048_8192_SHA256, None),
         _ => return false,
     };
     let Ok((_, parsed)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki) else {
         return false;
     };
-    sig::UnparsedPublicKey::new(algorithm, parsed.subject_public_key.data.as_ref())
-        .verify(message, signature)
-        .is_ok()
+    let key = parsed.subject_public_key.data.as_ref();
+    let verifies = |a: &'static dyn sig::VerificationAlgorithm| {
+        sig::UnparsedPublicKey::new(a, key)
+            .verify(message, signature)
+            .is_ok()
+    };
+    // Both encodings are tried when DER is allowed: an r‖s signature may begin with 0x30 too.
+    verifies(fixed) || (der_ok && asn1.is_some_and(|a| verifies(a)))
 }
 
 /// One endorsement of a published document, taken apart (signature not yet verified).

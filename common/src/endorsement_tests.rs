@@ -185,3 +185,33 @@ fn the_thumbprint_is_rfc_7638() {
         "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
     );
 }
+
+#[test]
+fn an_r_s_signature_starting_with_0x30_verifies_where_der_is_allowed() {
+    let (kp, spki) = key();
+    let rng = SystemRandom::new();
+    // About one r‖s signature in 256 begins with the byte a DER SEQUENCE begins with.
+    let sig = (0..100_000)
+        .map(|_| kp.sign(&rng, b"msg").unwrap().as_ref().to_vec())
+        .find(|s| s[0] == 0x30)
+        .expect("an r||s signature beginning with 0x30");
+    assert!(verify_signature(&spki, "ES256", b"msg", &sig, true));
+    assert!(verify_signature(&spki, "ES256", b"msg", &sig, false));
+    assert!(!verify_signature(&spki, "ES256", b"other", &sig, true));
+    // And DER, where allowed only.
+    let der = EcdsaKeyPair::from_pkcs8(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        kp.to_pkcs8v1().unwrap().as_ref(),
+    )
+    .unwrap()
+    .sign(&rng, b"msg")
+    .unwrap();
+    assert!(verify_signature(&spki, "ES256", b"msg", der.as_ref(), true));
+    assert!(!verify_signature(
+        &spki,
+        "ES256",
+        b"msg",
+        der.as_ref(),
+        false
+    ));
+}
