@@ -252,6 +252,29 @@ async fn x509_taint_replaces_every_svid_within_one_sync_and_revoke_removes_the_k
         err.contains("FailedPrecondition") && err.contains("taint"),
         "revoking an untainted key: {err}"
     );
+    // A malformed request is refused and audited too, under a shortened target.
+    let huge = "ab".repeat(200);
+    let err = refused(&e.server, "x509", &["taint", "--authority-id", &huge]);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("256"),
+        "{err}"
+    );
+    let audit = e.server.cli_ok(&["audit", "show", "--output", "json"]);
+    let audit: serde_json::Value = serde_json::from_str(&audit).unwrap();
+    let records = audit["records"].as_array().unwrap();
+    let last = records
+        .iter()
+        .rev()
+        .find(|r| r["action"] == "authority.x509.taint")
+        .unwrap();
+    assert_eq!(last["target"], "ab".repeat(32), "{last}");
+    assert!(
+        last["result"]
+            .as_str()
+            .unwrap()
+            .contains("longer than 256 bytes"),
+        "{last}"
+    );
 
     // Taint the old key: every SVID it signed is replaced within one sync, the agent's own too.
     let tainted = authority(&e.server, "x509", &["taint", "--authority-id", &old]);

@@ -39,7 +39,9 @@ fn to_wire(s: AuthorityState) -> WireState {
 
 fn status_of(e: &AuthorityError) -> Status {
     match e {
-        AuthorityError::MissingId => Status::invalid_argument(e.to_string()),
+        AuthorityError::MissingId | AuthorityError::Invalid(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         AuthorityError::Unknown(..) => Status::not_found(e.to_string()),
         AuthorityError::Precondition(_) => Status::failed_precondition(e.to_string()),
         AuthorityError::Ca(_) => Status::unavailable(format!("authority change failed: {e}")),
@@ -76,6 +78,18 @@ impl AdminService {
         })
     }
 
+    /// Audits a request refused before it reached the CA (malformed) and answers `e`.
+    async fn refuse(
+        &self,
+        actor: &str,
+        action: String,
+        target: &str,
+        e: Status,
+    ) -> Result<Response<AuthorityChangeResponse>, Status> {
+        let outcome = Err(AuthorityError::Invalid(e.message().to_string()));
+        self.audited(actor, action, target, outcome).await
+    }
+
     /// Runs one ID-taking step (`activate`, `taint`, `revoke`), audited.
     async fn by_id(
         &self,
@@ -84,12 +98,21 @@ impl AdminService {
     ) -> Result<Response<AuthorityChangeResponse>, Status> {
         let actor = self.authorize(&req)?;
         let r = req.into_inner();
-        let kind = kind_of(r.kind)?;
+        let kind = match kind_of(r.kind) {
+            Ok(k) => k,
+            Err(e) => {
+                return self
+                    .refuse(&actor, format!("authority.{step}"), "", e)
+                    .await;
+            }
+        };
         let id = r.authority_id.trim();
         if id.len() > 256 {
-            return Err(Status::invalid_argument(
-                "authority_id is longer than 256 bytes",
-            ));
+            // Audited under its first 64 characters: the log is no place for a huge argument.
+            let shown: String = id.chars().take(64).collect();
+            let action = format!("authority.{}.{step}", kind_name(kind));
+            let e = Status::invalid_argument("authority_id is longer than 256 bytes");
+            return self.refuse(&actor, action, &shown, e).await;
         }
         // X.509 IDs are hex in any case (openssl prints them upper case); agents report them
         // lower case, and the revoke check compares with their reports.
@@ -169,7 +192,10 @@ impl AuthorityAdmin for AdminService {
         req: Request<PrepareAuthorityRequest>,
     ) -> Result<Response<AuthorityChangeResponse>, Status> {
         let actor = self.authorize(&req)?;
-        let kind = kind_of(req.get_ref().kind)?;
+        let kind = match kind_of(req.get_ref().kind) {
+            Ok(k) => k,
+            Err(e) => return self.refuse(&actor, "authority.prepare".into(), "", e).await,
+        };
         let outcome = self.ca.prepare_authority(kind).await;
         let action = format!("authority.{}.prepare", kind_name(kind));
         self.audited(&actor, action, "", outcome).await

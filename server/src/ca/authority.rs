@@ -25,6 +25,9 @@ pub enum AuthorityError {
     /// No authority ID was given.
     #[error("an authority ID is required")]
     MissingId,
+    /// The request itself is malformed (an unknown kind, an over-long ID).
+    #[error("{0}")]
+    Invalid(String),
     /// No authority of this kind has that ID.
     #[error("no {0} authority has the ID {1:?}")]
     Unknown(&'static str, String),
