@@ -79,6 +79,38 @@ fn sign_req(entry: &str) -> BrokerSign {
     }
 }
 
+fn encrypt_req(entry: &str, plaintext: Vec<u8>) -> BrokerEncrypt {
+    BrokerEncrypt {
+        entry_id: entry.into(),
+        request: Some(EncryptRequest {
+            key: "sealing".into(),
+            plaintext,
+            ..Default::default()
+        }),
+        workload: None,
+    }
+}
+
+fn decrypt_req(entry: &str, ciphertext: Vec<u8>, aad: Vec<u8>) -> BrokerDecrypt {
+    BrokerDecrypt {
+        entry_id: entry.into(),
+        request: Some(DecryptRequest {
+            key: "sealing".into(),
+            ciphertext,
+            aad,
+            ..Default::default()
+        }),
+        workload: None,
+    }
+}
+
+/// The error of a call that must be refused with `code`.
+fn refused_with(r: Result<(), tonic::Status>, code: Code, what: &str) -> tonic::Status {
+    let e = r.err().unwrap_or_else(|| panic!("{what} must be refused"));
+    assert_eq!(e.code(), code, "{what}: {e}");
+    e
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
     let env = continuity_tests::env(ALIAS);
@@ -301,9 +333,8 @@ async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
     let mut broker = EngineBrokerClient::new(
         agent_client::channel_for(&s.addr, s.bundle_der(), &h.chain, &h.key).await,
     );
-    let denied = |r: Result<_, tonic::Status>, what: &str| {
-        let e = r.err().unwrap_or_else(|| panic!("{what} must be refused"));
-        assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e}");
+    let denied = |r: Result<(), tonic::Status>, what: &str| {
+        refused_with(r, Code::PermissionDenied, what);
     };
     denied(
         broker.sign(sign_req(&engine_entry)).await.map(|_| ()),
@@ -311,30 +342,14 @@ async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
     );
     denied(
         broker
-            .encrypt(BrokerEncrypt {
-                entry_id: engine_entry.clone(),
-                request: Some(EncryptRequest {
-                    key: "sealing".into(),
-                    plaintext: b"x".to_vec(),
-                    ..Default::default()
-                }),
-                workload: None,
-            })
+            .encrypt(encrypt_req(&engine_entry, b"x".to_vec()))
             .await
             .map(|_| ()),
         "encrypt",
     );
     denied(
         broker
-            .decrypt(BrokerDecrypt {
-                entry_id: engine_entry.clone(),
-                request: Some(DecryptRequest {
-                    key: "sealing".into(),
-                    ciphertext: vec![0; 64],
-                    ..Default::default()
-                }),
-                workload: None,
-            })
+            .decrypt(decrypt_req(&engine_entry, vec![0; 64], vec![]))
             .await
             .map(|_| ()),
         "decrypt",
@@ -377,39 +392,21 @@ async fn a_hostile_agent_gets_nothing_while_a_good_agent_keeps_working() {
     );
     // Oversized payloads the agent would have refused: the server refuses them itself, before
     // anything else (a hostile agent skips the agent's checks).
-    let too_big = |r: Result<_, tonic::Status>, what: &str| {
-        let e = r.err().unwrap_or_else(|| panic!("{what} must be refused"));
-        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e}");
+    let too_big = |r: Result<(), tonic::Status>, what: &str| {
+        let e = refused_with(r, Code::InvalidArgument, what);
         assert!(e.message().contains("at most"), "{what}: {e}");
     };
     let big = vec![0u8; continuity_common::engine_limits::MAX_CIPHERTEXT + 1];
     too_big(
         broker
-            .encrypt(BrokerEncrypt {
-                entry_id: engine_entry.clone(),
-                request: Some(EncryptRequest {
-                    key: "sealing".into(),
-                    plaintext: big.clone(),
-                    ..Default::default()
-                }),
-                workload: None,
-            })
+            .encrypt(encrypt_req(&engine_entry, big.clone()))
             .await
             .map(|_| ()),
         "oversized encrypt",
     );
     too_big(
         broker
-            .decrypt(BrokerDecrypt {
-                entry_id: engine_entry.clone(),
-                request: Some(DecryptRequest {
-                    key: "sealing".into(),
-                    ciphertext: vec![0; 64],
-                    aad: big.clone(),
-                    ..Default::default()
-                }),
-                workload: None,
-            })
+            .decrypt(decrypt_req(&engine_entry, vec![0; 64], big.clone()))
             .await
             .map(|_| ()),
         "oversized aad",

@@ -114,15 +114,6 @@ impl AdminService {
             let e = Status::invalid_argument("authority_id is longer than 256 bytes");
             return self.refuse(&actor, action, &shown, e).await;
         }
-        // X.509 IDs are hex in any case (openssl prints them upper case); agents report them
-        // lower case, and the revoke check compares with their reports.
-        let lowered;
-        let id = if kind == AuthorityKind::X509 {
-            lowered = id.to_ascii_lowercase();
-            lowered.as_str()
-        } else {
-            id
-        };
         let outcome = match step {
             "activate" => self.ca.activate_authority(kind, id).await,
             "taint" => self.ca.taint_authority(kind, id).await,

@@ -66,6 +66,17 @@ fn import(key: &str, job: &str, wrapped: Vec<u8>) -> ImportVersion {
     }
 }
 
+/// How many import-job expiries the audit log holds.
+async fn expiries(audit: &Audit) -> usize {
+    audit
+        .records(0)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|r| r.action == "key.import_job.expire")
+        .count()
+}
+
 /// How many versions `vault/key` has.
 fn versions(e: &Engines, key: &str) -> usize {
     e.key("vault", key).unwrap().1.len()
@@ -344,62 +355,9 @@ async fn hostile_blobs_and_jobs_are_refused_audited_and_change_nothing() {
         "the wrapping key outlived its job"
     );
     e.tick().await.unwrap();
-    let expired = e
-        .audit()
-        .records(0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.action == "key.import_job.expire")
-        .count();
-    assert_eq!(expired, 2, "both jobs are swept, once");
+    assert_eq!(expiries(e.audit()).await, 2, "both jobs are swept, once");
     assert_eq!(versions(&e, "signing"), 1);
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Memory keys whose token-side delete of import-job wrapping keys can be made to fail (an
-/// HSM refusing C_DestroyObject).
-#[derive(Debug, Default)]
-struct RefusesJobDeletes {
-    inner: MemoryKeyManager,
-    refuse: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl crate::keys::KeyManager for RefusesJobDeletes {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-    async fn generate(
-        &self,
-        id: &str,
-        key_type: crate::keys::KeyType,
-    ) -> Result<Arc<dyn crate::keys::KeyHandle>, crate::keys::KeyError> {
-        self.inner.generate(id, key_type).await
-    }
-    async fn get(
-        &self,
-        id: &str,
-    ) -> Result<Option<Arc<dyn crate::keys::KeyHandle>>, crate::keys::KeyError> {
-        self.inner.get(id).await
-    }
-    async fn delete(&self, id: &str) -> Result<(), crate::keys::KeyError> {
-        if id.starts_with("import-job/") && self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(crate::keys::KeyError::Storage(
-                "CKR_ACTION_PROHIBITED".into(),
-            ));
-        }
-        self.inner.delete(id).await
-    }
-    async fn kek(&self, id: &str) -> Result<Arc<dyn crate::keys::Kek>, crate::keys::KeyError> {
-        self.inner.kek(id).await
-    }
-    async fn mac_key(
-        &self,
-        id: &str,
-    ) -> Result<Arc<dyn crate::keys::MacKey>, crate::keys::KeyError> {
-        self.inner.mac_key(id).await
-    }
 }
 
 #[tokio::test]
@@ -410,7 +368,7 @@ async fn a_job_whose_wrapping_key_will_not_go_holds_back_no_destruction_and_is_r
     let store: Arc<dyn DataStore> = Arc::new(store);
     let clock = Arc::new(ManualClock::new(SystemTime::now()));
     let audit = Audit::scratch(store.clone(), clock.clone()).await;
-    let keys = Arc::new(RefusesJobDeletes::default());
+    let keys = Arc::new(super::tests::FlakyKek::default());
     let e = Engines::load(
         TrustDomain::new("example.org").unwrap(),
         store.clone(),
@@ -448,7 +406,8 @@ async fn a_job_whose_wrapping_key_will_not_go_holds_back_no_destruction_and_is_r
     e.set_state("vault", "signing", 1, VersionAction::Destroy, "admin")
         .await
         .unwrap();
-    keys.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    keys.refuse_job_deletes
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     clock.advance(Duration::from_secs(IMPORT_JOB_LIFETIME as u64));
 
     assert_eq!(e.tick().await.unwrap(), 1, "the due version is destroyed");
@@ -463,20 +422,13 @@ async fn a_job_whose_wrapping_key_will_not_go_holds_back_no_destruction_and_is_r
     assert!(!held.private_ref.is_empty());
 
     // The token relents: the next tick expires the job, once.
-    keys.refuse
+    keys.refuse_job_deletes
         .store(false, std::sync::atomic::Ordering::SeqCst);
     e.tick().await.unwrap();
     e.tick().await.unwrap();
     let swept = store.get_import_job(&stuck.id).await.unwrap().unwrap();
     assert_eq!(swept.state, ImportJobState::Expired);
     assert!(swept.private_ref.is_empty());
-    let expiries = audit
-        .records(0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|r| r.action == "key.import_job.expire")
-        .count();
-    assert_eq!(expiries, 1);
+    assert_eq!(expiries(&audit).await, 1);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -285,12 +285,15 @@ async fn custody_rules_and_kv_delivery() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A memory key manager whose KEK can be made unavailable (so new versions cannot be sealed).
+/// A memory key manager whose KEK can be made unavailable (so new versions cannot be sealed),
+/// and whose deletes of import-job wrapping keys can be refused (an HSM refusing
+/// C_DestroyObject).
 #[derive(Debug, Default)]
-struct FlakyKek {
+pub(super) struct FlakyKek {
     inner: MemoryKeyManager,
     broken: std::sync::atomic::AtomicBool,
     kek_calls: std::sync::atomic::AtomicUsize,
+    pub(super) refuse_job_deletes: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait::async_trait]
@@ -309,6 +312,13 @@ impl KeyManager for FlakyKek {
         self.inner.get(id).await
     }
     async fn delete(&self, id: &str) -> std::result::Result<(), KeyError> {
+        if id.starts_with("import-job/")
+            && self
+                .refuse_job_deletes
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(KeyError::Storage("CKR_ACTION_PROHIBITED".into()));
+        }
         self.inner.delete(id).await
     }
     async fn kek(&self, id: &str) -> std::result::Result<Arc<dyn crate::keys::Kek>, KeyError> {
